@@ -1,0 +1,74 @@
+"""`domaintune <verb>`: parse arguments, dispatch to one run_* function. Heavy imports happen inside verbs,
+so `--help` is instant. A UserError is printed as `error: ...` with exit code 2 (no traceback)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import UserError
+
+# Modules that register verbs through add_parser(sub); each imports only the stdlib at top level.
+VERB_MODULES = [
+    "domaintune.commands",
+    "domaintune.train",
+    "domaintune.tiny",
+    "domaintune.quickstart",
+    "domaintune.selfinstruct",
+    "domaintune.predict",
+    "domaintune.metrics",
+    "domaintune.plot",
+    "domaintune.report",
+    "domaintune.chat",
+    "domaintune.serve",
+    "domaintune.export",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="domaintune",
+        description="Turn a small open language model into a domain assistant: gen-data -> train -> predict/eval -> "
+                    "plot/report -> chat / serve / export. Run `domaintune VERB --help` for each verb's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"domaintune {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name in VERB_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue  # a verb not built yet
+            raise
+        if hasattr(mod, "add_parser"):  # TODO(lead): strict once every verb module exists
+            mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Dotted overrides may come after options (`train cfg.yaml --resume lora.r=16`): argparse leaves them
+    # unparsed once an option has followed the positionals, so collect them here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

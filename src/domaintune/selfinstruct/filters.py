@@ -1,0 +1,206 @@
+"""Filters for generated questions and answers, and the parser for numbered question lists.
+
+Near-duplicates use ROUGE-L F1 (as in self-instruct) against the whole pool (seeds + kept questions).
+Tokens: each CJK character is one token (character level for Chinese); runs of ``[a-z0-9]`` after
+lower-casing are word tokens (word level for English, exactly the tokenisation of ``rouge_score``'s default
+tokenizer without stemming); everything else (punctuation, spaces) is dropped. Text is NFKC-normalised
+first so full-width letters and digits count as their ASCII forms.
+
+The LCS is our own bit-parallel one (Hyyrö 2004): ``rouge_score`` computes the same value with a pure-Python
+O(n·m) table, which is too slow for pool x candidates comparisons; the tests check our scores against
+``rouge_score`` (English) and against ``rouge_score`` with a character tokenizer and ``rouge-chinese``
+(Chinese).
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN_RE = re.compile(rf"[{_CJK}]|[a-z0-9]+")
+# "1. q", "1) q", "1、q", "(1) q", "第1题：q", "- q": the markers models put in front of list items.
+_ITEM_RE = re.compile(r"^\s*(?:[-*•]\s+|[(（]?\d{1,3}\s*[.)、:：）．]\s*|第\s*\d{1,3}\s*[题个]?\s*[.、:：]\s*)(?P<q>.+)$")
+_LABEL_RE = re.compile(r"^(?:问题|question|q)\s*[:：]\s*", re.IGNORECASE)
+
+# Rejection reasons (the keys of the counts in manifest.json).
+TOO_SHORT, TOO_LONG, BLOCKLIST, DUPLICATE, NEAR_DUPLICATE = (
+    "too_short", "too_long", "blocklist", "duplicate", "near_duplicate")
+ANSWER_TRUNCATED, ANSWER_TOO_SHORT, ANSWER_BLOCKLIST, ANSWER_MALFORMED = (
+    "answer_truncated", "answer_too_short", "answer_blocklist", "answer_malformed")
+
+
+def tokenize(text: str) -> list[str]:
+    """ROUGE tokens: CJK characters one by one, ASCII letters/digits as lower-cased words."""
+    return _TOKEN_RE.findall(unicodedata.normalize("NFKC", text).lower())
+
+
+def dedup_key(text: str) -> str:
+    """The identity of a question for exact-duplicate checks: NFKC, case-folded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def _masks(tokens: list[str]) -> dict[str, int]:
+    masks: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        masks[tok] = masks.get(tok, 0) | (1 << i)
+    return masks
+
+
+def _lcs_from_masks(masks: dict[str, int], n: int, other: list[str]) -> int:
+    # Bit-parallel LCS: v starts as all ones (Python's -1); every zero bit in the low n bits of the final
+    # v is one matched position, so LCS = n - popcount(v & (2**n - 1)).
+    v = -1
+    for tok in other:
+        u = v & masks.get(tok, 0)
+        v = (v + u) | (v - u)
+    return n - bin(v & ((1 << n) - 1)).count("1")
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence of two token lists."""
+    if not a or not b:
+        return 0
+    return _lcs_from_masks(_masks(a), len(a), b)
+
+
+def _f1(lcs: int, n_target: int, n_prediction: int) -> float:
+    # Same arithmetic (and so the same float) as rouge_score's _score_lcs + scoring.fmeasure.
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / n_prediction, lcs / n_target
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(target: str, prediction: str) -> float:
+    """ROUGE-L F1 of two texts with this module's tokenisation."""
+    t, p = tokenize(target), tokenize(prediction)
+    return _f1(lcs_length(t, p), len(t), len(p))
+
+
+@dataclass
+class _Entry:
+    text: str
+    n: int
+    masks: dict[str, int] = field(repr=False)
+
+
+class NearDupIndex:
+    """The pool of questions; `most_similar` finds the first pool entry at or above the threshold."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self._entries: list[_Entry] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, text: str) -> None:
+        toks = tokenize(text)
+        if toks:
+            self._entries.append(_Entry(text, len(toks), _masks(toks)))
+
+    def most_similar(self, text: str) -> tuple[float, str | None]:
+        """(score, entry) of the first entry with ROUGE-L >= threshold, else (best score, None)."""
+        toks = tokenize(text)
+        m, best = len(toks), 0.0
+        if not m:
+            return 0.0, None
+        for e in self._entries:
+            # F1 <= 2*min(n, m)/(n + m): skip entries whose length alone rules them out.
+            if 2 * min(e.n, m) / (e.n + m) < self.threshold:
+                continue
+            score = _f1(_lcs_from_masks(e.masks, e.n, toks), e.n, m)
+            if score >= self.threshold:
+                return score, e.text
+            best = max(best, score)
+        return best, None
+
+
+@lru_cache(maxsize=16)
+def _keyword_matcher(words: tuple[str, ...]) -> re.Pattern | None:
+    parts = []
+    for w in words:
+        w = w.strip().lower()
+        if not w:
+            continue
+        # Whole words for ASCII keywords; substrings for CJK (there are no spaces between words).
+        parts.append(rf"\b{re.escape(w)}\b" if w.isascii() else re.escape(w))
+    return re.compile("|".join(parts), re.IGNORECASE) if parts else None
+
+
+@dataclass
+class Rejection:
+    reason: str
+    detail: dict = field(default_factory=dict)
+
+
+class QuestionFilter:
+    """Length bounds, keyword blocklist, exact duplicates and ROUGE-L near-duplicates, in that order.
+
+    `check` does not change the pool; `add` puts a kept question (or a seed) into it.
+    """
+
+    def __init__(self, *, min_chars: int, max_chars: int, blocklist: list[str], threshold: float):
+        self.min_chars, self.max_chars = min_chars, max_chars
+        self._blocked = _keyword_matcher(tuple(blocklist))
+        self._keys: set[str] = set()
+        self.index = NearDupIndex(threshold)
+
+    def __contains__(self, question: str) -> bool:
+        """Whether an exact duplicate of `question` is in the pool."""
+        return dedup_key(question) in self._keys
+
+    def add(self, question: str) -> None:
+        self._keys.add(dedup_key(question))
+        self.index.add(question)
+
+    def check(self, question: str) -> Rejection | None:
+        n = len(question)
+        if n < self.min_chars:
+            return Rejection(TOO_SHORT, {"chars": n})
+        if n > self.max_chars:
+            return Rejection(TOO_LONG, {"chars": n})
+        if self._blocked and (m := self._blocked.search(question)):
+            return Rejection(BLOCKLIST, {"keyword": m.group(0)})
+        if dedup_key(question) in self._keys:
+            return Rejection(DUPLICATE)
+        score, match = self.index.most_similar(question)
+        if match is not None:
+            return Rejection(NEAR_DUPLICATE, {"similar_to": match, "rouge_l": round(score, 4)})
+        return None
+
+
+def check_answer(text: str, finish_reason: str | None, *, min_chars: int,
+                 blocklist: list[str]) -> Rejection | None:
+    """Why an answer is unusable, or None. A cut answer (finish_reason 'length') is reported first."""
+    if finish_reason == "length":
+        return Rejection(ANSWER_TRUNCATED, {"answer": text})
+    if len(text.strip()) < min_chars:
+        return Rejection(ANSWER_TOO_SHORT, {"answer": text})
+    blocked = _keyword_matcher(tuple(blocklist))
+    if blocked and (m := blocked.search(text)):
+        return Rejection(ANSWER_BLOCKLIST, {"keyword": m.group(0), "answer": text})
+    return None
+
+
+def parse_questions(text: str, truncated: bool = False) -> list[str]:
+    """Questions from a model's numbered list, markers and labels stripped.
+
+    Lines without a list marker are ignored when some lines have one (they are preambles such as
+    "Here are 10 questions:"); otherwise every non-empty line counts. A reply cut by max_tokens
+    (`truncated`) loses its last item, which may be incomplete.
+    """
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    items = [m.group("q") for ln in lines if (m := _ITEM_RE.match(ln))]
+    if not items:
+        items = lines
+    if truncated and items:
+        items = items[:-1]
+    out = []
+    for q in items:
+        q = _LABEL_RE.sub("", q.strip().strip("*").strip()).strip().strip('"“”').strip()
+        if q:
+            out.append(q)
+    return out
