@@ -13,7 +13,6 @@ from domaintune.errors import UserError
 CONFIG_YAML = """\
 model:
   name_or_path: Qwen/Qwen2.5-0.5B-Instruct
-  method: lora
 lora:
   r: 8
   alpha: 16
@@ -25,8 +24,9 @@ data:
   cutoff_len: 1024
 train:
   learning_rate: 0.0002
-  num_train_epochs: 3
-  per_device_train_batch_size: 4
+  num_epochs: 3
+  batch_size: 8
+  per_device_batch_size: 4
   gradient_accumulation_steps: 2
 """
 
@@ -128,7 +128,7 @@ def test_few_rows_do_not_repeat_examples(tmp_path):
 def test_missing_inputs_say_what_to_run(tmp_path):
     run = tmp_path / "fresh"
     run.mkdir()
-    (run / "config.yaml").write_text(CONFIG_YAML.replace("method: lora", "method: full"), encoding="utf-8")
+    (run / "config.yaml").write_text(CONFIG_YAML.replace("lora:\n", "lora:\n  enabled: false\n"), encoding="utf-8")
     md = report.run_report(run).read_text(encoding="utf-8")
     assert f"no predictions yet: run `domaintune predict {run} --data test.jsonl`" in md
     assert "no data statistics" in md and "no training summary yet" in md

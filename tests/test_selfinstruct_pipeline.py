@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from fake_llm_server import FakeLLM
 
 from domaintune.errors import UserError
@@ -215,12 +216,6 @@ def test_torn_last_line_is_repaired(inputs, monkeypatch):
     assert len(read_jsonl(answers)) == 6
 
 
-RUNNER = ("import json, sys\n"
-          "from domaintune.selfinstruct.config import SelfInstructConfig\n"
-          "from domaintune.selfinstruct.pipeline import run_gen_data\n"
-          "run_gen_data(SelfInstructConfig.model_validate(json.loads(sys.argv[1])))\n")
-
-
 def count_lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
@@ -232,8 +227,11 @@ def test_kill_and_rerun(inputs, phase, monkeypatch):
         cfg = make_cfg(inputs, srv.base_url, num_questions=target, questions_per_call=2, max_concurrency=2,
                        request_timeout=5)
         out = Path(cfg.output_dir)
+        config = inputs / "gen.yaml"
+        config.write_text(yaml.safe_dump({"selfinstruct": cfg.model_dump(mode="json")}, allow_unicode=True),
+                          encoding="utf-8")
         env = dict(os.environ, **{KEY_ENV: "k"})
-        proc = subprocess.Popen([sys.executable, "-c", RUNNER, cfg.model_dump_json()], env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "domaintune", "gen-data", str(config)], env=env)
         watch, at_least = (out / "questions.jsonl", 3) if phase == "questions" else (out / "answers.jsonl", 3)
         deadline = time.monotonic() + 60
         while count_lines(watch) < at_least and proc.poll() is None and time.monotonic() < deadline:

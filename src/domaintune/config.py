@@ -163,20 +163,46 @@ _TYPE_WORDS = {
 }
 
 
+def _field_path(loc: tuple) -> tuple[str, ...]:
+    """The field names in a pydantic error location, without list indices and union-member tags
+    (pydantic reports `data.val_size` as `data.val_size.int` / `data.val_size.float`)."""
+    out: list[str] = []
+    cls: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(cls, "model_fields", None)
+        if not fields or part not in fields:
+            break
+        out.append(part)
+        ann = fields[part].annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return tuple(out)
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = []
+    """One line per problem: unknown keys with the closest valid key, wrong types with the expected type."""
+    lines: list[str] = []
+    expected: dict[str, tuple[Any, list[str]]] = {}  # field -> (input, what it must be); a union gives several
     for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"] if not isinstance(p, int))
-        dotted = ".".join(loc)
         if e["type"] == "extra_forbidden":
+            loc = tuple(str(p) for p in e["loc"] if not isinstance(p, int))
+            dotted = ".".join(loc)
             valid = _fields_of(Config, loc[:-1])
             close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
             hint = f" Did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
             lines.append(f"unknown key '{dotted}'.{hint} Valid keys here: {', '.join(valid)}")
-        elif e["type"] in _TYPE_WORDS:
-            lines.append(f"'{dotted}' must be {_TYPE_WORDS[e['type']]}, got {e.get('input')!r}")
+            continue
+        dotted = ".".join(_field_path(e["loc"]))
+        if e["type"] in _TYPE_WORDS or e["type"] == "literal_error":
+            word = _TYPE_WORDS.get(e["type"]) or e.get("ctx", {}).get("expected", e["msg"])
+            expected.setdefault(dotted, (e.get("input"), []))[1].append(word)
+        elif not dotted:  # a check across fields (model validator): its message says it all
+            lines.append(e["msg"].removeprefix("Value error, "))
         else:
-            lines.append(f"'{dotted}': {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"'{dotted}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
+    for dotted, (value, words) in expected.items():
+        lines.append(f"'{dotted}' must be {' or '.join(dict.fromkeys(words))}, got {value!r}")
     return f"{source}: invalid config:\n  " + "\n  ".join(lines)
 
 

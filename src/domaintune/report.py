@@ -19,20 +19,21 @@ from domaintune.errors import UserError
 
 # Config values shown in the summary, as (label, candidate dotted keys in config.yaml, run_info.json key).
 # Several candidates so the report reads configs whatever the exact field name of a section.
-CONFIG_ROWS = (
-    ("base model", ("model.name_or_path", "model.model_name_or_path", "model.name", "model.path"), "base_model"),
-    ("method", ("model.method", "train.method", "lora.method", "method"), "method"),
-    ("LoRA r", ("lora.r", "lora.rank"), None),
-    ("LoRA alpha", ("lora.alpha", "lora.lora_alpha"), None),
-    ("LoRA dropout", ("lora.dropout", "lora.lora_dropout"), None),
-    ("LoRA target modules", ("lora.target_modules", "lora.targets", "lora.target"), None),
-    ("learning rate", ("train.learning_rate", "train.lr"), None),
-    ("epochs", ("train.num_train_epochs", "train.epochs"), None),
+CONFIG_ROWS = (  # (label, config keys (domaintune's config.yaml), run_info.json fallback)
+    ("base model", ("model.name_or_path",), "base_model"),
+    ("method", (), None),
+    ("LoRA r", ("lora.r",), None),
+    ("LoRA alpha", ("lora.alpha",), None),
+    ("LoRA dropout", ("lora.dropout",), None),
+    ("LoRA target modules", ("lora.target_modules",), None),
+    ("learning rate", ("train.learning_rate",), None),
+    ("epochs", ("train.num_epochs",), None),
     ("max steps", ("train.max_steps",), None),
-    ("batch size per device", ("train.per_device_train_batch_size", "train.batch_size"), None),
-    ("gradient accumulation", ("train.gradient_accumulation_steps", "train.grad_accum"), None),
-    ("cutoff_len", ("data.cutoff_len", "data.max_length", "data.max_seq_len"), None),
-    ("template", ("data.template", "model.template", "template"), "template"),
+    ("global batch size", ("train.batch_size",), None),
+    ("batch size per device", ("train.per_device_batch_size",), None),
+    ("gradient accumulation", ("train.gradient_accumulation_steps",), None),
+    ("cutoff_len", ("data.cutoff_len",), None),
+    ("template", ("data.template",), "template"),
 )
 METRIC_ORDER = ("num_samples", "bleu-4", "corpus_bleu", "rouge-1", "rouge-2", "rouge-l", "exact_match",
                 "avg_predict_len", "loss", "perplexity")
@@ -78,11 +79,11 @@ def _config_section(run: rundir.RunDir, info: dict) -> list[str]:
     except yaml.YAMLError as e:
         return lines + [f"{run.config_path} could not be read as YAML: {e}"]
     rows = []
-    method = _dotted(cfg, "model.method") or _dotted(cfg, "train.method") or info.get("method")
+    method = info.get("method") or ("full" if _dotted(cfg, "lora.enabled") is False else "lora")
     for label, keys, info_key in CONFIG_ROWS:
         if label.startswith("LoRA") and method == "full":
             continue
-        value = next((v for v in (_dotted(cfg, k) for k in keys) if v is not None), None)
+        value = method if label == "method" else next((v for v in (_dotted(cfg, k) for k in keys) if v is not None), None)
         if value is None and info_key:
             value = info.get(info_key)
         if value is not None:

@@ -204,6 +204,21 @@ def _leading_bos(tokenizer) -> int | None:
     return None
 
 
+def _turn_end_tokens(tokenizer, chat_template: str) -> list[str]:
+    """The token a chat_template puts right after an answer (e.g. ChatML's `<|im_end|>`, Llama 3's
+    `<|eot_id|>`). Training teaches the model to emit it instead of EOS, so generation must stop on it."""
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ANSWER"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False, chat_template=chat_template)
+    except Exception:  # a template that needs other roles or fields: generation then stops at EOS only
+        return []
+    tail = text.rpartition("ANSWER")[2].strip()
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    if not ids or ids[0] not in tokenizer.all_special_ids or ids[0] == tokenizer.eos_token_id:
+        return []
+    return [tokenizer.convert_ids_to_tokens(ids[0])]
+
+
 def get_template(name_or_path: str, tokenizer=None) -> Template:
     """A built-in template by name, a template JSON by path, or `tokenizer` (the model's chat_template)."""
     if name_or_path == "tokenizer":
@@ -212,7 +227,8 @@ def get_template(name_or_path: str, tokenizer=None) -> Template:
             raise UserError("data.template 'tokenizer': this model's tokenizer has no chat_template; "
                             "choose domain_zh, alpaca or chatml")
         return Template(name="tokenizer", kind="tokenizer", append_eos=False,
-                        description="the model's own chat_template", chat_template=tpl)
+                        description="the model's own chat_template", chat_template=tpl,
+                        stop=_turn_end_tokens(tokenizer, tpl) if tpl else [])
     if name_or_path in BUILTIN:
         text = resources.files("domaintune.prompt_templates").joinpath(f"{name_or_path}.json").read_text(encoding="utf-8")
         return Template.from_dict(json.loads(text), name_or_path)

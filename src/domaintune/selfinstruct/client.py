@@ -95,11 +95,11 @@ class ChatClient:
         except openai.APITimeoutError:
             raise UserError(
                 f"no reply from {cfg.base_url} within selfinstruct.request_timeout={cfg.request_timeout}s "
-                f"({cfg.max_retries + 1} tries); raise the timeout or check the server, then run the same "
+                f"(tried {cfg.max_retries + 1} times); raise the timeout or check the server, then run the same "
                 f"command again to resume") from None
         except openai.APIConnectionError as e:
             raise UserError(
-                f"cannot connect to {cfg.base_url} ({e.__cause__ or e}) after {cfg.max_retries + 1} tries; check "
+                f"cannot connect to {cfg.base_url} ({e.__cause__ or e}; tried {cfg.max_retries + 1} times); check "
                 f"selfinstruct.base_url and that the server runs, then run the same command again to resume") from None
         return _completion_of(resp)
 

@@ -10,11 +10,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# Questions about things a text model cannot see or produce (self-instruct's idea), in both languages.
-# ASCII keywords match whole words ("map" does not hit "mapping"); others match as substrings.
+# Questions that need something a text model cannot see or produce (self-instruct's idea), kept narrow so
+# that domain topics such as "video games" or "body image" pass. ASCII keywords match whole words
+# ("draw a" does not hit "drawer"); others match as substrings.
 DEFAULT_BLOCKLIST = [
-    "image", "picture", "photo", "video", "audio", "draw", "diagram", "flowchart", "chart",
-    "图片", "图像", "照片", "视频", "音频", "画图", "画一", "流程图", "图表",
+    "draw a", "diagram", "flowchart", "attached", "upload", "this image", "this picture", "this photo",
+    "请画", "画图", "流程图", "上传", "附件", "这张图", "下图", "上图",
 ]
 # Answers that talk about the model instead of answering.
 DEFAULT_ANSWER_BLOCKLIST = [

@@ -36,8 +36,8 @@ from .config import SelfInstructConfig
 from .inputs import load_seeds, load_template, numbered, persona_values, render
 from .store import OutputStore
 
-# Counters that live only in memory during a run; manifest.json carries their totals across resumes.
 log = logging.getLogger(__name__)
+# Counters that live only in memory during a run; manifest.json carries their totals across resumes.
 _TRANSIENT = ("questions_surplus", "unparsable_replies", "answer_length_retries", "malformed_replies",
               "question_calls", "answer_calls")
 
@@ -79,6 +79,8 @@ class _Run:
         self.filter = F.QuestionFilter(min_chars=cfg.min_question_chars, max_chars=cfg.max_question_chars,
                                        blocklist=cfg.blocklist, threshold=cfg.rouge_threshold)
         self.kept: list[str] = []
+        self.kept_keys: list[str] = []  # dedup_key of each kept question, same order
+        self.n_active = 0  # kept questions whose answer was not dropped
         self.answers: dict[str, str] = {}  # dedup_key(question) -> answer
         self.dropped: set[str] = set()  # dedup keys of questions whose answer was dropped
         self.q_rejected: Counter[str] = Counter()
@@ -98,13 +100,8 @@ class _Run:
         for r in questions:
             q = r.get("question")
             if isinstance(q, str) and q not in self.filter:
-                self.kept.append(q)
-                self.filter.add(q)
-        kept_keys = {F.dedup_key(q) for q in self.kept}
-        for r in answers:
-            k = F.dedup_key(str(r.get("question", "")))
-            if k in kept_keys and k not in self.answers and isinstance(r.get("answer"), str):
-                self.answers[k] = r["answer"]
+                self._keep(q)
+        kept_keys = set(self.kept_keys)
         for r in rejected:
             reason = str(r.get("reason"))
             if r.get("stage") == "answer":
@@ -112,17 +109,24 @@ class _Run:
                 self.dropped.add(F.dedup_key(str(r.get("question", ""))))
             else:
                 self.q_rejected[reason] += 1
+        self.n_active = sum(1 for k in self.kept_keys if k not in self.dropped)
+        for r in answers:
+            k = F.dedup_key(str(r.get("question", "")))
+            if k in kept_keys and k not in self.answers and k not in self.dropped and isinstance(r.get("answer"), str):
+                self.answers[k] = r["answer"]
 
-    def active(self) -> int:
-        """Kept questions still usable (their answer was not dropped)."""
-        return sum(1 for q in self.kept if F.dedup_key(q) not in self.dropped)
+    def _keep(self, q: str) -> None:
+        self.kept.append(q)
+        self.kept_keys.append(F.dedup_key(q))
+        self.filter.add(q)
+        self.n_active += 1
 
     def pending(self) -> list[str]:
-        return [q for q in self.kept if (k := F.dedup_key(q)) not in self.answers and k not in self.dropped]
+        return [q for q, k in zip(self.kept, self.kept_keys) if k not in self.answers and k not in self.dropped]
 
     def train_rows(self) -> list[dict]:
-        rows = [{"instruction": q, "input": "", "output": self.answers[F.dedup_key(q)]}
-                for q in self.kept if F.dedup_key(q) in self.answers]
+        rows = [{"instruction": q, "input": "", "output": self.answers[k]}
+                for q, k in zip(self.kept, self.kept_keys) if k in self.answers]
         return rows[: self.cfg.num_questions]
 
     def _bump(self, key: str, n: int = 1) -> None:
@@ -177,11 +181,11 @@ class _Run:
 
     def _question_phase(self, pool: ThreadPoolExecutor) -> None:
         cfg = self.cfg
-        bar = self._progress("questions", self.active())
+        bar = self._progress("questions", self.n_active)
         in_flight: set = set()
         try:
             while True:
-                need = cfg.num_questions - self.active()
+                need = cfg.num_questions - self.n_active
                 if need > 0 and self.q_stalled < cfg.max_stalled_calls:
                     # Only as many calls as the remaining need could fill: less waste near the end.
                     want = min(cfg.max_concurrency, math.ceil(need / cfg.questions_per_call))
@@ -194,7 +198,7 @@ class _Run:
                     self._take_questions(fut.result(), bar)
         finally:
             bar.close()
-        if self.active() < cfg.num_questions and self.q_stalled >= cfg.max_stalled_calls:
+        if self.n_active < cfg.num_questions and self.q_stalled >= cfg.max_stalled_calls:
             self.message = (
                 f"target not reached: the last {self.q_stalled} question calls kept no new question "
                 f"({dict(self.q_rejected.most_common(3))} so far); add seed questions, raise "
@@ -206,7 +210,7 @@ class _Run:
         if comp is not None and not cands:
             self._bump("unparsable_replies")
         for i, q in enumerate(cands):
-            if self.active() >= self.cfg.num_questions:
+            if self.n_active >= self.cfg.num_questions:
                 self._bump("questions_surplus", len(cands) - i)
                 break
             rej = self.filter.check(q)
@@ -215,8 +219,7 @@ class _Run:
                 self.q_rejected[rej.reason] += 1
                 continue
             self.store.questions.write({"question": q})
-            self.filter.add(q)
-            self.kept.append(q)
+            self._keep(q)
             kept += 1
         self.q_stalled = 0 if kept else self.q_stalled + 1
         bar.update(kept)
@@ -274,6 +277,7 @@ class _Run:
             self.store.rejected.write({"stage": "answer", "reason": rej.reason, "question": res.question, **rej.detail})
             self.a_rejected[rej.reason] += 1
             self.dropped.add(key)
+            self.n_active -= 1
             self.a_stalled += 1
         else:
             text = comp.text.strip()
@@ -309,7 +313,7 @@ class _Run:
         prev_http = prev_counts.get("http") if isinstance(prev_counts.get("http"), dict) else {}
         status_counts = Counter({k: int(v) for k, v in (prev_http.get("status") or {}).items()})
         status_counts.update(http["status"])
-        rows = len(self.train_rows())
+        rows = min(len(self.answers), cfg.num_questions)
         finished = status in ("complete", "incomplete")
         runs = [r for r in prev.get("runs", []) if isinstance(r, dict)]
         runs.append({"started_at": self.started, "ended_at": _now(), "status": status, "model": cfg.model,
