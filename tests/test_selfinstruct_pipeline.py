@@ -42,7 +42,7 @@ def make_cfg(inputs: Path, base_url: str, **kw) -> SelfInstructConfig:
     base = dict(domain="parenting", language="en", seeds_path=str(inputs / "seeds.jsonl"),
                 question_template=str(inputs / "q.txt"), answer_template=str(inputs / "a.txt"),
                 base_url=base_url, model="fake-model", api_key_env=KEY_ENV, num_questions=6,
-                questions_per_call=3, examples_per_prompt=2, max_concurrency=1, request_timeout=0.5,
+                questions_per_call=3, examples_per_prompt=2, max_concurrency=1, request_timeout=2.0,
                 max_retries=2, malformed_retries=2, retry_base_delay=0.01, output_dir=str(inputs / "out"))
     base.update(kw)
     return SelfInstructConfig(**base)
@@ -71,8 +71,8 @@ def test_faults_are_retried_and_counted(inputs, monkeypatch):
                          "Q900: how to handle zz1 zz2 zz3 zz4?"]}        # kept
     script = ["429", "ok", bad, "500", "ok",                             # question calls
               "slow", "ok", "malformed", "ok", "length", "ok", "no_choices", "ok"]  # answers
-    with FakeLLM(script=script, retry_after="1", slow_seconds=2.0) as srv:
-        out = run_gen_data(make_cfg(inputs, srv.base_url))
+    with FakeLLM(script=script, retry_after="1", slow_seconds=3.0) as srv:
+        out = run_gen_data(make_cfg(inputs, srv.base_url, request_timeout=1.0))
         log = list(srv.log)
 
     assert [e["status"] for e in log] == [429, 200, 200, 500] + [200] * 11
