@@ -32,11 +32,18 @@ def add_parser(sub) -> None:
 
 def cmd_config(a) -> int:
     from .config import Config, build_config, config_from_flat, explain, load_config, read_json_file
+    from .errors import UserError
 
+    if a.config and "=" in a.config and not Path(a.config).is_file():
+        # `config lora.r=4` or `config --out x.yaml lora.r=4`: argparse gives the optional positional the
+        # first override
+        a.overrides, a.config = [a.config, *(a.overrides or [])], None
     if a.explain:
         print("\n".join(explain(Config)))
         return 0
     if a.from_json:
+        if a.config:
+            raise UserError(f"give either a config file ('{a.config}') or --from-json, not both")
         run = read_json_file(a.from_json)
         lora = read_json_file(a.lora_json) if a.lora_json else None
         raw = config_from_flat(run, lora, source=a.from_json)

@@ -3,8 +3,10 @@
 - Unknown keys are errors that name the key and the closest valid one.
 - Wrong types name the field and the expected type.
 - Dotted overrides on the command line: `train.learning_rate=2e-4 lora.r=16` (values parsed as YAML).
-- Relative paths in a config file are resolved against the current working directory (where the
-  command runs), the way most CLIs treat paths; `domaintune config` prints the resolved result.
+- Relative paths in a config file are kept as written and read relative to the folder the command runs
+  in (not the config file's folder), the way most CLIs treat paths. The shipped configs assume the
+  project root.
+- A number given to a text field (e.g. `model.revision=12345678`, a commit hash) is taken as text.
 - The flat JSON layout of BLOOM LoRA projects (`model_name_or_path`, `data_path`, `batch_size`, ...)
   converts with `config_from_flat()`.
 
@@ -26,7 +28,7 @@ from .selfinstruct.config import SelfInstructConfig
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), coerce_numbers_to_str=True)
 
 
 class ModelConfig(_Section):

@@ -108,6 +108,9 @@ def _read_array(p: Path, text: str) -> list[tuple[int, Any]]:
         if i < n and text[i] == "]":
             break
         raise UserError(f"{p} line {text.count(chr(10), 0, i) + 1}: expected ',' or ']' in the JSON array")
+    i = skip_ws(i + 1)
+    if i < n:  # e.g. two arrays, or a JSON-lines file whose first row happens to be an array
+        raise UserError(f"{p} line {text.count(chr(10), 0, i) + 1}: unexpected text after the closing ']' of the JSON array")
     return rows
 
 

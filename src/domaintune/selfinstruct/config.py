@@ -1,7 +1,7 @@
 """The `selfinstruct` config section (read by `domaintune gen-data`).
 
-Relative paths (`seeds_path`, `question_template`, `answer_template`, `output_dir`) are resolved by
-`domaintune.config.load_config` against the current working directory, i.e. where the command runs.
+Relative paths (`seeds_path`, `question_template`, `answer_template`, `output_dir`) are read relative to
+the current working directory, i.e. where the command runs (not the config file's folder).
 The API key is never part of the config: `api_key_env` names the environment variable holding it.
 """
 from __future__ import annotations

@@ -1,0 +1,234 @@
+"""templates: exact prompt text and loss masks for every built-in template and row format, BOS handling,
+generation prompts equal to training prompts, stop tokens, template files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from domaintune.data import parse_example
+from domaintune.errors import UserError
+from domaintune.templates import BUILTIN, Template, get_template
+from domaintune.tiny import CHATML_JINJA, corpus_texts, default_corpus, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return corpus_texts(default_corpus())
+
+
+@pytest.fixture(scope="module")
+def qwen_tok(corpus):
+    return train_tokenizer(corpus, "qwen2")
+
+
+@pytest.fixture(scope="module")
+def llama_tok(corpus):
+    return train_tokenizer(corpus, "llama")
+
+
+@pytest.fixture(scope="module")
+def bloom_tok(corpus):
+    return train_tokenizer(corpus, "bloom")
+
+
+@pytest.fixture(params=["bloom", "qwen2", "llama"])
+def tok(request):
+    return request.getfixturevalue({"bloom": "bloom_tok", "qwen2": "qwen_tok", "llama": "llama_tok"}[request.param])
+
+
+def spans(tok, ids, mask):
+    """[(trainable, decoded text), ...] for each run of equal mask values."""
+    out, cur, flag = [], [], None
+    for i, m in zip(ids, mask):
+        if cur and m != flag:
+            out.append((flag, tok.decode(cur)))
+            cur = []
+        cur.append(i)
+        flag = m
+    if cur:
+        out.append((flag, tok.decode(cur)))
+    return out
+
+
+# ---------------------------------------------------------------- the expected layouts, written out by hand
+
+ALPACA_SYS = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+              "the request.")
+CHATML_USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+SPEC = {
+    "domain_zh": dict(default_system="", system="{}\n\n", user="用户:{}\n\n助手:", sep="\n\n",
+                      answer="{}</s>", join="{}{}"),
+    "alpaca": dict(default_system=ALPACA_SYS, system="{}\n\n", user="### Instruction:\n{}\n\n### Response:\n",
+                   sep="\n\n", answer="{}</s>", join="{}\n\n### Input:\n{}"),
+    "chatml": dict(default_system="You are a helpful assistant.", system="<|im_start|>system\n{}<|im_end|>\n",
+                   user=CHATML_USER, sep="\n", answer="{}<|im_end|></s>", join="{}\n\n{}"),
+    # the tiny tokenizers' own chat_template (ChatML): the turn ends with <|im_end|>\n, no EOS, no BOS
+    "tokenizer": dict(default_system="", system="<|im_start|>system\n{}<|im_end|>\n", user=CHATML_USER, sep="",
+                      answer="{}<|im_end|>\n", join="{}\n{}"),
+}
+
+Q, INP, A = "孩子不爱吃饭怎么办？", "他三岁，挑食。", "先别着急，规律进餐，少吃零食。"
+HQ, HA = "你好", "您好！有什么可以帮您？"
+SYS = "你是一位家庭教育助手。"
+CASES = {
+    "plain": ({"instruction": Q, "input": "", "output": A}, None, [("Q", A)]),
+    "input": ({"instruction": Q, "input": INP, "output": A}, None, [("QI", A)]),
+    "system": ({"instruction": Q, "output": A, "system": SYS}, SYS, [("Q", A)]),
+    "history": ({"instruction": Q, "input": INP, "output": A, "history": [[HQ, HA]]}, None, [(HQ, HA), ("QI", A)]),
+    "messages": ({"messages": [{"role": "system", "content": SYS},
+                               {"role": "user", "content": "我儿子10岁，写作业很慢。"},
+                               {"role": "assistant", "content": "先观察时间花在哪里。"},
+                               {"role": "user", "content": "他经常分心。"},
+                               {"role": "assistant", "content": "试试专注二十五分钟、休息五分钟。"}]},
+                 SYS, [("我儿子10岁，写作业很慢。", "先观察时间花在哪里。"), ("他经常分心。", "试试专注二十五分钟、休息五分钟。")]),
+}
+
+
+def expected_spans(name: str, system: str | None, turns, bos: str = "") -> list[tuple[bool, str]]:
+    s = SPEC[name]
+    prompt = bos
+    system = system if system is not None else s["default_system"]
+    if system:
+        prompt += s["system"].format(system)
+    out = []
+    for k, (q, a) in enumerate(turns):
+        q = {"Q": Q, "QI": s["join"].format(Q, INP)}.get(q, q)
+        prompt += (s["sep"] if k else "") + s["user"].format(q)
+        out += [(False, prompt), (True, s["answer"].format(a))]
+        prompt = ""
+    return out
+
+
+def _encode(tok, name, row):
+    tpl = get_template(name, tok)
+    ex = parse_example(row, "t.jsonl line 1", template=tpl)
+    ids, mask = tpl.encode(tok, ex.messages)
+    return tpl, ex, ids, mask
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", BUILTIN)
+def test_trained_tokens_are_exactly_the_answers(tok, name, case):
+    row, system, turns = CASES[case]
+    tpl, ex, ids, mask = _encode(tok, name, row)
+    adds_bos = tok("a")["input_ids"][0] == tok.bos_token_id  # the LLaMA-style tokenizer; format templates add it
+    bos = "<s>" if adds_bos and name != "tokenizer" else ""
+    assert spans(tok, ids, mask) == expected_spans(name, system, turns, bos)
+    assert len(ids) == len(mask)
+
+
+def test_domain_zh_prompt_literal(qwen_tok):
+    _, _, ids, mask = _encode(qwen_tok, "domain_zh", {"instruction": "孩子不爱吃饭", "input": "三岁", "output": "别着急。"})
+    assert qwen_tok.decode([i for i, m in zip(ids, mask) if not m]) == "用户:孩子不爱吃饭三岁\n\n助手:"
+    assert qwen_tok.decode([i for i, m in zip(ids, mask) if m]) == "别着急。</s>"
+    assert ids[-1] == qwen_tok.eos_token_id and mask[-1] is True
+
+
+@pytest.mark.parametrize("name", ["domain_zh", "alpaca", "chatml"])
+def test_llama_tokenizer_bos_once_and_masked(llama_tok, name):
+    _, _, ids, mask = _encode(llama_tok, name, CASES["history"][0])
+    bos = llama_tok.bos_token_id
+    assert ids[0] == bos and mask[0] is False
+    assert ids.count(bos) == 1
+
+
+@pytest.mark.parametrize("name", ["domain_zh", "alpaca", "chatml"])
+def test_no_bos_for_bloom_and_qwen(qwen_tok, name):
+    _, _, ids, _ = _encode(qwen_tok, name, CASES["plain"][0])
+    assert qwen_tok.bos_token_id not in ids
+
+
+def test_chat_template_with_bos_gives_exactly_one_bos(llama_tok):
+    tpl = Template(name="tokenizer", kind="tokenizer", append_eos=False, chat_template="{{ bos_token }}" + CHATML_JINJA)
+    msgs = parse_example(CASES["messages"][0], "x").messages
+    ids, mask = tpl.encode(llama_tok, msgs)
+    assert ids[0] == llama_tok.bos_token_id and mask[0] is False
+    assert ids.count(llama_tok.bos_token_id) == 1
+    gen, _ = tpl.encode(llama_tok, msgs[:-1], add_generation_prompt=True)
+    assert gen.count(llama_tok.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", BUILTIN)
+def test_generation_prompt_is_prefix_of_training_encoding(tok, name, case):
+    """The inference prompt is token-for-token the training prompt up to the last answer."""
+    tpl, ex, ids, mask = _encode(tok, name, CASES[case][0])
+    prompt_msgs, target = ex.prompt_and_target()
+    gen, gen_mask = tpl.encode(tok, prompt_msgs, add_generation_prompt=True)
+    assert ids[: len(gen)] == gen
+    assert gen_mask == mask[: len(gen)]
+    assert tok.decode(ids[len(gen):]) == SPEC[name]["answer"].format(target)
+    assert all(mask[len(gen):]) and not mask[len(gen) - 1]
+
+
+@pytest.mark.parametrize("name", ["domain_zh", "alpaca", "chatml"])
+def test_to_jinja_renders_the_same_text(tok, name):
+    """The exported chat_template renders what training encoded (other tools then prompt the same way)."""
+    tpl = get_template(name)
+    for case in CASES:
+        msgs = parse_example(CASES[case][0], "x", template=tpl).messages
+        ids, _ = tpl.encode(tok, msgs)
+        text = tok.apply_chat_template(msgs, tokenize=False, chat_template=tpl.to_jinja())
+        bos = tok.bos_token if tok("a")["input_ids"][0] == tok.bos_token_id else ""
+        assert bos + text == tok.decode(ids), case
+
+
+# ---------------------------------------------------------------- stop tokens
+
+def test_stop_token_ids(qwen_tok):
+    eos, im_end = qwen_tok.eos_token_id, qwen_tok.convert_tokens_to_ids("<|im_end|>")
+    assert get_template("domain_zh").stop_token_ids(qwen_tok) == [eos]
+    assert get_template("alpaca").stop_token_ids(qwen_tok) == [eos]
+    assert get_template("chatml").stop_token_ids(qwen_tok) == [eos, im_end]
+
+
+def test_tokenizer_template_stops_at_its_turn_end(qwen_tok):
+    """Regression: the chat_template teaches <|im_end|> (never EOS) after an answer, so generation must stop there."""
+    tpl = get_template("tokenizer", qwen_tok)
+    assert tpl.stop == ["<|im_end|>"]
+    assert tpl.stop_token_ids(qwen_tok) == [qwen_tok.eos_token_id, qwen_tok.convert_tokens_to_ids("<|im_end|>")]
+    _, _, ids, mask = _encode(qwen_tok, "tokenizer", CASES["plain"][0])
+    trained = [i for i, m in zip(ids, mask) if m]
+    assert qwen_tok.convert_tokens_to_ids("<|im_end|>") in trained
+
+
+# ---------------------------------------------------------------- registry and template files
+
+def test_get_template_errors(qwen_tok):
+    with pytest.raises(UserError, match="unknown template 'nope': use one of domain_zh, alpaca, chatml, tokenizer"):
+        get_template("nope")
+    tok = train_tokenizer(["ab", "cd"] * 5, "qwen2", vocab_size=300)
+    tok.chat_template = None
+    with pytest.raises(UserError, match="has no chat_template; choose domain_zh, alpaca or chatml"):
+        get_template("tokenizer", tok)
+
+
+def test_template_file_roundtrip_and_custom_template(tmp_path, qwen_tok):
+    chatml = get_template("chatml")
+    chatml.save(tmp_path / "template.json")
+    assert Template.load(tmp_path / "template.json") == chatml
+    assert get_template(str(tmp_path / "template.json")) == chatml
+    custom = {"name": "qa", "user_format": "Q: {content}\nA:", "assistant_format": " {content}", "turn_separator": "\n"}
+    (tmp_path / "qa.json").write_text(json.dumps(custom), encoding="utf-8")
+    tpl = get_template(str(tmp_path / "qa.json"))
+    ids, mask = tpl.encode(qwen_tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    assert spans(qwen_tok, ids, mask) == [(False, "Q: hi\nA:"), (True, " yo</s>")]
+
+
+@pytest.mark.parametrize("d, fragment", [
+    ({"name": "x", "colour": "red"}, "unknown template field(s) ['colour']"),
+    ({"user_format": "{content}"}, "a template needs a 'name'"),
+    ({"name": "x", "user_format": "Q:"}, "user_format must contain {content}"),
+])
+def test_template_validation(d, fragment):
+    with pytest.raises(UserError) as e:
+        Template.from_dict(d, "my.json")
+    assert str(e.value).startswith("my.json: ") and fragment in str(e.value)
+
+
+def test_template_broken_json_names_line(tmp_path):
+    p = tmp_path / "t.json"
+    p.write_text('{\n "name": "x",\n "user_format": \n}', encoding="utf-8")
+    with pytest.raises(UserError, match=r"t\.json line 4: not valid JSON"):
+        Template.load(p)
