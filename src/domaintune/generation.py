@@ -175,9 +175,9 @@ class Engine:
         width = max(len(p) for p in batch)
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=self.device)
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=self.device)
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
         with self.lock, torch.inference_mode():
+            if params.seed is not None:  # inside the lock: no other request may draw from the RNG in between
+                torch.manual_seed(params.seed)
             out = self.model.generate(input_ids=input_ids, attention_mask=attn, eos_token_id=self.stop_ids,
                                       pad_token_id=pad, **params.hf_kwargs())
         results = []
@@ -232,9 +232,9 @@ class Engine:
 
         def work():
             try:
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
                 with self.lock, torch.inference_mode():
+                    if params.seed is not None:  # inside the lock, as in _generate_batch
+                        torch.manual_seed(params.seed)
                     ids = torch.tensor([prompt], device=self.device)
                     self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=_Streamer(),
                                         eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,

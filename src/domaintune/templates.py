@@ -108,7 +108,7 @@ class Template:
             return self._encode_chat_template(tokenizer, messages, add_generation_prompt)
         ids: list[int] = []
         mask: list[bool] = []
-        bos = _leading_bos(tokenizer)
+        bos = leading_bos(tokenizer)
         if bos is not None:
             ids.append(bos)
             mask.append(False)
@@ -177,7 +177,8 @@ class Template:
         parts = [
             "{%- set ns = namespace(i=0) -%}",
             "{%- if messages and messages[0]['role'] == 'system' -%}",
-            fmt(self.system_format, "messages[0]['content']") if self.system_format else "",
+            ("{%- if messages[0]['content'] -%}" + fmt(self.system_format, "messages[0]['content']") + "{%- endif -%}")
+            if self.system_format else "",
             "{%- set loop_messages = messages[1:] -%}",
             "{%- else -%}",
             (fmt(self.system_format, lit(self.default_system)) if self.default_system else ""),
@@ -195,7 +196,7 @@ class Template:
         return "".join(parts)
 
 
-def _leading_bos(tokenizer) -> int | None:
+def leading_bos(tokenizer) -> int | None:
     """The BOS id if this tokenizer adds one by itself (LLaMA does, BLOOM/Qwen do not)."""
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]

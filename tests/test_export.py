@@ -1,0 +1,182 @@
+"""`domaintune export`: merged weights give the adapter's outputs under plain transformers; the chat
+template, generation config, template.json and model card are written; sharding, dtypes, refusals."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from domaintune.cli import main
+from domaintune.errors import UserError
+from domaintune.export import run_export
+from domaintune.generation import Engine, GenerationParams
+from domaintune.templates import Template
+from domaintune.train import run_train
+
+PROMPTS = ["孩子不爱吃饭怎么办", "How do I help my child sleep?", "怎样培养阅读习惯"]
+CONVERSATION = [
+    {"role": "system", "content": "你是一位温和的家庭教育助手。"},
+    {"role": "user", "content": "孩子不睡觉怎么办"},
+    {"role": "assistant", "content": "可以先建立固定的睡前流程。"},
+    {"role": "user", "content": "What else can I try?"},
+]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_train_config, tmp_path_factory):
+    """A LoRA run on the micro LLaMA (BOS-adding tokenizer). The conftest config trains 4 steps at a high
+    learning rate, so the adapter really changes the answers (asserted below)."""
+    return run_train(tiny_train_config(tmp_path_factory.mktemp("lora") / "run", "llama"))
+
+
+@pytest.fixture(scope="module")
+def exported(lora_run, tmp_path_factory):
+    return run_export(lora_run, tmp_path_factory.mktemp("export") / "merged", dtype="fp32")
+
+
+def greedy_ids(engine, n=16):
+    prompts = [engine.encode_messages([{"role": "user", "content": p}]) for p in PROMPTS]
+    return prompts, [g.token_ids for g in engine.generate(prompts, GenerationParams(max_new_tokens=n), batch_size=1)]
+
+
+def test_merged_model_matches_adapter_inference(lora_run, exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    prompts, adapter_out = greedy_ids(Engine.from_run(lora_run))
+    _, base_out = greedy_ids(Engine.from_run(lora_run, base_only=True))
+    assert adapter_out != base_out  # the adapter is not a no-op
+
+    tok = AutoTokenizer.from_pretrained(exported)
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    assert model.dtype == torch.float32
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    gen_cfg = GenerationConfig.from_pretrained(exported)
+    for p, ids, want in zip(PROMPTS, prompts, adapter_out):
+        enc = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        enc = enc["input_ids"] if not isinstance(enc, list) else enc
+        assert enc == ids  # plain transformers builds the training prompt
+        x = torch.tensor([enc])
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                             generation_config=gen_cfg)[0, len(enc):].tolist()
+        eos = gen_cfg.eos_token_id if isinstance(gen_cfg.eos_token_id, list) else [gen_cfg.eos_token_id]
+        cut = next((k for k, t in enumerate(out) if t in eos), len(out))
+        assert out[:cut] == want
+
+
+def _apply(tok, messages):
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return enc if isinstance(enc, list) else enc["input_ids"]
+
+
+def test_chat_template_renders_the_training_prompt(lora_run, exported):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(exported)
+    template = Template.load(lora_run / "template.json")
+    ours, _ = template.encode(tok, CONVERSATION, add_generation_prompt=True)
+    assert _apply(tok, CONVERSATION) == ours
+    assert ours[0] == tok.bos_token_id  # LLaMA adds BOS: the exported template starts with {{ bos_token }}
+    # the user turn already ends with the assistant prefix: no separate generation prompt
+    assert tok.apply_chat_template(CONVERSATION, tokenize=False) == tok.apply_chat_template(
+        CONVERSATION, tokenize=False, add_generation_prompt=True)
+    # a conversation ending with the assistant's answer ends with its EOS, as in training
+    ours, _ = template.encode(tok, CONVERSATION[:3])
+    assert _apply(tok, CONVERSATION[:3]) == ours and ours[-1] == tok.eos_token_id
+
+
+def test_chat_template_with_an_empty_system_message(lora_run, exported):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(exported)
+    msgs = [{"role": "system", "content": ""}, {"role": "user", "content": "你好"}]
+    ours, _ = Template.load(lora_run / "template.json").encode(tok, msgs, add_generation_prompt=True)
+    assert _apply(tok, msgs) == ours
+
+
+def test_export_files_and_model_card(lora_run, exported):
+    names = {p.name for p in exported.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "template.json", "README.md",
+            "tokenizer.json", "tokenizer_config.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth"))]
+    assert not (exported / "adapter_config.json").exists()
+    assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == \
+        json.loads((lora_run / "generation_config.json").read_text())["eos_token_id"]
+    assert json.loads((exported / "template.json").read_text()) == json.loads((lora_run / "template.json").read_text())
+    card = (exported / "README.md").read_text(encoding="utf-8")
+    front = yaml.safe_load(card.split("---\n")[1])
+    info = json.loads((lora_run / "run_info.json").read_text())
+    assert front == {"base_model": info["base_model"], "license": "apache-2.0", "library_name": "transformers",
+                     "pipeline_tag": "text-generation", "tags": ["domaintune", "lora", "domain_zh"]}
+    assert f"rows: {info['data']['train_rows']} train, {info['data']['eval_rows']} validation" in card
+    assert f"steps: 4; tokens: {info['train']['tokens']}" in card
+    assert f"best validation loss: {info['train']['best_eval_loss']}" in card
+    assert "AutoModelForCausalLM.from_pretrained" in card and "## Evaluation" not in card  # no metrics.json yet
+    # domaintune's own loader reuses template.json from the export
+    eng = Engine.from_run(exported)
+    assert eng.template == Template.load(lora_run / "template.json")
+
+
+def test_model_card_lists_metrics_and_shards_split(lora_run, exported, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    (run / "metrics.json").write_text(json.dumps({"num_samples": 3, "bleu-4": 12.5, "rouge-l": 30.25}))
+    out = run_export(run, tmp_path / "sharded", dtype="fp32", max_shard_size="300KB")
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "| metric | value |\n|---|---|\n| num_samples | 3 |\n| bleu-4 | 12.5 |\n| rouge-l | 30.25 |" in card
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    x = torch.tensor([[1, 5, 9, 30]])
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(out)(x).logits
+        b = AutoModelForCausalLM.from_pretrained(exported)(x).logits  # the single-file export
+    assert torch.equal(a, b)
+
+
+def test_full_run_exports_in_the_requested_dtype(tiny_train_config, tmp_path):
+    run = run_train(tiny_train_config(tmp_path / "full", "llama", "lora.enabled=false", "train.max_steps=1",
+                                      "train.eval_steps=1", "train.save_steps=1"))
+    out = run_export(run, tmp_path / "bf16", dtype="bf16")
+    assert _saved_dtype(out) == "bfloat16"
+    with safe_open(out / "model.safetensors", "pt") as f, safe_open(run / "model.safetensors", "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+        for k in f.keys():
+            assert f.get_tensor(k).dtype == torch.bfloat16
+            assert torch.equal(f.get_tensor(k), g.get_tensor(k).to(torch.bfloat16)), k
+    assert yaml.safe_load((out / "README.md").read_text().split("---\n")[1])["tags"] == ["domaintune", "full", "domain_zh"]
+
+
+def test_refusals(lora_run, exported, tmp_path, capsys):
+    with pytest.raises(UserError, match="is not empty: choose a new folder or pass --overwrite"):
+        run_export(lora_run, exported)
+    with pytest.raises(UserError, match="must be outside the run directory"):
+        run_export(lora_run, lora_run / "export", overwrite=True)
+    stranger = tmp_path / "notes"
+    stranger.mkdir()
+    (stranger / "todo.txt").write_text("keep me")
+    with pytest.raises(UserError, match="does not look like a model export"):
+        run_export(lora_run, stranger, overwrite=True)
+    assert (stranger / "todo.txt").read_text() == "keep me"
+    with pytest.raises(UserError, match="has no final weights"):
+        run_export(tmp_path, tmp_path / "x")
+    assert main(["export", str(lora_run), "--out", str(exported)]) == 2
+    assert "error: --out" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_a_previous_export(lora_run, tmp_path):
+    out = tmp_path / "again"
+    run_export(lora_run, out, dtype="fp32")
+    (out / "stale.txt").write_text("old")
+    run_export(lora_run, out, dtype="fp16", overwrite=True)
+    assert not (out / "stale.txt").exists()
+    assert _saved_dtype(out) == "float16"
+
+
+def _saved_dtype(model_dir) -> str:
+    conf = json.loads((model_dir / "config.json").read_text())
+    return conf.get("dtype") or conf.get("torch_dtype")  # transformers 5 / 4 spelling

@@ -1,0 +1,395 @@
+"""The OpenAI-compatible server: a real uvicorn server on 127.0.0.1 with a tiny LLaMA, driven by the
+official openai client and raw httpx. One server is shared by the module (see `server`)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from domaintune.generation import Engine, GenerationParams  # noqa: E402
+from domaintune.serve.app import ServeDefaults, StopScanner, create_app  # noqa: E402
+from domaintune.templates import Template  # noqa: E402
+
+KEY = "test-key-123"
+MODEL = "tiny"
+MAX_BODY = 64 * 1024
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_model_dir):
+    """The conftest's micro LLaMA: untied embeddings, so different prompts get different greedy answers."""
+    return tiny_model_dir("llama")
+
+
+class RecordingEngine(Engine):
+    """The real engine, remembering each stream's state (to observe when a generation stopped)."""
+
+    states: list
+
+    def stream(self, prompt, params, stop_event=None, state=None):
+        self.states.append(state)
+        return super().stream(prompt, params, stop_event=stop_event, state=state)
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir):
+    base = Engine.from_run(llama_dir, template="domain_zh")
+    eng = RecordingEngine(base.model, base.tokenizer, base.template, MODEL)
+    eng.states = []
+    return eng
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(app):
+    """Run `app` with uvicorn on 127.0.0.1 (a free port) in a background thread; yield its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    app = create_app(engine, api_key=KEY, max_body_bytes=MAX_BODY, defaults=ServeDefaults(temperature=0.7))
+    with running(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def solo(engine, messages, max_new):
+    """The engine's own greedy answer for one conversation, generated alone."""
+    ids = engine.encode_messages(messages)
+    return ids, engine.generate([ids], GenerationParams(max_new_tokens=max_new), batch_size=1)[0]
+
+
+def sse_events(resp) -> list[str]:
+    """The data payloads of a raw SSE response, in order (and a check of the framing)."""
+    body = resp.read().decode()
+    assert body.endswith("\n\n")
+    events = body[:-2].split("\n\n")
+    assert all(e.startswith("data: ") for e in events), body
+    return [e[len("data: "):] for e in events]
+
+
+MSGS = [{"role": "user", "content": "孩子不爱吃饭怎么办"}]
+
+
+# ---------------------------------------------------------------- answers
+
+def test_chat_streamed_equals_non_streamed_and_engine(client, engine):
+    ids, want = solo(engine, MSGS, 12)
+    assert want.finish_reason == "length"  # the random model does not stop within 12 tokens
+    r = client.chat.completions.create(model=MODEL, messages=MSGS, temperature=0, max_tokens=12)
+    assert r.object == "chat.completion" and r.model == MODEL
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want.text
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 12, len(ids) + 12)
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MSGS, temperature=0, max_tokens=12, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len(chunks) >= 4  # role, several deltas, finish: tokens arrive one by one
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_raw_stream_framing_usage_and_done(server, engine):
+    ids, want = solo(engine, MSGS, 5)
+    body = {"model": MODEL, "messages": MSGS, "temperature": 0, "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(resp)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 5, "total_tokens": len(ids) + 5}
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-2]["choices"][0]["delta"] == {}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:-1]) == want.text
+
+
+def test_finish_reason_stop_at_a_stop_token(engine, llama_dir):
+    """A template stop token ends the answer early: finish_reason 'stop', streamed and not."""
+    ids, long = solo(engine, MSGS, 12)
+    stop_tok = engine.tokenizer.convert_ids_to_tokens(long.token_ids[4])
+    k = long.token_ids.index(long.token_ids[4])
+    tpl = Template.from_dict({**engine.template.to_dict(), "stop": [stop_tok]})
+    eng = Engine(engine.model, engine.tokenizer, tpl, MODEL)
+    with running(create_app(eng)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = c.chat.completions.create(model=MODEL, messages=MSGS, temperature=0, max_tokens=12)
+        chunks = list(c.chat.completions.create(model=MODEL, messages=MSGS, temperature=0, max_tokens=12, stream=True))
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == engine.decode(long.token_ids[:k])
+    assert r.usage.completion_tokens == k
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+
+
+def test_stop_strings_cut_the_text(client, engine):
+    _, want = solo(engine, MSGS, 12)
+    stop = want.text[6:8]
+    cut = want.text.index(stop)
+    r = client.chat.completions.create(model=MODEL, messages=MSGS, temperature=0, max_tokens=12, stop=[stop])
+    assert r.choices[0].message.content == want.text[:cut]
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MSGS, temperature=0, max_tokens=12,
+                                                 stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text[:cut]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_stop_scanner_holds_back_partial_matches():
+    s = StopScanner(["END", "##"])
+    assert [s.feed(d) for d in ["ab", "cE", "N", "x#", "y", "E", "ND tail"]] == ["ab", "c", "", "ENx", "#y", "", ""]
+    assert s.hit and s.feed("more") == "" and s.flush() == ""
+    s = StopScanner(["END"])
+    assert (s.feed("aEN"), s.flush(), s.hit) == ("a", "EN", False)  # a partial match at the end is text after all
+    assert StopScanner([]).feed("x") == "x"
+
+
+def test_text_completions(client, engine):
+    prompt = "用户:睡前故事\n\n助手:"
+    ids = engine.tokenizer(prompt)["input_ids"]
+    want = engine.generate([ids], GenerationParams(max_new_tokens=7))[0]
+    r = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=7)
+    assert r.object == "text_completion"
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 7)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=7, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_models_and_health(server):
+    r = httpx.get(server + "/v1/models", headers=AUTH)
+    assert r.status_code == 200
+    assert [(m["id"], m["object"], m["owned_by"]) for m in r.json()["data"]] == [(MODEL, "model", "domaintune")]
+    assert httpx.get(server + "/health").json() == {"status": "ok", "model": MODEL, "auth": True}
+
+
+# ---------------------------------------------------------------- refusals
+
+def err(message, param=None, code=None, type_="invalid_request_error"):
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def test_missing_or_wrong_key_is_401(server):
+    body = {"model": MODEL, "messages": MSGS}
+    r = httpx.post(server + "/v1/chat/completions", json=body)
+    assert r.status_code == 401
+    assert r.json() == err("Missing API key: send the header 'Authorization: Bearer KEY'.", code="invalid_api_key")
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json() == err("Incorrect API key provided.", code="invalid_api_key")
+    assert httpx.get(server + "/v1/models").status_code == 401
+    assert httpx.get(server + "/health").status_code == 200  # open
+    page = httpx.get(server + "/")
+    assert page.status_code == 200 and 'id="apikey"' in page.text  # open, with a key field
+    bad = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=1)
+
+
+@pytest.mark.parametrize("body, status, expected", [
+    ({"model": MODEL, "messages": []}, 400, err("'messages' must contain at least one message.", "messages")),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400,
+     err("messages.0.role: Input should be 'system', 'user' or 'assistant'", "messages.0.role")),
+    ({"model": MODEL, "messages": MSGS, "max_tokens": 0}, 400, err("max_tokens must be at least 1, got 0.", "max_tokens")),
+    ({"model": MODEL, "messages": MSGS, "max_tokens": -5}, 400, err("max_tokens must be at least 1, got -5.", "max_tokens")),
+    ({"model": MODEL, "messages": MSGS, "max_tokens": 2040}, 400, lambda n: err(
+        f"This model's context is 2048 tokens; the prompt has {n} tokens and max_tokens asks for 2040 more.",
+        "max_tokens", "context_length_exceeded")),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "好" * 3000}]}, 400, lambda n: err(
+        f"This model's context is 2048 tokens; the prompt has {n} tokens.", "messages", "context_length_exceeded")),
+    ({"model": "gpt-4o", "messages": MSGS}, 404,
+     err("The model 'gpt-4o' does not exist: this server serves 'tiny' (see GET /v1/models).", "model", "model_not_found")),
+    ({"model": MODEL, "messages": MSGS, "max_completion_tokens": 0}, 400,
+     err("max_tokens must be at least 1, got 0.", "max_tokens")),
+    ({"model": MODEL, "messages": MSGS, "n": 2}, 400, err("Only n=1 is supported.", "n")),
+    ({"model": MODEL, "messages": MSGS + [{"role": "assistant", "content": "a"}]}, 400,
+     err("messages[1]: the last message must have role 'user'.", "messages.1.role")),
+    ({"model": MODEL, "messages": MSGS + [{"role": "system", "content": "s"}, *MSGS]}, 400,
+     err("messages[1]: a system message may only come first.", "messages.1.role")),
+    ({"model": MODEL, "messages": MSGS, "temperature": "hot"}, 400,
+     err("temperature: Input should be a valid number, unable to parse string as a number", "temperature")),
+    ({"messages": MSGS}, 400, err("model: Field required", "model")),
+])
+def test_invalid_requests(server, engine, body, status, expected):
+    if callable(expected):  # the message names the prompt's token count
+        n = len(engine.encode_messages(body["messages"]))
+        assert n + body.get("max_tokens", 0) > 2048
+        expected = expected(n)
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH)
+    assert r.status_code == status
+    assert r.json() == expected
+
+
+def test_invalid_json_and_oversized_bodies(server):
+    r = httpx.post(server + "/v1/chat/completions", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["message"].startswith("The request body is not valid JSON")
+    too_big = err(f"Request body too large: the limit is {MAX_BODY} bytes.", code="request_too_large")
+    big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * (MAX_BODY + 10)}]}).encode()
+    r = httpx.post(server + "/v1/chat/completions", content=big, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json() == too_big
+    # without a Content-Length (chunked upload) the guard counts while reading
+    r = httpx.post(server + "/v1/chat/completions", content=iter([big[:40000], big[40000:]]),
+                   headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json() == too_big
+
+
+def test_completions_refusals(server):
+    r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": ["a", "b"]}, headers=AUTH)
+    assert r.status_code == 400 and r.json() == err("Send exactly one prompt per request.", "prompt")
+    r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 0}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_health_is_503_until_the_engine_is_set(engine):
+    app = create_app(None, api_key=KEY)
+    with running(app) as url:
+        r = httpx.get(url + "/health")
+        assert (r.status_code, r.json()) == (503, {"status": "loading"})
+        r = httpx.get(url + "/v1/models", headers=AUTH)
+        assert r.status_code == 503
+        assert r.json() == err("The model is still loading; retry when GET /health returns 200.", code="model_loading",
+                               type_="server_error")
+        app.state.engine = engine
+        assert httpx.get(url + "/health").status_code == 200
+        assert httpx.get(url + "/v1/models", headers=AUTH).json()["data"][0]["id"] == MODEL
+
+
+# ---------------------------------------------------------------- concurrency and disconnects
+
+PROMPTS = ["你好", "How do I help my child sleep?", "孩子不爱吃饭怎么办", "What is a good bedtime?",
+           "怎样培养阅读习惯", "Tell me about homework", "孩子发脾气", "Screen time rules"]
+
+
+def test_concurrent_streams_get_their_own_answers(server, engine):
+    expected = {p: solo(engine, [{"role": "user", "content": p}], 10)[1].text for p in PROMPTS}
+    assert len(set(expected.values())) == len(PROMPTS)  # distinct answers: a crossed stream would show
+
+    def ask(p):
+        c = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        stream = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], temperature=0,
+                                           max_tokens=10, stream=True)
+        return "".join(ch.choices[0].delta.content or "" for ch in stream)
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = dict(zip(PROMPTS, pool.map(ask, PROMPTS)))
+    assert got == expected
+
+
+def _wait_idle(engine, timeout=15.0) -> float:
+    t0 = time.time()
+    while engine.lock.locked():
+        assert time.time() - t0 < timeout, "generation did not stop"
+        time.sleep(0.01)
+    return time.time() - t0
+
+
+def test_stream_disconnect_stops_generation(server, engine):
+    body = {"model": MODEL, "messages": MSGS, "temperature": 0, "max_tokens": 1500, "stream": True}
+    n_before = len(engine.states)
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server + "/v1/chat/completions", json=body, headers=AUTH) as resp:
+            lines = resp.iter_lines()
+            got = 0
+            for line in lines:
+                got += line.startswith("data: ")
+                if got >= 4:
+                    break
+            assert engine.lock.locked()  # generating
+    # leaving the blocks closed the connection
+    _wait_idle(engine)
+    state = engine.states[n_before]
+    assert 3 <= len(state.token_ids) < 300  # stopped soon after the client left, far from 1500
+
+
+def test_non_streamed_disconnect_stops_generation(server, engine):
+    body = {"model": MODEL, "messages": MSGS, "temperature": 0, "max_tokens": 1500}
+    n_before = len(engine.states)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH, timeout=1.0)
+    _wait_idle(engine)
+    state = engine.states[n_before]
+    assert len(state.token_ids) < 1500 and state.finish_reason == "stop"
+
+
+# ---------------------------------------------------------------- the CLI
+
+def test_cli_serve_loads_in_background_and_takes_key_from_env(llama_dir):
+    port = free_port()
+    env = {**os.environ, "DOMAINTUNE_API_KEY": "env-key", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "domaintune", "serve", str(llama_dir), "--template", "domain_zh",
+                             "--port", str(port), "--log-level", "info"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline, statuses = time.time() + 120, []
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "server never became ready"
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    break
+                assert r.json() == {"status": "loading"}
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        assert statuses[-1] == 200 and set(statuses) <= {200, 503}
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer env-key"})
+        assert r.json()["data"][0]["id"] == llama_dir.name
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in out
+
+
+def test_cli_serve_stops_with_the_load_error(tmp_path):
+    from domaintune.errors import UserError
+    from domaintune.serve import run_serve
+
+    with pytest.raises(UserError, match="has no weights"):
+        run_serve(tmp_path, port=free_port(), log_level="warning")
+    with pytest.raises(UserError, match="is not a directory"):
+        run_serve(tmp_path / "missing", port=free_port())

@@ -1,0 +1,160 @@
+"""The web chat page (GET /) in headless Chromium, driven over the Chrome DevTools protocol.
+
+Needs Debian's `chromium` (/usr/bin/chromium) and the `websockets` package; skips with the reason
+when either is missing."""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+from domaintune.generation import Engine, GenerationParams
+from domaintune.serve.app import create_app
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if not CHROMIUM:
+    pytest.skip("headless Chromium not installed (apt-get install -y chromium)", allow_module_level=True)
+ws_client = pytest.importorskip("websockets.sync.client", reason="the websockets package is needed to drive Chromium")
+uvicorn = pytest.importorskip("uvicorn")
+
+KEY = "web-key"
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_model_dir):
+    """The conftest's micro LLaMA: untied embeddings, so different prompts get different greedy answers."""
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir):
+    eng = Engine.from_run(llama_dir, template="domain_zh")
+    eng.model_id = "tiny"
+    return eng
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=KEY), host="127.0.0.1", port=port,
+                                        log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+class CDP:
+    """A minimal Chrome DevTools protocol session on one page target."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.next_id = 0
+
+    def call(self, method: str, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    def js(self, expression: str):
+        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"{expression}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60):
+        """Poll until `expression` is truthy (an exception, e.g. while the page still loads, counts as false)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = self.js(f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return false; }} }})()")
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for: {expression}")
+
+
+@contextlib.contextmanager
+def browser(url: str, tmp_path):
+    proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                             "--no-first-run", "--no-default-browser-check", f"--user-data-dir={tmp_path}",
+                             "--remote-debugging-port=0", url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        deadline = time.time() + 60
+        while port is None:
+            assert time.time() < deadline and proc.poll() is None, "chromium did not start"
+            m = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", proc.stderr.readline())
+            port = m and int(m.group(1))
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining its log
+        while True:
+            pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if t["type"] == "page"]
+            if pages and pages[0]["url"].startswith(url):
+                break
+            assert time.time() < deadline, "no page target"
+            time.sleep(0.1)
+        with ws_client.connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
+            cdp = CDP(ws)
+            cdp.wait_for("document.readyState === 'complete' && document.getElementById('send') !== null")
+            yield cdp
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_page_streams_a_reply_after_the_key_is_entered(server, engine, tmp_path):
+    question = "孩子不爱吃饭怎么办"
+    ids = engine.encode_messages([{"role": "user", "content": question}])
+    want = engine.generate([ids], GenerationParams(max_new_tokens=16))[0].text
+
+    with browser(server + "/", tmp_path) as page:
+        page.wait_for("!document.getElementById('send').disabled")  # /health said ready
+        assert "API key required" in page.js("document.getElementById('status').textContent")
+        send = ("(() => { const i = document.getElementById('input'); i.value = %s;"
+                " document.getElementById('form').requestSubmit(); return true; })()")
+        page.js("document.getElementById('temperature').value = '0'; document.getElementById('maxtokens').value = '16'")
+
+        # without the key: 401, shown as a notice asking for it
+        page.js(send % json.dumps(question))
+        notice = page.wait_for("(() => { const n = document.querySelector('.msg.notice'); return n && n.textContent; })()")
+        assert "needs an API key" in notice
+
+        # enter the key, ask again: the answer streams into the assistant bubble
+        page.js(f"const k = document.getElementById('apikey'); k.value = {json.dumps(KEY)};"
+                " k.dispatchEvent(new Event('change'));")
+        page.js("window.__lengths = []; new MutationObserver(() => { const b = document.querySelector('.msg.assistant');"
+                " if (b) window.__lengths.push(b.textContent.length); })"
+                ".observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true})")
+        page.js(send % json.dumps(question))
+        page.wait_for("(() => { const b = document.querySelector('.msg.assistant'); return b && b.dataset.done === '1'; })()")
+        bubble = page.js("document.querySelector('.msg.assistant').textContent")
+        finish = page.js("document.querySelector('.msg.assistant').dataset.finish")
+        lengths = page.js("window.__lengths")
+        assert page.js("localStorage.getItem('domaintune.apikey')") == KEY
+
+    assert bubble == want
+    assert finish == "length"
+    grown = sorted(set(x for x in lengths if 0 < x < len(want)))
+    assert len(grown) >= 3, lengths  # the text grew in steps while streaming, not all at once
