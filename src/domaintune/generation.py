@@ -67,8 +67,10 @@ class StreamState:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, template, model_id: str, context_len: int | None = None):
+    def __init__(self, model, tokenizer, template, model_id: str, context_len: int | None = None,
+                 default_system: str | None = None):
         self.model = model
+        self.default_system = default_system  # the run's data.system: training added it to rows without one
         self.tokenizer = tokenizer
         self.template = template
         self.model_id = model_id
@@ -94,6 +96,9 @@ class Engine:
             from .config import load_config
 
             cfg = load_config(run.config_path)
+        if base_only and cfg is None:
+            raise UserError(f"--base-only needs a training run directory (with config.yaml naming the base model); "
+                            f"'{run.path}' is a plain model directory")
         if not run.has_weights():
             raise UserError(f"'{run.path}' has no weights (adapter_model.safetensors + adapter_config.json, or "
                             "config.json + model*.safetensors). Did training finish? Checkpoints live in checkpoint-*/.")
@@ -129,11 +134,14 @@ class Engine:
         model.to(device)
         model.eval()
         name = run.path.resolve().name + ("-base" if base_only else "")
-        return cls(model, tok, tpl, name)
+        return cls(model, tok, tpl, name, default_system=cfg.data.system if cfg is not None else None)
 
     # ------------------------------------------------------------ prompts
     def encode_messages(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation ending with a user turn, plus the assistant prefix."""
+        """Token ids of a conversation ending with a user turn, plus the assistant prefix. The run's
+        `data.system` is added when the conversation has no system message, as training did."""
+        if self.default_system and not (messages and messages[0]["role"] == "system"):
+            messages = [{"role": "system", "content": self.default_system}] + list(messages)
         ids, _ = self.template.encode(self.tokenizer, messages, add_generation_prompt=True)
         return ids
 

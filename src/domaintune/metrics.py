@@ -263,9 +263,17 @@ def _handle_eval(args: argparse.Namespace) -> int:
             return 0
     if args.predictions is None:
         raise UserError("give a predictions file (domaintune eval RUN/predictions.jsonl) or --compare A B")
-    # Model-based numbers (loss, perplexity from a run directory) are to be computed by the caller and
-    # passed through `extra`; a future `--run RUN` option plugs in here.
     extra: dict | None = None
+    if args.run:  # the model's teacher-forced loss on the test targets, next to the text scores
+        if not args.data:
+            raise UserError("--run RUN needs --data TEST: the test file the predictions were made from")
+        from domaintune.predict import run_test_loss
+
+        read_predictions(Path(args.predictions))  # a bad predictions file fails before a model is loaded
+        loss = run_test_loss(Path(args.run), Path(args.data))
+        extra = {"loss": loss["loss"], "perplexity": loss["perplexity"]}
+    elif args.data:
+        raise UserError("--data is used with --run RUN (loss and perplexity of RUN's model on the test file)")
     metrics = run_eval(Path(args.predictions), out_dir=Path(args.out_dir) if args.out_dir else None, extra=extra)
     print(format_metrics(metrics))
     return 0
@@ -283,4 +291,8 @@ def add_parser(sub) -> None:
     p.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"),
                    help="compare two predictions files, e.g. base vs fine-tuned; writes compare.md "
                         "(default: %(default)s)")
+    p.add_argument("--run", default=None, metavar="RUN",
+                   help="also compute RUN's loss and perplexity on the targets of --data (default: %(default)s)")
+    p.add_argument("--data", default=None, metavar="TEST",
+                   help="the test file the predictions came from, used with --run (default: %(default)s)")
     p.set_defaults(func=_handle_eval)

@@ -99,11 +99,19 @@ class RunDir:
 
 
 def read_jsonl_tolerant(path: Path) -> list[dict]:
-    """Read a JSONL file we wrote ourselves; a torn final line (killed writer) is dropped."""
+    """Read a JSONL file we wrote ourselves; a torn final line (killed writer) is dropped.
+
+    A file that does not end with a newline had its last write cut short: that tail is ignored, even
+    when it stops inside a multi-byte character.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return []
+    raw = p.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[: raw.rfind(b"\n") + 1]
     rows: list[dict] = []
-    if not Path(path).is_file():
-        return rows
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = raw.decode("utf-8").splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue

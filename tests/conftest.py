@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny offline models and a short training run, each built once per test session.
+
+Fixture names are stable; other test files rely on them.
+
+- ``sample_data`` (session): Path of the bundled sample data folder ``examples/data`` (train.jsonl,
+  test.jsonl, chat.jsonl, seeds.jsonl).
+- ``tiny_model_dir`` (session): a factory, ``tiny_model_dir(arch="qwen2") -> Path``, returning the folder of a
+  micro (~0.2M parameters) randomly initialised model + tokenizer of family ``arch`` ("qwen2", "llama" or
+  "bloom"), built by ``domaintune.tiny.make_tiny_model(..., size="micro", seed=0)`` on the first request
+  and reused afterwards. Treat it as read-only. Requesting it also sets ``torch.set_num_threads(1)`` for
+  the session (tiny matrices gain nothing from threads; a subprocess should get ``OMP_NUM_THREADS=1``).
+- ``tiny_train_config`` (session): a factory, ``tiny_train_config(output_dir, arch="qwen2", *overrides) ->
+  Config``, the config ``tiny_run`` uses (LoRA r=8, 4 steps of batch 4 on examples/data/train.jsonl,
+  cutoff_len 512, 4 validation rows, an eval and a checkpoint at step 4), with dotted overrides applied
+  (e.g. ``"train.max_steps=2"``, ``"lora.enabled=false"``). Pass it to ``domaintune.train.run_train``.
+- ``tiny_run`` (session): Path of a finished LoRA run directory on the micro qwen2 model (the config
+  above). Read-only, shared by every test: write into a copy (``tiny_run_copy``) or pass ``out=`` paths
+  outside it.
+- ``tiny_run_copy`` (function): a fresh copy of ``tiny_run`` in the test's tmp_path, free to modify.
+
+The micro models' outputs are nonsense (random weights): tests compare exact values between code paths,
+never quality.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO / "examples" / "data"
+
+TINY_TRAIN = {
+    "lora": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+    "data": {"path": str(SAMPLE_DATA / "train.jsonl"), "template": "domain_zh", "cutoff_len": 512, "val_size": 4},
+    # A high learning rate so 4 steps move the adapter far enough that its outputs differ from the base model's.
+    "train": {"max_steps": 4, "batch_size": 4, "per_device_batch_size": 4, "learning_rate": 0.05, "warmup_ratio": 0.0,
+              "logging_steps": 1, "eval_steps": 4, "save_steps": 4, "seed": 42},
+}
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    return SAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    import torch
+
+    from domaintune.tiny import make_tiny_model
+
+    # The micro models' matrices are too small to gain from threads; on a busy 2-core machine the default
+    # thread pool made generation about 10x slower.
+    torch.set_num_threads(1)
+    built: dict[str, Path] = {}
+
+    def get(arch: str = "qwen2") -> Path:
+        if arch not in built:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}")
+            built[arch] = make_tiny_model(out, arch, "micro", corpus=sorted(SAMPLE_DATA.glob("*.jsonl")), seed=0)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config(tiny_model_dir):
+    from domaintune.config import apply_overrides, build_config
+
+    def make(output_dir, arch: str = "qwen2", *overrides: str):
+        raw = {"model": {"name_or_path": str(tiny_model_dir(arch))}, **TINY_TRAIN,
+               "train": {**TINY_TRAIN["train"], "output_dir": str(output_dir)}}
+        raw = apply_overrides(raw, list(overrides))
+        return build_config(raw, "tiny_train_config")
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_train_config, tmp_path_factory) -> Path:
+    from domaintune.train import run_train
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    return Path(run_train(tiny_train_config(out)))
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_run, tmp_path / tiny_run.name))
