@@ -34,9 +34,17 @@ def list_checkpoints(out: Path) -> list[Path]:
     cps = []
     for d in Path(out).glob(f"{CHECKPOINT_PREFIX}*"):
         tail = d.name[len(CHECKPOINT_PREFIX):]
-        if d.is_dir() and tail.isdigit() and (d / "trainer_state.json").is_file():
+        if d.is_dir() and tail.isdigit() and _state_written(d):
             cps.append((int(tail), d))
     return [d for _, d in sorted(cps)]
+
+
+def _state_written(ckpt: Path) -> bool:
+    """The Trainer writes trainer_state.json last, but not atomically: a kill mid-write leaves it empty or torn."""
+    try:
+        return "global_step" in json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -139,18 +147,18 @@ class _ListDataset:
 
 def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
     """Train as configured; returns the run directory."""
-    import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
-
     from . import model as loader
-    from .data import build_datasets
-    from .templates import get_template
 
     rank, world_size = world()
     is_main = rank == 0
     out = Path(cfg.train.output_dir)
     run = RunDir(out)
     ckpt = _prepare_output_dir(out, resume, overwrite, is_main)
+    # A missing model fails here, in about a second, not after the seconds torch + transformers take to import.
+    loader.check_model_source(cfg.model.name_or_path, ("config.json", "tokenizer_config.json", "tokenizer.json"))
+
+    from .data import build_datasets
+    from .templates import get_template
 
     tok = loader.load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
     template = get_template(cfg.data.template, tok)
@@ -158,10 +166,16 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
     if is_main:
         print("\n".join(data.report.summary_lines()), flush=True)
 
+    # Imported only once the data is valid: bad data stops before the slow Trainer import and any model load.
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
     device = loader.resolve_device()
     dtype = loader.resolve_dtype(cfg.model.dtype, device)
     load_dtype = torch.float32 if (dtype == torch.float16 and not cfg.lora.enabled) else dtype
     base = loader.load_base_model(cfg.model, device=device, dtype=load_dtype)
+    # LoRA draws its new weights here, before the Trainer seeds anything: seed now, or two runs of one config differ.
+    set_seed(cfg.train.seed)
     model = loader.prepare_for_training(base, cfg.lora, cfg.model.quantization, cfg.train.gradient_checkpointing)
     if is_main:
         trainable, total = loader.count_parameters(model)
@@ -198,6 +212,9 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=t.dataloader_num_workers,
+        # Without use_cpu, transformers (5.x) leaves a CPU torchrun in ParallelMode.NOT_PARALLEL: no DDP, no
+        # gradient sync, per-process token counts.
+        use_cpu=device == "cpu",
         ddp_backend=None if device == "cuda" else ("gloo" if world_size > 1 else None),
         ddp_find_unused_parameters=False if world_size > 1 else None,
         remove_unused_columns=False,
@@ -218,6 +235,9 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
     trainer.save_model(str(out))  # every rank calls it (needed for sharded setups); rank 0 writes
 
     if trainer.is_world_process_zero():
+        # save_model also pickles TrainingArguments (training_args.bin); the run directory holds no pickles,
+        # config.yaml is the resolved config. Checkpoints keep theirs (the Trainer's own format).
+        (out / "training_args.bin").unlink(missing_ok=True)
         _write_run_files(cfg, run, tok, template, base, data.report, trainer, result, eval_metrics, runtime, world_size)
         refresh_plot(run)
         print(f"run directory: {out}", flush=True)
