@@ -442,3 +442,32 @@ def test_unknown_lora_target_is_a_user_error(models, data12, tmp_path):
     assert str(e.value).startswith("lora.target_modules ['query_key_value']: ")
     assert str(e.value).endswith("Linear modules of this model: "
                                  "['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj']")
+
+
+def test_missing_tracker_is_reported_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    from domaintune.train import _check_trackers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb",) else real(name, *a))
+    with pytest.raises(UserError, match=r"train.report_to: wandb is not installed. Run `pip install 'wandb'`"):
+        _check_trackers(["wandb"])
+    with pytest.raises(UserError, match="unknown tracker 'tensorbord'"):
+        _check_trackers(["tensorbord"])
+    _check_trackers(["none"])  # nothing to check
+
+
+def test_saved_config_records_a_local_base_model_as_absolute(tmp_path, monkeypatch):
+    """Later verbs run from other folders must still find the base model (regression: a relative
+    runs/tiny-model in config.yaml broke `chat /abs/path/to/run` from elsewhere)."""
+    from domaintune.config import load_config
+    from domaintune.train import saved_config
+
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["model.name_or_path=models/base"])
+    assert saved_config(cfg).model.name_or_path == str((tmp_path / "models" / "base").resolve())
+    assert saved_config(cfg).train == cfg.train
+    hub = load_config(None, ["model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct"])
+    assert saved_config(hub).model.name_or_path == "Qwen/Qwen2.5-0.5B-Instruct"

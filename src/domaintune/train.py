@@ -153,6 +153,7 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
     is_main = rank == 0
     out = Path(cfg.train.output_dir)
     run = RunDir(out)
+    _check_trackers(cfg.train.report_to)
     ckpt = _prepare_output_dir(out, resume, overwrite, is_main)
     # A missing model fails here, in about a second, not after the seconds torch + transformers take to import.
     loader.check_model_source(cfg.model.name_or_path, ("config.json", "tokenizer_config.json", "tokenizer.json"))
@@ -212,6 +213,7 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=device == "cuda",
         # Without use_cpu, transformers (5.x) leaves a CPU torchrun in ParallelMode.NOT_PARALLEL: no DDP, no
         # gradient sync, per-process token counts.
         use_cpu=device == "cpu",
@@ -244,6 +246,36 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
     return out
 
 
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "trackio": ("trackio",), "comet_ml": ("comet_ml",)}
+
+
+def _check_trackers(report_to: list[str]) -> None:
+    """A tracker named in train.report_to must be installed: say so before any work, not after loading."""
+    import importlib.util
+
+    for name in report_to:
+        if name in ("none", "all"):
+            continue
+        mods = TRACKERS.get(name)
+        if mods is None:
+            raise UserError(f"train.report_to: unknown tracker '{name}'; use none, {', '.join(TRACKERS)}")
+        if not any(importlib.util.find_spec(m) for m in mods):
+            extra = "domaintune[tensorboard]" if name == "tensorboard" else mods[0]
+            raise UserError(f"train.report_to: {name} is not installed. Run `pip install '{extra}'`, "
+                            "or set train.report_to: [none]")
+
+
+def saved_config(cfg):
+    """The config as the run directory records it: a local base-model path becomes absolute, so later
+    verbs (predict, chat, serve, export) find the base model from any working directory."""
+    local = Path(cfg.model.name_or_path).expanduser()
+    if not local.is_dir():
+        return cfg
+    model = cfg.model.model_copy(update={"name_or_path": str(local.resolve())})
+    return cfg.model_copy(update={"model": model})
+
+
 def _step_of(ckpt: Path | None) -> int:
     return int(ckpt.name[len(CHECKPOINT_PREFIX):]) if ckpt else 0
 
@@ -255,7 +287,7 @@ def _write_run_files(cfg, run, tok, template, base, report, trainer, result, eva
 
     tok.save_pretrained(run.path)
     template.save(run.template_path)
-    run.config_path.write_text(cfg.to_yaml(), encoding="utf-8")
+    run.config_path.write_text(saved_config(cfg).to_yaml(), encoding="utf-8")
     gen = getattr(base, "generation_config", None) or GenerationConfig()
     gen = GenerationConfig(**{k: v for k, v in gen.to_dict().items() if not k.startswith("_") and k != "transformers_version"})
     stop = template.stop_token_ids(tok)
