@@ -163,7 +163,7 @@ def test_wrong_api_key_exits_2_without_train_file(server, tmp_path):
 
 def test_gen_data_against_served_tiny_model_then_train(server, tmp_path, tiny_train_config):
     from domaintune.data import load_examples
-    from domaintune.rundir import read_jsonl_tolerant
+    from domaintune.jsonl import read_jsonl
     from domaintune.train import run_train
 
     out = tmp_path / "gen"
@@ -227,7 +227,7 @@ def test_gen_data_against_served_tiny_model_then_train(server, tmp_path, tiny_tr
     run = Path(run_train(cfg))
     assert (run / "adapter_config.json").is_file()
     assert (run / "adapter_model.safetensors").stat().st_size > 0
-    steps = [rec for rec in read_jsonl_tolerant(run / "log.jsonl") if "loss" in rec]
+    steps = [rec for rec in read_jsonl(run / "log.jsonl") if "loss" in rec]
     assert [rec["step"] for rec in steps] == [1, 2]
     info = json.loads((run / "run_info.json").read_text(encoding="utf-8"))
     assert (info["data"]["train_rows"], info["data"]["eval_rows"]) == (N, 0)

@@ -238,7 +238,7 @@ class DataReport:
         tl = self.token_lengths()
         return [
             f"data: {self.path}: {self.rows} rows -> train {self.train_rows}, validation {self.eval_rows}",
-            f"tokens per sample: " + ", ".join(f"{k} {v}" for k, v in tl.items()),
+            "tokens per sample: " + ", ".join(f"{k} {v}" for k, v in tl.items()),
             f"over cutoff_len: {self.overlength} (policy {self.overlength_policy}: truncated {self.truncated}, "
             f"dropped {self.dropped_overlength}); dropped with nothing to train on: {self.dropped_no_target}",
         ]

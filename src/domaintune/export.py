@@ -28,7 +28,6 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 def run_export(run: str | Path, out: str | Path, dtype: str = "auto", max_shard_size: str = "2GB",
                overwrite: bool = False, template: str | None = None) -> Path:
     """Merge/copy the run's weights into `out` with tokenizer, chat template, generation config and card."""
-    import torch
     from transformers import GenerationConfig
 
     from . import model as loader

@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 from domaintune import rundir
+from domaintune.jsonl import read_jsonl
 from domaintune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def plot_records(records: list[dict], out: Path, title: str | None = None) -> Pa
 
 def _read_log(path: Path) -> list[dict]:
     try:
-        return rundir.read_jsonl_tolerant(path)
+        return read_jsonl(path)
     except json.JSONDecodeError as e:
         lines = path.read_text(encoding="utf-8").splitlines()
         bad = next((i for i, line in enumerate(lines, 1) if line.strip() and not _parses(line)), "?")

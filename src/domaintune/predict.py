@@ -29,10 +29,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from .errors import UserError
+from .jsonl import JsonlAppender, read_jsonl, repair_tail, write_atomic, write_jsonl_atomic
 from .rundir import PREDICTIONS, RunDir
 
 BASE_PREDICTIONS = "predictions.base.jsonl"
@@ -145,25 +145,13 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 def _read_rows(path: Path) -> list[dict]:
     """Rows already written, in file order. A torn last line (the writer was killed mid-line) is cut off the file."""
-    raw = path.read_bytes()
-    end = raw.rfind(b"\n") + 1
-    if end < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
+    if repair_tail(path):
         print(f"{path}: removed an incomplete last line left by an interrupted run")
-    rows = []
-    for n, line in enumerate(raw[:end].decode("utf-8", errors="replace").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {n}: not valid JSON ({e.msg}); delete the line or pass --overwrite to start afresh") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("id"), int):
-            raise UserError(f'{path} line {n}: not a predictions row (no integer "id"); pass --overwrite to start afresh')
-        rows.append(obj)
+    hint = "delete the line or pass --overwrite to start afresh"
+    rows = read_jsonl(path, fix_hint=hint)
+    for n, obj in enumerate(rows, 1):
+        if not isinstance(obj.get("id"), int):
+            raise UserError(f'{path} row {n}: not a predictions row (no integer "id"); pass --overwrite to start afresh')
     return rows
 
 
@@ -193,15 +181,6 @@ def _prepare_output(out: Path, meta: dict, overwrite: bool) -> set[int]:
 def _write_meta(out: Path, meta: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     RunDir(out.parent).write_json(out.name + META_SUFFIX, meta)
-
-
-def _write_rows_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _paths(run: RunDir, out: str | Path | None, base_only: bool, fmt: str) -> tuple[Path, Path | None]:
@@ -276,9 +255,7 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
     print(f"wrote {jsonl} ({len(rows)} rows)")
     if array_path is not None:
         array = [{"input": r["input"], "predict": r["predict"], "target": r["target"]} for r in rows]
-        tmp = array_path.with_name(array_path.name + ".tmp")
-        tmp.write_text(json.dumps(array, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, array_path)
+        write_atomic(array_path, json.dumps(array, ensure_ascii=False, indent=2) + "\n")
         print(f"wrote {array_path}")
     if evaluate:
         _evaluate(engine, run, jsonl, examples, base_only, has_targets, batch_size)
@@ -303,16 +280,16 @@ def _generate_into(engine, run: RunDir, todo, jsonl: Path, meta: dict, params, b
     _write_meta(jsonl, meta)
     bar = tqdm(total=total, initial=already, desc="predict", unit="row")
     written = 0
-    with open(jsonl, "a", encoding="utf-8") as f:
+    batch: list[dict] = []
+    with JsonlAppender(jsonl) as f:
         for k, gen in engine.generate_iter(prompts, params, batch_size):
-            row = {"id": todo[k].index, "input": engine.tokenizer.decode(prompts[k]), "target": targets[k],
-                   "predict": gen.text, "num_tokens": gen.completion_tokens, "time": round(gen.seconds, 4)}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")  # one write per line: a kill tears at most the last
+            batch.append({"id": todo[k].index, "input": engine.tokenizer.decode(prompts[k]), "target": targets[k],
+                          "predict": gen.text, "num_tokens": gen.completion_tokens, "time": round(gen.seconds, 4)})
             written += 1
             bar.update(1)
-            if written % batch_size == 0 or written == len(todo):  # the end of a batch
-                f.flush()
-                os.fsync(f.fileno())
+            if len(batch) == batch_size or written == len(todo):  # the end of a batch: write and fsync it
+                f.write_many(batch)
+                batch = []
     bar.close()
 
 
@@ -325,7 +302,7 @@ def _finish_file(jsonl: Path, examples) -> list[dict]:
         raise UserError(f"{jsonl}: rows missing after prediction ({', '.join(missing[:5])}); rerun the command to complete it")
     ordered = [rows[i] for i in sorted(rows)]
     if [r["id"] for r in on_disk] != [r["id"] for r in ordered]:
-        _write_rows_atomic(jsonl, ordered)
+        write_jsonl_atomic(jsonl, ordered)
     return ordered
 
 

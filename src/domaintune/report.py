@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from domaintune import rundir
+from domaintune.jsonl import read_jsonl
 from domaintune.errors import UserError
 
 # Config values shown in the summary, as (label, candidate dotted keys in config.yaml, run_info.json key).
@@ -182,7 +183,7 @@ def _examples_section(run: rundir.RunDir, k: int = 3) -> list[str]:
         return lines + [f"no per-sample scores yet: run `domaintune eval {pred_path}`"]
     try:
         preds = {r["id"]: r for r in read_predictions(pred_path)}
-        scores = rundir.read_jsonl_tolerant(per_path)
+        scores = read_jsonl(per_path)
     except (UserError, json.JSONDecodeError) as e:
         return lines + [f"examples unavailable: {e}"]
     joined = [(s, preds[s["id"]]) for s in scores if s.get("id") in preds and "rouge-l" in s]

@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .jsonl import read_jsonl, write_atomic
+
 CONFIG = "config.yaml"
 TEMPLATE = "template.json"
 LOG = "log.jsonl"
@@ -85,40 +87,12 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> Path:
         """Write atomically (temp file + rename) so a reader never sees half a file."""
         target = self.path / name
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
+        write_atomic(target, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
         return target
 
     def read_log(self) -> list[dict]:
         """All records of log.jsonl (a torn last line, from a kill mid-write, is ignored)."""
-        return read_jsonl_tolerant(self.log_path)
+        return read_jsonl(self.log_path)
 
     def run_info(self) -> dict:
         return self.read_json(RUN_INFO) if self.run_info_path.is_file() else {}
-
-
-def read_jsonl_tolerant(path: Path) -> list[dict]:
-    """Read a JSONL file we wrote ourselves; a torn final line (killed writer) is dropped.
-
-    A file that does not end with a newline had its last write cut short: that tail is ignored, even
-    when it stops inside a multi-byte character.
-    """
-    p = Path(path)
-    if not p.is_file():
-        return []
-    raw = p.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        raw = raw[: raw.rfind(b"\n") + 1]
-    rows: list[dict] = []
-    lines = raw.decode("utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise
-    return rows

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UserError
-from .rundir import CHECKPOINT_PREFIX, RunDir, read_jsonl_tolerant
+from .jsonl import read_jsonl, write_jsonl_atomic
+from .rundir import CHECKPOINT_PREFIX, RunDir
 
 
 def world() -> tuple[int, int]:
@@ -91,10 +92,9 @@ def _make_callbacks(run: RunDir, resume_step: int):
             if not state.is_world_process_zero:
                 return
             run.path.mkdir(parents=True, exist_ok=True)
-            kept = [r for r in read_jsonl_tolerant(run.log_path) if r.get("step", 0) <= resume_step] if resume_step else []
+            kept = [r for r in read_jsonl(run.log_path) if r.get("step", 0) <= resume_step] if resume_step else []
             self.offset = max((r.get("time", 0.0) for r in kept), default=0.0)
-            with open(run.log_path, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+            write_jsonl_atomic(run.log_path, kept)
             self.t0 = time.time()
 
         def on_log(self, args, state, control, logs=None, **kw):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .config import Persona, SelfInstructConfig
 from .inputs import render
-from .store import IDENTITY, IDENTITY_MESSAGES, to_messages, write_jsonl_atomic
+from ..jsonl import write_jsonl_atomic
+from .store import IDENTITY, IDENTITY_MESSAGES, to_messages
 
 
 def _assistant(language: str, domain: str) -> str:

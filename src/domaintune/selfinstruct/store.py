@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..jsonl import JsonlAppender, read_jsonl, repair_tail, write_atomic, write_jsonl_atomic
 
 QUESTIONS = "questions.jsonl"
 ANSWERS = "answers.jsonl"
@@ -33,78 +34,10 @@ IDENTITY = "identity.jsonl"
 IDENTITY_MESSAGES = "identity.messages.jsonl"
 
 
-def repair_tail(path: Path) -> None:
-    """Make `path` end with a complete line: keep a whole last record lacking its newline, cut a torn one."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    cut = data.rfind(b"\n") + 1
-    try:
-        json.loads(data[cut:].decode("utf-8"))
-        complete = True
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        complete = False
-    with open(path, "r+b") as f:
-        if complete:
-            f.seek(0, os.SEEK_END)
-            f.write(b"\n")
-        else:
-            f.truncate(cut)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def read_records(path: Path) -> list[dict]:
     """All records of a JSONL file written by this module (call repair_tail first)."""
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno}: not valid JSON ({e.msg}); this file is written by "
-                                f"gen-data: delete that line (or the output directory) and run again") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path} line {lineno}: expected a JSON object; delete that line and run again")
-            rows.append(obj)
-    return rows
-
-
-class JsonlAppender:
-    """Append one JSON object per line; each record is flushed and fsynced before `write` returns."""
-
-    def __init__(self, path: Path):
-        repair_tail(path)
-        self.path = path
-        self._f = open(path, "a", encoding="utf-8")
-
-    def write(self, obj: dict) -> None:
-        self._f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return read_jsonl(path, fix_hint="this file is written by gen-data: delete that line (or the output "
+                                     "directory) and run again")
 
 
 def to_messages(row: dict) -> dict:
