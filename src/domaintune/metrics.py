@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from domaintune import rundir
 from domaintune.errors import UserError
+from domaintune.jsonl import write_atomic
 
 SCORE_KEYS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "exact_match")
 SUMMARY_KEYS = ("num_samples", "bleu-4", "corpus_bleu", "rouge-1", "rouge-2", "rouge-l", "exact_match",
@@ -143,25 +143,10 @@ def read_predictions(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"predictions file '{path}' not found: run `domaintune predict RUN --data test.jsonl` first")
-    text = path.read_text(encoding="utf-8")
-    items: list[tuple[int, Any]] = []  # (line number or array index, object)
-    if text.lstrip().startswith("["):
-        try:
-            arr = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); fix or regenerate the file") from None
-        items = [(i, obj) for i, obj in enumerate(arr)]
-        where = "item"
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno}: not valid JSON ({e.msg}); "
-                                "fix the line or regenerate the file with `domaintune predict`") from None
-        where = "line"
+    from .data import read_records  # JSON lines or a JSON array; BOM, CRLF, bad UTF-8 and bad JSON named by line
+
+    items = read_records(path)
+    where = "line"
     rows = []
     for index, (pos, obj) in enumerate(items):
         if not isinstance(obj, dict):
@@ -174,12 +159,6 @@ def read_predictions(path: Path) -> list[dict]:
                 raise UserError(f"{path} {where} {pos}: field \"{field}\" is {got}")
         rows.append(row)
     return rows
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # a reader never sees half a file
 
 
 def run_eval(predictions: Path, out_dir: Path | None = None, extra: dict | None = None) -> dict:
@@ -198,7 +177,7 @@ def run_eval(predictions: Path, out_dir: Path | None = None, extra: dict | None 
     out.mkdir(parents=True, exist_ok=True)
     rundir.RunDir(out).write_json(rundir.METRICS, metrics)
     lines = [json.dumps({"id": r["id"], **s}, ensure_ascii=False) for r, s in zip(rows, per_sample)]
-    _write_text_atomic(out / rundir.METRICS_PER_SAMPLE, "\n".join(lines) + "\n")
+    write_atomic(out / rundir.METRICS_PER_SAMPLE, "\n".join(lines) + "\n")
     return metrics
 
 
@@ -243,7 +222,7 @@ def run_compare(a: Path, b: Path, out: Path | None = None, examples: int = 3) ->
                       "", "**A**", "", md_block(ra["predict"]), "", "**B**", "", md_block(rb["predict"])]
     out = Path(out) if out is not None else b.parent / "compare.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(out, "\n".join(lines) + "\n")
+    write_atomic(out, "\n".join(lines) + "\n")
     return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from domaintune import rundir
-from domaintune.jsonl import read_jsonl
+from domaintune.jsonl import read_jsonl, write_atomic
 from domaintune.errors import UserError
 
 # Config values shown in the summary, as (label, candidate dotted keys in config.yaml, run_info.json key).
@@ -224,9 +224,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
                     _plot_section(run, out), _metrics_section(run), _examples_section(run)):
         lines += [""] + section
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_atomic(out, "\n".join(lines) + "\n")
     return out
 
 
