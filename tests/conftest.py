@@ -17,6 +17,8 @@ Fixture names are stable; other test files rely on them.
   above). Read-only, shared by every test: write into a copy (``tiny_run_copy``) or pass ``out=`` paths
   outside it.
 - ``tiny_run_copy`` (function): a fresh copy of ``tiny_run`` in the test's tmp_path, free to modify.
+- ``qwen_tok``, ``llama_tok``, ``bloom_tok`` (session): the tiny tokenizers alone (trained on the sample data,
+  about a second each, no model), for template and data tests. Treat them as read-only.
 
 The micro models' outputs are nonsense (random weights): tests compare exact values between code paths,
 never quality.
@@ -89,3 +91,31 @@ def tiny_run(tiny_train_config, tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_run_copy(tiny_run, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_run, tmp_path / tiny_run.name))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus() -> list[str]:
+    from domaintune.tiny import corpus_texts, default_corpus
+
+    return corpus_texts(default_corpus())
+
+
+@pytest.fixture(scope="session")
+def qwen_tok(tiny_corpus):
+    from domaintune.tiny import train_tokenizer
+
+    return train_tokenizer(tiny_corpus, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def llama_tok(tiny_corpus):
+    from domaintune.tiny import train_tokenizer
+
+    return train_tokenizer(tiny_corpus, "llama")
+
+
+@pytest.fixture(scope="session")
+def bloom_tok(tiny_corpus):
+    from domaintune.tiny import train_tokenizer
+
+    return train_tokenizer(tiny_corpus, "bloom")

@@ -24,22 +24,7 @@ from domaintune.data import (
 )
 from domaintune.errors import UserError
 from domaintune.templates import get_template
-from domaintune.tiny import corpus_texts, default_corpus, make_tiny_model, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return corpus_texts(default_corpus())
-
-
-@pytest.fixture(scope="module")
-def qwen_tok(corpus):
-    return train_tokenizer(corpus, "qwen2")
-
-
-@pytest.fixture(scope="module")
-def llama_tok(corpus):
-    return train_tokenizer(corpus, "llama")
+from domaintune.tiny import make_tiny_model
 
 
 def data_cfg(**kw):

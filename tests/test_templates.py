@@ -9,27 +9,7 @@ import pytest
 from domaintune.data import parse_example
 from domaintune.errors import UserError
 from domaintune.templates import BUILTIN, Template, get_template
-from domaintune.tiny import CHATML_JINJA, corpus_texts, default_corpus, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return corpus_texts(default_corpus())
-
-
-@pytest.fixture(scope="module")
-def qwen_tok(corpus):
-    return train_tokenizer(corpus, "qwen2")
-
-
-@pytest.fixture(scope="module")
-def llama_tok(corpus):
-    return train_tokenizer(corpus, "llama")
-
-
-@pytest.fixture(scope="module")
-def bloom_tok(corpus):
-    return train_tokenizer(corpus, "bloom")
+from domaintune.tiny import CHATML_JINJA, train_tokenizer
 
 
 @pytest.fixture(params=["bloom", "qwen2", "llama"])
