@@ -1,7 +1,7 @@
 """The web chat page (GET /) in headless Chromium, driven over the Chrome DevTools protocol.
 
 Needs Debian's `chromium` (/usr/bin/chromium) and the `websockets` package; skips with the reason
-when either is missing."""
+when either is missing, except under CI (CI=true), where .ci/run installs Chromium and a missing one fails."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +13,8 @@ import subprocess
 import threading
 import time
 
+import os
+
 import httpx
 import pytest
 
@@ -20,6 +22,8 @@ from domaintune.generation import Engine, GenerationParams
 from domaintune.serve.app import create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if not CHROMIUM and os.environ.get("CI") == "true":
+    pytest.fail("CI=true but headless Chromium is missing: .ci/run should have installed it", pytrace=False)
 if not CHROMIUM:
     pytest.skip("headless Chromium not installed (apt-get install -y chromium)", allow_module_level=True)
 ws_client = pytest.importorskip("websockets.sync.client", reason="the websockets package is needed to drive Chromium")
