@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed-stamp
 
 venv: $(STAMP)
 
-# torch is installed first, pinned to the CPU wheel, only where no torch is present: a bare
-# requirement would pull a multi-GB CUDA build. The package itself declares only torch>=2.1.
+# torch is installed first, pinned, only where no torch is present: on this project's machines
+# torch==2.13.0 resolves to a CPU wheel kept on local disk, while a bare requirement would pull a
+# multi-GB CUDA build. (Elsewhere pip takes PyPI's default build; on a GPU machine install your CUDA
+# torch first and this step is skipped.) The package itself declares only torch>=2.1.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

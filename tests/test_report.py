@@ -168,3 +168,11 @@ def test_cli_report(tmp_path, capsys):
     args = parser.parse_args(["report", str(run)])
     assert args.func(args) == 0
     assert capsys.readouterr().out.strip() == f"wrote {run / 'report.md'}"
+
+
+def test_a_bad_log_line_is_named_and_the_report_still_written(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\nbad\n{"step": 2, "loss": 1.0}\n', encoding="utf-8")
+    md = report.run_report(run).read_text(encoding="utf-8")
+    assert f"no plot: {run / 'log.jsonl'} line 2: not valid JSON (Expecting value); fix or delete that line" in md

@@ -186,20 +186,7 @@ def plot_records(records: list[dict], out: Path, title: str | None = None) -> Pa
 
 
 def _read_log(path: Path) -> list[dict]:
-    try:
-        return read_jsonl(path)
-    except json.JSONDecodeError as e:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        bad = next((i for i, line in enumerate(lines, 1) if line.strip() and not _parses(line)), "?")
-        raise UserError(f"{path} line {bad}: not valid JSON ({e.msg}); fix or delete that line") from None
-
-
-def _parses(line: str) -> bool:
-    try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:
-        return False
+    return read_jsonl(path, fix_hint="fix or delete that line")  # a bad line raises UserError naming it
 
 
 def _read_trainer_state(path: Path) -> list[dict]:

@@ -184,7 +184,7 @@ def _examples_section(run: rundir.RunDir, k: int = 3) -> list[str]:
     try:
         preds = {r["id"]: r for r in read_predictions(pred_path)}
         scores = read_jsonl(per_path)
-    except (UserError, json.JSONDecodeError) as e:
+    except UserError as e:
         return lines + [f"examples unavailable: {e}"]
     joined = [(s, preds[s["id"]]) for s in scores if s.get("id") in preds and "rouge-l" in s]
     if not joined:
@@ -213,7 +213,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
         raise UserError(f"{run.run_info_path} line {e.lineno}: not valid JSON ({e.msg})") from None
     try:
         log = run.read_log()
-    except json.JSONDecodeError:
+    except UserError:
         log = []  # the plot section names the bad line
     lines = [f"# Run report: {run.path.resolve().name}", "", f"- directory: `{run.path}`"]
     if info.get("base_model"):
