@@ -149,10 +149,16 @@ def test_repl_loop(engine, llama_dir):
 
 def test_chat_params_validation():
     assert chat_params().do_sample and chat_params(temperature=0).do_sample is False
-    with pytest.raises(UserError, match="--max-new-tokens must be at least 1"):
+    with pytest.raises(UserError, match=r"^max_new_tokens must be at least 1, got 0$"):
         chat_params(max_new_tokens=0)
-    with pytest.raises(UserError, match="--top-p in"):
+    with pytest.raises(UserError, match=r"^top_p must lie in \(0, 1\], got 0$"):
         chat_params(top_p=0)
+    with pytest.raises(UserError, match=r"^temperature must be > 0 when sampling \(0 means greedy\), got -0.5$"):
+        chat_params(temperature=-0.5)
+    with pytest.raises(UserError, match=r"^top_k must be >= 0 \(0 = off\), got -1$"):
+        chat_params(top_k=-1)
+    with pytest.raises(UserError, match=r"^repetition_penalty must be > 0, got 0$"):
+        chat_params(repetition_penalty=0)
 
 
 def test_cli_chat_over_stdin(engine, llama_dir):
@@ -171,3 +177,44 @@ def test_cli_chat_over_stdin(engine, llama_dir):
     assert a1 != a3 and a2 != a3
     tail = proc.stdout[proc.stdout.index(">>> "):]
     assert tail == f">>> {a1}\n>>> [system prompt set]\n>>> {a2}\n>>> [conversation cleared]\n>>> {a3}\n>>> bye\n"
+
+
+STRICT_TEMPLATE = (  # like Mistral's / LLaMA-2's: refuses a system role and non-alternating roles
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}"
+    "{% endif %}{% endfor %}")
+
+
+def test_system_prompt_on_a_template_that_refuses_it_keeps_the_chat_alive(llama_dir, tmp_path):
+    """Regression: `/system TEXT` on a model whose chat_template raises on a system message crashed the chat
+    at the next answer."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    strict = Path(shutil.copytree(llama_dir, tmp_path / "strict"))
+    tok = AutoTokenizer.from_pretrained(strict)
+    tok.chat_template = STRICT_TEMPLATE
+    tok.save_pretrained(strict)
+    eng = Engine.from_run(strict, template="tokenizer")
+    want = greedy(eng, [u("你好")])
+
+    out = Writes()
+    lines = iter(["/system 你是一位老师", "/system", "你好", "/exit"])
+    assert run_chat(strict, template="tokenizer", params=GREEDY8, input_fn=lambda p: next(lines), out=out) == 0
+    text = out.text()
+    refused = text[text.index("[system prompt not set: "):].split("\n", 1)[0]
+    assert "System role not supported" in refused
+    assert text.endswith(f"{refused}\n[no system prompt]\n{want}\nbye\n")
+
+    # a system prompt given on the command line fails at the first answer: the error is shown, the chat goes on
+    out = Writes()
+    lines = iter(["你好", "/system -", "你好", "/exit"])
+    assert run_chat(strict, template="tokenizer", params=GREEDY8, system="你是一位老师", input_fn=lambda p: next(lines),
+                    out=out) == 0
+    text = out.text()
+    error = text[text.index("[error: "):].split("\n", 1)[0]
+    assert "System role not supported" in error
+    assert text.endswith(f"{error}\n[system prompt removed: the template's default applies]\n{want}\nbye\n")

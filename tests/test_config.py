@@ -293,16 +293,24 @@ def test_config_from_flat_maps_every_key():
         "data": {"path": "data/train.json", "cutoff_len": 256, "val_size": 0.1, "val_max_rows": 50},
         "train": {"output_dir": "runs/bloom", "batch_size": 8, "per_device_batch_size": 2, "num_epochs": 2,
                   "learning_rate": 3e-4, "save_steps": 100, "eval_steps": 100, "logging_steps": 5,
-                  "warmup_steps": 10, "gradient_accumulation_steps": 4},
+                  "warmup_steps": 10},
     }
 
 
 def test_flat_gradient_accumulation():
+    """batch_size stays the global batch: accumulation is derived at train time, per number of processes
+    (regression: it was pinned to batch_size / per_device, so torchrun with 2 processes doubled the batch)."""
+    from domaintune.train import grad_accumulation
+
     cfg = build_config(config_from_flat({"batch_size": 8, "per_device_train_batch_size": 2}))
-    assert cfg.train.gradient_accumulation_steps == 4
+    assert cfg.train.gradient_accumulation_steps is None
+    assert (cfg.train.batch_size, cfg.train.per_device_batch_size) == (8, 2)
+    assert grad_accumulation(cfg.train, 1) == 8 // 2
+    assert grad_accumulation(cfg.train, 2) == 8 // (2 * 2)
     cfg = build_config(config_from_flat({"batch_size": 32, "per_device_train_batch_size": 4,
                                          "gradient_accumulation_steps": 2}))
     assert cfg.train.gradient_accumulation_steps == 2  # given explicitly: kept
+    assert grad_accumulation(cfg.train, 1, quiet=True) == 2
     with pytest.raises(UserError, match="batch_size 10 is not a multiple of per_device_train_batch_size 4"):
         config_from_flat({"batch_size": 10, "per_device_train_batch_size": 4})
 
@@ -327,6 +335,8 @@ def test_flat_unknown_keys_error():
 
 
 def test_cli_from_json_writes_yaml_that_loads_back(tmp_path, capsys):
+    from domaintune.train import grad_accumulation
+
     run_json = _write(tmp_path / "run.json", json.dumps(RUN))
     lora_json = _write(tmp_path / "lora.json", json.dumps(LORA))
     out = tmp_path / "x.yaml"
@@ -336,7 +346,8 @@ def test_cli_from_json_writes_yaml_that_loads_back(tmp_path, capsys):
     assert text.startswith(f"# converted from {run_json} + {lora_json}\n")
     loaded = load_config(out)
     assert loaded == build_config(config_from_flat(RUN, LORA))
-    assert loaded.train.gradient_accumulation_steps == 4
+    assert loaded.train.gradient_accumulation_steps is None
+    assert grad_accumulation(loaded.train, 1) == 4 and grad_accumulation(loaded.train, 2) == 2
     assert loaded.lora.target_modules == ["query_key_value"]
     assert (loaded.data.val_size, loaded.data.val_max_rows) == (0.1, 50)
 

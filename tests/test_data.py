@@ -108,6 +108,29 @@ def test_prediction_rows_need_no_answer(tmp_path):
                                                    ([{"role": "user", "content": "hi"}], "")]
 
 
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\x85"])
+def test_line_separators_inside_values_stay_in_the_row(tmp_path, sep):
+    """Regression: `json.dumps(ensure_ascii=False)` writes U+2028/U+2029/U+0085 raw, and str.splitlines() split
+    rows there, so a valid JSON-lines file was rejected as broken JSON."""
+    rows = [{"instruction": f"第一行{sep}第二行", "output": f"答案{sep}好"}, {"instruction": "q2", "output": "a2"}]
+    p = write(tmp_path / "d.jsonl", rows)
+    assert sep in p.read_text(encoding="utf-8")  # written raw, not escaped
+    assert read_records(p) == [(1, rows[0]), (2, rows[1])]
+    exs = load_examples(p)
+    assert [e.messages for e in exs] == [
+        [{"role": "user", "content": f"第一行{sep}第二行"}, {"role": "assistant", "content": f"答案{sep}好"}],
+        [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}],
+    ]
+    assert [e.where for e in exs] == [f"{p} line 1", f"{p} line 2"]
+
+
+def test_line_numbers_after_a_value_with_a_line_separator(tmp_path):
+    p = write(tmp_path / "d.jsonl", json.dumps({"instruction": "a\u2028b", "output": "c"}, ensure_ascii=False)
+              + "\r\n\r\n" + '{"instruction": "q", "output": \r\n')
+    assert _error(p) == (f"{p} line 3: not valid JSON (Expecting value at column 32); "
+                         "each line must hold one JSON object")
+
+
 # ---------------------------------------------------------------- reading: errors name file, line, problem
 
 def _error(path) -> str:
@@ -402,6 +425,27 @@ def test_render_masked_color(qwen_tok):
 def test_example_without_answer_has_empty_target():
     ex = Example("x", [{"role": "user", "content": "q"}])
     assert ex.prompt_and_target() == ([{"role": "user", "content": "q"}], "")
+
+
+STRICT_JINJA = (  # the Mistral / LLaMA-2 / Gemma way of refusing a conversation
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_chat_template_rejection_names_file_and_line(tmp_path, qwen_tok):
+    """Regression: a chat_template's raise_exception escaped as a jinja2 TemplateError (a traceback, no row)."""
+    from domaintune.templates import Template
+
+    tpl = Template(name="tokenizer", kind="tokenizer", append_eos=False, chat_template=STRICT_JINJA)
+    p = write(tmp_path / "d.jsonl", [ROWS[0], {"system": "你是助手。", "instruction": "q", "output": "a"}])
+    exs = load_examples(p, template=tpl)
+    with pytest.raises(UserError) as e:
+        encode_examples(exs, qwen_tok, tpl, data_cfg(cutoff_len=512), DataReport())
+    assert str(e.value) == (f"{p} line 2: the model's chat_template rejects this conversation (System role not "
+                            "supported); change the data (e.g. drop the system message) or use data.template: "
+                            "chatml (or another format template)")
 
 
 # ---------------------------------------------------------------- domaintune data-check

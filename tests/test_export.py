@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +181,65 @@ def test_overwrite_replaces_a_previous_export(lora_run, tmp_path):
 def _saved_dtype(model_dir) -> str:
     conf = json.loads((model_dir / "config.json").read_text())
     return conf.get("dtype") or conf.get("torch_dtype")  # transformers 5 / 4 spelling
+
+
+def _fake_hub_cache(root, repo_id: str, config: dict):
+    """A Hugging Face cache holding `repo_id`'s config.json at revision main (as a download leaves it)."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(config))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+
+
+def test_auto_dtype_reads_a_hub_id_base_from_the_cache(lora_run, tmp_path, monkeypatch):
+    """Regression: `--dtype auto` read the base's config.json from a local directory only, so a run on a hub
+    id (bigscience/bloomz-560m) exported in fp32 instead of the checkpoint's dtype."""
+    import huggingface_hub.constants
+
+    from domaintune import model as loader
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    local_base = yaml.safe_load((run / "config.yaml").read_text())["model"]["name_or_path"]
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["name_or_path"] = "someorg/tiny-base"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    base_config = json.loads((Path(local_base) / "config.json").read_text())
+    assert (base_config.get("dtype") or base_config.get("torch_dtype")) == "float32"
+    _fake_hub_cache(tmp_path / "hub", "someorg/tiny-base", {**base_config, "dtype": "bfloat16"})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+
+    loaded = []
+    real_load = loader.load_base_model
+
+    def load_from_local(model_cfg, device=None, dtype=None, for_training=False):  # the weights: the local copy
+        loaded.append((model_cfg.name_or_path, dtype))
+        return real_load(model_cfg.model_copy(update={"name_or_path": local_base}), device, dtype, for_training)
+
+    monkeypatch.setattr(loader, "load_base_model", load_from_local)
+    out = run_export(run, tmp_path / "auto")
+    assert loaded == [("someorg/tiny-base", torch.bfloat16)]
+    assert _saved_dtype(out) == "bfloat16"
+    # a base the cache does not hold: the dtype is unknown, fp32
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    out = run_export(run, tmp_path / "unknown")
+    assert loaded[-1] == ("someorg/tiny-base", torch.float32) and _saved_dtype(out) == "float32"
+
+
+def test_model_card_license_comes_from_run_info(lora_run, tmp_path):
+    from domaintune.export import model_card
+    from domaintune.rundir import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    info = json.loads((run / "run_info.json").read_text())
+    (run / "run_info.json").write_text(json.dumps({**info, "base_model": "org/base", "license": "mit"}))
+    front = yaml.safe_load(model_card(RunDir(run), tmp_path / "out", "domain_zh", "merged", "float32").split("---\n")[1])
+    assert (front["base_model"], front["license"]) == ("org/base", "mit")
+    (run / "run_info.json").write_text(json.dumps({**info, "license": None}))
+    card = model_card(RunDir(run), tmp_path / "out", "domain_zh", "merged", "float32")
+    assert "license" not in yaml.safe_load(card.split("---\n")[1])
+    assert "License: not stated by the base model's card" in card

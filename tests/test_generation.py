@@ -153,3 +153,214 @@ def test_base_only_on_a_plain_model_directory_is_refused(tiny_model_dir):
 
     with _pytest.raises(UserError, match="--base-only needs a training run directory"):
         Engine.from_run(tiny_model_dir("qwen2"), base_only=True, template="domain_zh")
+
+
+# ---------------------------------------------------------------- stop strings
+
+def _multi_token_stop(engine, ids: list[int], text: str) -> str:
+    """A piece of `text` that the tokenizer spells in several tokens and that is no single vocabulary
+    entry, so it can only be honoured as a string (like `<|im_end|>` on a tokenizer without ChatML)."""
+    tok = engine.tokenizer
+    for k in range(3, len(ids) - 3):
+        s = engine.decode(ids[k: k + 3])
+        if (len(s) >= 2 and "\ufffd" not in s and s.strip() == s and s in text
+                and len(tok(s, add_special_tokens=False)["input_ids"]) >= 2
+                and tok.convert_tokens_to_ids(s) in (None, tok.unk_token_id)):
+            return s
+    raise AssertionError("no multi-token piece in the output")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "bloom"])
+def test_multi_token_stop_string_cuts_generate_and_stream(engines, sample_data, arch, monkeypatch):
+    """Regression: only single-token template stops were honoured; ChatML on a tokenizer without the ChatML
+    specials ended every answer with a literal '<|im_end|>'."""
+    from domaintune.generation import StreamState
+    from domaintune.templates import Template
+
+    base = engines[arch]
+    prompt, other = _prompts(base, sample_data)[:2]
+    params = GenerationParams(max_new_tokens=20)
+    [full] = base.generate([prompt], params)
+    stop = _multi_token_stop(base, full.token_ids, full.text)
+    tpl = Template.from_dict({**base.template.to_dict(), "stop": [stop]})
+    engine = Engine(base.model, base.tokenizer, tpl, "m")
+    assert engine.stop_ids == base.stop_ids  # not a token: only the text can be cut
+    want_text = full.text[: full.text.index(stop)]
+    j = next(n for n in range(1, 21) if stop in engine.decode(full.token_ids[:n]))
+
+    lengths = []  # generated lengths: the batch stops as soon as the stop string is complete
+    real_generate = engine.model.generate
+
+    def spy(*a, **kw):
+        out = real_generate(*a, **kw)
+        lengths.append(out.shape[1] - kw["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(engine.model, "generate", spy)
+    [cut] = engine.generate([prompt], params)
+    assert (cut.text, cut.finish_reason, cut.token_ids) == (want_text, "stop", full.token_ids[:j])
+    assert stop not in cut.text and lengths == [j] and j < 20
+
+    state = StreamState()
+    deltas = list(engine.stream(prompt, params, state=state))
+    assert "".join(deltas) == want_text == state.text and all(deltas)
+    assert (state.finish_reason, state.token_ids) == ("stop", cut.token_ids)
+
+    # in a batch, each row is cut on its own; the other row is what it is alone
+    [a, b] = engine.generate([prompt, other], params, batch_size=2)
+    [b_alone] = engine.generate([other], params)
+    assert (a.text, a.token_ids, a.finish_reason) == (cut.text, cut.token_ids, "stop")
+    assert (b.text, b.token_ids, b.finish_reason) == (b_alone.text, b_alone.token_ids, b_alone.finish_reason)
+
+
+def test_stop_scanner_equals_cutting_the_whole_text():
+    import random
+
+    from domaintune.generation import StopScanner, find_stop
+
+    rng = random.Random(0)
+    stops = ["<|im_end|>", "END", "##"]
+    for _ in range(300):
+        text = "".join(rng.choice(["a", "b", "<|im_", "end|>", "<|", "E", "N", "D", "#", " "]) for _ in range(12))
+        cuts = sorted(rng.sample(range(1, len(text)), 4))
+        s = StopScanner(stops)
+        got = "".join(s.feed(text[i:j]) for i, j in zip([0] + cuts, cuts + [len(text)])) + s.flush()
+        k = find_stop(text, stops)
+        assert got == (text if k < 0 else text[:k]) and s.hit == (k >= 0), text
+
+
+# ---------------------------------------------------------------- teacher-forced loss
+
+def _plain_loss(engine, samples) -> tuple[float, int]:
+    """The straightforward computation: one padded batch, full-vocabulary logits, float cross-entropy."""
+    import torch
+
+    pad = engine.tokenizer.pad_token_id
+    width = max(len(x["input_ids"]) for x in samples)
+    ids = torch.tensor([x["input_ids"] + [pad] * (width - len(x["input_ids"])) for x in samples])
+    attn = torch.tensor([[1] * len(x["input_ids"]) + [0] * (width - len(x["input_ids"])) for x in samples])
+    labels = torch.tensor([x["labels"] + [-100] * (width - len(x["labels"])) for x in samples])
+    with torch.inference_mode():
+        logits = engine.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    tgt = labels[:, 1:]
+    total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                              ignore_index=-100, reduction="sum")
+    count = int((tgt != -100).sum())
+    return total.item() / count, count
+
+
+def _loss_samples(engine, sample_data) -> list[dict]:
+    from domaintune.data import encode_example
+
+    examples = load_examples(sample_data / "test.jsonl", require_answer=False, template=engine.template)[:4]
+    examples += load_examples(sample_data / "chat.jsonl", require_answer=False, template=engine.template)[:2]
+    samples = [encode_example(ex, engine.tokenizer, engine.template, 512)[0] for ex in examples]
+    return [s for s in samples if s is not None]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_target_loss_keeps_only_the_needed_logits_and_equals_the_plain_loss(engines, sample_data, arch, monkeypatch):
+    """Regression: target_loss built full-vocabulary logits (plus a float copy) for a whole batch, ~12 GB
+    for BLOOM's 250k vocabulary at 8 x 1024 tokens. Now each sample asks for the logits from the position
+    before its first target token only; the value is the plain computation's."""
+    import math
+
+    from domaintune import generation
+
+    engine = engines[arch]
+    samples = _loss_samples(engine, sample_data)
+    assert len(samples) >= 5
+    want, count = _plain_loss(engine, samples)
+    calls = []
+    hook = engine.model.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append((kwargs.get("logits_to_keep"), tuple(out.logits.shape))),
+        with_kwargs=True)
+    try:
+        got = engine.target_loss(samples)
+        monkeypatch.setattr(generation, "_accepts_logits_to_keep", lambda model: False)
+        fallback = engine.target_loss(samples)  # a forward without logits_to_keep: full logits, same value
+    finally:
+        hook.remove()
+    assert got["target_tokens"] == fallback["target_tokens"] == count
+    assert got["loss"] == pytest.approx(want, abs=2e-5) and fallback["loss"] == pytest.approx(want, abs=2e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(want), rel=1e-4)
+    vocab = engine.model.config.vocab_size
+    kept = []
+    for x in samples:
+        first = next(t for t in range(1, len(x["labels"])) if x["labels"][t] != -100)
+        kept.append((len(x["input_ids"]) - first + 1, (1, len(x["input_ids"]) - first + 1, vocab)))
+    assert calls[: len(samples)] == kept
+    assert all(n < len(x["input_ids"]) for (n, _), x in zip(kept, samples))  # the prompt's logits are never built
+    assert calls[len(samples):] == [(None, (1, len(x["input_ids"]), vocab)) for x in samples]
+
+
+def test_target_loss_passes_logits_to_keep_through_a_lora_adapter(tiny_run, sample_data):
+    engine = Engine.from_run(tiny_run, device="cpu")
+    assert type(engine.model).__name__.startswith("Peft")
+    # what predict needs from the run comes from the engine (config.yaml is read once, by from_run)
+    assert (engine.run_config.data.template, engine.cutoff_len, engine.default_system) == ("domain_zh", 512, None)
+    samples = _loss_samples(engine, sample_data)[:3]
+    shapes = []
+    hook = engine.model.get_base_model().register_forward_hook(
+        lambda mod, args, kwargs, out: shapes.append((kwargs.get("logits_to_keep"), out.logits.shape[1])),
+        with_kwargs=True)
+    try:
+        got = engine.target_loss(samples)
+    finally:
+        hook.remove()
+    assert all(k is not None and n == k for k, n in shapes) and len(shapes) == 3
+    assert got["loss"] == pytest.approx(_plain_loss(engine, samples)[0], abs=2e-5)
+
+
+# ---------------------------------------------------------------- loading helpers
+
+def test_plain_model_directory_has_no_run_config(engines):
+    engine = engines["qwen2"]
+    assert engine.run_config is None and engine.cutoff_len == engine.context_len == 2048
+
+
+def test_resolve_template_order(tmp_path, qwen_tok):
+    from domaintune.errors import UserError
+    from domaintune.generation import resolve_template
+    from domaintune.templates import get_template
+
+    assert resolve_template(tmp_path, qwen_tok, "alpaca").name == "alpaca"
+    assert resolve_template(tmp_path, qwen_tok).kind == "tokenizer"  # no template.json: the chat_template
+    light = resolve_template(tmp_path)  # no tokenizer yet: a placeholder that only joins instruction + input
+    assert light.kind == "tokenizer" and light.chat_template is None
+    get_template("domain_zh").save(tmp_path / "template.json")
+    assert resolve_template(tmp_path, qwen_tok).name == "domain_zh" == resolve_template(tmp_path).name
+    assert resolve_template(tmp_path, qwen_tok, "chatml").name == "chatml"  # an explicit name wins
+    (tmp_path / "template.json").unlink()
+
+    class NoChat:
+        chat_template = None
+
+    with pytest.raises(UserError, match=r"has no template.json and its tokenizer no chat_template: pass --template"):
+        resolve_template(tmp_path, NoChat())
+
+
+def test_adapter_base_name(tmp_path):
+    from domaintune.errors import UserError
+    from domaintune.generation import adapter_base_name
+
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "org/base"}')
+    assert adapter_base_name(tmp_path) == "org/base"
+    (tmp_path / "adapter_config.json").write_text('{"r": 8}')
+    with pytest.raises(UserError, match="adapter_config.json: no base_model_name_or_path"):
+        adapter_base_name(tmp_path)
+
+
+def test_generation_params_validate():
+    from domaintune.errors import UserError
+
+    assert GenerationParams().validate() == GenerationParams()
+    assert GenerationParams(temperature=0).validate()  # ignored without sampling
+    for kw, msg in [({"max_new_tokens": 0}, "max_new_tokens must be at least 1, got 0"),
+                    ({"num_beams": 0}, "num_beams must be at least 1, got 0"),
+                    ({"do_sample": True, "temperature": 0.0}, r"temperature must be > 0 when sampling \(0 means greedy\), got 0.0"),
+                    ({"top_p": 1.5}, r"top_p must lie in \(0, 1\], got 1.5"),
+                    ({"top_k": -1}, r"top_k must be >= 0 \(0 = off\), got -1"),
+                    ({"repetition_penalty": 0}, "repetition_penalty must be > 0, got 0")]:
+        with pytest.raises(UserError, match=f"^{msg}$"):
+            GenerationParams(**kw).validate()

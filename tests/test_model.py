@@ -1,7 +1,9 @@
 """model.py, the one loader: sources fail fast and clearly, pad tokens, dtypes, LoRA wrapping, licenses."""
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -88,6 +90,26 @@ def test_cached_hub_id_passes_without_network(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/cache/config.json")
     assert loader.check_model_source("some-org/some-model") == "some-org/some-model"
+
+
+def test_local_model_source_is_recorded_as_an_absolute_path(micro, tmp_path, monkeypatch):
+    """Regression: a relative model path (runs/tiny-model) ended up in adapter_config.json's
+    base_model_name_or_path, which then failed from any other working directory."""
+    import os
+
+    base = micro["qwen2"].resolve()
+    monkeypatch.chdir(tmp_path)
+    rel = os.path.relpath(base, tmp_path)
+    assert not Path(rel).is_absolute()
+    assert loader.check_model_source(rel) == str(base)
+    assert loader.check_model_source(str(base)) == str(base)
+    model = loader.prepare_for_training(loader.load_base_model(ModelConfig(name_or_path=rel), device="cpu"),
+                                        LoraConfig(r=4, target_modules=["q_proj"]))
+    assert model.peft_config["default"].base_model_name_or_path == str(base)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+    assert saved["base_model_name_or_path"] == str(base)
+    assert loader.load_tokenizer(rel).name_or_path == str(base)
 
 
 def test_llama_tokenizer_gets_unk_as_pad_not_eos(micro):
@@ -209,3 +231,52 @@ def test_model_license_from_card(tmp_path, card, expected):
 def test_model_license_without_card(tmp_path):
     assert loader.model_license(str(tmp_path)) is None
     assert loader.model_license("some-org/some-model") is None
+
+
+def _fake_hub_cache(root: Path, repo_id: str, files: dict[str, str], revision: str = "0123abcd") -> Path:
+    """The Hugging Face cache layout: models--ORG--NAME/refs/main holds the commit, snapshots/COMMIT/ the files."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision, encoding="utf-8")
+    snap = repo / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for name, text in files.items():
+        (snap / name).write_text(text, encoding="utf-8")
+    return snap
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache in tmp_path (what HF_HUB_CACHE points at); any network use fails."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.chdir(tmp_path)  # no folder named like an org here
+    return cache
+
+
+def test_model_license_of_a_cached_hub_model(hub_cache):
+    """Regression: model_license read local directories only, so run_info.license was null for every hub id."""
+    _fake_hub_cache(hub_cache, "some-org/licensed", {"README.md": "---\nlicense: apache-2.0\n---\n# card\n"})
+    _fake_hub_cache(hub_cache, "some-org/no-card", {"config.json": "{}"})
+    assert loader.model_license("some-org/licensed") == "apache-2.0"
+    assert loader.model_license("some-org/no-card") is None
+    assert loader.model_license("some-org/not-cached") is None  # never downloaded
+    assert loader.model_license("some-org/licensed", revision="other-branch") is None  # not that revision
+
+
+def test_base_config_dict_local_and_cached(hub_cache, micro):
+    assert loader.base_config_dict(str(micro["bloom"])) == json.loads((micro["bloom"] / "config.json").read_text())
+    assert loader.base_config_dict(str(micro["bloom"]))["model_type"] == "bloom"
+    _fake_hub_cache(hub_cache, "some-org/m", {"config.json": '{"model_type": "qwen2", "torch_dtype": "bfloat16"}'})
+    _fake_hub_cache(hub_cache, "some-org/broken", {"config.json": '{"model_type": '})
+    _fake_hub_cache(hub_cache, "some-org/list", {"config.json": "[1, 2]"})
+    assert loader.base_config_dict("some-org/m") == {"model_type": "qwen2", "torch_dtype": "bfloat16"}
+    assert loader.base_config_dict("some-org/broken") is None
+    assert loader.base_config_dict("some-org/list") is None
+    assert loader.base_config_dict("some-org/not-cached") is None
+    assert loader.base_config_dict(str(hub_cache / "no-such-dir")) is None
+    assert loader.base_config_dict(str(hub_cache)) is None  # a folder without config.json

@@ -290,6 +290,10 @@ def test_empty_test_file_and_run_without_weights(tiny_run, sample_data, tmp_path
         run_predict(tmp_path / "nope", sample_data / "test.jsonl")
     with pytest.raises(UserError, match="--batch-size must be at least 1"):
         run_predict(tiny_run, sample_data / "test.jsonl", batch_size=0)
+    with pytest.raises(UserError, match=r"^max_new_tokens must be at least 1, got 0$"):  # GenerationParams.validate
+        run_predict(tiny_run, sample_data / "test.jsonl", params=GenerationParams(max_new_tokens=0))
+    with pytest.raises(UserError, match=r"^top_p must lie in \(0, 1\], got 0$"):
+        run_predict(tiny_run, sample_data / "test.jsonl", params=GenerationParams(top_p=0))
 
 
 def test_cli_options_state_their_defaults():

@@ -90,6 +90,24 @@ def test_seed_errors_name_file_and_line(tmp_path):
         load_seeds("")
 
 
+def test_seed_file_read_like_training_data(tmp_path):
+    """Regression: invalid UTF-8 gave a UnicodeDecodeError traceback, and a question holding U+2028 was cut in two
+    (line iteration splits there): seeds are read by data.read_records now."""
+    p = tmp_path / "s.jsonl"
+    p.write_bytes('{"question": "一个问题？"}\n'.encode() + b'{"question": "\xff\xfe"}\n')
+    with pytest.raises(UserError) as e:
+        load_seeds(str(p))
+    assert str(e.value) == f"{p} line 2: invalid UTF-8 (byte offset 46); re-save the file as UTF-8"
+    p.write_text(json.dumps({"question": "第一行\u2028第二行"}, ensure_ascii=False) + "\r\n\r\n"
+                 + json.dumps({"question": "二"}) + "\n", encoding="utf-8")
+    assert load_seeds(str(p)) == ["第一行\u2028第二行", "二"]
+    for body in ("", "\n \n", "\ufeff"):
+        p.write_text(body, encoding="utf-8")
+        with pytest.raises(UserError) as e:
+            load_seeds(str(p))
+        assert str(e.value) == f'{p}: no seed questions; add lines like {{"question": "..."}}'
+
+
 def test_config_rejects_unknown_keys_and_has_descriptions():
     with pytest.raises(Exception, match="extra"):
         SelfInstructConfig(api_key="sk-secret")

@@ -20,7 +20,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from domaintune.generation import Engine, GenerationParams  # noqa: E402
-from domaintune.serve.app import ServeDefaults, StopScanner, create_app  # noqa: E402
+from domaintune.generation import StopScanner  # noqa: E402
+from domaintune.serve.app import ServeDefaults, create_app  # noqa: E402
 from domaintune.templates import Template  # noqa: E402
 
 KEY = "test-key-123"
@@ -185,6 +186,39 @@ def test_stop_scanner_holds_back_partial_matches():
     assert StopScanner([]).feed("x") == "x"
 
 
+STRICT_TEMPLATE = (  # like Mistral's / LLaMA-2's: refuses a system role and non-alternating roles
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}"
+    "{% endif %}{% endfor %}")
+
+
+def test_a_conversation_the_chat_template_refuses_is_400(llama_dir, tmp_path):
+    """Regression: a model whose own chat_template raises (here on a system message) answered a plain-text 500."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    strict = Path(shutil.copytree(llama_dir, tmp_path / "strict"))
+    tok = AutoTokenizer.from_pretrained(strict)
+    tok.chat_template = STRICT_TEMPLATE
+    tok.save_pretrained(strict)
+    eng = Engine.from_run(strict, template="tokenizer", device="cpu")
+    eng.model_id = MODEL
+    with running(create_app(eng)) as url:
+        body = {"model": MODEL, "max_tokens": 3, "temperature": 0,
+                "messages": [{"role": "system", "content": "你是老师"}, *MSGS]}
+        for stream in (False, True):
+            r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": stream}, timeout=60)
+            assert r.status_code == 400 and r.headers["content-type"] == "application/json"
+            error = r.json()["error"]
+            assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "messages", None)
+            assert "System role not supported" in error["message"]
+        r = httpx.post(url + "/v1/chat/completions", json={**body, "messages": MSGS}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3  # the model itself works
+
+
 def test_text_completions(client, engine):
     prompt = "用户:睡前故事\n\n助手:"
     ids = engine.tokenizer(prompt)["input_ids"]
@@ -247,6 +281,19 @@ def test_missing_or_wrong_key_is_401(server):
      err("messages[1]: the last message must have role 'user'.", "messages.1.role")),
     ({"model": MODEL, "messages": MSGS + [{"role": "system", "content": "s"}, *MSGS]}, 400,
      err("messages[1]: a system message may only come first.", "messages.1.role")),
+    # roles: user and assistant alternate after an optional system message (regression: a template that cannot
+    # render such a conversation answered 500)
+    ({"model": MODEL, "messages": MSGS + MSGS}, 400, err(
+        "messages[1]: expected role 'assistant', got 'user': after an optional system message, user and assistant "
+        "messages must alternate, starting with user.", "messages.1.role")),
+    ({"model": MODEL, "messages": [{"role": "assistant", "content": "a"}, *MSGS]}, 400, err(
+        "messages[0]: expected role 'user', got 'assistant': after an optional system message, user and assistant "
+        "messages must alternate, starting with user.", "messages.0.role")),
+    ({"model": MODEL, "messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}, *MSGS]},
+     400, err("messages[1]: expected role 'user', got 'assistant': after an optional system message, user and "
+              "assistant messages must alternate, starting with user.", "messages.1.role")),
+    ({"model": MODEL, "messages": [{"role": "system", "content": "s"}, {"role": "system", "content": "t"}, *MSGS]},
+     400, err("messages[1]: a system message may only come first.", "messages.1.role")),
     ({"model": MODEL, "messages": MSGS, "temperature": "hot"}, 400,
      err("temperature: Input should be a valid number, unable to parse string as a number", "temperature")),
     ({"messages": MSGS}, 400, err("model: Field required", "model")),
@@ -393,3 +440,7 @@ def test_cli_serve_stops_with_the_load_error(tmp_path):
         run_serve(tmp_path, port=free_port(), log_level="warning")
     with pytest.raises(UserError, match="is not a directory"):
         run_serve(tmp_path / "missing", port=free_port())
+    with pytest.raises(UserError, match=r"^temperature must be > 0 when sampling \(0 means greedy\), got -1.0$"):
+        run_serve(tmp_path, port=free_port(), defaults=ServeDefaults(temperature=-1.0))
+    with pytest.raises(UserError, match=r"^top_k must be >= 0 \(0 = off\), got -2$"):
+        run_serve(tmp_path, port=free_port(), defaults=ServeDefaults(top_k=-2))

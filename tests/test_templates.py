@@ -173,6 +173,48 @@ def test_tokenizer_template_stops_at_its_turn_end(qwen_tok):
     assert qwen_tok.convert_tokens_to_ids("<|im_end|>") in trained
 
 
+@pytest.mark.parametrize("name, expected", [
+    ("domain_zh", "Fill in {input} and {instruction}X {instruction}"),
+    ("alpaca", "Fill in {input} and {instruction}\n\n### Input:\nX {instruction}"),
+    ("chatml", "Fill in {input} and {instruction}\n\nX {instruction}"),
+])
+def test_join_instruction_substitutes_once(name, expected):
+    """Regression: the format was filled with two str.replace calls, so an instruction containing the text
+    "{input}" had the input spliced into it (and the input appeared twice)."""
+    assert get_template(name).join_instruction("Fill in {input} and {instruction}", "X {instruction}") == expected
+    custom = Template(name="c", instruction_input_format="<{input}|{instruction}|{input}>")
+    assert custom.join_instruction("{input}", "{instruction}") == "<{instruction}|{input}|{instruction}>"
+    assert custom.join_instruction("only", "") == "only"
+
+
+STRICT_JINJA = (  # the Mistral / LLaMA-2 / Gemma way of refusing a conversation
+    "{{ bos_token }}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+def test_chat_template_rejection_is_a_user_error(qwen_tok):
+    """Regression: raise_exception() in a chat_template escaped as jinja2.TemplateError (a traceback, or a
+    500 in serve); also a template with a syntax error."""
+    tpl = Template(name="tokenizer", kind="tokenizer", append_eos=False, chat_template=STRICT_JINJA)
+    ok = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    ids, mask = tpl.encode(qwen_tok, ok)
+    assert spans(qwen_tok, ids, mask) == [(False, "<s>[INST] q [/INST]"), (True, "a</s>")]
+    with pytest.raises(UserError) as e:
+        tpl.encode(qwen_tok, [{"role": "system", "content": "s"}] + ok)
+    assert str(e.value) == ("the model's chat_template rejects this conversation (Conversation roles must alternate "
+                            "user/assistant/user/assistant/...); change the data (e.g. drop the system message) or "
+                            "use data.template: chatml (or another format template)")
+    with pytest.raises(UserError, match="rejects this conversation"):
+        tpl.encode(qwen_tok, [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}],
+                   add_generation_prompt=True)
+    broken = Template(name="tokenizer", kind="tokenizer", chat_template="{% for m in messages %}{{ m['content'] }")
+    with pytest.raises(UserError, match="rejects this conversation"):
+        broken.encode(qwen_tok, ok)
+
+
 # ---------------------------------------------------------------- registry and template files
 
 def test_get_template_errors(qwen_tok):

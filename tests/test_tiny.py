@@ -122,3 +122,22 @@ def test_tokenizer_corpus_defaults_to_the_bundled_sample_data():
     assert Path(files[0]).parent.name == "data" and all(f.suffix == ".jsonl" for f in files)
     texts = corpus_texts(files)
     assert len(texts) > 100 and any("孩子" in t for t in texts)
+
+
+def test_corpus_texts_reads_like_the_training_data(tmp_path):
+    """Regression: corpus_texts split lines with str.splitlines(), so a value holding U+2028 (written raw by
+    json.dumps(ensure_ascii=False)) crashed with a JSONDecodeError; it now reads through data.read_records."""
+    import json
+
+    from domaintune.tiny import corpus_texts
+
+    jl = tmp_path / "a.jsonl"
+    jl.write_text("\ufeff" + json.dumps({"instruction": "一\u2028二", "output": "三\x85四"}, ensure_ascii=False)
+                  + "\r\n\r\n" + json.dumps({"messages": [{"role": "user", "content": "五"}]}) + "\n", encoding="utf-8")
+    arr = tmp_path / "b.json"
+    arr.write_text(json.dumps([{"instruction": "六", "history": [["七", "八"]]}], ensure_ascii=False), encoding="utf-8")
+    assert corpus_texts([jl, arr]) == ["一\u2028二", "三\x85四", "user", "五", "六", "七", "八"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x"}\n{"instruction": \n', encoding="utf-8")
+    with pytest.raises(UserError, match=f"{bad} line 2: not valid JSON"):
+        corpus_texts([bad])

@@ -223,6 +223,74 @@ def test_quickstart_like_lora_run_lowers_the_loss(models, tmp_path):
     assert records[2]["loss"] < records[0]["loss"]
 
 
+def test_checkpoints_are_usable_run_directories(models, data12, tmp_path, monkeypatch):
+    """Regression: checkpoints lacked template.json and config.yaml, so predict/chat/serve on a checkpoint fell
+    back to the tokenizer's chat_template, a prompt the model was never trained on. Also: a relative base-model
+    path is recorded absolute in adapter_config.json (every checkpoint's too) and run_info.json."""
+    from domaintune.templates import Template
+
+    monkeypatch.chdir(tmp_path)
+    base = models["qwen2"].resolve()
+    rel = os.path.relpath(base, tmp_path)
+    cfg = make_cfg(rel, data12, "run", data={"template": "alpaca", "cutoff_len": 256},
+                   train={"max_steps": 2, "save_steps": 1, "save_total_limit": None})
+    run = tmp_path / run_train(cfg)
+    cps = list_checkpoints(run)
+    assert [c.name for c in cps] == ["checkpoint-1", "checkpoint-2"]
+    for c in cps:
+        assert (c / "template.json").read_bytes() == (run / "template.json").read_bytes()
+        assert (c / "config.yaml").read_bytes() == (run / "config.yaml").read_bytes()
+        assert json.loads((c / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    assert Template.load(cps[0] / "template.json").name == "alpaca"
+    saved = load_config(run / "config.yaml")
+    assert saved.model.name_or_path == str(base) and saved.data == cfg.data and saved.train == cfg.train
+    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    assert RunDir(run).run_info()["base_model"] == str(base)
+    assert RunDir(run).run_info()["license"] == "apache-2.0"
+
+
+def _strict_model(models, dest: Path) -> Path:
+    """The micro qwen2 model with a chat_template that refuses system messages (as Mistral's, LLaMA-2's, Gemma's)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out = Path(shutil.copytree(models["qwen2"], dest))
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    tok.save_pretrained(out)
+    return out
+
+
+def test_chat_template_that_rejects_a_row_names_file_and_line(models, tmp_path, capsys):
+    """Regression: the template's raise_exception escaped as a jinja2 traceback from train and data-check."""
+    from domaintune.cli import main
+
+    strict = _strict_model(models, tmp_path / "strict")
+    rows = sample_rows(4)
+    rows[2] = json.dumps({"system": "你是助手。", "instruction": "孩子怕黑怎么办？", "output": "陪她。"}, ensure_ascii=False)
+    data = tmp_path / "sys.jsonl"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    cfg = make_cfg(strict, data, out, data={"template": "tokenizer", "val_size": 0})
+    expected = (f"{data} line 3: the model's chat_template rejects this conversation (System role not supported); "
+                "change the data (e.g. drop the system message) or use data.template: chatml (or another format template)")
+    with pytest.raises(UserError) as e:
+        run_train(cfg)
+    assert str(e.value) == expected
+    assert not out.exists()
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(cfg.to_yaml(), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["data-check", str(cfg_path)]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+    data.write_text("\n".join(sample_rows(4)) + "\n", encoding="utf-8")  # without the system row: fine
+    assert main(["data-check", str(cfg_path)]) == 0
+
+
 # ---------------------------------------------------------------- resume
 
 def test_resume_after_kill_continues_exactly(models, tmp_path):
@@ -254,6 +322,7 @@ def test_resume_after_kill_continues_exactly(models, tmp_path):
     ckpt = latest_checkpoint(out)
     n = int(ckpt.name.split("-")[1])
     assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == n
+    at_ckpt = json.loads((ckpt / "trainer_state.json").read_text())["num_input_tokens_seen"]
     assert n < 10 and not (out / "run_info.json").exists() and not RunDir(out).has_weights()
     before = RunDir(out).read_log()
     assert [r["step"] for r in before][:n] == list(range(1, n + 1))
@@ -267,8 +336,14 @@ def test_resume_after_kill_continues_exactly(models, tmp_path):
     assert new[0]["step"] == n + 1  # ... and the trainer continued from there, not from zero
     assert [x["step"] for x in after] == list(range(1, 11))  # contiguous, no step twice
     assert min(x["time"] for x in new) >= max(x["time"] for x in kept)
-    assert RunDir(out).run_info()["train"]["global_steps"] == 10
+    info = RunDir(out).run_info()
+    assert info["train"]["global_steps"] == 10
     assert RunDir(out).has_adapter()
+    # Throughput counts this session's tokens only (regression: the restored ones were divided by this runtime).
+    assert at_ckpt == kept[-1]["tokens"] > 0
+    assert info["train"]["tokens"] == after[-1]["tokens"] > at_ckpt
+    assert info["train"]["tokens_per_second"] == pytest.approx(
+        (info["train"]["tokens"] - at_ckpt) / info["train"]["runtime_s"], rel=0.01, abs=0.2)
 
     # Exact resume: optimizer, scheduler, RNG and data position restored, so the losses match an uninterrupted run.
     import torch
@@ -278,6 +353,19 @@ def test_resume_after_kill_continues_exactly(models, tmp_path):
     ref_log = RunDir(ref).read_log()
     assert [(x["step"], x["loss"], x["learning_rate"]) for x in ref_log] == \
            [(x["step"], x["loss"], x["learning_rate"]) for x in after]
+
+
+def test_tokens_per_second_counts_this_session_only(tmp_path):
+    from domaintune.train import _tokens_at, tokens_per_second
+
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 4, "num_input_tokens_seen": 400}))
+    assert _tokens_at(ckpt) == 400
+    assert _tokens_at(None) == 0
+    assert tokens_per_second(1000, _tokens_at(ckpt), 2.0) == 300.0
+    assert tokens_per_second(1000, 0, 4.0) == 250.0
+    assert tokens_per_second(1000, 0, 0.0) is None
 
 
 def test_resume_without_a_complete_checkpoint_is_a_user_error(models, data12, tmp_path, capsys):
@@ -326,6 +414,93 @@ def test_existing_run_needs_resume_or_overwrite(trained, models, data12, tmp_pat
     assert RunDir(out).run_info()["train"]["global_steps"] == 1
 
 
+def _model_copy(models, dest: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(models["qwen2"], dest))
+
+
+def test_overwrite_never_deletes_the_base_model(models, data12, tmp_path):
+    """Regression: --overwrite ran rmtree on train.output_dir unguarded, even on the base model's folder."""
+    base = _model_copy(models, tmp_path / "base")
+    files = sorted(p.name for p in base.iterdir())
+    cfg = make_cfg(base, data12, base, train={"max_steps": 1})
+    with pytest.raises(UserError) as e:
+        run_train(cfg, overwrite=True)
+    assert str(e.value) == (f"--overwrite: train.output_dir '{base}' is (or contains) the base model '{base}'; "
+                            "it will not be deleted. Pick another train.output_dir")
+    assert sorted(p.name for p in base.iterdir()) == files
+
+    # A run folder that holds the base model in a subfolder is refused too.
+    parent = tmp_path / "runs"
+    inner = _model_copy(models, parent / "tiny-model")
+    (parent / "checkpoint-2").mkdir()
+    (parent / "log.jsonl").write_text("")
+    cfg = make_cfg(inner, data12, parent, train={"max_steps": 1})
+    with pytest.raises(UserError, match=r"is \(or contains\) the base model"):
+        run_train(cfg, overwrite=True)
+    assert (inner / "model.safetensors").is_file() and (parent / "checkpoint-2").is_dir()
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(models, data12, tmp_path):
+    other = tmp_path / "exported"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"weights")  # some full model, not a domaintune run
+    (other / "config.json").write_text("{}")
+    (other / "notes.txt").write_text("mine")
+    cfg = make_cfg(models["qwen2"], data12, other, train={"max_steps": 1})
+    with pytest.raises(UserError) as e:
+        run_train(cfg, overwrite=True)
+    assert str(e.value) == (f"--overwrite: '{other}' does not look like a domaintune run directory (no config.yaml, "
+                            "log.jsonl, run_info.json or checkpoint-*), so it will not be deleted. Pick another "
+                            "train.output_dir, or delete the folder by hand")
+    assert sorted(p.name for p in other.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+
+
+@pytest.mark.parametrize("lora, quantization, dtype, device, expected", [
+    # LoRA: the frozen base stays in the model dtype; autocast only on CUDA.
+    (True, "none", "float32", "cpu", ("float32", False, False)),
+    (True, "none", "bfloat16", "cpu", ("bfloat16", False, False)),
+    (True, "none", "bfloat16", "cuda", ("bfloat16", True, False)),
+    (True, "none", "float16", "cuda", ("float16", False, True)),
+    # Full fine-tuning: fp32 master weights always (regression: bf16 on GPUs trained in pure bf16, where AdamW
+    # updates round to zero), bf16/fp16 as autocast on CUDA.
+    (False, "none", "float32", "cpu", ("float32", False, False)),
+    (False, "none", "bfloat16", "cpu", ("float32", False, False)),
+    (False, "none", "bfloat16", "cuda", ("float32", True, False)),
+    (False, "none", "float16", "cuda", ("float32", False, True)),
+    (False, "none", "float32", "cuda", ("float32", False, False)),
+    # QLoRA: the dtype is the 4-bit compute dtype.
+    (True, "4bit", "bfloat16", "cuda", ("bfloat16", True, False)),
+    (True, "4bit", "float16", "cuda", ("float16", False, True)),
+    (True, "8bit", "bfloat16", "cuda", ("bfloat16", True, False)),
+])
+def test_training_precision(lora, quantization, dtype, device, expected):
+    import torch
+
+    from domaintune.train import training_precision
+
+    load, bf16, fp16 = training_precision(lora, quantization, getattr(torch, dtype), device)
+    assert (str(load).replace("torch.", ""), bf16, fp16) == expected
+
+
+def test_full_fine_tuning_with_bf16_keeps_fp32_weights(models, tmp_path):
+    """model.dtype bf16 + full fine-tuning: the saved weights are fp32 and every step changes them."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "rows4.jsonl"
+    data.write_text("\n".join(sample_rows(4)) + "\n", encoding="utf-8")
+    cfg = make_cfg(models["qwen2"], data, tmp_path / "run", full=True, model={"dtype": "bf16"},
+                   data={"val_size": 0}, train={"batch_size": 4, "per_device_batch_size": 4, "max_steps": 1,
+                                                "learning_rate": 2e-5, "warmup_ratio": 0.0})
+    run = run_train(cfg)
+    before, after = load_file(models["qwen2"] / "model.safetensors"), load_file(run / "model.safetensors")
+    assert {v.dtype for v in after.values()} == {__import__("torch").float32}
+    changed = sum(int((before[k] != after[k]).sum()) for k in before)
+    total = sum(v.numel() for v in before.values())
+    assert changed > 0.5 * total  # in pure bf16 almost no weight moves at lr 2e-5
+
+
 @pytest.mark.parametrize("batch,per_device,world,expected", [(8, 2, 1, 4), (8, 2, 2, 2), (8, 4, 2, 1), (4, 4, 1, 1)])
 def test_gradient_accumulation_keeps_the_global_batch(batch, per_device, world, expected):
     t = make_cfg("m", "d", "o", train={"batch_size": batch, "per_device_batch_size": per_device}).train
@@ -338,6 +513,18 @@ def test_gradient_accumulation_errors_and_override():
         grad_accumulation(t, 1)
     t = make_cfg("m", "d", "o", train={"batch_size": 8, "per_device_batch_size": 3, "gradient_accumulation_steps": 5}).train
     assert grad_accumulation(t, 2) == 5
+
+
+def test_explicit_accumulation_that_ignores_batch_size_warns(capsys):
+    t = make_cfg("m", "d", "o", train={"batch_size": 8, "per_device_batch_size": 3, "gradient_accumulation_steps": 5}).train
+    assert grad_accumulation(t, 2) == 5
+    assert capsys.readouterr().out == ("warning: train.gradient_accumulation_steps=5 is set, so train.batch_size 8 is "
+                                       "ignored: the global batch is 3 per device x 2 process(es) x 5 = 30\n")
+    assert grad_accumulation(t, 2, quiet=True) == 5  # ranks other than 0 stay quiet
+    t = make_cfg("m", "d", "o", train={"batch_size": 8, "per_device_batch_size": 2, "gradient_accumulation_steps": 2}).train
+    assert grad_accumulation(t, 2) == 2  # 2 x 2 x 2 = 8: consistent, nothing to say
+    assert grad_accumulation(t, 1) == 2
+    assert capsys.readouterr().out.count("warning:") == 1  # world 1: the global batch is 4, not 8
 
 
 # ---------------------------------------------------------------- early, clear failures

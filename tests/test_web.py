@@ -156,7 +156,9 @@ def test_page_streams_a_reply_after_the_key_is_entered(server, engine, tmp_path)
         bubble = page.js("document.querySelector('.msg.assistant').textContent")
         finish = page.js("document.querySelector('.msg.assistant').dataset.finish")
         lengths = page.js("window.__lengths")
-        assert page.js("localStorage.getItem('domaintune.apikey')") == KEY
+        # the key is kept for this tab only (sessionStorage), never in localStorage
+        assert page.js("sessionStorage.getItem('domaintune.apikey')") == KEY
+        assert page.js("localStorage.getItem('domaintune.apikey')") is None
 
     assert bubble == want
     assert finish == "length"

@@ -109,8 +109,13 @@ class ChatSession:
                 self.system = None
                 self.say("[system prompt removed: the template's default applies]")
             else:
-                self.system = arg
-                self.say("[system prompt set]")
+                try:  # a chat template may refuse system messages: say so now, keep the old prompt
+                    self.engine.encode_messages([{"role": "system", "content": arg}, {"role": "user", "content": "?"}])
+                except UserError as e:
+                    self.say(f"[system prompt not set: {e}]")
+                else:
+                    self.system = arg
+                    self.say("[system prompt set]")
         elif name == "/help":
             self.say(HELP)
         else:
@@ -153,23 +158,22 @@ def run_chat(run: str | Path, base_only: bool = False, template: str | None = No
             if not session.command(line):
                 break
             continue
-        session.answer(line)
+        try:
+            session.answer(line)
+        except UserError as e:  # e.g. the model's chat template refuses the conversation: the chat goes on
+            session.say(f"[error: {e}]")
     session.say("bye")
     return 0
 
 
 def chat_params(max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50,
                 repetition_penalty: float = 1.1, seed: int | None = None):
-    """GenerationParams for chat; temperature 0 = greedy."""
+    """GenerationParams for chat; temperature 0 = greedy. Out-of-range values raise UserError."""
     from .generation import GenerationParams
 
-    if max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
-        raise UserError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0 and --repetition-penalty > 0")
-    return GenerationParams(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                            temperature=temperature if temperature > 0 else 1.0, top_p=top_p, top_k=top_k,
-                            repetition_penalty=repetition_penalty, seed=seed)
+    return GenerationParams(max_new_tokens=max_new_tokens, do_sample=temperature != 0,
+                            temperature=temperature if temperature != 0 else 1.0, top_p=top_p, top_k=top_k,
+                            repetition_penalty=repetition_penalty, seed=seed).validate()
 
 
 def add_parser(sub) -> None:

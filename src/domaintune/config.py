@@ -275,8 +275,9 @@ FLAT_LORA_KEYS = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"}
 def config_from_flat(run: dict, lora: dict | None = None, source: str = "run.json") -> dict:
     """Convert the flat JSON layout (run config + LoRA file) into our nested YAML layout.
 
-    Meanings kept: gradient accumulation = batch_size / per_device_train_batch_size unless given;
-    validation size = min(val_set_size, val_set_rate x rows) (-> data.val_size = rate, data.val_max_rows = size).
+    Meanings kept: batch_size is the global batch (train.batch_size); gradient accumulation is left to be
+    derived at train time (batch_size / (per_device x processes)), so the global batch stays batch_size under
+    torchrun too, unless the file gives gradient_accumulation_steps; validation size = min(val_set_size, val_set_rate x rows) (-> data.val_size = rate, data.val_max_rows = size).
     """
     unknown = set(run) - FLAT_RUN_KEYS
     if unknown:
@@ -309,11 +310,11 @@ def config_from_flat(run: dict, lora: dict | None = None, source: str = "run.jso
             t[dst] = run[src]
     if "warmup_rate" in run:
         t["warmup_ratio"] = run["warmup_rate"]
+    # Checked here so the error names the flat file; the accumulation itself is derived at train time.
     if "batch_size" in run and "per_device_train_batch_size" in run and "gradient_accumulation_steps" not in run:
         bs, per = int(run["batch_size"]), int(run["per_device_train_batch_size"])
         if bs % per:
             raise UserError(f"{source}: batch_size {bs} is not a multiple of per_device_train_batch_size {per}")
-        t["gradient_accumulation_steps"] = bs // per
     for src, dst in [("lora_r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout"),
                      ("lora_target_modules", "target_modules")]:
         if src in lora:

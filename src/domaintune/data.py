@@ -50,6 +50,9 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
 
     Accepts a UTF-8 BOM, CRLF line ends and blank lines. Raises UserError naming the file and line
     for invalid UTF-8, broken JSON and an empty file.
+
+    JSON lines are split on "\n" only (a trailing "\r" is dropped): `json.dumps(..., ensure_ascii=False)`
+    writes U+2028, U+2029 and U+0085 raw inside strings, and `str.splitlines()` would break rows there.
     """
     p = Path(path)
     if not p.is_file():
@@ -68,7 +71,8 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
     if stripped.startswith("["):
         return _read_array(p, text)
     rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -263,7 +267,10 @@ def encode_examples(examples: list[Example], tokenizer, template, cfg, report: D
     """Tokenize and mask under the over-length policy, counting everything into `report`."""
     out, too_long = [], []
     for ex in examples:
-        sample, n = encode_example(ex, tokenizer, template, cfg.cutoff_len, cfg.train_on_inputs, cfg.system)
+        try:
+            sample, n = encode_example(ex, tokenizer, template, cfg.cutoff_len, cfg.train_on_inputs, cfg.system)
+        except UserError as e:  # e.g. a chat_template that rejects this conversation: say which row
+            raise UserError(f"{ex.where}: {e}") from None
         report.lengths.append(n)
         if n > cfg.cutoff_len:
             report.overlength += 1

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -31,8 +30,9 @@ def run_export(run: str | Path, out: str | Path, dtype: str = "auto", max_shard_
     from transformers import GenerationConfig
 
     from . import model as loader
-    from .config import ModelConfig, load_config
-    from .templates import Template, leading_bos, get_template
+    from .config import load_config
+    from .generation import base_model_config, resolve_template
+    from .templates import leading_bos
 
     rd, out = RunDir(run), Path(out)
     if not rd.path.is_dir():
@@ -47,25 +47,17 @@ def run_export(run: str | Path, out: str | Path, dtype: str = "auto", max_shard_
     cfg = load_config(rd.config_path) if rd.config_path.is_file() else None
     trust = bool(cfg and cfg.model.trust_remote_code)
     tok = loader.load_tokenizer(str(rd.path), trust_remote_code=trust)
-    if template:
-        tpl = get_template(template, tok)
-    elif rd.template_path.is_file():
-        tpl = Template.load(rd.template_path)
-    else:
-        raise UserError(f"'{rd.path}' has no template.json: pass --template (domain_zh, alpaca, chatml, tokenizer or a .json)")
+    tpl = resolve_template(rd.path, tok, template)
 
     if rd.has_adapter():
-        if cfg is not None:
-            model_cfg = cfg.model.model_copy(update={"quantization": "none"})  # merge into unquantized weights
-        else:
-            base_name = json.loads((rd.path / "adapter_config.json").read_text())["base_model_name_or_path"]
-            model_cfg = ModelConfig(name_or_path=base_name)
-        torch_dtype = _torch_dtype(dtype, Path(model_cfg.name_or_path))
+        model_cfg = base_model_config(rd.path, cfg)
+        model_cfg = model_cfg.model_copy(update={"quantization": "none"})  # merge into unquantized weights
+        torch_dtype = _torch_dtype(dtype, model_cfg.name_or_path, model_cfg.revision)
         base = loader.load_base_model(model_cfg, device="cpu", dtype=torch_dtype)
         model = loader.load_adapter(base, rd.path).merge_and_unload()
         how = "LoRA adapter merged into the base weights"
     else:
-        torch_dtype = _torch_dtype(dtype, rd.path)
+        torch_dtype = _torch_dtype(dtype, str(rd.path))
         model = loader.load_plain_model(rd.path, dtype=torch_dtype, device="cpu", trust_remote_code=trust)
         how = "full fine-tuning"
     model = model.to(torch_dtype)
@@ -104,18 +96,16 @@ def _check_out(run: Path, out: Path, overwrite: bool) -> None:
                             "refusing to delete it even with --overwrite; choose a new folder")
 
 
-def _torch_dtype(name: str, model_dir: Path):
-    """The export dtype; auto = the dtype the base checkpoint was saved in (fp32 when it says none)."""
-    import torch
+def _torch_dtype(name: str, name_or_path: str, revision: str | None = None):
+    """The export dtype; auto = the dtype the base checkpoint was saved in (its config.json, from a local
+    directory or, for a hub id, the Hugging Face cache), fp32 when it says none or is not available."""
+    from . import model as loader
 
     if name != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-    try:
-        conf = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        conf = {}
+        return loader.resolve_dtype(name, "cpu")
+    conf = loader.base_config_dict(name_or_path, revision) or {}
     saved = conf.get("dtype") or conf.get("torch_dtype")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(saved, torch.float32)
+    return loader.resolve_dtype({"bfloat16": "bf16", "float16": "fp16"}.get(saved, "fp32"), "cpu")
 
 
 def model_card(rd: RunDir, out: Path, template: str, how: str, dtype: str) -> str:

@@ -6,13 +6,16 @@ a model with a chat_template defaults to it). Prompts are built with the run's t
 `Template.encode`, the same function training used, so inference sees the training prompt exactly.
 
 Generation is batched with left padding; `generate_iter` sorts prompts by length (less padding) and
-yields each batch's results as soon as it finishes. Decoding stops at EOS (and at the template's stop
-tokens). `stream` yields text deltas token by token and stops early when `stop_event` is set (a client
-that went away). The model is not thread-safe here: callers that share an engine across threads hold
-`engine.lock` (the server queues requests on it).
+yields each batch's results as soon as it finishes. Decoding stops at EOS and at the template's `stop`
+strings: single-token ones as token ids, the others (e.g. ChatML's `<|im_end|>` on a tokenizer without
+the ChatML specials, which spells it in several tokens) by cutting the text before the first match
+(`StopScanner`, also used by the server for a request's `stop`). `stream` yields text deltas token by
+token and stops early when `stop_event` is set (a client that went away). The model is not thread-safe
+here: callers that share an engine across threads hold `engine.lock` (the server queues requests on it).
 """
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 import time
@@ -35,12 +38,67 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
 
+    def validate(self) -> "GenerationParams":
+        """Raise UserError naming the first out-of-range setting (the CLI options carry the same names)."""
+        checks = [(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
+                  (self.num_beams >= 1, f"num_beams must be at least 1, got {self.num_beams}"),
+                  (not self.do_sample or self.temperature > 0,
+                   f"temperature must be > 0 when sampling (0 means greedy), got {self.temperature}"),
+                  (0 < self.top_p <= 1, f"top_p must lie in (0, 1], got {self.top_p}"),
+                  (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+                  (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+        return self
+
     def hf_kwargs(self) -> dict:
         kw = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
                   repetition_penalty=self.repetition_penalty, do_sample=self.do_sample)
         if self.do_sample:
             kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return kw
+
+
+def find_stop(text: str, stops: list[str]) -> int:
+    """Index of the earliest stop string in `text`, or -1."""
+    return min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+
+
+class StopScanner:
+    """Cut streamed text before the first stop string, holding back a possible partial match.
+
+    The concatenation of `feed` outputs plus `flush()` equals the whole text cut before its first stop
+    string (`find_stop`), however the text was split into deltas."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+        self.hit = False
+
+    def feed(self, delta: str) -> str:
+        if self.hit:
+            return ""
+        if not self.stops:
+            return delta
+        self.buf += delta
+        cut = find_stop(self.buf, self.stops)
+        if cut >= 0:
+            self.hit = True
+            out, self.buf = self.buf[:cut], ""
+            return out
+        keep = 0  # longest tail of buf that starts some stop string
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
+                if self.buf.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = ("" if self.hit else self.buf), ""
+        return out
 
 
 @dataclass
@@ -66,25 +124,69 @@ class StreamState:
     text: str = ""
 
 
+def adapter_base_name(run_dir: str | Path) -> str:
+    """The base model an adapter directory was trained on (`base_model_name_or_path` of adapter_config.json)."""
+    import json
+
+    path = Path(run_dir) / "adapter_config.json"
+    try:
+        name = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read it ({e}); is the run directory complete?") from None
+    if not name:
+        raise UserError(f"{path}: no base_model_name_or_path: cannot tell which base model the adapter belongs to")
+    return name
+
+
+def resolve_template(run_dir: str | Path, tokenizer=None, name: str | None = None):
+    """The prompt template of a run or model directory: `name` (a built-in, `tokenizer` or a .json path) when
+    given, else the directory's template.json, else the tokenizer's chat_template.
+
+    With `tokenizer=None` (a look before any weights are loaded, e.g. to validate a data file) the last
+    fallback is not checked: a `tokenizer` template without its Jinja text is returned (its
+    instruction/input joining is all such callers use)."""
+    from .templates import Template, get_template
+
+    run = RunDir(run_dir)
+    if name:
+        return get_template(name, tokenizer)
+    if run.template_path.is_file():
+        return Template.load(run.template_path)
+    if tokenizer is None:
+        return get_template("tokenizer")
+    if getattr(tokenizer, "chat_template", None):
+        return get_template("tokenizer", tokenizer)
+    raise UserError(f"'{run.path}' has no template.json and its tokenizer no chat_template: pass --template "
+                    "(domain_zh, alpaca, chatml, tokenizer or a template .json)")
+
+
 class Engine:
     def __init__(self, model, tokenizer, template, model_id: str, context_len: int | None = None,
-                 default_system: str | None = None):
+                 default_system: str | None = None, run_config=None):
         self.model = model
+        self.run_config = run_config  # the run's config.yaml (a config.Config), None for a plain model directory
+        if default_system is None and run_config is not None:
+            default_system = run_config.data.system
         self.default_system = default_system  # the run's data.system: training added it to rows without one
         self.tokenizer = tokenizer
         self.template = template
         self.model_id = model_id
         self.device = next(model.parameters()).device
         self.stop_ids = template.stop_token_ids(tokenizer)
+        self.stop_strings = [s for s in template.stop if s]
         self.context_len = context_len or _context_len(model, tokenizer)
         self.lock = threading.Lock()
+
+    @property
+    def cutoff_len(self) -> int:
+        """The longest sample training saw (the run's data.cutoff_len); the context length for a plain model."""
+        return self.run_config.data.cutoff_len if self.run_config is not None else self.context_len
 
     # ------------------------------------------------------------ loading
     @classmethod
     def from_run(cls, path: str | Path, base_only: bool = False, template: str | None = None,
                  device: str | None = None, dtype: str = "auto") -> "Engine":
         from . import model as loader
-        from .templates import Template, get_template
 
         run = RunDir(path)
         if not run.path.is_dir():
@@ -102,44 +204,27 @@ class Engine:
         if not run.has_weights():
             raise UserError(f"'{run.path}' has no weights (adapter_model.safetensors + adapter_config.json, or "
                             "config.json + model*.safetensors). Did training finish? Checkpoints live in checkpoint-*/.")
-        tok = loader.load_tokenizer(str(run.path), trust_remote_code=bool(cfg and cfg.model.trust_remote_code))
+        trust = bool(cfg and cfg.model.trust_remote_code)
+        tok = loader.load_tokenizer(str(run.path), trust_remote_code=trust)
         if run.has_adapter():
-            if cfg is None:
-                import json
-
-                base_name = json.loads((run.path / "adapter_config.json").read_text())["base_model_name_or_path"]
-                from .config import ModelConfig
-
-                model_cfg = ModelConfig(name_or_path=base_name)
-            else:
-                model_cfg = cfg.model
-            model = loader.load_base_model(model_cfg, device=device, dtype=torch_dtype)
+            model = loader.load_base_model(base_model_config(run.path, cfg), device=device, dtype=torch_dtype)
             if not base_only:
                 model = loader.load_adapter(model, run.path)
+        elif base_only:
+            model = loader.load_base_model(cfg.model, device=device, dtype=torch_dtype)
         else:
-            if base_only and cfg is not None:
-                model = loader.load_base_model(cfg.model, device=device, dtype=torch_dtype)
-            else:
-                model = loader.load_plain_model(run.path, dtype=torch_dtype, device=device,
-                                                trust_remote_code=bool(cfg and cfg.model.trust_remote_code))
-        if template:
-            tpl = get_template(template, tok)
-        elif run.template_path.is_file():
-            tpl = Template.load(run.template_path)
-        elif tok.chat_template:
-            tpl = get_template("tokenizer", tok)
-        else:
-            raise UserError(f"'{run.path}' has no template.json and its tokenizer no chat_template: pass --template "
-                            "(domain_zh, alpaca, chatml or a template .json)")
+            model = loader.load_plain_model(run.path, dtype=torch_dtype, device=device, trust_remote_code=trust)
+        tpl = resolve_template(run.path, tok, template)
         model.to(device)
         model.eval()
         name = run.path.resolve().name + ("-base" if base_only else "")
-        return cls(model, tok, tpl, name, default_system=cfg.data.system if cfg is not None else None)
+        return cls(model, tok, tpl, name, run_config=cfg)
 
     # ------------------------------------------------------------ prompts
     def encode_messages(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation ending with a user turn, plus the assistant prefix. The run's
-        `data.system` is added when the conversation has no system message, as training did."""
+        `data.system` is added when the conversation has no system message, as training did. A
+        conversation the model's chat_template refuses raises UserError (templates.py) with its message."""
         if self.default_system and not (messages and messages[0]["role"] == "system"):
             messages = [{"role": "system", "content": self.default_system}] + list(messages)
         ids, _ = self.template.encode(self.tokenizer, messages, add_generation_prompt=True)
@@ -148,11 +233,26 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _cut(self, ids: list[int], max_new: int) -> tuple[list[int], str]:
+    def _finish(self, ids: list[int], max_new: int) -> tuple[str, list[int], str]:
+        """(text, token ids, finish reason) of generated ids: cut at the first stop token, then before the
+        first stop string. After a stop string the ids run up to the token that completed it."""
+        hit = False
         for k, t in enumerate(ids):
             if t in self.stop_ids:
-                return ids[:k], "stop"
-        return ids, "length" if len(ids) >= max_new else "stop"
+                ids, hit = ids[:k], True
+                break
+        text = self.decode(ids)
+        cut = find_stop(text, self.stop_strings)
+        if cut < 0:
+            return text, ids, "stop" if hit or len(ids) < max_new else "length"
+        lo, hi = 1, len(ids)  # the shortest prefix whose text holds a stop string
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if find_stop(self.decode(ids[:mid]), self.stop_strings) >= 0:
+                hi = mid
+            else:
+                lo = mid + 1
+        return text[:cut], ids[:lo], "stop"
 
     # ------------------------------------------------------------ batched generation
     def generate(self, prompts: list[list[int]], params: GenerationParams, batch_size: int = 8) -> list[Generation]:
@@ -177,21 +277,35 @@ class Engine:
 
     def _generate_batch(self, batch: list[list[int]], params: GenerationParams) -> list[Generation]:
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
         self._check_fits(max(len(p) for p in batch), params.max_new_tokens)
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in batch)
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=self.device)
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=self.device)
+        criteria = StoppingCriteriaList()
+        if self.stop_strings:
+            # A row ends once its text holds a stop string. Only the last tokens are decoded: a string of n
+            # characters spans at most 4n byte-level tokens, and it is checked at every step.
+            window, engine = 4 * max(map(len, self.stop_strings)) + 4, self
+
+            class _StopStrings(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kw):
+                    rows = input_ids[:, width:].tolist()
+                    return torch.tensor([find_stop(engine.decode(r[-window:]), engine.stop_strings) >= 0 for r in rows],
+                                        dtype=torch.bool, device=input_ids.device)
+
+            criteria.append(_StopStrings())
         with self.lock, torch.inference_mode():
             if params.seed is not None:  # inside the lock: no other request may draw from the RNG in between
                 torch.manual_seed(params.seed)
             out = self.model.generate(input_ids=input_ids, attention_mask=attn, eos_token_id=self.stop_ids,
-                                      pad_token_id=pad, **params.hf_kwargs())
+                                      pad_token_id=pad, stopping_criteria=criteria, **params.hf_kwargs())
         results = []
         for row, p in zip(out[:, width:].tolist(), batch):
-            ids, reason = self._cut(row, params.max_new_tokens)
-            results.append(Generation(self.decode(ids), ids, len(p), reason))
+            text, ids, reason = self._finish(row, params.max_new_tokens)
+            results.append(Generation(text, ids, len(p), reason))
         return results
 
     def _check_fits(self, prompt_len: int, max_new: int) -> None:
@@ -202,7 +316,8 @@ class Engine:
     # ------------------------------------------------------------ streaming
     def stream(self, prompt: list[int], params: GenerationParams, stop_event: threading.Event | None = None,
                state: StreamState | None = None) -> Iterator[str]:
-        """Yield text deltas as tokens arrive; their concatenation equals the non-streamed text.
+        """Yield text deltas as tokens arrive; their concatenation equals the non-streamed text (cut at the
+        template's stop strings too: a possible partial match is held back until it is decided).
 
         `state` (optional) receives token counts and the finish reason. Setting `stop_event` ends
         generation at the next token.
@@ -255,61 +370,99 @@ class Engine:
             raise UserError("streaming supports greedy or sampling decoding, not beam search (num_beams > 1)")
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        emitted = ""
-        ids: list[int] = []
+        scanner = StopScanner(self.stop_strings)
+        raw: list[int] = []  # generated ids, a stop token included
+        decoded = sent = ""  # text decoded so far / text yielded so far
+        done = False
         try:
             while True:
                 item = q.get()
                 if item is None:
                     break
+                if done:  # a stop was seen: drain until the worker ends
+                    continue
                 for t in item:
+                    raw.append(t)
                     if t in self.stop_ids:
-                        stop_event.set()
+                        done = True
                         break
-                    ids.append(t)
+                ids = raw[:-1] if done else raw
                 state.token_ids = list(ids)
                 text = self.decode(ids)
                 if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
                     continue
-                if len(text) > len(emitted) and text.startswith(emitted):
-                    delta, emitted = text[len(emitted):], text
-                    yield delta
+                if len(text) > len(decoded) and text.startswith(decoded):
+                    delta = scanner.feed(text[len(decoded):])
+                    decoded = text
+                    if delta:
+                        sent += delta
+                        yield delta
+                    done = done or scanner.hit
+                if done:
+                    stop_event.set()
         finally:
             stop_event.set()
             thread.join()
         if errors:
             raise errors[0]
-        text = self.decode(ids)
-        if len(text) > len(emitted) and text.startswith(emitted):
-            yield text[len(emitted):]
-        state.text = text
-        state.token_ids = ids
-        hit_stop = len(ids) < params.max_new_tokens
-        state.finish_reason = "stop" if hit_stop else "length"
+        text, ids, reason = self._finish(raw, params.max_new_tokens)
+        if len(text) > len(sent) and text.startswith(sent):
+            yield text[len(sent):]
+        state.text, state.token_ids, state.finish_reason = text, ids, reason
 
     # ------------------------------------------------------------ scoring
-    def target_loss(self, samples: list[dict], batch_size: int = 8) -> dict:
+    def target_loss(self, samples: list[dict]) -> dict:
         """Teacher-forced loss and perplexity over the trainable (target) tokens of encoded samples
-        (dicts with input_ids and labels, as built by data.encode_example)."""
+        (dicts with input_ids and labels, as built by data.encode_example).
+
+        Why not one batched forward: full-vocabulary logits for a batch are huge on large vocabularies
+        (BLOOM's 250,880 tokens: 8 x 1024 positions are ~4 GB in bf16, plus ~8 GB for a float copy). So each
+        sample is scored alone, the model returns logits only from the position before the first target
+        token (`logits_to_keep`, accepted by transformers' causal LMs; full logits otherwise), and
+        cross-entropy runs on float chunks of `_LOSS_CHUNK` positions."""
         import torch
 
+        keep = _accepts_logits_to_keep(self.model)
         total, count = 0.0, 0
         with self.lock, torch.inference_mode():
-            for s in range(0, len(samples), batch_size):
-                batch = samples[s: s + batch_size]
-                width = max(len(x["input_ids"]) for x in batch)
-                pad = self.tokenizer.pad_token_id
-                ids = torch.tensor([x["input_ids"] + [pad] * (width - len(x["input_ids"])) for x in batch], device=self.device)
-                attn = torch.tensor([[1] * len(x["input_ids"]) + [0] * (width - len(x["input_ids"])) for x in batch], device=self.device)
-                labels = torch.tensor([x["labels"] + [-100] * (width - len(x["labels"])) for x in batch], device=self.device)
-                logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-                tgt = labels[:, 1:]
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                         ignore_index=-100, reduction="sum")
-                total += loss.item()
+            for x in samples:
+                ids, labels = x["input_ids"], x["labels"]
+                first = next((t for t in range(1, len(ids)) if labels[t] != -100), None)
+                if first is None:
+                    continue
+                inp = torch.tensor([ids], device=self.device)
+                kw = {"logits_to_keep": len(ids) - first + 1} if keep else {}  # positions first-1 .. end
+                logits = self.model(input_ids=inp, attention_mask=torch.ones_like(inp), **kw).logits[0]
+                logits = logits[-(len(ids) - first + 1): -1]  # position p predicts token p + 1
+                tgt = torch.tensor(labels[first:], device=self.device)
+                for c in range(0, len(tgt), _LOSS_CHUNK):
+                    total += torch.nn.functional.cross_entropy(logits[c: c + _LOSS_CHUNK].float(), tgt[c: c + _LOSS_CHUNK],
+                                                               ignore_index=-100, reduction="sum").item()
                 count += int((tgt != -100).sum())
         mean = total / max(count, 1)
         return {"loss": round(mean, 6), "perplexity": round(math.exp(min(mean, 50)), 4), "target_tokens": count}
+
+
+_LOSS_CHUNK = 256
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM's forward takes `logits_to_keep` (a PeftModel passes it through to its base)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def base_model_config(run_dir: str | Path, cfg=None):
+    """The `model` config section of an adapter run's base: the run's config.yaml (`cfg`) when there is one,
+    else a default section naming adapter_config.json's base model."""
+    if cfg is not None:
+        return cfg.model
+    from .config import ModelConfig
+
+    return ModelConfig(name_or_path=adapter_base_name(run_dir))
 
 
 def _context_len(model, tokenizer) -> int:

@@ -44,12 +44,17 @@ def _looks_local(name: str) -> bool:
 
 
 def check_model_source(name: str, needs: tuple[str, ...] = ("config.json",)) -> str:
-    """Fail fast (no network wait) when a local-looking model path does not exist."""
+    """What to pass to from_pretrained: the absolute path of a local model directory, or the hub id.
+
+    Fails fast (no network wait) when a local-looking model path does not exist. A local path comes back
+    resolved, so what from_pretrained records (`name_or_path`, peft's `base_model_name_or_path` in
+    adapter_config.json) still works from another working directory.
+    """
     p = Path(name).expanduser()
     if p.exists():
         if not any((p / f).is_file() for f in needs):
             raise UserError(f"'{name}' is a directory without {' or '.join(needs)}: not a Hugging Face model directory")
-        return str(p)
+        return str(p.resolve())
     if _looks_local(name):
         hint = " Build the tiny offline model with `domaintune make-tiny-model runs/tiny-model`." if "tiny" in name else ""
         raise UserError(f"model.name_or_path '{name}' does not exist. Point it at a downloaded model directory "
@@ -190,10 +195,29 @@ def load_plain_model(path: str | Path, dtype=None, device: str | None = None, tr
         raise _load_error(str(path), e) from None
 
 
-def model_license(name_or_path: str) -> str | None:
-    """The license from a local model card's YAML front matter (README.md), if it states one."""
-    card = Path(name_or_path).expanduser() / "README.md"
-    if not card.is_file():
+def _model_file(name_or_path: str, filename: str, revision: str | None = None) -> Path | None:
+    """`filename` of a local model directory, or of a hub model already in the Hugging Face cache.
+    Never downloads: a hub model that is not cached gives None."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        f = local / filename
+        return f if f.is_file() else None
+    if _looks_local(name_or_path):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name_or_path, filename, revision=revision)
+    except ValueError:  # not a valid repo id after all
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def model_license(name_or_path: str, revision: str | None = None) -> str | None:
+    """The license in the model card's YAML front matter (README.md), if it states one. The card comes
+    from a local model directory or, for a hub id, from the Hugging Face cache (never downloaded)."""
+    card = _model_file(name_or_path, "README.md", revision)
+    if card is None:
         return None
     text = card.read_text(encoding="utf-8", errors="replace")
     m = re.match(r"^---\s*\n(.*?)\n---", text, re.S)
@@ -207,6 +231,21 @@ def model_license(name_or_path: str) -> str | None:
         return None
     lic = meta.get("license") if isinstance(meta, dict) else None
     return str(lic) if lic else None
+
+
+def base_config_dict(name_or_path: str, revision: str | None = None) -> dict | None:
+    """The model's config.json as a dict, from a local model directory or (hub id) the Hugging Face cache;
+    None when it is not available locally or is not a JSON object. Never downloads."""
+    import json
+
+    f = _model_file(name_or_path, "config.json", revision)
+    if f is None:
+        return None
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -42,31 +42,14 @@ FORMATS = ("jsonl", "json-array")
 
 # ---------------------------------------------------------------- prompts, targets, loss
 
-def _with_system(messages: list[dict], system: str | None) -> list[dict]:
-    """Prepend the run's data.system where a row has no system message, as training did (data.encode_example)."""
-    if system and (not messages or messages[0]["role"] != "system"):
-        return [{"role": "system", "content": system}] + list(messages)
-    return list(messages)
-
-
-def _run_data_settings(run: RunDir, engine) -> tuple[int, str | None]:
-    """(cutoff_len, system) of the run's training config; a bare model directory has none."""
-    if not run.config_path.is_file():
-        return engine.context_len, None
-    from .config import load_config
-
-    cfg = load_config(run.config_path)
-    return cfg.data.cutoff_len, cfg.data.system
-
-
-def target_loss(engine, examples, cutoff_len: int, system: str | None = None, batch_size: int = 8) -> dict:
+def target_loss(engine, examples) -> dict:
     """Teacher-forced loss and perplexity of `engine`'s model on the examples' targets.
 
     The target of a row is its last assistant turn (what predict generates); earlier assistant turns of a
     multi-turn row are context, not scored. Samples are built like training builds them
-    (`data.encode_example`, prompt masked, cut at `cutoff_len`). Rows without a target, or whose target
-    lies wholly beyond `cutoff_len`, are skipped. Returns {"loss", "perplexity", "target_tokens"}, or {}
-    when no row has a target.
+    (`data.encode_example` with the run's data.system, prompt masked, cut at the run's data.cutoff_len).
+    Rows without a target, or whose target lies wholly beyond the cutoff, are skipped. Returns
+    {"loss", "perplexity", "target_tokens"}, or {} when no row has a target.
     """
     from .data import IGNORE_INDEX, encode_example
 
@@ -75,10 +58,11 @@ def target_loss(engine, examples, cutoff_len: int, system: str | None = None, ba
         prompt, target = ex.prompt_and_target()
         if not target:
             continue
-        sample, _ = encode_example(ex, engine.tokenizer, engine.template, cutoff_len, train_on_inputs=False, system=system)
+        sample, _ = encode_example(ex, engine.tokenizer, engine.template, engine.cutoff_len, train_on_inputs=False,
+                                   system=engine.default_system)
         if sample is None:
             continue
-        prompt_ids = engine.encode_messages(_with_system(prompt, system))
+        prompt_ids = engine.encode_messages(prompt)  # adds the run's system, as encode_example did
         ids = sample["input_ids"]
         if ids[: len(prompt_ids)] == prompt_ids[: len(ids)]:  # mask earlier turns: score the last one only
             sample["labels"] = [IGNORE_INDEX] * min(len(prompt_ids), len(ids)) + sample["labels"][len(prompt_ids):]
@@ -87,39 +71,26 @@ def target_loss(engine, examples, cutoff_len: int, system: str | None = None, ba
         samples.append(sample)
     if not samples:
         return {}
-    return engine.target_loss(samples, batch_size=batch_size)
+    return engine.target_loss(samples)
 
 
-def run_test_loss(run_dir: str | Path, data: str | Path, base_only: bool = False, template: str | None = None,
-                  batch_size: int = 8) -> dict:
+def run_test_loss(run_dir: str | Path, data: str | Path, base_only: bool = False, template: str | None = None) -> dict:
     """Load RUN's model and return {"loss", "perplexity", "target_tokens"} on the test file's targets
     (used by `domaintune eval --run RUN --data TEST`)."""
     from .data import load_examples
-    from .generation import Engine
+    from .generation import Engine, resolve_template
 
     run = RunDir(run_dir)
-    examples = load_examples(data, require_answer=False, template=_light_template(run, template))
+    examples = load_examples(data, require_answer=False, template=resolve_template(run.path, None, template))
     if not any(ex.prompt_and_target()[1] for ex in examples):
         raise UserError(f"{data}: no row has a target (output / last assistant turn): there is nothing to compute a loss on")
     engine = Engine.from_run(run.path, base_only=base_only, template=template)
     examples = load_examples(data, require_answer=False, template=engine.template)
-    cutoff_len, system = _run_data_settings(run, engine)
-    loss = target_loss(engine, examples, cutoff_len, system, batch_size)
+    loss = target_loss(engine, examples)
     if not loss:
-        raise UserError(f"{data}: every target lies beyond the run's data.cutoff_len={cutoff_len}: nothing to compute a loss on")
+        raise UserError(f"{data}: every target lies beyond the run's data.cutoff_len={engine.cutoff_len}: "
+                        "nothing to compute a loss on")
     return loss
-
-
-def _light_template(run: RunDir, name: str | None):
-    """The template as Engine.from_run will pick it, without loading the model: used to validate the test
-    file (instruction + input joining) before any weights are read."""
-    from .templates import Template, get_template
-
-    if name:
-        return get_template(name)
-    if run.template_path.is_file():
-        return Template.load(run.template_path)
-    return get_template("tokenizer")  # Engine's fallback; only join_instruction is used here
 
 
 # ---------------------------------------------------------------- the predictions file
@@ -200,13 +171,8 @@ def _paths(run: RunDir, out: str | Path | None, base_only: bool, fmt: str) -> tu
 
 
 def _check_args(params, batch_size: int, fmt: str, limit: int | None) -> None:
+    params.validate()
     checks = [(batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
-              (params.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {params.max_new_tokens}"),
-              (params.num_beams >= 1, f"--num-beams must be at least 1, got {params.num_beams}"),
-              (not params.do_sample or params.temperature > 0, f"--temperature must be > 0, got {params.temperature}"),
-              (0 < params.top_p <= 1, f"--top-p must lie in (0, 1], got {params.top_p}"),
-              (params.top_k >= 0, f"--top-k must be >= 0, got {params.top_k}"),
-              (params.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {params.repetition_penalty}"),
               (fmt in FORMATS, f"--format {fmt!r}: choose {' or '.join(FORMATS)}"),
               (limit is None or limit >= 1, f"--limit must be at least 1, got {limit}")]
     for ok, msg in checks:
@@ -225,7 +191,7 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
     model's loss and perplexity on the targets added, and prints the metrics.
     """
     from .data import load_examples
-    from .generation import Engine, GenerationParams
+    from .generation import Engine, GenerationParams, resolve_template
 
     params = params or GenerationParams()
     _check_args(params, batch_size, fmt, limit)
@@ -234,7 +200,8 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
         raise UserError(f"'{run.path}' is not a directory: give a run directory or a model directory")
     data = Path(data)
     # Bad data and a mismatching earlier output stop here, before any weights are loaded.
-    examples = load_examples(data, require_answer=False, template=_light_template(run, template))[:limit]
+    light = resolve_template(run.path, None, template)  # without the tokenizer: only the instruction joining counts
+    examples = load_examples(data, require_answer=False, template=light)[:limit]
     jsonl, array_path = _paths(run, out, base_only, fmt)
     meta = {"data": _file_fingerprint(data), "generation": dataclasses.asdict(params), "base_only": base_only,
             "template": template, "run": str(run.path.resolve())}
@@ -245,11 +212,11 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
     engine = None
     if todo or (evaluate and has_targets):
         engine = Engine.from_run(run.path, base_only=base_only, template=template)
-        if engine.template.instruction_input_format != _light_template(run, template).instruction_input_format:
+        if engine.template.instruction_input_format != light.instruction_input_format:
             examples = load_examples(data, require_answer=False, template=engine.template)[:limit]
             todo = [ex for ex in examples if ex.index not in done]
     if todo:
-        _generate_into(engine, run, todo, jsonl, meta, params, batch_size, total=len(examples),
+        _generate_into(engine, todo, jsonl, meta, params, batch_size, total=len(examples),
                        already=len(examples) - len(todo))
     rows = _finish_file(jsonl, examples)
     print(f"wrote {jsonl} ({len(rows)} rows)")
@@ -258,19 +225,17 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
         write_atomic(array_path, json.dumps(array, ensure_ascii=False, indent=2) + "\n")
         print(f"wrote {array_path}")
     if evaluate:
-        _evaluate(engine, run, jsonl, examples, base_only, has_targets, batch_size)
+        _evaluate(engine, run, jsonl, examples, base_only, has_targets)
     return jsonl
 
 
-def _generate_into(engine, run: RunDir, todo, jsonl: Path, meta: dict, params, batch_size: int, total: int,
-                   already: int) -> None:
+def _generate_into(engine, todo, jsonl: Path, meta: dict, params, batch_size: int, total: int, already: int) -> None:
     from tqdm import tqdm
 
-    _, system = _run_data_settings(run, engine)
     prompts, targets = [], []
     for ex in todo:
         prompt, target = ex.prompt_and_target()
-        ids = engine.encode_messages(_with_system(prompt, system))
+        ids = engine.encode_messages(prompt)  # with the run's data.system, as in training
         if len(ids) + params.max_new_tokens > engine.context_len:
             raise UserError(f"{ex.where}: the prompt has {len(ids)} tokens; with --max-new-tokens {params.max_new_tokens} "
                             f"it exceeds the model's context of {engine.context_len} tokens. Shorten the row or lower "
@@ -306,7 +271,7 @@ def _finish_file(jsonl: Path, examples) -> list[dict]:
     return ordered
 
 
-def _evaluate(engine, run: RunDir, jsonl: Path, examples, base_only: bool, has_targets: bool, batch_size: int) -> None:
+def _evaluate(engine, run: RunDir, jsonl: Path, examples, base_only: bool, has_targets: bool) -> None:
     from .metrics import format_metrics, run_eval
 
     if not has_targets:
@@ -315,8 +280,7 @@ def _evaluate(engine, run: RunDir, jsonl: Path, examples, base_only: bool, has_t
     out_dir = jsonl.parent
     if base_only and out_dir.resolve() == run.path.resolve():
         out_dir = run.path / "base"  # keep the fine-tuned model's metrics.json in RUN
-    cutoff_len, system = _run_data_settings(run, engine)
-    loss = target_loss(engine, examples, cutoff_len, system, batch_size)
+    loss = target_loss(engine, examples)
     metrics = run_eval(jsonl, out_dir=out_dir, extra={k: loss[k] for k in ("loss", "perplexity") if k in loss})
     print(format_metrics(metrics))
     print(f"wrote {out_dir / 'metrics.json'}")

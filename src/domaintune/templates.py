@@ -11,11 +11,22 @@ serve) both call `encode()`, so the prompt the model sees at inference is token-
 was trained on. The template used in training is saved as `template.json` in the run directory.
 
 The special kind `tokenizer` uses the model's own `chat_template` (Jinja) instead; trainable spans are
-found by rendering growing prefixes of the conversation and taking the differences.
+found by rendering growing prefixes of the conversation and taking the differences. A chat_template that
+rejects a conversation (`raise_exception(...)`, as Mistral's, LLaMA-2's and Gemma's do for a system
+message or non-alternating roles) becomes a UserError carrying the template's message.
+
+Known limitation (segment boundaries): `encode()` tokenizes each segment on its own and concatenates the
+ids. Byte-level BPE tokenizers (Qwen, BLOOM, LLaMA-3, GPT-2 style) give the same ids as tokenizing the
+whole rendered string, in practice. SentencePiece / Metaspace tokenizers (LLaMA-2, Mistral, Yi, Baichuan)
+may not: each segment gets its own word-start marker ("▁") and merges never cross a boundary. Training and
+inference inside domaintune are unaffected (both use `encode()`), but a chat_template exported for other
+tools (`to_jinja`, tokenized as one string) can yield different ids at those boundaries, i.e. once there
+is a system message or an earlier turn.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,6 +35,7 @@ from typing import Any
 from .errors import UserError
 
 BUILTIN = ("domain_zh", "alpaca", "chatml", "tokenizer")
+_JOIN_FIELDS = re.compile(r"\{(instruction|input)\}")
 EOS = object()  # marker for "the tokenizer's EOS token id" inside a segment list
 
 
@@ -75,7 +87,9 @@ class Template:
         """The user message for an instruction/input row."""
         if not input:
             return instruction
-        return self.instruction_input_format.replace("{instruction}", instruction).replace("{input}", input)
+        # One pass over the format: an instruction that itself contains the text "{input}" stays as written.
+        values = {"instruction": instruction, "input": input}
+        return _JOIN_FIELDS.sub(lambda m: values[m.group(1)], self.instruction_input_format)
 
     def segments(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[Any, bool]]:
         """(text or EOS, trainable) pieces of a conversation (format templates).
@@ -126,8 +140,15 @@ class Template:
         if not tpl:
             raise UserError("template 'tokenizer' needs a tokenizer with a chat_template; choose domain_zh, alpaca or chatml")
 
+        from jinja2 import TemplateError
+
         def render(msgs, gen):
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=tpl)
+            try:
+                return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=tpl)
+            except TemplateError as e:  # e.g. Mistral/LLaMA-2/Gemma: raise_exception('... roles must alternate ...')
+                raise UserError(f"the model's chat_template rejects this conversation ({e}); change the data "
+                                "(e.g. drop the system message) or use data.template: chatml (or another "
+                                "format template)") from None
 
         ids: list[int] = []
         mask: list[bool] = []

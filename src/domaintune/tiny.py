@@ -8,7 +8,6 @@ token; BLOOM and Qwen2 add no BOS. All carry the ChatML tokens and a ChatML chat
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import UserError
@@ -45,14 +44,10 @@ def default_corpus() -> list[Path]:
 
 
 def corpus_texts(files: list[Path]) -> list[str]:
-    texts = []
-    for f in files:
-        for line in Path(f).read_text(encoding="utf-8-sig").splitlines():
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            texts.extend(_strings(obj))
-    return texts
+    """Every string value of every row of `files` (JSON lines or JSON arrays, read by `data.read_records`)."""
+    from .data import read_records
+
+    return [s for f in files for _, obj in read_records(f) for s in _strings(obj)]
 
 
 def _strings(obj) -> list[str]:

@@ -8,6 +8,11 @@ Distributed: under `torchrun` or `accelerate launch` every process runs this sam
 Trainer handles DDP (gloo on CPU, NCCL on GPUs). Only rank 0 writes logs and final artifacts. The
 global batch (`train.batch_size`) is kept: gradient accumulation = batch_size / (per_device x processes).
 
+Precision: LoRA keeps the frozen base in the configured dtype; full fine-tuning keeps fp32 master weights
+(with bf16/fp16 autocast on GPUs), see `training_precision`.
+
+Checkpoints carry template.json and config.yaml too, so predict/chat/serve can use one directly.
+
 Resume: `--resume` continues from the newest *complete* checkpoint (one whose trainer_state.json was
 written, which the Trainer does last), restoring optimizer, scheduler, RNG and data position; log.jsonl
 is cut back to that step so no step is logged twice.
@@ -22,7 +27,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UserError
-from .jsonl import read_jsonl, write_jsonl_atomic
+from .jsonl import read_jsonl, write_atomic, write_jsonl_atomic
 from .rundir import CHECKPOINT_PREFIX, RunDir
 
 
@@ -53,9 +58,17 @@ def latest_checkpoint(out: Path) -> Path | None:
     return cps[-1] if cps else None
 
 
-def grad_accumulation(tcfg, world_size: int) -> int:
+def grad_accumulation(tcfg, world_size: int, quiet: bool = False) -> int:
+    """Accumulation steps that keep the global `train.batch_size` over `world_size` processes; an explicit
+    `train.gradient_accumulation_steps` wins (with a one-line warning when it changes the global batch)."""
     if tcfg.gradient_accumulation_steps:
-        return tcfg.gradient_accumulation_steps
+        gas = tcfg.gradient_accumulation_steps
+        effective = tcfg.per_device_batch_size * world_size * gas
+        if effective != tcfg.batch_size and not quiet:
+            print(f"warning: train.gradient_accumulation_steps={gas} is set, so train.batch_size {tcfg.batch_size} "
+                  f"is ignored: the global batch is {tcfg.per_device_batch_size} per device x {world_size} "
+                  f"process(es) x {gas} = {effective}", flush=True)
+        return gas
     per_step = tcfg.per_device_batch_size * world_size
     if tcfg.batch_size % per_step:
         raise UserError(f"train.batch_size {tcfg.batch_size} is not a multiple of per_device_batch_size "
@@ -63,7 +76,45 @@ def grad_accumulation(tcfg, world_size: int) -> int:
     return max(1, tcfg.batch_size // per_step)
 
 
-def _prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> Path | None:
+def training_precision(lora_enabled: bool, quantization: str, dtype, device: str):
+    """(dtype to load the weights in, bf16 autocast, fp16 autocast) for a run.
+
+    `dtype` is the resolved model dtype (`model.resolve_dtype`). Full fine-tuning always loads fp32
+    weights: AdamW updates of a pure bf16/fp16 model mostly round to zero (an update of lr 2e-5 is far
+    below bf16's resolution near 1), so the master weights must be fp32; on CUDA, bf16/fp16 then runs as
+    autocast. LoRA keeps the base in `dtype` (it is frozen; peft keeps the adapter in fp32), QLoRA uses
+    `dtype` as its compute dtype.
+    """
+    import torch
+
+    load_dtype = dtype if lora_enabled or quantization != "none" else torch.float32
+    cuda = device == "cuda"
+    return load_dtype, cuda and dtype == torch.bfloat16, cuda and dtype == torch.float16
+
+
+def _looks_like_run(out: Path) -> bool:
+    return any((out / f).exists() for f in ("config.yaml", "log.jsonl", "run_info.json")) or \
+        any(out.glob(f"{CHECKPOINT_PREFIX}*"))
+
+
+def _check_overwrite(out: Path, base_model: str, is_main: bool) -> None:
+    """--overwrite deletes `out`: only when it is a run directory, and never a base model (or a folder holding it).
+    The content check runs on rank 0 only: another rank could look while rank 0 is already deleting
+    (torchrun then stops the other ranks when rank 0 fails)."""
+    target = out.resolve()
+    base = Path(base_model).expanduser()
+    if base_model and base.is_dir():
+        base = base.resolve()
+        if base == target or target in base.parents:
+            raise UserError(f"--overwrite: train.output_dir '{out}' is (or contains) the base model "
+                            f"'{base_model}'; it will not be deleted. Pick another train.output_dir")
+    if is_main and not _looks_like_run(out):
+        raise UserError(f"--overwrite: '{out}' does not look like a domaintune run directory (no config.yaml, "
+                        "log.jsonl, run_info.json or checkpoint-*), so it will not be deleted. Pick another "
+                        "train.output_dir, or delete the folder by hand")
+
+
+def _prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool, base_model: str) -> Path | None:
     ckpt = latest_checkpoint(out) if resume else None
     if resume:
         if ckpt is None:
@@ -73,16 +124,21 @@ def _prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool)
     if busy and not overwrite:
         raise UserError(f"'{out}' already holds a run. Pass --resume to continue it, --overwrite to start afresh, "
                         "or set train.output_dir to a new folder")
+    if busy:
+        _check_overwrite(out, base_model, is_main)
     if busy and is_main:
         shutil.rmtree(out)
     return None
 
 
-def _make_callbacks(run: RunDir, resume_step: int):
+def _make_callbacks(run: RunDir, resume_step: int, template, config_yaml: str):
+    """`template` and `config_yaml` (the saved config) go into every checkpoint, so a checkpoint is a run
+    directory that predict/chat/serve can use with the prompt format it was trained on."""
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
-        """Writes log.jsonl live (rank 0) and refreshes loss.png at every eval and save."""
+        """Writes log.jsonl live (rank 0), refreshes loss.png at every eval and save, and completes each
+        checkpoint with template.json and config.yaml."""
 
         def __init__(self):
             self.t0 = time.time()
@@ -119,6 +175,11 @@ def _make_callbacks(run: RunDir, resume_step: int):
             self._plot(state)
 
         def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+                if ckpt.is_dir():
+                    template.save(ckpt / "template.json")
+                    write_atomic(ckpt / "config.yaml", config_yaml)
             self._plot(state)
 
     return [JsonlLog()]
@@ -154,7 +215,7 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
     out = Path(cfg.train.output_dir)
     run = RunDir(out)
     _check_trackers(cfg.train.report_to)
-    ckpt = _prepare_output_dir(out, resume, overwrite, is_main)
+    ckpt = _prepare_output_dir(out, resume, overwrite, is_main, cfg.model.name_or_path)
     # A missing model fails here, in about a second, not after the seconds torch + transformers take to import.
     loader.check_model_source(cfg.model.name_or_path, ("config.json", "tokenizer_config.json", "tokenizer.json"))
 
@@ -168,12 +229,11 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
         print("\n".join(data.report.summary_lines()), flush=True)
 
     # Imported only once the data is valid: bad data stops before the slow Trainer import and any model load.
-    import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     device = loader.resolve_device()
     dtype = loader.resolve_dtype(cfg.model.dtype, device)
-    load_dtype = torch.float32 if (dtype == torch.float16 and not cfg.lora.enabled) else dtype
+    load_dtype, bf16, fp16 = training_precision(cfg.lora.enabled, cfg.model.quantization, dtype, device)
     base = loader.load_base_model(cfg.model, device=device, dtype=load_dtype)
     # LoRA draws its new weights here, before the Trainer seeds anything: seed now, or two runs of one config differ.
     set_seed(cfg.train.seed)
@@ -181,7 +241,8 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
     if is_main:
         trainable, total = loader.count_parameters(model)
         print(f"model: {cfg.model.name_or_path} ({'LoRA' if cfg.lora.enabled else 'full'}; "
-              f"{trainable:,} trainable of {total:,} parameters; {str(dtype).replace('torch.', '')} on {device})", flush=True)
+              f"{trainable:,} trainable of {total:,} parameters; {str(load_dtype).replace('torch.', '')}"
+              f"{' + bf16 autocast' if bf16 else ' + fp16 autocast' if fp16 else ''} on {device})", flush=True)
 
     t = cfg.train
     has_eval = bool(data.eval)
@@ -189,7 +250,7 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
         output_dir=str(out),
         per_device_train_batch_size=t.per_device_batch_size,
         per_device_eval_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=grad_accumulation(t, world_size),
+        gradient_accumulation_steps=grad_accumulation(t, world_size, quiet=not is_main),
         num_train_epochs=t.num_epochs,
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
@@ -208,8 +269,8 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
         seed=t.seed,
         data_seed=t.seed,
         report_to=[] if t.report_to == ["none"] else t.report_to,
-        bf16=device == "cuda" and dtype == torch.bfloat16,
-        fp16=device == "cuda" and dtype == torch.float16,
+        bf16=bf16,
+        fp16=fp16,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=t.dataloader_num_workers,
@@ -227,7 +288,8 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
                                       pad_to_multiple_of=8 if device == "cuda" else None)
     trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=_ListDataset(data.train),
                       eval_dataset=_ListDataset(data.eval) if has_eval else None, processing_class=tok,
-                      callbacks=_make_callbacks(run, _step_of(ckpt)))
+                      callbacks=_make_callbacks(run, _step_of(ckpt), template, saved_config(cfg).to_yaml()))
+    tokens_at_start = _tokens_at(ckpt)  # read now: checkpoint rotation may delete ckpt during training
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     logged_eval_at_end = any(r.get("step") == trainer.state.global_step and "eval_loss" in r
@@ -240,7 +302,8 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
         # save_model also pickles TrainingArguments (training_args.bin); the run directory holds no pickles,
         # config.yaml is the resolved config. Checkpoints keep theirs (the Trainer's own format).
         (out / "training_args.bin").unlink(missing_ok=True)
-        _write_run_files(cfg, run, tok, template, base, data.report, trainer, result, eval_metrics, runtime, world_size)
+        _write_run_files(cfg, run, tok, template, base, data.report, trainer, result, eval_metrics, runtime, world_size,
+                         tokens_at_start)
         refresh_plot(run)
         print(f"run directory: {out}", flush=True)
     return out
@@ -280,14 +343,32 @@ def _step_of(ckpt: Path | None) -> int:
     return int(ckpt.name[len(CHECKPOINT_PREFIX):]) if ckpt else 0
 
 
-def _write_run_files(cfg, run, tok, template, base, report, trainer, result, eval_metrics, runtime, world_size):
+def _tokens_at(ckpt: Path | None) -> int:
+    """Input tokens already seen at a checkpoint (0 for a fresh run)."""
+    if ckpt is None:
+        return 0
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    return int(state.get("num_input_tokens_seen") or 0)
+
+
+def tokens_per_second(tokens: int, tokens_at_start: int, runtime: float) -> float | None:
+    """Throughput of this session: a resumed run counts only the tokens it trained on itself."""
+    return round((tokens - tokens_at_start) / runtime, 1) if runtime > 0 else None
+
+
+def _write_run_files(cfg, run, tok, template, base, report, trainer, result, eval_metrics, runtime, world_size,
+                     tokens_at_start=0):
     from transformers import GenerationConfig
 
     from .model import model_license
 
+    saved = saved_config(cfg)
     tok.save_pretrained(run.path)
     template.save(run.template_path)
-    run.config_path.write_text(saved_config(cfg).to_yaml(), encoding="utf-8")
+    run.config_path.write_text(saved.to_yaml(), encoding="utf-8")
     gen = getattr(base, "generation_config", None) or GenerationConfig()
     gen = GenerationConfig(**{k: v for k, v in gen.to_dict().items() if not k.startswith("_") and k != "transformers_version"})
     stop = template.stop_token_ids(tok)
@@ -299,8 +380,8 @@ def _write_run_files(cfg, run, tok, template, base, report, trainer, result, eva
     eval_losses = [r["eval_loss"] for r in logs if "eval_loss" in r]
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
     run.write_json("run_info.json", {
-        "base_model": cfg.model.name_or_path,
-        "license": model_license(cfg.model.name_or_path),
+        "base_model": saved.model.name_or_path,
+        "license": model_license(saved.model.name_or_path, cfg.model.revision),
         "method": "full" if not cfg.lora.enabled else ("qlora" if cfg.model.quantization != "none" else "lora"),
         "template": template.name,
         "domaintune_version": __version__,
@@ -310,7 +391,7 @@ def _write_run_files(cfg, run, tok, template, base, report, trainer, result, eva
             "runtime_s": round(runtime, 2),
             "global_steps": trainer.state.global_step,
             "tokens": tokens,
-            "tokens_per_second": round(tokens / runtime, 1) if runtime > 0 else None,
+            "tokens_per_second": tokens_per_second(tokens, tokens_at_start, runtime),
             "final_loss": train_losses[-1] if train_losses else None,
             "best_eval_loss": min(eval_losses) if eval_losses else None,
             "final_eval_loss": eval_metrics.get("eval_loss"),
@@ -326,7 +407,8 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in train.output_dir (default: off)")
     p.add_argument("--overwrite", action="store_true",
-                   help="delete an existing run in train.output_dir and start afresh (default: off)")
+                   help="delete an existing run in train.output_dir and start afresh; refused for a folder that is "
+                        "not a run directory or that holds the base model (default: off)")
     p.set_defaults(func=_cmd_train)
 
 

@@ -9,7 +9,6 @@ braces (e.g. a JSON example in a user template) stay as written.
 """
 from __future__ import annotations
 
-import json
 import re
 from importlib import resources
 from pathlib import Path
@@ -22,27 +21,25 @@ REQUIRED = {"question": "examples", "answer": "question"}
 
 
 def load_seeds(path: str) -> list[str]:
-    """Seed questions from a JSONL file with a "question" field; errors name the file and line."""
+    """Seed questions from a JSONL file (or JSON array) with a "question" field; errors name the file and line.
+
+    Read by `data.read_records`, the project's one reader of data files: BOM, CRLF, invalid UTF-8 and
+    broken JSON are handled (and reported) as for training data."""
+    from ..data import read_records
+
     if not path:
         raise UserError("selfinstruct.seeds_path is not set: give a JSONL file with one {\"question\": ...} per line")
     p = Path(path)
     if not p.is_file():
         raise UserError(f"selfinstruct.seeds_path '{p}' not found (relative paths start from the current directory)")
-    seeds: list[str] = []
-    with open(p, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p} line {lineno}: not valid JSON ({e.msg}); expected {{\"question\": \"...\"}}") from None
-            q = obj.get("question") if isinstance(obj, dict) else None
-            if not isinstance(q, str) or not q.strip():
-                raise UserError(f"{p} line {lineno}: missing \"question\" (a non-empty string)")
-            seeds.append(q.strip())
-    if not seeds:
+    if not p.read_bytes().removeprefix(b"\xef\xbb\xbf").strip():
         raise UserError(f"{p}: no seed questions; add lines like {{\"question\": \"...\"}}")
+    seeds: list[str] = []
+    for lineno, obj in read_records(p):
+        q = obj.get("question") if isinstance(obj, dict) else None
+        if not isinstance(q, str) or not q.strip():
+            raise UserError(f"{p} line {lineno}: missing \"question\" (a non-empty string)")
+        seeds.append(q.strip())
     return seeds
 
 

@@ -77,11 +77,13 @@ def run_serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
     """Serve until interrupted. The API key defaults to $DOMAINTUNE_API_KEY; an empty key means none."""
     import uvicorn
 
+    from ..generation import GenerationParams
     from .app import ServeDefaults, create_app
 
     defaults = defaults or ServeDefaults()
-    if defaults.max_tokens <= 0 or defaults.temperature < 0 or not 0 < defaults.top_p <= 1:
-        raise UserError("--max-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    GenerationParams(max_new_tokens=defaults.max_tokens, do_sample=defaults.temperature != 0,
+                     temperature=defaults.temperature or 1.0, top_p=defaults.top_p, top_k=defaults.top_k,
+                     repetition_penalty=defaults.repetition_penalty).validate()
     if not Path(run).is_dir():
         raise UserError(f"'{run}' is not a directory: give a run directory or a model directory")
     api_key = api_key if api_key is not None else os.environ.get(ENV_KEY)

@@ -18,6 +18,8 @@ Errors use the OpenAI body `{"error": {"message", "type", "param", "code"}}`: 40
 Sampling: `temperature` 0 means greedy decoding; omitted parameters take the server's defaults
 (`ServeDefaults`). `max_tokens` defaults to min(defaults.max_tokens, context - prompt). `stop`
 strings are honoured (the text is cut before the first match; finish_reason "stop"). `n` must be 1.
+Chat messages: an optional system message, then user/assistant alternating, ending with user; a
+conversation the model's own chat template refuses (e.g. one that forbids a system role) is a 400 too.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import UserError
+from ..generation import StopScanner
 from . import protocol as P
 
 
@@ -113,41 +117,6 @@ class _Guard:
         return await self.app(scope, replay, send)
 
 
-# ---------------------------------------------------------------- stop strings
-
-class StopScanner:
-    """Cut streamed text before the first stop string, holding back a possible partial match."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.buf = ""
-        self.hit = False
-
-    def feed(self, delta: str) -> str:
-        if self.hit:
-            return ""
-        if not self.stops:
-            return delta
-        self.buf += delta
-        cut = min((i for i in (self.buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.hit = True
-            out, self.buf = self.buf[:cut], ""
-            return out
-        keep = 0  # longest tail of buf that starts some stop string
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
-                if self.buf.endswith(s[:k]):
-                    keep = max(keep, k)
-                    break
-        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
-        return out
-
-    def flush(self) -> str:
-        out, self.buf = ("" if self.hit else self.buf), ""
-        return out
-
-
 # ---------------------------------------------------------------- generation in a worker thread
 
 async def _generate(app: FastAPI, prompt: list[int], params, stop_event: threading.Event, state) -> AsyncIterator[str]:
@@ -216,16 +185,32 @@ def _check_common(req, engine) -> None:
 
 
 def _chat_messages(req: P.ChatCompletionRequest) -> list[dict]:
+    """The conversation as role/content dicts, checked for the shape every template can render: an optional
+    system message first, then user and assistant turns alternating, starting and ending with user."""
     if not req.messages:
         raise APIError(400, "'messages' must contain at least one message.", param="messages")
     msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+    start = 1 if msgs[0]["role"] == "system" else 0
     for i, m in enumerate(msgs):
         if m["role"] == "system" and i > 0:
             raise APIError(400, f"messages[{i}]: a system message may only come first.", param=f"messages.{i}.role")
+        want = "user" if (i - start) % 2 == 0 else "assistant"
+        if i >= start and m["role"] != want:
+            raise APIError(400, f"messages[{i}]: expected role '{want}', got '{m['role']}': after an optional system "
+                                "message, user and assistant messages must alternate, starting with user.",
+                           param=f"messages.{i}.role")
     if msgs[-1]["role"] != "user":
         raise APIError(400, f"messages[{len(msgs) - 1}]: the last message must have role 'user'.",
                        param=f"messages.{len(msgs) - 1}.role")
     return msgs
+
+
+def _encode_chat(engine, msgs: list[dict]) -> list[int]:
+    """Prompt ids; a conversation the model's chat template refuses is the client's mistake (400)."""
+    try:
+        return engine.encode_messages(msgs)
+    except UserError as e:  # templates.py turns a chat_template's raise_exception into UserError
+        raise APIError(400, str(e), param="messages") from None
 
 
 def _params(req, prompt_len: int, engine, defaults: ServeDefaults):
@@ -241,15 +226,16 @@ def _params(req, prompt_len: int, engine, defaults: ServeDefaults):
                             + (f" and max_tokens asks for {requested} more." if requested else "."),
                        param="max_tokens" if room > 0 else "messages", code="context_length_exceeded")
     temperature = defaults.temperature if req.temperature is None else req.temperature
-    return GenerationParams(
+    params = GenerationParams(
         max_new_tokens=requested or min(defaults.max_tokens, room),
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else 1.0,
+        do_sample=temperature != 0,
+        temperature=temperature if temperature != 0 else 1.0,
         top_p=defaults.top_p if req.top_p is None else req.top_p,
         top_k=defaults.top_k if req.top_k is None else req.top_k,
         repetition_penalty=defaults.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
         seed=req.seed,
     )
+    return params.validate()  # a UserError here (bad server defaults) becomes a 400 like the others
 
 
 def _sse(obj) -> str:
@@ -273,6 +259,10 @@ def create_app(engine=None, api_key: str | None = None, max_body_bytes: int = 1 
     async def _api_error(request, e: APIError):
         headers = {"Retry-After": "5"} if e.status == 503 else None
         return _error_response(e.status, e.message, e.param, e.code, headers)
+
+    @app.exception_handler(UserError)
+    async def _user_error(request, e: UserError):  # a check deeper down refused the request: still the client's 400
+        return _error_response(400, str(e))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e: RequestValidationError):
@@ -307,7 +297,7 @@ def create_app(engine=None, api_key: str | None = None, max_body_bytes: int = 1 
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
         eng = _engine(app)
         _check_common(req, eng)
-        prompt = eng.encode_messages(_chat_messages(req))
+        prompt = _encode_chat(eng, _chat_messages(req))
         params = _params(req, len(prompt), eng, defaults)
         return await _respond(request, req, prompt, params, chat=True)
 
@@ -381,7 +371,9 @@ def create_app(engine=None, api_key: str | None = None, max_body_bytes: int = 1 
                 yield chunk(None, reason)
                 if with_usage:
                     yield _sse(P.usage_chunk(rid, model, obj, use))
-            except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band, as OpenAI does
+            except UserError as e:  # the status line is gone; report in-band, as OpenAI does
+                yield _sse(P.error_body(400, str(e)))
+            except Exception as e:  # noqa: BLE001
                 yield _sse(P.error_body(500, f"generation failed: {e.__class__.__name__}: {e}"))
             finally:
                 stop_event.set()
