@@ -265,7 +265,7 @@ def test_target_loss_keeps_only_the_needed_logits_and_equals_the_plain_loss(engi
     before its first target token only; the value is the plain computation's."""
     import math
 
-    from domaintune import generation
+    from domaintune import scoring
 
     engine = engines[arch]
     samples = _loss_samples(engine, sample_data)
@@ -277,7 +277,7 @@ def test_target_loss_keeps_only_the_needed_logits_and_equals_the_plain_loss(engi
         with_kwargs=True)
     try:
         got = engine.target_loss(samples)
-        monkeypatch.setattr(generation, "_accepts_logits_to_keep", lambda model: False)
+        monkeypatch.setattr(scoring, "_accepts_logits_to_keep", lambda model: False)
         fallback = engine.target_loss(samples)  # a forward without logits_to_keep: full logits, same value
     finally:
         hook.remove()
@@ -321,7 +321,7 @@ def test_plain_model_directory_has_no_run_config(engines):
 
 def test_resolve_template_order(tmp_path, qwen_tok):
     from domaintune.errors import UserError
-    from domaintune.generation import resolve_template
+    from domaintune.rundir import resolve_template
     from domaintune.templates import get_template
 
     assert resolve_template(tmp_path, qwen_tok, "alpaca").name == "alpaca"
@@ -342,7 +342,7 @@ def test_resolve_template_order(tmp_path, qwen_tok):
 
 def test_adapter_base_name(tmp_path):
     from domaintune.errors import UserError
-    from domaintune.generation import adapter_base_name
+    from domaintune.rundir import adapter_base_name
 
     (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "org/base"}')
     assert adapter_base_name(tmp_path) == "org/base"

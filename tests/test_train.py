@@ -17,7 +17,8 @@ import pytest
 from domaintune.config import build_config, load_config
 from domaintune.errors import UserError
 from domaintune.rundir import RunDir
-from domaintune.train import grad_accumulation, latest_checkpoint, list_checkpoints, run_train
+from domaintune.rundir import latest_checkpoint, list_checkpoints
+from domaintune.train import grad_accumulation, run_train
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data" / "train.jsonl"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
@@ -356,7 +357,8 @@ def test_resume_after_kill_continues_exactly(models, tmp_path):
 
 
 def test_tokens_per_second_counts_this_session_only(tmp_path):
-    from domaintune.train import _tokens_at, tokens_per_second
+    from domaintune.rundir import checkpoint_tokens as _tokens_at
+    from domaintune.train import tokens_per_second
 
     ckpt = tmp_path / "checkpoint-4"
     ckpt.mkdir()

@@ -31,7 +31,7 @@ def run_export(run: str | Path, out: str | Path, dtype: str = "auto", max_shard_
 
     from . import model as loader
     from .config import load_config
-    from .generation import base_model_config, resolve_template
+    from .rundir import base_model_config, resolve_template
     from .templates import leading_bos
 
     rd, out = RunDir(run), Path(out)

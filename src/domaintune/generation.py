@@ -15,8 +15,6 @@ here: callers that share an engine across threads hold `engine.lock` (the server
 """
 from __future__ import annotations
 
-import inspect
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import UserError
-from .rundir import RunDir
+from .rundir import RunDir, base_model_config, resolve_template
 
 
 @dataclass
@@ -122,42 +120,6 @@ class StreamState:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "stop"
     text: str = ""
-
-
-def adapter_base_name(run_dir: str | Path) -> str:
-    """The base model an adapter directory was trained on (`base_model_name_or_path` of adapter_config.json)."""
-    import json
-
-    path = Path(run_dir) / "adapter_config.json"
-    try:
-        name = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read it ({e}); is the run directory complete?") from None
-    if not name:
-        raise UserError(f"{path}: no base_model_name_or_path: cannot tell which base model the adapter belongs to")
-    return name
-
-
-def resolve_template(run_dir: str | Path, tokenizer=None, name: str | None = None):
-    """The prompt template of a run or model directory: `name` (a built-in, `tokenizer` or a .json path) when
-    given, else the directory's template.json, else the tokenizer's chat_template.
-
-    With `tokenizer=None` (a look before any weights are loaded, e.g. to validate a data file) the last
-    fallback is not checked: a `tokenizer` template without its Jinja text is returned (its
-    instruction/input joining is all such callers use)."""
-    from .templates import Template, get_template
-
-    run = RunDir(run_dir)
-    if name:
-        return get_template(name, tokenizer)
-    if run.template_path.is_file():
-        return Template.load(run.template_path)
-    if tokenizer is None:
-        return get_template("tokenizer")
-    if getattr(tokenizer, "chat_template", None):
-        return get_template("tokenizer", tokenizer)
-    raise UserError(f"'{run.path}' has no template.json and its tokenizer no chat_template: pass --template "
-                    "(domain_zh, alpaca, chatml, tokenizer or a template .json)")
 
 
 class Engine:
@@ -412,57 +374,11 @@ class Engine:
 
     # ------------------------------------------------------------ scoring
     def target_loss(self, samples: list[dict]) -> dict:
-        """Teacher-forced loss and perplexity over the trainable (target) tokens of encoded samples
-        (dicts with input_ids and labels, as built by data.encode_example).
+        """Teacher-forced loss and perplexity over the target tokens of encoded samples (see scoring.py)."""
+        from .scoring import target_loss
 
-        Why not one batched forward: full-vocabulary logits for a batch are huge on large vocabularies
-        (BLOOM's 250,880 tokens: 8 x 1024 positions are ~4 GB in bf16, plus ~8 GB for a float copy). So each
-        sample is scored alone, the model returns logits only from the position before the first target
-        token (`logits_to_keep`, accepted by transformers' causal LMs; full logits otherwise), and
-        cross-entropy runs on float chunks of `_LOSS_CHUNK` positions."""
-        import torch
-
-        keep = _accepts_logits_to_keep(self.model)
-        total, count = 0.0, 0
-        with self.lock, torch.inference_mode():
-            for x in samples:
-                ids, labels = x["input_ids"], x["labels"]
-                first = next((t for t in range(1, len(ids)) if labels[t] != -100), None)
-                if first is None:
-                    continue
-                inp = torch.tensor([ids], device=self.device)
-                kw = {"logits_to_keep": len(ids) - first + 1} if keep else {}  # positions first-1 .. end
-                logits = self.model(input_ids=inp, attention_mask=torch.ones_like(inp), **kw).logits[0]
-                logits = logits[-(len(ids) - first + 1): -1]  # position p predicts token p + 1
-                tgt = torch.tensor(labels[first:], device=self.device)
-                for c in range(0, len(tgt), _LOSS_CHUNK):
-                    total += torch.nn.functional.cross_entropy(logits[c: c + _LOSS_CHUNK].float(), tgt[c: c + _LOSS_CHUNK],
-                                                               ignore_index=-100, reduction="sum").item()
-                count += int((tgt != -100).sum())
-        mean = total / max(count, 1)
-        return {"loss": round(mean, 6), "perplexity": round(math.exp(min(mean, 50)), 4), "target_tokens": count}
-
-
-_LOSS_CHUNK = 256
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    """Whether the causal LM's forward takes `logits_to_keep` (a PeftModel passes it through to its base)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def base_model_config(run_dir: str | Path, cfg=None):
-    """The `model` config section of an adapter run's base: the run's config.yaml (`cfg`) when there is one,
-    else a default section naming adapter_config.json's base model."""
-    if cfg is not None:
-        return cfg.model
-    from .config import ModelConfig
-
-    return ModelConfig(name_or_path=adapter_base_name(run_dir))
+        with self.lock:
+            return target_loss(self.model, samples)
 
 
 def _context_len(model, tokenizer) -> int:

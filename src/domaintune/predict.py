@@ -78,7 +78,8 @@ def run_test_loss(run_dir: str | Path, data: str | Path, base_only: bool = False
     """Load RUN's model and return {"loss", "perplexity", "target_tokens"} on the test file's targets
     (used by `domaintune eval --run RUN --data TEST`)."""
     from .data import load_examples
-    from .generation import Engine, resolve_template
+    from .generation import Engine
+    from .rundir import resolve_template
 
     run = RunDir(run_dir)
     examples = load_examples(data, require_answer=False, template=resolve_template(run.path, None, template))
@@ -191,7 +192,8 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
     model's loss and perplexity on the targets added, and prints the metrics.
     """
     from .data import load_examples
-    from .generation import Engine, GenerationParams, resolve_template
+    from .generation import Engine, GenerationParams
+    from .rundir import resolve_template
 
     params = params or GenerationParams()
     _check_args(params, batch_size, fmt, limit)

@@ -1,4 +1,5 @@
-"""The run directory: the contract between `train` and every later verb.
+"""The run directory: the contract between `train` and every later verb, and how to read one back
+(its template, the base model of an adapter).
 
 Every verb after `train` reads the run directory, never the training YAML again. File names live here
 and nowhere else.
@@ -23,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .jsonl import read_jsonl, write_atomic
 
 CONFIG = "config.yaml"
@@ -96,3 +98,89 @@ class RunDir:
 
     def run_info(self) -> dict:
         return self.read_json(RUN_INFO) if self.run_info_path.is_file() else {}
+
+
+def adapter_base_name(run_dir: str | Path) -> str:
+    """The base model an adapter directory was trained on (`base_model_name_or_path` of adapter_config.json)."""
+    import json
+
+    path = Path(run_dir) / "adapter_config.json"
+    try:
+        name = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read it ({e}); is the run directory complete?") from None
+    if not name:
+        raise UserError(f"{path}: no base_model_name_or_path: cannot tell which base model the adapter belongs to")
+    return name
+
+
+def resolve_template(run_dir: str | Path, tokenizer=None, name: str | None = None):
+    """The prompt template of a run or model directory: `name` (a built-in, `tokenizer` or a .json path) when
+    given, else the directory's template.json, else the tokenizer's chat_template.
+
+    With `tokenizer=None` (a look before any weights are loaded, e.g. to validate a data file) the last
+    fallback is not checked: a `tokenizer` template without its Jinja text is returned (its
+    instruction/input joining is all such callers use)."""
+    from .templates import Template, get_template
+
+    run = RunDir(run_dir)
+    if name:
+        return get_template(name, tokenizer)
+    if run.template_path.is_file():
+        return Template.load(run.template_path)
+    if tokenizer is None:
+        return get_template("tokenizer")
+    if getattr(tokenizer, "chat_template", None):
+        return get_template("tokenizer", tokenizer)
+    raise UserError(f"'{run.path}' has no template.json and its tokenizer no chat_template: pass --template "
+                    "(domain_zh, alpaca, chatml, tokenizer or a template .json)")
+
+
+def base_model_config(run_dir: str | Path, cfg=None):
+    """The `model` config section of an adapter run's base: the run's config.yaml (`cfg`) when there is one,
+    else a default section naming adapter_config.json's base model."""
+    if cfg is not None:
+        return cfg.model
+    from .config import ModelConfig
+
+    return ModelConfig(name_or_path=adapter_base_name(run_dir))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    cps = []
+    for d in Path(out).glob(f"{CHECKPOINT_PREFIX}*"):
+        tail = d.name[len(CHECKPOINT_PREFIX):]
+        if d.is_dir() and tail.isdigit() and _state_written(d):
+            cps.append((int(tail), d))
+    return [d for _, d in sorted(cps)]
+
+
+def _state_written(ckpt: Path) -> bool:
+    """The Trainer writes trainer_state.json last, but not atomically: a kill mid-write leaves it empty or torn."""
+    try:
+        return "global_step" in json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    cps = list_checkpoints(out)
+    return cps[-1] if cps else None
+
+
+def checkpoint_step(ckpt: Path | None) -> int:
+    return int(ckpt.name[len(CHECKPOINT_PREFIX):]) if ckpt else 0
+
+
+def checkpoint_tokens(ckpt: Path | None) -> int:
+    """Input tokens already seen at a checkpoint (0 for a fresh run)."""
+    if ckpt is None:
+        return 0
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    return int(state.get("num_input_tokens_seen") or 0)

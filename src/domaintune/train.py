@@ -28,34 +28,11 @@ from pathlib import Path
 from . import __version__
 from .errors import UserError
 from .jsonl import read_jsonl, write_atomic, write_jsonl_atomic
-from .rundir import CHECKPOINT_PREFIX, RunDir
+from .rundir import CHECKPOINT_PREFIX, RunDir, checkpoint_step, checkpoint_tokens, latest_checkpoint
 
 
 def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def list_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    cps = []
-    for d in Path(out).glob(f"{CHECKPOINT_PREFIX}*"):
-        tail = d.name[len(CHECKPOINT_PREFIX):]
-        if d.is_dir() and tail.isdigit() and _state_written(d):
-            cps.append((int(tail), d))
-    return [d for _, d in sorted(cps)]
-
-
-def _state_written(ckpt: Path) -> bool:
-    """The Trainer writes trainer_state.json last, but not atomically: a kill mid-write leaves it empty or torn."""
-    try:
-        return "global_step" in json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    cps = list_checkpoints(out)
-    return cps[-1] if cps else None
 
 
 def grad_accumulation(tcfg, world_size: int, quiet: bool = False) -> int:
@@ -288,8 +265,8 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
                                       pad_to_multiple_of=8 if device == "cuda" else None)
     trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=_ListDataset(data.train),
                       eval_dataset=_ListDataset(data.eval) if has_eval else None, processing_class=tok,
-                      callbacks=_make_callbacks(run, _step_of(ckpt), template, saved_config(cfg).to_yaml()))
-    tokens_at_start = _tokens_at(ckpt)  # read now: checkpoint rotation may delete ckpt during training
+                      callbacks=_make_callbacks(run, checkpoint_step(ckpt), template, saved_config(cfg).to_yaml()))
+    tokens_at_start = checkpoint_tokens(ckpt)  # read now: checkpoint rotation may delete ckpt during training
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     logged_eval_at_end = any(r.get("step") == trainer.state.global_step and "eval_loss" in r
@@ -337,21 +314,6 @@ def saved_config(cfg):
         return cfg
     model = cfg.model.model_copy(update={"name_or_path": str(local.resolve())})
     return cfg.model_copy(update={"model": model})
-
-
-def _step_of(ckpt: Path | None) -> int:
-    return int(ckpt.name[len(CHECKPOINT_PREFIX):]) if ckpt else 0
-
-
-def _tokens_at(ckpt: Path | None) -> int:
-    """Input tokens already seen at a checkpoint (0 for a fresh run)."""
-    if ckpt is None:
-        return 0
-    try:
-        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return 0
-    return int(state.get("num_input_tokens_seen") or 0)
 
 
 def tokens_per_second(tokens: int, tokens_at_start: int, runtime: float) -> float | None:
