@@ -340,6 +340,23 @@ def test_resolve_template_order(tmp_path, qwen_tok):
         resolve_template(tmp_path, NoChat())
 
 
+def test_a_checkpoint_without_template_json_uses_its_run_template(tmp_path, qwen_tok):
+    """A kill right after the Trainer saved checkpoint-N (before template.json was copied in) must not make
+    predict/chat fall back to the tokenizer's chat_template, which training never used."""
+    from domaintune.rundir import resolve_template
+    from domaintune.templates import get_template
+
+    get_template("alpaca").save(tmp_path / "template.json")
+    ckpt = tmp_path / "checkpoint-8"
+    ckpt.mkdir()
+    assert resolve_template(ckpt, qwen_tok).name == "alpaca"
+    get_template("domain_zh").save(ckpt / "template.json")
+    assert resolve_template(ckpt, qwen_tok).name == "domain_zh"  # its own copy wins
+    other = tmp_path / "not-a-checkpoint"
+    other.mkdir()
+    assert resolve_template(other, qwen_tok).kind == "tokenizer"  # only checkpoint-N looks at its parent
+
+
 def test_adapter_base_name(tmp_path):
     from domaintune.errors import UserError
     from domaintune.rundir import adapter_base_name

@@ -116,7 +116,8 @@ def adapter_base_name(run_dir: str | Path) -> str:
 
 def resolve_template(run_dir: str | Path, tokenizer=None, name: str | None = None):
     """The prompt template of a run or model directory: `name` (a built-in, `tokenizer` or a .json path) when
-    given, else the directory's template.json, else the tokenizer's chat_template.
+    given, else the directory's template.json (for a `checkpoint-N` folder without one, e.g. killed just
+    after the Trainer saved it, the run's template.json beside it), else the tokenizer's chat_template.
 
     With `tokenizer=None` (a look before any weights are loaded, e.g. to validate a data file) the last
     fallback is not checked: a `tokenizer` template without its Jinja text is returned (its
@@ -128,6 +129,9 @@ def resolve_template(run_dir: str | Path, tokenizer=None, name: str | None = Non
         return get_template(name, tokenizer)
     if run.template_path.is_file():
         return Template.load(run.template_path)
+    parent = RunDir(run.path.parent)
+    if run.path.name.startswith(CHECKPOINT_PREFIX) and parent.template_path.is_file():
+        return Template.load(parent.template_path)
     if tokenizer is None:
         return get_template("tokenizer")
     if getattr(tokenizer, "chat_template", None):
