@@ -660,3 +660,21 @@ def test_saved_config_records_a_local_base_model_as_absolute(tmp_path, monkeypat
     assert saved_config(cfg).train == cfg.train
     hub = load_config(None, ["model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct"])
     assert saved_config(hub).model.name_or_path == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_run_tokenizer_chat_template_renders_the_training_prompt(tiny_run):
+    """Plain transformers users loading the run's tokenizer get the prompt the model was trained on, not the
+    base tokenizer's own chat_template (regression: the run dir kept the base model's ChatML template)."""
+    from transformers import AutoTokenizer
+
+    from domaintune.templates import Template
+
+    tok = AutoTokenizer.from_pretrained(tiny_run)
+    template = Template.load(tiny_run / "template.json")
+    assert template.name == "domain_zh"
+    msgs = [{"role": "user", "content": "孩子不爱吃饭怎么办？"}, {"role": "assistant", "content": "多陪他一起做饭。"},
+            {"role": "user", "content": "How much screen time is fine?"}]
+    rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert rendered == "用户:孩子不爱吃饭怎么办？\n\n助手:多陪他一起做饭。</s>\n\n用户:How much screen time is fine?\n\n助手:"
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == template.encode(tok, msgs, add_generation_prompt=True)[0]

@@ -32,7 +32,6 @@ def run_export(run: str | Path, out: str | Path, dtype: str = "auto", max_shard_
     from . import model as loader
     from .config import load_config
     from .rundir import base_model_config, resolve_template
-    from .templates import leading_bos
 
     rd, out = RunDir(run), Path(out)
     if not rd.path.is_dir():
@@ -70,10 +69,7 @@ def run_export(run: str | Path, out: str | Path, dtype: str = "auto", max_shard_
         raise UserError(f"transformers wrote no safetensors weights into '{out}'; upgrade transformers")
     if (rd.path / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(rd.path).save_pretrained(out)
-    jinja = tpl.to_jinja()
-    if tpl.kind == "format" and leading_bos(tok) is not None:
-        jinja = "{{ bos_token }}" + jinja
-    tok.chat_template = jinja
+    tok.chat_template = tpl.chat_template_for(tok)
     tok.save_pretrained(out)
     tpl.save(out / "template.json")
     (out / "README.md").write_text(model_card(rd, out, tpl.name, how, str(torch_dtype).replace("torch.", "")),

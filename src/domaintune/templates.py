@@ -182,6 +182,14 @@ class Template:
                 out.append(tid)
         return out
 
+    def chat_template_for(self, tokenizer) -> str:
+        """`to_jinja()`, plus the BOS token for tokenizers that add one themselves (LLaMA):
+        `apply_chat_template` adds no special tokens, so the template must spell it."""
+        jinja = self.to_jinja()
+        if self.kind == "format" and leading_bos(tokenizer) is not None:
+            jinja = "{{ bos_token }}" + jinja
+        return jinja
+
     def to_jinja(self) -> str:
         """A Jinja chat_template equivalent to this template (for export, so other tools render the same prompt)."""
         if self.kind == "tokenizer":

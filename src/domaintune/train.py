@@ -201,6 +201,9 @@ def run_train(cfg, resume: bool = False, overwrite: bool = False) -> Path:
 
     tok = loader.load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
     template = get_template(cfg.data.template, tok)
+    # Saved tokenizers (run dir, checkpoints) carry the training prompt as their chat_template, so plain
+    # transformers' apply_chat_template renders what the model was trained on.
+    tok.chat_template = template.chat_template_for(tok)
     data = build_datasets(cfg.data, tok, template, cfg.train.seed)
     if is_main:
         print("\n".join(data.report.summary_lines()), flush=True)
