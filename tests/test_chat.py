@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from chat_templates import STRICT_INST
 
 from domaintune.chat import HELP, ChatSession, chat_params, run_chat
 from domaintune.errors import UserError
@@ -179,12 +180,6 @@ def test_cli_chat_over_stdin(engine, llama_dir):
     assert tail == f">>> {a1}\n>>> [system prompt set]\n>>> {a2}\n>>> [conversation cleared]\n>>> {a3}\n>>> bye\n"
 
 
-STRICT_TEMPLATE = (  # like Mistral's / LLaMA-2's: refuses a system role and non-alternating roles
-    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}"
-    "{% endif %}{% endfor %}")
 
 
 def test_system_prompt_on_a_template_that_refuses_it_keeps_the_chat_alive(llama_dir, tmp_path):
@@ -196,7 +191,7 @@ def test_system_prompt_on_a_template_that_refuses_it_keeps_the_chat_alive(llama_
 
     strict = Path(shutil.copytree(llama_dir, tmp_path / "strict"))
     tok = AutoTokenizer.from_pretrained(strict)
-    tok.chat_template = STRICT_TEMPLATE
+    tok.chat_template = STRICT_INST
     tok.save_pretrained(strict)
     eng = Engine.from_run(strict, template="tokenizer")
     want = greedy(eng, [u("你好")])

@@ -6,6 +6,7 @@ import json
 import statistics
 
 import pytest
+from chat_templates import STRICT_CHATML
 
 from domaintune import cli
 from domaintune.config import build_config
@@ -427,18 +428,13 @@ def test_example_without_answer_has_empty_target():
     assert ex.prompt_and_target() == ([{"role": "user", "content": "q"}], "")
 
 
-STRICT_JINJA = (  # the Mistral / LLaMA-2 / Gemma way of refusing a conversation
-    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def test_chat_template_rejection_names_file_and_line(tmp_path, qwen_tok):
     """Regression: a chat_template's raise_exception escaped as a jinja2 TemplateError (a traceback, no row)."""
     from domaintune.templates import Template
 
-    tpl = Template(name="tokenizer", kind="tokenizer", append_eos=False, chat_template=STRICT_JINJA)
+    tpl = Template(name="tokenizer", kind="tokenizer", append_eos=False, chat_template=STRICT_CHATML)
     p = write(tmp_path / "d.jsonl", [ROWS[0], {"system": "你是助手。", "instruction": "q", "output": "a"}])
     exs = load_examples(p, template=tpl)
     with pytest.raises(UserError) as e:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from chat_templates import STRICT_INST
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -186,12 +187,6 @@ def test_stop_scanner_holds_back_partial_matches():
     assert StopScanner([]).feed("x") == "x"
 
 
-STRICT_TEMPLATE = (  # like Mistral's / LLaMA-2's: refuses a system role and non-alternating roles
-    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}"
-    "{% endif %}{% endfor %}")
 
 
 def test_a_conversation_the_chat_template_refuses_is_400(llama_dir, tmp_path):
@@ -202,7 +197,7 @@ def test_a_conversation_the_chat_template_refuses_is_400(llama_dir, tmp_path):
 
     strict = Path(shutil.copytree(llama_dir, tmp_path / "strict"))
     tok = AutoTokenizer.from_pretrained(strict)
-    tok.chat_template = STRICT_TEMPLATE
+    tok.chat_template = STRICT_INST
     tok.save_pretrained(strict)
     eng = Engine.from_run(strict, template="tokenizer", device="cpu")
     eng.model_id = MODEL

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from chat_templates import STRICT_CHATML
 
 from domaintune.config import build_config, load_config
 from domaintune.errors import UserError
@@ -258,10 +259,7 @@ def _strict_model(models, dest: Path) -> Path:
 
     out = Path(shutil.copytree(models["qwen2"], dest))
     tok = AutoTokenizer.from_pretrained(out)
-    tok.chat_template = (
-        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-        "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    tok.chat_template = STRICT_CHATML
     tok.save_pretrained(out)
     return out
 
