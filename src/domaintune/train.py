@@ -19,7 +19,6 @@ is cut back to that step so no step is logged twice.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UserError
-from .jsonl import read_jsonl, write_atomic, write_jsonl_atomic
+from .jsonl import JsonlAppender, read_jsonl, write_atomic, write_jsonl_atomic
 from .rundir import CHECKPOINT_PREFIX, RunDir, checkpoint_step, checkpoint_tokens, latest_checkpoint
 
 
@@ -140,9 +139,8 @@ def _make_callbacks(run: RunDir, resume_step: int, template, config_yaml: str):
             if "num_input_tokens_seen" in logs:
                 rec["tokens"] = int(logs["num_input_tokens_seen"])
             rec["time"] = round(self.offset + time.time() - self.t0, 3)
-            with open(run.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
+            with JsonlAppender(run.log_path) as f:  # the project's one kill-safe JSONL writer
+                f.write(rec)
 
         def _plot(self, state):
             if state.is_world_process_zero and run.log_path.is_file():
