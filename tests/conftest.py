@@ -6,13 +6,13 @@ Fixture names are stable; other test files rely on them.
   test.jsonl, chat.jsonl, seeds.jsonl).
 - ``tiny_model_dir`` (session): a factory, ``tiny_model_dir(arch="qwen2") -> Path``, returning the folder of a
   micro (~0.2M parameters) randomly initialised model + tokenizer of family ``arch`` ("qwen2", "llama" or
-  "bloom"), built by ``domaintune.tiny.make_tiny_model(..., size="micro", seed=0)`` on the first request
+  "bloom"), built by ``domaintune.training.tiny.make_tiny_model(..., size="micro", seed=0)`` on the first request
   and reused afterwards. Treat it as read-only. Requesting it also sets ``torch.set_num_threads(1)`` for
   the session (tiny matrices gain nothing from threads; a subprocess should get ``OMP_NUM_THREADS=1``).
 - ``tiny_train_config`` (session): a factory, ``tiny_train_config(output_dir, arch="qwen2", *overrides) ->
   Config``, the config ``tiny_run`` uses (LoRA r=8, 4 steps of batch 4 on examples/data/train.jsonl,
   cutoff_len 512, 4 validation rows, an eval and a checkpoint at step 4), with dotted overrides applied
-  (e.g. ``"train.max_steps=2"``, ``"lora.enabled=false"``). Pass it to ``domaintune.train.run_train``.
+  (e.g. ``"train.max_steps=2"``, ``"lora.enabled=false"``). Pass it to ``domaintune.training.trainer.run_train``.
 - ``tiny_run`` (session): Path of a finished LoRA run directory on the micro qwen2 model (the config
   above). Read-only, shared by every test: write into a copy (``tiny_run_copy``) or pass ``out=`` paths
   outside it.
@@ -51,7 +51,7 @@ def sample_data() -> Path:
 def tiny_model_dir(tmp_path_factory):
     import torch
 
-    from domaintune.tiny import make_tiny_model
+    from domaintune.training.tiny import make_tiny_model
 
     # The micro models' matrices are too small to gain from threads; on a busy 2-core machine the default
     # thread pool made generation about 10x slower.
@@ -82,7 +82,7 @@ def tiny_train_config(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_train_config, tmp_path_factory) -> Path:
-    from domaintune.train import run_train
+    from domaintune.training.trainer import run_train
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     return Path(run_train(tiny_train_config(out)))
@@ -95,27 +95,27 @@ def tiny_run_copy(tiny_run, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_corpus() -> list[str]:
-    from domaintune.tiny import corpus_texts, default_corpus
+    from domaintune.training.tiny import corpus_texts, default_corpus
 
     return corpus_texts(default_corpus())
 
 
 @pytest.fixture(scope="session")
 def qwen_tok(tiny_corpus):
-    from domaintune.tiny import train_tokenizer
+    from domaintune.training.tiny import train_tokenizer
 
     return train_tokenizer(tiny_corpus, "qwen2")
 
 
 @pytest.fixture(scope="session")
 def llama_tok(tiny_corpus):
-    from domaintune.tiny import train_tokenizer
+    from domaintune.training.tiny import train_tokenizer
 
     return train_tokenizer(tiny_corpus, "llama")
 
 
 @pytest.fixture(scope="session")
 def bloom_tok(tiny_corpus):
-    from domaintune.tiny import train_tokenizer
+    from domaintune.training.tiny import train_tokenizer
 
     return train_tokenizer(tiny_corpus, "bloom")

@@ -1,6 +1,7 @@
 """`domaintune chat`: streaming answers, history within the context window, commands, Ctrl-C."""
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -10,9 +11,20 @@ from pathlib import Path
 import pytest
 from chat_templates import STRICT_INST
 
-from domaintune.chat import HELP, ChatSession, chat_params, run_chat
+from domaintune.cli.inference import CHAT_SAMPLING
+from domaintune.cli.options import sampling_params
 from domaintune.errors import UserError
-from domaintune.generation import Engine, GenerationParams
+from domaintune.inference.chat import HELP, ChatSession, run_chat
+from domaintune.inference.engine import Engine
+from domaintune.inference.params import PRESETS, GenerationParams
+
+
+def chat_params(**given) -> GenerationParams:
+    """What `domaintune chat` builds from its flags (cli.options.sampling_params): the "chat" preset with the
+    `given` flags changed."""
+    flags = {name: getattr(PRESETS["chat"], name) for name in CHAT_SAMPLING} | given
+    return sampling_params(argparse.Namespace(**flags), "chat", CHAT_SAMPLING, zero_is_greedy=True)
+
 
 GREEDY8 = chat_params(max_new_tokens=8, temperature=0, repetition_penalty=1.0)
 

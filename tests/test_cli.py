@@ -3,7 +3,6 @@ traceback, and a --help that imports neither torch nor transformers."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import re
 import subprocess
 import sys
@@ -14,17 +13,10 @@ from domaintune import __version__, cli
 
 
 def _verb_parsers() -> dict[str, argparse.ArgumentParser]:
-    """The verbs registered by the modules of cli.VERB_MODULES that exist (not-yet-written ones are skipped)."""
+    """The verbs registered by the modules of cli.VERB_MODULES."""
     sub = argparse.ArgumentParser(prog="domaintune").add_subparsers()
-    for name in cli.VERB_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        if hasattr(mod, "add_parser"):
-            mod.add_parser(sub)
+    for module in cli.VERB_MODULES:
+        module.register(sub)
     return dict(sub.choices)
 
 

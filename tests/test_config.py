@@ -18,7 +18,7 @@ from domaintune.config import (
     load_config,
     parse_override,
 )
-from domaintune.data import split_validation
+from domaintune.data.encode import split_validation
 from domaintune.errors import UserError
 
 
@@ -300,7 +300,7 @@ def test_config_from_flat_maps_every_key():
 def test_flat_gradient_accumulation():
     """batch_size stays the global batch: accumulation is derived at train time, per number of processes
     (regression: it was pinned to batch_size / per_device, so torchrun with 2 processes doubled the batch)."""
-    from domaintune.train import grad_accumulation
+    from domaintune.training.arguments import grad_accumulation
 
     cfg = build_config(config_from_flat({"batch_size": 8, "per_device_train_batch_size": 2}))
     assert cfg.train.gradient_accumulation_steps is None
@@ -335,7 +335,7 @@ def test_flat_unknown_keys_error():
 
 
 def test_cli_from_json_writes_yaml_that_loads_back(tmp_path, capsys):
-    from domaintune.train import grad_accumulation
+    from domaintune.training.arguments import grad_accumulation
 
     run_json = _write(tmp_path / "run.json", json.dumps(RUN))
     lora_json = _write(tmp_path / "lora.json", json.dumps(LORA))

@@ -10,22 +10,12 @@ from chat_templates import STRICT_CHATML
 
 from domaintune import cli
 from domaintune.config import build_config
-from domaintune.data import (
-    IGNORE_INDEX,
-    DataReport,
-    Example,
-    build_datasets,
-    encode_example,
-    encode_examples,
-    load_examples,
-    parse_example,
-    read_records,
-    render_masked,
-    split_validation,
-)
+from domaintune.data.encode import IGNORE_INDEX, DataReport, build_datasets, encode_example, encode_examples, render_masked, split_validation
+from domaintune.data.examples import Example, load_examples, parse_example
+from domaintune.data.reader import read_records
 from domaintune.errors import UserError
-from domaintune.templates import get_template
-from domaintune.tiny import make_tiny_model
+from domaintune.data.templates import get_template
+from domaintune.training.tiny import make_tiny_model
 
 
 def data_cfg(**kw):
@@ -432,7 +422,7 @@ def test_example_without_answer_has_empty_target():
 
 def test_chat_template_rejection_names_file_and_line(tmp_path, qwen_tok):
     """Regression: a chat_template's raise_exception escaped as a jinja2 TemplateError (a traceback, no row)."""
-    from domaintune.templates import Template
+    from domaintune.data.templates import Template
 
     tpl = Template(name="tokenizer", kind="tokenizer", append_eos=False, chat_template=STRICT_CHATML)
     p = write(tmp_path / "d.jsonl", [ROWS[0], {"system": "你是助手。", "instruction": "q", "output": "a"}])

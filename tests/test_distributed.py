@@ -13,7 +13,7 @@ import pytest
 
 from domaintune.config import build_config
 from domaintune.rundir import RunDir
-from domaintune.train import grad_accumulation, world
+from domaintune.training.arguments import grad_accumulation, world
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data" / "train.jsonl"
 
@@ -38,9 +38,9 @@ def test_world_reads_the_launcher_environment(monkeypatch):
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path, tiny_model_dir):
-    from domaintune.data import build_datasets
-    from domaintune.model import load_tokenizer
-    from domaintune.templates import get_template
+    from domaintune.data.encode import build_datasets
+    from domaintune.training.model import load_tokenizer
+    from domaintune.data.templates import get_template
 
     model = tiny_model_dir("llama")  # no pad token: the loader's pad is used
     rows = 24

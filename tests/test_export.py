@@ -13,10 +13,11 @@ from safetensors import safe_open
 
 from domaintune.cli import main
 from domaintune.errors import UserError
-from domaintune.export import run_export
-from domaintune.generation import Engine, GenerationParams
-from domaintune.templates import Template
-from domaintune.train import run_train
+from domaintune.inference.export import run_export
+from domaintune.inference.engine import Engine
+from domaintune.inference.params import GenerationParams
+from domaintune.data.templates import Template
+from domaintune.training.trainer import run_train
 
 PROMPTS = ["孩子不爱吃饭怎么办", "How do I help my child sleep?", "怎样培养阅读习惯"]
 CONVERSATION = [
@@ -198,7 +199,7 @@ def test_auto_dtype_reads_a_hub_id_base_from_the_cache(lora_run, tmp_path, monke
     id (bigscience/bloomz-560m) exported in fp32 instead of the checkpoint's dtype."""
     import huggingface_hub.constants
 
-    from domaintune import model as loader
+    from domaintune.training import model as loader
 
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
@@ -215,9 +216,9 @@ def test_auto_dtype_reads_a_hub_id_base_from_the_cache(lora_run, tmp_path, monke
     loaded = []
     real_load = loader.load_base_model
 
-    def load_from_local(model_cfg, device=None, dtype=None, for_training=False):  # the weights: the local copy
+    def load_from_local(model_cfg, device=None, dtype=None):  # the weights: the local copy
         loaded.append((model_cfg.name_or_path, dtype))
-        return real_load(model_cfg.model_copy(update={"name_or_path": local_base}), device, dtype, for_training)
+        return real_load(model_cfg.model_copy(update={"name_or_path": local_base}), device, dtype)
 
     monkeypatch.setattr(loader, "load_base_model", load_from_local)
     out = run_export(run, tmp_path / "auto")
@@ -230,7 +231,7 @@ def test_auto_dtype_reads_a_hub_id_base_from_the_cache(lora_run, tmp_path, monke
 
 
 def test_model_card_license_comes_from_run_info(lora_run, tmp_path):
-    from domaintune.export import model_card
+    from domaintune.inference.export import model_card
     from domaintune.rundir import RunDir
 
     run = tmp_path / "run"

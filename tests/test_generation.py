@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from domaintune.data import load_examples
-from domaintune.generation import Engine, GenerationParams
+from domaintune.data.examples import load_examples
+from domaintune.inference.engine import Engine
+from domaintune.inference.params import GenerationParams
 
 ARCHS = ("qwen2", "llama", "bloom")
 
@@ -78,7 +79,7 @@ def test_llama_prompt_starts_with_bos_and_pads_with_unk(engines):
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_stream_concatenation_equals_generate(engines, sample_data, arch):
-    from domaintune.generation import StreamState
+    from domaintune.inference.engine import StreamState
 
     engine = engines[arch]
     params = GenerationParams(max_new_tokens=16)
@@ -94,7 +95,7 @@ def test_stream_concatenation_equals_generate(engines, sample_data, arch):
 
 
 def test_stop_token_ends_generation_with_reason_stop(engines, sample_data, monkeypatch):
-    from domaintune.generation import StreamState
+    from domaintune.inference.engine import StreamState
 
     engine = engines["qwen2"]
     prompt = _prompts(engine, sample_data)[0]
@@ -130,7 +131,7 @@ def test_run_system_prompt_is_applied_like_training(tiny_run_copy):
     chat/serve used to drop it)."""
     import yaml
 
-    from domaintune.generation import Engine
+    from domaintune.inference.engine import Engine
 
     cfg = yaml.safe_load((tiny_run_copy / "config.yaml").read_text(encoding="utf-8"))
     cfg["data"]["system"] = "你是家庭教育顾问。"
@@ -149,7 +150,7 @@ def test_base_only_on_a_plain_model_directory_is_refused(tiny_model_dir):
     import pytest as _pytest
 
     from domaintune.errors import UserError
-    from domaintune.generation import Engine
+    from domaintune.inference.engine import Engine
 
     with _pytest.raises(UserError, match="--base-only needs a training run directory"):
         Engine.from_run(tiny_model_dir("qwen2"), base_only=True, template="domain_zh")
@@ -174,8 +175,8 @@ def _multi_token_stop(engine, ids: list[int], text: str) -> str:
 def test_multi_token_stop_string_cuts_generate_and_stream(engines, sample_data, arch, monkeypatch):
     """Regression: only single-token template stops were honoured; ChatML on a tokenizer without the ChatML
     specials ended every answer with a literal '<|im_end|>'."""
-    from domaintune.generation import StreamState
-    from domaintune.templates import Template
+    from domaintune.inference.engine import StreamState
+    from domaintune.data.templates import Template
 
     base = engines[arch]
     prompt, other = _prompts(base, sample_data)[:2]
@@ -216,7 +217,7 @@ def test_multi_token_stop_string_cuts_generate_and_stream(engines, sample_data, 
 def test_stop_scanner_equals_cutting_the_whole_text():
     import random
 
-    from domaintune.generation import StopScanner, find_stop
+    from domaintune.inference.stops import StopScanner, find_stop
 
     rng = random.Random(0)
     stops = ["<|im_end|>", "END", "##"]
@@ -250,7 +251,7 @@ def _plain_loss(engine, samples) -> tuple[float, int]:
 
 
 def _loss_samples(engine, sample_data) -> list[dict]:
-    from domaintune.data import encode_example
+    from domaintune.data.encode import encode_example
 
     examples = load_examples(sample_data / "test.jsonl", require_answer=False, template=engine.template)[:4]
     examples += load_examples(sample_data / "chat.jsonl", require_answer=False, template=engine.template)[:2]
@@ -259,13 +260,13 @@ def _loss_samples(engine, sample_data) -> list[dict]:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_target_loss_keeps_only_the_needed_logits_and_equals_the_plain_loss(engines, sample_data, arch, monkeypatch):
-    """Regression: target_loss built full-vocabulary logits (plus a float copy) for a whole batch, ~12 GB
+def test_score_samples_keeps_only_the_needed_logits_and_equals_the_plain_loss(engines, sample_data, arch, monkeypatch):
+    """Regression: the target loss built full-vocabulary logits (plus a float copy) for a whole batch, ~12 GB
     for BLOOM's 250k vocabulary at 8 x 1024 tokens. Now each sample asks for the logits from the position
     before its first target token only; the value is the plain computation's."""
     import math
 
-    from domaintune import scoring
+    from domaintune.evaluation import loss as scoring
 
     engine = engines[arch]
     samples = _loss_samples(engine, sample_data)
@@ -276,9 +277,9 @@ def test_target_loss_keeps_only_the_needed_logits_and_equals_the_plain_loss(engi
         lambda mod, args, kwargs, out: calls.append((kwargs.get("logits_to_keep"), tuple(out.logits.shape))),
         with_kwargs=True)
     try:
-        got = engine.target_loss(samples)
+        got = engine.score_samples(samples)
         monkeypatch.setattr(scoring, "_accepts_logits_to_keep", lambda model: False)
-        fallback = engine.target_loss(samples)  # a forward without logits_to_keep: full logits, same value
+        fallback = engine.score_samples(samples)  # a forward without logits_to_keep: full logits, same value
     finally:
         hook.remove()
     assert got["target_tokens"] == fallback["target_tokens"] == count
@@ -294,7 +295,7 @@ def test_target_loss_keeps_only_the_needed_logits_and_equals_the_plain_loss(engi
     assert calls[len(samples):] == [(None, (1, len(x["input_ids"]), vocab)) for x in samples]
 
 
-def test_target_loss_passes_logits_to_keep_through_a_lora_adapter(tiny_run, sample_data):
+def test_score_samples_passes_logits_to_keep_through_a_lora_adapter(tiny_run, sample_data):
     engine = Engine.from_run(tiny_run, device="cpu")
     assert type(engine.model).__name__.startswith("Peft")
     # what predict needs from the run comes from the engine (config.yaml is read once, by from_run)
@@ -305,7 +306,7 @@ def test_target_loss_passes_logits_to_keep_through_a_lora_adapter(tiny_run, samp
         lambda mod, args, kwargs, out: shapes.append((kwargs.get("logits_to_keep"), out.logits.shape[1])),
         with_kwargs=True)
     try:
-        got = engine.target_loss(samples)
+        got = engine.score_samples(samples)
     finally:
         hook.remove()
     assert all(k is not None and n == k for k, n in shapes) and len(shapes) == 3
@@ -322,7 +323,7 @@ def test_plain_model_directory_has_no_run_config(engines):
 def test_resolve_template_order(tmp_path, qwen_tok):
     from domaintune.errors import UserError
     from domaintune.rundir import resolve_template
-    from domaintune.templates import get_template
+    from domaintune.data.templates import get_template
 
     assert resolve_template(tmp_path, qwen_tok, "alpaca").name == "alpaca"
     assert resolve_template(tmp_path, qwen_tok).kind == "tokenizer"  # no template.json: the chat_template
@@ -344,7 +345,7 @@ def test_a_checkpoint_without_template_json_uses_its_run_template(tmp_path, qwen
     """A kill right after the Trainer saved checkpoint-N (before template.json was copied in) must not make
     predict/chat fall back to the tokenizer's chat_template, which training never used."""
     from domaintune.rundir import resolve_template
-    from domaintune.templates import get_template
+    from domaintune.data.templates import get_template
 
     get_template("alpaca").save(tmp_path / "template.json")
     ckpt = tmp_path / "checkpoint-8"

@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-from domaintune import metrics
+from domaintune.cli import evaluate
+from domaintune.evaluation import metrics
 from domaintune.errors import UserError
 
 ZH_TARGET = "低秩适配在冻结的权重旁加入两个小矩阵，只训练这两个矩阵。"
@@ -182,7 +183,7 @@ def test_cli_eval_prints_table(tmp_path, capsys):
     pred = tmp_path / "predictions.jsonl"
     _write_jsonl(pred, _rows())
     parser = argparse.ArgumentParser()
-    metrics.add_parser(parser.add_subparsers())
+    evaluate.register(parser.add_subparsers())
     args = parser.parse_args(["eval", str(pred)])
     assert args.func(args) == 0
     out = capsys.readouterr().out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from domaintune import model as loader
+from domaintune.training import model as loader
 from domaintune.config import LoraConfig, ModelConfig
 from domaintune.errors import UserError
 

@@ -8,7 +8,8 @@ import warnings
 
 import pytest
 
-from domaintune import plot
+from domaintune.cli import evaluate
+from domaintune.evaluation import plot
 from domaintune.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -131,7 +132,7 @@ def test_chinese_title_renders_glyphs_not_tofu(tmp_path, monkeypatch):
 def test_no_cjk_font_warns_once_and_only_for_cjk_text(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(plot, "cjk_font_family", lambda: None)
     monkeypatch.setattr(plot, "_warned_no_cjk", False)
-    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="domaintune.plot"):
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="domaintune.evaluation.plot"):
         warnings.simplefilter("ignore")
         plot.plot_records(_records(n=3), tmp_path / "en.png", title="english only")
         assert caplog.records == []
@@ -144,7 +145,7 @@ def test_no_cjk_font_warns_once_and_only_for_cjk_text(tmp_path, monkeypatch, cap
 def test_cli_plot(tmp_path, capsys):
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(n=5)), encoding="utf-8")
     parser = argparse.ArgumentParser()
-    plot.add_parser(parser.add_subparsers())
+    evaluate.register(parser.add_subparsers())
     args = parser.parse_args(["plot", str(tmp_path), "--out", str(tmp_path / "curve.png")])
     assert args.func(args) == 0
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'curve.png'}"

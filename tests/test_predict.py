@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from domaintune import cli, metrics
+from domaintune import cli
+from domaintune.evaluation import metrics
 from domaintune.errors import UserError
-from domaintune.generation import Engine, GenerationParams
-from domaintune.predict import run_predict
+from domaintune.inference.engine import Engine
+from domaintune.inference.params import GenerationParams
+from domaintune.inference.predict import run_predict
 
 ROW_KEYS = {"id", "input", "target", "predict", "num_tokens", "time"}
 FAST = GenerationParams(max_new_tokens=6)
@@ -283,7 +285,7 @@ def test_empty_test_file_and_run_without_weights(tiny_run, sample_data, tmp_path
     bare.mkdir()
     for name in ("config.yaml", "template.json"):
         (bare / name).write_bytes((tiny_run / name).read_bytes())
-    with pytest.raises(UserError, match=r"has no weights .*Did training finish\?"):
+    with pytest.raises(UserError, match=r"has no final weights .*Did training finish\?"):
         run_predict(bare, sample_data / "test.jsonl")
     assert not list(bare.glob("predictions*"))
     with pytest.raises(UserError, match="is not a directory"):
@@ -300,9 +302,9 @@ def test_cli_options_state_their_defaults():
     import argparse
 
     parser = argparse.ArgumentParser()
-    from domaintune import predict
+    from domaintune.cli import inference
 
-    predict.add_parser(parser.add_subparsers())
+    inference.register(parser.add_subparsers())
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["predict"]
     opts = [a for a in sub._actions if a.option_strings and a.dest != "help"]
     assert {a.dest for a in opts} >= {"data", "out", "batch_size", "max_new_tokens", "num_beams", "do_sample", "temperature",

@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from domaintune import report
+from domaintune.cli import evaluate
+from domaintune.evaluation import report
 from domaintune.errors import UserError
 
 CONFIG_YAML = """\
@@ -164,7 +165,7 @@ def test_unfinished_run_uses_log_and_out_elsewhere(tmp_path):
 def test_cli_report(tmp_path, capsys):
     run = _full_run(tmp_path)
     parser = argparse.ArgumentParser()
-    report.add_parser(parser.add_subparsers())
+    evaluate.register(parser.add_subparsers())
     args = parser.parse_args(["report", str(run)])
     assert args.func(args) == 0
     assert capsys.readouterr().out.strip() == f"wrote {run / 'report.md'}"

@@ -71,7 +71,7 @@ def _stop_template(model_dir: Path, out: Path) -> Path:
     """domain_zh with every 16th ordinary vocabulary token as a stop token (see the module docstring)."""
     from transformers import AutoTokenizer
 
-    from domaintune.templates import get_template
+    from domaintune.data.templates import get_template
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = sorted(i for i in tok.get_vocab().values() if i not in tok.all_special_ids)
@@ -162,9 +162,9 @@ def test_wrong_api_key_exits_2_without_train_file(server, tmp_path):
 
 
 def test_gen_data_against_served_tiny_model_then_train(server, tmp_path, tiny_train_config):
-    from domaintune.data import load_examples
+    from domaintune.data.examples import load_examples
     from domaintune.jsonl import read_jsonl
-    from domaintune.train import run_train
+    from domaintune.training.trainer import run_train
 
     out = tmp_path / "gen"
     r = _gen_data(server, out, KEY, tmp_path)

@@ -7,7 +7,7 @@ import pytest
 from rouge_chinese import Rouge
 from rouge_score import rouge_scorer
 
-from domaintune.selfinstruct import filters as F
+from domaintune.datagen import filters as F
 
 
 class CjkCharTokenizer:

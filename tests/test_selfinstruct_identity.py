@@ -10,10 +10,10 @@ import pytest
 from fake_llm_server import FakeLLM
 
 from domaintune.errors import UserError
-from domaintune.selfinstruct import add_parser
-from domaintune.selfinstruct.config import Persona, SelfInstructConfig
-from domaintune.selfinstruct.identity import identity_rows, run_identity
-from domaintune.selfinstruct.inputs import builtin_template, load_seeds, load_template, render
+from domaintune.cli.datagen import register
+from domaintune.config.selfinstruct import Persona, SelfInstructConfig
+from domaintune.datagen.identity import identity_rows, run_identity
+from domaintune.datagen.inputs import builtin_template, load_seeds, load_template, render
 
 REPO = Path(__file__).resolve().parents[1]
 PERSONA = Persona(name="小知", organisation="知家实验室", year=2024)
@@ -118,7 +118,7 @@ def test_config_rejects_unknown_keys_and_has_descriptions():
 
 def make_parser():
     parser = argparse.ArgumentParser(prog="domaintune")
-    add_parser(parser.add_subparsers(dest="verb"))
+    register(parser.add_subparsers(dest="verb"))
     return parser
 
 

@@ -14,8 +14,8 @@ import yaml
 from fake_llm_server import FakeLLM
 
 from domaintune.errors import UserError
-from domaintune.selfinstruct.config import SelfInstructConfig
-from domaintune.selfinstruct.pipeline import run_gen_data
+from domaintune.config.selfinstruct import SelfInstructConfig
+from domaintune.datagen.selfinstruct import run_gen_data
 
 SEEDS = ["How can parents support alpha bravo charlie?",
          "What helps delta echo foxtrot at home?",

@@ -3,6 +3,7 @@ official openai client and raw httpx. One server is shared by the module (see `s
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 import json
 import os
 import socket
@@ -20,10 +21,12 @@ from chat_templates import STRICT_INST
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from domaintune.generation import Engine, GenerationParams  # noqa: E402
-from domaintune.generation import StopScanner  # noqa: E402
-from domaintune.serve.app import ServeDefaults, create_app  # noqa: E402
-from domaintune.templates import Template  # noqa: E402
+from domaintune.inference.engine import Engine  # noqa: E402
+from domaintune.inference.params import GenerationParams  # noqa: E402
+from domaintune.inference.stops import StopScanner  # noqa: E402
+from domaintune.inference.params import PRESETS  # noqa: E402
+from domaintune.inference.serve.app import create_app  # noqa: E402
+from domaintune.data.templates import Template  # noqa: E402
 
 KEY = "test-key-123"
 MODEL = "tiny"
@@ -81,7 +84,7 @@ def running(app):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    app = create_app(engine, api_key=KEY, max_body_bytes=MAX_BODY, defaults=ServeDefaults(temperature=0.7))
+    app = create_app(engine, api_key=KEY, max_body_bytes=MAX_BODY, defaults=PRESETS["serve"])
     with running(app) as url:
         yield url
 
@@ -429,13 +432,13 @@ def test_cli_serve_loads_in_background_and_takes_key_from_env(llama_dir):
 
 def test_cli_serve_stops_with_the_load_error(tmp_path):
     from domaintune.errors import UserError
-    from domaintune.serve import run_serve
+    from domaintune.inference.serve.server import run_serve
 
-    with pytest.raises(UserError, match="has no weights"):
+    with pytest.raises(UserError, match="has no final weights"):
         run_serve(tmp_path, port=free_port(), log_level="warning")
     with pytest.raises(UserError, match="is not a directory"):
         run_serve(tmp_path / "missing", port=free_port())
     with pytest.raises(UserError, match=r"^temperature must be > 0 when sampling \(0 means greedy\), got -1.0$"):
-        run_serve(tmp_path, port=free_port(), defaults=ServeDefaults(temperature=-1.0))
+        run_serve(tmp_path, port=free_port(), defaults=PRESETS["serve"].with_temperature(-1.0))
     with pytest.raises(UserError, match=r"^top_k must be >= 0 \(0 = off\), got -2$"):
-        run_serve(tmp_path, port=free_port(), defaults=ServeDefaults(top_k=-2))
+        run_serve(tmp_path, port=free_port(), defaults=replace(PRESETS["serve"], top_k=-2))

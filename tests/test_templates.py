@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from domaintune.data import parse_example
+from domaintune.data.examples import parse_example
 from domaintune.errors import UserError
-from domaintune.templates import BUILTIN, Template, get_template
-from domaintune.tiny import CHATML_JINJA, train_tokenizer
+from domaintune.data.templates import BUILTIN, Template, get_template
+from domaintune.training.tiny import CHATML_JINJA, train_tokenizer
 
 
 @pytest.fixture(params=["bloom", "qwen2", "llama"])

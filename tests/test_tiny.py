@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from domaintune.errors import UserError
-from domaintune.model import model_license
-from domaintune.tiny import ARCHS, SIZES, make_tiny_model
+from domaintune.training.model import model_license
+from domaintune.training.tiny import ARCHS, SIZES, make_tiny_model
 
 CHATML_PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
@@ -116,7 +116,7 @@ def test_make_tiny_model_verb(tmp_path, capsys):
 
 
 def test_tokenizer_corpus_defaults_to_the_bundled_sample_data():
-    from domaintune.tiny import corpus_texts, default_corpus
+    from domaintune.training.tiny import corpus_texts, default_corpus
 
     files = default_corpus()
     assert Path(files[0]).parent.name == "data" and all(f.suffix == ".jsonl" for f in files)
@@ -129,7 +129,7 @@ def test_corpus_texts_reads_like_the_training_data(tmp_path):
     json.dumps(ensure_ascii=False)) crashed with a JSONDecodeError; it now reads through data.read_records."""
     import json
 
-    from domaintune.tiny import corpus_texts
+    from domaintune.training.tiny import corpus_texts
 
     jl = tmp_path / "a.jsonl"
     jl.write_text("\ufeff" + json.dumps({"instruction": "一\u2028二", "output": "三\x85四"}, ensure_ascii=False)

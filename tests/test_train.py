@@ -19,7 +19,8 @@ from domaintune.config import build_config, load_config
 from domaintune.errors import UserError
 from domaintune.rundir import RunDir
 from domaintune.rundir import latest_checkpoint, list_checkpoints
-from domaintune.train import grad_accumulation, run_train
+from domaintune.training.arguments import grad_accumulation
+from domaintune.training.trainer import run_train
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data" / "train.jsonl"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
@@ -88,9 +89,9 @@ def test_run_directory_contract(trained, models, arch, method):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from domaintune.data import build_datasets
-    from domaintune.model import load_tokenizer
-    from domaintune.templates import Template, get_template
+    from domaintune.data.encode import build_datasets
+    from domaintune.training.model import load_tokenizer
+    from domaintune.data.templates import Template, get_template
 
     cfg, run, base_hash = trained(arch, method)
     train_rows, epochs = 12 - 2, 2
@@ -162,8 +163,8 @@ def test_run_directory_contract(trained, models, arch, method):
 def test_llama_run_pads_with_unk_and_keeps_eos_trainable(trained, models):
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
-    from domaintune.data import build_datasets
-    from domaintune.templates import get_template
+    from domaintune.data.encode import build_datasets
+    from domaintune.data.templates import get_template
 
     cfg, run, _ = trained("llama", "lora")
     tok = AutoTokenizer.from_pretrained(run)
@@ -229,7 +230,7 @@ def test_checkpoints_are_usable_run_directories(models, data12, tmp_path, monkey
     """Regression: checkpoints lacked template.json and config.yaml, so predict/chat/serve on a checkpoint fell
     back to the tokenizer's chat_template, a prompt the model was never trained on. Also: a relative base-model
     path is recorded absolute in adapter_config.json (every checkpoint's too) and run_info.json."""
-    from domaintune.templates import Template
+    from domaintune.data.templates import Template
 
     monkeypatch.chdir(tmp_path)
     base = models["qwen2"].resolve()
@@ -356,7 +357,7 @@ def test_resume_after_kill_continues_exactly(models, tmp_path):
 
 def test_tokens_per_second_counts_this_session_only(tmp_path):
     from domaintune.rundir import checkpoint_tokens as _tokens_at
-    from domaintune.train import tokens_per_second
+    from domaintune.training.outputs import tokens_per_second
 
     ckpt = tmp_path / "checkpoint-4"
     ckpt.mkdir()
@@ -478,7 +479,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(models, data12, tmp_path):
 def test_training_precision(lora, quantization, dtype, device, expected):
     import torch
 
-    from domaintune.train import training_precision
+    from domaintune.training.precision import training_precision
 
     load, bf16, fp16 = training_precision(lora, quantization, getattr(torch, dtype), device)
     assert (str(load).replace("torch.", ""), bf16, fp16) == expected
@@ -562,7 +563,7 @@ def test_missing_model_is_reported_before_torch_is_imported(data12, tmp_path):
         "import sys\n"
         "from domaintune.config import load_config\n"
         "from domaintune.errors import UserError\n"
-        "from domaintune.train import run_train\n"
+        "from domaintune.training.trainer import run_train\n"
         "try:\n"
         "    run_train(load_config(sys.argv[1]))\n"
         "except UserError as e:\n"
@@ -584,7 +585,7 @@ def test_uncached_hub_id_offline_fails_fast_without_traceback(data12, tmp_path):
 
 
 def test_malformed_data_stops_before_the_model_is_loaded(models, tmp_path, monkeypatch):
-    from domaintune import model as loader
+    from domaintune.training import model as loader
 
     rows = sample_rows(6)
     rows[2] = '{"instruction": "缺少答案"}'
@@ -634,22 +635,22 @@ def test_unknown_lora_target_is_a_user_error(models, data12, tmp_path):
 def test_missing_tracker_is_reported_before_any_work(tmp_path, monkeypatch):
     import importlib.util
 
-    from domaintune.train import _check_trackers
+    from domaintune.training.arguments import check_trackers
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb",) else real(name, *a))
     with pytest.raises(UserError, match=r"train.report_to: wandb is not installed. Run `pip install 'wandb'`"):
-        _check_trackers(["wandb"])
+        check_trackers(["wandb"])
     with pytest.raises(UserError, match="unknown tracker 'tensorbord'"):
-        _check_trackers(["tensorbord"])
-    _check_trackers(["none"])  # nothing to check
+        check_trackers(["tensorbord"])
+    check_trackers(["none"])  # nothing to check
 
 
 def test_saved_config_records_a_local_base_model_as_absolute(tmp_path, monkeypatch):
     """Later verbs run from other folders must still find the base model (regression: a relative
     runs/tiny-model in config.yaml broke `chat /abs/path/to/run` from elsewhere)."""
     from domaintune.config import load_config
-    from domaintune.train import saved_config
+    from domaintune.training.outputs import saved_config
 
     (tmp_path / "models" / "base").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
@@ -665,7 +666,7 @@ def test_run_tokenizer_chat_template_renders_the_training_prompt(tiny_run):
     base tokenizer's own chat_template (regression: the run dir kept the base model's ChatML template)."""
     from transformers import AutoTokenizer
 
-    from domaintune.templates import Template
+    from domaintune.data.templates import Template
 
     tok = AutoTokenizer.from_pretrained(tiny_run)
     template = Template.load(tiny_run / "template.json")

@@ -18,8 +18,9 @@ import os
 import httpx
 import pytest
 
-from domaintune.generation import Engine, GenerationParams
-from domaintune.serve.app import create_app
+from domaintune.inference.engine import Engine
+from domaintune.inference.params import GenerationParams
+from domaintune.inference.serve.app import create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM and os.environ.get("CI") == "true":

@@ -13,13 +13,16 @@ from pathlib import Path
 
 def run_quickstart(config: str, overrides: list[str] | None = None, test: str = "examples/data/test.jsonl",
                    arch: str = "qwen2", max_new_tokens: int = 64) -> Path:
+    """Build the tiny model if missing, train, predict `test`, plot and report; returns the run directory."""
+    from dataclasses import replace
+
     from .config import load_config
-    from .generation import GenerationParams
-    from .plot import plot_run
-    from .predict import run_predict
-    from .report import run_report
-    from .tiny import make_tiny_model
-    from .train import run_train
+    from .evaluation.plot import plot_run
+    from .evaluation.report import run_report
+    from .inference.params import PRESETS
+    from .inference.predict import run_predict
+    from .training.tiny import make_tiny_model
+    from .training.trainer import run_train
 
     cfg = load_config(config, overrides or [])
     model_dir = Path(cfg.model.name_or_path)
@@ -31,23 +34,10 @@ def run_quickstart(config: str, overrides: list[str] | None = None, test: str = 
     print("[2/4] training ...", flush=True)
     run = run_train(cfg, overwrite=True)
     print(f"[3/4] predicting {test} and scoring ...", flush=True)
-    run_predict(run, test, params=GenerationParams(max_new_tokens=max_new_tokens), overwrite=True)
+    run_predict(run, test, params=replace(PRESETS["predict"], max_new_tokens=max_new_tokens), overwrite=True)
     print("[4/4] plot and report ...", flush=True)
     plot_run(run)
     report = run_report(run)
     print(f"\ndone. Run directory: {run}\n  report: {report}\n  next: domaintune chat {run}  |  domaintune serve {run}  "
           f"|  domaintune export {run} --out {run}-merged", flush=True)
     return run
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("quickstart", help="build a tiny offline model, train, predict, score, plot and report (CPU, minutes)",
-                       description="Run the whole loop on the bundled sample data: builds the tiny model if missing, "
-                                   "LoRA-trains it, predicts the test split, writes metrics.json, loss.png and report.md.")
-    p.add_argument("config", nargs="?", default="configs/quickstart.yaml", help="config file (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.num_epochs=1 (default: none)")
-    p.add_argument("--test", default="examples/data/test.jsonl", help="test file to predict (default: %(default)s)")
-    p.add_argument("--arch", default="qwen2", choices=("bloom", "qwen2", "llama"),
-                   help="architecture of the tiny model, when it must be built (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per test prompt (default: %(default)s)")
-    p.set_defaults(func=lambda a: (run_quickstart(a.config, a.overrides, a.test, a.arch, a.max_new_tokens), 0)[1])

@@ -7,7 +7,7 @@ and nowhere else.
 | file | written by | what |
 |---|---|---|
 | config.yaml | train | the resolved config, every default filled in |
-| template.json | train | the prompt template used in training (see templates.py) |
+| template.json | train | the prompt template used in training (see data/templates.py) |
 | adapter_config.json, adapter_model.safetensors | train (LoRA) | final adapter |
 | model.safetensors / model-*.safetensors, config.json | train (full) | final full model |
 | tokenizer files, generation_config.json | train | with the right EOS/pad |
@@ -15,17 +15,29 @@ and nowhere else.
 | log.jsonl | train | one JSON object per logged step |
 | run_info.json | train | base model, license, data statistics, runtime, throughput |
 | loss.png | plot / train | loss and learning-rate curves |
-| predictions.jsonl, metrics.json, metrics_per_sample.jsonl, report.md | predict / eval / report | |
+| predictions.jsonl (+ .meta.json), metrics.json, metrics_per_sample.jsonl | predict / eval | |
+| predictions.base.jsonl, base/ | predict --base-only | the base model's predictions and scores |
+| compare.md | eval --compare | two predictions files side by side |
+| report.md | report | |
+
+An exported model directory (`export`) holds config.json, model*.safetensors, the tokenizer,
+generation_config.json, template.json and README.md (the model card).
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .jsonl import read_jsonl, write_atomic
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .config import Config, ModelConfig
+    from .data.templates import Template
 
 CONFIG = "config.yaml"
 TEMPLATE = "template.json"
@@ -33,12 +45,22 @@ LOG = "log.jsonl"
 RUN_INFO = "run_info.json"
 LOSS_PNG = "loss.png"
 PREDICTIONS = "predictions.jsonl"
+BASE_PREDICTIONS = "predictions.base.jsonl"
+PREDICTIONS_META_SUFFIX = ".meta.json"  # predictions.jsonl.meta.json: test file hash and generation settings
+BASE_DIR = "base"  # metrics of --base-only predictions, so they never replace the run's own
 METRICS = "metrics.json"
 METRICS_PER_SAMPLE = "metrics_per_sample.jsonl"
+COMPARE = "compare.md"
 REPORT = "report.md"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODEL_CONFIG = "config.json"  # a Hugging Face model directory's config
+MODEL_WEIGHTS_GLOB = "model*.safetensors"
+GENERATION_CONFIG = "generation_config.json"
+MODEL_CARD = "README.md"
 CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"  # written by the Trainer, last, into each checkpoint
+TRAINING_ARGS = "training_args.bin"  # the Trainer's pickle of TrainingArguments; never kept in the run directory
 
 
 class RunDir:
@@ -76,12 +98,18 @@ class RunDir:
         return (self.path / ADAPTER_CONFIG).is_file() and (self.path / ADAPTER_WEIGHTS).is_file()
 
     def has_full_model(self) -> bool:
-        if not (self.path / "config.json").is_file():
+        if not (self.path / MODEL_CONFIG).is_file():
             return False
-        return any(self.path.glob("model*.safetensors"))
+        return any(self.path.glob(MODEL_WEIGHTS_GLOB))
 
     def has_weights(self) -> bool:
         return self.has_adapter() or self.has_full_model()
+
+    def looks_like_run(self) -> bool:
+        """Whether this folder holds a domaintune run (started or finished): its config, log, run_info.json
+        or a checkpoint folder."""
+        return any((self.path / f).exists() for f in (CONFIG, LOG, RUN_INFO)) or \
+            any(self.path.glob(f"{CHECKPOINT_PREFIX}*"))
 
     def read_json(self, name: str) -> Any:
         return json.loads((self.path / name).read_text(encoding="utf-8"))
@@ -102,9 +130,7 @@ class RunDir:
 
 def adapter_base_name(run_dir: str | Path) -> str:
     """The base model an adapter directory was trained on (`base_model_name_or_path` of adapter_config.json)."""
-    import json
-
-    path = Path(run_dir) / "adapter_config.json"
+    path = Path(run_dir) / ADAPTER_CONFIG
     try:
         name = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (OSError, json.JSONDecodeError) as e:
@@ -114,7 +140,8 @@ def adapter_base_name(run_dir: str | Path) -> str:
     return name
 
 
-def resolve_template(run_dir: str | Path, tokenizer=None, name: str | None = None):
+def resolve_template(run_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
+                     name: str | None = None) -> Template:
     """The prompt template of a run or model directory: `name` (a built-in, `tokenizer` or a .json path) when
     given, else the directory's template.json (for a `checkpoint-N` folder without one, e.g. killed just
     after the Trainer saved it, the run's template.json beside it), else the tokenizer's chat_template.
@@ -122,7 +149,7 @@ def resolve_template(run_dir: str | Path, tokenizer=None, name: str | None = Non
     With `tokenizer=None` (a look before any weights are loaded, e.g. to validate a data file) the last
     fallback is not checked: a `tokenizer` template without its Jinja text is returned (its
     instruction/input joining is all such callers use)."""
-    from .templates import Template, get_template
+    from .data.templates import Template, get_template
 
     run = RunDir(run_dir)
     if name:
@@ -140,7 +167,7 @@ def resolve_template(run_dir: str | Path, tokenizer=None, name: str | None = Non
                     "(domain_zh, alpaca, chatml, tokenizer or a template .json)")
 
 
-def base_model_config(run_dir: str | Path, cfg=None):
+def base_model_config(run_dir: str | Path, cfg: Config | None = None) -> ModelConfig:
     """The `model` config section of an adapter run's base: the run's config.yaml (`cfg`) when there is one,
     else a default section naming adapter_config.json's base model."""
     if cfg is not None:
@@ -165,7 +192,7 @@ def list_checkpoints(out: Path) -> list[Path]:
 def _state_written(ckpt: Path) -> bool:
     """The Trainer writes trainer_state.json last, but not atomically: a kill mid-write leaves it empty or torn."""
     try:
-        return "global_step" in json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+        return "global_step" in json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
 
@@ -184,7 +211,7 @@ def checkpoint_tokens(ckpt: Path | None) -> int:
     if ckpt is None:
         return 0
     try:
-        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+        state = json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return 0
     return int(state.get("num_input_tokens_seen") or 0)

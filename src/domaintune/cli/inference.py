@@ -1,0 +1,161 @@
+"""Verbs that use a trained model: `predict`, `chat`, `serve`, `export`.
+
+Their sampling flags come from `GenerationParams` with the defaults of the verb's named preset
+(inference/params.py): "predict" decodes greedily, "chat" and "serve" sample (temperature 0 = greedy).
+"""
+from __future__ import annotations
+
+import argparse
+
+from .options import add_model_dir_options, add_sampling_options, sampling_params
+
+PREDICT_SAMPLING = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_p", "top_k",
+                    "repetition_penalty", "seed")
+CHAT_SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+SERVE_SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")  # seed: per request
+
+SERVE_HELP = ("Serve a run (or an exported / any local model directory) with an OpenAI-compatible API: GET /health, "
+              "GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streaming as server-sent events), "
+              "and a web chat page at /. The model loads in the background after the server starts listening "
+              "(/health: 503 while loading, 200 when ready). One model serves one request at a time: concurrent "
+              "requests wait in a first-come-first-served queue, and a client that disconnects stops its "
+              "generation. Binds 127.0.0.1 unless --host says otherwise; set an API key (--api-key or "
+              "$DOMAINTUNE_API_KEY) before exposing it. Requests that leave sampling parameters out get the "
+              "defaults below (the 'serve' preset); temperature 0 means greedy. 'stop' strings are honoured; n "
+              "must be 1.")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _register_predict(sub)
+    _register_chat(sub)
+    _register_serve(sub)
+    _register_export(sub)
+
+
+def _register_predict(sub: argparse._SubParsersAction) -> None:
+    from ..inference.predict import FORMATS
+
+    p = sub.add_parser("predict", help="generate answers for a test file with a trained run, then score them",
+                       description="Generate an answer for every row of a test file (JSON lines or a JSON array, "
+                                   "alpaca or messages format) with RUN's model and prompt template; write "
+                                   "predictions.jsonl (resumable: rerun the same command after an interruption) and "
+                                   "metrics.json.")
+    p.add_argument("run", metavar="RUN",
+                   help="run directory made by `domaintune train` (or a model directory with --template)")
+    p.add_argument("--data", required=True, metavar="TEST",
+                   help="test file (required); each row's last assistant turn / output is its target")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="predictions file (default: %(default)s = RUN/predictions.jsonl, or "
+                        "RUN/predictions.base.jsonl with --base-only)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: %(default)s)")
+    add_sampling_options(p, "predict", PREDICT_SAMPLING, zero_is_greedy=False)
+    add_model_dir_options(p, base_only="use the base model without the run's adapter, for a before/after comparison",
+                          template="prompt template (domain_zh, alpaca, chatml, tokenizer or a .json) instead of the "
+                                   "run's template.json (default: %(default)s = the run's)", device=False)
+    p.add_argument("--format", choices=FORMATS, default="jsonl",
+                   help="json-array also writes [{input, predict, target}, ...] as .json next to the predictions "
+                        "(default: %(default)s)")
+    p.add_argument("--no-eval", action="store_true", help="only predict; do not compute metrics.json (default: off)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard an existing predictions file instead of resuming it (default: off)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="predict only the first N rows (default: %(default)s = all)")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from ..inference.predict import run_predict
+
+    params = sampling_params(a, "predict", PREDICT_SAMPLING, zero_is_greedy=False)
+    run_predict(a.run, a.data, out=a.out, params=params, batch_size=a.batch_size, base_only=a.base_only,
+                template=a.template, fmt=a.format, evaluate=not a.no_eval, limit=a.limit, overwrite=a.overwrite)
+    return 0
+
+
+def _register_chat(sub: argparse._SubParsersAction) -> None:
+    from ..inference import chat
+
+    p = sub.add_parser("chat", help="chat with a run (or an exported / local model) in the terminal, streaming",
+                       description=chat.__doc__.split("\n\n", 1)[1] + "\n" + chat.HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run directory, exported model or local model directory (required)")
+    p.add_argument("--system", default=None, help="system prompt (default: the template's default)")
+    add_sampling_options(p, "chat", CHAT_SAMPLING, zero_is_greedy=True)
+    p.add_argument("--context", type=int, default=None,
+                   help="token budget for history + answer (default: the model's context length)")
+    add_model_dir_options(p, base_only="talk to the base model, without the run's adapter")
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from ..inference.chat import run_chat
+
+    params = sampling_params(a, "chat", CHAT_SAMPLING, zero_is_greedy=True)
+    return run_chat(a.run, base_only=a.base_only, template=a.template, params=params, system=a.system,
+                    context_len=a.context, device=a.device, dtype=a.dtype)
+
+
+def _register_serve(sub: argparse._SubParsersAction) -> None:
+    from ..inference.serve.server import ENV_KEY
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API server + web chat page for a run or model directory",
+                       description=SERVE_HELP)
+    p.add_argument("run", help="run directory (adapter or full model), exported model, or local model directory "
+                               "(required)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind; 0.0.0.0 exposes the server (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${ENV_KEY} if set, else no key)")
+    p.add_argument("--model-name", default=None,
+                   help="model id clients must send (default: the directory's name, '-base' added with --base-only)")
+    add_sampling_options(p, "serve", SERVE_SAMPLING, zero_is_greedy=True, flag_names={"max_new_tokens": "--max-tokens"},
+                         extra_help={"max_new_tokens": "when a request sets no max_tokens (capped by the context "
+                                                       "left)",
+                                     "temperature": "when a request sets none",
+                                     "top_p": "when a request sets none", "top_k": "when a request sets none",
+                                     "repetition_penalty": "when a request sets none"})
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body accepted; larger ones get 413 (default: %(default)s)")
+    add_model_dir_options(p, base_only="serve the base model without the run's adapter")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default: %(default)s)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from ..inference.serve.server import run_serve
+
+    defaults = sampling_params(a, "serve", SERVE_SAMPLING, zero_is_greedy=True)
+    return run_serve(a.run, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
+                     base_only=a.base_only, template=a.template, defaults=defaults, max_body_bytes=a.max_body_bytes,
+                     device=a.device, dtype=a.dtype, log_level=a.log_level)
+
+
+def _register_export(sub: argparse._SubParsersAction) -> None:
+    from ..inference import export
+    from ..training.precision import DTYPES
+
+    p = sub.add_parser("export", help="merge LoRA into the base model and save a standalone model directory",
+                       description=export.__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run directory (LoRA, QLoRA or full fine-tuning) (required)")
+    p.add_argument("--out", required=True, help="output directory, new or empty (required)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weight dtype of the export; auto = the base checkpoint's dtype, fp32 if unstated "
+                        "(default: %(default)s)")
+    p.add_argument("--max-shard-size", default="2GB",
+                   help="split weights into safetensors shards of at most this size (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous export in --out (a folder with config.json or template.json) "
+                        "(default: off)")
+    add_model_dir_options(p, template="template for a run without template.json (default: the run's "
+                                      "template.json)", device=False)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from ..inference.export import run_export
+
+    run_export(a.run, a.out, a.dtype, a.max_shard_size, a.overwrite, a.template)
+    return 0

@@ -1,0 +1,81 @@
+"""Flags shared by several verbs, built from the library's own definitions.
+
+- `add_config_args`: a YAML config plus dotted overrides (train, data-check, config, gen-data, quickstart).
+- `add_sampling_options` / `sampling_params`: the sampling flags of predict, chat and serve, generated from
+  `GenerationParams` (field, type, help) with the defaults of the verb's named preset (`PRESETS`), so
+  `--help` shows exactly the defaults the code uses.
+- `add_model_dir_options`: how a run or model directory is loaded (--base-only, --template, --device,
+  --dtype).
+
+Only light modules are imported here: `domaintune --help` must not pull in torch or transformers.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields, replace
+
+from ..inference.params import PRESETS, GenerationParams, field_help
+from ..training.precision import DTYPES
+
+_TYPES = {f.name: f.type for f in fields(GenerationParams)}
+_PARSERS = {"int": int, "float": float, "int | None": int}
+
+
+def add_config_args(p: argparse.ArgumentParser, optional_default: str | None = None,
+                    example: str = "train.learning_rate=2e-4 lora.r=16") -> None:
+    """The config file (required, or optional with `optional_default`) and dotted overrides."""
+    if optional_default is None:
+        p.add_argument("config", help="YAML config file (required)")
+    else:
+        p.add_argument("config", nargs="?", default=optional_default, help="YAML config file (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", default=[],
+                   help=f"dotted overrides, e.g. {example} (default: none)")
+
+
+def add_sampling_options(p: argparse.ArgumentParser, preset: str, names: tuple[str, ...],
+                         zero_is_greedy: bool, flag_names: dict[str, str] | None = None,
+                         extra_help: dict[str, str] | None = None) -> None:
+    """One flag per GenerationParams field in `names`, defaulting to PRESETS[preset]. With `zero_is_greedy`,
+    --temperature 0 means greedy decoding (chat, serve); otherwise sampling is switched on by --do-sample
+    (predict). `flag_names` renames a flag (serve's --max-tokens); `extra_help` adds to a field's help."""
+    defaults = PRESETS[preset]
+    flag_names, extra_help = flag_names or {}, extra_help or {}
+    for name in names:
+        flag = flag_names.get(name, "--" + name.replace("_", "-"))
+        text = field_help(name)
+        if name == "temperature":
+            text += "; 0 = greedy" if zero_is_greedy else ", with --do-sample"
+        if name in extra_help:
+            text += f" {extra_help[name]}"
+        text += f" (default: %(default)s, the '{preset}' preset)"
+        if name == "do_sample":
+            p.add_argument(flag, dest=name, action="store_true", default=defaults.do_sample,
+                           help=text.replace("%(default)s", "on" if defaults.do_sample else "off"))
+        else:
+            p.add_argument(flag, dest=name, type=_PARSERS[str(_TYPES[name])], default=getattr(defaults, name),
+                           help=text)
+
+
+def sampling_params(args: argparse.Namespace, preset: str, names: tuple[str, ...],
+                    zero_is_greedy: bool) -> GenerationParams:
+    """The GenerationParams the flags of `add_sampling_options` ask for, validated."""
+    given = {name: getattr(args, name) for name in names}
+    params = replace(PRESETS[preset], **given)
+    if zero_is_greedy:
+        params = params.with_temperature(given.get("temperature", params.temperature))
+    return params.validate()
+
+
+def add_model_dir_options(p: argparse.ArgumentParser, base_only: str | None = None, template: str | None = None,
+                          device: bool = True) -> None:
+    """--base-only (with `base_only` as its help), --template, and --device/--dtype when `device`."""
+    if base_only:
+        p.add_argument("--base-only", action="store_true", help=f"{base_only} (default: off)")
+    p.add_argument("--template", default=None, metavar="NAME",
+                   help=template or "prompt template for a directory without template.json: domain_zh, alpaca, "
+                                    "chatml, tokenizer or a .json path (default: the run's template.json, else the "
+                                    "tokenizer's chat_template)")
+    if device:
+        p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+        p.add_argument("--dtype", choices=DTYPES, default="auto",
+                       help="weight dtype; auto = bf16/fp16 on GPU, fp32 on CPU (default: %(default)s)")

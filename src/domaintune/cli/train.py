@@ -1,0 +1,70 @@
+"""Verbs that make a model: `train`, `make-tiny-model` and `quickstart` (the whole loop on a tiny model)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .options import add_config_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune a model (LoRA, QLoRA or full) as a config file says",
+                       description="Train from a YAML config. Works under torchrun / accelerate launch too.")
+    add_config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in train.output_dir (default: off)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an existing run in train.output_dir and start afresh; refused for a folder that is "
+                        "not a run directory or that holds the base model (default: off)")
+    p.set_defaults(func=cmd_train)
+
+    from ..training.tiny import ARCHS, SIZES  # stdlib-only module: cheap
+
+    p = sub.add_parser("make-tiny-model", help="build a tiny random model + tokenizer offline (for tests and the "
+                                               "quickstart)",
+                       description="Build a small randomly initialised causal LM and a byte-level BPE tokenizer "
+                                   "trained on the bundled sample data, saved in Hugging Face format. No network "
+                                   "access.")
+    p.add_argument("out", help="output directory (required)")
+    p.add_argument("--arch", choices=ARCHS, default="qwen2", help="model family (default: %(default)s)")
+    p.add_argument("--size", choices=list(SIZES), default="small",
+                   help="micro (~0.2M parameters, for tests) or small (~4M) (default: %(default)s)")
+    p.add_argument("--corpus", nargs="*", type=Path, default=None,
+                   help="JSON-lines files to train the tokenizer on (default: examples/data/*.jsonl)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default: %(default)s)")
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("quickstart", help="build a tiny offline model, train, predict, score, plot and report "
+                                          "(CPU, minutes)",
+                       description="Run the whole loop on the bundled sample data: builds the tiny model if "
+                                   "missing, LoRA-trains it, predicts the test split, writes metrics.json, loss.png "
+                                   "and report.md.")
+    add_config_args(p, optional_default="configs/quickstart.yaml", example="train.num_epochs=1")
+    p.add_argument("--test", default="examples/data/test.jsonl", help="test file to predict (default: %(default)s)")
+    p.add_argument("--arch", default="qwen2", choices=ARCHS,
+                   help="architecture of the tiny model, when it must be built (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens to generate per test prompt (default: %(default)s)")
+    p.set_defaults(func=cmd_quickstart)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..training.trainer import run_train
+
+    run_train(load_config(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite)
+    return 0
+
+
+def cmd_make_tiny_model(a: argparse.Namespace) -> int:
+    from ..training.tiny import make_tiny_model
+
+    print(make_tiny_model(a.out, a.arch, a.size, a.corpus, a.seed))
+    return 0
+
+
+def cmd_quickstart(a: argparse.Namespace) -> int:
+    from ..quickstart import run_quickstart
+
+    run_quickstart(a.config, a.overrides, a.test, a.arch, a.max_new_tokens)
+    return 0

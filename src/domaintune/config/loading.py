@@ -1,0 +1,155 @@
+"""Reading a config: YAML file -> dotted overrides -> validation, with errors that name the field.
+
+- Unknown keys are errors that name the key and the closest valid one.
+- Wrong types name the field and the expected type.
+- Dotted overrides on the command line: `train.learning_rate=2e-4 lora.r=16` (values parsed as YAML).
+- Relative paths in a config file are kept as written and read relative to the folder the command runs
+  in (not the config file's folder), the way most CLIs treat paths. The shipped configs assume the
+  project root.
+- `explain()` lists every field with its default and description (`domaintune config --explain`).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ..errors import UserError
+from .sections import Config
+
+
+def _fields_of(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid key names at `loc` inside the config tree."""
+    cls = model_cls
+    for part in loc:
+        field = cls.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        cls = ann
+    return list(cls.model_fields)
+
+
+_TYPE_WORDS = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
+    "string_type": "a string", "list_type": "a list", "model_type": "a mapping (section)", "dict_type": "a mapping",
+}
+
+
+def _field_path(loc: tuple) -> tuple[str, ...]:
+    """The field names in a pydantic error location, without list indices and union-member tags
+    (pydantic reports `data.val_size` as `data.val_size.int` / `data.val_size.float`)."""
+    out: list[str] = []
+    cls: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(cls, "model_fields", None)
+        if not fields or part not in fields:
+            break
+        out.append(part)
+        ann = fields[part].annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return tuple(out)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: unknown keys with the closest valid key, wrong types with the expected type."""
+    lines: list[str] = []
+    expected: dict[str, tuple[Any, list[str]]] = {}  # field -> (input, what it must be); a union gives several
+    for e in err.errors():
+        if e["type"] == "extra_forbidden":
+            loc = tuple(str(p) for p in e["loc"] if not isinstance(p, int))
+            dotted = ".".join(loc)
+            valid = _fields_of(Config, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            hint = f" Did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
+            lines.append(f"unknown key '{dotted}'.{hint} Valid keys here: {', '.join(valid)}")
+            continue
+        dotted = ".".join(_field_path(e["loc"]))
+        if e["type"] in _TYPE_WORDS or e["type"] == "literal_error":
+            word = _TYPE_WORDS.get(e["type"]) or e.get("ctx", {}).get("expected", e["msg"])
+            expected.setdefault(dotted, (e.get("input"), []))[1].append(word)
+        elif not dotted:  # a check across fields (model validator): its message says it all
+            lines.append(e["msg"].removeprefix("Value error, "))
+        else:
+            lines.append(f"'{dotted}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
+    for dotted, (value, words) in expected.items():
+        lines.append(f"'{dotted}' must be {' or '.join(dict.fromkeys(words))}, got {value!r}")
+    return f"{source}: invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"override '{item}' must look like section.key=value, e.g. train.learning_rate=2e-4")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise UserError(f"override '{item}': '{key}' is not a dotted key like train.learning_rate")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise UserError(f"override '{item}': '{p}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{p}' not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{p}: the top level must be a mapping of sections (model, lora, data, train)")
+    return raw
+
+
+def build_config(raw: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or none: all defaults), apply dotted overrides, validate."""
+    raw = read_yaml(path) if path else {}
+    return build_config(apply_overrides(raw, overrides), str(path or "config"))
+
+
+def explain(model_cls: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per field: dotted name, default, description."""
+    lines = []
+    for name, f in model_cls.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.append(f"{prefix}{name}:  # {f.description or ''}")
+            lines.extend(explain(ann, prefix + name + "."))
+            continue
+        default = f.get_default(call_default_factory=True)
+        if isinstance(default, float) and math.isfinite(default) and default.is_integer():
+            default = default
+        lines.append(f"{prefix}{name} = {json.dumps(default, ensure_ascii=False)}  # {f.description or ''}")
+    return lines

@@ -1,0 +1,143 @@
+"""The config sections `model`, `lora`, `data`, `train` and the whole `Config` (with `selfinstruct`).
+
+Every field has a default and a one-line description (`domaintune config --explain` prints them).
+Values derived from several fields are methods of their section (e.g. `TrainConfig.gradient_accumulation`).
+"""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from ..errors import UserError
+from .base import Section
+from .selfinstruct import SelfInstructConfig
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        "runs/tiny-model",
+        description="Base model: a local Hugging Face model directory or a hub id (e.g. bigscience/bloomz-560m).",
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Weight/compute dtype; auto = bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model (only for models you trust)."
+    )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Load the base model quantized with bitsandbytes (QLoRA); needs a CUDA GPU."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    attn_implementation: str | None = Field(
+        None, description="Attention kernel passed to transformers (e.g. sdpa, eager, flash_attention_2); None = library default."
+    )
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(True, description="Train a LoRA adapter (true) or fine-tune all weights (false).")
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling alpha (effective scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: Union[list[str], Literal["all-linear"]] = Field(
+        "all-linear",
+        description="Module names to adapt (e.g. [query_key_value] for BLOOM, [q_proj, v_proj] for LLaMA/Qwen) or all-linear.",
+    )
+
+
+class DataConfig(Section):
+    path: str = Field("examples/data/train.jsonl", description="Training file: JSON lines or a JSON array (alpaca or messages format).")
+    eval_path: str | None = Field(
+        None, description="Validation file; when unset, val_size rows are split off the training file."
+    )
+    template: str = Field(
+        "domain_zh",
+        description="Prompt template: domain_zh, alpaca, chatml, tokenizer (the model's chat_template) or a path to a template JSON.",
+    )
+    system: str | None = Field(None, description="System prompt used for rows that do not carry their own; None = the template's default.")
+    cutoff_len: int = Field(512, gt=0, description="Maximum tokens per training sample.")
+    overlength: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="What to do with samples longer than cutoff_len (always counted and reported)."
+    )
+    train_on_inputs: bool = Field(False, description="Also compute the loss on prompts (default: responses only).")
+    val_size: Union[int, float] = Field(
+        0.1, ge=0, description="Validation split taken from the training file: a row count (int) or a fraction in (0, 1)."
+    )
+    val_max_rows: int | None = Field(None, ge=0, description="Upper bound on the validation split's row count.")
+
+    @field_validator("val_size")
+    @classmethod
+    def _val_size(cls, v):
+        if isinstance(v, float) and not v.is_integer() and not 0 < v < 1:
+            raise ValueError("a fraction must lie in (0, 1); use an integer for a row count")
+        return v
+
+
+class TrainConfig(Section):
+    output_dir: str = Field("runs/quickstart", description="Run directory: checkpoints, final weights, logs, reports.")
+    batch_size: int = Field(8, gt=0, description="Global batch size = per_device_batch_size x gradient accumulation x processes.")
+    per_device_batch_size: int = Field(2, gt=0, description="Batch size per device and step.")
+    gradient_accumulation_steps: int | None = Field(
+        None, gt=0, description="Explicit gradient accumulation; None = batch_size / (per_device_batch_size x processes)."
+    )
+    num_epochs: float = Field(3.0, gt=0, description="Training epochs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 = use num_epochs.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: str = Field("cosine", description="Learning-rate schedule (transformers name: cosine, linear, constant, ...).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps used for linear warm-up.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps; overrides warmup_ratio when set.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    optim: str = Field("adamw_torch", description="Optimizer (transformers name, e.g. adamw_torch, paged_adamw_8bit for QLoRA).")
+    logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N optimizer steps.")
+    eval_steps: int = Field(50, gt=0, description="Compute the validation loss every N steps (and at the end).")
+    save_steps: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps.")
+    save_total_limit: int | None = Field(3, gt=0, description="Keep at most this many checkpoints (None = all).")
+    seed: int = Field(42, description="Random seed (model init of new weights, data order, validation split).")
+    report_to: list[str] = Field(
+        default_factory=lambda: ["none"], description="Trackers: none, tensorboard, wandb (needs the package installed)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory by recomputing activations.")
+    group_by_length: bool = Field(False, description="Batch samples of similar length together (less padding).")
+    dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+    def gradient_accumulation(self, world_size: int) -> int:
+        """Accumulation steps that keep the global `batch_size` over `world_size` processes; an explicit
+        `gradient_accumulation_steps` wins (see `global_batch` for what it then amounts to)."""
+        if self.gradient_accumulation_steps:
+            return self.gradient_accumulation_steps
+        per_step = self.per_device_batch_size * world_size
+        if self.batch_size % per_step:
+            raise UserError(f"train.batch_size {self.batch_size} is not a multiple of per_device_batch_size "
+                            f"{self.per_device_batch_size} x {world_size} process(es); change one of them")
+        return max(1, self.batch_size // per_step)
+
+    def global_batch(self, world_size: int) -> int:
+        """Rows per optimizer step: per-device batch x processes x accumulation."""
+        return self.per_device_batch_size * world_size * self.gradient_accumulation(world_size)
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    selfinstruct: SelfInstructConfig = Field(default_factory=SelfInstructConfig, description="Data generation (gen-data).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.model.quantization != "none" and not self.lora.enabled:
+            raise ValueError("model.quantization needs lora.enabled: true (QLoRA trains an adapter on a quantized base)")
+        return self
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)

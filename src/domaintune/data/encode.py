@@ -1,0 +1,173 @@
+"""Tokenising and masking: conversations -> input_ids, attention_mask, labels under the over-length policy.
+
+Every assistant turn is trained; prompts are masked (label -100) unless `train_on_inputs`. EOS follows
+each answer so the model learns to stop (the template's `encode`, templates.py).
+
+Over-length samples (more than `cutoff_len` tokens) follow `overlength`: `truncate` keeps the first
+`cutoff_len` tokens, `drop` skips the sample, `error` stops. A sample left with no trainable token is
+never trained on: it is dropped and counted. All counts are reported (`DataReport`).
+"""
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..errors import UserError
+from .examples import MAX_ERRORS_SHOWN, Example, load_examples
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..config import DataConfig
+    from .templates import Template
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DataReport:
+    """Counts and length statistics; printed by data-check and saved in run_info.json."""
+
+    path: str = ""
+    rows: int = 0
+    train_rows: int = 0
+    eval_rows: int = 0
+    overlength_policy: str = "truncate"
+    overlength: int = 0  # samples longer than cutoff_len (truncated, dropped or rejected per policy)
+    truncated: int = 0
+    dropped_overlength: int = 0
+    dropped_no_target: int = 0  # nothing trainable left after truncation
+    lengths: list[int] = field(default_factory=list)  # token lengths before truncation
+
+    def token_lengths(self) -> dict:
+        if not self.lengths:
+            return {}
+        s = sorted(self.lengths)
+        return {"min": s[0], "mean": round(statistics.fmean(s), 1), "median": statistics.median(s),
+                "p95": s[min(len(s) - 1, int(0.95 * len(s)))], "max": s[-1]}
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "rows": self.rows, "train_rows": self.train_rows, "eval_rows": self.eval_rows,
+                "overlength": {"policy": self.overlength_policy, "count": self.overlength, "truncated": self.truncated,
+                               "dropped": self.dropped_overlength},
+                "dropped_no_target": self.dropped_no_target, "token_lengths": self.token_lengths()}
+
+    def summary_lines(self) -> list[str]:
+        tl = self.token_lengths()
+        return [
+            f"data: {self.path}: {self.rows} rows -> train {self.train_rows}, validation {self.eval_rows}",
+            "tokens per sample: " + ", ".join(f"{k} {v}" for k, v in tl.items()),
+            f"over cutoff_len: {self.overlength} (policy {self.overlength_policy}: truncated {self.truncated}, "
+            f"dropped {self.dropped_overlength}); dropped with nothing to train on: {self.dropped_no_target}",
+        ]
+
+
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
+    """`messages` with a leading system message `system` when they have none (the run's data.system:
+    training adds it to rows without their own, and inference must do the same)."""
+    if system and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def encode_example(ex: Example, tokenizer: PreTrainedTokenizerBase, template: Template, cutoff_len: int,
+                   train_on_inputs: bool = False, system: str | None = None) -> tuple[dict | None, int]:
+    """(sample or None, untruncated length). The sample holds input_ids, attention_mask and labels."""
+    ids, trainable = template.encode(tokenizer, with_system(ex.messages, system), add_generation_prompt=False)
+    full_len = len(ids)
+    ids, trainable = ids[:cutoff_len], trainable[:cutoff_len]
+    if not any(trainable):
+        return None, full_len
+    labels = list(ids) if train_on_inputs else [t if m else IGNORE_INDEX for t, m in zip(ids, trainable)]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, full_len
+
+
+def encode_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: Template, cfg: DataConfig,
+                    report: DataReport) -> list[dict]:
+    """Tokenize and mask under the over-length policy, counting everything into `report`."""
+    out, too_long = [], []
+    for ex in examples:
+        try:
+            sample, n = encode_example(ex, tokenizer, template, cfg.cutoff_len, cfg.train_on_inputs, cfg.system)
+        except UserError as e:  # e.g. a chat_template that rejects this conversation: say which row
+            raise UserError(f"{ex.where}: {e}") from None
+        report.lengths.append(n)
+        if n > cfg.cutoff_len:
+            report.overlength += 1
+            too_long.append(f"{ex.where}: {n} tokens")
+            if cfg.overlength == "drop":
+                report.dropped_overlength += 1
+                continue
+            if cfg.overlength == "truncate" and sample is not None:
+                report.truncated += 1
+        if sample is None:
+            report.dropped_no_target += 1
+            continue
+        out.append(sample)
+    if too_long and cfg.overlength == "error":
+        raise UserError(f"{len(too_long)} sample(s) exceed data.cutoff_len={cfg.cutoff_len} (data.overlength: error):\n  "
+                        + "\n  ".join(too_long[:MAX_ERRORS_SHOWN])
+                        + "\nRaise data.cutoff_len, or set data.overlength to truncate or drop.")
+    return out
+
+
+def split_validation(examples: list, val_size: int | float, val_max_rows: int | None, seed: int) -> tuple[list, list]:
+    """Seeded split: val_size rows (int) or a fraction (float in (0, 1)), capped by val_max_rows."""
+    n = len(examples)
+    k = int(val_size) if isinstance(val_size, int) or float(val_size).is_integer() and val_size >= 1 else int(round(n * val_size))
+    if val_max_rows is not None:
+        k = min(k, val_max_rows)
+    if k <= 0:
+        return list(examples), []
+    if k >= n:
+        raise UserError(f"data.val_size asks for {k} validation rows but the file has only {n}; lower data.val_size")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:k])
+    return [e for i, e in enumerate(examples) if i not in val_idx], [e for i, e in enumerate(examples) if i in val_idx]
+
+
+@dataclass
+class Datasets:
+    train: list[dict]
+    eval: list[dict]
+    report: DataReport
+    train_examples: list[Example]
+
+
+def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: Template, seed: int) -> Datasets:
+    """Read, validate, split and encode the data of the `data` config section."""
+    examples = load_examples(cfg.path, template=template)
+    report = DataReport(path=str(cfg.path), rows=len(examples), overlength_policy=cfg.overlength)
+    if cfg.eval_path:
+        train_ex, eval_ex = examples, load_examples(cfg.eval_path, template=template)
+    else:
+        train_ex, eval_ex = split_validation(examples, cfg.val_size, cfg.val_max_rows, seed)
+    train = encode_examples(train_ex, tokenizer, template, cfg, report)
+    eval_report = DataReport(overlength_policy=cfg.overlength)
+    ev = encode_examples(eval_ex, tokenizer, template, cfg, eval_report) if eval_ex else []
+    for k in ("overlength", "truncated", "dropped_overlength", "dropped_no_target"):
+        setattr(report, k, getattr(report, k) + getattr(eval_report, k))
+    report.lengths += eval_report.lengths
+    report.train_rows, report.eval_rows = len(train), len(ev)
+    if not train:
+        raise UserError(f"{cfg.path}: no trainable sample left (see the counts above); raise data.cutoff_len")
+    return Datasets(train, ev, report, train_ex)
+
+
+def render_masked(tokenizer: PreTrainedTokenizerBase, sample: dict, color: bool = False) -> str:
+    """Decode a sample, marking the trained spans: «...» (or green when `color`)."""
+    out, cur, cur_train = [], [], None
+    for tid, lab in zip(sample["input_ids"], sample["labels"]):
+        train = lab != IGNORE_INDEX
+        if cur and train != cur_train:
+            out.append((cur_train, tokenizer.decode(cur)))
+            cur = []
+        cur.append(tid)
+        cur_train = train
+    if cur:
+        out.append((cur_train, tokenizer.decode(cur)))
+    open_, close = ("\x1b[32m", "\x1b[0m") if color else ("«", "»")
+    return "".join(f"{open_}{t}{close}" if train else t for train, t in out)

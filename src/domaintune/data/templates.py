@@ -1,0 +1,273 @@
+"""Prompt templates as data (JSON files in `data/prompt_templates/`), and the one encoder of conversations.
+
+A template describes how a conversation becomes text:
+
+    [system_format(system)] user_format(q1) assistant_format(a1) <eos> turn_separator user_format(q2) ...
+
+`user_format` ends with the assistant prefix (e.g. `用户:{content}\\n\\n助手:`), so a generation prompt is
+everything up to and including the last user turn. `encode()` tokenizes segment by segment and returns
+token ids with a per-token "trainable" flag. Training (loss masking) and inference (predict, chat,
+serve) both call `encode()`, so the prompt the model sees at inference is token-for-token the prompt it
+was trained on. The template used in training is saved as `template.json` in the run directory.
+
+The special kind `tokenizer` uses the model's own `chat_template` (Jinja) instead; trainable spans are
+found by rendering growing prefixes of the conversation and taking the differences. A chat_template that
+rejects a conversation (`raise_exception(...)`, as Mistral's, LLaMA-2's and Gemma's do for a system
+message or non-alternating roles) becomes a UserError carrying the template's message.
+
+Known limitation (segment boundaries): `encode()` tokenizes each segment on its own and concatenates the
+ids. Byte-level BPE tokenizers (Qwen, BLOOM, LLaMA-3, GPT-2 style) give the same ids as tokenizing the
+whole rendered string, in practice. SentencePiece / Metaspace tokenizers (LLaMA-2, Mistral, Yi, Baichuan)
+may not: each segment gets its own word-start marker ("▁") and merges never cross a boundary. Training and
+inference inside domaintune are unaffected (both use `encode()`), but a chat_template exported for other
+tools (`to_jinja`, tokenized as one string) can yield different ids at those boundaries, i.e. once there
+is a system message or an earlier turn.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+BUILTIN = ("domain_zh", "alpaca", "chatml", "tokenizer")
+_JOIN_FIELDS = re.compile(r"\{(instruction|input)\}")
+EOS = object()  # marker for "the tokenizer's EOS token id" inside a segment list
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    description: str = ""
+    kind: str = "format"  # "format" (fields below) or "tokenizer" (the model's chat_template)
+    system_format: str = "{content}\n\n"
+    default_system: str = ""
+    user_format: str = "{content}"
+    assistant_format: str = "{content}"
+    turn_separator: str = ""
+    instruction_input_format: str = "{instruction}\n{input}"
+    append_eos: bool = True
+    stop: list[str] = field(default_factory=list)
+    chat_template: str | None = None  # kind == "tokenizer": the Jinja template used in training
+
+    # ------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "template") -> "Template":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"{source}: unknown template field(s) {sorted(unknown)}; known: {sorted(known)}")
+        if "name" not in d:
+            raise UserError(f"{source}: a template needs a 'name'")
+        t = cls(**d)
+        if t.kind == "format" and "{content}" not in t.user_format:
+            raise UserError(f"{source}: user_format must contain {{content}}")
+        return t
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Template":
+        p = Path(path)
+        try:
+            return cls.from_dict(json.loads(p.read_text(encoding="utf-8")), str(p))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p} line {e.lineno}: not valid JSON: {e.msg}") from None
+
+    # ------------------------------------------------------------ rendering
+    def join_instruction(self, instruction: str, input: str = "") -> str:
+        """The user message for an instruction/input row."""
+        if not input:
+            return instruction
+        # One pass over the format: an instruction that itself contains the text "{input}" stays as written.
+        values = {"instruction": instruction, "input": input}
+        return _JOIN_FIELDS.sub(lambda m: values[m.group(1)], self.instruction_input_format)
+
+    def segments(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[Any, bool]]:
+        """(text or EOS, trainable) pieces of a conversation (format templates).
+
+        `messages`: optional leading system message, then alternating user/assistant. With
+        `add_generation_prompt` the conversation must end with a user turn, and the result ends with the
+        assistant prefix.
+        """
+        segs: list[tuple[Any, bool]] = []
+        msgs = list(messages)
+        system = self.default_system
+        if msgs and msgs[0]["role"] == "system":
+            system = msgs.pop(0)["content"]
+        if system:
+            segs.append((self.system_format.replace("{content}", system), False))
+        for i, m in enumerate(msgs):
+            if m["role"] == "user":
+                if i > 0:
+                    segs.append((self.turn_separator, False))
+                segs.append((self.user_format.replace("{content}", m["content"]), False))
+            else:
+                segs.append((self.assistant_format.replace("{content}", m["content"]), True))
+                if self.append_eos:
+                    segs.append((EOS, True))
+        return [(s, t) for s, t in segs if s is EOS or s]
+
+    def encode(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict],
+               add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+        """Token ids and per-token trainable flags for `messages` (see `segments`)."""
+        if self.kind == "tokenizer":
+            return self._encode_chat_template(tokenizer, messages, add_generation_prompt)
+        ids: list[int] = []
+        mask: list[bool] = []
+        bos = leading_bos(tokenizer)
+        if bos is not None:
+            ids.append(bos)
+            mask.append(False)
+        for text, trainable in self.segments(messages, add_generation_prompt):
+            if text is EOS:
+                piece = [] if ids and ids[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]
+            else:
+                piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids.extend(piece)
+            mask.extend([trainable] * len(piece))
+        return ids, mask
+
+    def _encode_chat_template(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict],
+                              add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
+        tpl = self.chat_template or tokenizer.chat_template
+        if not tpl:
+            raise UserError("template 'tokenizer' needs a tokenizer with a chat_template; choose domain_zh, alpaca or chatml")
+
+        from jinja2 import TemplateError
+
+        def render(msgs: list[dict], gen: bool) -> str:
+            try:
+                return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=tpl)
+            except TemplateError as e:  # e.g. Mistral/LLaMA-2/Gemma: raise_exception('... roles must alternate ...')
+                raise UserError(f"the model's chat_template rejects this conversation ({e}); change the data "
+                                "(e.g. drop the system message) or use data.template: chatml (or another "
+                                "format template)") from None
+
+        ids: list[int] = []
+        mask: list[bool] = []
+        done = ""
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix = render(messages[:k], True)
+            full = render(messages[: k + 1], False)
+            if not (prefix.startswith(done) and full.startswith(prefix)):
+                raise UserError("the model's chat_template rewrites earlier turns, so the trainable spans cannot be found; "
+                                "use data.template: chatml (or another format template) instead")
+            for text, trainable in ((prefix[len(done):], False), (full[len(prefix):], True)):
+                piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+                ids.extend(piece)
+                mask.extend([trainable] * len(piece))
+            done = full
+        if add_generation_prompt:
+            tail = render(messages, True)[len(done):]
+            piece = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+            ids.extend(piece)
+            mask.extend([False] * len(piece))
+        return ids, mask
+
+    def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """EOS plus every stop string that is a single token."""
+        out = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        for s in self.stop:
+            tid = tokenizer.convert_tokens_to_ids(s)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in out:
+                out.append(tid)
+        return out
+
+    def chat_template_for(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        """`to_jinja()`, plus the BOS token for tokenizers that add one themselves (LLaMA):
+        `apply_chat_template` adds no special tokens, so the template must spell it."""
+        jinja = self.to_jinja()
+        if self.kind == "format" and leading_bos(tokenizer) is not None:
+            jinja = "{{ bos_token }}" + jinja
+        return jinja
+
+    def to_jinja(self) -> str:
+        """A Jinja chat_template equivalent to this template (for export, so other tools render the same prompt)."""
+        if self.kind == "tokenizer":
+            return self.chat_template or ""
+
+        def lit(s: str) -> str:
+            return json.dumps(s)  # a JSON string literal is a valid Jinja string literal
+
+        def fmt(f: str, var: str) -> str:
+            head, _, tail = f.partition("{content}")
+            return "{{ " + lit(head) + " + " + var + " + " + lit(tail) + " }}"
+
+        eos = "{{ eos_token }}" if self.append_eos else ""
+        parts = [
+            "{%- set ns = namespace(i=0) -%}",
+            "{%- if messages and messages[0]['role'] == 'system' -%}",
+            ("{%- if messages[0]['content'] -%}" + fmt(self.system_format, "messages[0]['content']") + "{%- endif -%}")
+            if self.system_format else "",
+            "{%- set loop_messages = messages[1:] -%}",
+            "{%- else -%}",
+            (fmt(self.system_format, lit(self.default_system)) if self.default_system else ""),
+            "{%- set loop_messages = messages -%}",
+            "{%- endif -%}",
+            "{%- for m in loop_messages -%}",
+            "{%- if m['role'] == 'user' -%}",
+            "{%- if not loop.first -%}" + ("{{ " + lit(self.turn_separator) + " }}" if self.turn_separator else "") + "{%- endif -%}",
+            fmt(self.user_format, "m['content']"),
+            "{%- else -%}",
+            fmt(self.assistant_format, "m['content']") + eos,
+            "{%- endif -%}",
+            "{%- endfor -%}",
+        ]
+        return "".join(parts)
+
+
+def leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id if this tokenizer adds one by itself (LLaMA does, BLOOM/Qwen do not)."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    if len(with_special) > len(without) and with_special[0] == tokenizer.bos_token_id:
+        return tokenizer.bos_token_id
+    return None
+
+
+def _turn_end_tokens(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> list[str]:
+    """The token a chat_template puts right after an answer (e.g. ChatML's `<|im_end|>`, Llama 3's
+    `<|eot_id|>`). Training teaches the model to emit it instead of EOS, so generation must stop on it."""
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ANSWER"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False, chat_template=chat_template)
+    except Exception:  # a template that needs other roles or fields: generation then stops at EOS only
+        return []
+    tail = text.rpartition("ANSWER")[2].strip()
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    if not ids or ids[0] not in tokenizer.all_special_ids or ids[0] == tokenizer.eos_token_id:
+        return []
+    return [tokenizer.convert_ids_to_tokens(ids[0])]
+
+
+def get_template(name_or_path: str, tokenizer: PreTrainedTokenizerBase | None = None) -> Template:
+    """A built-in template by name, a template JSON by path, or `tokenizer` (the model's chat_template)."""
+    if name_or_path == "tokenizer":
+        tpl = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+        if tokenizer is not None and not tpl:
+            raise UserError("data.template 'tokenizer': this model's tokenizer has no chat_template; "
+                            "choose domain_zh, alpaca or chatml")
+        return Template(name="tokenizer", kind="tokenizer", append_eos=False,
+                        description="the model's own chat_template", chat_template=tpl,
+                        stop=_turn_end_tokens(tokenizer, tpl) if tpl else [])
+    if name_or_path in BUILTIN:
+        text = resources.files("domaintune.data.prompt_templates").joinpath(f"{name_or_path}.json").read_text(encoding="utf-8")
+        return Template.from_dict(json.loads(text), name_or_path)
+    p = Path(name_or_path)
+    if p.suffix == ".json" and p.is_file():
+        return Template.load(p)
+    raise UserError(f"unknown template '{name_or_path}': use one of {', '.join(BUILTIN)} or a path to a template .json file")

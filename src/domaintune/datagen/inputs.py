@@ -1,0 +1,76 @@
+"""Inputs of gen-data: seed questions and prompt templates (built-in data files or the user's own).
+
+Templates are plain text with ``{placeholder}`` fields; only the known names below are replaced, so other
+braces (e.g. a JSON example in a user template) stay as written.
+
+- question template: {domain} {num_questions} (questions to write) {num_examples} (examples shown)
+  {examples} (the numbered example questions; required) {name} {organisation} {year}
+- answer template: {question} (required) {domain} {name} {organisation} {year}
+"""
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+from ..data.reader import read_records
+from ..errors import UserError
+from ..config.selfinstruct import SelfInstructConfig
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+REQUIRED = {"question": "examples", "answer": "question"}
+
+
+def load_seeds(path: str) -> list[str]:
+    """Seed questions from a JSONL file (or JSON array) with a "question" field; errors name the file and line.
+
+    Read by `data.reader.read_records`, the project's one reader of data files: BOM, CRLF, invalid UTF-8 and
+    broken JSON are handled (and reported) as for training data."""
+    if not path:
+        raise UserError("selfinstruct.seeds_path is not set: give a JSONL file with one {\"question\": ...} per line")
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"selfinstruct.seeds_path '{p}' not found (relative paths start from the current directory)")
+    if not p.read_bytes().removeprefix(b"\xef\xbb\xbf").strip():
+        raise UserError(f"{p}: no seed questions; add lines like {{\"question\": \"...\"}}")
+    seeds: list[str] = []
+    for lineno, obj in read_records(p):
+        q = obj.get("question") if isinstance(obj, dict) else None
+        if not isinstance(q, str) or not q.strip():
+            raise UserError(f"{p} line {lineno}: missing \"question\" (a non-empty string)")
+        seeds.append(q.strip())
+    return seeds
+
+
+def builtin_template(kind: str, language: str) -> str:
+    """The shipped template `kind` ('question' or 'answer') for `language` ('zh' or 'en')."""
+    return (resources.files(__package__) / "prompts" / f"{kind}_{language}.txt").read_text(encoding="utf-8")
+
+
+def load_template(cfg: SelfInstructConfig, kind: str) -> str:
+    """The question or answer template: the user's file if configured, else the built-in one."""
+    path = cfg.question_template if kind == "question" else cfg.answer_template
+    if path is None:
+        return builtin_template(kind, cfg.language)
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"selfinstruct.{kind}_template '{p}' not found (relative paths start from the current directory)")
+    text = p.read_text(encoding="utf-8-sig")
+    if "{" + REQUIRED[kind] + "}" not in text:
+        raise UserError(f"{p}: the {kind} template has no {{{REQUIRED[kind]}}} placeholder; add it where the "
+                        f"{'example questions' if kind == 'question' else 'question'} should go")
+    return text
+
+
+def render(template: str, **values) -> str:
+    """Fill the known {placeholders}; leave any other brace text untouched."""
+    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), template)
+
+
+def persona_values(cfg: SelfInstructConfig) -> dict:
+    return {"domain": cfg.domain, "name": cfg.persona.name, "organisation": cfg.persona.organisation,
+            "year": cfg.persona.year}
+
+
+def numbered(items: list[str]) -> str:
+    return "\n".join(f"{i}. {q}" for i, q in enumerate(items, 1))

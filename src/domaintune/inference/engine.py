@@ -1,0 +1,311 @@
+"""The generation engine shared by predict, chat and serve.
+
+`Engine.from_run(path)` loads a run directory (an adapter on its base model, or a full model), an
+exported/merged model, or any local model directory through `load_run()` (loading.py). Prompts are built
+with the run's template through `Template.encode`, the same function training used, so inference sees
+the training prompt exactly.
+
+Generation is batched with left padding; `generate_iter` sorts prompts by length (less padding) and
+yields each batch's results as soon as it finishes. Decoding stops at EOS and at the template's `stop`
+strings: single-token ones as token ids, the others (e.g. ChatML's `<|im_end|>` on a tokenizer without
+the ChatML specials, which spells it in several tokens) by cutting the text before the first match
+(stops.py, also used by the server for a request's `stop`). `stream` yields text deltas token by
+token and stops early when `stop_event` is set (a client that went away). The model is not thread-safe
+here: callers that share an engine across threads hold `engine.lock` (the server queues requests on it).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from ..data.encode import with_system
+from ..errors import UserError
+from .params import GenerationParams
+from .stops import StopScanner, find_stop
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from ..config import Config
+    from ..data.examples import Example
+    from ..data.templates import Template
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" | "length"
+    seconds: float = 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class StreamState:
+    """Filled in while `Engine.stream` runs; complete once the iterator is exhausted."""
+
+    prompt_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "stop"
+    text: str = ""
+
+
+class Engine:
+    """A loaded model with its tokenizer and template: batched generation, streaming and scoring."""
+
+    def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, template: Template, model_id: str,
+                 context_len: int | None = None, default_system: str | None = None,
+                 run_config: Config | None = None) -> None:
+        self.model = model
+        self.run_config = run_config  # the run's config.yaml, None for a plain model directory
+        if default_system is None and run_config is not None:
+            default_system = run_config.data.system
+        self.default_system = default_system  # the run's data.system: training added it to rows without one
+        self.tokenizer = tokenizer
+        self.template = template
+        self.model_id = model_id
+        self.device = next(model.parameters()).device
+        self.stop_ids = template.stop_token_ids(tokenizer)
+        self.stop_strings = [s for s in template.stop if s]
+        self.context_len = context_len or _context_len(model, tokenizer)
+        self.lock = threading.Lock()
+
+    @property
+    def cutoff_len(self) -> int:
+        """The longest sample training saw (the run's data.cutoff_len); the context length for a plain model."""
+        return self.run_config.data.cutoff_len if self.run_config is not None else self.context_len
+
+    # ------------------------------------------------------------ loading
+    @classmethod
+    def from_run(cls, path: str | Path, base_only: bool = False, template: str | None = None,
+                 device: str | None = None, dtype: str = "auto") -> Engine:
+        """An engine on a run, checkpoint, exported model or local model directory (see loading.py). Its
+        model id is the directory's name, with "-base" for `base_only`."""
+        from .loading import load_run
+
+        loaded = load_run(path, base_only=base_only, template=template, device=device, dtype=dtype)
+        name = loaded.source.path.resolve().name + ("-base" if base_only else "")
+        return cls(loaded.model, loaded.tokenizer, loaded.template, name, run_config=loaded.source.config)
+
+    # ------------------------------------------------------------ prompts
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation ending with a user turn, plus the assistant prefix. The run's
+        `data.system` is added when the conversation has no system message, as training did. A
+        conversation the model's chat_template refuses raises UserError (templates.py) with its message."""
+        ids, _ = self.template.encode(self.tokenizer, with_system(messages, self.default_system),
+                                      add_generation_prompt=True)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _finish(self, ids: list[int], max_new: int) -> tuple[str, list[int], str]:
+        """(text, token ids, finish reason) of generated ids: cut at the first stop token, then before the
+        first stop string. After a stop string the ids run up to the token that completed it."""
+        hit = False
+        for k, t in enumerate(ids):
+            if t in self.stop_ids:
+                ids, hit = ids[:k], True
+                break
+        text = self.decode(ids)
+        cut = find_stop(text, self.stop_strings)
+        if cut < 0:
+            return text, ids, "stop" if hit or len(ids) < max_new else "length"
+        lo, hi = 1, len(ids)  # the shortest prefix whose text holds a stop string
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if find_stop(self.decode(ids[:mid]), self.stop_strings) >= 0:
+                hi = mid
+            else:
+                lo = mid + 1
+        return text[:cut], ids[:lo], "stop"
+
+    # ------------------------------------------------------------ batched generation
+    def generate(self, prompts: list[list[int]], params: GenerationParams, batch_size: int = 8) -> list[Generation]:
+        """Results in the order of `prompts`."""
+        out: list[Generation | None] = [None] * len(prompts)
+        for idx, gen in self.generate_iter(prompts, params, batch_size):
+            out[idx] = gen
+        return out  # type: ignore[return-value]
+
+    def generate_iter(self, prompts: list[list[int]], params: GenerationParams,
+                      batch_size: int = 8) -> Iterator[tuple[int, Generation]]:
+        """Yield (index, Generation) batch by batch, longest prompts first."""
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        for s in range(0, len(order), batch_size):
+            idxs = order[s: s + batch_size]
+            t0 = time.perf_counter()
+            results = self._generate_batch([prompts[i] for i in idxs], params)
+            dt = (time.perf_counter() - t0) / len(idxs)
+            for i, g in zip(idxs, results):
+                g.seconds = dt
+                yield i, g
+
+    def _generate_batch(self, batch: list[list[int]], params: GenerationParams) -> list[Generation]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        self._check_fits(max(len(p) for p in batch), params.max_new_tokens)
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in batch)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=self.device)
+        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=self.device)
+        criteria = StoppingCriteriaList()
+        if self.stop_strings:
+            # A row ends once its text holds a stop string. Only the last tokens are decoded: a string of n
+            # characters spans at most 4n byte-level tokens, and it is checked at every step.
+            window, engine = 4 * max(map(len, self.stop_strings)) + 4, self
+
+            class _StopStrings(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kw):
+                    rows = input_ids[:, width:].tolist()
+                    return torch.tensor([find_stop(engine.decode(r[-window:]), engine.stop_strings) >= 0 for r in rows],
+                                        dtype=torch.bool, device=input_ids.device)
+
+            criteria.append(_StopStrings())
+        with self.lock, torch.inference_mode():
+            if params.seed is not None:  # inside the lock: no other request may draw from the RNG in between
+                torch.manual_seed(params.seed)
+            out = self.model.generate(input_ids=input_ids, attention_mask=attn, eos_token_id=self.stop_ids,
+                                      pad_token_id=pad, stopping_criteria=criteria, **params.hf_kwargs())
+        results = []
+        for row, p in zip(out[:, width:].tolist(), batch):
+            text, ids, reason = self._finish(row, params.max_new_tokens)
+            results.append(Generation(text, ids, len(p), reason))
+        return results
+
+    def _check_fits(self, prompt_len: int, max_new: int) -> None:
+        if prompt_len + max_new > self.context_len:
+            raise UserError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the model's context "
+                            f"of {self.context_len} tokens")
+
+    # ------------------------------------------------------------ streaming
+    def stream(self, prompt: list[int], params: GenerationParams, stop_event: threading.Event | None = None,
+               state: StreamState | None = None) -> Iterator[str]:
+        """Yield text deltas as tokens arrive; their concatenation equals the non-streamed text (cut at the
+        template's stop strings too: a possible partial match is held back until it is decided).
+
+        `state` (optional) receives token counts and the finish reason. Setting `stop_event` ends
+        generation at the next token.
+        """
+        import queue
+
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        self._check_fits(len(prompt), params.max_new_tokens)
+        state = state if state is not None else StreamState()
+        state.prompt_tokens = len(prompt)
+        q: queue.Queue = queue.Queue()
+        stop_event = stop_event or threading.Event()
+
+        class _Streamer(BaseStreamer):
+            def __init__(self):
+                self.first = True
+
+            def put(self, value):
+                if self.first:  # the prompt
+                    self.first = False
+                    return
+                q.put(value.reshape(-1).tolist())
+
+            def end(self):
+                q.put(None)
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                return torch.full((input_ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        errors: list[BaseException] = []
+
+        def work():
+            try:
+                with self.lock, torch.inference_mode():
+                    if params.seed is not None:  # inside the lock, as in _generate_batch
+                        torch.manual_seed(params.seed)
+                    ids = torch.tensor([prompt], device=self.device)
+                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=_Streamer(),
+                                        eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+                                        stopping_criteria=StoppingCriteriaList([_Stop()]), **params.hf_kwargs())
+            except BaseException as e:  # surfaced in the consumer thread
+                errors.append(e)
+                q.put(None)
+
+        if params.num_beams > 1:
+            raise UserError("streaming supports greedy or sampling decoding, not beam search (num_beams > 1)")
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        scanner = StopScanner(self.stop_strings)
+        raw: list[int] = []  # generated ids, a stop token included
+        decoded = sent = ""  # text decoded so far / text yielded so far
+        done = False
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    break
+                if done:  # a stop was seen: drain until the worker ends
+                    continue
+                for t in item:
+                    raw.append(t)
+                    if t in self.stop_ids:
+                        done = True
+                        break
+                ids = raw[:-1] if done else raw
+                state.token_ids = list(ids)
+                text = self.decode(ids)
+                if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                    continue
+                if len(text) > len(decoded) and text.startswith(decoded):
+                    delta = scanner.feed(text[len(decoded):])
+                    decoded = text
+                    if delta:
+                        sent += delta
+                        yield delta
+                    done = done or scanner.hit
+                if done:
+                    stop_event.set()
+        finally:
+            stop_event.set()
+            thread.join()
+        if errors:
+            raise errors[0]
+        text, ids, reason = self._finish(raw, params.max_new_tokens)
+        if len(text) > len(sent) and text.startswith(sent):
+            yield text[len(sent):]
+        state.text, state.token_ids, state.finish_reason = text, ids, reason
+
+    # ------------------------------------------------------------ scoring
+    def score_samples(self, samples: list[dict]) -> dict:
+        """Teacher-forced loss and perplexity over the trainable tokens of encoded samples
+        (evaluation/loss.py), under the engine's lock."""
+        from ..evaluation.loss import teacher_forced_loss
+
+        with self.lock:
+            return teacher_forced_loss(self.model, samples)
+
+    def loss_on_targets(self, examples: list[Example]) -> dict:
+        """Loss and perplexity of the model on the examples' targets (their last assistant turn, what
+        predict generates), with samples built as training builds them; {} when no row has a target."""
+        from ..evaluation.loss import last_turn_samples
+
+        samples = last_turn_samples(examples, self.tokenizer, self.template, self.cutoff_len, self.default_system)
+        return self.score_samples(samples) if samples else {}
+
+
+def _context_len(model: Any, tokenizer: PreTrainedTokenizerBase) -> int:
+    n = getattr(model.config, "max_position_embeddings", None)
+    tm = getattr(tokenizer, "model_max_length", None)
+    for v in (n, tm):
+        if isinstance(v, int) and 0 < v < 10**6:
+            return v
+    return 2048

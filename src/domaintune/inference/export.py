@@ -1,0 +1,139 @@
+"""`domaintune export RUN --out DIR`: a standalone model directory any transformers user can load.
+
+- LoRA / QLoRA runs: the adapter is merged into the base weights (peft `merge_and_unload`); the base is
+  loaded unquantized on the CPU in the export dtype for that. Full fine-tuned runs are re-saved.
+- Weights as safetensors, sharded above `max_shard_size` (default 2GB).
+- The tokenizer, with `chat_template` set to the run's template (`Template.to_jinja()`), so plain
+  `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` produces the training prompt.
+  Boundary notes: the template's user turn already ends with the assistant prefix, so the Jinja
+  template renders the same with or without `add_generation_prompt`; for tokenizers that add BOS by
+  themselves (LLaMA) the exported template starts with `{{ bos_token }}`, because
+  `apply_chat_template` does not add special tokens.
+- `generation_config.json` from the run (EOS = the template's stop tokens, the pad token).
+- `template.json`, so `domaintune chat/serve/predict` reuse the template as is.
+- `README.md`, a model card: base model, license, data, training figures, metrics, how to load.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from ..errors import UserError
+from ..training.precision import DTYPES
+from ..rundir import GENERATION_CONFIG, METRICS, MODEL_CARD, MODEL_CONFIG, MODEL_WEIGHTS_GLOB, TEMPLATE, RunDir
+
+if TYPE_CHECKING:
+    import torch
+
+
+
+def run_export(run: str | Path, out: str | Path, dtype: str = "auto", max_shard_size: str = "2GB",
+               overwrite: bool = False, template: str | None = None) -> Path:
+    """Merge/copy the run's weights into `out` with tokenizer, chat template, generation config and card."""
+    from transformers import GenerationConfig
+
+    from .loading import inspect_run, load_run
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    src = inspect_run(run)  # a missing directory or weights stop here, before anything loads
+    rd, out = RunDir(src.path), Path(out)
+    _check_out(rd.path, out, overwrite)
+    revision = src.base.revision if src.adapter and src.base else None
+    torch_dtype = _torch_dtype(dtype, src.weights_source, revision)
+    # The base is loaded unquantized on the CPU, so a QLoRA adapter merges into real weights.
+    loaded = load_run(src, template=template, device="cpu", dtype=torch_dtype, merge=True, unquantized=True)
+    how = "LoRA adapter merged into the base weights" if loaded.merged else "full fine-tuning"
+    model, tok, tpl = loaded.model.to(torch_dtype), loaded.tokenizer, loaded.template
+
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    if not any(out.glob(MODEL_WEIGHTS_GLOB)):
+        raise UserError(f"transformers wrote no safetensors weights into '{out}'; upgrade transformers")
+    if (rd.path / GENERATION_CONFIG).is_file():
+        GenerationConfig.from_pretrained(rd.path).save_pretrained(out)
+    tok.chat_template = tpl.chat_template_for(tok)
+    tok.save_pretrained(out)
+    tpl.save(out / TEMPLATE)
+    (out / MODEL_CARD).write_text(model_card(rd, out, tpl.name, how, str(torch_dtype).replace("torch.", "")),
+                                  encoding="utf-8")
+    print(f"exported {rd.path} -> {out} ({how}; {str(torch_dtype).replace('torch.', '')})")
+    return out
+
+
+def _check_out(run: Path, out: Path, overwrite: bool) -> None:
+    r, o = run.resolve(), out.resolve()
+    if o == r or r.is_relative_to(o) or o.is_relative_to(r):
+        raise UserError(f"--out '{out}' must be outside the run directory '{run}' (and must not contain it)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out '{out}' is not empty: choose a new folder or pass --overwrite to replace its contents")
+        if not ((out / MODEL_CONFIG).is_file() or (out / TEMPLATE).is_file()):  # guard against rm -rf of a wrong path
+            raise UserError(f"--out '{out}' is not empty and does not look like a model export (no config.json): "
+                            "refusing to delete it even with --overwrite; choose a new folder")
+
+
+def _torch_dtype(name: str, name_or_path: str, revision: str | None = None) -> torch.dtype:
+    """The export dtype; auto = the dtype the base checkpoint was saved in (its config.json, from a local
+    directory or, for a hub id, the Hugging Face cache), fp32 when it says none or is not available."""
+    from ..training.model import base_config_dict
+    from ..training.precision import resolve_dtype
+
+    if name != "auto":
+        return resolve_dtype(name, "cpu")
+    conf = base_config_dict(name_or_path, revision) or {}
+    saved = conf.get("dtype") or conf.get("torch_dtype")
+    return resolve_dtype({"bfloat16": "bf16", "float16": "fp16"}.get(saved, "fp32"), "cpu")
+
+
+def model_card(rd: RunDir, out: Path, template: str, how: str, dtype: str) -> str:
+    """README.md with YAML front matter (base_model, license, tags) and a short body."""
+    import yaml
+
+    info = rd.run_info()
+    base = info.get("base_model") or "unknown"
+    meta = {"base_model": base}
+    if info.get("license"):
+        meta["license"] = info["license"]
+    meta.update({"library_name": "transformers", "pipeline_tag": "text-generation",
+                 "tags": ["domaintune", info.get("method") or "fine-tuned", template]})
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---",
+             f"# {out.resolve().name}", "",
+             f"Fine-tuned from `{base}` with domaintune ({how}), saved as safetensors in {dtype}.", ""]
+    if not info.get("license"):
+        lines += ["License: not stated by the base model's card; check the base model's license before using this model.", ""]
+    data, train = info.get("data") or {}, info.get("train") or {}
+    lines += ["## Training data", ""]
+    if data:
+        lines.append(f"- file: `{data.get('path')}`; rows: {data.get('train_rows')} train, {data.get('eval_rows')} validation")
+        tl = data.get("token_lengths") or {}
+        if tl:
+            lines.append(f"- tokens per sample: min {tl.get('min')}, median {tl.get('median')}, p95 {tl.get('p95')}, max {tl.get('max')}")
+    else:
+        lines.append("- not recorded (no run_info.json)")
+    lines.append(f"- prompt template: `{template}` (template.json; the tokenizer's chat_template renders the same prompt)")
+    if train:
+        lines += ["", "## Training", "",
+                  f"- method: {info.get('method')}; steps: {train.get('global_steps')}; tokens: {train.get('tokens')}; "
+                  f"runtime: {train.get('runtime_s')} s",
+                  f"- final training loss: {train.get('final_loss')}; best validation loss: {train.get('best_eval_loss')}"]
+    if (rd.path / METRICS).is_file():
+        metrics = rd.read_json(METRICS)
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += ["", "## How to use", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'tok = AutoTokenizer.from_pretrained("{out.resolve().name}")',
+              f'model = AutoModelForCausalLM.from_pretrained("{out.resolve().name}")',
+              'messages = [{"role": "user", "content": "..."}]',
+              "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+              "out = model.generate(**ids, max_new_tokens=256)",
+              "print(tok.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True))", "```", "",
+              f"Or with domaintune: `domaintune chat {out}` / `domaintune serve {out}`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""Generation settings: the one home of every sampling default.
+
+`GenerationParams` holds the defaults and the rule "temperature 0 means greedy" (`with_temperature`).
+Verbs that should decode differently by default each have one named preset in `PRESETS`; the command-line
+flags of predict, chat and serve, and the server's defaults for requests that leave a parameter out, are
+built from these (cli/options.py), so `--help` shows the same numbers the code uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to decode one or more answers. Field metadata "help" is what `--help` says of each flag."""
+
+    max_new_tokens: int = field(default=256, metadata={"help": "most tokens generated per answer"})
+    num_beams: int = field(default=1, metadata={"help": "beam search width; 1 = greedy or sampling"})
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: keep the likeliest tokens up to this mass"})
+    top_k: int = field(default=50, metadata={"help": "sample among the k likeliest tokens; 0 = off"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "penalty on repeated tokens; 1.0 = none"})
+    seed: int | None = field(default=None, metadata={"help": "random seed for sampling"})
+
+    def with_temperature(self, temperature: float) -> GenerationParams:
+        """These settings at `temperature`, where 0 means greedy decoding (as in the OpenAI API) and any
+        other value samples at that temperature. The one place this rule lives."""
+        if temperature == 0:
+            return replace(self, do_sample=False, temperature=1.0)
+        return replace(self, do_sample=True, temperature=temperature)
+
+    def validate(self) -> GenerationParams:
+        """Raise UserError naming the first out-of-range setting (the CLI options carry the same names)."""
+        checks = [(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
+                  (self.num_beams >= 1, f"num_beams must be at least 1, got {self.num_beams}"),
+                  (not self.do_sample or self.temperature > 0,
+                   f"temperature must be > 0 when sampling (0 means greedy), got {self.temperature}"),
+                  (0 < self.top_p <= 1, f"top_p must lie in (0, 1], got {self.top_p}"),
+                  (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+                  (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+        return self
+
+    def hf_kwargs(self) -> dict:
+        """Keyword arguments of transformers' `generate`."""
+        kw = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
+                  repetition_penalty=self.repetition_penalty, do_sample=self.do_sample)
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return kw
+
+
+def field_help(name: str) -> str:
+    """The `--help` text of a GenerationParams field."""
+    return next(f.metadata["help"] for f in fields(GenerationParams) if f.name == name)
+
+
+# Named presets: where a verb's defaults differ from GenerationParams' own, and why.
+PRESETS: dict[str, GenerationParams] = {
+    # Scores must be reproducible and comparable between runs: greedy decoding, GenerationParams' defaults.
+    "predict": GenerationParams(),
+    # A person reading in a terminal: sampling for natural answers, and a mild repetition penalty because
+    # small models loop without one.
+    "chat": GenerationParams(max_new_tokens=512, do_sample=True, temperature=0.7, top_p=0.9, top_k=50,
+                             repetition_penalty=1.1),
+    # OpenAI clients leave out what the OpenAI API does not have: no top-k and no repetition penalty unless
+    # a request asks for them (vLLM's extensions `top_k`, `repetition_penalty`).
+    "serve": GenerationParams(max_new_tokens=512, do_sample=True, temperature=0.7, top_p=0.9, top_k=0,
+                              repetition_penalty=1.0),
+}

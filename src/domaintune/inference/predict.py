@@ -1,0 +1,259 @@
+"""`domaintune predict`: generate an answer for every row of a test file, then score it.
+
+    domaintune predict RUN --data test.jsonl        # -> RUN/predictions.jsonl, RUN/metrics.json
+
+Each row's prompt is everything before its last assistant turn (an instruction row: its instruction and
+input), rendered by the run's template exactly as in training (`Engine.encode_messages`, plus the run's
+`data.system`); its target is that last turn (or "" when the row has none).
+
+predictions.jsonl is written as it goes, one line per example as soon as its batch finishes, flushed and
+fsynced per batch, so a run that is killed keeps what it made. Running the same command again resumes:
+an incomplete last line (a kill mid-write) is cut off, rows already done are skipped, and the rest is
+appended; when complete, the file is rewritten in id order (atomically). A sidecar
+`predictions.jsonl.meta.json` records the test file's content hash and the generation settings; a rerun
+with a different test file or different settings is refused (pass --overwrite to start afresh). The batch
+size and --limit are not settings in that sense: a later run with a larger --limit (or none) adds the
+rest, and greedy results do not depend on the batch size.
+
+Where things go (defaults):
+- RUN/predictions.jsonl; with --base-only RUN/predictions.base.jsonl (the base model without the adapter).
+- --format json-array also writes `[{"input", "predict", "target"}, ...]` next to the JSON-lines file with
+  the suffix .json (predictions.json); when --out itself ends in .json, the array goes there and the
+  JSON lines to the same name with .jsonl.
+- metrics.json and metrics_per_sample.jsonl next to the predictions file, except for base-only predictions
+  inside the run directory: those go to RUN/base/ so they never replace the fine-tuned model's metrics.
+  Scores include "loss" and "perplexity": the teacher-forced loss of the model on the targets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..data.examples import load_examples
+from ..errors import UserError
+from ..jsonl import JsonlAppender, read_jsonl, repair_tail, write_atomic, write_jsonl_atomic
+from ..rundir import BASE_DIR, BASE_PREDICTIONS, METRICS, PREDICTIONS, PREDICTIONS_META_SUFFIX, RunDir, resolve_template
+from .params import PRESETS, GenerationParams
+
+if TYPE_CHECKING:
+    from ..data.examples import Example
+    from .engine import Engine
+
+FORMATS = ("jsonl", "json-array")
+
+
+# ---------------------------------------------------------------- loss on a test file
+
+def run_test_loss(run_dir: str | Path, data: str | Path, base_only: bool = False, template: str | None = None) -> dict:
+    """Load RUN's model and return {"loss", "perplexity", "target_tokens"} on the test file's targets
+    (used by `domaintune eval --run RUN --data TEST`)."""
+    from .engine import Engine
+
+    run = RunDir(run_dir)
+    examples = load_examples(data, require_answer=False, template=resolve_template(run.path, None, template))
+    if not any(ex.prompt_and_target()[1] for ex in examples):
+        raise UserError(f"{data}: no row has a target (output / last assistant turn): there is nothing to compute a loss on")
+    engine = Engine.from_run(run.path, base_only=base_only, template=template)
+    examples = load_examples(data, require_answer=False, template=engine.template)
+    loss = engine.loss_on_targets(examples)
+    if not loss:
+        raise UserError(f"{data}: every target lies beyond the run's data.cutoff_len={engine.cutoff_len}: "
+                        "nothing to compute a loss on")
+    return loss
+
+
+# ---------------------------------------------------------------- the predictions file
+
+def _file_fingerprint(path: Path) -> dict:
+    data = path.read_bytes()
+    return {"path": str(path.resolve()), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    diffs = []
+    if old.get("data", {}).get("sha256") != new["data"]["sha256"]:
+        diffs.append(f"test file {old.get('data', {}).get('path')} -> {new['data']['path']} (content differs)")
+    for key in ("base_only", "template"):
+        if old.get(key) != new[key]:
+            diffs.append(f"{key} {old.get(key)!r} -> {new[key]!r}")
+    old_gen = old.get("generation", {})
+    for key, value in new["generation"].items():
+        if old_gen.get(key) != value:
+            diffs.append(f"{key} {old_gen.get(key)!r} -> {value!r}")
+    return diffs
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """Rows already written, in file order. A torn last line (the writer was killed mid-line) is cut off the file."""
+    if repair_tail(path):
+        print(f"{path}: removed an incomplete last line left by an interrupted run")
+    hint = "delete the line or pass --overwrite to start afresh"
+    rows = read_jsonl(path, fix_hint=hint)
+    for n, obj in enumerate(rows, 1):
+        if not isinstance(obj.get("id"), int):
+            raise UserError(f'{path} row {n}: not a predictions row (no integer "id"); pass --overwrite to start afresh')
+    return rows
+
+
+def _prepare_output(out: Path, meta: dict, overwrite: bool) -> set[int]:
+    """Check the sidecar against this run's settings; return the ids already done (resume)."""
+    meta_path = out.with_name(out.name + PREDICTIONS_META_SUFFIX)
+    if overwrite:
+        out.unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)
+    done: set[int] = set()
+    if out.is_file() and out.stat().st_size > 0:
+        if not meta_path.is_file():
+            raise UserError(f"'{out}' already exists but has no {meta_path.name}, so it cannot be resumed safely. "
+                            "Pass --overwrite to replace it, or --out to write elsewhere")
+        try:
+            old = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            old = {}
+        diffs = _differences(old, meta)
+        if diffs:
+            raise UserError(f"'{out}' was made with different settings ({'; '.join(diffs)}). Pass --overwrite to "
+                            "start afresh with the new settings, or --out to write elsewhere")
+        done = {r["id"] for r in _read_rows(out)}
+    return done
+
+
+def _write_meta(out: Path, meta: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    RunDir(out.parent).write_json(out.name + PREDICTIONS_META_SUFFIX, meta)
+
+
+def _paths(run: RunDir, out: str | Path | None, base_only: bool, fmt: str) -> tuple[Path, Path | None]:
+    """(JSON-lines path, JSON-array path or None)."""
+    if out is None:
+        jsonl = run.file(BASE_PREDICTIONS if base_only else PREDICTIONS)
+    else:
+        jsonl = Path(out)
+        if jsonl.suffix == ".json":
+            if fmt != "json-array":
+                raise UserError(f"--out {out}: predictions are written as JSON lines (.jsonl); "
+                                "add --format json-array for a JSON array file")
+            return jsonl.with_suffix(".jsonl"), jsonl
+    if fmt != "json-array":
+        return jsonl, None
+    return jsonl, jsonl.with_suffix(".json") if jsonl.suffix == ".jsonl" else jsonl.with_name(jsonl.name + ".json")
+
+
+def _check_args(params: GenerationParams, batch_size: int, fmt: str, limit: int | None) -> None:
+    params.validate()
+    checks = [(batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
+              (fmt in FORMATS, f"--format {fmt!r}: choose {' or '.join(FORMATS)}"),
+              (limit is None or limit >= 1, f"--limit must be at least 1, got {limit}")]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+
+
+# ---------------------------------------------------------------- the verb
+
+def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = None,
+                params: GenerationParams | None = None, batch_size: int = 8, base_only: bool = False, template: str | None = None, fmt: str = "jsonl",
+                evaluate: bool = True, limit: int | None = None, overwrite: bool = False) -> Path:
+    """Predict every row of `data` (the first `limit` rows) with RUN's model; returns the predictions.jsonl path.
+
+    Resumable (see the module docstring). With `evaluate`, scores the file (metrics.run_eval) with the
+    model's loss and perplexity on the targets added, and prints the metrics.
+    """
+    from .engine import Engine
+
+    params = params or PRESETS["predict"]
+    _check_args(params, batch_size, fmt, limit)
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise UserError(f"'{run.path}' is not a directory: give a run directory or a model directory")
+    data = Path(data)
+    # Bad data and a mismatching earlier output stop here, before any weights are loaded.
+    light = resolve_template(run.path, None, template)  # without the tokenizer: only the instruction joining counts
+    examples = load_examples(data, require_answer=False, template=light)[:limit]
+    jsonl, array_path = _paths(run, out, base_only, fmt)
+    meta = {"data": _file_fingerprint(data), "generation": dataclasses.asdict(params), "base_only": base_only,
+            "template": template, "run": str(run.path.resolve())}
+    done = _prepare_output(jsonl, meta, overwrite)
+    todo = [ex for ex in examples if ex.index not in done]
+    has_targets = all(ex.prompt_and_target()[1] for ex in examples)
+
+    engine = None
+    if todo or (evaluate and has_targets):
+        engine = Engine.from_run(run.path, base_only=base_only, template=template)
+        if engine.template.instruction_input_format != light.instruction_input_format:
+            examples = load_examples(data, require_answer=False, template=engine.template)[:limit]
+            todo = [ex for ex in examples if ex.index not in done]
+    if todo:
+        _generate_into(engine, todo, jsonl, meta, params, batch_size, total=len(examples),
+                       already=len(examples) - len(todo))
+    rows = _finish_file(jsonl, examples)
+    print(f"wrote {jsonl} ({len(rows)} rows)")
+    if array_path is not None:
+        array = [{"input": r["input"], "predict": r["predict"], "target": r["target"]} for r in rows]
+        write_atomic(array_path, json.dumps(array, ensure_ascii=False, indent=2) + "\n")
+        print(f"wrote {array_path}")
+    if evaluate:
+        _evaluate(engine, run, jsonl, examples, base_only, has_targets)
+    return jsonl
+
+
+def _generate_into(engine: Engine, todo: list[Example], jsonl: Path, meta: dict, params: GenerationParams,
+                   batch_size: int, total: int, already: int) -> None:
+    from tqdm import tqdm
+
+    prompts, targets = [], []
+    for ex in todo:
+        prompt, target = ex.prompt_and_target()
+        ids = engine.encode_messages(prompt)  # with the run's data.system, as in training
+        if len(ids) + params.max_new_tokens > engine.context_len:
+            raise UserError(f"{ex.where}: the prompt has {len(ids)} tokens; with --max-new-tokens {params.max_new_tokens} "
+                            f"it exceeds the model's context of {engine.context_len} tokens. Shorten the row or lower "
+                            "--max-new-tokens")
+        prompts.append(ids)
+        targets.append(target)
+    _write_meta(jsonl, meta)
+    bar = tqdm(total=total, initial=already, desc="predict", unit="row")
+    written = 0
+    batch: list[dict] = []
+    with JsonlAppender(jsonl) as f:
+        for k, gen in engine.generate_iter(prompts, params, batch_size):
+            batch.append({"id": todo[k].index, "input": engine.tokenizer.decode(prompts[k]), "target": targets[k],
+                          "predict": gen.text, "num_tokens": gen.completion_tokens, "time": round(gen.seconds, 4)})
+            written += 1
+            bar.update(1)
+            if len(batch) == batch_size or written == len(todo):  # the end of a batch: write and fsync it
+                f.write_many(batch)
+                batch = []
+    bar.close()
+
+
+def _finish_file(jsonl: Path, examples: list[Example]) -> list[dict]:
+    """All rows, each id once, rewritten in id order when they are not already."""
+    on_disk = _read_rows(jsonl) if jsonl.is_file() else []
+    rows = {r["id"]: r for r in on_disk}
+    missing = [ex.where for ex in examples if ex.index not in rows]
+    if missing:  # cannot happen unless the file was changed while we ran
+        raise UserError(f"{jsonl}: rows missing after prediction ({', '.join(missing[:5])}); rerun the command to complete it")
+    ordered = [rows[i] for i in sorted(rows)]
+    if [r["id"] for r in on_disk] != [r["id"] for r in ordered]:
+        write_jsonl_atomic(jsonl, ordered)
+    return ordered
+
+
+def _evaluate(engine: Engine | None, run: RunDir, jsonl: Path, examples: list[Example], base_only: bool,
+              has_targets: bool) -> None:
+    from ..evaluation.metrics import format_metrics, run_eval
+
+    if not has_targets:
+        print("not scoring: some rows have no target (output / last assistant turn); predictions only")
+        return
+    out_dir = jsonl.parent
+    if base_only and out_dir.resolve() == run.path.resolve():
+        out_dir = run.path / BASE_DIR  # keep the fine-tuned model's metrics.json in RUN
+    loss = engine.loss_on_targets(examples)
+    metrics = run_eval(jsonl, out_dir=out_dir, extra={k: loss[k] for k in ("loss", "perplexity") if k in loss})
+    print(format_metrics(metrics))
+    print(f"wrote {out_dir / METRICS}")

@@ -1,0 +1,375 @@
+"""The OpenAI-compatible app: `create_app(engine)` returns a FastAPI application.
+
+Endpoints: `GET /health` (open; 503 until the engine is set, 200 after), `GET /v1/models`,
+`POST /v1/chat/completions`, `POST /v1/completions` (streamed as server-sent events when `stream` is
+true: `data: {json}\\n\\n` chunks, the first carrying the role, then `data: [DONE]`), and `GET /`, a
+small web chat page (static/index.html, no build step).
+
+Queueing: one model, one generation at a time. Requests wait in a first-come-first-served queue (an
+asyncio lock) and then generate in a worker thread (under `engine.lock`), so the event loop keeps
+answering health checks, new requests and disconnects while a request generates. A client that
+disconnects (mid-stream, or while waiting for a non-streamed answer or in the queue) sets its
+request's stop event: its generation ends at the next token and the next request starts.
+
+Errors use the OpenAI body `{"error": {"message", "type", "param", "code"}}`: 400 invalid request
+(including schema errors), 401 missing/wrong API key (when one is set; `/health` and `/` stay open),
+404 unknown model, 413 body larger than `max_body_bytes` (checked before parsing), 503 still loading.
+
+Sampling: `temperature` 0 means greedy decoding; omitted parameters take the server's defaults
+(the "serve" preset of inference/params.py, or what `create_app` is given). `max_tokens` defaults to
+min(defaults.max_new_tokens, context - prompt). `stop`
+strings are honoured (the text is cut before the first match; finish_reason "stop"). `n` must be 1.
+Chat messages: an optional system message, then user/assistant alternating, ending with user; a
+conversation the model's own chat template refuses (e.g. one that forbids a system role) is a 400 too.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+from contextlib import aclosing
+from dataclasses import replace
+from importlib import resources
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ...errors import UserError
+from ..params import PRESETS, GenerationParams
+from ..stops import StopScanner
+from . import protocol as P
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                    headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(P.error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------- ASGI guard: API key and body size
+
+class _Guard:
+    """Checks the API key (paths under /v1/) and the body size before FastAPI parses anything."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and scope["path"].startswith("/v1/"):
+            auth = headers.get("authorization", "")
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not given:
+                return await _error_response(401, "Missing API key: send the header 'Authorization: Bearer KEY'.",
+                                             code="invalid_api_key")(scope, receive, send)
+            if not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+                return await _error_response(401, "Incorrect API key provided.", code="invalid_api_key")(scope, receive, send)
+        too_big = _error_response(413, f"Request body too large: the limit is {self.max_body} bytes.",
+                                  code="request_too_large")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return await too_big(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        # Read the whole body (counting, for chunked uploads without a length), then replay it; later
+        # receive() calls go to the server, so the app still sees http.disconnect.
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return await too_big(scope, receive, send)
+            if not msg.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+# ---------------------------------------------------------------- generation in a worker thread
+
+async def _generate(app: FastAPI, prompt: list[int], params, stop_event: threading.Event, state) -> AsyncIterator[str]:
+    """Wait for our turn in the queue, then yield text deltas produced by a worker thread."""
+    engine = app.state.engine
+    async with app.state.queue:
+        if stop_event.is_set():  # the client left while queued
+            return
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def post(item):
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the loop closed (server shutting down)
+                stop_event.set()
+
+        def work():
+            try:
+                for delta in engine.stream(prompt, params, stop_event=stop_event, state=state):
+                    post(("delta", delta))
+                post(("end", None))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the request's task
+                post(("error", e))
+
+        threading.Thread(target=work, daemon=True, name="domaintune-generate").start()
+        try:
+            while True:
+                kind, value = await q.get()
+                if kind == "delta":
+                    yield value
+                elif kind == "end":
+                    return
+                else:
+                    raise value
+        finally:
+            stop_event.set()  # a no-op after a normal end; stops generation when the consumer went away
+
+
+async def _watch_disconnect(request: Request, stop_event: threading.Event) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            stop_event.set()
+            return
+
+
+# ---------------------------------------------------------------- request checks
+
+def _engine(app: FastAPI):
+    if app.state.engine is None:
+        raise APIError(503, "The model is still loading; retry when GET /health returns 200.", code="model_loading")
+    return app.state.engine
+
+
+def _check_common(req, engine) -> None:
+    if req.model != engine.model_id:
+        raise APIError(404, f"The model '{req.model}' does not exist: this server serves '{engine.model_id}' "
+                            "(see GET /v1/models).", param="model", code="model_not_found")
+    if req.n != 1:
+        raise APIError(400, "Only n=1 is supported.", param="n")
+    if req.logprobs:
+        raise APIError(400, "logprobs are not supported by this server.", param="logprobs")
+    if len(req.stop_list()) > 4:
+        raise APIError(400, "At most 4 stop sequences are allowed.", param="stop")
+
+
+def _chat_messages(req: P.ChatCompletionRequest) -> list[dict]:
+    """The conversation as role/content dicts, checked for the shape every template can render: an optional
+    system message first, then user and assistant turns alternating, starting and ending with user."""
+    if not req.messages:
+        raise APIError(400, "'messages' must contain at least one message.", param="messages")
+    msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+    start = 1 if msgs[0]["role"] == "system" else 0
+    for i, m in enumerate(msgs):
+        if m["role"] == "system" and i > 0:
+            raise APIError(400, f"messages[{i}]: a system message may only come first.", param=f"messages.{i}.role")
+        want = "user" if (i - start) % 2 == 0 else "assistant"
+        if i >= start and m["role"] != want:
+            raise APIError(400, f"messages[{i}]: expected role '{want}', got '{m['role']}': after an optional system "
+                                "message, user and assistant messages must alternate, starting with user.",
+                           param=f"messages.{i}.role")
+    if msgs[-1]["role"] != "user":
+        raise APIError(400, f"messages[{len(msgs) - 1}]: the last message must have role 'user'.",
+                       param=f"messages.{len(msgs) - 1}.role")
+    return msgs
+
+
+def _encode_chat(engine, msgs: list[dict]) -> list[int]:
+    """Prompt ids; a conversation the model's chat template refuses is the client's mistake (400)."""
+    try:
+        return engine.encode_messages(msgs)
+    except UserError as e:  # templates.py turns a chat_template's raise_exception into UserError
+        raise APIError(400, str(e), param="messages") from None
+
+
+def _params(req: P.ChatCompletionRequest | P.CompletionRequest, prompt_len: int, engine: Engine,
+            defaults: GenerationParams) -> GenerationParams:
+    requested = getattr(req, "max_completion_tokens", None)
+    requested = req.max_tokens if requested is None else requested
+    room = engine.context_len - prompt_len
+    if requested is not None and requested <= 0:
+        raise APIError(400, f"max_tokens must be at least 1, got {requested}.", param="max_tokens")
+    if room <= 0 or (requested is not None and requested > room):
+        raise APIError(400, f"This model's context is {engine.context_len} tokens; the prompt has {prompt_len} tokens"
+                            + (f" and max_tokens asks for {requested} more." if requested else "."),
+                       param="max_tokens" if room > 0 else "messages", code="context_length_exceeded")
+    params = defaults if req.temperature is None else defaults.with_temperature(req.temperature)
+    given = {"top_p": req.top_p, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty}
+    params = replace(params, max_new_tokens=requested or min(defaults.max_new_tokens, room), seed=req.seed,
+                     **{k: v for k, v in given.items() if v is not None})
+    return params.validate()  # a UserError here (bad server defaults) becomes a 400 like the others
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ---------------------------------------------------------------- the app
+
+def create_app(engine: Engine | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+               defaults: GenerationParams | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`. With `engine=None` the app answers 503 until `app.state.engine` is
+    set (the CLI loads the model in the background after the server listens). `defaults` (in
+    `app.state.defaults`) is the sampling of requests that leave a parameter out: the "serve" preset unless
+    given."""
+    app = FastAPI(title="domaintune", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.state.load_error = None
+    app.state.queue = asyncio.Lock()  # FIFO: waiters are woken in arrival order
+    app.state.created = int(time.time())
+    defaults = app.state.defaults = defaults or PRESETS["serve"]
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        headers = {"Retry-After": "5"} if e.status == 503 else None
+        return _error_response(e.status, e.message, e.param, e.code, headers)
+
+    @app.exception_handler(UserError)
+    async def _user_error(request, e: UserError):  # a check deeper down refused the request: still the client's 400
+        return _error_response(400, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        err = e.errors()[0]
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            return _error_response(400, f"The request body is not valid JSON: {err.get('msg')}.")
+        where = ".".join(loc)
+        return _error_response(400, f"{where or 'request body'}: {err.get('msg')}", param=where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        return _error_response(e.status_code, str(e.detail))
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return HTMLResponse(resources.files("domaintune.inference.serve").joinpath("static/index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health():
+        if app.state.load_error:
+            return JSONResponse({"status": "error", "message": app.state.load_error}, status_code=503)
+        if app.state.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+        return {"status": "ok", "model": app.state.engine.model_id, "auth": bool(api_key)}
+
+    @app.get("/v1/models")
+    async def models():
+        return P.model_list(_engine(app).model_id, app.state.created)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: P.ChatCompletionRequest, request: Request):
+        eng = _engine(app)
+        _check_common(req, eng)
+        prompt = _encode_chat(eng, _chat_messages(req))
+        params = _params(req, len(prompt), eng, defaults)
+        return await _respond(request, req, prompt, params, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(req: P.CompletionRequest, request: Request):
+        eng = _engine(app)
+        _check_common(req, eng)
+        if req.echo or req.suffix or (req.best_of or 1) > 1:
+            raise APIError(400, "echo, suffix and best_of > 1 are not supported.")
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "Send exactly one prompt per request.", param="prompt")
+        prompt = eng.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
+        if not prompt:
+            raise APIError(400, "The prompt is empty.", param="prompt")
+        params = _params(req, len(prompt), eng, defaults)
+        return await _respond(request, req, prompt, params, chat=False)
+
+    async def _respond(request: Request, req, prompt: list[int], params, chat: bool):
+        from ..engine import StreamState
+
+        model = app.state.engine.model_id
+        rid = P.new_id("chatcmpl" if chat else "cmpl")
+        state, stop_event = StreamState(), threading.Event()
+        scanner = StopScanner(req.stop_list())
+
+        def finish() -> tuple[str, dict]:
+            reason = "stop" if scanner.hit else state.finish_reason
+            return reason, P.usage(len(prompt), len(state.token_ids))
+
+        if not req.stream:
+            watcher = asyncio.create_task(_watch_disconnect(request, stop_event))
+            parts = []
+            try:
+                async with aclosing(_generate(app, prompt, params, stop_event, state)) as gen:
+                    async for delta in gen:
+                        parts.append(scanner.feed(delta))
+                        if scanner.hit:
+                            stop_event.set()  # keep draining so the token counts are final
+            finally:
+                watcher.cancel()
+            parts.append(scanner.flush())
+            reason, use = finish()
+            make = P.chat_completion if chat else P.text_completion
+            return make(rid, model, "".join(parts), reason, use)
+
+        with_usage = bool(req.stream_options and req.stream_options.include_usage)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, reason: str | None = None, role: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                return _sse(P.chat_chunk(rid, model, delta, reason, with_usage))
+            return _sse(P.text_chunk(rid, model, text or "", reason, with_usage))
+
+        async def events():
+            try:
+                if chat:
+                    yield chunk(None, role=True)
+                async with aclosing(_generate(app, prompt, params, stop_event, state)) as gen:
+                    async for delta in gen:
+                        text = scanner.feed(delta)
+                        if text:
+                            yield chunk(text)
+                        if scanner.hit:
+                            stop_event.set()
+                tail = scanner.flush()
+                if tail:
+                    yield chunk(tail)
+                reason, use = finish()
+                yield chunk(None, reason)
+                if with_usage:
+                    yield _sse(P.usage_chunk(rid, model, obj, use))
+            except UserError as e:  # the status line is gone; report in-band, as OpenAI does
+                yield _sse(P.error_body(400, str(e)))
+            except Exception as e:  # noqa: BLE001
+                yield _sse(P.error_body(500, f"generation failed: {e.__class__.__name__}: {e}"))
+            finally:
+                stop_event.set()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)  # runs before routing and parsing
+    return app

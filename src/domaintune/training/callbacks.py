@@ -1,0 +1,84 @@
+"""Trainer callbacks: the live log (log.jsonl), the loss plot, and checkpoints that are run directories.
+
+`make_callbacks` builds them inside a function so transformers is imported only when training starts.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..jsonl import JsonlAppender, read_jsonl, write_atomic, write_jsonl_atomic
+from ..rundir import CHECKPOINT_PREFIX, CONFIG, LOSS_PNG, TEMPLATE, RunDir
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+    from ..data.templates import Template
+
+
+def make_callbacks(run: RunDir, resume_step: int, template: Template, config_yaml: str) -> list[TrainerCallback]:
+    """`template` and `config_yaml` (the saved config) go into every checkpoint, so a checkpoint is a run
+    directory that predict/chat/serve can use with the prompt format it was trained on. `resume_step`
+    is the step training resumes from (0 for a fresh run): log.jsonl is cut back to it."""
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        """Writes log.jsonl live (rank 0), refreshes loss.png at every eval and save, and completes each
+        checkpoint with template.json and config.yaml."""
+
+        def __init__(self) -> None:
+            self.t0 = time.time()
+            self.offset = 0.0
+
+        def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                           **kw: Any) -> None:
+            if not state.is_world_process_zero:
+                return
+            run.path.mkdir(parents=True, exist_ok=True)
+            kept = [r for r in read_jsonl(run.log_path) if r.get("step", 0) <= resume_step] if resume_step else []
+            self.offset = max((r.get("time", 0.0) for r in kept), default=0.0)
+            write_jsonl_atomic(run.log_path, kept)
+            self.t0 = time.time()
+
+        def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                   logs: dict | None = None, **kw: Any) -> None:
+            if not state.is_world_process_zero or not logs or "train_loss" in logs:  # the end-of-training summary
+                return
+            rec = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            for k in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+                if k in logs:
+                    rec[k] = logs[k]
+            if "num_input_tokens_seen" in logs:
+                rec["tokens"] = int(logs["num_input_tokens_seen"])
+            rec["time"] = round(self.offset + time.time() - self.t0, 3)
+            with JsonlAppender(run.log_path) as f:  # the project's one kill-safe JSONL writer
+                f.write(rec)
+
+        def _plot(self, state: TrainerState) -> None:
+            if state.is_world_process_zero and run.log_path.is_file():
+                refresh_plot(run)
+
+        def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                        **kw: Any) -> None:
+            self._plot(state)
+
+        def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+                if ckpt.is_dir():
+                    template.save(ckpt / TEMPLATE)
+                    write_atomic(ckpt / CONFIG, config_yaml)
+            self._plot(state)
+
+    return [JsonlLog()]
+
+
+def refresh_plot(run: RunDir) -> None:
+    """Redraw loss.png; a plotting problem never stops training."""
+    try:
+        from ..evaluation.plot import plot_run
+
+        plot_run(run.path)
+    except Exception as e:  # noqa: BLE001 - the plot is a convenience, the run is what matters
+        print(f"warning: could not draw {run.path / LOSS_PNG}: {e}")

@@ -1,0 +1,25 @@
+"""`domaintune data-check`: the data exactly as training would see it, without loading a model."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+def run_data_check(cfg: Config, example: int = 0, color: bool = False) -> dict:
+    """Validate + tokenize like training; print a summary and one masked example; return the report dict."""
+    from ..data.encode import build_datasets, render_masked
+    from ..data.templates import get_template
+    from .model import load_tokenizer
+
+    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
+    template = get_template(cfg.data.template, tok)
+    ds = build_datasets(cfg.data, tok, template, cfg.train.seed)
+    print("\n".join(ds.report.summary_lines()))
+    sample = ds.train[min(example, len(ds.train) - 1)]
+    n_train = sum(1 for x in sample["labels"] if x != -100)
+    print(f"\nexample {example} (template {template.name}; {len(sample['input_ids'])} tokens, {n_train} trained; "
+          f"trained part {'in green' if color else 'marked «like this»'}):")
+    print(render_masked(tok, sample, color=color))
+    return ds.report.to_dict()

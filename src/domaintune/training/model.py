@@ -1,0 +1,245 @@
+"""The one loader: every `from_pretrained` of the project lives here (and in inference/export.py).
+
+- Any AutoModelForCausalLM, from a local directory or a hub id.
+- dtype `auto`: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU.
+- LoRA through peft (target modules from the config, or all-linear); full fine-tuning otherwise.
+- QLoRA: 4-bit / 8-bit through bitsandbytes, CUDA only.
+- A pad token is set when the tokenizer lacks one, without touching EOS.
+- trust_remote_code stays off unless the config says so.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import UserError
+from .precision import resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from ..config import LoraConfig, ModelConfig
+
+
+def _looks_local(name: str) -> bool:
+    """A hub id is exactly `org/name`; anything else, or an `org/` that exists here as a folder, is a path."""
+    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") != 1
+            or Path(name).parent.is_dir())
+
+
+def check_model_source(name: str, needs: tuple[str, ...] = ("config.json",)) -> str:
+    """What to pass to from_pretrained: the absolute path of a local model directory, or the hub id.
+
+    Fails fast (no network wait) when a local-looking model path does not exist. A local path comes back
+    resolved, so what from_pretrained records (`name_or_path`, peft's `base_model_name_or_path` in
+    adapter_config.json) still works from another working directory.
+    """
+    p = Path(name).expanduser()
+    if p.exists():
+        if not any((p / f).is_file() for f in needs):
+            raise UserError(f"'{name}' is a directory without {' or '.join(needs)}: not a Hugging Face model directory")
+        return str(p.resolve())
+    if _looks_local(name):
+        hint = " Build the tiny offline model with `domaintune make-tiny-model runs/tiny-model`." if "tiny" in name else ""
+        raise UserError(f"model.name_or_path '{name}' does not exist. Point it at a downloaded model directory "
+                        f"or a hub id like bigscience/bloomz-560m.{hint}")
+    _check_hub_reachable(name)
+    return name
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """A hub id that is neither cached nor reachable fails in seconds, not after the client's retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str) or constants.HF_HUB_OFFLINE:
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"model.name_or_path '{repo_id}' is not a local directory, not in the Hugging Face cache, and "
+                        f"{url.hostname} cannot be reached ({e}). Download the model where you have network access "
+                        "and set model.name_or_path to its directory.") from None
+
+
+def _load_error(name: str, e: Exception) -> UserError:
+    return UserError(f"could not load model '{name}': {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+                     "If this is a hub id, download it first (huggingface-cli download ID --local-dir DIR) and "
+                     "set model.name_or_path to DIR.")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
+                   revision: str | None = None) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    src = check_model_source(name_or_path, ("tokenizer_config.json", "tokenizer.json", "config.json"))
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as e:
+        raise _load_error(name_or_path, e) from None
+    ensure_pad_token(tok)
+    return tok
+
+
+def ensure_pad_token(tok: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token without changing EOS. Labels are built explicitly (padding is -100),
+    so padding with EOS does not stop the model from learning EOS."""
+    if tok.pad_token_id is not None:
+        return
+    if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+        tok.pad_token = tok.unk_token
+    elif tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    else:
+        raise UserError("the tokenizer has neither pad, unk nor eos token; add one to the tokenizer files")
+
+
+def _quant_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"model.quantization: {quantization} (QLoRA) needs a CUDA GPU with bitsandbytes; "
+                        "on CPU set model.quantization: none")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("model.quantization needs bitsandbytes: pip install 'domaintune[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_base_model(model_cfg: ModelConfig, device: str | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The base causal LM described by a `model` config section."""
+    from transformers import AutoModelForCausalLM
+
+    src = check_model_source(model_cfg.name_or_path)
+    device = device or resolve_device()
+    dtype = dtype or resolve_dtype(model_cfg.dtype, device)
+    kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if model_cfg.quantization != "none":
+        kwargs["quantization_config"] = _quant_config(model_cfg.quantization, dtype)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _load_error(model_cfg.name_or_path, e) from None
+    return model
+
+
+def prepare_for_training(model: PreTrainedModel, lora_cfg: LoraConfig, quantization: str = "none",
+                         gradient_checkpointing: bool = False) -> PreTrainedModel | PeftModel:
+    """Wrap with LoRA (or leave all weights trainable for full fine-tuning)."""
+    if quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora_cfg.enabled:
+            model.enable_input_require_grads()
+    if gradient_checkpointing:
+        model.config.use_cache = False
+    if not lora_cfg.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_cfg.target_modules
+    pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                      target_modules=targets if targets == "all-linear" else list(targets),
+                      bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, pcfg)
+    except ValueError as e:
+        names = sorted({n.split(".")[-1] for n, m in model.named_modules() if m.__class__.__name__.endswith("Linear")})
+        raise UserError(f"lora.target_modules {targets}: {e}. Linear modules of this model: {names}") from None
+
+
+def load_adapter(base: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+
+
+def load_plain_model(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None,
+                     trust_remote_code: bool = False) -> PreTrainedModel:
+    """A full (or merged/exported) model directory."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or resolve_device()
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or resolve_dtype("auto", device),
+                                                    trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(str(path), e) from None
+
+
+def _model_file(name_or_path: str, filename: str, revision: str | None = None) -> Path | None:
+    """`filename` of a local model directory, or of a hub model already in the Hugging Face cache.
+    Never downloads: a hub model that is not cached gives None."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        f = local / filename
+        return f if f.is_file() else None
+    if _looks_local(name_or_path):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name_or_path, filename, revision=revision)
+    except ValueError:  # not a valid repo id after all
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def model_license(name_or_path: str, revision: str | None = None) -> str | None:
+    """The license in the model card's YAML front matter (README.md), if it states one. The card comes
+    from a local model directory or, for a hub id, from the Hugging Face cache (never downloaded)."""
+    card = _model_file(name_or_path, "README.md", revision)
+    if card is None:
+        return None
+    text = card.read_text(encoding="utf-8", errors="replace")
+    m = re.match(r"^---\s*\n(.*?)\n---", text, re.S)
+    if not m:
+        return None
+    import yaml
+
+    try:
+        meta = yaml.safe_load(m.group(1)) or {}
+    except yaml.YAMLError:
+        return None
+    lic = meta.get("license") if isinstance(meta, dict) else None
+    return str(lic) if lic else None
+
+
+def base_config_dict(name_or_path: str, revision: str | None = None) -> dict | None:
+    """The model's config.json as a dict, from a local model directory or (hub id) the Hugging Face cache;
+    None when it is not available locally or is not a JSON object. Never downloads."""
+    import json
+
+    f = _model_file(name_or_path, "config.json", revision)
+    if f is None:
+        return None
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

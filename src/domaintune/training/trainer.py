@@ -1,0 +1,179 @@
+"""`domaintune train`: config → data → model → transformers Trainer → run directory.
+
+A run is one object set up in stages (`TrainingRun`), each short and readable on its own:
+
+1. `setup_output`: check the output folder (fresh, `--resume` or `--overwrite`), the trackers and that the
+   model exists, in about a second;
+2. `setup_data`: tokenizer, template, read + validate + encode the data (bad data stops here, before the
+   slow Trainer import and any model load);
+3. `setup_model`: the one loader (LoRA / QLoRA / full) in the right precision;
+4. `setup_trainer`: TrainingArguments (arguments.py), collator, callbacks (callbacks.py);
+5. `train` then `save`: train with eval loss and checkpoints, then write the run directory (outputs.py,
+   rundir.py).
+
+Distributed: under `torchrun` or `accelerate launch` every process runs this same code; the Trainer
+handles DDP (gloo on CPU, NCCL on GPUs). Only rank 0 writes logs and final artifacts. The global batch
+(`train.batch_size`) is kept: gradient accumulation = batch_size / (per_device x processes).
+
+Precision: LoRA keeps the frozen base in the configured dtype; full fine-tuning keeps fp32 master weights
+(with bf16/fp16 autocast on GPUs), see `precision.training_precision`.
+
+Checkpoints carry template.json and config.yaml too, so predict/chat/serve can use one directly.
+
+Resume: `--resume` continues from the newest *complete* checkpoint (one whose trainer_state.json was
+written, which the Trainer does last), restoring optimizer, scheduler, RNG and data position; log.jsonl
+is cut back to that step so no step is logged twice.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..rundir import MODEL_CONFIG, TRAINING_ARGS, RunDir, checkpoint_step, checkpoint_tokens
+from .arguments import check_trackers, training_arguments, world
+from .callbacks import make_callbacks, refresh_plot
+from .outputs import prepare_output_dir, saved_config, write_run_files
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+    from ..config import Config
+    from ..data.encode import Datasets
+    from ..data.templates import Template
+
+
+class _ListDataset:
+    """Encoded samples as the map-style dataset the Trainer takes."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+class TrainingRun:
+    """One training run, from the config to a finished run directory (see the module docstring)."""
+
+    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False) -> None:
+        self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
+        self.rank, self.world_size = world()
+        self.is_main = self.rank == 0
+        self.out = Path(cfg.train.output_dir)
+        self.run = RunDir(self.out)
+        self.ckpt: Path | None = None
+        self.tok: PreTrainedTokenizerBase | None = None
+        self.template: Template | None = None
+        self.data: Datasets | None = None
+        self.device = "cpu"
+        self.precision: tuple[torch.dtype, bool, bool] | None = None  # load dtype, bf16 autocast, fp16 autocast
+        self.base: PreTrainedModel | None = None
+        self.model: Any = None  # the base, or a PeftModel around it
+        self.trainer: Trainer | None = None
+
+    def _say(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    # ------------------------------------------------------------ stages
+    def setup_output(self) -> None:
+        from .model import check_model_source
+
+        cfg = self.cfg
+        check_trackers(cfg.train.report_to)
+        self.ckpt = prepare_output_dir(self.out, self.resume, self.overwrite, self.is_main, cfg.model.name_or_path)
+        # A missing model fails here, in about a second, not after the seconds torch + transformers take to import.
+        check_model_source(cfg.model.name_or_path, (MODEL_CONFIG, "tokenizer_config.json", "tokenizer.json"))
+
+    def setup_data(self) -> None:
+        from ..data.encode import build_datasets
+        from ..data.templates import get_template
+        from .model import load_tokenizer
+
+        m = self.cfg.model
+        self.tok = load_tokenizer(m.name_or_path, m.trust_remote_code, m.revision)
+        self.template = get_template(self.cfg.data.template, self.tok)
+        # Saved tokenizers (run dir, checkpoints) carry the training prompt as their chat_template, so plain
+        # transformers' apply_chat_template renders what the model was trained on.
+        self.tok.chat_template = self.template.chat_template_for(self.tok)
+        self.data = build_datasets(self.cfg.data, self.tok, self.template, self.cfg.train.seed)
+        self._say("\n".join(self.data.report.summary_lines()))
+
+    def setup_model(self) -> None:
+        from transformers import set_seed
+
+        from . import model as loader
+        from .precision import resolve_device, resolve_dtype, training_precision
+
+        cfg = self.cfg
+        self.device = resolve_device()
+        dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.precision = training_precision(cfg.lora.enabled, cfg.model.quantization, dtype, self.device)
+        load_dtype, bf16, fp16 = self.precision
+        self.base = loader.load_base_model(cfg.model, device=self.device, dtype=load_dtype)
+        # LoRA draws its new weights here, before the Trainer seeds anything: seed now, or two runs of one config differ.
+        set_seed(cfg.train.seed)
+        self.model = loader.prepare_for_training(self.base, cfg.lora, cfg.model.quantization,
+                                                 cfg.train.gradient_checkpointing)
+        trainable, total = loader.count_parameters(self.model)
+        autocast = " + bf16 autocast" if bf16 else " + fp16 autocast" if fp16 else ""
+        self._say(f"model: {cfg.model.name_or_path} ({'LoRA' if cfg.lora.enabled else 'full'}; "
+                  f"{trainable:,} trainable of {total:,} parameters; {str(load_dtype).replace('torch.', '')}"
+                  f"{autocast} on {self.device})")
+
+    def setup_trainer(self) -> None:
+        from transformers import DataCollatorForSeq2Seq, Trainer
+
+        _, bf16, fp16 = self.precision
+        has_eval = bool(self.data.eval)
+        args = training_arguments(self.cfg.train, self.out, world_size=self.world_size, device=self.device,
+                                  bf16=bf16, fp16=fp16, has_eval=has_eval, is_main=self.is_main)
+        collator = DataCollatorForSeq2Seq(self.tok, label_pad_token_id=-100, padding=True,
+                                          pad_to_multiple_of=8 if self.device == "cuda" else None)
+        callbacks = make_callbacks(self.run, checkpoint_step(self.ckpt), self.template,
+                                   saved_config(self.cfg).to_yaml())
+        self.trainer = Trainer(model=self.model, args=args, data_collator=collator,
+                               train_dataset=_ListDataset(self.data.train),
+                               eval_dataset=_ListDataset(self.data.eval) if has_eval else None,
+                               processing_class=self.tok, callbacks=callbacks)
+
+    def train(self) -> tuple[dict, float, int]:
+        """Train (resuming when asked); returns (final eval metrics, seconds, tokens already seen at the start)."""
+        trainer = self.trainer
+        tokens_at_start = checkpoint_tokens(self.ckpt)  # read now: checkpoint rotation may delete it during training
+        t0 = time.time()
+        trainer.train(resume_from_checkpoint=str(self.ckpt) if self.ckpt else None)
+        logged_eval_at_end = any(r.get("step") == trainer.state.global_step and "eval_loss" in r
+                                 for r in trainer.state.log_history)  # same on every rank
+        eval_metrics = trainer.evaluate() if self.data.eval and not logged_eval_at_end else {}
+        return eval_metrics, time.time() - t0, tokens_at_start
+
+    def save(self, eval_metrics: dict, runtime: float, tokens_at_start: int) -> None:
+        self.trainer.save_model(str(self.out))  # every rank calls it (needed for sharded setups); rank 0 writes
+        if not self.trainer.is_world_process_zero():
+            return
+        # save_model also pickles TrainingArguments (training_args.bin); the run directory holds no pickles,
+        # config.yaml is the resolved config. Checkpoints keep theirs (the Trainer's own format).
+        (self.out / TRAINING_ARGS).unlink(missing_ok=True)
+        write_run_files(self.cfg, self.run, self.tok, self.template, self.base, self.data.report, self.trainer,
+                        eval_metrics, runtime, self.world_size, tokens_at_start)
+        refresh_plot(self.run)
+        print(f"run directory: {self.out}", flush=True)
+
+    def execute(self) -> Path:
+        self.setup_output()
+        self.setup_data()
+        self.setup_model()
+        self.setup_trainer()
+        self.save(*self.train())
+        return self.out
+
+
+def run_train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train as configured; returns the run directory."""
+    return TrainingRun(cfg, resume=resume, overwrite=overwrite).execute()
