@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from chat_templates import STRICT_INST
 
+from chat_templates import STRICT_INST
 from domaintune.cli.inference import CHAT_SAMPLING
 from domaintune.cli.options import sampling_params
 from domaintune.errors import UserError

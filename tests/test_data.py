@@ -6,15 +6,23 @@ import json
 import statistics
 
 import pytest
-from chat_templates import STRICT_CHATML
 
+from chat_templates import STRICT_CHATML
 from domaintune import cli
 from domaintune.config import build_config
-from domaintune.data.encode import IGNORE_INDEX, DataReport, build_datasets, encode_example, encode_examples, render_masked, split_validation
+from domaintune.data.encode import (
+    IGNORE_INDEX,
+    DataReport,
+    build_datasets,
+    encode_example,
+    encode_examples,
+    render_masked,
+    split_validation,
+)
 from domaintune.data.examples import Example, load_examples, parse_example
 from domaintune.data.reader import read_records
-from domaintune.errors import UserError
 from domaintune.data.templates import get_template
+from domaintune.errors import UserError
 from domaintune.training.tiny import make_tiny_model
 
 

@@ -39,8 +39,8 @@ def test_world_reads_the_launcher_environment(monkeypatch):
 
 def test_torchrun_two_processes_on_cpu(tmp_path, tiny_model_dir):
     from domaintune.data.encode import build_datasets
-    from domaintune.training.model import load_tokenizer
     from domaintune.data.templates import get_template
+    from domaintune.training.model import load_tokenizer
 
     model = tiny_model_dir("llama")  # no pad token: the loader's pad is used
     rows = 24

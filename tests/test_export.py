@@ -12,11 +12,11 @@ import yaml
 from safetensors import safe_open
 
 from domaintune.cli import main
-from domaintune.errors import UserError
-from domaintune.inference.export import run_export
-from domaintune.inference.engine import Engine
-from domaintune.inference.params import GenerationParams
 from domaintune.data.templates import Template
+from domaintune.errors import UserError
+from domaintune.inference.engine import Engine
+from domaintune.inference.export import run_export
+from domaintune.inference.params import GenerationParams
 from domaintune.training.trainer import run_train
 
 PROMPTS = ["孩子不爱吃饭怎么办", "How do I help my child sleep?", "怎样培养阅读习惯"]

@@ -175,8 +175,8 @@ def _multi_token_stop(engine, ids: list[int], text: str) -> str:
 def test_multi_token_stop_string_cuts_generate_and_stream(engines, sample_data, arch, monkeypatch):
     """Regression: only single-token template stops were honoured; ChatML on a tokenizer without the ChatML
     specials ended every answer with a literal '<|im_end|>'."""
-    from domaintune.inference.engine import StreamState
     from domaintune.data.templates import Template
+    from domaintune.inference.engine import StreamState
 
     base = engines[arch]
     prompt, other = _prompts(base, sample_data)[:2]
@@ -321,9 +321,9 @@ def test_plain_model_directory_has_no_run_config(engines):
 
 
 def test_resolve_template_order(tmp_path, qwen_tok):
+    from domaintune.data.templates import get_template
     from domaintune.errors import UserError
     from domaintune.rundir import resolve_template
-    from domaintune.data.templates import get_template
 
     assert resolve_template(tmp_path, qwen_tok, "alpaca").name == "alpaca"
     assert resolve_template(tmp_path, qwen_tok).kind == "tokenizer"  # no template.json: the chat_template
@@ -344,8 +344,8 @@ def test_resolve_template_order(tmp_path, qwen_tok):
 def test_a_checkpoint_without_template_json_uses_its_run_template(tmp_path, qwen_tok):
     """A kill right after the Trainer saved checkpoint-N (before template.json was copied in) must not make
     predict/chat fall back to the tokenizer's chat_template, which training never used."""
-    from domaintune.rundir import resolve_template
     from domaintune.data.templates import get_template
+    from domaintune.rundir import resolve_template
 
     get_template("alpaca").save(tmp_path / "template.json")
     ckpt = tmp_path / "checkpoint-8"

@@ -8,8 +8,8 @@ import logging
 import pytest
 
 from domaintune.cli import evaluate
-from domaintune.evaluation import metrics
 from domaintune.errors import UserError
+from domaintune.evaluation import metrics
 
 ZH_TARGET = "低秩适配在冻结的权重旁加入两个小矩阵，只训练这两个矩阵。"
 ZH_PREDICT = "低秩适配冻结原始权重，只训练新加入的两个小矩阵。"

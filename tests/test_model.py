@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from domaintune.training import model as loader
 from domaintune.config import LoraConfig, ModelConfig
 from domaintune.errors import UserError
+from domaintune.training import model as loader
 
 # LoRA parameters of a micro model (hidden 64, 2 layers, 4 heads, 2 kv heads -> kv width 32, MLP 128), worked out
 # by hand: a rank-r adapter on an (in -> out) linear layer adds r * (in + out) parameters.

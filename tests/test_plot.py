@@ -9,8 +9,8 @@ import warnings
 import pytest
 
 from domaintune.cli import evaluate
-from domaintune.evaluation import plot
 from domaintune.errors import UserError
+from domaintune.evaluation import plot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from domaintune import cli
-from domaintune.evaluation import metrics
 from domaintune.errors import UserError
+from domaintune.evaluation import metrics
 from domaintune.inference.engine import Engine
 from domaintune.inference.params import GenerationParams
 from domaintune.inference.predict import run_predict

@@ -8,8 +8,8 @@ import re
 import pytest
 
 from domaintune.cli import evaluate
-from domaintune.evaluation import report
 from domaintune.errors import UserError
+from domaintune.evaluation import report
 
 CONFIG_YAML = """\
 model:

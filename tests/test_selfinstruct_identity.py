@@ -7,13 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
-from fake_llm_server import FakeLLM
 
-from domaintune.errors import UserError
 from domaintune.cli.datagen import register
 from domaintune.config.selfinstruct import Persona, SelfInstructConfig
 from domaintune.datagen.identity import identity_rows, run_identity
 from domaintune.datagen.inputs import builtin_template, load_seeds, load_template, render
+from domaintune.errors import UserError
+from fake_llm_server import FakeLLM
 
 REPO = Path(__file__).resolve().parents[1]
 PERSONA = Persona(name="小知", organisation="知家实验室", year=2024)

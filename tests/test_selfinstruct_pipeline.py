@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_llm_server import FakeLLM
 
-from domaintune.errors import UserError
 from domaintune.config.selfinstruct import SelfInstructConfig
 from domaintune.datagen.selfinstruct import run_gen_data
+from domaintune.errors import UserError
+from fake_llm_server import FakeLLM
 
 SEEDS = ["How can parents support alpha bravo charlie?",
          "What helps delta echo foxtrot at home?",

@@ -3,7 +3,6 @@ official openai client and raw httpx. One server is shared by the module (see `s
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 import json
 import os
 import socket
@@ -12,21 +11,25 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
+
 from chat_templates import STRICT_INST
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from domaintune.inference.engine import Engine  # noqa: E402
-from domaintune.inference.params import GenerationParams  # noqa: E402
-from domaintune.inference.stops import StopScanner  # noqa: E402
-from domaintune.inference.params import PRESETS  # noqa: E402
-from domaintune.inference.serve.app import create_app  # noqa: E402
 from domaintune.data.templates import Template  # noqa: E402
+from domaintune.inference.engine import Engine  # noqa: E402
+from domaintune.inference.params import (
+    PRESETS,  # noqa: E402
+    GenerationParams,  # noqa: E402
+)
+from domaintune.inference.serve.app import create_app  # noqa: E402
+from domaintune.inference.stops import StopScanner  # noqa: E402
 
 KEY = "test-key-123"
 MODEL = "tiny"

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from domaintune.data.examples import parse_example
-from domaintune.errors import UserError
 from domaintune.data.templates import BUILTIN, Template, get_template
+from domaintune.errors import UserError
 from domaintune.training.tiny import CHATML_JINJA, train_tokenizer
 
 

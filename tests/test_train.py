@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from chat_templates import STRICT_CHATML
 
+from chat_templates import STRICT_CHATML
 from domaintune.config import build_config, load_config
 from domaintune.errors import UserError
-from domaintune.rundir import RunDir
-from domaintune.rundir import latest_checkpoint, list_checkpoints
+from domaintune.rundir import RunDir, latest_checkpoint, list_checkpoints
 from domaintune.training.arguments import grad_accumulation
 from domaintune.training.trainer import run_train
 
@@ -90,8 +89,8 @@ def test_run_directory_contract(trained, models, arch, method):
     from transformers import AutoTokenizer
 
     from domaintune.data.encode import build_datasets
-    from domaintune.training.model import load_tokenizer
     from domaintune.data.templates import Template, get_template
+    from domaintune.training.model import load_tokenizer
 
     cfg, run, base_hash = trained(arch, method)
     train_rows, epochs = 12 - 2, 2

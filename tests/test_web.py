@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import socket
 import subprocess
 import threading
 import time
-
-import os
 
 import httpx
 import pytest

@@ -13,7 +13,15 @@ read-only after validation; a verb is handed the section it needs (`cfg.data`, `
 from __future__ import annotations
 
 from .flat import config_from_flat, read_json_file
-from .loading import apply_overrides, build_config, explain, format_validation_error, load_config, parse_override, read_yaml
+from .loading import (
+    apply_overrides,
+    build_config,
+    explain,
+    format_validation_error,
+    load_config,
+    parse_override,
+    read_yaml,
+)
 from .sections import Config, DataConfig, LoraConfig, ModelConfig, TrainConfig
 from .selfinstruct import Persona, SelfInstructConfig
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from ..errors import UserError
 
-
 FLAT_RUN_KEYS = {
     "model_name_or_path", "data_path", "output_dir", "batch_size", "per_device_train_batch_size", "num_epochs",
     "learning_rate", "cutoff_len", "val_set_size", "val_set_rate", "save_steps", "eval_steps", "warmup_steps",

@@ -68,7 +68,7 @@ class DataConfig(Section):
 
     @field_validator("val_size")
     @classmethod
-    def _val_size(cls, v):
+    def _val_size(cls, v: int | float) -> int | float:
         if isinstance(v, float) and not v.is_integer() and not 0 < v < 1:
             raise ValueError("a fraction must lie in (0, 1); use an integer for a row count")
         return v

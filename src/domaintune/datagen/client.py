@@ -20,9 +20,14 @@ import os
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError
 from ..config.selfinstruct import SelfInstructConfig
+
+if TYPE_CHECKING:
+    import httpx
+    import openai
+from ..errors import UserError
 
 
 class MalformedResponse(Exception):
@@ -57,11 +62,11 @@ class ChatClient:
             timeout=cfg.request_timeout, http_client=http_client)
 
     # httpx event hooks run in the worker thread that sends the request.
-    def _on_request(self, request) -> None:
+    def _on_request(self, request: httpx.Request) -> None:
         with self._lock:
             self.attempts += 1
 
-    def _on_response(self, response) -> None:
+    def _on_response(self, response: httpx.Response) -> None:
         with self._lock:
             self.statuses[response.status_code] += 1
 
@@ -103,7 +108,7 @@ class ChatClient:
                 f"selfinstruct.base_url and that the server runs, then run the same command again to resume") from None
         return _completion_of(resp)
 
-    def _status_message(self, e) -> str:
+    def _status_message(self, e: openai.APIStatusError) -> str:
         cfg, status = self.cfg, e.status_code
         detail = _error_detail(e)
         if status == 400:
@@ -119,7 +124,7 @@ class ChatClient:
         return f"{cfg.base_url} answered {status} ({detail}); not retried"
 
 
-def _error_detail(e) -> str:
+def _error_detail(e: openai.APIStatusError) -> str:
     body = getattr(e, "body", None)
     if isinstance(body, dict):  # openai unwraps {"error": {...}}; other servers may not
         err = body.get("error")
@@ -129,7 +134,7 @@ def _error_detail(e) -> str:
     return str(getattr(e, "message", e))[:300]
 
 
-def _completion_of(resp) -> Completion:
+def _completion_of(resp: Any) -> Completion:
     if isinstance(resp, str):  # a non-JSON content type comes back as text
         raise MalformedResponse(f"reply is not JSON: {resp[:100]!r}")
     choices = getattr(resp, "choices", None)

@@ -11,8 +11,8 @@ from importlib import resources
 from pathlib import Path
 
 from ..config.selfinstruct import Persona, SelfInstructConfig
-from .inputs import render
 from ..jsonl import write_jsonl_atomic
+from .inputs import render
 from .store import IDENTITY, IDENTITY_MESSAGES, to_messages
 
 

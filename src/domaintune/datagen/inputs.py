@@ -13,9 +13,9 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from ..config.selfinstruct import SelfInstructConfig
 from ..data.reader import read_records
 from ..errors import UserError
-from ..config.selfinstruct import SelfInstructConfig
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 REQUIRED = {"question": "examples", "answer": "question"}

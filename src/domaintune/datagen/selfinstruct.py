@@ -28,13 +28,17 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..config.selfinstruct import SelfInstructConfig
 from ..errors import UserError
 from . import filters as F
 from .client import ChatClient, Completion, MalformedResponse
-from ..config.selfinstruct import SelfInstructConfig
 from .inputs import load_seeds, load_template, numbered, persona_values, render
 from .store import OutputStore
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 # Counters that live only in memory during a run; manifest.json carries their totals across resumes.
@@ -161,7 +165,7 @@ class _Run:
             log.warning("gen-data: %s", self.message)
         return self.store.dir
 
-    def _progress(self, desc: str, initial: int):
+    def _progress(self, desc: str, initial: int) -> tqdm:
         from tqdm import tqdm
 
         # disable=None: a bar on a terminal, silence in logs and under pytest.
@@ -204,7 +208,7 @@ class _Run:
                 f"({dict(self.q_rejected.most_common(3))} so far); add seed questions, raise "
                 f"selfinstruct.rouge_threshold or check the endpoint's replies; see rejected.jsonl")
 
-    def _take_questions(self, comp: Completion | None, bar) -> None:
+    def _take_questions(self, comp: Completion | None, bar: tqdm) -> None:
         kept = 0
         cands = [] if comp is None else F.parse_questions(comp.text, truncated=comp.finish_reason == "length")
         if comp is not None and not cands:
@@ -265,7 +269,7 @@ class _Run:
             time.sleep(cfg.retry_base_delay * 2 ** attempt)
         return _AnswerResult(question, comp)
 
-    def _take_answer(self, res: _AnswerResult, bar) -> None:
+    def _take_answer(self, res: _AnswerResult, bar: tqdm) -> None:
         cfg, comp = self.cfg, res.completion
         if comp is None:
             rej = F.Rejection(F.ANSWER_MALFORMED)

@@ -23,8 +23,8 @@ import re
 from pathlib import Path
 
 from .. import rundir
-from ..jsonl import read_jsonl
 from ..errors import UserError
+from ..jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _font_rc(texts: list[str]) -> dict:
     return {}
 
 
-def _number(value) -> float | None:
+def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None

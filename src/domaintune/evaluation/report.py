@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import rundir
-from ..jsonl import read_jsonl, write_atomic
 from ..errors import UserError
+from ..jsonl import read_jsonl, write_atomic
 
 # Config values shown in the summary, as (label, candidate dotted keys in config.yaml, run_info.json key).
 # Several candidates so the report reads configs whatever the exact field name of a section.

@@ -27,7 +27,6 @@ from .params import GenerationParams
 from .stops import StopScanner, find_stop
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
     from ..config import Config
@@ -165,7 +164,7 @@ class Engine:
             window, engine = 4 * max(map(len, self.stop_strings)) + 4, self
 
             class _StopStrings(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kw):
+                def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
                     rows = input_ids[:, width:].tolist()
                     return torch.tensor([find_stop(engine.decode(r[-window:]), engine.stop_strings) >= 0 for r in rows],
                                         dtype=torch.bool, device=input_ids.device)
@@ -209,25 +208,25 @@ class Engine:
         stop_event = stop_event or threading.Event()
 
         class _Streamer(BaseStreamer):
-            def __init__(self):
+            def __init__(self) -> None:
                 self.first = True
 
-            def put(self, value):
+            def put(self, value: torch.Tensor) -> None:
                 if self.first:  # the prompt
                     self.first = False
                     return
                 q.put(value.reshape(-1).tolist())
 
-            def end(self):
+            def end(self) -> None:
                 q.put(None)
 
         class _Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
                 return torch.full((input_ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=input_ids.device)
 
         errors: list[BaseException] = []
 
-        def work():
+        def work() -> None:
             try:
                 with self.lock, torch.inference_mode():
                     if params.seed is not None:  # inside the lock, as in _generate_batch

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from ..training.precision import DTYPES
 from ..rundir import GENERATION_CONFIG, METRICS, MODEL_CARD, MODEL_CONFIG, MODEL_WEIGHTS_GLOB, TEMPLATE, RunDir
+from ..training.precision import DTYPES
 
 if TYPE_CHECKING:
     import torch

@@ -32,20 +32,19 @@ import time
 from contextlib import aclosing
 from dataclasses import replace
 from importlib import resources
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...errors import UserError
+from ..engine import Engine, StreamState
 from ..params import PRESETS, GenerationParams
 from ..stops import StopScanner
 from . import protocol as P
-
-if TYPE_CHECKING:
-    from ..engine import Engine
 
 
 class APIError(Exception):
@@ -64,10 +63,10 @@ def _error_response(status: int, message: str, param: str | None = None, code: s
 class _Guard:
     """Checks the API key (paths under /v1/) and the body size before FastAPI parses anything."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -101,7 +100,7 @@ class _Guard:
                 break
         replayed = False
 
-        async def replay():
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
@@ -113,7 +112,8 @@ class _Guard:
 
 # ---------------------------------------------------------------- generation in a worker thread
 
-async def _generate(app: FastAPI, prompt: list[int], params, stop_event: threading.Event, state) -> AsyncIterator[str]:
+async def _generate(app: FastAPI, prompt: list[int], params: GenerationParams, stop_event: threading.Event,
+                    state: StreamState) -> AsyncIterator[str]:
     """Wait for our turn in the queue, then yield text deltas produced by a worker thread."""
     engine = app.state.engine
     async with app.state.queue:
@@ -122,13 +122,13 @@ async def _generate(app: FastAPI, prompt: list[int], params, stop_event: threadi
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
-        def post(item):
+        def post(item: tuple[str, Any]) -> None:
             try:
                 loop.call_soon_threadsafe(q.put_nowait, item)
             except RuntimeError:  # the loop closed (server shutting down)
                 stop_event.set()
 
-        def work():
+        def work() -> None:
             try:
                 for delta in engine.stream(prompt, params, stop_event=stop_event, state=state):
                     post(("delta", delta))
@@ -160,13 +160,13 @@ async def _watch_disconnect(request: Request, stop_event: threading.Event) -> No
 
 # ---------------------------------------------------------------- request checks
 
-def _engine(app: FastAPI):
+def _engine(app: FastAPI) -> Engine:
     if app.state.engine is None:
         raise APIError(503, "The model is still loading; retry when GET /health returns 200.", code="model_loading")
     return app.state.engine
 
 
-def _check_common(req, engine) -> None:
+def _check_common(req: P.ChatCompletionRequest | P.CompletionRequest, engine: Engine) -> None:
     if req.model != engine.model_id:
         raise APIError(404, f"The model '{req.model}' does not exist: this server serves '{engine.model_id}' "
                             "(see GET /v1/models).", param="model", code="model_not_found")
@@ -199,7 +199,7 @@ def _chat_messages(req: P.ChatCompletionRequest) -> list[dict]:
     return msgs
 
 
-def _encode_chat(engine, msgs: list[dict]) -> list[int]:
+def _encode_chat(engine: Engine, msgs: list[dict]) -> list[int]:
     """Prompt ids; a conversation the model's chat template refuses is the client's mistake (400)."""
     try:
         return engine.encode_messages(msgs)
@@ -245,16 +245,16 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
     defaults = app.state.defaults = defaults or PRESETS["serve"]
 
     @app.exception_handler(APIError)
-    async def _api_error(request, e: APIError):
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
         headers = {"Retry-After": "5"} if e.status == 503 else None
         return _error_response(e.status, e.message, e.param, e.code, headers)
 
     @app.exception_handler(UserError)
-    async def _user_error(request, e: UserError):  # a check deeper down refused the request: still the client's 400
+    async def _user_error(request: Request, e: UserError) -> JSONResponse:  # a check deeper down refused the request: still the client's 400
         return _error_response(400, str(e))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, e: RequestValidationError):
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         err = e.errors()[0]
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         if err.get("type") == "json_invalid":
@@ -263,7 +263,7 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
         return _error_response(400, f"{where or 'request body'}: {err.get('msg')}", param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e: StarletteHTTPException):
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         return _error_response(e.status_code, str(e.detail))
 
     @app.get("/", include_in_schema=False)
@@ -305,9 +305,8 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
         params = _params(req, len(prompt), eng, defaults)
         return await _respond(request, req, prompt, params, chat=False)
 
-    async def _respond(request: Request, req, prompt: list[int], params, chat: bool):
-        from ..engine import StreamState
-
+    async def _respond(request: Request, req: P.ChatCompletionRequest | P.CompletionRequest, prompt: list[int],
+                       params: GenerationParams, chat: bool) -> dict | StreamingResponse:
         model = app.state.engine.model_id
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         state, stop_event = StreamState(), threading.Event()
