@@ -1,11 +1,11 @@
 # Two commands do all the set-up on a fresh machine:
 #   make quickstart   builds .venv, a tiny offline model, LoRA-trains it on the sample data (CPU, a few minutes)
-#   make test         builds .venv and runs the test suite
+#   make test         builds .venv, runs ruff (make lint), then the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv quickstart test clean
+.PHONY: venv quickstart lint test clean
 
 venv: $(STAMP)
 
@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml
 quickstart: venv
 	$(VENV)/bin/domaintune quickstart configs/quickstart.yaml
 
-test: venv
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

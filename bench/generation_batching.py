@@ -40,8 +40,9 @@ def main() -> None:
 
     import torch
 
-    from domaintune.generation import Engine, GenerationParams
-    from domaintune.tiny import make_tiny_model
+    from domaintune.inference.engine import Engine
+    from domaintune.inference.params import GenerationParams
+    from domaintune.training.tiny import make_tiny_model
 
     model = Path(a.model) if a.model else Path("/tmp/domaintune-bench-tiny")
     if not a.model and not (model / "config.json").is_file():
@@ -59,7 +60,7 @@ def main() -> None:
 
     t_seq, seq = timed(lambda: [engine.generate([p], params, batch_size=1)[0] for p in prompts])
     t_bat, bat = timed(lambda: engine.generate(prompts, params, batch_size=a.batch_size))
-    same = all(x.token_ids == y.token_ids for x, y in zip(seq, bat))
+    same = all(x.token_ids == y.token_ids for x, y in zip(seq, bat, strict=True))
     tokens = sum(g.completion_tokens for g in bat)
     lens = [len(p) for p in prompts]
     lines = [

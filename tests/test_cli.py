@@ -75,7 +75,8 @@ def test_every_option_states_its_default(verb, capsys):
 
 def test_option_entry_parser_joins_wrapped_help():
     text = ("usage: x\n\noptions:\n  -h, --help  show\n  --lora-json LORA_JSON\n"
-            "                        flat JSON LoRA config\n                        (default: none)\n\nmore:\n  -z  no\n")
+            "                        flat JSON LoRA config\n"
+            "                        (default: none)\n\nmore:\n  -z  no\n")
     assert _option_entries(text) == ["-h, --help  show", "--lora-json LORA_JSON flat JSON LoRA config (default: none)"]
 
 

@@ -57,7 +57,8 @@ def test_unknown_section_suggests_section(tmp_path):
     cfg = _write(tmp_path / "cfg.yaml", "trian:\n  learning_rate: 0.001\n")
     with pytest.raises(UserError) as e:
         load_config(cfg)
-    assert "unknown key 'trian'. Did you mean 'train'? Valid keys here: model, lora, data, train, selfinstruct" in str(e.value)
+    assert ("unknown key 'trian'. Did you mean 'train'? Valid keys here: model, lora, data, train, selfinstruct"
+            in str(e.value))
 
 
 def test_unknown_key_in_nested_subsection():
@@ -90,7 +91,8 @@ def test_number_for_text_field_is_taken_as_text():
     ({"lora": {"target_modules": 5}}, "'lora.target_modules' must be a list or 'all-linear', got 5"),
     ({"data": {"val_size": "x"}}, "'data.val_size' must be an integer or a number, got 'x'"),
     ({"data": {"overlength": "cut"}}, "'data.overlength' must be 'truncate', 'drop' or 'error', got 'cut'"),
-    ({"data": {"val_size": 1.5}}, "'data.val_size': a fraction must lie in (0, 1); use an integer for a row count (got 1.5)"),
+    ({"data": {"val_size": 1.5}},
+     "'data.val_size': a fraction must lie in (0, 1); use an integer for a row count (got 1.5)"),
     ({"lora": {"r": 0}}, "'lora.r': Input should be greater than 0 (got 0)"),
 ])
 def test_wrong_type_names_field_and_expected_type(raw, line):
@@ -171,7 +173,8 @@ def test_overrides_apply_over_file_values(tmp_path):
     expected = _defaults()
     got = cfg.to_dict()
     for sec, key in [("lora", "r"), ("train", "learning_rate"), ("train", "seed"), ("lora", "enabled"),
-                     ("lora", "target_modules"), ("data", "val_size"), ("data", "val_max_rows"), ("train", "report_to")]:
+                     ("lora", "target_modules"), ("data", "val_size"), ("data", "val_max_rows"),
+                     ("train", "report_to")]:
         expected[sec][key] = got[sec][key]
     expected["selfinstruct"]["persona"] = got["selfinstruct"]["persona"]
     assert got == expected

@@ -42,7 +42,8 @@ def write(path, rows_or_text, encoding="utf-8"):
 
 ROWS = [
     {"instruction": "孩子不爱吃饭怎么办？", "input": "", "output": "规律进餐，少吃零食。"},
-    {"instruction": "How do I talk about online safety?", "input": "She is 12.", "output": "Start with open questions."},
+    {"instruction": "How do I talk about online safety?", "input": "She is 12.",
+     "output": "Start with open questions."},
     {"messages": [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
                   {"role": "assistant", "content": "您好！"}, {"role": "user", "content": "孩子怕黑"},
                   {"role": "assistant", "content": "陪她检查床底。"}]},
@@ -175,7 +176,8 @@ def test_missing_and_blank_output(tmp_path):
     ({"output": "a"}, "missing \"instruction\" (or \"messages\"); found fields ['output']"),
     ({"instruction": "q", "output": "a", "history": "q1 a1"},
      '"history" must be a list of [question, answer] pairs, got a string'),
-    ({"instruction": "q", "output": "a", "history": [["q1"]]}, '"history"[0] must be a [question, answer] pair of strings'),
+    ({"instruction": "q", "output": "a", "history": [["q1"]]},
+     '"history"[0] must be a [question, answer] pair of strings'),
     ({"instruction": "q", "output": "a", "history": [["q1", ""]]}, '"history"[0] has a blank question or answer'),
     (["q", "a"], "expected a JSON object, got a list"),
     ({"messages": "hi"}, '"messages" must be a non-empty list of {"role", "content"} objects'),
@@ -184,7 +186,8 @@ def test_missing_and_blank_output(tmp_path):
      "messages[0].content must be a string, got a number"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
      "messages[1].role 'bot' is not one of system/user/assistant"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}, "messages[1].content is blank"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+     "messages[1].content is blank"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
                    {"role": "assistant", "content": "a"}]}, "messages[1]: a system message may only come first"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}]},
@@ -257,12 +260,13 @@ def test_labels_mask_prompts_and_keep_answers(qwen_tok):
     sample, n = encode_example(ex, qwen_tok, tpl, cutoff_len=512)
     ids, labels = sample["input_ids"], sample["labels"]
     assert n == len(ids) and sample["attention_mask"] == [1] * n
-    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels))
-    trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels, strict=True))
+    trained = [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
     assert qwen_tok.decode(trained) == "您好！</s>陪她检查床底。</s>"
-    assert qwen_tok.decode([i for i, lab in zip(ids, labels) if lab == IGNORE_INDEX]) == \
+    assert qwen_tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab == IGNORE_INDEX]) == \
         "你是助手。\n\n用户:你好\n\n助手:\n\n用户:孩子怕黑\n\n助手:"
-    assert render_masked(qwen_tok, sample) == "你是助手。\n\n用户:你好\n\n助手:«您好！</s>»\n\n用户:孩子怕黑\n\n助手:«陪她检查床底。</s>»"
+    assert render_masked(qwen_tok, sample) == \
+        "你是助手。\n\n用户:你好\n\n助手:«您好！</s>»\n\n用户:孩子怕黑\n\n助手:«陪她检查床底。</s>»"
 
 
 def test_train_on_inputs_trains_everything(llama_tok):
@@ -335,7 +339,7 @@ def test_truncate_keeps_multi_turn_sample_with_an_earlier_answer(qwen_tok, lens)
     first_answer_end = len(tpl.encode(qwen_tok, ex[0].messages[:2])[0])
     report = DataReport()
     out = encode_examples(ex, qwen_tok, tpl, data_cfg(cutoff_len=first_answer_end + 2), report)
-    trained = [i for i, lab in zip(out[0]["input_ids"], out[0]["labels"]) if lab != IGNORE_INDEX]
+    trained = [i for i, lab in zip(out[0]["input_ids"], out[0]["labels"], strict=True) if lab != IGNORE_INDEX]
     assert qwen_tok.decode(trained) == "您好！</s>"
     assert (report.overlength, report.truncated, report.dropped_no_target) == (1, 1, 0)
 

@@ -57,7 +57,7 @@ def test_merged_model_matches_adapter_inference(lora_run, exported):
     assert model.dtype == torch.float32
     assert not any("lora" in name for name, _ in model.named_parameters())
     gen_cfg = GenerationConfig.from_pretrained(exported)
-    for p, ids, want in zip(PROMPTS, prompts, adapter_out):
+    for p, ids, want in zip(PROMPTS, prompts, adapter_out, strict=True):
         enc = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
         enc = enc["input_ids"] if not isinstance(enc, list) else enc
         assert enc == ids  # plain transformers builds the training prompt
@@ -150,7 +150,8 @@ def test_full_run_exports_in_the_requested_dtype(tiny_train_config, tmp_path):
         for k in f.keys():
             assert f.get_tensor(k).dtype == torch.bfloat16
             assert torch.equal(f.get_tensor(k), g.get_tensor(k).to(torch.bfloat16)), k
-    assert yaml.safe_load((out / "README.md").read_text().split("---\n")[1])["tags"] == ["domaintune", "full", "domain_zh"]
+    assert yaml.safe_load((out / "README.md").read_text().split("---\n")[1])["tags"] == \
+        ["domaintune", "full", "domain_zh"]
 
 
 def test_refusals(lora_run, exported, tmp_path, capsys):
@@ -238,7 +239,8 @@ def test_model_card_license_comes_from_run_info(lora_run, tmp_path):
     shutil.copytree(lora_run, run)
     info = json.loads((run / "run_info.json").read_text())
     (run / "run_info.json").write_text(json.dumps({**info, "base_model": "org/base", "license": "mit"}))
-    front = yaml.safe_load(model_card(RunDir(run), tmp_path / "out", "domain_zh", "merged", "float32").split("---\n")[1])
+    front = yaml.safe_load(model_card(RunDir(run), tmp_path / "out", "domain_zh", "merged", "float32")
+                           .split("---\n")[1])
     assert (front["base_model"], front["license"]) == ("org/base", "mit")
     (run / "run_info.json").write_text(json.dumps({**info, "license": None}))
     card = model_card(RunDir(run), tmp_path / "out", "domain_zh", "merged", "float32")

@@ -63,7 +63,7 @@ def test_batched_greedy_equals_one_at_a_time(engines, sample_data, arch):
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
     out = engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                                 do_sample=False, eos_token_id=engine.stop_ids, pad_token_id=pad)
-    by_prompt = {tuple(p): g.token_ids for p, g in zip(prompts, single)}
+    by_prompt = {tuple(p): g.token_ids for p, g in zip(prompts, single, strict=True)}
     assert any(out[i, width:].tolist() != by_prompt[tuple(p)] for i, p in enumerate(batch))
 
 
@@ -74,7 +74,8 @@ def test_llama_prompt_starts_with_bos_and_pads_with_unk(engines):
     assert ids.count(engine.tokenizer.bos_token_id) == 1
     # The tiny LLaMA tokenizer ships without a pad token; the loader pads with <unk>, never with EOS.
     assert engine.tokenizer.pad_token == "<unk>"
-    assert engines["qwen2"].encode_messages([{"role": "user", "content": "你好"}])[0] != engines["qwen2"].tokenizer.bos_token_id
+    assert engines["qwen2"].encode_messages([{"role": "user", "content": "你好"}])[0] != \
+        engines["qwen2"].tokenizer.bos_token_id
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -139,7 +140,8 @@ def test_run_system_prompt_is_applied_like_training(tiny_run_copy):
     engine = Engine.from_run(tiny_run_copy)
     user = [{"role": "user", "content": "孩子不爱吃饭怎么办？"}]
     explicit = [{"role": "system", "content": "你是家庭教育顾问。"}] + user
-    assert engine.encode_messages(user) == engine.template.encode(engine.tokenizer, explicit, add_generation_prompt=True)[0]
+    assert engine.encode_messages(user) == \
+        engine.template.encode(engine.tokenizer, explicit, add_generation_prompt=True)[0]
     assert engine.decode(engine.encode_messages(user)).startswith("你是家庭教育顾问。")
     # an explicit system message wins
     other = [{"role": "system", "content": "Be brief."}] + user
@@ -225,7 +227,7 @@ def test_stop_scanner_equals_cutting_the_whole_text():
         text = "".join(rng.choice(["a", "b", "<|im_", "end|>", "<|", "E", "N", "D", "#", " "]) for _ in range(12))
         cuts = sorted(rng.sample(range(1, len(text)), 4))
         s = StopScanner(stops)
-        got = "".join(s.feed(text[i:j]) for i, j in zip([0] + cuts, cuts + [len(text)])) + s.flush()
+        got = "".join(s.feed(text[i:j]) for i, j in zip([0] + cuts, cuts + [len(text)], strict=True)) + s.flush()
         k = find_stop(text, stops)
         assert got == (text if k < 0 else text[:k]) and s.hit == (k >= 0), text
 
@@ -291,7 +293,8 @@ def test_score_samples_keeps_only_the_needed_logits_and_equals_the_plain_loss(en
         first = next(t for t in range(1, len(x["labels"])) if x["labels"][t] != -100)
         kept.append((len(x["input_ids"]) - first + 1, (1, len(x["input_ids"]) - first + 1, vocab)))
     assert calls[: len(samples)] == kept
-    assert all(n < len(x["input_ids"]) for (n, _), x in zip(kept, samples))  # the prompt's logits are never built
+    # the prompt's logits are never built
+    assert all(n < len(x["input_ids"]) for (n, _), x in zip(kept, samples, strict=True))
     assert calls[len(samples):] == [(None, (1, len(x["input_ids"]), vocab)) for x in samples]
 
 
@@ -376,7 +379,8 @@ def test_generation_params_validate():
     assert GenerationParams(temperature=0).validate()  # ignored without sampling
     for kw, msg in [({"max_new_tokens": 0}, "max_new_tokens must be at least 1, got 0"),
                     ({"num_beams": 0}, "num_beams must be at least 1, got 0"),
-                    ({"do_sample": True, "temperature": 0.0}, r"temperature must be > 0 when sampling \(0 means greedy\), got 0.0"),
+                    ({"do_sample": True, "temperature": 0.0},
+                     r"temperature must be > 0 when sampling \(0 means greedy\), got 0.0"),
                     ({"top_p": 1.5}, r"top_p must lie in \(0, 1\], got 1.5"),
                     ({"top_k": -1}, r"top_k must be >= 0 \(0 = off\), got -1"),
                     ({"repetition_penalty": 0}, "repetition_penalty must be > 0, got 0")]:

@@ -110,8 +110,10 @@ def _write_jsonl(path, rows):
 
 def _rows():
     return [
-        {"id": 0, "input": "问：什么是LoRA？", "target": ZH_TARGET, "predict": ZH_PREDICT, "num_tokens": 20, "time": 0.5},
-        {"id": 1, "input": "Q: what is LoRA?", "target": EN_TARGET, "predict": EN_TARGET, "num_tokens": 12, "time": 0.3},
+        {"id": 0, "input": "问：什么是LoRA？", "target": ZH_TARGET, "predict": ZH_PREDICT,
+         "num_tokens": 20, "time": 0.5},
+        {"id": 1, "input": "Q: what is LoRA?", "target": EN_TARGET, "predict": EN_TARGET,
+         "num_tokens": 12, "time": 0.3},
         {"id": 2, "input": "Q: empty", "target": EN_TARGET, "predict": "", "num_tokens": 0, "time": 0.1},
     ]
 

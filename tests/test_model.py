@@ -13,8 +13,10 @@ from domaintune.training import model as loader
 
 # LoRA parameters of a micro model (hidden 64, 2 layers, 4 heads, 2 kv heads -> kv width 32, MLP 128), worked out
 # by hand: a rank-r adapter on an (in -> out) linear layer adds r * (in + out) parameters.
-QWEN_LLAMA_ALL_LINEAR_R8 = 2 * 8 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64) + 3 * (64 + 128))  # q k v o gate up down
-BLOOM_ALL_LINEAR_R8 = 2 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))  # query_key_value dense h_to_4h 4h_to_h
+QWEN_LLAMA_ALL_LINEAR_R8 = 2 * 8 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64)  # q k v o
+                                    + 3 * (64 + 128))  # gate up down
+BLOOM_ALL_LINEAR_R8 = 2 * 8 * ((64 + 192) + (64 + 64)  # query_key_value dense
+                               + (64 + 256) + (256 + 64))  # h_to_4h 4h_to_h
 QWEN_QV_R4 = 2 * 4 * ((64 + 64) + (64 + 32))
 
 
@@ -212,7 +214,8 @@ def test_unknown_lora_target_lists_the_linear_modules(micro, arch, names):
 
 @pytest.mark.skipif("__import__('torch').cuda.is_available()", reason="checks the CPU message")
 def test_qlora_on_cpu_is_a_user_error(micro):
-    with pytest.raises(UserError, match="model.quantization: 4bit \\(QLoRA\\) needs a CUDA GPU.*set model.quantization: none"):
+    with pytest.raises(UserError,
+                       match="model.quantization: 4bit \\(QLoRA\\) needs a CUDA GPU.*set model.quantization: none"):
         loader.load_base_model(ModelConfig(name_or_path=str(micro["qwen2"]), quantization="4bit"), device="cpu")
 
 

@@ -63,7 +63,7 @@ def test_rows_match_the_engine_and_the_contract(predicted, engine, test_rows):
     assert rows[0]["input"] == f"用户:{test_rows[0]['instruction']}\n\n助手:"  # domain_zh, exactly as trained
     prompts = [engine.encode_messages([{"role": "user", "content": r["instruction"] + r["input"]}]) for r in test_rows]
     gens = engine.generate(prompts, FAST, batch_size=16)
-    for row, src, prompt, gen in zip(rows, test_rows, prompts, gens):
+    for row, src, prompt, gen in zip(rows, test_rows, prompts, gens, strict=True):
         assert row["target"] == src["output"]
         assert row["input"] == engine.tokenizer.decode(prompt)
         assert (row["predict"], row["num_tokens"]) == (gen.text, gen.completion_tokens)
@@ -79,7 +79,8 @@ def test_metrics_json_has_text_scores_and_an_independent_loss(predicted, engine,
     assert {k: written[k] for k in summary} == summary
     assert len(_rows(predicted.with_name("metrics_per_sample.jsonl"))) == len(rows)
 
-    conversations = [[{"role": "user", "content": r["instruction"] + r["input"]}, {"role": "assistant", "content": r["output"]}]
+    conversations = [[{"role": "user", "content": r["instruction"] + r["input"]},
+                      {"role": "assistant", "content": r["output"]}]
                      for r in test_rows]
     loss = _independent_loss(engine, conversations, tiny_run)
     assert written["loss"] == pytest.approx(loss, abs=2e-5)
@@ -120,7 +121,8 @@ def test_eval_run_option_gives_the_same_loss(predicted, tiny_run, sample_data, t
 
 
 def test_messages_rows_predict_the_last_assistant_turn(tiny_run, tmp_path, engine):
-    system, q1, a1, q2, a2 = "你是家庭教育助手。", "孩子不爱吃青菜怎么办？", "可以让孩子参与做饭。", "那零食呢？", "零食要定时定量。"
+    system, q1, a1, q2, a2 = ("你是家庭教育助手。", "孩子不爱吃青菜怎么办？", "可以让孩子参与做饭。",
+                              "那零食呢？", "零食要定时定量。")
     data = _write_jsonl(tmp_path / "chat.jsonl", [
         {"messages": [{"role": "system", "content": system}, {"role": "user", "content": q1},
                       {"role": "assistant", "content": a1}, {"role": "user", "content": q2},
@@ -307,9 +309,9 @@ def test_cli_options_state_their_defaults():
     inference.register(parser.add_subparsers())
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["predict"]
     opts = [a for a in sub._actions if a.option_strings and a.dest != "help"]
-    assert {a.dest for a in opts} >= {"data", "out", "batch_size", "max_new_tokens", "num_beams", "do_sample", "temperature",
-                                      "top_p", "top_k", "repetition_penalty", "seed", "base_only", "template", "format",
-                                      "no_eval", "overwrite", "limit"}
+    assert {a.dest for a in opts} >= {"data", "out", "batch_size", "max_new_tokens", "num_beams", "do_sample",
+                                      "temperature", "top_p", "top_k", "repetition_penalty", "seed", "base_only",
+                                      "template", "format", "no_eval", "overwrite", "limit"}
     assert [a.dest for a in opts if "default" not in a.help and a.dest != "data"] == []
     args = parser.parse_args(["predict", "RUN", "--data", "t.jsonl"])
     assert (args.batch_size, args.max_new_tokens, args.format, args.limit) == (8, 256, "jsonl", None)

@@ -151,7 +151,8 @@ def test_wrong_api_key_exits_2_without_train_file(server, tmp_path):
     r = _gen_data(server, out, "not-the-key", tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
     # cli.main prints a UserError as one "error: ..." line: the 401 and the variable to fix.
-    assert f"error: {server} answered 401 Unauthorized: check the API key in ${KEY_ENV}" in r.stderr.splitlines(), r.stderr
+    assert (f"error: {server} answered 401 Unauthorized: check the API key in ${KEY_ENV}"
+            in r.stderr.splitlines()), r.stderr
     assert "Traceback" not in r.stderr
     assert not (out / "train.jsonl").exists()
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))

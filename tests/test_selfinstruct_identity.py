@@ -47,7 +47,8 @@ def test_run_identity_writes_files(tmp_path):
     assert rows == identity_rows(PERSONA, "zh", "家庭教育")
     msgs = read_jsonl(tmp_path / "o" / "identity.messages.jsonl")
     assert msgs[1] == {"messages": [{"role": "user", "content": "你叫什么名字？"},
-                                    {"role": "assistant", "content": "我叫小知，是知家实验室开发的家庭教育领域的AI助手。"}]}
+                                    {"role": "assistant",
+                                     "content": "我叫小知，是知家实验室开发的家庭教育领域的AI助手。"}]}
 
 
 @pytest.mark.parametrize("lang", ["zh", "en"])

@@ -24,10 +24,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from domaintune.data.templates import Template  # noqa: E402
 from domaintune.inference.engine import Engine  # noqa: E402
-from domaintune.inference.params import (
-    PRESETS,  # noqa: E402
-    GenerationParams,  # noqa: E402
-)
+from domaintune.inference.params import PRESETS, GenerationParams  # noqa: E402
 from domaintune.inference.serve.app import create_app  # noqa: E402
 from domaintune.inference.stops import StopScanner  # noqa: E402
 
@@ -266,15 +263,18 @@ def test_missing_or_wrong_key_is_401(server):
     ({"model": MODEL, "messages": []}, 400, err("'messages' must contain at least one message.", "messages")),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400,
      err("messages.0.role: Input should be 'system', 'user' or 'assistant'", "messages.0.role")),
-    ({"model": MODEL, "messages": MSGS, "max_tokens": 0}, 400, err("max_tokens must be at least 1, got 0.", "max_tokens")),
-    ({"model": MODEL, "messages": MSGS, "max_tokens": -5}, 400, err("max_tokens must be at least 1, got -5.", "max_tokens")),
+    ({"model": MODEL, "messages": MSGS, "max_tokens": 0}, 400,
+     err("max_tokens must be at least 1, got 0.", "max_tokens")),
+    ({"model": MODEL, "messages": MSGS, "max_tokens": -5}, 400,
+     err("max_tokens must be at least 1, got -5.", "max_tokens")),
     ({"model": MODEL, "messages": MSGS, "max_tokens": 2040}, 400, lambda n: err(
         f"This model's context is 2048 tokens; the prompt has {n} tokens and max_tokens asks for 2040 more.",
         "max_tokens", "context_length_exceeded")),
     ({"model": MODEL, "messages": [{"role": "user", "content": "好" * 3000}]}, 400, lambda n: err(
         f"This model's context is 2048 tokens; the prompt has {n} tokens.", "messages", "context_length_exceeded")),
     ({"model": "gpt-4o", "messages": MSGS}, 404,
-     err("The model 'gpt-4o' does not exist: this server serves 'tiny' (see GET /v1/models).", "model", "model_not_found")),
+     err("The model 'gpt-4o' does not exist: this server serves 'tiny' (see GET /v1/models).", "model",
+         "model_not_found")),
     ({"model": MODEL, "messages": MSGS, "max_completion_tokens": 0}, 400,
      err("max_tokens must be at least 1, got 0.", "max_tokens")),
     ({"model": MODEL, "messages": MSGS, "n": 2}, 400, err("Only n=1 is supported.", "n")),
@@ -310,7 +310,8 @@ def test_invalid_requests(server, engine, body, status, expected):
 
 
 def test_invalid_json_and_oversized_bodies(server):
-    r = httpx.post(server + "/v1/chat/completions", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"})
+    r = httpx.post(server + "/v1/chat/completions", content=b"{not json",
+                   headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert r.json()["error"]["message"].startswith("The request body is not valid JSON")
     too_big = err(f"Request body too large: the limit is {MAX_BODY} bytes.", code="request_too_large")
@@ -361,7 +362,7 @@ def test_concurrent_streams_get_their_own_answers(server, engine):
         return "".join(ch.choices[0].delta.content or "" for ch in stream)
 
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        got = dict(zip(PROMPTS, pool.map(ask, PROMPTS)))
+        got = dict(zip(PROMPTS, pool.map(ask, PROMPTS), strict=True))
     assert got == expected
 
 

@@ -20,7 +20,7 @@ def tok(request):
 def spans(tok, ids, mask):
     """[(trainable, decoded text), ...] for each run of equal mask values."""
     out, cur, flag = [], [], None
-    for i, m in zip(ids, mask):
+    for i, m in zip(ids, mask, strict=True):
         if cur and m != flag:
             out.append((flag, tok.decode(cur)))
             cur = []
@@ -61,7 +61,8 @@ CASES = {
                                {"role": "assistant", "content": "先观察时间花在哪里。"},
                                {"role": "user", "content": "他经常分心。"},
                                {"role": "assistant", "content": "试试专注二十五分钟、休息五分钟。"}]},
-                 SYS, [("我儿子10岁，写作业很慢。", "先观察时间花在哪里。"), ("他经常分心。", "试试专注二十五分钟、休息五分钟。")]),
+                 SYS, [("我儿子10岁，写作业很慢。", "先观察时间花在哪里。"),
+                       ("他经常分心。", "试试专注二十五分钟、休息五分钟。")]),
 }
 
 
@@ -99,9 +100,10 @@ def test_trained_tokens_are_exactly_the_answers(tok, name, case):
 
 
 def test_domain_zh_prompt_literal(qwen_tok):
-    _, _, ids, mask = _encode(qwen_tok, "domain_zh", {"instruction": "孩子不爱吃饭", "input": "三岁", "output": "别着急。"})
-    assert qwen_tok.decode([i for i, m in zip(ids, mask) if not m]) == "用户:孩子不爱吃饭三岁\n\n助手:"
-    assert qwen_tok.decode([i for i, m in zip(ids, mask) if m]) == "别着急。</s>"
+    _, _, ids, mask = _encode(qwen_tok, "domain_zh",
+                              {"instruction": "孩子不爱吃饭", "input": "三岁", "output": "别着急。"})
+    assert qwen_tok.decode([i for i, m in zip(ids, mask, strict=True) if not m]) == "用户:孩子不爱吃饭三岁\n\n助手:"
+    assert qwen_tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "别着急。</s>"
     assert ids[-1] == qwen_tok.eos_token_id and mask[-1] is True
 
 
@@ -169,7 +171,7 @@ def test_tokenizer_template_stops_at_its_turn_end(qwen_tok):
     assert tpl.stop == ["<|im_end|>"]
     assert tpl.stop_token_ids(qwen_tok) == [qwen_tok.eos_token_id, qwen_tok.convert_tokens_to_ids("<|im_end|>")]
     _, _, ids, mask = _encode(qwen_tok, "tokenizer", CASES["plain"][0])
-    trained = [i for i, m in zip(ids, mask) if m]
+    trained = [i for i, m in zip(ids, mask, strict=True) if m]
     assert qwen_tok.convert_tokens_to_ids("<|im_end|>") in trained
 
 

@@ -187,8 +187,10 @@ def test_same_config_trains_the_same_adapter(trained, tmp_path):
     from safetensors.torch import load_file
 
     cfg, run, _ = trained("qwen2", "lora")
-    again = run_train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": str(tmp_path / "again")})}))
-    assert [(r["step"], r["loss"]) for r in train_records(again)] == [(r["step"], r["loss"]) for r in train_records(run)]
+    again = run_train(cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"output_dir": str(tmp_path / "again")})}))
+    assert [(r["step"], r["loss"]) for r in train_records(again)] == \
+        [(r["step"], r["loss"]) for r in train_records(run)]
     a, b = load_file(run / "adapter_model.safetensors"), load_file(again / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
@@ -202,7 +204,7 @@ def test_loss_decreases_with_full_fine_tuning(models, tmp_path):
     losses = [r["loss"] for r in train_records(run_train(cfg))]
     assert len(losses) == 15
     assert losses[-1] < 0.6 * losses[0]  # memorising 4 rows: from ~7.6 (ln 2048) to well under 5
-    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 11  # 13 of 14 steps go down here
+    assert sum(b < a for a, b in zip(losses, losses[1:], strict=False)) >= 11  # 13 of 14 steps go down here
 
 
 def test_quickstart_like_lora_run_lowers_the_loss(models, tmp_path):
@@ -270,13 +272,15 @@ def test_chat_template_that_rejects_a_row_names_file_and_line(models, tmp_path, 
 
     strict = _strict_model(models, tmp_path / "strict")
     rows = sample_rows(4)
-    rows[2] = json.dumps({"system": "你是助手。", "instruction": "孩子怕黑怎么办？", "output": "陪她。"}, ensure_ascii=False)
+    rows[2] = json.dumps({"system": "你是助手。", "instruction": "孩子怕黑怎么办？", "output": "陪她。"},
+                         ensure_ascii=False)
     data = tmp_path / "sys.jsonl"
     data.write_text("\n".join(rows) + "\n", encoding="utf-8")
     out = tmp_path / "out"
     cfg = make_cfg(strict, data, out, data={"template": "tokenizer", "val_size": 0})
     expected = (f"{data} line 3: the model's chat_template rejects this conversation (System role not supported); "
-                "change the data (e.g. drop the system message) or use data.template: chatml (or another format template)")
+                "change the data (e.g. drop the system message) "
+                "or use data.template: chatml (or another format template)")
     with pytest.raises(UserError) as e:
         run_train(cfg)
     assert str(e.value) == expected
@@ -348,7 +352,8 @@ def test_resume_after_kill_continues_exactly(models, tmp_path):
     import torch
 
     assert torch.get_num_threads() == 1
-    ref = run_train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": str(tmp_path / "ref")})}))
+    ref = run_train(cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"output_dir": str(tmp_path / "ref")})}))
     ref_log = RunDir(ref).read_log()
     assert [(x["step"], x["loss"], x["learning_rate"]) for x in ref_log] == \
            [(x["step"], x["loss"], x["learning_rate"]) for x in after]
@@ -398,7 +403,8 @@ def test_only_complete_checkpoints_count(tmp_path):
 def test_existing_run_needs_resume_or_overwrite(trained, models, data12, tmp_path):
     cfg, run, _ = trained("qwen2", "lora")
     log_before = (run / "log.jsonl").read_bytes()
-    with pytest.raises(UserError, match="already holds a run. Pass --resume to continue it, --overwrite to start afresh"):
+    with pytest.raises(UserError,
+                       match="already holds a run. Pass --resume to continue it, --overwrite to start afresh"):
         run_train(cfg)
     assert (run / "log.jsonl").read_bytes() == log_before
 
@@ -511,17 +517,20 @@ def test_gradient_accumulation_errors_and_override():
     t = make_cfg("m", "d", "o", train={"batch_size": 8, "per_device_batch_size": 3}).train
     with pytest.raises(UserError, match="train.batch_size 8 is not a multiple of per_device_batch_size 3 x 1 process"):
         grad_accumulation(t, 1)
-    t = make_cfg("m", "d", "o", train={"batch_size": 8, "per_device_batch_size": 3, "gradient_accumulation_steps": 5}).train
+    t = make_cfg("m", "d", "o",
+                 train={"batch_size": 8, "per_device_batch_size": 3, "gradient_accumulation_steps": 5}).train
     assert grad_accumulation(t, 2) == 5
 
 
 def test_explicit_accumulation_that_ignores_batch_size_warns(capsys):
-    t = make_cfg("m", "d", "o", train={"batch_size": 8, "per_device_batch_size": 3, "gradient_accumulation_steps": 5}).train
+    t = make_cfg("m", "d", "o",
+                 train={"batch_size": 8, "per_device_batch_size": 3, "gradient_accumulation_steps": 5}).train
     assert grad_accumulation(t, 2) == 5
     assert capsys.readouterr().out == ("warning: train.gradient_accumulation_steps=5 is set, so train.batch_size 8 is "
                                        "ignored: the global batch is 3 per device x 2 process(es) x 5 = 30\n")
     assert grad_accumulation(t, 2, quiet=True) == 5  # ranks other than 0 stay quiet
-    t = make_cfg("m", "d", "o", train={"batch_size": 8, "per_device_batch_size": 2, "gradient_accumulation_steps": 2}).train
+    t = make_cfg("m", "d", "o",
+                 train={"batch_size": 8, "per_device_batch_size": 2, "gradient_accumulation_steps": 2}).train
     assert grad_accumulation(t, 2) == 2  # 2 x 2 x 2 = 8: consistent, nothing to say
     assert grad_accumulation(t, 1) == 2
     assert capsys.readouterr().out.count("warning:") == 1  # world 1: the global batch is 4, not 8
@@ -576,7 +585,8 @@ def test_missing_model_is_reported_before_torch_is_imported(data12, tmp_path):
 
 def test_uncached_hub_id_offline_fails_fast_without_traceback(data12, tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(make_cfg("nonexistent-org/nonexistent-model", data12, tmp_path / "out").to_yaml(), encoding="utf-8")
+    cfg_path.write_text(make_cfg("nonexistent-org/nonexistent-model", data12, tmp_path / "out").to_yaml(),
+                        encoding="utf-8")
     r, seconds = run_cli(["train", str(cfg_path)], cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and seconds < 10
     assert r.stderr.startswith("error: could not load model 'nonexistent-org/nonexistent-model': ")
@@ -600,7 +610,8 @@ def test_malformed_data_stops_before_the_model_is_loaded(models, tmp_path, monke
     monkeypatch.setattr(loader, "load_base_model", must_not_load)
     with pytest.raises(UserError) as e:
         run_train(cfg)
-    assert str(e.value) == f"{data} line 5: not valid JSON (Expecting value at column 32); each line must hold one JSON object"
+    assert str(e.value) == (f"{data} line 5: not valid JSON (Expecting value at column 32); "
+                            "each line must hold one JSON object")
     assert not out.exists()
 
     rows[4] = sample_rows(5)[4]
@@ -628,7 +639,8 @@ def test_unknown_lora_target_is_a_user_error(models, data12, tmp_path):
         run_train(cfg)
     assert str(e.value).startswith("lora.target_modules ['query_key_value']: ")
     assert str(e.value).endswith("Linear modules of this model: "
-                                 "['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj']")
+                                 "['down_proj', 'gate_proj', 'k_proj', 'lm_head', "
+                                 "'o_proj', 'q_proj', 'up_proj', 'v_proj']")
 
 
 def test_missing_tracker_is_reported_before_any_work(tmp_path, monkeypatch):
@@ -673,6 +685,7 @@ def test_run_tokenizer_chat_template_renders_the_training_prompt(tiny_run):
     msgs = [{"role": "user", "content": "孩子不爱吃饭怎么办？"}, {"role": "assistant", "content": "多陪他一起做饭。"},
             {"role": "user", "content": "How much screen time is fine?"}]
     rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    assert rendered == "用户:孩子不爱吃饭怎么办？\n\n助手:多陪他一起做饭。</s>\n\n用户:How much screen time is fine?\n\n助手:"
+    assert rendered == ("用户:孩子不爱吃饭怎么办？\n\n助手:多陪他一起做饭。</s>\n\n"
+                        "用户:How much screen time is fine?\n\n助手:")
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert list(ids) == template.encode(tok, msgs, add_generation_prompt=True)[0]

@@ -142,17 +142,20 @@ def test_page_streams_a_reply_after_the_key_is_entered(server, engine, tmp_path)
 
         # without the key: 401, shown as a notice asking for it
         page.js(send % json.dumps(question))
-        notice = page.wait_for("(() => { const n = document.querySelector('.msg.notice'); return n && n.textContent; })()")
+        notice = page.wait_for("(() => { const n = document.querySelector('.msg.notice');"
+                               " return n && n.textContent; })()")
         assert "needs an API key" in notice
 
         # enter the key, ask again: the answer streams into the assistant bubble
         page.js(f"const k = document.getElementById('apikey'); k.value = {json.dumps(KEY)};"
                 " k.dispatchEvent(new Event('change'));")
-        page.js("window.__lengths = []; new MutationObserver(() => { const b = document.querySelector('.msg.assistant');"
+        page.js("window.__lengths = []; new MutationObserver(() => {"
+                " const b = document.querySelector('.msg.assistant');"
                 " if (b) window.__lengths.push(b.textContent.length); })"
                 ".observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true})")
         page.js(send % json.dumps(question))
-        page.wait_for("(() => { const b = document.querySelector('.msg.assistant'); return b && b.dataset.done === '1'; })()")
+        page.wait_for("(() => { const b = document.querySelector('.msg.assistant');"
+                      " return b && b.dataset.done === '1'; })()")
         bubble = page.js("document.querySelector('.msg.assistant').textContent")
         finish = page.js("document.querySelector('.msg.assistant').dataset.finish")
         lengths = page.js("window.__lengths")

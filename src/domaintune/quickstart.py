@@ -38,6 +38,6 @@ def run_quickstart(config: str, overrides: list[str] | None = None, test: str = 
     print("[4/4] plot and report ...", flush=True)
     plot_run(run)
     report = run_report(run)
-    print(f"\ndone. Run directory: {run}\n  report: {report}\n  next: domaintune chat {run}  |  domaintune serve {run}  "
-          f"|  domaintune export {run} --out {run}-merged", flush=True)
+    print(f"\ndone. Run directory: {run}\n  report: {report}\n  next: domaintune chat {run}  "
+          f"|  domaintune serve {run}  |  domaintune export {run} --out {run}-merged", flush=True)
     return run

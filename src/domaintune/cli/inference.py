@@ -21,8 +21,8 @@ SERVE_HELP = ("Serve a run (or an exported / any local model directory) with an 
               "requests wait in a first-come-first-served queue, and a client that disconnects stops its "
               "generation. Binds 127.0.0.1 unless --host says otherwise; set an API key (--api-key or "
               "$DOMAINTUNE_API_KEY) before exposing it. Requests that leave sampling parameters out get the "
-              "defaults below (the 'serve' preset); temperature 0 means greedy. 'stop' strings are honoured; n "
-              "must be 1.")
+              "defaults below (the 'serve' preset); temperature 0 means greedy, and max_tokens is capped by the "
+              "context the prompt leaves. 'stop' strings are honoured; n must be 1.")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -110,11 +110,7 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None,
                    help="model id clients must send (default: the directory's name, '-base' added with --base-only)")
     add_sampling_options(p, "serve", SERVE_SAMPLING, zero_is_greedy=True, flag_names={"max_new_tokens": "--max-tokens"},
-                         extra_help={"max_new_tokens": "when a request sets no max_tokens (capped by the context "
-                                                       "left)",
-                                     "temperature": "when a request sets none",
-                                     "top_p": "when a request sets none", "top_k": "when a request sets none",
-                                     "repetition_penalty": "when a request sets none"})
+                         prefix="for a request that leaves it out: ")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted; larger ones get 413 (default: %(default)s)")
     add_model_dir_options(p, base_only="serve the base model without the run's adapter")

@@ -34,26 +34,25 @@ def add_config_args(p: argparse.ArgumentParser, optional_default: str | None = N
 
 def add_sampling_options(p: argparse.ArgumentParser, preset: str, names: tuple[str, ...],
                          zero_is_greedy: bool, flag_names: dict[str, str] | None = None,
-                         extra_help: dict[str, str] | None = None) -> None:
+                         prefix: str = "") -> None:
     """One flag per GenerationParams field in `names`, defaulting to PRESETS[preset]. With `zero_is_greedy`,
     --temperature 0 means greedy decoding (chat, serve); otherwise sampling is switched on by --do-sample
-    (predict). `flag_names` renames a flag (serve's --max-tokens); `extra_help` adds to a field's help."""
+    (predict). `flag_names` renames a flag (serve's --max-tokens); `prefix` starts every help text (serve:
+    what a request that leaves the parameter out gets)."""
     defaults = PRESETS[preset]
-    flag_names, extra_help = flag_names or {}, extra_help or {}
+    flag_names = flag_names or {}
     for name in names:
         flag = flag_names.get(name, "--" + name.replace("_", "-"))
-        text = field_help(name)
+        text = prefix + field_help(name)
         if name == "temperature":
             text += "; 0 = greedy" if zero_is_greedy else ", with --do-sample"
-        if name in extra_help:
-            text += f" {extra_help[name]}"
         text += f" (default: %(default)s, the '{preset}' preset)"
         if name == "do_sample":
             p.add_argument(flag, dest=name, action="store_true", default=defaults.do_sample,
                            help=text.replace("%(default)s", "on" if defaults.do_sample else "off"))
         else:
-            p.add_argument(flag, dest=name, type=_PARSERS[str(_TYPES[name])], default=getattr(defaults, name),
-                           help=text)
+            p.add_argument(flag, dest=name, metavar=flag.lstrip("-").replace("-", "_").upper(),
+                           type=_PARSERS[str(_TYPES[name])], default=getattr(defaults, name), help=text)
 
 
 def sampling_params(args: argparse.Namespace, preset: str, names: tuple[str, ...],

@@ -20,7 +20,8 @@ def config_from_flat(run: dict, lora: dict | None = None, source: str = "run.jso
 
     Meanings kept: batch_size is the global batch (train.batch_size); gradient accumulation is left to be
     derived at train time (batch_size / (per_device x processes)), so the global batch stays batch_size under
-    torchrun too, unless the file gives gradient_accumulation_steps; validation size = min(val_set_size, val_set_rate x rows) (-> data.val_size = rate, data.val_max_rows = size).
+    torchrun too, unless the file gives gradient_accumulation_steps; validation size = min(val_set_size,
+    val_set_rate x rows) (-> data.val_size = rate, data.val_max_rows = size).
     """
     unknown = set(run) - FLAT_RUN_KEYS
     if unknown:

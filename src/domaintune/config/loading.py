@@ -37,7 +37,8 @@ def _fields_of(model_cls: type[BaseModel], loc: tuple) -> list[str]:
 
 _TYPE_WORDS = {
     "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
-    "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
+    "float_parsing": "a number", "float_type": "a number",
+    "bool_parsing": "true or false", "bool_type": "true or false",
     "string_type": "a string", "list_type": "a list", "model_type": "a mapping (section)", "dict_type": "a mapping",
 }
 

@@ -21,7 +21,8 @@ class ModelConfig(Section):
         description="Base model: a local Hugging Face model directory or a hub id (e.g. bigscience/bloomz-560m).",
     )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="Weight/compute dtype; auto = bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."
+        "auto",
+        description="Weight/compute dtype; auto = bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU.",
     )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model (only for models you trust)."
@@ -31,7 +32,9 @@ class ModelConfig(Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
     attn_implementation: str | None = Field(
-        None, description="Attention kernel passed to transformers (e.g. sdpa, eager, flash_attention_2); None = library default."
+        None,
+        description="Attention kernel passed to transformers (e.g. sdpa, eager, flash_attention_2); "
+                    "None = library default.",
     )
 
 
@@ -42,27 +45,35 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: Union[list[str], Literal["all-linear"]] = Field(
         "all-linear",
-        description="Module names to adapt (e.g. [query_key_value] for BLOOM, [q_proj, v_proj] for LLaMA/Qwen) or all-linear.",
+        description="Module names to adapt (e.g. [query_key_value] for BLOOM, [q_proj, v_proj] for LLaMA/Qwen) "
+                    "or all-linear.",
     )
 
 
 class DataConfig(Section):
-    path: str = Field("examples/data/train.jsonl", description="Training file: JSON lines or a JSON array (alpaca or messages format).")
+    path: str = Field(
+        "examples/data/train.jsonl",
+        description="Training file: JSON lines or a JSON array (alpaca or messages format).",
+    )
     eval_path: str | None = Field(
         None, description="Validation file; when unset, val_size rows are split off the training file."
     )
     template: str = Field(
         "domain_zh",
-        description="Prompt template: domain_zh, alpaca, chatml, tokenizer (the model's chat_template) or a path to a template JSON.",
+        description="Prompt template: domain_zh, alpaca, chatml, tokenizer (the model's chat_template) "
+                    "or a path to a template JSON.",
     )
-    system: str | None = Field(None, description="System prompt used for rows that do not carry their own; None = the template's default.")
+    system: str | None = Field(
+        None, description="System prompt used for rows that do not carry their own; None = the template's default."
+    )
     cutoff_len: int = Field(512, gt=0, description="Maximum tokens per training sample.")
     overlength: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="What to do with samples longer than cutoff_len (always counted and reported)."
     )
     train_on_inputs: bool = Field(False, description="Also compute the loss on prompts (default: responses only).")
     val_size: Union[int, float] = Field(
-        0.1, ge=0, description="Validation split taken from the training file: a row count (int) or a fraction in (0, 1)."
+        0.1, ge=0,
+        description="Validation split taken from the training file: a row count (int) or a fraction in (0, 1).",
     )
     val_max_rows: int | None = Field(None, ge=0, description="Upper bound on the validation split's row count.")
 
@@ -76,27 +87,35 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     output_dir: str = Field("runs/quickstart", description="Run directory: checkpoints, final weights, logs, reports.")
-    batch_size: int = Field(8, gt=0, description="Global batch size = per_device_batch_size x gradient accumulation x processes.")
+    batch_size: int = Field(
+        8, gt=0, description="Global batch size = per_device_batch_size x gradient accumulation x processes."
+    )
     per_device_batch_size: int = Field(2, gt=0, description="Batch size per device and step.")
     gradient_accumulation_steps: int | None = Field(
-        None, gt=0, description="Explicit gradient accumulation; None = batch_size / (per_device_batch_size x processes)."
+        None, gt=0,
+        description="Explicit gradient accumulation; None = batch_size / (per_device_batch_size x processes).",
     )
     num_epochs: float = Field(3.0, gt=0, description="Training epochs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 = use num_epochs.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    lr_scheduler: str = Field("cosine", description="Learning-rate schedule (transformers name: cosine, linear, constant, ...).")
+    lr_scheduler: str = Field(
+        "cosine", description="Learning-rate schedule (transformers name: cosine, linear, constant, ...)."
+    )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps used for linear warm-up.")
     warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps; overrides warmup_ratio when set.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
-    optim: str = Field("adamw_torch", description="Optimizer (transformers name, e.g. adamw_torch, paged_adamw_8bit for QLoRA).")
+    optim: str = Field(
+        "adamw_torch", description="Optimizer (transformers name, e.g. adamw_torch, paged_adamw_8bit for QLoRA)."
+    )
     logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N optimizer steps.")
     eval_steps: int = Field(50, gt=0, description="Compute the validation loss every N steps (and at the end).")
     save_steps: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps.")
     save_total_limit: int | None = Field(3, gt=0, description="Keep at most this many checkpoints (None = all).")
     seed: int = Field(42, description="Random seed (model init of new weights, data order, validation split).")
     report_to: list[str] = Field(
-        default_factory=lambda: ["none"], description="Trackers: none, tensorboard, wandb (needs the package installed)."
+        default_factory=lambda: ["none"],
+        description="Trackers: none, tensorboard, wandb (needs the package installed).",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory by recomputing activations.")
     group_by_length: bool = Field(False, description="Batch samples of similar length together (less padding).")
@@ -128,12 +147,15 @@ class Config(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
-    selfinstruct: SelfInstructConfig = Field(default_factory=SelfInstructConfig, description="Data generation (gen-data).")
+    selfinstruct: SelfInstructConfig = Field(
+        default_factory=SelfInstructConfig, description="Data generation (gen-data)."
+    )
 
     @model_validator(mode="after")
     def _check(self):
         if self.model.quantization != "none" and not self.lora.enabled:
-            raise ValueError("model.quantization needs lora.enabled: true (QLoRA trains an adapter on a quantized base)")
+            raise ValueError("model.quantization needs lora.enabled: true "
+                             "(QLoRA trains an adapter on a quantized base)")
         return self
 
     def to_dict(self) -> dict:

@@ -36,21 +36,25 @@ class SelfInstructConfig(Section):
     """Self-instruct data generation: seed questions -> new questions -> filters -> answers -> train.jsonl."""
 
     domain: str = Field("", description="Domain name written into the prompts (e.g. 家庭教育); required by gen-data.")
-    language: Literal["zh", "en"] = Field("zh", description="Language of the built-in prompt templates and identity data.")
-    seeds_path: str = Field("", description="Seed questions: JSON lines with a \"question\" field; required by gen-data.")
+    language: Literal["zh", "en"] = Field(
+        "zh", description="Language of the built-in prompt templates and identity data.")
+    seeds_path: str = Field(
+        "", description="Seed questions: JSON lines with a \"question\" field; required by gen-data.")
     question_template: str | None = Field(
         None, description="Question prompt template file; None = built-in for `language`. Placeholders: "
         "{domain} {num_questions} {num_examples} {examples} {name} {organisation} {year}.")
     answer_template: str | None = Field(
         None, description="Answer prompt template file; None = built-in for `language`. Placeholders: "
         "{question} {domain} {name} {organisation} {year}.")
-    persona: Persona = Field(default_factory=Persona, description="The assistant persona filled into prompts and identity data.")
+    persona: Persona = Field(
+        default_factory=Persona, description="The assistant persona filled into prompts and identity data.")
 
     num_questions: int = Field(100, gt=0, description="Target number of Q&A pairs in train.jsonl.")
     questions_per_call: int = Field(10, gt=0, description="New questions asked for in one question-generation request.")
     examples_per_prompt: int = Field(6, ge=0, description="Example questions shown in each question prompt.")
     generated_examples_per_prompt: int = Field(
-        2, ge=0, description="How many of those examples come from questions generated so far (the rest from the seeds).")
+        2, ge=0, description="How many of those examples come from questions generated so far "
+        "(the rest from the seeds).")
     seed: int = Field(42, description="Random seed for sampling the example questions.")
 
     base_url: str = Field("https://api.openai.com/v1", description="OpenAI-compatible endpoint, ending in /v1.")
@@ -59,7 +63,8 @@ class SelfInstructConfig(Section):
         "OPENAI_API_KEY", description="Name of the environment variable holding the API key (unset = no key sent).")
     temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature for questions and answers.")
     max_tokens: int | None = Field(
-        1024, gt=0, description="Completion token limit per request; answers cut by it (finish_reason length) follow on_length.")
+        1024, gt=0, description="Completion token limit per request; answers cut by it (finish_reason length) "
+        "follow on_length.")
     max_concurrency: int = Field(4, gt=0, description="Requests in flight at once (a thread pool of this size).")
     request_timeout: float = Field(60.0, gt=0, description="Seconds to wait for one HTTP response before retrying.")
     max_retries: int = Field(
@@ -83,9 +88,11 @@ class SelfInstructConfig(Section):
         default_factory=lambda: list(DEFAULT_ANSWER_BLOCKLIST),
         description="Answers containing one of these phrases (case-insensitive) are dropped.")
     rouge_threshold: float = Field(
-        0.7, ge=0, le=1, description="Questions whose ROUGE-L F1 with any seed or kept question reaches this are near-duplicates.")
+        0.7, ge=0, le=1, description="Questions whose ROUGE-L F1 with any seed or kept question reaches this "
+        "are near-duplicates.")
     max_stalled_calls: int = Field(
         20, gt=0, description="Give up (target not reached) after this many calls in a row that keep nothing.")
 
     write_messages: bool = Field(False, description="Also write train.messages.jsonl (OpenAI messages format).")
-    output_dir: str = Field("runs/gen-data", description="Output directory (resumable: rerun the same command to continue).")
+    output_dir: str = Field(
+        "runs/gen-data", description="Output directory (resumable: rerun the same command to continue).")

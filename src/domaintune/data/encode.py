@@ -80,7 +80,7 @@ def encode_example(ex: Example, tokenizer: PreTrainedTokenizerBase, template: Te
     ids, trainable = ids[:cutoff_len], trainable[:cutoff_len]
     if not any(trainable):
         return None, full_len
-    labels = list(ids) if train_on_inputs else [t if m else IGNORE_INDEX for t, m in zip(ids, trainable)]
+    labels = list(ids) if train_on_inputs else [t if m else IGNORE_INDEX for t, m in zip(ids, trainable, strict=True)]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, full_len
 
 
@@ -107,7 +107,8 @@ def encode_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
             continue
         out.append(sample)
     if too_long and cfg.overlength == "error":
-        raise UserError(f"{len(too_long)} sample(s) exceed data.cutoff_len={cfg.cutoff_len} (data.overlength: error):\n  "
+        raise UserError(f"{len(too_long)} sample(s) exceed data.cutoff_len={cfg.cutoff_len} "
+                        "(data.overlength: error):\n  "
                         + "\n  ".join(too_long[:MAX_ERRORS_SHOWN])
                         + "\nRaise data.cutoff_len, or set data.overlength to truncate or drop.")
     return out
@@ -116,7 +117,8 @@ def encode_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
 def split_validation(examples: list, val_size: int | float, val_max_rows: int | None, seed: int) -> tuple[list, list]:
     """Seeded split: val_size rows (int) or a fraction (float in (0, 1)), capped by val_max_rows."""
     n = len(examples)
-    k = int(val_size) if isinstance(val_size, int) or float(val_size).is_integer() and val_size >= 1 else int(round(n * val_size))
+    k = (int(val_size) if isinstance(val_size, int) or float(val_size).is_integer() and val_size >= 1
+         else int(round(n * val_size)))
     if val_max_rows is not None:
         k = min(k, val_max_rows)
     if k <= 0:
@@ -160,7 +162,7 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template
 def render_masked(tokenizer: PreTrainedTokenizerBase, sample: dict, color: bool = False) -> str:
     """Decode a sample, marking the trained spans: «...» (or green when `color`)."""
     out, cur, cur_train = [], [], None
-    for tid, lab in zip(sample["input_ids"], sample["labels"]):
+    for tid, lab in zip(sample["input_ids"], sample["labels"], strict=True):
         train = lab != IGNORE_INDEX
         if cur and train != cur_train:
             out.append((cur_train, tokenizer.decode(cur)))

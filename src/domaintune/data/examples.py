@@ -104,7 +104,8 @@ def _parse_messages(msgs: Any, where: str, require_answer: bool) -> list[dict]:
     for k, role in enumerate(turns):
         expected = "user" if k % 2 == 0 else "assistant"
         if role != expected:
-            raise UserError(f'{where}: turns must alternate user/assistant starting with user; turn {k + 1} is {role!r}')
+            raise UserError(f'{where}: turns must alternate user/assistant starting with user; '
+                            f'turn {k + 1} is {role!r}')
     if not turns:
         raise UserError(f'{where}: "messages" has no user turn')
     if require_answer and turns[-1] != "assistant":

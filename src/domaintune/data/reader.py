@@ -82,5 +82,6 @@ def _read_array(p: Path, text: str) -> list[tuple[int, Any]]:
         raise UserError(f"{p} line {text.count(chr(10), 0, i) + 1}: expected ',' or ']' in the JSON array")
     i = skip_ws(i + 1)
     if i < n:  # e.g. two arrays, or a JSON-lines file whose first row happens to be an array
-        raise UserError(f"{p} line {text.count(chr(10), 0, i) + 1}: unexpected text after the closing ']' of the JSON array")
+        raise UserError(f"{p} line {text.count(chr(10), 0, i) + 1}: "
+                        "unexpected text after the closing ']' of the JSON array")
     return rows

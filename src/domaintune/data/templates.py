@@ -143,7 +143,8 @@ class Template:
                               add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
         tpl = self.chat_template or tokenizer.chat_template
         if not tpl:
-            raise UserError("template 'tokenizer' needs a tokenizer with a chat_template; choose domain_zh, alpaca or chatml")
+            raise UserError("template 'tokenizer' needs a tokenizer with a chat_template; "
+                            "choose domain_zh, alpaca or chatml")
 
         from jinja2 import TemplateError
 
@@ -164,7 +165,8 @@ class Template:
             prefix = render(messages[:k], True)
             full = render(messages[: k + 1], False)
             if not (prefix.startswith(done) and full.startswith(prefix)):
-                raise UserError("the model's chat_template rewrites earlier turns, so the trainable spans cannot be found; "
+                raise UserError("the model's chat_template rewrites earlier turns, "
+                                "so the trainable spans cannot be found; "
                                 "use data.template: chatml (or another format template) instead")
             for text, trainable in ((prefix[len(done):], False), (full[len(prefix):], True)):
                 piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -220,7 +222,8 @@ class Template:
             "{%- endif -%}",
             "{%- for m in loop_messages -%}",
             "{%- if m['role'] == 'user' -%}",
-            "{%- if not loop.first -%}" + ("{{ " + lit(self.turn_separator) + " }}" if self.turn_separator else "") + "{%- endif -%}",
+            "{%- if not loop.first -%}" + ("{{ " + lit(self.turn_separator) + " }}" if self.turn_separator else "")
+            + "{%- endif -%}",
             fmt(self.user_format, "m['content']"),
             "{%- else -%}",
             fmt(self.assistant_format, "m['content']") + eos,
@@ -265,9 +268,11 @@ def get_template(name_or_path: str, tokenizer: PreTrainedTokenizerBase | None = 
                         description="the model's own chat_template", chat_template=tpl,
                         stop=_turn_end_tokens(tokenizer, tpl) if tpl else [])
     if name_or_path in BUILTIN:
-        text = resources.files("domaintune.data.prompt_templates").joinpath(f"{name_or_path}.json").read_text(encoding="utf-8")
+        text = (resources.files("domaintune.data.prompt_templates").joinpath(f"{name_or_path}.json")
+                .read_text(encoding="utf-8"))
         return Template.from_dict(json.loads(text), name_or_path)
     p = Path(name_or_path)
     if p.suffix == ".json" and p.is_file():
         return Template.load(p)
-    raise UserError(f"unknown template '{name_or_path}': use one of {', '.join(BUILTIN)} or a path to a template .json file")
+    raise UserError(f"unknown template '{name_or_path}': use one of {', '.join(BUILTIN)} "
+                    "or a path to a template .json file")

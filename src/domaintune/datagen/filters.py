@@ -21,7 +21,8 @@ from functools import lru_cache
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _TOKEN_RE = re.compile(rf"[{_CJK}]|[a-z0-9]+")
 # "1. q", "1) q", "1、q", "(1) q", "第1题：q", "- q": the markers models put in front of list items.
-_ITEM_RE = re.compile(r"^\s*(?:[-*•]\s+|[(（]?\d{1,3}\s*[.)、:：）．]\s*|第\s*\d{1,3}\s*[题个]?\s*[.、:：]\s*)(?P<q>.+)$")
+_ITEM_RE = re.compile(r"^\s*(?:[-*•]\s+|[(（]?\d{1,3}\s*[.)、:：）．]\s*|"
+                      r"第\s*\d{1,3}\s*[题个]?\s*[.、:：]\s*)(?P<q>.+)$")
 _LABEL_RE = re.compile(r"^(?:问题|question|q)\s*[:：]\s*", re.IGNORECASE)
 
 # Rejection reasons (the keys of the counts in manifest.json).

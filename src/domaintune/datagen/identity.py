@@ -28,7 +28,8 @@ def identity_rows(persona: Persona, language: str = "zh", domain: str = "") -> l
     langs = ["zh", "en"] if language == "both" else [language]
     rows = []
     for lang in langs:
-        items = json.loads((resources.files(__package__) / "prompts" / f"identity_{lang}.json").read_text(encoding="utf-8"))
+        items = json.loads((resources.files(__package__) / "prompts" / f"identity_{lang}.json")
+                           .read_text(encoding="utf-8"))
         values = {"name": persona.name, "organisation": persona.organisation, "year": persona.year,
                   "assistant": _assistant(lang, domain)}
         rows += [{"instruction": render(it["instruction"], **values), "input": "",
@@ -47,6 +48,7 @@ def run_identity(cfg: SelfInstructConfig, output: str | Path | None = None, lang
     path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(path, rows)
     if cfg.write_messages:
-        write_jsonl_atomic(path.with_name(IDENTITY_MESSAGES if path.name == IDENTITY else path.stem + ".messages.jsonl"),
+        write_jsonl_atomic(path.with_name(IDENTITY_MESSAGES if path.name == IDENTITY
+                                          else path.stem + ".messages.jsonl"),
                            [to_messages(r) for r in rows])
     return path

@@ -54,7 +54,8 @@ def load_template(cfg: SelfInstructConfig, kind: str) -> str:
         return builtin_template(kind, cfg.language)
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"selfinstruct.{kind}_template '{p}' not found (relative paths start from the current directory)")
+        raise UserError(f"selfinstruct.{kind}_template '{p}' not found "
+                        "(relative paths start from the current directory)")
     text = p.read_text(encoding="utf-8-sig")
     if "{" + REQUIRED[kind] + "}" not in text:
         raise UserError(f"{p}: the {kind} template has no {{{REQUIRED[kind]}}} placeholder; add it where the "

@@ -126,11 +126,12 @@ class _Run:
         self.n_active += 1
 
     def pending(self) -> list[str]:
-        return [q for q, k in zip(self.kept, self.kept_keys) if k not in self.answers and k not in self.dropped]
+        return [q for q, k in zip(self.kept, self.kept_keys, strict=True)
+                if k not in self.answers and k not in self.dropped]
 
     def train_rows(self) -> list[dict]:
         rows = [{"instruction": q, "input": "", "output": self.answers[k]}
-                for q, k in zip(self.kept, self.kept_keys) if k in self.answers]
+                for q, k in zip(self.kept, self.kept_keys, strict=True) if k in self.answers]
         return rows[: self.cfg.num_questions]
 
     def _bump(self, key: str, n: int = 1) -> None:

@@ -5,7 +5,7 @@
 | questions.jsonl | append-only | every question that passed the filters: {"question"} |
 | answers.jsonl | append-only | one accepted answer per question: {"question", "answer", "finish_reason", "model"} |
 | rejected.jsonl | append-only | everything dropped: {"stage": "question"/"answer", "reason", "question", ...} |
-| train.jsonl | derived | the training file: {"instruction", "input", "output"}, exactly the target count when complete |
+| train.jsonl | derived | training file: {"instruction", "input", "output"}, exactly the target count when complete |
 | train.messages.jsonl | derived | the same rows as {"messages": [user, assistant]} (with write_messages) |
 | manifest.json | rewritten | config, model, counts per reason, timestamps, status, target reached or not |
 | identity.jsonl | derived | written by `gen-data --identity` |

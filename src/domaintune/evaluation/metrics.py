@@ -122,7 +122,7 @@ def compute_metrics(predicts: list[str], targets: list[str]) -> tuple[dict, list
         raise ValueError(f"{len(predicts)} predictions but {len(targets)} targets")
     if not predicts:
         raise UserError("nothing to score: there are no predictions")
-    per_sample = [score_pair(p, t) for p, t in zip(predicts, targets)]
+    per_sample = [score_pair(p, t) for p, t in zip(predicts, targets, strict=True)]
     n = len(per_sample)
     tokenize = "zh" if any(detect_lang(t) == "zh" for t in targets) else "13a"
     summary: dict[str, Any] = {"num_samples": n}
@@ -174,7 +174,7 @@ def run_eval(predictions: Path, out_dir: Path | None = None, extra: dict | None 
     out = Path(out_dir) if out_dir is not None else predictions.parent
     out.mkdir(parents=True, exist_ok=True)
     rundir.RunDir(out).write_json(rundir.METRICS, metrics)
-    lines = [json.dumps({"id": r["id"], **s}, ensure_ascii=False) for r, s in zip(rows, per_sample)]
+    lines = [json.dumps({"id": r["id"], **s}, ensure_ascii=False) for r, s in zip(rows, per_sample, strict=True)]
     write_atomic(out / rundir.METRICS_PER_SAMPLE, "\n".join(lines) + "\n")
     return metrics
 
@@ -206,8 +206,8 @@ def run_compare(a: Path, b: Path, out: Path | None = None, examples: int = 3) ->
     for key in SUMMARY_KEYS:
         va, vb = sum_a[key], sum_b[key]
         lines.append(f"| {key} | {va:g} | {vb:g} | {vb - va:+.4g} |")
-    by_id_a = {r["id"]: (r, s) for r, s in zip(rows_a, per_a)}
-    common = [(r, s, *by_id_a[r["id"]]) for r, s in zip(rows_b, per_b) if r["id"] in by_id_a]
+    by_id_a = {r["id"]: (r, s) for r, s in zip(rows_a, per_a, strict=True)}
+    common = [(r, s, *by_id_a[r["id"]]) for r, s in zip(rows_b, per_b, strict=True) if r["id"] in by_id_a]
     lines += ["", "## Examples", ""]
     if not common:
         lines.append("No row ids occur in both files, so there are no examples to show side by side.")

@@ -83,7 +83,8 @@ def _config_section(run: rundir.RunDir, info: dict) -> list[str]:
     for label, keys, info_key in CONFIG_ROWS:
         if label.startswith("LoRA") and method == "full":
             continue
-        value = method if label == "method" else next((v for v in (_dotted(cfg, k) for k in keys) if v is not None), None)
+        value = (method if label == "method"
+                 else next((v for v in (_dotted(cfg, k) for k in keys) if v is not None), None))
         if value is None and info_key:
             value = info.get(info_key)
         if value is not None:
@@ -194,7 +195,8 @@ def _examples_section(run: rundir.RunDir, k: int = 3) -> list[str]:
     lines.append(f"Ranked by rouge-l over {len(joined)} scored rows.")
     for heading, group in (("Best", best), ("Worst", worst)):
         for rank, (s, p) in enumerate(group, start=1):
-            lines += ["", f"### {heading} {rank}: id {s['id']} (rouge-l {s['rouge-l']:g}, bleu-4 {s.get('bleu-4', 0):g})",
+            lines += ["", f"### {heading} {rank}: id {s['id']} "
+                          f"(rouge-l {s['rouge-l']:g}, bleu-4 {s.get('bleu-4', 0):g})",
                       "", "**Input**", "", md_block(str(p["input"]), 1500), "", "**Target**", "",
                       md_block(p["target"]), "", "**Prediction**", "", md_block(p["predict"])]
     return lines
@@ -216,7 +218,8 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
         log = []  # the plot section names the bad line
     lines = [f"# Run report: {run.path.resolve().name}", "", f"- directory: `{run.path}`"]
     if info.get("base_model"):
-        lines.append(f"- base model: `{info['base_model']}`, license: {info.get('license') or 'unknown: check it before commercial use'}")
+        lines.append(f"- base model: `{info['base_model']}`, "
+                     f"license: {info.get('license') or 'unknown: check it before commercial use'}")
     if info.get("domaintune_version"):
         lines.append(f"- domaintune {info['domaintune_version']}")
     for section in (_config_section(run, info), _data_section(info), _training_section(run, info, log),

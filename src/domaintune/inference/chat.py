@@ -143,7 +143,8 @@ def run_chat(run: str | Path, base_only: bool = False, template: str | None = No
     engine = Engine.from_run(run, base_only=base_only, template=template, device=device, dtype=dtype)
     session = ChatSession(engine, params, system=system, context_len=context_len, out=out)
     mode = "greedy" if not params.do_sample else f"temperature {params.temperature}, top_p {params.top_p}"
-    session.say(f"model {engine.model_id} (template {engine.template.name}; {mode}). /help for commands, /exit to leave.")
+    session.say(f"model {engine.model_id} (template {engine.template.name}; {mode}). "
+                "/help for commands, /exit to leave.")
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401 - line editing and history for input()

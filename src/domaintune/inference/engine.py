@@ -144,7 +144,7 @@ class Engine:
             t0 = time.perf_counter()
             results = self._generate_batch([prompts[i] for i in idxs], params)
             dt = (time.perf_counter() - t0) / len(idxs)
-            for i, g in zip(idxs, results):
+            for i, g in zip(idxs, results, strict=True):
                 g.seconds = dt
                 yield i, g
 
@@ -176,7 +176,7 @@ class Engine:
             out = self.model.generate(input_ids=input_ids, attention_mask=attn, eos_token_id=self.stop_ids,
                                       pad_token_id=pad, stopping_criteria=criteria, **params.hf_kwargs())
         results = []
-        for row, p in zip(out[:, width:].tolist(), batch):
+        for row, p in zip(out[:, width:].tolist(), batch, strict=True):
             text, ids, reason = self._finish(row, params.max_new_tokens)
             results.append(Generation(text, ids, len(p), reason))
         return results

@@ -72,7 +72,8 @@ def _check_out(run: Path, out: Path, overwrite: bool) -> None:
         raise UserError(f"--out '{out}' exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise UserError(f"--out '{out}' is not empty: choose a new folder or pass --overwrite to replace its contents")
+            raise UserError(f"--out '{out}' is not empty: choose a new folder "
+                            "or pass --overwrite to replace its contents")
         if not ((out / MODEL_CONFIG).is_file() or (out / TEMPLATE).is_file()):  # guard against rm -rf of a wrong path
             raise UserError(f"--out '{out}' is not empty and does not look like a model export (no config.json): "
                             "refusing to delete it even with --overwrite; choose a new folder")
@@ -106,22 +107,27 @@ def model_card(rd: RunDir, out: Path, template: str, how: str, dtype: str) -> st
              f"# {out.resolve().name}", "",
              f"Fine-tuned from `{base}` with domaintune ({how}), saved as safetensors in {dtype}.", ""]
     if not info.get("license"):
-        lines += ["License: not stated by the base model's card; check the base model's license before using this model.", ""]
+        lines += ["License: not stated by the base model's card; "
+                  "check the base model's license before using this model.", ""]
     data, train = info.get("data") or {}, info.get("train") or {}
     lines += ["## Training data", ""]
     if data:
-        lines.append(f"- file: `{data.get('path')}`; rows: {data.get('train_rows')} train, {data.get('eval_rows')} validation")
+        lines.append(f"- file: `{data.get('path')}`; rows: {data.get('train_rows')} train, "
+                     f"{data.get('eval_rows')} validation")
         tl = data.get("token_lengths") or {}
         if tl:
-            lines.append(f"- tokens per sample: min {tl.get('min')}, median {tl.get('median')}, p95 {tl.get('p95')}, max {tl.get('max')}")
+            lines.append(f"- tokens per sample: min {tl.get('min')}, median {tl.get('median')}, "
+                         f"p95 {tl.get('p95')}, max {tl.get('max')}")
     else:
         lines.append("- not recorded (no run_info.json)")
-    lines.append(f"- prompt template: `{template}` (template.json; the tokenizer's chat_template renders the same prompt)")
+    lines.append(f"- prompt template: `{template}` "
+                 "(template.json; the tokenizer's chat_template renders the same prompt)")
     if train:
         lines += ["", "## Training", "",
                   f"- method: {info.get('method')}; steps: {train.get('global_steps')}; tokens: {train.get('tokens')}; "
                   f"runtime: {train.get('runtime_s')} s",
-                  f"- final training loss: {train.get('final_loss')}; best validation loss: {train.get('best_eval_loss')}"]
+                  f"- final training loss: {train.get('final_loss')}; "
+                  f"best validation loss: {train.get('best_eval_loss')}"]
     if (rd.path / METRICS).is_file():
         metrics = rd.read_json(METRICS)
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
@@ -131,7 +137,8 @@ def model_card(rd: RunDir, out: Path, template: str, how: str, dtype: str) -> st
               f'tok = AutoTokenizer.from_pretrained("{out.resolve().name}")',
               f'model = AutoModelForCausalLM.from_pretrained("{out.resolve().name}")',
               'messages = [{"role": "user", "content": "..."}]',
-              "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+              "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+              "return_dict=True)",
               "out = model.generate(**ids, max_new_tokens=256)",
               "print(tok.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True))", "```", "",
               f"Or with domaintune: `domaintune chat {out}` / `domaintune serve {out}`.", ""]

@@ -55,7 +55,8 @@ def run_test_loss(run_dir: str | Path, data: str | Path, base_only: bool = False
     run = RunDir(run_dir)
     examples = load_examples(data, require_answer=False, template=resolve_template(run.path, None, template))
     if not any(ex.prompt_and_target()[1] for ex in examples):
-        raise UserError(f"{data}: no row has a target (output / last assistant turn): there is nothing to compute a loss on")
+        raise UserError(f"{data}: no row has a target (output / last assistant turn): "
+                        "there is nothing to compute a loss on")
     engine = Engine.from_run(run.path, base_only=base_only, template=template)
     examples = load_examples(data, require_answer=False, template=engine.template)
     loss = engine.loss_on_targets(examples)
@@ -94,7 +95,8 @@ def _read_rows(path: Path) -> list[dict]:
     rows = read_jsonl(path, fix_hint=hint)
     for n, obj in enumerate(rows, 1):
         if not isinstance(obj.get("id"), int):
-            raise UserError(f'{path} row {n}: not a predictions row (no integer "id"); pass --overwrite to start afresh')
+            raise UserError(f'{path} row {n}: not a predictions row (no integer "id"); '
+                            'pass --overwrite to start afresh')
     return rows
 
 
@@ -155,7 +157,8 @@ def _check_args(params: GenerationParams, batch_size: int, fmt: str, limit: int 
 # ---------------------------------------------------------------- the verb
 
 def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = None,
-                params: GenerationParams | None = None, batch_size: int = 8, base_only: bool = False, template: str | None = None, fmt: str = "jsonl",
+                params: GenerationParams | None = None, batch_size: int = 8, base_only: bool = False,
+                template: str | None = None, fmt: str = "jsonl",
                 evaluate: bool = True, limit: int | None = None, overwrite: bool = False) -> Path:
     """Predict every row of `data` (the first `limit` rows) with RUN's model; returns the predictions.jsonl path.
 
@@ -209,7 +212,8 @@ def _generate_into(engine: Engine, todo: list[Example], jsonl: Path, meta: dict,
         prompt, target = ex.prompt_and_target()
         ids = engine.encode_messages(prompt)  # with the run's data.system, as in training
         if len(ids) + params.max_new_tokens > engine.context_len:
-            raise UserError(f"{ex.where}: the prompt has {len(ids)} tokens; with --max-new-tokens {params.max_new_tokens} "
+            raise UserError(f"{ex.where}: the prompt has {len(ids)} tokens; "
+                            f"with --max-new-tokens {params.max_new_tokens} "
                             f"it exceeds the model's context of {engine.context_len} tokens. Shorten the row or lower "
                             "--max-new-tokens")
         prompts.append(ids)
@@ -236,7 +240,8 @@ def _finish_file(jsonl: Path, examples: list[Example]) -> list[dict]:
     rows = {r["id"]: r for r in on_disk}
     missing = [ex.where for ex in examples if ex.index not in rows]
     if missing:  # cannot happen unless the file was changed while we ran
-        raise UserError(f"{jsonl}: rows missing after prediction ({', '.join(missing[:5])}); rerun the command to complete it")
+        raise UserError(f"{jsonl}: rows missing after prediction ({', '.join(missing[:5])}); "
+                        "rerun the command to complete it")
     ordered = [rows[i] for i in sorted(rows)]
     if [r["id"] for r in on_disk] != [r["id"] for r in ordered]:
         write_jsonl_atomic(jsonl, ordered)

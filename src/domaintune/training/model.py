@@ -44,7 +44,8 @@ def check_model_source(name: str, needs: tuple[str, ...] = ("config.json",)) -> 
             raise UserError(f"'{name}' is a directory without {' or '.join(needs)}: not a Hugging Face model directory")
         return str(p.resolve())
     if _looks_local(name):
-        hint = " Build the tiny offline model with `domaintune make-tiny-model runs/tiny-model`." if "tiny" in name else ""
+        hint = (" Build the tiny offline model with `domaintune make-tiny-model runs/tiny-model`."
+                if "tiny" in name else "")
         raise UserError(f"model.name_or_path '{name}' does not exist. Point it at a downloaded model directory "
                         f"or a hub id like bigscience/bloomz-560m.{hint}")
     _check_hub_reachable(name)
@@ -70,7 +71,8 @@ def _check_hub_reachable(repo_id: str) -> None:
 
 
 def _load_error(name: str, e: Exception) -> UserError:
-    return UserError(f"could not load model '{name}': {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+    return UserError(f"could not load model '{name}': {e.__class__.__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}\n"
                      "If this is a hub id, download it first (huggingface-cli download ID --local-dir DIR) and "
                      "set model.name_or_path to DIR.")
 
@@ -119,7 +121,8 @@ def _quant_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_base_model(model_cfg: ModelConfig, device: str | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
+def load_base_model(model_cfg: ModelConfig, device: str | None = None,
+                    dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The base causal LM described by a `model` config section."""
     from transformers import AutoModelForCausalLM
 

@@ -44,7 +44,8 @@ def default_corpus() -> list[Path]:
         files = sorted((root / "examples" / "data").glob("*.jsonl"))
         if files:
             return files
-    raise UserError("no corpus found for the tiny tokenizer: run from the project folder (examples/data/) or pass --corpus FILE")
+    raise UserError("no corpus found for the tiny tokenizer: "
+                    "run from the project folder (examples/data/) or pass --corpus FILE")
 
 
 def corpus_texts(files: list[Path]) -> list[str]:
@@ -78,7 +79,8 @@ def train_tokenizer(texts: list[str], arch: str, vocab_size: int = 2048) -> PreT
     tok.train_from_iterator(texts + extra, trainer)
     bos_id = tok.token_to_id("<s>")
     if arch == "llama":
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", bos_id)])
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     kwargs = dict(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
@@ -124,7 +126,8 @@ def make_tiny_model(out: str | Path, arch: str = "qwen2", size: str = "small", c
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+                                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
+                                               else tok.eos_token_id)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

@@ -116,7 +116,8 @@ class TrainingRun:
         self.precision = training_precision(cfg.lora.enabled, cfg.model.quantization, dtype, self.device)
         load_dtype, bf16, fp16 = self.precision
         self.base = loader.load_base_model(cfg.model, device=self.device, dtype=load_dtype)
-        # LoRA draws its new weights here, before the Trainer seeds anything: seed now, or two runs of one config differ.
+        # LoRA draws its new weights here, before the Trainer seeds anything:
+        # seed now, or two runs of one config differ.
         set_seed(cfg.train.seed)
         self.model = loader.prepare_for_training(self.base, cfg.lora, cfg.model.quantization,
                                                  cfg.train.gradient_checkpointing)

@@ -77,7 +77,8 @@ class _Guard:
                 return await _error_response(401, "Missing API key: send the header 'Authorization: Bearer KEY'.",
                                              code="invalid_api_key")(scope, receive, send)
             if not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
-                return await _error_response(401, "Incorrect API key provided.", code="invalid_api_key")(scope, receive, send)
+                return await _error_response(401, "Incorrect API key provided.",
+                                             code="invalid_api_key")(scope, receive, send)
         too_big = _error_response(413, f"Request body too large: the limit is {self.max_body} bytes.",
                                   code="request_too_large")
         length = headers.get("content-length")
@@ -250,7 +251,8 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
         return _error_response(e.status, e.message, e.param, e.code, headers)
 
     @app.exception_handler(UserError)
-    async def _user_error(request: Request, e: UserError) -> JSONResponse:  # a check deeper down refused the request: still the client's 400
+    async def _user_error(request: Request, e: UserError) -> JSONResponse:
+        # a check deeper down refused the request: still the client's 400
         return _error_response(400, str(e))
 
     @app.exception_handler(RequestValidationError)
@@ -268,7 +270,8 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
 
     @app.get("/", include_in_schema=False)
     async def index():
-        return HTMLResponse(resources.files("domaintune.inference.serve").joinpath("static/index.html").read_text(encoding="utf-8"))
+        return HTMLResponse(resources.files("domaintune.inference.serve").joinpath("static/index.html")
+                            .read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health():

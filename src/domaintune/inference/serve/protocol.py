@@ -128,7 +128,8 @@ def usage_chunk(rid: str, model: str, obj: str, use: dict) -> dict:
 
 
 def model_list(model_id: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "domaintune"}]}
+    return {"object": "list",
+            "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "domaintune"}]}
 
 
 # ---------------------------------------------------------------- errors
