@@ -15,7 +15,7 @@ from domaintune.datagen.inputs import builtin_template, load_seeds, load_templat
 from domaintune.errors import UserError
 from fake_llm_server import FakeLLM
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PERSONA = Persona(name="小知", organisation="知家实验室", year=2024)
 
 

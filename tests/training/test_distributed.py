@@ -15,7 +15,7 @@ from domaintune.config import build_config
 from domaintune.rundir import RunDir
 from domaintune.training.arguments import grad_accumulation, world
 
-SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data" / "train.jsonl"
+SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "data" / "train.jsonl"
 
 torch_distributed = pytest.importorskip("torch.distributed")
 pytestmark = pytest.mark.skipif(not torch_distributed.is_available() or not torch_distributed.is_gloo_available(),

@@ -17,7 +17,7 @@ from domaintune.inference.params import PRESETS, GenerationParams
 
 SAMPLING = {"predict": PREDICT_SAMPLING, "chat": CHAT_SAMPLING, "serve": SERVE_SAMPLING}
 FLAG = {"serve": {"max_new_tokens": "--max-tokens"}}
-SRC = Path(__file__).resolve().parents[1] / "src" / "domaintune"
+SRC = Path(__file__).resolve().parents[2] / "src" / "domaintune"
 
 
 def _help_entries(verb: str) -> dict[str, str]:

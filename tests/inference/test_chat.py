@@ -181,7 +181,7 @@ def test_cli_chat_over_stdin(engine, llama_dir):
                            "--temperature", "0", "--repetition-penalty", "1.0", "--max-new-tokens", "8"],
                           input=script, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
     sys_msg = {"role": "system", "content": "你是一位老师"}
     a1 = greedy(engine, [u("你好")])

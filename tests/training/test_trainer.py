@@ -21,7 +21,7 @@ from domaintune.rundir import RunDir, latest_checkpoint, list_checkpoints
 from domaintune.training.arguments import grad_accumulation
 from domaintune.training.trainer import run_train
 
-SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data" / "train.jsonl"
+SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "data" / "train.jsonl"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 TRAIN_KEYS = {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens", "time"}
 
@@ -209,7 +209,7 @@ def test_loss_decreases_with_full_fine_tuning(models, tmp_path):
 
 def test_quickstart_like_lora_run_lowers_the_loss(models, tmp_path):
     """configs/quickstart.yaml in miniature: same LoRA, template, schedule and batch shape; fewer rows and steps."""
-    quick = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    quick = load_config(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml")
     data = tmp_path / "rows16.jsonl"
     data.write_text("\n".join(sample_rows(16)) + "\n", encoding="utf-8")
     cfg = build_config({

@@ -29,7 +29,7 @@ import pytest
 pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "selfinstruct.yaml"
 SEEDS = REPO / "examples" / "data" / "seeds.jsonl"
 KEY = "e2e-secret-key"

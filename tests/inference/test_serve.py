@@ -409,7 +409,7 @@ def test_cli_serve_loads_in_background_and_takes_key_from_env(llama_dir):
     env = {**os.environ, "DOMAINTUNE_API_KEY": "env-key", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "domaintune", "serve", str(llama_dir), "--template", "domain_zh",
                              "--port", str(port), "--log-level", "info"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1])
+                            stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[2])
     try:
         deadline, statuses = time.time() + 120, []
         while True:
