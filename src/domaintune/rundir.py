@@ -55,6 +55,7 @@ REPORT = "report.md"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_CONFIG = "config.json"  # a Hugging Face model directory's config
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 MODEL_WEIGHTS_GLOB = "model*.safetensors"
 GENERATION_CONFIG = "generation_config.json"
 MODEL_CARD = "README.md"

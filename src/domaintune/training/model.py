@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
+from ..rundir import MODEL_CARD, MODEL_CONFIG, TOKENIZER_FILES
 from .precision import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def _looks_local(name: str) -> bool:
             or Path(name).parent.is_dir())
 
 
-def check_model_source(name: str, needs: tuple[str, ...] = ("config.json",)) -> str:
+def check_model_source(name: str, needs: tuple[str, ...] = (MODEL_CONFIG,)) -> str:
     """What to pass to from_pretrained: the absolute path of a local model directory, or the hub id.
 
     Fails fast (no network wait) when a local-looking model path does not exist. A local path comes back
@@ -56,7 +57,7 @@ def _check_hub_reachable(repo_id: str) -> None:
     """A hub id that is neither cached nor reachable fails in seconds, not after the client's retries."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str) or constants.HF_HUB_OFFLINE:
+    if isinstance(try_to_load_from_cache(repo_id, MODEL_CONFIG), str) or constants.HF_HUB_OFFLINE:
         return
     import socket
     from urllib.parse import urlparse
@@ -81,7 +82,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
                    revision: str | None = None) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    src = check_model_source(name_or_path, ("tokenizer_config.json", "tokenizer.json", "config.json"))
+    src = check_model_source(name_or_path, (*TOKENIZER_FILES, MODEL_CONFIG))
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as e:
@@ -210,7 +211,7 @@ def _model_file(name_or_path: str, filename: str, revision: str | None = None) -
 def model_license(name_or_path: str, revision: str | None = None) -> str | None:
     """The license in the model card's YAML front matter (README.md), if it states one. The card comes
     from a local model directory or, for a hub id, from the Hugging Face cache (never downloaded)."""
-    card = _model_file(name_or_path, "README.md", revision)
+    card = _model_file(name_or_path, MODEL_CARD, revision)
     if card is None:
         return None
     text = card.read_text(encoding="utf-8", errors="replace")
@@ -232,7 +233,7 @@ def base_config_dict(name_or_path: str, revision: str | None = None) -> dict | N
     None when it is not available locally or is not a JSON object. Never downloads."""
     import json
 
-    f = _model_file(name_or_path, "config.json", revision)
+    f = _model_file(name_or_path, MODEL_CONFIG, revision)
     if f is None:
         return None
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+from ..rundir import MODEL_CARD
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerFast
@@ -131,5 +132,5 @@ def make_tiny_model(out: str | Path, arch: str = "qwen2", size: str = "small", c
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    (out / "README.md").write_text(CARD.format(arch=arch), encoding="utf-8")
+    (out / MODEL_CARD).write_text(CARD.format(arch=arch), encoding="utf-8")
     return out

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..rundir import MODEL_CONFIG, TRAINING_ARGS, RunDir, checkpoint_step, checkpoint_tokens
+from ..rundir import MODEL_CONFIG, TOKENIZER_FILES, TRAINING_ARGS, RunDir, checkpoint_step, checkpoint_tokens
 from .arguments import check_trackers, training_arguments, world
 from .callbacks import make_callbacks, refresh_plot
 from .outputs import prepare_output_dir, saved_config, write_run_files
@@ -88,7 +88,7 @@ class TrainingRun:
         check_trackers(cfg.train.report_to)
         self.ckpt = prepare_output_dir(self.out, self.resume, self.overwrite, self.is_main, cfg.model.name_or_path)
         # A missing model fails here, in about a second, not after the seconds torch + transformers take to import.
-        check_model_source(cfg.model.name_or_path, (MODEL_CONFIG, "tokenizer_config.json", "tokenizer.json"))
+        check_model_source(cfg.model.name_or_path, (MODEL_CONFIG, *TOKENIZER_FILES))
 
     def setup_data(self) -> None:
         from ..data.encode import build_datasets
