@@ -177,3 +177,13 @@ def test_dtype_names_agree():
     from domaintune.training.precision import DTYPES
 
     assert typing.get_args(ModelConfig.model_fields["dtype"].annotation) == DTYPES
+
+
+def test_every_package_folder_has_an_init_with_a_docstring():
+    """A folder without __init__.py is a namespace package: find_packages() and pkgutil skip it."""
+    folders = {p.parent for p in PKG.rglob("*.py")}
+    missing = sorted(str(f.relative_to(SRC)) for f in folders if not (f / "__init__.py").is_file())
+    assert missing == []
+    undocumented = sorted(str(f.relative_to(SRC)) for f in folders if (f / "__init__.py").is_file()
+                          and ast.get_docstring(ast.parse((f / "__init__.py").read_text(encoding="utf-8"))) is None)
+    assert undocumented == []

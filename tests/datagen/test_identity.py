@@ -93,7 +93,7 @@ def test_seed_errors_name_file_and_line(tmp_path):
 
 def test_seed_file_read_like_training_data(tmp_path):
     """Regression: invalid UTF-8 gave a UnicodeDecodeError traceback, and a question holding U+2028 was cut in two
-    (line iteration splits there): seeds are read by data.read_records now."""
+    (line iteration splits there): seeds are read by data.reader.read_records now."""
     p = tmp_path / "s.jsonl"
     p.write_bytes('{"question": "一个问题？"}\n'.encode() + b'{"question": "\xff\xfe"}\n')
     with pytest.raises(UserError) as e:

@@ -1,4 +1,4 @@
-"""generation.Engine: batching and streaming change nothing about what greedy decoding produces."""
+"""inference.engine.Engine: batching and streaming change nothing about what greedy decoding produces."""
 from __future__ import annotations
 
 import pytest

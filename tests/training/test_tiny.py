@@ -126,7 +126,7 @@ def test_tokenizer_corpus_defaults_to_the_bundled_sample_data():
 
 def test_corpus_texts_reads_like_the_training_data(tmp_path):
     """Regression: corpus_texts split lines with str.splitlines(), so a value holding U+2028 (written raw by
-    json.dumps(ensure_ascii=False)) crashed with a JSONDecodeError; it now reads through data.read_records."""
+    json.dumps(ensure_ascii=False)) crashed with a JSONDecodeError; it now reads through data.reader.read_records."""
     import json
 
     from domaintune.training.tiny import corpus_texts

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(instruction/input/output) in selfinstruct.output_dir. The API key is read from the environment "
         "variable named by selfinstruct.api_key_env. Killed or failed runs resume when run again.",
     )
-    add_config_args(p, example="selfinstruct.base_url=http://127.0.0.1:8000/v1 selfinstruct.num_questions=50")
+    add_config_args(p, example="selfinstruct.base_url=http://127.0.0.1:8000/v1 selfinstruct.num_questions=50",
+                    what="YAML config with a selfinstruct section, e.g. configs/selfinstruct.yaml")
     p.add_argument("--identity", action="store_true", default=False,
                    help="instead of calling the API, write the built-in self-cognition Q&A (who are you, who made "
                    "you, ...) with selfinstruct.persona filled in to OUTPUT_DIR/identity.jsonl (default: %(default)s)")

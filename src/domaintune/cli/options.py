@@ -22,10 +22,10 @@ _PARSERS = {"int": int, "float": float, "int | None": int}
 
 
 def add_config_args(p: argparse.ArgumentParser, optional_default: str | None = None,
-                    example: str = "train.learning_rate=2e-4 lora.r=16") -> None:
+                    example: str = "train.learning_rate=2e-4 lora.r=16", what: str = "YAML config file") -> None:
     """The config file (required, or optional with `optional_default`) and dotted overrides."""
     if optional_default is None:
-        p.add_argument("config", help="YAML config file (required)")
+        p.add_argument("config", help=f"{what} (required)")
     else:
         p.add_argument("config", nargs="?", default=optional_default, help="YAML config file (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", default=[],
@@ -44,8 +44,10 @@ def add_sampling_options(p: argparse.ArgumentParser, preset: str, names: tuple[s
     for name in names:
         flag = flag_names.get(name, "--" + name.replace("_", "-"))
         text = prefix + field_help(name)
-        if name == "temperature":
-            text += "; 0 = greedy" if zero_is_greedy else ", with --do-sample"
+        if name == "temperature" and zero_is_greedy:
+            text += "; 0 = greedy"
+        elif name in ("temperature", "top_p", "top_k") and not zero_is_greedy:
+            text += ", with --do-sample"
         text += f" (default: %(default)s, the '{preset}' preset)"
         if name == "do_sample":
             p.add_argument(flag, dest=name, action="store_true", default=defaults.do_sample,
