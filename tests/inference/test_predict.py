@@ -315,3 +315,31 @@ def test_cli_options_state_their_defaults():
     assert [a.dest for a in opts if "default" not in a.help and a.dest != "data"] == []
     args = parser.parse_args(["predict", "RUN", "--data", "t.jsonl"])
     assert (args.batch_size, args.max_new_tokens, args.format, args.limit) == (8, 256, "jsonl", None)
+
+
+def test_eval_after_predict_keeps_the_loss_predict_wrote(tiny_run_copy, sample_data, capsys):
+    """Regression (issue 9, defect 1): `eval RUN/predictions.jsonl` rewrote metrics.json without the loss and
+    perplexity that predict had written, and report.md then lacked them."""
+    from domaintune.evaluation.report import run_report
+
+    run = tiny_run_copy
+    preds = run_predict(run, sample_data / "test.jsonl", params=FAST, limit=4)
+    by_predict = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    assert {"loss", "perplexity", "rouge-l"} <= set(by_predict)
+    capsys.readouterr()
+    assert cli.main(["eval", str(preds)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run / 'metrics.json'}: kept loss, perplexity written there earlier" in out
+    assert "loss" in out.split("kept", 1)[1]  # and the printed table shows them
+    after = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    assert after == by_predict  # same predictions: same text scores, and nothing dropped
+    report = run_report(run).read_text(encoding="utf-8")
+    assert f"| loss | {by_predict['loss']:,.6g} |" in report and "| perplexity |" in report
+
+
+def test_eval_replaces_a_metrics_file_that_is_not_json(tmp_path, capsys):
+    preds = _write_jsonl(tmp_path / "predictions.jsonl", [{"id": 0, "input": "q", "target": "同样", "predict": "同样"}])
+    (tmp_path / "metrics.json").write_text("{not json", encoding="utf-8")
+    assert cli.main(["eval", str(preds)]) == 0
+    assert "could not be read (JSONDecodeError); it is replaced" in capsys.readouterr().out
+    assert json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))["exact_match"] == 100.0

@@ -163,20 +163,41 @@ def run_eval(predictions: Path, out_dir: Path | None = None, extra: dict | None 
     """Score a predictions file; write metrics.json and metrics_per_sample.jsonl; return the metrics.
 
     out_dir defaults to the predictions file's folder (the run directory). ``extra`` (e.g. "loss" and
-    "perplexity" computed by the caller from the model) is merged into metrics.json.
+    "perplexity" computed by the caller from the model) is merged into metrics.json. metrics.json is
+    shared with other verbs: keys this call does not compute (e.g. the loss and perplexity that `predict`
+    wrote, when `eval` rescores the file) are kept, and the kept keys are named on the terminal.
     """
     predictions = Path(predictions)
     rows = read_predictions(predictions)
     if not rows:
         raise UserError(f"{predictions} has no rows: nothing to score")
     summary, per_sample = compute_metrics([r["predict"] for r in rows], [r["target"] for r in rows])
-    metrics = {**summary, **(extra or {})}
     out = Path(out_dir) if out_dir is not None else predictions.parent
     out.mkdir(parents=True, exist_ok=True)
+    metrics, kept = merge_metrics(out / rundir.METRICS, {**summary, **(extra or {})})
+    if kept:
+        print(f"{out / rundir.METRICS}: kept {', '.join(kept)} written there earlier (by predict or eval --run)")
     rundir.RunDir(out).write_json(rundir.METRICS, metrics)
     lines = [json.dumps({"id": r["id"], **s}, ensure_ascii=False) for r, s in zip(rows, per_sample, strict=True)]
     write_atomic(out / rundir.METRICS_PER_SAMPLE, "\n".join(lines) + "\n")
     return metrics
+
+
+def merge_metrics(path: Path, new: dict) -> tuple[dict, list[str]]:
+    """`new` plus every key of the metrics file at `path` that `new` lacks; returns (merged, kept keys).
+    A metrics file that is not a JSON object is replaced (and said so): it holds nothing to keep."""
+    if not path.is_file():
+        return dict(new), []
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        print(f"warning: {path} could not be read ({e.__class__.__name__}); it is replaced")
+        return dict(new), []
+    if not isinstance(old, dict):
+        print(f"warning: {path} is not a JSON object; it is replaced")
+        return dict(new), []
+    kept = [k for k in old if k not in new]
+    return {**new, **{k: old[k] for k in kept}}, kept
 
 
 def md_block(text: str, limit: int | None = None) -> str:
