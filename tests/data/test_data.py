@@ -18,8 +18,9 @@ from domaintune.data.encode import (
     encode_examples,
     render_masked,
     split_validation,
+    validation_rows,
 )
-from domaintune.data.examples import Example, load_examples, parse_example
+from domaintune.data.examples import MAX_ERRORS_SHOWN, Example, load_examples, parse_example
 from domaintune.data.reader import read_records
 from domaintune.data.templates import get_template
 from domaintune.errors import UserError
@@ -363,6 +364,56 @@ def test_error_lists_the_lines(qwen_tok, lens):
         "Raise data.cutoff_len, or set data.overlength to truncate or drop.")
 
 
+def test_report_names_over_length_and_dropped_rows(qwen_tok, lens):
+    """Regression: a sample dropped with nothing to train on (or cut at cutoff_len) was counted, but which row
+    it was appeared nowhere, neither printed nor in run_info.json."""
+    longer = {"instruction": LONG["instruction"] * 2, "output": "好"}  # its prompt alone is over the cutoff
+    report = DataReport()
+    out = encode_examples(_examples([SHORT, LONG, longer, SHORT]), qwen_tok, lens["tpl"],
+                          data_cfg(cutoff_len=lens["prompt"] + 5), report)
+    n_longer = report.lengths[2]
+    assert len(out) == 3 and n_longer > lens["prompt"] + 5
+    assert (report.overlength, report.truncated, report.dropped_overlength, report.dropped_no_target) == (2, 1, 0, 1)
+    d = report.to_dict()
+    assert d["overlength"] == {"policy": "truncate", "count": 2, "truncated": 1, "dropped": 0}  # keys kept
+    assert d["dropped_no_target"] == 1
+    assert d["overlength_rows"] == [f"d.jsonl line 2: {lens['full']} tokens", f"d.jsonl line 3: {n_longer} tokens"]
+    assert d["dropped_no_target_rows"] == ["d.jsonl line 3"]
+    assert report.summary_lines()[2:] == [
+        "over cutoff_len: 2 (policy truncate: truncated 1, dropped 0); dropped with nothing to train on: 1",
+        "rows over cutoff_len (policy truncate):",
+        f"  d.jsonl line 2: {lens['full']} tokens",
+        f"  d.jsonl line 3: {n_longer} tokens",
+        "rows dropped with nothing to train on (no answer token within cutoff_len; raise data.cutoff_len or "
+        "shorten them):",
+        "  d.jsonl line 3",
+    ]
+
+
+def test_report_row_lists_are_capped(qwen_tok, lens):
+    n = MAX_ERRORS_SHOWN + 3
+    report = DataReport(overlength_policy="drop")
+    cfg = data_cfg(cutoff_len=lens["prompt"] + 5, overlength="drop")
+    encode_examples(_examples([LONG] * n + [SHORT]), qwen_tok, lens["tpl"], cfg, report)
+    assert (report.overlength, report.dropped_overlength, report.dropped_no_target) == (n, n, 0)
+    named = [f"d.jsonl line {k + 1}: {lens['full']} tokens" for k in range(MAX_ERRORS_SHOWN)]
+    d = report.to_dict()
+    assert d["overlength_rows"] == named + ["... and 3 more"]
+    assert d["dropped_no_target_rows"] == []
+    lines = report.summary_lines()
+    assert lines[3:] == ["rows over cutoff_len (policy drop):"] + [f"  {r}" for r in named] + ["  ... and 3 more"]
+
+
+def test_build_datasets_names_rows_of_both_files(tmp_path, qwen_tok, lens):
+    train = write(tmp_path / "train.jsonl", [SHORT, LONG, SHORT])
+    ev = write(tmp_path / "eval.jsonl", [LONG, SHORT])
+    cfg = data_cfg(path=str(train), eval_path=str(ev), cutoff_len=lens["prompt"])
+    d = build_datasets(cfg, qwen_tok, lens["tpl"], seed=0).report.to_dict()
+    assert d["overlength_rows"] == [f"{train} line 2: {lens['full']} tokens", f"{ev} line 1: {lens['full']} tokens"]
+    assert d["dropped_no_target_rows"] == [f"{train} line 2", f"{ev} line 1"]
+    assert (d["train_rows"], d["eval_rows"], d["dropped_no_target"]) == (2, 1, 2)
+
+
 def test_no_trainable_sample_left_is_an_error(tmp_path, qwen_tok, lens):
     p = write(tmp_path / "d.jsonl", [LONG, LONG])
     cfg = data_cfg(path=str(p), cutoff_len=lens["prompt"], val_size=0)
@@ -375,11 +426,12 @@ def test_no_trainable_sample_left_is_an_error(tmp_path, qwen_tok, lens):
 def test_build_datasets_split_and_report(tmp_path, qwen_tok, lens):
     rows = [{"instruction": f"问题{k}", "output": f"回答{k}。"} for k in range(9)] + [LONG]
     p = write(tmp_path / "d.jsonl", rows)
-    cfg = data_cfg(path=str(p), cutoff_len=lens["prompt"] + 5, val_size=3)
+    cfg = data_cfg(path=str(p), cutoff_len=lens["prompt"] + 5, val_size=2)  # within the 20% cap: no note
     ds = build_datasets(cfg, qwen_tok, lens["tpl"], seed=1)
-    assert (len(ds.train), len(ds.eval), len(ds.train_examples)) == (7, 3, 7)
+    assert (len(ds.train), len(ds.eval), len(ds.train_examples)) == (8, 2, 8)
     r = ds.report.to_dict()
-    assert r["path"] == str(p) and (r["rows"], r["train_rows"], r["eval_rows"]) == (10, 7, 3)
+    assert r["path"] == str(p) and (r["rows"], r["train_rows"], r["eval_rows"]) == (10, 8, 2)
+    assert r["notes"] == [] and r["overlength_rows"] == [f"{p} line 10: {lens['full']} tokens"]
     assert r["overlength"] == {"policy": "truncate", "count": 1, "truncated": 1, "dropped": 0}
     assert r["dropped_no_target"] == 0
     assert r["token_lengths"]["max"] == lens["full"] and len(ds.report.lengths) == 10
@@ -409,8 +461,67 @@ def test_split_validation():
     assert len(split_validation(rows, 7, None, seed=0)[1]) == 7
     assert len(split_validation(rows, 0.5, 20, seed=0)[1]) == 20
     assert split_validation(rows, 0, None, seed=0) == (rows, [])
-    with pytest.raises(UserError, match="data.val_size asks for 100 validation rows but the file has only 100"):
-        split_validation(rows, 100, None, seed=0)
+    # a row count above 20% of the rows is capped (it was an error whenever it reached the row count)
+    assert split_validation(rows, 100, None, seed=0) == split_validation(rows, 20, None, seed=0)
+
+
+VAL_NONE = "training runs without validation (no eval loss); add rows or set data.eval_path"
+
+
+@pytest.mark.parametrize("n, val_size, val_max_rows, k, note", [
+    (12, 8, None, 2, "validation split: 2 rows, not the 8 asked for by data.val_size=8 "
+                     "(at most 20% of 12 rows go to validation)"),
+    (12, 8, 5, 2, "validation split: 2 rows, not the 5 asked for by data.val_size=8 and data.val_max_rows=5 "
+                  "(at most 20% of 12 rows go to validation)"),
+    (4, 8, None, 0, f"validation split: none, not the 8 asked for by data.val_size=8 "
+                    f"(at most 20% of 4 rows go to validation); {VAL_NONE}"),
+    (4, 1, None, 0, f"validation split: none, not the 1 asked for by data.val_size=1 "
+                    f"(at most 20% of 4 rows go to validation); {VAL_NONE}"),
+    (10, 0.99, None, 9, "validation split: 9 rows, not the 10 asked for by data.val_size=0.99 "
+                        "(at least one row must stay for training)"),
+    (1, 0.6, None, 0, f"validation split: none, not the 1 asked for by data.val_size=0.6 "
+                      f"(at least one row must stay for training); {VAL_NONE}"),
+    (4, 0.1, None, 0, "validation split: none (data.val_size=0.1 of 4 rows rounds to 0 rows); training runs "
+                      "without validation (no eval loss); raise data.val_size, add rows or set data.eval_path"),
+    # unchanged: within the cap, a fraction below n - 1, val_max_rows, and no validation asked for
+    (12, 2, None, 2, ""), (5, 1, None, 1, ""), (10, 0.8, None, 8, ""), (1000, 0.1, 50, 50, ""), (100, 0.5, 20, 20, ""),
+    (12, 8, 1, 1, ""), (12, 8, 0, 0, ""), (12, 0, None, 0, ""), (12, 0.0, None, 0, ""), (12, 8.0, None, 2,
+     "validation split: 2 rows, not the 8 asked for by data.val_size=8.0 (at most 20% of 12 rows go to validation)"),
+])
+def test_validation_rows_cap_and_note(n, val_size, val_max_rows, k, note):
+    assert validation_rows(n, val_size, val_max_rows) == (k, note)
+
+
+def test_small_file_split_is_capped_seeded_and_noted():
+    """Regression: an integer data.val_size at or above the row count was an error, so the quickstart config
+    (val_size: 8) refused every file under 9 rows; now at most 20% of the rows go to validation."""
+    rows = list(range(12))
+    report = DataReport()
+    train, val = split_validation(rows, 8, None, seed=5, report=report)
+    assert len(val) == 2 and sorted(train + val) == rows
+    assert (train, val) == split_validation(rows, 2, None, seed=5)  # the same seeded rows as asking for 2
+    assert report.notes == [validation_rows(12, 8, None)[1]]
+    report = DataReport()
+    assert split_validation(rows[:3], 8, None, seed=5, report=report) == (rows[:3], [])
+    assert report.notes == [validation_rows(3, 8, None)[1]] and VAL_NONE in report.notes[0]
+    report = DataReport()
+    split_validation(rows, 2, None, seed=5, report=report)
+    assert report.notes == []
+
+
+def test_quickstart_val_size_trains_a_small_file(tmp_path, qwen_tok, lens):
+    rows = [{"instruction": f"问题{k}", "output": f"回答{k}。"} for k in range(6)]
+    p = write(tmp_path / "d.jsonl", rows)
+    ds = build_datasets(data_cfg(path=str(p), val_size=8), qwen_tok, lens["tpl"], seed=0)
+    assert (len(ds.train), len(ds.eval)) == (5, 1)
+    note = "validation split: 1 row, not the 8 asked for by data.val_size=8 (at most 20% of 6 rows go to validation)"
+    assert ds.report.notes == [note] and ds.report.to_dict()["notes"] == [note]
+    assert ds.report.summary_lines()[0] == f"data: {p}: 6 rows -> train 5, validation 1"
+    assert ds.report.summary_lines()[-1] == note
+    p = write(tmp_path / "d3.jsonl", rows[:3])
+    ds = build_datasets(data_cfg(path=str(p), val_size=8), qwen_tok, lens["tpl"], seed=0)
+    assert (len(ds.train), len(ds.eval)) == (3, 0)
+    assert ds.report.summary_lines()[-1] == validation_rows(3, 8, None)[1]
 
 
 def test_token_length_statistics():

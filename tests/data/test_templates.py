@@ -3,6 +3,7 @@ generation prompts equal to training prompts, stop tokens, template files."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -256,3 +257,37 @@ def test_template_broken_json_names_line(tmp_path):
     p.write_text('{\n "name": "x",\n "user_format": \n}', encoding="utf-8")
     with pytest.raises(UserError, match=r"t\.json line 4: not valid JSON"):
         Template.load(p)
+
+
+# ---------------------------------------------------------------- transformers' max-length warning
+
+TOO_LONG = "Token indices sequence length is longer than the specified maximum sequence length"
+
+
+@pytest.mark.parametrize("name", ["domain_zh", "tokenizer"])
+def test_encoding_long_samples_does_not_warn_about_model_max_length(name, tiny_corpus):
+    """Regression: tokenising a sample longer than the tokenizer's model_max_length printed transformers'
+    "Token indices sequence length is longer than ... will result in indexing errors", which misleads: samples are
+    cut or dropped at data.cutoff_len by us (encode.py), never fed to the model whole."""
+    tok = train_tokenizer(tiny_corpus[:50], "qwen2", vocab_size=400)  # fresh: transformers warns once per tokenizer
+    tok.model_max_length = 8
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        tpl = get_template(name, tok)
+        long = "孩子不爱吃饭怎么办？每次吃饭都要哄很久。" * 4
+        msgs = [{"role": "user", "content": long}, {"role": "assistant", "content": long}]
+        ids, _ = tpl.encode(tok, msgs)
+        gen, _ = tpl.encode(tok, msgs[:1], add_generation_prompt=True)
+        assert min(len(ids), len(gen)) > 8 * 4
+        assert [r.getMessage() for r in records if TOO_LONG in r.getMessage()] == []
+        tok(long)  # control: the same tokenizer, called without verbose=False, does warn (so the check above can fail)
+        assert [r.getMessage() for r in records if TOO_LONG in r.getMessage()] != []
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

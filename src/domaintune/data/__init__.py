@@ -3,7 +3,7 @@
 | module | what |
 |---|---|
 | `reader.py` | JSON lines / JSON arrays -> (line, value); the one reader of data files |
-| `examples.py` | row validation (file, line, field) -> `Example` (OpenAI-style messages) |
+| `examples.py` | row validation (file, line, field) -> `Example` (OpenAI-style messages); `check_data_files` |
 | `templates.py` | prompt templates as data (`prompt_templates/*.json`) and the one encoder of conversations |
-| `encode.py` | tokenise + mask, over-length policy, validation split, `DataReport` |
+| `encode.py` | tokenise + mask, over-length policy, validation split (capped), `DataReport` |
 """

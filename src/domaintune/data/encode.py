@@ -5,7 +5,13 @@ each answer so the model learns to stop (the template's `encode`, templates.py).
 
 Over-length samples (more than `cutoff_len` tokens) follow `overlength`: `truncate` keeps the first
 `cutoff_len` tokens, `drop` skips the sample, `error` stops. A sample left with no trainable token is
-never trained on: it is dropped and counted. All counts are reported (`DataReport`).
+never trained on: it is dropped and counted. All counts are reported (`DataReport`), and the rows behind them
+are named (file and line; the first `MAX_ERRORS_SHOWN` of each kind, then "... and N more").
+
+Validation split (`split_validation`, when there is no data.eval_path): an integer data.val_size takes that many
+rows but at most `VAL_MAX_PERCENT` (20%) of the file, a fraction takes round(fraction x rows), data.val_max_rows
+bounds both, and at least one row always stays for training. When the split differs from what was asked for,
+or is empty although asked for, a note says so (printed with the summary and saved in run_info.json).
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ IGNORE_INDEX = -100
 
 @dataclass
 class DataReport:
-    """Counts and length statistics; printed by data-check and saved in run_info.json."""
+    """Counts and length statistics, the rows behind the counts, and notes; printed by data-check and training,
+    saved in run_info.json."""
 
     path: str = ""
     rows: int = 0
@@ -40,6 +47,9 @@ class DataReport:
     dropped_overlength: int = 0
     dropped_no_target: int = 0  # nothing trainable left after truncation
     lengths: list[int] = field(default_factory=list)  # token lengths before truncation
+    overlength_rows: list[str] = field(default_factory=list)  # "file line N: T tokens", one per over-length sample
+    no_target_rows: list[str] = field(default_factory=list)  # "file line N", one per sample dropped with no target
+    notes: list[str] = field(default_factory=list)  # one line each, e.g. how the validation split was capped
 
     def token_lengths(self) -> dict:
         if not self.lengths:
@@ -49,19 +59,44 @@ class DataReport:
                 "p95": s[min(len(s) - 1, int(0.95 * len(s)))], "max": s[-1]}
 
     def to_dict(self) -> dict:
+        """The report for run_info.json. Row lists hold the first MAX_ERRORS_SHOWN rows, then "... and N more"."""
         return {"path": self.path, "rows": self.rows, "train_rows": self.train_rows, "eval_rows": self.eval_rows,
                 "overlength": {"policy": self.overlength_policy, "count": self.overlength, "truncated": self.truncated,
                                "dropped": self.dropped_overlength},
-                "dropped_no_target": self.dropped_no_target, "token_lengths": self.token_lengths()}
+                "dropped_no_target": self.dropped_no_target, "token_lengths": self.token_lengths(),
+                "overlength_rows": _capped(self.overlength_rows),
+                "dropped_no_target_rows": _capped(self.no_target_rows), "notes": list(self.notes)}
 
     def summary_lines(self) -> list[str]:
         tl = self.token_lengths()
-        return [
+        lines = [
             f"data: {self.path}: {self.rows} rows -> train {self.train_rows}, validation {self.eval_rows}",
             "tokens per sample: " + ", ".join(f"{k} {v}" for k, v in tl.items()),
             f"over cutoff_len: {self.overlength} (policy {self.overlength_policy}: truncated {self.truncated}, "
             f"dropped {self.dropped_overlength}); dropped with nothing to train on: {self.dropped_no_target}",
         ]
+        if self.overlength_rows:
+            lines.append(f"rows over cutoff_len (policy {self.overlength_policy}):")
+            lines += [f"  {r}" for r in _capped(self.overlength_rows)]
+        if self.no_target_rows:
+            lines.append("rows dropped with nothing to train on (no answer token within cutoff_len; "
+                         "raise data.cutoff_len or shorten them):")
+            lines += [f"  {r}" for r in _capped(self.no_target_rows)]
+        return lines + self.notes
+
+    def add(self, other: DataReport) -> None:
+        """Add the counts, lengths and rows of `other` (e.g. the validation file's) to this report."""
+        for k in ("overlength", "truncated", "dropped_overlength", "dropped_no_target"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.lengths += other.lengths
+        self.overlength_rows += other.overlength_rows
+        self.no_target_rows += other.no_target_rows
+        self.notes += other.notes
+
+
+def _capped(rows: list[str]) -> list[str]:
+    more = len(rows) - MAX_ERRORS_SHOWN
+    return rows[:MAX_ERRORS_SHOWN] + ([f"... and {more} more"] if more > 0 else [])
 
 
 def with_system(messages: list[dict], system: str | None) -> list[dict]:
@@ -97,6 +132,7 @@ def encode_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
         if n > cfg.cutoff_len:
             report.overlength += 1
             too_long.append(f"{ex.where}: {n} tokens")
+            report.overlength_rows.append(too_long[-1])
             if cfg.overlength == "drop":
                 report.dropped_overlength += 1
                 continue
@@ -104,6 +140,7 @@ def encode_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
                 report.truncated += 1
         if sample is None:
             report.dropped_no_target += 1
+            report.no_target_rows.append(ex.where)
             continue
         out.append(sample)
     if too_long and cfg.overlength == "error":
@@ -114,17 +151,55 @@ def encode_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
     return out
 
 
-def split_validation(examples: list, val_size: int | float, val_max_rows: int | None, seed: int) -> tuple[list, list]:
-    """Seeded split: val_size rows (int) or a fraction (float in (0, 1)), capped by val_max_rows."""
+VAL_MAX_PERCENT = 20  # an integer data.val_size takes at most this share of the rows
+
+
+def validation_rows(n: int, val_size: int | float, val_max_rows: int | None) -> tuple[int, str]:
+    """(validation rows out of `n`, a note or "") for data.val_size (a row count, or a fraction in (0, 1)) and
+    data.val_max_rows.
+
+    Asked for: the count, or round(fraction x n); at most val_max_rows. Taken: an integer count is capped at
+    VAL_MAX_PERCENT of the rows (rounded down), a fraction at n - 1, so at least one row stays for training. The
+    note (one line) says when fewer rows were taken than asked for, or none although validation was asked for.
+    """
+    is_count = isinstance(val_size, int) or float(val_size).is_integer() and val_size >= 1
+    asked = int(val_size) if is_count else int(round(n * val_size))
+    by = f"data.val_size={val_size}"
+    if val_max_rows is not None and val_max_rows < asked:
+        asked = val_max_rows
+        by += f" and data.val_max_rows={val_max_rows}"
+    if is_count:
+        limit, why = n * VAL_MAX_PERCENT // 100, f"at most {VAL_MAX_PERCENT}% of {_rows(n)} go to validation"
+    else:
+        limit, why = max(n - 1, 0), "at least one row must stay for training"
+    k = min(asked, limit)
+    without = "training runs without validation (no eval loss)"
+    if asked == 0 and val_size > 0 and not is_count and val_max_rows != 0:
+        return 0, (f"validation split: none ({by} of {_rows(n)} rounds to 0 rows); {without}; "
+                   "raise data.val_size, add rows or set data.eval_path")
+    if k == asked:
+        return k, ""
+    if k == 0:
+        return 0, (f"validation split: none, not the {asked} asked for by {by} ({why}); {without}; "
+                   "add rows or set data.eval_path")
+    return k, f"validation split: {_rows(k)}, not the {asked} asked for by {by} ({why})"
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def split_validation(examples: list, val_size: int | float, val_max_rows: int | None, seed: int,
+                     report: DataReport | None = None) -> tuple[list, list]:
+    """Seeded split into (train, validation), each in file order; sizes per `validation_rows`, whose note (if
+    any) goes to `report.notes`. The validation rows are the first k of a seeded shuffle, so a capped split
+    takes the same rows as asking for k."""
     n = len(examples)
-    k = (int(val_size) if isinstance(val_size, int) or float(val_size).is_integer() and val_size >= 1
-         else int(round(n * val_size)))
-    if val_max_rows is not None:
-        k = min(k, val_max_rows)
+    k, note = validation_rows(n, val_size, val_max_rows)
+    if note and report is not None:
+        report.notes.append(note)
     if k <= 0:
         return list(examples), []
-    if k >= n:
-        raise UserError(f"data.val_size asks for {k} validation rows but the file has only {n}; lower data.val_size")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     val_idx = set(order[:k])
@@ -146,13 +221,11 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template
     if cfg.eval_path:
         train_ex, eval_ex = examples, load_examples(cfg.eval_path, template=template)
     else:
-        train_ex, eval_ex = split_validation(examples, cfg.val_size, cfg.val_max_rows, seed)
+        train_ex, eval_ex = split_validation(examples, cfg.val_size, cfg.val_max_rows, seed, report)
     train = encode_examples(train_ex, tokenizer, template, cfg, report)
     eval_report = DataReport(overlength_policy=cfg.overlength)
     ev = encode_examples(eval_ex, tokenizer, template, cfg, eval_report) if eval_ex else []
-    for k in ("overlength", "truncated", "dropped_overlength", "dropped_no_target"):
-        setattr(report, k, getattr(report, k) + getattr(eval_report, k))
-    report.lengths += eval_report.lengths
+    report.add(eval_report)
     report.train_rows, report.eval_rows = len(train), len(ev)
     if not train:
         raise UserError(f"{cfg.path}: no trainable sample left (see the counts above); raise data.cutoff_len")

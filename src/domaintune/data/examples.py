@@ -5,8 +5,13 @@ Two row formats, detected per row:
 - instruction/input/output: `{"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}`
 - messages: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (multi-turn)
 
-Both become a list of OpenAI-style messages (`Example.messages`). All errors of a file (up to
-`MAX_ERRORS_SHOWN`) are reported together, each naming the file and the line.
+Both become a list of OpenAI-style messages (`Example.messages`). Every problem of a row is reported in one
+message (up to `MAX_PROBLEMS_SHOWN`, then "and N more"), and all bad rows of a file (up to `MAX_ERRORS_SHOWN`)
+together, each naming the file and the line. Text must be valid Unicode: a JSON escape of half a surrogate pair
+(e.g. a lone "\\ud83d", a cut emoji) is an error here, not a tokenizer crash later.
+
+`check_data_files` validates the files of a `data` config section the same way, without a tokenizer and
+without importing torch or transformers, so a bad file is reported before anything heavy loads.
 """
 from __future__ import annotations
 
@@ -16,12 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from .reader import read_records
+from .templates import Template, get_template
 
 if TYPE_CHECKING:
-    from .templates import Template
+    from ..config import DataConfig
 
 ROLES = ("system", "user", "assistant")
-MAX_ERRORS_SHOWN = 10
+MAX_ERRORS_SHOWN = 10  # rows per file error
+MAX_PROBLEMS_SHOWN = 5  # problems per row
+_SURROGATE = "half of a UTF-16 surrogate pair (not valid Unicode)"
 
 
 @dataclass
@@ -44,72 +52,137 @@ def _type_name(v: Any) -> str:
             bool: "true/false", type(None): "null"}.get(type(v), type(v).__name__)
 
 
+def _short(v: Any, limit: int = 40) -> str:
+    """repr(v), cut to about `limit` characters (a field dump must not swamp the message)."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _not_unicode(text: str) -> str | None:
+    """The problem with `text` if it holds half of a UTF-16 surrogate pair (from a JSON escape such as "\\ud83d"
+    without its partner): tokenizers reject such text and it cannot be written as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"holds \\u{ord(text[e.start]):04x}, {_SURROGATE} at character {e.start}"
+    return None
+
+
+def _joined(problems: list[str]) -> str:
+    more = len(problems) - MAX_PROBLEMS_SHOWN
+    text = "; ".join(problems[:MAX_PROBLEMS_SHOWN]) + (f"; and {more} more" if more > 0 else "")
+    if any(_SURROGATE in x for x in problems):
+        text += "; fix the \\u escape (write the whole character, or both halves)"
+    return text
+
+
 def parse_example(obj: Any, where: str, require_answer: bool = True, template: Template | None = None) -> Example:
-    """Validate one row and turn it into messages. `template` joins instruction + input."""
+    """Validate one row and turn it into messages. `template` joins instruction + input.
+
+    Raises one UserError naming `where` and every problem of the row (see `MAX_PROBLEMS_SHOWN`)."""
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {_type_name(obj)}")
+    problems: list[str] = []
     if "messages" in obj:
-        return Example(where, _parse_messages(obj["messages"], where, require_answer))
-    if "instruction" not in obj:
-        raise UserError(f'{where}: missing "instruction" (or "messages"); found fields {sorted(obj)}')
-    for key in ("instruction", "input", "output", "system"):
-        if key in obj and obj[key] is not None and not isinstance(obj[key], str):
-            raise UserError(f'{where}: "{key}" must be a string, got {_type_name(obj[key])}')
-    instruction, inp = obj["instruction"], obj.get("input") or ""
-    if not instruction.strip():
-        raise UserError(f'{where}: "instruction" is blank')
-    output = obj.get("output")
-    if require_answer:
-        if output is None:
-            raise UserError(f'{where}: missing "output"')
-        if not output.strip():
-            raise UserError(f'{where}: "output" is blank; every training row needs an answer')
-    msgs: list[dict] = []
-    if obj.get("system"):
-        msgs.append({"role": "system", "content": obj["system"]})
-    history = obj.get("history") or []
-    if not isinstance(history, list):
-        raise UserError(f'{where}: "history" must be a list of [question, answer] pairs, got {_type_name(history)}')
-    for k, pair in enumerate(history):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise UserError(f'{where}: "history"[{k}] must be a [question, answer] pair of strings')
-        if not pair[0].strip() or not pair[1].strip():
-            raise UserError(f'{where}: "history"[{k}] has a blank question or answer')
-        msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    user = template.join_instruction(instruction, inp) if template is not None else instruction + inp
-    msgs.append({"role": "user", "content": user})
-    if output is not None and output.strip():
-        msgs.append({"role": "assistant", "content": output})
+        msgs = _parse_messages(obj["messages"], problems, require_answer)
+    else:
+        msgs = _parse_fields(obj, problems, require_answer, template)
+    if problems:
+        raise UserError(f"{where}: {_joined(problems)}")
     return Example(where, msgs)
 
 
-def _parse_messages(msgs: Any, where: str, require_answer: bool) -> list[dict]:
+def _text(obj: dict, key: str, problems: list[str]) -> str | None:
+    """obj[key] if it is valid text, else None. A wrong type or text that is not valid Unicode goes to `problems`;
+    absent or null is fine here (a null "instruction" is recorded as a wrong type)."""
+    v = obj.get(key)
+    if v is None and (key != "instruction" or key not in obj):
+        return None
+    if not isinstance(v, str):
+        problems.append(f'"{key}" must be a string, got {_type_name(v)}')
+        return None
+    bad = _not_unicode(v)
+    if bad:
+        problems.append(f'"{key}" {bad}')
+        return None
+    return v
+
+
+def _parse_fields(obj: dict, problems: list[str], require_answer: bool, template: Template | None) -> list[dict]:
+    """The instruction/input/output/system/history format; every problem goes to `problems`."""
+    if "instruction" not in obj:
+        fields = sorted(obj)
+        shown = f"{fields[:10]} and {len(fields) - 10} more" if len(fields) > 10 else f"{fields}"
+        problems.append(f'missing "instruction" (or "messages"); found fields {shown}')
+    instruction = _text(obj, "instruction", problems)
+    if instruction is not None and not instruction.strip():
+        problems.append('"instruction" is blank')
+    inp = _text(obj, "input", problems) or ""
+    output = _text(obj, "output", problems)
+    if require_answer and obj.get("output") is None:
+        problems.append('missing "output"')
+    elif require_answer and output is not None and not output.strip():
+        problems.append('"output" is blank; every training row needs an answer')
+    system = _text(obj, "system", problems)
+    history = obj.get("history") or []
+    if not isinstance(history, list):
+        problems.append(f'"history" must be a list of [question, answer] pairs, got {_type_name(history)}')
+        history = []
+    turns: list[dict] = []
+    for k, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            problems.append(f'"history"[{k}] must be a [question, answer] pair of strings')
+        elif not pair[0].strip() or not pair[1].strip():
+            problems.append(f'"history"[{k}] has a blank question or answer')
+        elif bad := [f'"history"[{k}][{j}] {b}' for j, x in enumerate(pair) if (b := _not_unicode(x))]:
+            problems += bad
+        else:
+            turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    if problems or instruction is None:  # (instruction is valid text when nothing was found wrong)
+        return []
+    msgs = [{"role": "system", "content": system}] if system else []
+    user = template.join_instruction(instruction, inp) if template is not None else instruction + inp
+    msgs += turns + [{"role": "user", "content": user}]
+    if output is not None and output.strip():
+        msgs.append({"role": "assistant", "content": output})
+    return msgs
+
+
+def _parse_messages(msgs: Any, problems: list[str], require_answer: bool) -> list[dict]:
+    """The messages format; every bad message goes to `problems`, then (if none) the first problem of the order
+    of turns."""
     if not isinstance(msgs, list) or not msgs:
-        raise UserError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+        problems.append('"messages" must be a non-empty list of {"role", "content"} objects')
+        return []
     out = []
     for k, m in enumerate(msgs):
         if not isinstance(m, dict):
-            raise UserError(f'{where}: messages[{k}] must be an object, got {_type_name(m)}')
+            problems.append(f"messages[{k}] must be an object, got {_type_name(m)}")
+            continue
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise UserError(f'{where}: messages[{k}].role {role!r} is not one of {"/".join(ROLES)}')
+            problems.append(f'messages[{k}].role {_short(role)} is not one of {"/".join(ROLES)}')
         if not isinstance(content, str):
-            raise UserError(f'{where}: messages[{k}].content must be a string, got {_type_name(content)}')
-        if not content.strip() and role != "system":
-            raise UserError(f'{where}: messages[{k}].content is blank')
+            problems.append(f"messages[{k}].content must be a string, got {_type_name(content)}")
+        elif not content.strip() and role != "system":
+            problems.append(f"messages[{k}].content is blank")
+        elif bad := _not_unicode(content):
+            problems.append(f"messages[{k}].content {bad}")
         if role == "system" and k != 0:
-            raise UserError(f'{where}: messages[{k}]: a system message may only come first')
+            problems.append(f"messages[{k}]: a system message may only come first")
         out.append({"role": role, "content": content})
+    if problems:
+        return []
     turns = [m["role"] for m in out if m["role"] != "system"]
     for k, role in enumerate(turns):
         expected = "user" if k % 2 == 0 else "assistant"
         if role != expected:
-            raise UserError(f'{where}: turns must alternate user/assistant starting with user; '
-                            f'turn {k + 1} is {role!r}')
+            problems.append(f"turns must alternate user/assistant starting with user; turn {k + 1} is {role!r}")
+            return []
     if not turns:
-        raise UserError(f'{where}: "messages" has no user turn')
-    if require_answer and turns[-1] != "assistant":
-        raise UserError(f'{where}: the last message must be an assistant answer to train on')
+        problems.append('"messages" has no user turn')
+    elif require_answer and turns[-1] != "assistant":
+        problems.append("the last message must be an assistant answer to train on")
     return out
 
 
@@ -128,3 +201,19 @@ def load_examples(path: str | Path, require_answer: bool = True, template: Templ
         raise UserError(f"{len(errors)} invalid row(s); fix them and run again:\n  "
                         + "\n  ".join(errors[:MAX_ERRORS_SHOWN]) + more)
     return examples
+
+
+def check_data_files(cfg: DataConfig) -> int:
+    """Validate `cfg.path` (and `cfg.eval_path` when set) as training does, without a tokenizer; the training
+    file's row count.
+
+    Raises the UserError `load_examples` raises (missing file, invalid UTF-8 or JSON, bad rows; file and line
+    named), or `get_template`'s for an unknown or broken `cfg.template`. Instruction and input are joined with
+    the template's format, as in training (`get_template(name, None)` works for every template, `tokenizer` too).
+    Imports neither torch nor transformers: call it before loading the tokenizer.
+    """
+    template = get_template(cfg.template, None)
+    rows = len(load_examples(cfg.path, template=template))
+    if cfg.eval_path:
+        load_examples(cfg.eval_path, template=template)
+    return rows

@@ -2,11 +2,13 @@
 
 The one reader of data files in the project (training data, test files, predictions, seed questions):
 a UTF-8 BOM, CRLF line ends and blank lines are fine; invalid UTF-8, broken JSON and an empty file are
-errors that name the file and the line.
+errors that name the file and the line. So is JSON that Python's json module refuses for other reasons:
+nesting deeper than the interpreter's recursion limit, and integers longer than `sys.get_int_max_str_digits()`.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +28,13 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
     if not p.is_file():
         raise UserError(f"data file '{p}' not found")
     raw = p.read_bytes()
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
     try:
-        text = raw.decode("utf-8")
+        text = raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{p} line {line}: invalid UTF-8 (byte offset {e.start}); re-save the file as UTF-8") from None
+        line = raw[: bom + e.start].count(b"\n") + 1
+        raise UserError(f"{p} line {line}: invalid UTF-8 (byte offset {bom + e.start}); "
+                        "re-save the file as UTF-8") from None
     stripped = text.lstrip()
     if not stripped:
         raise UserError(f"{p}: the file is empty; it needs at least one row")
@@ -45,10 +47,20 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
             continue
         try:
             rows.append((n, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p} line {n}: not valid JSON ({e.msg} at column {e.colno}); "
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise UserError(f"{p} line {n}: not valid JSON ({_problem(e)}); "
                             "each line must hold one JSON object") from None
     return rows
+
+
+def _problem(e: ValueError | RecursionError) -> str:
+    """What json.loads / raw_decode refused, in words (without the advice Python's messages give programmers)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at column {e.colno}"
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply to read (Python's json module stops at about 1000 levels)"
+    # ValueError from int(): "Exceeds the limit (4300 digits) for integer string conversion ..."
+    return f"a number with more than {sys.get_int_max_str_digits()} digits; write it as a string"
 
 
 def _read_array(p: Path, text: str) -> list[tuple[int, Any]]:
@@ -65,13 +77,17 @@ def _read_array(p: Path, text: str) -> list[tuple[int, Any]]:
     i = skip_ws(i)
     if i < n and text[i] == "]":
         raise UserError(f"{p}: the JSON array is empty; it needs at least one row")
+    line, counted = 1, 0  # line number of text[counted]; counted on from row to row, so reading stays linear
     while True:
         i = skip_ws(i)
-        line = text.count("\n", 0, i) + 1
+        line += text.count("\n", counted, i)
+        counted = i
         try:
             obj, i = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise UserError(f"{p} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"{p} line {line}: not valid JSON ({_problem(e)})") from None
         rows.append((line, obj))
         i = skip_ws(i)
         if i < n and text[i] == ",":

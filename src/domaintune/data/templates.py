@@ -134,7 +134,7 @@ class Template:
             if text is EOS:
                 piece = [] if ids and ids[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]
             else:
-                piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+                piece = _token_ids(tokenizer, text)
             ids.extend(piece)
             mask.extend([trainable] * len(piece))
         return ids, mask
@@ -169,13 +169,13 @@ class Template:
                                 "so the trainable spans cannot be found; "
                                 "use data.template: chatml (or another format template) instead")
             for text, trainable in ((prefix[len(done):], False), (full[len(prefix):], True)):
-                piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+                piece = _token_ids(tokenizer, text) if text else []
                 ids.extend(piece)
                 mask.extend([trainable] * len(piece))
             done = full
         if add_generation_prompt:
             tail = render(messages, True)[len(done):]
-            piece = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+            piece = _token_ids(tokenizer, tail) if tail else []
             ids.extend(piece)
             mask.extend([False] * len(piece))
         return ids, mask
@@ -231,6 +231,13 @@ class Template:
             "{%- endfor -%}",
         ]
         return "".join(parts)
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of `text`, no special tokens added. `verbose=False` silences transformers' "Token indices sequence
+    length is longer than the specified maximum sequence length for this model" warning, which misleads here:
+    samples longer than data.cutoff_len are cut or dropped (encode.py), never fed to the model whole."""
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
