@@ -40,3 +40,54 @@ def test_quickstart_fills_the_run_directory(tiny_model_dir, tmp_path, monkeypatc
     assert json.loads((run / "adapter_config.json").read_text(encoding="utf-8"))["r"] == 4
     out = capsys.readouterr().out
     assert "[1/4] using the model in" in out and f"Run directory: {run}" in out
+
+
+def test_quickstart_without_a_config_works_from_any_folder(tiny_model_dir, tmp_path, monkeypatch):
+    """Regression (issue 9, defect 7): from any folder but the repository root it failed with
+    "data file 'examples/data/train.jsonl' not found"."""
+    from domaintune.cli import main
+
+    monkeypatch.chdir(tmp_path)  # an empty folder: no examples/, no configs/
+    assert main(["quickstart", f"model.name_or_path={tiny_model_dir('qwen2')}", "train.num_epochs=1", "lora.r=4",
+                 "--max-new-tokens", "2"]) == 0
+    run = tmp_path / "runs" / "quickstart"
+    info = json.loads((run / "run_info.json").read_text(encoding="utf-8"))
+    assert info["data"]["path"].endswith("train.jsonl") and (info["data"]["train_rows"], info["data"]["eval_rows"]) \
+        == (56, 8)
+    test_rows = (REPO / "examples" / "data" / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len((run / "predictions.jsonl").read_text(encoding="utf-8").splitlines()) == len(test_rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_a_built_wheel_carries_the_sample_data_and_configs_and_runs_the_quickstart(tiny_model_dir, tmp_path):
+    """A plain `pip install` has no examples/ or configs/ folder: the wheel must carry them."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(wheels), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel = next(wheels.glob("domaintune-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in ("train.jsonl", "test.jsonl", "chat.jsonl", "seeds.jsonl"):
+        assert f"domaintune/sample_data/{f}" in names
+        shipped = zipfile.ZipFile(wheel).read(f"domaintune/sample_data/{f}")
+        assert shipped == (REPO / "examples" / "data" / f).read_bytes()
+    assert "domaintune/configs/quickstart.yaml" in names and "domaintune/inference/serve/static/index.html" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    code = "import domaintune, sys; print(domaintune.__file__)"
+    where = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True)
+    assert where.stdout.startswith(str(site))  # the installed copy, not the source tree
+    argv = ["quickstart", f"model.name_or_path={tiny_model_dir('qwen2')}", "train.num_epochs=1", "lora.r=4",
+            "--max-new-tokens", "2"]
+    r = subprocess.run([sys.executable, "-m", "domaintune", *argv], cwd=work, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (work / "runs" / "quickstart" / "report.md").is_file()

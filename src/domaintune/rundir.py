@@ -57,6 +57,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_CONFIG = "config.json"  # a Hugging Face model directory's config
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 MODEL_WEIGHTS_GLOB = "model*.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights that need unpickling: refused by default
 GENERATION_CONFIG = "generation_config.json"
 MODEL_CARD = "README.md"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -105,6 +106,12 @@ class RunDir:
 
     def has_weights(self) -> bool:
         return self.has_adapter() or self.has_full_model()
+
+    def has_pickle_model(self) -> bool:
+        """A model folder whose weights are pickles only (pytorch_model.bin and the like): loadable only when
+        the user allows pickles."""
+        return (self.path / MODEL_CONFIG).is_file() and not self.has_full_model() and \
+            any(p.suffix in PICKLE_SUFFIXES for p in self.path.iterdir() if p.is_file())
 
     def looks_like_run(self) -> bool:
         """Whether this folder holds a domaintune run (started or finished): its config, log, run_info.json

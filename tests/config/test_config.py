@@ -360,3 +360,48 @@ def test_cli_from_json_bad_json_names_file_and_line(tmp_path, capsys):
     assert cli.main(["config", "--from-json", str(run_json)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {run_json} line 4: not valid JSON")
+
+
+# ---------------------------------------------------------------- issue 9: first-contact problems
+
+def test_an_override_error_names_the_override_not_the_file(tmp_path):
+    cfg = _write(tmp_path / "cfg.yaml", "train:\n  learning_rate: 1e-4\n")
+    with pytest.raises(UserError) as e:
+        load_config(cfg, ["train.learning_rate=abc"])
+    assert str(e.value) == ("invalid command-line override:\n  override 'train.learning_rate=abc': "
+                            "'train.learning_rate' must be a number, got 'abc'")
+    with pytest.raises(UserError) as e:  # one mistake in the file, one on the command line: each named
+        load_config(_write(tmp_path / "bad.yaml", "lora:\n  r: many\n"), ["train.seed=x", "lora.alpha=2"])
+    assert str(e.value) == (f"{tmp_path / 'bad.yaml'}: invalid config:\n  'lora.r' must be an integer, got 'many'\n"
+                            "  override 'train.seed=x': 'train.seed' must be an integer, got 'x'")
+    with pytest.raises(UserError) as e:
+        load_config(cfg, ["train.learnig_rate=1"])
+    assert str(e.value).startswith("invalid command-line override:\n  override 'train.learnig_rate=1': unknown key "
+                                   "'train.learnig_rate'. Did you mean 'train.learning_rate'?")
+
+
+def test_the_model_is_required_and_cannot_be_empty(tmp_path, capsys):
+    assert Config().model.name_or_path is None  # no silent fallback to a tiny test model
+    with pytest.raises(UserError, match=r"^model.name_or_path is not set: give the base model"):
+        Config().model.required_name()
+    with pytest.raises(UserError) as e:
+        load_config(None, ["model.name_or_path="])
+    assert str(e.value) == ("invalid command-line override:\n  override 'model.name_or_path=': 'model.name_or_path': "
+                            "is empty: set it to a local model folder or a hub id such as Qwen/Qwen2.5-0.5B-Instruct "
+                            "(got '')")
+    cfg = _write(tmp_path / "cfg.yaml", "data:\n  path: x.jsonl\ntrain:\n  output_dir: out\n")
+    assert cli.main(["train", str(cfg)]) == 2
+    assert capsys.readouterr().err.startswith("error: model.name_or_path is not set: give the base model, in the "
+                                              "config file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sections_of_other_verbs_are_left_out_while_at_defaults(tmp_path, capsys):
+    cfg = load_config(None, ["model.name_or_path=m"])
+    assert list(cfg.to_dict(omit_default_sections=True)) == ["model", "lora", "data", "train"]
+    assert list(cfg.to_dict()) == ["model", "lora", "data", "train", "selfinstruct"]  # `domaintune config` shows all
+    cfg = load_config(None, ["selfinstruct.domain=家庭教育"])
+    assert cfg.to_dict(omit_default_sections=True)["selfinstruct"]["domain"] == "家庭教育"  # set by the user: kept
+    run_json = _write(tmp_path / "run.json", json.dumps(RUN))
+    assert cli.main(["config", "--from-json", str(run_json)]) == 0
+    assert "selfinstruct" not in yaml.safe_load(capsys.readouterr().out.split("\n", 1)[1])

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import yaml
 
 from domaintune.cli import evaluate
 from domaintune.errors import UserError
@@ -177,3 +178,31 @@ def test_a_bad_log_line_is_named_and_the_report_still_written(tmp_path):
     (run / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\nbad\n{"step": 2, "loss": 1.0}\n', encoding="utf-8")
     md = report.run_report(run).read_text(encoding="utf-8")
     assert f"no plot: {run / 'log.jsonl'} line 2: not valid JSON (Expecting value); fix or delete that line" in md
+
+
+def test_the_data_section_names_the_rows_training_changed(tmp_path):
+    run = _full_run(tmp_path)
+    info = json.loads((run / "run_info.json").read_text(encoding="utf-8"))
+    info["data"].update({"dropped_no_target": 1, "overlength_rows": ["d.jsonl line 7: 900 tokens"],
+                         "dropped_no_target_rows": ["d.jsonl line 9"],
+                         "notes": ["validation split: 2 rows, not the 8 asked for by data.val_size=8"]})
+    (run / "run_info.json").write_text(json.dumps(info), encoding="utf-8")
+    md = report.run_report(run).read_text(encoding="utf-8")
+    data = md.split("## Data", 1)[1].split("\n## ", 1)[0]
+    assert "| dropped with nothing to train on | 1 |" in data
+    assert "Rows over cutoff_len:\n\n- d.jsonl line 7: 900 tokens" in data
+    assert "Rows dropped with nothing to train on:\n\n- d.jsonl line 9" in data
+    assert "Notes:\n\n- validation split: 2 rows, not the 8 asked for by data.val_size=8" in data
+
+
+def test_the_config_dump_leaves_out_sections_of_other_verbs_at_their_defaults(tmp_path):
+    from domaintune.config import Config
+
+    run = _full_run(tmp_path)
+    defaults = yaml.safe_dump({"selfinstruct": Config().to_dict()["selfinstruct"]}, allow_unicode=True)
+    with_defaults = CONFIG_YAML.rstrip("\n") + "\n" + defaults
+    (run / "config.yaml").write_text(with_defaults, encoding="utf-8")
+    md = report.run_report(run).read_text(encoding="utf-8")
+    assert "selfinstruct" not in md and "learning_rate" in md
+    (run / "config.yaml").write_text(CONFIG_YAML + "selfinstruct:\n  domain: 医疗\n", encoding="utf-8")
+    assert "selfinstruct:\n  domain: 医疗" in report.run_report(run).read_text(encoding="utf-8")  # set: shown

@@ -298,6 +298,14 @@ def test_missing_or_wrong_key_is_401(server):
     ({"model": MODEL, "messages": MSGS, "temperature": "hot"}, 400,
      err("temperature: Input should be a valid number, unable to parse string as a number", "temperature")),
     ({"messages": MSGS}, 400, err("model: Field required", "model")),
+    # a union (content: text or parts; stop: a string or a list) names the place the value was meant for, not
+    # pydantic's member label (regression: "messages.0.content.str: Input should be a valid string")
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
+     err("messages.0.content.0.type: Input should be 'text'", "messages.0.content.0.type")),
+    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400,
+     err("messages.0.content: Input should be a valid string; or Input should be a valid list", "messages.0.content")),
+    ({"model": MODEL, "messages": MSGS, "stop": ["ok", 1]}, 400,
+     err("stop.1: Input should be a valid string", "stop.1")),
 ])
 def test_invalid_requests(server, engine, body, status, expected):
     if callable(expected):  # the message names the prompt's token count
@@ -446,3 +454,135 @@ def test_cli_serve_stops_with_the_load_error(tmp_path):
         run_serve(tmp_path, port=free_port(), defaults=PRESETS["serve"].with_temperature(-1.0))
     with pytest.raises(UserError, match=r"^top_k must be >= 0 \(0 = off\), got -2$"):
         run_serve(tmp_path, port=free_port(), defaults=replace(PRESETS["serve"], top_k=-2))
+
+
+# ---------------------------------------------------------------- input that used to answer 500
+
+def post_raw(url, path, body, **kw):
+    """POST `body` serialised by json.dumps (ASCII escapes, so lone surrogates and NaN go through as written)."""
+    return httpx.post(url + path, content=json.dumps(body).encode(), timeout=60,
+                      headers={**AUTH, "Content-Type": "application/json"}, **kw)
+
+
+def not_unicode(param, char="U+D800", index=1):
+    return err(f"{param}: the text is not valid Unicode: it holds a lone surrogate ({char} at index {index}); send "
+               "well-formed text (in JSON, a \\ud800-\\udfff escape must be one half of a high-low pair).", param)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}], "stream": True},
+     "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [*MSGS, {"role": "assistant", "content": "ok"},
+                                           {"role": "user", "content": [{"type": "text", "text": "fine"},
+                                                                        {"type": "text", "text": "x\ud800"}]}]},
+     "messages.2.content.1.text"),
+    ("/v1/chat/completions", {"messages": MSGS, "stop": ["ok", "a\ud800"]}, "stop.1"),
+    ("/v1/chat/completions", {"messages": MSGS, "stop": "a\ud800", "stream": True}, "stop"),
+    ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
+    ("/v1/completions", {"prompt": "a\ud800b", "stream": True}, "prompt"),
+    ("/v1/completions", {"prompt": ["a\ud800b"]}, "prompt.0"),
+    ("/v1/completions", {"prompt": "ok", "suffix": "a\ud800"}, "suffix"),
+])
+def test_lone_surrogates_are_400_naming_the_field(server, path, body, param):
+    """Regression: a lone surrogate reached the tokenizer (TypeError) and answered 500."""
+    r = post_raw(server, path, {"model": MODEL, **body})
+    assert (r.status_code, r.headers["content-type"]) == (400, "application/json")
+    assert r.json() == not_unicode(param)
+
+
+def test_a_lone_surrogate_in_the_model_name_is_400(server):
+    """Regression: the 404 message echoed the name and the JSON response could not be encoded (500)."""
+    r = post_raw(server, "/v1/chat/completions", {"model": "t\udc00", "messages": MSGS})
+    assert r.status_code == 400 and r.json() == not_unicode("model", "U+DC00")
+    # a surrogate pair is one character (U+1F600), not an error
+    r = post_raw(server, "/v1/chat/completions", {"model": "\ud83d\ude00", "messages": MSGS})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+SEED_HIGH = err("seed: Input should be less than or equal to 18446744073709551615", "seed")
+SEED_LOW = err("seed: Input should be greater than or equal to -9223372036854775808", "seed")
+
+
+@pytest.mark.parametrize("path, extra", [("/v1/chat/completions", {"messages": MSGS}),
+                                         ("/v1/completions", {"prompt": "睡前故事"})])
+@pytest.mark.parametrize("stream", [False, True])
+def test_seed_outside_torchs_range_is_400_before_streaming(server, path, extra, stream):
+    """Regression: seed >= 2**64 answered 500 ('Overflow when unpacking long long'), streamed a 200 with an
+    in-band error. torch.manual_seed accepts [-2**63, 2**64 - 1]; both ends work."""
+    base = {"model": MODEL, **extra, "max_tokens": 2, "stream": stream}
+    for seed, expected in [(2**64, SEED_HIGH), (10**30, SEED_HIGH), (-2**63 - 1, SEED_LOW)]:
+        r = post_raw(server, path, {**base, "seed": seed})
+        assert (r.status_code, r.headers["content-type"], r.json()) == (400, "application/json", expected)
+    for seed in (2**64 - 1, -2**63):
+        r = post_raw(server, path, {**base, "seed": seed})
+        assert r.status_code == 200
+        if stream:
+            events = r.text.removesuffix("\n\n").split("\n\n")
+            assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events)
+
+
+def test_tiny_temperatures_decode_greedily(client):
+    """Regression: 0 < temperature < 1e-5 overflowed the logits (division by ~0) and answered 500; such
+    temperatures are the greedy limit, and decode greedily."""
+    greedy = client.chat.completions.create(model=MODEL, messages=MSGS, temperature=0, max_tokens=6)
+    for t in (5e-324, 1e-300, 1e-40, 9.9e-6):
+        r = client.chat.completions.create(model=MODEL, messages=MSGS, temperature=t, max_tokens=6)
+        assert r.choices[0].message.content == greedy.choices[0].message.content
+        chunks = list(client.chat.completions.create(model=MODEL, messages=MSGS, temperature=t, max_tokens=6,
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == greedy.choices[0].message.content
+
+
+@pytest.mark.parametrize("raw, expected", [
+    # Regression: a repetition penalty of ~0 divided the logits by zero (NaN probabilities: 500)
+    ({"repetition_penalty": 1e-300}, err("repetition_penalty: Input should be greater than or equal to 0.01",
+                                         "repetition_penalty")),
+    ({"repetition_penalty": 1e30}, err("repetition_penalty: Input should be less than or equal to 100",
+                                       "repetition_penalty")),
+    # Python's JSON parser reads NaN and Infinity; no parameter takes them
+    ({"repetition_penalty": float("inf")}, err("repetition_penalty: Input should be a finite number",
+                                               "repetition_penalty")),
+    ({"temperature": float("nan")}, err("temperature: Input should be a finite number", "temperature")),
+    ({"top_p": float("nan")}, err("top_p: Input should be a finite number", "top_p")),
+])
+def test_out_of_range_sampling_values_are_400(server, raw, expected):
+    for stream in (False, True):
+        r = post_raw(server, "/v1/chat/completions", {"model": MODEL, "messages": MSGS, "stream": stream, **raw})
+        assert (r.status_code, r.json()) == (400, expected)
+
+
+def test_unreadable_bodies_say_what_to_send(server):
+    headers = {**AUTH, "Content-Type": "application/json"}
+    r = httpx.post(server + "/v1/chat/completions", content=b'{"model": "\xff"}', headers=headers)
+    assert r.status_code == 400
+    assert r.json() == err("The request body could not be read: send a JSON object encoded in UTF-8.")
+    r = httpx.post(server + "/v1/chat/completions", content=b'{"model": tiny}', headers=headers)
+    assert r.status_code == 400
+    assert r.json() == err("The request body is not valid JSON (Expecting value at character 10): send a JSON object.")
+    r = httpx.post(server + "/v1/chat/completions", content=b"", headers=headers)
+    assert r.status_code == 400 and r.json() == err("The request body is empty: send a JSON object.")
+    r = httpx.post(server + "/v1/completions", content=b"[1, 2]", headers=headers)
+    assert r.status_code == 400
+    assert r.json() == err("The request body must be a JSON object, with the fields of the request.")
+
+
+def test_a_completion_prompt_longer_than_the_context_names_the_prompt(server):
+    r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "好" * 3000}, headers=AUTH)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "prompt" and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_server_bug_still_answers_an_openai_error_body(engine):
+    """An unexpected exception is a 500 (a bug, not the client's mistake), with the OpenAI error body."""
+
+    class Broken(Engine):
+        def encode_messages(self, messages):
+            raise RuntimeError("boom")
+
+    broken = Broken(engine.model, engine.tokenizer, engine.template, MODEL)
+    with running(create_app(broken)) as url:
+        r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": MSGS}, timeout=60)
+    assert r.status_code == 500
+    assert r.json() == err("The server failed on this request (RuntimeError: boom). This is a bug in domaintune: "
+                           "please report it with the request that caused it.", type_="server_error")

@@ -283,3 +283,50 @@ def test_base_config_dict_local_and_cached(hub_cache, micro):
     assert loader.base_config_dict("some-org/not-cached") is None
     assert loader.base_config_dict(str(hub_cache / "no-such-dir")) is None
     assert loader.base_config_dict(str(hub_cache)) is None  # a folder without config.json
+
+
+def _pickle_only_copy(src: Path, dest: Path) -> Path:
+    """The model of `src` with its weights as a pickle (pytorch_model.bin) and no safetensors."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(src, dest)
+    torch.save(load_file(str(dest / "model.safetensors")), dest / "pytorch_model.bin")
+    (dest / "model.safetensors").unlink()
+    return dest
+
+
+def test_pickle_weights_are_refused_unless_allowed(micro, tmp_path):
+    """Issue 9: a model or adapter whose weights are only .bin/.pt pickles loads only with --allow-pickle."""
+    import torch
+
+    folder = _pickle_only_copy(micro["qwen2"], tmp_path / "pickled")
+    with pytest.raises(UserError) as e:
+        loader.load_base_model(ModelConfig(name_or_path=str(folder)), device="cpu")
+    assert str(e.value) == (f"'{folder}' holds its weights only as pickle files (pytorch_model.bin), which can run "
+                            "code when loaded. Convert them to safetensors (save_pretrained(..., "
+                            "safe_serialization=True) where you trust them), or pass --allow-pickle "
+                            "(model.allow_pickle: true) if you trust them")
+    with pytest.raises(UserError, match="holds its weights only as pickle files"):
+        loader.load_plain_model(folder, device="cpu")
+    allowed = loader.load_base_model(ModelConfig(name_or_path=str(folder), allow_pickle=True), device="cpu")
+    plain = loader.load_base_model(ModelConfig(name_or_path=str(micro["qwen2"])), device="cpu")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(allowed(ids).logits, plain(ids).logits)  # the same weights, read from the pickle
+    assert torch.equal(loader.load_plain_model(folder, device="cpu", allow_pickle=True)(ids).logits,
+                       plain(ids).logits)
+
+
+def test_cli_refuses_pickle_weights_without_the_flag(micro, tmp_path, sample_data, capsys):
+    from domaintune.cli import main
+
+    folder = _pickle_only_copy(micro["qwen2"], tmp_path / "pickled")
+    argv = ["predict", str(folder), "--template", "domain_zh", "--data", str(sample_data / "test.jsonl"),
+            "--limit", "1", "--max-new-tokens", "2", "--no-eval", "--out", str(tmp_path / "p.jsonl")]
+    assert main(argv) == 2
+    assert "holds its weights only as pickle files (pytorch_model.bin)" in capsys.readouterr().err
+    assert not (tmp_path / "p.jsonl").exists()
+    assert main([*argv, "--allow-pickle"]) == 0
+    assert len((tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()) == 1

@@ -116,10 +116,14 @@ def test_make_tiny_model_verb(tmp_path, capsys):
 
 
 def test_tokenizer_corpus_defaults_to_the_bundled_sample_data():
+    from domaintune.bundled import sample_data_dir
     from domaintune.training.tiny import corpus_texts, default_corpus
 
     files = default_corpus()
-    assert Path(files[0]).parent.name == "data" and all(f.suffix == ".jsonl" for f in files)
+    repo = Path(__file__).resolve().parents[2] / "examples" / "data"
+    assert files == sorted(sample_data_dir().glob("*.jsonl")) and [f.name for f in files] == \
+        ["chat.jsonl", "seeds.jsonl", "test.jsonl", "train.jsonl"]
+    assert [f.read_bytes() for f in files] == [(repo / f.name).read_bytes() for f in files]
     texts = corpus_texts(files)
     assert len(texts) > 100 and any("孩子" in t for t in texts)
 

@@ -373,18 +373,72 @@ def test_tokens_per_second_counts_this_session_only(tmp_path):
     assert tokens_per_second(1000, 0, 0.0) is None
 
 
-def test_resume_without_a_complete_checkpoint_is_a_user_error(models, data12, tmp_path, capsys):
+def test_resume_without_a_complete_checkpoint_starts_from_the_beginning(models, data12, tmp_path, capsys):
+    """Regression (issue 9, defect 5): after a kill during the first checkpoint, --resume said "no complete
+    checkpoint; run without --resume" and the run without it said "already holds a run; pass --resume"."""
     from domaintune.cli import main
 
     out = tmp_path / "run"
     (out / "checkpoint-4").mkdir(parents=True)  # incomplete: no trainer_state.json (killed while saving)
     (out / "checkpoint-4" / "model.safetensors").write_bytes(b"")
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n', encoding="utf-8")
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(make_cfg(models["qwen2"], data12, out).to_yaml(), encoding="utf-8")
-    assert main(["train", str(cfg_path), "--resume"]) == 2
-    err = capsys.readouterr().err
-    assert err == f"error: --resume: '{out}' has no complete checkpoint to continue from; run without --resume\n"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4"]
+    cfg_path.write_text(make_cfg(models["qwen2"], data12, out, train={"max_steps": 3}).to_yaml(), encoding="utf-8")
+    assert main(["train", str(cfg_path)]) == 2  # without --resume: the message says what to pass
+    assert "already holds a run. Pass --resume to continue it" in capsys.readouterr().err
+    assert main(["train", str(cfg_path), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert (f"--resume: '{out}' has no complete checkpoint (the run was stopped before its first checkpoint was "
+            "complete; removed checkpoint-4): starting from the beginning") in printed
+    assert [r["step"] for r in train_records(out)] == [1, 2, 3]  # the old log is gone, not mixed in
+    assert RunDir(out).run_info()["train"]["global_steps"] == 3 and RunDir(out).has_adapter()
+    assert not (out / "checkpoint-4").exists()
+
+
+def test_resume_of_a_new_folder_starts_and_of_a_finished_run_without_checkpoints_is_refused(models, data12,
+                                                                                          tmp_path, capsys):
+    out = tmp_path / "fresh"
+    cfg = make_cfg(models["qwen2"], data12, out, train={"max_steps": 1})
+    run_train(cfg, resume=True)
+    assert f"--resume: '{out}' has no complete checkpoint (the folder is new): starting" in capsys.readouterr().out
+    assert RunDir(out).has_adapter()
+    import shutil
+
+    for ckpt in list_checkpoints(out):  # a finished run whose checkpoints were deleted to save space
+        shutil.rmtree(ckpt)
+    with pytest.raises(UserError, match="holds a finished run and no checkpoint to continue from; pass --overwrite"):
+        run_train(cfg, resume=True)
+    with pytest.raises(UserError, match="--resume continues the run .* and --overwrite deletes it"):
+        run_train(cfg, resume=True, overwrite=True)
+
+
+def test_a_folder_holding_other_things_is_refused_before_any_work(models, data12, tmp_path, monkeypatch):
+    """Regression (issue 9, defect 4): train.output_dir=runs/ (a folder of five runs) was accepted, and the
+    adapter, a checkpoint and the config were written among them."""
+    from domaintune.training import model as loader
+
+    runs = tmp_path / "runs"
+    for name in ("a", "b", "c", "d", "e"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "config.yaml").write_text("x: 1\n")
+    (runs / ".DS_Store").write_bytes(b"")
+    before = sorted(p.name for p in runs.iterdir())
+    monkeypatch.setattr(loader, "load_tokenizer", lambda *a, **k: pytest.fail("loaded the tokenizer"))
+    for flags in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(UserError) as e:
+            run_train(make_cfg(models["qwen2"], data12, runs, train={"max_steps": 1}), **flags)
+        if flags.get("overwrite"):
+            assert "does not look like a domaintune run directory" in str(e.value)
+        else:
+            assert str(e.value) == (f"train.output_dir '{runs}' is not empty and holds no domaintune run (a/, b/, c/, "
+                                    "d/, e/): training would write its files among them. Set train.output_dir to a "
+                                    f"new or empty folder, e.g. {runs / 'my-run'}")
+    assert sorted(p.name for p in runs.iterdir()) == before
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".gitkeep").write_text("")  # hidden files alone do not make a folder "not empty"
+    monkeypatch.undo()
+    run_train(make_cfg(models["qwen2"], data12, tmp_path / "empty", train={"max_steps": 1}))
+    assert RunDir(tmp_path / "empty").has_adapter()
 
 
 def test_only_complete_checkpoints_count(tmp_path):
@@ -689,3 +743,28 @@ def test_run_tokenizer_chat_template_renders_the_training_prompt(tiny_run):
                         "用户:How much screen time is fine?\n\n助手:")
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert list(ids) == template.encode(tok, msgs, add_generation_prompt=True)[0]
+
+
+@pytest.mark.parametrize("problem", ["missing", "bad-json", "bad-role", "not-utf8"])
+def test_bad_data_is_refused_before_torch_or_transformers_is_imported(models, tmp_path, problem):
+    """Regression (issue 9, defect 6): bad data was refused only after transformers and the tokenizer had loaded
+    (7-14 s on this machine; a missing file 11 s). The file is now checked first, in about a second."""
+    data = tmp_path / "d.jsonl"
+    if problem == "bad-json":
+        data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n', encoding="utf-8")
+    elif problem == "bad-role":
+        data.write_text('{"messages": [{"role": "robot", "content": "x"}]}\n', encoding="utf-8")
+    elif problem == "not-utf8":
+        data.write_bytes(b'{"instruction": "a", "output": "\xff"}\n')
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(make_cfg(models["qwen2"], data, tmp_path / "out").to_yaml(), encoding="utf-8")
+    script = ("import sys\nfrom domaintune.config import load_config\nfrom domaintune.errors import UserError\n"
+              "from domaintune.training.trainer import run_train\n"
+              "try:\n    run_train(load_config(sys.argv[1]))\nexcept UserError as e:\n"
+              "    print(repr(str(e)), 'torch' in sys.modules, 'transformers' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", script, str(cfg_path)], capture_output=True, text=True, timeout=60)
+    said = {"missing": f"data file '{data}' not found", "bad-json": f"{data} line 2: not valid JSON",
+            "bad-role": f"{data} line 1: messages[0].role 'robot'", "not-utf8": f"{data} line 1: invalid UTF-8"}
+    assert said[problem] in r.stdout, r.stdout + r.stderr
+    assert r.stdout.rstrip().endswith("False False"), r.stdout
+    assert not (tmp_path / "out").exists()

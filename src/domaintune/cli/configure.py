@@ -55,10 +55,10 @@ def cmd_config(a: argparse.Namespace) -> int:
         run = read_json_file(a.from_json)
         lora = read_json_file(a.lora_json) if a.lora_json else None
         raw = config_from_flat(run, lora, source=a.from_json)
-        cfg = build_config(apply_overrides(raw, a.overrides), a.from_json)
+        cfg = build_config(apply_overrides(raw, a.overrides), a.from_json, a.overrides)
         text = "# converted from " + a.from_json + (f" + {a.lora_json}" if a.lora_json else "") + "\n"
-        # Only the keys the flat files set, plus sections' defaults, are meaningful; print everything resolved.
-        text += cfg.to_yaml()
+        # The training sections fully resolved; sections of other verbs only when the overrides set them.
+        text += cfg.to_yaml(omit_default_sections=True)
     else:
         text = load_config(a.config, a.overrides).to_yaml()
     if a.out:

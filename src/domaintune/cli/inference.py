@@ -20,9 +20,13 @@ SERVE_HELP = ("Serve a run (or an exported / any local model directory) with an 
               "(/health: 503 while loading, 200 when ready). One model serves one request at a time: concurrent "
               "requests wait in a first-come-first-served queue, and a client that disconnects stops its "
               "generation. Binds 127.0.0.1 unless --host says otherwise; set an API key (--api-key or "
-              "$DOMAINTUNE_API_KEY) before exposing it. Requests that leave sampling parameters out get the "
-              "defaults below (the 'serve' preset); temperature 0 means greedy, and max_tokens is capped by the "
-              "context the prompt leaves. 'stop' strings are honoured; n must be 1.")
+              "$DOMAINTUNE_API_KEY) before exposing it: an empty or blank key is an error, not 'no key', and "
+              "whitespace around a key is dropped (HTTP cannot send it). Without a key, only requests addressed to "
+              "localhost, 127.0.0.1, ::1, the --host address or an --allowed-hosts name are answered (others get "
+              "403: a defence against DNS rebinding by web pages). Requests that leave sampling parameters out get "
+              "the defaults below (the 'serve' preset); temperature 0 means greedy (and so does one below 1e-5), "
+              "and max_tokens is capped by the context the prompt leaves. 'stop' strings are honoured; n must "
+              "be 1.")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +72,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     params = sampling_params(a, "predict", PREDICT_SAMPLING, zero_is_greedy=False)
     run_predict(a.run, a.data, out=a.out, params=params, batch_size=a.batch_size, base_only=a.base_only,
-                template=a.template, fmt=a.format, evaluate=not a.no_eval, limit=a.limit, overwrite=a.overwrite)
+                template=a.template, fmt=a.format, evaluate=not a.no_eval, limit=a.limit, overwrite=a.overwrite,
+                allow_pickle=a.allow_pickle)
     return 0
 
 
@@ -92,7 +97,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
     params = sampling_params(a, "chat", CHAT_SAMPLING, zero_is_greedy=True)
     return run_chat(a.run, base_only=a.base_only, template=a.template, params=params, system=a.system,
-                    context_len=a.context, device=a.device, dtype=a.dtype)
+                    context_len=a.context, device=a.device, dtype=a.dtype, allow_pickle=a.allow_pickle)
 
 
 def _register_serve(sub: argparse._SubParsersAction) -> None:
@@ -106,7 +111,12 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
                    help="interface to bind; 0.0.0.0 exposes the server (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${ENV_KEY} if set, else no key)")
+                   help=f"require 'Authorization: Bearer KEY' on /v1/*; printable ASCII, not empty (default: "
+                        f"${ENV_KEY} if set, else no key)")
+    p.add_argument("--allowed-hosts", action="append", default=None, metavar="HOSTS",
+                   help="without an API key, also answer requests addressed to these host names or addresses "
+                        "(comma-separated, repeatable; '*' = any host, which turns the DNS-rebinding check off) "
+                        "(default: none: only the bound address, localhost, 127.0.0.1 and [::1])")
     p.add_argument("--model-name", default=None,
                    help="model id clients must send (default: the directory's name, '-base' added with --base-only)")
     add_sampling_options(p, "serve", SERVE_SAMPLING, zero_is_greedy=True, flag_names={"max_new_tokens": "--max-tokens"},
@@ -123,9 +133,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ..inference.serve.server import run_serve
 
     defaults = sampling_params(a, "serve", SERVE_SAMPLING, zero_is_greedy=True)
+    allowed_hosts = [h for value in a.allowed_hosts or [] for h in value.split(",")]
     return run_serve(a.run, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
                      base_only=a.base_only, template=a.template, defaults=defaults, max_body_bytes=a.max_body_bytes,
-                     device=a.device, dtype=a.dtype, log_level=a.log_level)
+                     device=a.device, dtype=a.dtype, log_level=a.log_level, allowed_hosts=allowed_hosts,
+                     allow_pickle=a.allow_pickle)
 
 
 def _register_export(sub: argparse._SubParsersAction) -> None:
@@ -153,5 +165,5 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
 def cmd_export(a: argparse.Namespace) -> int:
     from ..inference.export import run_export
 
-    run_export(a.run, a.out, a.dtype, a.max_shard_size, a.overwrite, a.template)
+    run_export(a.run, a.out, a.dtype, a.max_shard_size, a.overwrite, a.template, allow_pickle=a.allow_pickle)
     return 0

@@ -1,6 +1,6 @@
 """Flags shared by several verbs, built from the library's own definitions.
 
-- `add_config_args`: a YAML config plus dotted overrides (train, data-check, config, gen-data, quickstart).
+- `add_config_args`: a YAML config plus dotted overrides (train, data-check, gen-data).
 - `add_sampling_options` / `sampling_params`: the sampling flags of predict, chat and serve, generated from
   `GenerationParams` (field, type, help) with the defaults of the verb's named preset (`PRESETS`), so
   `--help` shows exactly the defaults the code uses.
@@ -21,13 +21,10 @@ _TYPES = {f.name: f.type for f in fields(GenerationParams)}
 _PARSERS = {"int": int, "float": float, "int | None": int}
 
 
-def add_config_args(p: argparse.ArgumentParser, optional_default: str | None = None,
-                    example: str = "train.learning_rate=2e-4 lora.r=16", what: str = "YAML config file") -> None:
-    """The config file (required, or optional with `optional_default`) and dotted overrides."""
-    if optional_default is None:
-        p.add_argument("config", help=f"{what} (required)")
-    else:
-        p.add_argument("config", nargs="?", default=optional_default, help="YAML config file (default: %(default)s)")
+def add_config_args(p: argparse.ArgumentParser, example: str = "train.learning_rate=2e-4 lora.r=16",
+                    what: str = "YAML config file") -> None:
+    """The config file (required) and dotted overrides."""
+    p.add_argument("config", help=f"{what} (required)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", default=[],
                    help=f"dotted overrides, e.g. {example} (default: none)")
 
@@ -76,6 +73,9 @@ def add_model_dir_options(p: argparse.ArgumentParser, base_only: str | None = No
                    help=template or "prompt template for a directory without template.json: domain_zh, alpaca, "
                                     "chatml, tokenizer or a .json path (default: the run's template.json, else the "
                                     "tokenizer's chat_template)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load .bin/.pt (pickle) weights of a model without safetensors; pickles can run code, so "
+                        "only for files you trust (default: off; a run trained with model.allow_pickle keeps it)")
     if device:
         p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
         p.add_argument("--dtype", choices=DTYPES, default="auto",

@@ -16,6 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing run in train.output_dir and start afresh; refused for a folder that is "
                         "not a run directory or that holds the base model (default: off)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="the same as model.allow_pickle=true: load .bin/.pt (pickle) base weights when the model has "
+                        "no safetensors; only for files you trust (default: off)")
     p.set_defaults(func=cmd_train)
 
     from ..training.tiny import ARCHS, SIZES  # stdlib-only module: cheap
@@ -30,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", choices=list(SIZES), default="small",
                    help="micro (~0.2M parameters, for tests) or small (~4M) (default: %(default)s)")
     p.add_argument("--corpus", nargs="*", type=Path, default=None,
-                   help="JSON-lines files to train the tokenizer on (default: examples/data/*.jsonl)")
+                   help="JSON-lines files to train the tokenizer on (default: the shipped sample data, "
+                        "examples/data/*.jsonl)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default: %(default)s)")
     p.set_defaults(func=cmd_make_tiny_model)
 
@@ -38,9 +42,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                           "(CPU, minutes)",
                        description="Run the whole loop on the bundled sample data: builds the tiny model if "
                                    "missing, LoRA-trains it, predicts the test split, writes metrics.json, loss.png "
-                                   "and report.md.")
-    add_config_args(p, optional_default="configs/quickstart.yaml", example="train.num_epochs=1")
-    p.add_argument("--test", default="examples/data/test.jsonl", help="test file to predict (default: %(default)s)")
+                                   "and report.md. Works from any folder: the tiny model and the run go to runs/ "
+                                   "under the current folder.")
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML config file (default: the quickstart config shipped with domaintune, "
+                        "configs/quickstart.yaml, on the shipped sample data)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", default=[],
+                   help="dotted overrides, e.g. train.num_epochs=1 (default: none)")
+    p.add_argument("--test", default=None,
+                   help="test file to predict (default: the shipped sample test file, examples/data/test.jsonl)")
     p.add_argument("--arch", default="qwen2", choices=ARCHS,
                    help="architecture of the tiny model, when it must be built (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=64,
@@ -52,7 +62,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from ..config import load_config
     from ..training.trainer import run_train
 
-    run_train(load_config(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite)
+    overrides = [*a.overrides, *(["model.allow_pickle=true"] if a.allow_pickle else [])]
+    run_train(load_config(a.config, overrides), resume=a.resume, overwrite=a.overwrite)
     return 0
 
 
@@ -66,5 +77,7 @@ def cmd_make_tiny_model(a: argparse.Namespace) -> int:
 def cmd_quickstart(a: argparse.Namespace) -> int:
     from ..quickstart import run_quickstart
 
+    if a.config and "=" in a.config and not Path(a.config).is_file():  # `quickstart train.num_epochs=1`
+        a.overrides, a.config = [a.config, *a.overrides], None
     run_quickstart(a.config, a.overrides, a.test, a.arch, a.max_new_tokens)
     return 0

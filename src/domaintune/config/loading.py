@@ -60,9 +60,21 @@ def _field_path(loc: tuple) -> tuple[str, ...]:
     return tuple(out)
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem: unknown keys with the closest valid key, wrong types with the expected type."""
-    lines: list[str] = []
+def _blame(dotted: str, overrides: dict[tuple[str, ...], str]) -> str | None:
+    """The command-line override that set the field `dotted` (or a value above or below it), if any; the
+    last one wins, as it does when overrides are applied."""
+    key = tuple(dotted.split(".")) if dotted else ()
+    hits = [item for k, item in overrides.items() if key and (k[: len(key)] == key or key[: len(k)] == k)]
+    return hits[-1] if hits else None
+
+
+def format_validation_error(err: ValidationError, source: str,
+                            overrides: dict[tuple[str, ...], str] | None = None) -> str:
+    """One line per problem: unknown keys with the closest valid key, wrong types with the expected type.
+    A problem that a command-line override caused names that override, not the file (`overrides`: the
+    dotted key of each override -> the override as typed)."""
+    overrides = overrides or {}
+    problems: list[tuple[str, str]] = []  # (dotted field, text)
     expected: dict[str, tuple[Any, list[str]]] = {}  # field -> (input, what it must be); a union gives several
     for e in err.errors():
         if e["type"] == "extra_forbidden":
@@ -71,19 +83,25 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             valid = _fields_of(Config, loc[:-1])
             close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
             hint = f" Did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
-            lines.append(f"unknown key '{dotted}'.{hint} Valid keys here: {', '.join(valid)}")
+            problems.append((dotted, f"unknown key '{dotted}'.{hint} Valid keys here: {', '.join(valid)}"))
             continue
         dotted = ".".join(_field_path(e["loc"]))
         if e["type"] in _TYPE_WORDS or e["type"] == "literal_error":
             word = _TYPE_WORDS.get(e["type"]) or e.get("ctx", {}).get("expected", e["msg"])
             expected.setdefault(dotted, (e.get("input"), []))[1].append(word)
         elif not dotted:  # a check across fields (model validator): its message says it all
-            lines.append(e["msg"].removeprefix("Value error, "))
+            problems.append(("", e["msg"].removeprefix("Value error, ")))
         else:
-            lines.append(f"'{dotted}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
+            problems.append((dotted, f"'{dotted}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})"))
     for dotted, (value, words) in expected.items():
-        lines.append(f"'{dotted}' must be {' or '.join(dict.fromkeys(words))}, got {value!r}")
-    return f"{source}: invalid config:\n  " + "\n  ".join(lines)
+        problems.append((dotted, f"'{dotted}' must be {' or '.join(dict.fromkeys(words))}, got {value!r}"))
+    lines, from_file = [], False
+    for dotted, text in problems:
+        item = _blame(dotted, overrides)
+        from_file = from_file or item is None
+        lines.append(f"override '{item}': {text}" if item else text)
+    head = f"{source}: invalid config" if from_file or not overrides else "invalid command-line override"
+    return head + ":\n  " + "\n  ".join(lines)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -127,17 +145,19 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def build_config(raw: dict, source: str = "config") -> Config:
+def build_config(raw: dict, source: str = "config", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Validate `raw` (already holding `overrides`, which are only named in error messages)."""
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, source)) from None
+        blamed = {tuple(parse_override(item)[0]): item for item in overrides}
+        raise UserError(format_validation_error(e, source, blamed)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or none: all defaults), apply dotted overrides, validate."""
     raw = read_yaml(path) if path else {}
-    return build_config(apply_overrides(raw, overrides), str(path or "config"))
+    return build_config(apply_overrides(raw, overrides), str(path or "config"), overrides)
 
 
 def explain(model_cls: type[BaseModel] = Config, prefix: str = "") -> list[str]:

@@ -16,9 +16,10 @@ from .selfinstruct import SelfInstructConfig
 
 
 class ModelConfig(Section):
-    name_or_path: str = Field(
-        "runs/tiny-model",
-        description="Base model: a local Hugging Face model directory or a hub id (e.g. bigscience/bloomz-560m).",
+    name_or_path: str | None = Field(
+        None,
+        description="Base model (required to train): a local Hugging Face model directory or a hub id "
+                    "(e.g. Qwen/Qwen2.5-0.5B-Instruct).",
     )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
@@ -36,6 +37,24 @@ class ModelConfig(Section):
         description="Attention kernel passed to transformers (e.g. sdpa, eager, flash_attention_2); "
                     "None = library default.",
     )
+    allow_pickle: bool = Field(
+        False, description="Load .bin/.pt (pickle) weights when a model has no safetensors; pickles can run code, "
+                           "so only for files you trust (--allow-pickle).")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _name_or_path(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("is empty: set it to a local model folder or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
+        return v
+
+    def required_name(self) -> str:
+        """`name_or_path`, or a UserError saying it must be set (a verb that loads the base model calls this)."""
+        if self.name_or_path is None:
+            raise UserError("model.name_or_path is not set: give the base model, in the config file (model: "
+                            "name_or_path: ...) or as model.name_or_path=... on the command line; a local model "
+                            "folder or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
+        return self.name_or_path
 
 
 class LoraConfig(Section):
@@ -73,7 +92,8 @@ class DataConfig(Section):
     train_on_inputs: bool = Field(False, description="Also compute the loss on prompts (default: responses only).")
     val_size: Union[int, float] = Field(
         0.1, ge=0,
-        description="Validation split taken from the training file: a row count (int) or a fraction in (0, 1).",
+        description="Validation split taken from the training file: a row count (int; at most 20% of the rows, "
+                    "said when capped) or a fraction in (0, 1); at least one row always stays for training.",
     )
     val_max_rows: int | None = Field(None, ge=0, description="Upper bound on the validation split's row count.")
 
@@ -142,6 +162,9 @@ class TrainConfig(Section):
         return self.per_device_batch_size * world_size * self.gradient_accumulation(world_size)
 
 
+OPTIONAL_SECTIONS = ("selfinstruct",)  # sections that belong to other verbs than training
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings.")
@@ -158,8 +181,16 @@ class Config(Section):
                              "(QLoRA trains an adapter on a quantized base)")
         return self
 
-    def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+    def to_dict(self, omit_default_sections: bool = False) -> dict:
+        """The config as plain data. With `omit_default_sections`, sections that other verbs own
+        (`OPTIONAL_SECTIONS`, e.g. `selfinstruct`) are left out while they hold only defaults: a training run's
+        config.yaml, a converted flat config and the report show what matters to them."""
+        out = self.model_dump(mode="json")
+        if omit_default_sections:
+            for name in OPTIONAL_SECTIONS:
+                if getattr(self, name) == type(getattr(self, name))():
+                    out.pop(name)
+        return out
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+    def to_yaml(self, omit_default_sections: bool = False) -> str:
+        return yaml.safe_dump(self.to_dict(omit_default_sections), sort_keys=False, allow_unicode=True)

@@ -78,6 +78,14 @@ def _config_section(run: rundir.RunDir, info: dict) -> list[str]:
         cfg = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         return lines + [f"{run.config_path} could not be read as YAML: {e}"]
+    if isinstance(cfg, dict):  # runs of older versions kept sections of other verbs even at their defaults
+        from ..config import Config
+        from ..config.sections import OPTIONAL_SECTIONS
+
+        defaults = Config().to_dict()
+        shown = {k: v for k, v in cfg.items() if not (k in OPTIONAL_SECTIONS and v == defaults.get(k))}
+        if shown != cfg:
+            text = yaml.safe_dump(shown, sort_keys=False, allow_unicode=True)
     rows = []
     method = info.get("method") or ("full" if _dotted(cfg, "lora.enabled") is False else "lora")
     for label, keys, info_key in CONFIG_ROWS:
@@ -107,7 +115,15 @@ def _data_section(info: dict) -> list[str]:
     if isinstance(lengths, dict):
         rows.append(("tokens per row (min / mean / median / p95 / max)",
                      " / ".join(_fmt(lengths.get(k)) for k in ("min", "mean", "median", "p95", "max"))))
-    return lines + _table(rows, ("item", "value"))
+    if data.get("dropped_no_target"):
+        rows.append(("dropped with nothing to train on", data["dropped_no_target"]))
+    lines += _table(rows, ("item", "value"))
+    for title, key in (("Rows over cutoff_len", "overlength_rows"),
+                       ("Rows dropped with nothing to train on", "dropped_no_target_rows"), ("Notes", "notes")):
+        items = data.get(key)
+        if isinstance(items, list) and items:
+            lines += ["", f"{title}:", ""] + [f"- {_fmt(x)}" for x in items]
+    return lines
 
 
 def _training_section(run: rundir.RunDir, info: dict, log: list[dict]) -> list[str]:

@@ -85,12 +85,13 @@ class Engine:
     # ------------------------------------------------------------ loading
     @classmethod
     def from_run(cls, path: str | Path, base_only: bool = False, template: str | None = None,
-                 device: str | None = None, dtype: str = "auto") -> Engine:
+                 device: str | None = None, dtype: str = "auto", allow_pickle: bool = False) -> Engine:
         """An engine on a run, checkpoint, exported model or local model directory (see loading.py). Its
         model id is the directory's name, with "-base" for `base_only`."""
         from .loading import load_run
 
-        loaded = load_run(path, base_only=base_only, template=template, device=device, dtype=dtype)
+        loaded = load_run(path, base_only=base_only, template=template, device=device, dtype=dtype,
+                          allow_pickle=allow_pickle)
         name = loaded.source.path.resolve().name + ("-base" if base_only else "")
         return cls(loaded.model, loaded.tokenizer, loaded.template, name, run_config=loaded.source.config)
 

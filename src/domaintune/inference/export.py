@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 def run_export(run: str | Path, out: str | Path, dtype: str = "auto", max_shard_size: str = "2GB",
-               overwrite: bool = False, template: str | None = None) -> Path:
+               overwrite: bool = False, template: str | None = None, allow_pickle: bool = False) -> Path:
     """Merge/copy the run's weights into `out` with tokenizer, chat template, generation config and card."""
     from transformers import GenerationConfig
 
@@ -37,13 +37,14 @@ def run_export(run: str | Path, out: str | Path, dtype: str = "auto", max_shard_
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    src = inspect_run(run)  # a missing directory or weights stop here, before anything loads
+    src = inspect_run(run, allow_pickle=allow_pickle)  # a missing directory or weights stop here, before any load
     rd, out = RunDir(src.path), Path(out)
     _check_out(rd.path, out, overwrite)
     revision = src.base.revision if src.adapter and src.base else None
     torch_dtype = _torch_dtype(dtype, src.weights_source, revision)
     # The base is loaded unquantized on the CPU, so a QLoRA adapter merges into real weights.
-    loaded = load_run(src, template=template, device="cpu", dtype=torch_dtype, merge=True, unquantized=True)
+    loaded = load_run(src, template=template, device="cpu", dtype=torch_dtype, merge=True, unquantized=True,
+                      allow_pickle=allow_pickle)
     how = "LoRA adapter merged into the base weights" if loaded.merged else "full fine-tuning"
     model, tok, tpl = loaded.model.to(torch_dtype), loaded.tokenizer, loaded.template
 

@@ -46,9 +46,11 @@ class RunSource:
         return self.base.name_or_path if self.adapter and self.base else str(self.path)
 
 
-def inspect_run(path: str | Path, base_only: bool = False) -> RunSource:
-    """Check a run or model directory and read its config; raises UserError saying what is missing."""
+def inspect_run(path: str | Path, base_only: bool = False, allow_pickle: bool = False) -> RunSource:
+    """Check a run or model directory and read its config; raises UserError saying what is missing. A model
+    folder with pickle weights only is refused here unless `allow_pickle`."""
     from ..config import load_config
+    from ..training.model import check_no_pickle_only
 
     run = RunDir(path)
     if not run.path.is_dir():
@@ -57,7 +59,9 @@ def inspect_run(path: str | Path, base_only: bool = False) -> RunSource:
     if base_only and cfg is None:
         raise UserError(f"--base-only needs a training run directory (with config.yaml naming the base model); "
                         f"'{run.path}' is a plain model directory")
-    if not run.has_weights():
+    if run.has_pickle_model():
+        check_no_pickle_only(run.path, allow_pickle or bool(cfg and cfg.model.allow_pickle))
+    elif not run.has_weights():
         raise UserError(f"'{run.path}' has no final weights ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG}, or "
                         f"{MODEL_CONFIG} + {MODEL_WEIGHTS_GLOB}). Did training finish? Checkpoints live in "
                         "checkpoint-*/.")
@@ -80,25 +84,28 @@ class LoadedRun:
 
 def load_run(path: str | Path | RunSource, *, base_only: bool = False, template: str | None = None,
              device: str | None = None, dtype: str | torch.dtype = "auto", merge: bool = False,
-             unquantized: bool = False) -> LoadedRun:
+             unquantized: bool = False, allow_pickle: bool = False) -> LoadedRun:
     """Load a run or model directory (see the module docstring) in `dtype` (a config name such as "auto",
     or a torch dtype) on `device` (default: the best available), in eval mode.
 
     `base_only`: the base model without the run's adapter (a before/after comparison). `merge`: fold the
     adapter into the base weights (export). `unquantized`: ignore the run's model.quantization (merging
-    needs real weights). `template` overrides the directory's template.json."""
+    needs real weights). `template` overrides the directory's template.json. Pickle weights (.bin) load only
+    with `allow_pickle` or when the run's config allowed them for its base model (model.allow_pickle)."""
     from ..rundir import resolve_template
     from ..training import model as loader
     from ..training.precision import resolve_device, resolve_dtype
 
-    src = path if isinstance(path, RunSource) else inspect_run(path, base_only)
+    src = path if isinstance(path, RunSource) else inspect_run(path, base_only, allow_pickle)
     device = device or resolve_device()
     torch_dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
     tok = loader.load_tokenizer(str(src.path), trust_remote_code=src.trust_remote_code)
     tpl = resolve_template(src.path, tok, template)
+    allow_pickle = allow_pickle or bool(src.config and src.config.model.allow_pickle)
     base_cfg = src.base
-    if base_cfg is not None and unquantized:
-        base_cfg = base_cfg.model_copy(update={"quantization": "none"})
+    if base_cfg is not None:
+        update = {"allow_pickle": allow_pickle} | ({"quantization": "none"} if unquantized else {})
+        base_cfg = base_cfg.model_copy(update=update)
     merged = False
     if src.adapter:
         model = loader.load_base_model(base_cfg, device=device, dtype=torch_dtype)
@@ -110,7 +117,7 @@ def load_run(path: str | Path | RunSource, *, base_only: bool = False, template:
         model = loader.load_base_model(base_cfg, device=device, dtype=torch_dtype)
     else:
         model = loader.load_plain_model(src.path, dtype=torch_dtype, device=device,
-                                        trust_remote_code=src.trust_remote_code)
+                                        trust_remote_code=src.trust_remote_code, allow_pickle=allow_pickle)
     model.to(device)
     model.eval()
     return LoadedRun(src, model, tok, tpl, base_only, merged)

@@ -47,7 +47,8 @@ FORMATS = ("jsonl", "json-array")
 
 # ---------------------------------------------------------------- loss on a test file
 
-def run_test_loss(run_dir: str | Path, data: str | Path, base_only: bool = False, template: str | None = None) -> dict:
+def run_test_loss(run_dir: str | Path, data: str | Path, base_only: bool = False, template: str | None = None,
+                  allow_pickle: bool = False) -> dict:
     """Load RUN's model and return {"loss", "perplexity", "target_tokens"} on the test file's targets
     (used by `domaintune eval --run RUN --data TEST`)."""
     from .engine import Engine
@@ -57,7 +58,7 @@ def run_test_loss(run_dir: str | Path, data: str | Path, base_only: bool = False
     if not any(ex.prompt_and_target()[1] for ex in examples):
         raise UserError(f"{data}: no row has a target (output / last assistant turn): "
                         "there is nothing to compute a loss on")
-    engine = Engine.from_run(run.path, base_only=base_only, template=template)
+    engine = Engine.from_run(run.path, base_only=base_only, template=template, allow_pickle=allow_pickle)
     examples = load_examples(data, require_answer=False, template=engine.template)
     loss = engine.loss_on_targets(examples)
     if not loss:
@@ -159,7 +160,8 @@ def _check_args(params: GenerationParams, batch_size: int, fmt: str, limit: int 
 def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = None,
                 params: GenerationParams | None = None, batch_size: int = 8, base_only: bool = False,
                 template: str | None = None, fmt: str = "jsonl",
-                evaluate: bool = True, limit: int | None = None, overwrite: bool = False) -> Path:
+                evaluate: bool = True, limit: int | None = None, overwrite: bool = False,
+                allow_pickle: bool = False) -> Path:
     """Predict every row of `data` (the first `limit` rows) with RUN's model; returns the predictions.jsonl path.
 
     Resumable (see the module docstring). With `evaluate`, scores the file (metrics.run_eval) with the
@@ -185,7 +187,7 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
 
     engine = None
     if todo or (evaluate and has_targets):
-        engine = Engine.from_run(run.path, base_only=base_only, template=template)
+        engine = Engine.from_run(run.path, base_only=base_only, template=template, allow_pickle=allow_pickle)
         if engine.template.instruction_input_format != light.instruction_input_format:
             examples = load_examples(data, require_answer=False, template=engine.template)[:limit]
             todo = [ex for ex in examples if ex.index not in done]

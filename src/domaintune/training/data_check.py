@@ -10,10 +10,12 @@ if TYPE_CHECKING:
 def run_data_check(cfg: Config, example: int = 0, color: bool = False) -> dict:
     """Validate + tokenize like training; print a summary and one masked example; return the report dict."""
     from ..data.encode import build_datasets, render_masked
+    from ..data.examples import check_data_files
     from ..data.templates import get_template
     from .model import load_tokenizer
 
-    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
+    check_data_files(cfg.data)  # bad data is named before the tokenizer (and transformers) loads
+    tok = load_tokenizer(cfg.model.required_name(), cfg.model.trust_remote_code, cfg.model.revision)
     template = get_template(cfg.data.template, tok)
     ds = build_datasets(cfg.data, tok, template, cfg.train.seed)
     print("\n".join(ds.report.summary_lines()))

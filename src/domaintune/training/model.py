@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from ..rundir import MODEL_CARD, MODEL_CONFIG, TOKENIZER_FILES
+from ..rundir import MODEL_CARD, MODEL_CONFIG, PICKLE_SUFFIXES, TOKENIZER_FILES
 from .precision import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -72,10 +72,27 @@ def _check_hub_reachable(repo_id: str) -> None:
 
 
 def _load_error(name: str, e: Exception) -> UserError:
-    return UserError(f"could not load model '{name}': {e.__class__.__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''}\n"
-                     "If this is a hub id, download it first (huggingface-cli download ID --local-dir DIR) and "
-                     "set model.name_or_path to DIR.")
+    first = str(e).splitlines()[0] if str(e) else ""
+    if "safetensors" in first and not Path(name).expanduser().is_dir():  # local pickle-only folders are named earlier
+        hint = ("It may hold only pickle weights (.bin): convert them to safetensors, or pass --allow-pickle "
+                "(model.allow_pickle: true) if you trust the file.")
+    else:
+        hint = ("If this is a hub id, download it first (hf download ID --local-dir DIR) and set "
+                "model.name_or_path to DIR.")
+    return UserError(f"could not load model '{name}': {e.__class__.__name__}: {first}\n{hint}")
+
+
+def check_no_pickle_only(path: str | Path, allow_pickle: bool) -> None:
+    """Refuse a local model folder whose weights exist only as pickles (which can run code when loaded),
+    unless the user allows pickles for this model."""
+    folder = Path(path).expanduser()
+    if allow_pickle or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(f"'{path}' holds its weights only as pickle files ({', '.join(pickles[:3])}), which can run "
+                        "code when loaded. Convert them to safetensors (save_pretrained(..., safe_serialization=True) "
+                        "where you trust them), or pass --allow-pickle (model.allow_pickle: true) if you trust them")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
@@ -127,10 +144,12 @@ def load_base_model(model_cfg: ModelConfig, device: str | None = None,
     """The base causal LM described by a `model` config section."""
     from transformers import AutoModelForCausalLM
 
-    src = check_model_source(model_cfg.name_or_path)
+    src = check_model_source(model_cfg.required_name())
+    check_no_pickle_only(src, model_cfg.allow_pickle)
     device = device or resolve_device()
     dtype = dtype or resolve_dtype(model_cfg.dtype, device)
-    kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
+    kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
+                  use_safetensors=None if model_cfg.allow_pickle else True)
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     if model_cfg.quantization != "none":
@@ -178,14 +197,16 @@ def load_adapter(base: PreTrainedModel, adapter_dir: str | Path, trainable: bool
 
 
 def load_plain_model(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None,
-                     trust_remote_code: bool = False) -> PreTrainedModel:
+                     trust_remote_code: bool = False, allow_pickle: bool = False) -> PreTrainedModel:
     """A full (or merged/exported) model directory."""
     from transformers import AutoModelForCausalLM
 
+    check_no_pickle_only(path, allow_pickle)
     device = device or resolve_device()
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or resolve_dtype("auto", device),
-                                                    trust_remote_code=trust_remote_code)
+                                                    trust_remote_code=trust_remote_code,
+                                                    use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError) as e:
         raise _load_error(str(path), e) from None
 

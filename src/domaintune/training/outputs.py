@@ -2,13 +2,17 @@
 written at the end (tokenizer, template, resolved config, generation config, run_info.json)."""
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import UserError
-from ..rundir import CHECKPOINT_PREFIX, RUN_INFO, RunDir, latest_checkpoint
+from ..rundir import CHECKPOINT_PREFIX, RUN_INFO, RunDir, latest_checkpoint, list_checkpoints
+
+PROBE_BYTES = 1 << 20  # written and removed before training: a full disk shows here
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
@@ -35,22 +39,91 @@ def _check_overwrite(out: Path, base_model: str, is_main: bool) -> None:
                         "train.output_dir, or delete the folder by hand")
 
 
+def _entries(out: Path) -> list[Path]:
+    """What a folder holds, hidden files (.DS_Store, .gitkeep, ...) aside."""
+    return sorted(p for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+
+
+def _remove_torn_checkpoints(out: Path) -> list[str]:
+    """Delete checkpoint folders a kill left half-written (no trainer_state.json): a resumed run writes those
+    steps again, and must not mix old files into them."""
+    complete = set(list_checkpoints(out))
+    torn = [d for d in out.glob(f"{CHECKPOINT_PREFIX}*") if d.is_dir() and d not in complete]
+    for d in torn:
+        shutil.rmtree(d)
+    return sorted(d.name for d in torn)
+
+
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool, base_model: str) -> Path | None:
-    """Check (and with `overwrite`, empty) the run directory; returns the checkpoint to resume from, if any."""
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume:
-        if ckpt is None:
-            raise UserError(f"--resume: '{out}' has no complete checkpoint to continue from; run without --resume")
-        return ckpt
-    busy = out.is_dir() and (any(out.glob(f"{CHECKPOINT_PREFIX}*")) or RunDir(out).has_weights())
-    if busy and not overwrite:
-        raise UserError(f"'{out}' already holds a run. Pass --resume to continue it, --overwrite to start afresh, "
-                        "or set train.output_dir to a new folder")
-    if busy:
+    """Check (and with `overwrite`, empty) the run directory; returns the checkpoint to resume from, if any.
+
+    - A new or empty folder (hidden files aside) is used as it is; `--resume` then says it starts afresh.
+    - A folder that holds other things than a domaintune run is refused, with or without flags.
+    - A run is continued with `resume` (from its newest complete checkpoint, or from the beginning when a
+      kill came before the first checkpoint was complete, which is said) or replaced with `overwrite`.
+    Only rank 0 deletes anything."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in train.output_dir and --overwrite deletes it: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"train.output_dir '{out}' is a file, not a folder: set train.output_dir to a new folder")
+    entries = _entries(out)
+    run = RunDir(out)
+    if entries and overwrite:
         _check_overwrite(out, base_model, is_main)
-    if busy and is_main:
-        shutil.rmtree(out)
-    return None
+        if is_main:
+            shutil.rmtree(out)
+        return None
+    if entries and not run.looks_like_run():
+        shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:5])
+        more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+        raise UserError(f"train.output_dir '{out}' is not empty and holds no domaintune run ({shown}{more}): "
+                        "training would write its files among them. Set train.output_dir to a new or empty "
+                        f"folder, e.g. {out / 'my-run'}")
+    if not resume:
+        if entries:
+            raise UserError(f"'{out}' already holds a run. Pass --resume to continue it, --overwrite to start "
+                            "afresh, or set train.output_dir to a new folder")
+        return None
+    ckpt = latest_checkpoint(out)
+    if ckpt is None and run.has_weights():
+        raise UserError(f"--resume: '{out}' holds a finished run and no checkpoint to continue from; pass "
+                        "--overwrite to train it again, or set train.output_dir to a new folder")
+    torn = _remove_torn_checkpoints(out) if is_main and entries else []
+    if ckpt is None and is_main:
+        why = (f"the run was stopped before its first checkpoint was complete; removed {', '.join(torn)}" if torn
+               else "the run was stopped before its first checkpoint" if entries else "the folder is new")
+        print(f"--resume: '{out}' has no complete checkpoint ({why}): starting from the beginning", flush=True)
+    elif torn:
+        print(f"--resume: removed {', '.join(torn)}, left half-written by the interruption", flush=True)
+    return ckpt
+
+
+def check_writable(out: Path) -> None:
+    """Write (and fsync) a small file where the run will go, so an unwritable folder or a full disk stops the
+    run before any model loads, with a message, not after the first training steps. Nothing is left behind:
+    a folder that does not exist yet is probed through its nearest existing parent, and not created here."""
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise UserError(f"train.output_dir '{out}' cannot be created: '{where}' is a file. Set train.output_dir "
+                        "to another folder")
+    probe = where / f".domaintune-write-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        hint = "the disk is full: free some space or" if full else "fix its permissions or"
+        raise UserError(f"train.output_dir '{out}' cannot be written ({e.strerror}): {hint} set train.output_dir "
+                        "to another folder") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def saved_config(cfg: Config) -> Config:
@@ -79,7 +152,7 @@ def write_run_files(cfg: Config, run: RunDir, tok: PreTrainedTokenizerBase, temp
     saved = saved_config(cfg)
     tok.save_pretrained(run.path)
     template.save(run.template_path)
-    run.config_path.write_text(saved.to_yaml(), encoding="utf-8")
+    run.config_path.write_text(saved.to_yaml(omit_default_sections=True), encoding="utf-8")
     gen = getattr(base, "generation_config", None) or GenerationConfig()
     gen = GenerationConfig(**{k: v for k, v in gen.to_dict().items()
                               if not k.startswith("_") and k != "transformers_version"})

@@ -40,13 +40,14 @@ domaintune's sample data. It produces nonsense: it exists to exercise the full p
 
 
 def default_corpus() -> list[Path]:
-    """The bundled sample data (examples/data/*.jsonl) of a source checkout, or of the current directory."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
-        files = sorted((root / "examples" / "data").glob("*.jsonl"))
-        if files:
-            return files
-    raise UserError("no corpus found for the tiny tokenizer: "
-                    "run from the project folder (examples/data/) or pass --corpus FILE")
+    """The sample data shipped with the package (examples/data/*.jsonl in the source tree), whatever the
+    current folder: the same tiny tokenizer from any folder and from a pip install."""
+    from ..bundled import sample_data_dir
+
+    files = sorted(sample_data_dir().glob("*.jsonl"))
+    if not files:
+        raise UserError(f"no sample data in {sample_data_dir()} for the tiny tokenizer: pass --corpus FILE")
+    return files
 
 
 def corpus_texts(files: list[Path]) -> list[str]:

@@ -26,14 +26,19 @@ is cut back to that step so no step is logged twice.
 """
 from __future__ import annotations
 
+import errno
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..rundir import MODEL_CONFIG, TOKENIZER_FILES, TRAINING_ARGS, RunDir, checkpoint_step, checkpoint_tokens
+from ..errors import UserError
+from ..rundir import MODEL_CONFIG, TOKENIZER_FILES, RunDir, checkpoint_step, checkpoint_tokens, latest_checkpoint
 from .arguments import check_trackers, training_arguments, world
 from .callbacks import make_callbacks, refresh_plot
-from .outputs import prepare_output_dir, saved_config, write_run_files
+from .outputs import check_writable, prepare_output_dir, saved_config, write_run_files
+
+# Errors of a write that more space or a fixed folder cures: no space, over quota, read-only, no permission.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 if TYPE_CHECKING:
     import torch
@@ -82,13 +87,19 @@ class TrainingRun:
 
     # ------------------------------------------------------------ stages
     def setup_output(self) -> None:
+        from ..data.examples import check_data_files
         from .model import check_model_source
 
         cfg = self.cfg
+        cfg.model.required_name()
         check_trackers(cfg.train.report_to)
         self.ckpt = prepare_output_dir(self.out, self.resume, self.overwrite, self.is_main, cfg.model.name_or_path)
-        # A missing model fails here, in about a second, not after the seconds torch + transformers take to import.
+        # Bad data and a missing model fail here, in about a second, not after the seconds torch + transformers
+        # take to import: the data files are read and validated without a tokenizer.
+        check_data_files(cfg.data)
         check_model_source(cfg.model.name_or_path, (MODEL_CONFIG, *TOKENIZER_FILES))
+        if self.is_main:
+            check_writable(self.out)
 
     def setup_data(self) -> None:
         from ..data.encode import build_datasets
@@ -128,7 +139,9 @@ class TrainingRun:
                   f"{autocast} on {self.device})")
 
     def setup_trainer(self) -> None:
-        from transformers import DataCollatorForSeq2Seq, Trainer
+        from transformers import DataCollatorForSeq2Seq
+
+        from .hf_trainer import trainer_class
 
         _, bf16, fp16 = self.precision
         has_eval = bool(self.data.eval)
@@ -137,30 +150,45 @@ class TrainingRun:
         collator = DataCollatorForSeq2Seq(self.tok, label_pad_token_id=-100, padding=True,
                                           pad_to_multiple_of=8 if self.device == "cuda" else None)
         callbacks = make_callbacks(self.run, checkpoint_step(self.ckpt), self.template,
-                                   saved_config(self.cfg).to_yaml())
-        self.trainer = Trainer(model=self.model, args=args, data_collator=collator,
+                                   saved_config(self.cfg).to_yaml(omit_default_sections=True))
+        self.trainer = trainer_class()(model=self.model, args=args, data_collator=collator,
                                train_dataset=_ListDataset(self.data.train),
                                eval_dataset=_ListDataset(self.data.eval) if has_eval else None,
                                processing_class=self.tok, callbacks=callbacks)
 
     def train(self) -> tuple[dict, float, int]:
         """Train (resuming when asked); returns (final eval metrics, seconds, tokens already seen at the start)."""
+        from .hf_trainer import NonFiniteTraining
+
         trainer = self.trainer
         tokens_at_start = checkpoint_tokens(self.ckpt)  # read now: checkpoint rotation may delete it during training
         t0 = time.time()
-        trainer.train(resume_from_checkpoint=str(self.ckpt) if self.ckpt else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(self.ckpt) if self.ckpt else None)
+        except NonFiniteTraining as e:
+            raise UserError(f"training diverged: {e} (learning rate {self.cfg.train.learning_rate:g}); stopped "
+                            f"before that step was applied. {self._last_good()} Lower train.learning_rate (or "
+                            "keep train.max_grad_norm > 0) and train again") from None
+        except OSError as e:
+            if e.errno not in DISK_ERRORS:
+                raise
+            raise UserError(f"writing into '{self.out}' failed: {e.strerror} ({e.filename or 'a checkpoint file'}). "
+                            f"{self._last_good()} Free some space (or fix the folder) and run the same command "
+                            "with --resume") from None
         logged_eval_at_end = any(r.get("step") == trainer.state.global_step and "eval_loss" in r
                                  for r in trainer.state.log_history)  # same on every rank
         eval_metrics = trainer.evaluate() if self.data.eval and not logged_eval_at_end else {}
         return eval_metrics, time.time() - t0, tokens_at_start
 
+    def _last_good(self) -> str:
+        ckpt = latest_checkpoint(self.out)
+        return (f"The last complete checkpoint, {ckpt.name}, is intact." if ckpt else
+                "No checkpoint was complete yet.")
+
     def save(self, eval_metrics: dict, runtime: float, tokens_at_start: int) -> None:
         self.trainer.save_model(str(self.out))  # every rank calls it (needed for sharded setups); rank 0 writes
         if not self.trainer.is_world_process_zero():
             return
-        # save_model also pickles TrainingArguments (training_args.bin); the run directory holds no pickles,
-        # config.yaml is the resolved config. Checkpoints keep theirs (the Trainer's own format).
-        (self.out / TRAINING_ARGS).unlink(missing_ok=True)
         write_run_files(self.cfg, self.run, self.tok, self.template, self.base, self.data.report, self.trainer,
                         eval_metrics, runtime, self.world_size, tokens_at_start)
         refresh_plot(self.run)

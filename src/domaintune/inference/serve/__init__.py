@@ -3,7 +3,8 @@
 | module | what |
 |---|---|
 | `server.py` | `run_serve`: uvicorn on 127.0.0.1 (by default), the model loaded in the background |
-| `app.py` | `create_app`: the endpoints, queueing, API key and body-size guard, error bodies |
+| `app.py` | `create_app`: the endpoints, queueing, error bodies |
+| `guard.py` | the ASGI guard: Host check against DNS rebinding (without a key), API key, body size |
 | `protocol.py` | the OpenAI request and response shapes |
 | `static/index.html` | the web chat page served at `/` |
 
@@ -11,3 +12,5 @@ Requests are queued and served one at a time (first come, first served); each ge
 thread, so the server stays responsive, and a client that disconnects stops its own generation.
 Requests that leave sampling parameters out get the "serve" preset (inference/params.py).
 """
+
+ENV_KEY = "DOMAINTUNE_API_KEY"  # the environment variable holding the API key

@@ -12,8 +12,11 @@ disconnects (mid-stream, or while waiting for a non-streamed answer or in the qu
 request's stop event: its generation ends at the next token and the next request starts.
 
 Errors use the OpenAI body `{"error": {"message", "type", "param", "code"}}`: 400 invalid request
-(including schema errors), 401 missing/wrong API key (when one is set; `/health` and `/` stay open),
-404 unknown model, 413 body larger than `max_body_bytes` (checked before parsing), 503 still loading.
+(including schema errors and unreadable bodies; the schema, protocol.py, refuses what the model cannot
+take, so an accepted request generates), 401 missing/wrong API key (when one is set; `/health` and `/`
+stay open), 403 a Host not answered without a key, 404 unknown model, 413 body larger than
+`max_body_bytes` (guard.py checks these three before parsing), 503 still loading; an unexpected exception
+(a bug) is a 500 with the same body.
 
 Sampling: `temperature` 0 means greedy decoding; omitted parameters take the server's defaults
 (the "serve" preset of inference/params.py, or what `create_app` is given). `max_tokens` defaults to
@@ -25,26 +28,25 @@ conversation the model's own chat template refuses (e.g. one that forbids a syst
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import threading
 import time
 from contextlib import aclosing
 from dataclasses import replace
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...errors import UserError
 from ..engine import Engine, StreamState
 from ..params import PRESETS, GenerationParams
 from ..stops import StopScanner
 from . import protocol as P
+from .guard import Guard, accepted_hosts, normalise_api_key
 
 
 class APIError(Exception):
@@ -58,57 +60,30 @@ def _error_response(status: int, message: str, param: str | None = None, code: s
     return JSONResponse(P.error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-# ---------------------------------------------------------------- ASGI guard: API key and body size
+_UNION_LABELS = ("str", "int", "float", "bool")  # pydantic names the member of a union in `loc`: not a field
 
-class _Guard:
-    """Checks the API key (paths under /v1/) and the body size before FastAPI parses anything."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+def _where(err: dict) -> list[str]:
+    return [str(x) for x in err.get("loc", ()) if x != "body" and x not in _UNION_LABELS and "[" not in str(x)]
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"].startswith("/v1/"):
-            auth = headers.get("authorization", "")
-            scheme, _, given = auth.partition(" ")
-            if scheme.lower() != "bearer" or not given:
-                return await _error_response(401, "Missing API key: send the header 'Authorization: Bearer KEY'.",
-                                             code="invalid_api_key")(scope, receive, send)
-            if not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
-                return await _error_response(401, "Incorrect API key provided.",
-                                             code="invalid_api_key")(scope, receive, send)
-        too_big = _error_response(413, f"Request body too large: the limit is {self.max_body} bytes.",
-                                  code="request_too_large")
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            return await too_big(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        # Read the whole body (counting, for chunked uploads without a length), then replay it; later
-        # receive() calls go to the server, so the app still sees http.disconnect.
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body:
-                return await too_big(scope, receive, send)
-            if not msg.get("more_body", False):
-                break
-        replayed = False
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
+def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) of a request's schema errors: the most specific one (a union reports one error per
+    member; the member the value was meant for gets deepest), with its siblings at the same place."""
+    err = max(errors, key=lambda e: len(_where(e)))
+    loc = _where(err)
+    kind, msg, ctx = err.get("type"), err.get("msg"), err.get("ctx") or {}
+    if kind == "json_invalid":
+        at = f" at character {loc[0]}" if loc else ""
+        return f"The request body is not valid JSON ({ctx.get('error', msg)}{at}): send a JSON object.", None
+    where = ctx.get("param") if kind == P.INVALID_UNICODE else ".".join(loc)
+    if not where:
+        if kind == "missing":
+            return "The request body is empty: send a JSON object.", None
+        if kind in ("model_attributes_type", "dict_type"):
+            return "The request body must be a JSON object, with the fields of the request.", None
+    msgs = list(dict.fromkeys(e.get("msg") for e in errors if _where(e) == loc and e.get("type") != P.INVALID_UNICODE))
+    return f"{where or 'request body'}: {'; or '.join(msgs) or msg}", where or None
 
 
 # ---------------------------------------------------------------- generation in a worker thread
@@ -210,6 +185,7 @@ def _encode_chat(engine: Engine, msgs: list[dict]) -> list[int]:
 
 def _params(req: P.ChatCompletionRequest | P.CompletionRequest, prompt_len: int, engine: Engine,
             defaults: GenerationParams) -> GenerationParams:
+    prompt_field = "messages" if isinstance(req, P.ChatCompletionRequest) else "prompt"
     requested = getattr(req, "max_completion_tokens", None)
     requested = req.max_tokens if requested is None else requested
     room = engine.context_len - prompt_len
@@ -218,7 +194,7 @@ def _params(req: P.ChatCompletionRequest | P.CompletionRequest, prompt_len: int,
     if room <= 0 or (requested is not None and requested > room):
         raise APIError(400, f"This model's context is {engine.context_len} tokens; the prompt has {prompt_len} tokens"
                             + (f" and max_tokens asks for {requested} more." if requested else "."),
-                       param="max_tokens" if room > 0 else "messages", code="context_length_exceeded")
+                       param="max_tokens" if room > 0 else prompt_field, code="context_length_exceeded")
     params = defaults if req.temperature is None else defaults.with_temperature(req.temperature)
     given = {"top_p": req.top_p, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty}
     params = replace(params, max_new_tokens=requested or min(defaults.max_new_tokens, room), seed=req.seed,
@@ -233,11 +209,15 @@ def _sse(obj: Any) -> str:
 # ---------------------------------------------------------------- the app
 
 def create_app(engine: Engine | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               defaults: GenerationParams | None = None) -> FastAPI:
+               defaults: GenerationParams | None = None, allowed_hosts: Iterable[str] = ()) -> FastAPI:
     """The FastAPI app serving `engine`. With `engine=None` the app answers 503 until `app.state.engine` is
     set (the CLI loads the model in the background after the server listens). `defaults` (in
     `app.state.defaults`) is the sampling of requests that leave a parameter out: the "serve" preset unless
-    given."""
+    given. `api_key`: required on /v1/* when given (an empty or blank key is a UserError, not "no key").
+    `allowed_hosts`: without a key, the Host names answered besides localhost, 127.0.0.1 and ::1 ("*": any);
+    see guard.py."""
+    api_key = normalise_api_key(api_key, "api_key", "pass api_key=None")
+    hosts = accepted_hosts(allowed_hosts)
     app = FastAPI(title="domaintune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.load_error = None
@@ -257,16 +237,21 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        err = e.errors()[0]
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        if err.get("type") == "json_invalid":
-            return _error_response(400, f"The request body is not valid JSON: {err.get('msg')}.")
-        where = ".".join(loc)
-        return _error_response(400, f"{where or 'request body'}: {err.get('msg')}", param=where or None)
+        return _error_response(400, *_validation_message(list(e.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 400:  # FastAPI could not read the body (not UTF-8, nested too deep for the parser)
+            return _error_response(400, "The request body could not be read: send a JSON object encoded in UTF-8.")
         return _error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception) -> JSONResponse:
+        # Client input is refused above with a 4xx; reaching this is a bug. The body keeps the OpenAI shape
+        # (and uvicorn still logs the traceback).
+        what = f"{e.__class__.__name__}: {e}".encode("utf-8", "replace").decode()
+        return _error_response(500, f"The server failed on this request ({what}). This is a bug in domaintune: "
+                                    "please report it with the request that caused it.")
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -373,5 +358,5 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)  # runs before routing and parsing
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, hosts=hosts)  # before routing, parsing
     return app

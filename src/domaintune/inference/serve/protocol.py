@@ -6,18 +6,66 @@ server cannot honour (`n` > 1, `logprobs`, `echo`, `suffix`, `best_of` > 1) are 
 `app.py` rather than silently ignored.
 
 Extensions beyond OpenAI (as vLLM accepts them): `top_k` and `repetition_penalty`.
+
+Values the model cannot take are refused here, so they are a 400 before anything generates or streams:
+text holding a lone UTF-16 surrogate (JSON `"\\ud800"` alone: not Unicode, and the tokenizer cannot encode it)
+in any string of the request (`_Request` checks every field, present and future, and names it in `param`),
+a `seed` outside what torch.manual_seed takes ([-2**63, 2**64 - 1]), NaN and infinities (Python's JSON
+parser reads `NaN` and `Infinity`), and a `repetition_penalty` outside [0.01, 100] (near 0 it divides the
+logits by zero). A `temperature` in (0, 1e-5) decodes greedily, the limit it approaches: dividing the
+logits by it would overflow them.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.manual_seed accepts
+MIN_TEMPERATURE = 1e-5  # below it (and above 0), sampling is greedy decoding, and dividing by it overflows
+INVALID_UNICODE = "invalid_unicode"  # the error type of a string with a lone surrogate; ctx["param"] names it
+
+
+def lone_surrogate(value: Any, path: str = "") -> tuple[str, str, int] | None:
+    """(dotted path, character, index) of the first string in `value` (a model, list, dict or str) holding a
+    lone surrogate; None when every string is valid Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path, value[e.start], e.start
+        return None
+    if isinstance(value, BaseModel):
+        items = ((name, getattr(value, name)) for name in type(value).model_fields)
+    elif isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _valid_unicode(self) -> _Request:
+        found = lone_surrogate(self)
+        if found:
+            param, char, index = found
+            raise PydanticCustomError(
+                INVALID_UNICODE, "the text is not valid Unicode: it holds a lone surrogate ({char} at index {index}); "
+                "send well-formed text (in JSON, a \\ud800-\\udfff escape must be one half of a high-low pair).",
+                {"param": param, "char": f"U+{ord(char):04X}", "index": index})
+        return self
 
 
 class TextPart(BaseModel):
@@ -50,13 +98,18 @@ class _Sampling(_Request):
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=0)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
-    seed: Optional[int] = None
+    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=100)
+    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     n: int = 1
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     logprobs: Union[bool, int, None] = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, t: Optional[float]) -> Optional[float]:
+        return 0.0 if t is not None and 0 < t < MIN_TEMPERATURE else t
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -134,8 +187,8 @@ def model_list(model_id: str, created: int) -> dict:
 
 # ---------------------------------------------------------------- errors
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 503: "server_error", 500: "server_error"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+               404: "invalid_request_error", 413: "invalid_request_error", 503: "server_error", 500: "server_error"}
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:

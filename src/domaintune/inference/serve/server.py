@@ -3,6 +3,9 @@
 The server starts listening at once and loads the model in a background thread: `GET /health` answers
 503 while the model loads and 200 once it is ready. If loading fails, the server stops and the error
 is raised as a UserError.
+
+Before it listens, `run_serve` refuses an API key no client could send (empty, blank, not printable ASCII:
+`resolve_api_key`) and names the hosts it answers without a key (`startup_notes`; see guard.py).
 """
 from __future__ import annotations
 
@@ -11,36 +14,87 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from ...errors import UserError
+from . import ENV_KEY
 
 if TYPE_CHECKING:
     from ..params import GenerationParams
 
-ENV_KEY = "DOMAINTUNE_API_KEY"
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_api_key(api_key: str | None, environ: Mapping[str, str]) -> str | None:
+    """The API key clients must send: `api_key` (the --api-key flag) if given, else $DOMAINTUNE_API_KEY, else
+    None (no key). Surrounding whitespace is dropped, with a note: HTTP header values cannot carry it. An
+    empty or blank key, or one no HTTP client could send, is a UserError: never a silent "no key"."""
+    from .guard import normalise_api_key
+
+    if api_key is not None:
+        source, unset_hint = "--api-key", "leave --api-key out"
+    else:
+        api_key, source, unset_hint = environ.get(ENV_KEY), f"${ENV_KEY}", f"unset it (`unset {ENV_KEY}`)"
+    key = normalise_api_key(api_key, source, unset_hint)
+    if key is not None and key != api_key:
+        print(f"note: the API key from {source} has leading or trailing whitespace, which HTTP cannot carry in a "
+              "header; it is used without that whitespace.", file=sys.stderr)
+    return key
+
+
+def startup_notes(host: str, port: int, api_key: str | None, allowed_hosts: Iterable[str]) -> list[str]:
+    """What to tell the person starting the server about who can reach it (printed to stderr)."""
+    from .guard import ANY_HOST, WILDCARD_BINDS, accepted_hosts, describe_hosts, host_name
+
+    if api_key:
+        return []
+    allowed = list(allowed_hosts)
+    if any(h.strip() == ANY_HOST for h in allowed):
+        return [f"warning: --allowed-hosts {ANY_HOST} turns the Host check off: without an API key, any web page you "
+                f"visit can reach this server through DNS rebinding (set --api-key or ${ENV_KEY})"]
+    if _is_loopback(host):
+        return []
+    hosts = accepted_hosts(([] if host in WILDCARD_BINDS or host_name(host) is None else [host]) + allowed)
+    return [f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
+            f"(set --api-key or ${ENV_KEY})",
+            f"note: without an API key only requests addressed to {describe_hosts(hosts)} are answered (a defence "
+            f"against DNS rebinding); to use http://NAME:{port} from other machines, add NAME to --allowed-hosts "
+            "(comma-separated), or set an API key, which lifts the check"]
 
 
 def run_serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
               model_name: str | None = None, base_only: bool = False, template: str | None = None,
               defaults: GenerationParams | None = None, max_body_bytes: int = 1 << 20, device: str | None = None,
-              dtype: str = "auto", log_level: str = "info") -> int:
-    """Serve until interrupted. The API key defaults to $DOMAINTUNE_API_KEY; an empty key means none.
-    `defaults`: the sampling for requests that leave a parameter out (default: the "serve" preset)."""
+              dtype: str = "auto", log_level: str = "info", allowed_hosts: Iterable[str] = (),
+              allow_pickle: bool = False) -> int:
+    """Serve until interrupted. The API key defaults to $DOMAINTUNE_API_KEY (`resolve_api_key`: an empty or
+    blank key is an error, not "no key"). Without a key, only requests addressed to localhost, 127.0.0.1, ::1,
+    `host` or an `allowed_hosts` name are answered ("*": any; see guard.py).
+    `defaults`: the sampling for requests that leave a parameter out (default: the "serve" preset).
+    `allow_pickle`: load .bin/.pt weights of a model without safetensors (Engine.from_run)."""
     import uvicorn
 
     from ..params import PRESETS
     from .app import create_app
+    from .guard import WILDCARD_BINDS, host_name, shown
 
     defaults = (defaults or PRESETS["serve"]).validate()
     if not Path(run).is_dir():
         raise UserError(f"'{run}' is not a directory: give a run directory or a model directory")
-    api_key = api_key if api_key is not None else os.environ.get(ENV_KEY)
-    api_key = api_key or None
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
-              f"(set --api-key or ${ENV_KEY})", file=sys.stderr)
-    app = create_app(None, api_key=api_key, max_body_bytes=max_body_bytes, defaults=defaults)
+    api_key = resolve_api_key(api_key, os.environ)
+    allowed_hosts = list(allowed_hosts)
+    bound = [] if host in WILDCARD_BINDS or host_name(host) is None else [host]  # the bound address is a Host too
+    app = create_app(None, api_key=api_key, max_body_bytes=max_body_bytes, defaults=defaults,
+                     allowed_hosts=bound + allowed_hosts)
+    for line in startup_notes(host, port, api_key, allowed_hosts):
+        print(line, file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off"))
 
     def load() -> None:
@@ -51,7 +105,8 @@ def run_serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
         if server.should_exit:
             return
         try:
-            engine = Engine.from_run(run, base_only=base_only, template=template, device=device, dtype=dtype)
+            engine = Engine.from_run(run, base_only=base_only, template=template, device=device, dtype=dtype,
+                                     allow_pickle=allow_pickle)
             if model_name:
                 engine.model_id = model_name
         except Exception as e:  # noqa: BLE001 - reported below, and the server stops
@@ -59,7 +114,8 @@ def run_serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
             server.should_exit = True
             return
         app.state.engine = engine
-        print(f"ready: model '{engine.model_id}' at http://{host}:{port}/v1 (web chat: http://{host}:{port}/)"
+        url = f"http://{shown(host)}:{port}"
+        print(f"ready: model '{engine.model_id}' at {url}/v1 (web chat: {url}/)"
               + (" - API key required" if api_key else ""), flush=True)
 
     print(f"loading {run} in the background; GET /health answers 200 when the model is ready", flush=True)
