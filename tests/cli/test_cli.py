@@ -3,6 +3,7 @@ traceback, and a --help that imports neither torch nor transformers."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -131,3 +132,18 @@ def test_help_imports_no_heavy_libraries():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "False False\n"
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback():
+    """`domaintune config --explain | head -1` closed the pipe early and printed a BrokenPipeError traceback."""
+    import fcntl
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ: a one-page pipe, smaller than the ~8 KB it prints
+    proc = subprocess.Popen([sys.executable, "-m", "domaintune", "config", "--explain"], stdout=write_end,
+                            stderr=subprocess.PIPE)
+    os.close(write_end)
+    os.read(read_end, 10)
+    os.close(read_end)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 1) and "Traceback" not in err and "BrokenPipe" not in err

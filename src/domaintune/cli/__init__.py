@@ -15,6 +15,7 @@ inside the handlers, so `--help` is instant. A UserError is printed as `error: .
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import __version__
@@ -65,4 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`domaintune eval ... | head`): not an error to report. Point stdout at devnull so
+        # the interpreter's final flush does not raise again (the recipe of Python's signal documentation).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
