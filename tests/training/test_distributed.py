@@ -81,3 +81,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_model_dir):
     assert r.stdout.count("model: ") == 1
     assert RunDir(out).has_adapter() and (out / "run_info.json").is_file()
     assert not list(out.glob("*.tmp"))
+    # Each process saves its own random state, as safetensors, into the checkpoint (rank 1 may get there before
+    # rank 0 has created the folder: regression, it failed now and then with "No such file or directory").
+    ckpt = out / "checkpoint-3"
+    assert {p.name for p in ckpt.glob("rng_state*")} == {"rng_state_0.safetensors", "rng_state_1.safetensors"}

@@ -106,6 +106,8 @@ def trainer_class() -> type[Trainer]:
             return grad_norm
 
         def _save_rng_state(self, output_dir: str) -> None:
+            # Another rank can get here before rank 0 has created the checkpoint folder (as the Trainer notes).
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
             save_rng_state(rng_file(output_dir, self.args.process_index, self.args.world_size))
 
         def _load_rng_state(self, checkpoint: str | None) -> None:
