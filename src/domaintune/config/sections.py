@@ -110,7 +110,10 @@ class TrainConfig(Section):
     batch_size: int = Field(
         8, gt=0, description="Global batch size = per_device_batch_size x gradient accumulation x processes."
     )
-    per_device_batch_size: int = Field(2, gt=0, description="Batch size per device and step.")
+    per_device_batch_size: Union[int, Literal["auto"]] = Field(
+        2, description="Rows per device and micro-batch; auto = the largest that fits: probed on a GPU with the "
+                       "longest rows, up to 8 on CPU; always a divisor of batch_size / processes.",
+    )
     gradient_accumulation_steps: int | None = Field(
         None, gt=0,
         description="Explicit gradient accumulation; None = batch_size / (per_device_batch_size x processes).",
@@ -137,29 +140,62 @@ class TrainConfig(Section):
         default_factory=lambda: ["none"],
         description="Trackers: none, tensorboard, wandb (needs the package installed).",
     )
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory by recomputing activations.")
-    group_by_length: bool = Field(False, description="Batch samples of similar length together (less padding).")
+    gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Recompute activations to save memory; auto = on only when the longest micro-batch's "
+                            "activations would not fit the GPU's free memory (never on CPU).",
+    )
+    group_by_length: bool | None = Field(
+        None, description="Batch samples of similar length together (less padding); None = on when batches are "
+                          "padded (see batching).",
+    )
+    batching: Literal["auto", "pack", "pad"] = Field(
+        "auto", description="auto = pack the rows of a micro-batch into one sequence without padding (position_ids, "
+                            "no attention across samples) where the architecture supports it, else pad; pack; pad.",
+    )
+    loss: Literal["auto", "chunked", "liger", "model"] = Field(
+        "auto", description="auto = liger-kernel's fused loss on CUDA when installed (domaintune[fast]) and the model "
+                            "is supported, else chunked (LM head and cross-entropy only at target positions, in "
+                            "chunks: never the full logits) where the architecture allows, else the model's own.",
+    )
+    torch_compile: bool = Field(False, description="Compile the model with torch.compile (opt-in).")
     dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
+
+    @field_validator("per_device_batch_size")
+    @classmethod
+    def _per_device(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be a positive integer or auto")
+        return v
 
     @field_validator("report_to", mode="before")
     @classmethod
     def _report_to(cls, v: object) -> object:
         return [v] if isinstance(v, str) else v
 
-    def gradient_accumulation(self, world_size: int) -> int:
+    def per_device(self, resolved: int | None = None) -> int:
+        """The per-device batch: `per_device_batch_size`, or `resolved` where that is auto."""
+        if self.per_device_batch_size == "auto":
+            if resolved is None:
+                raise ValueError("per_device_batch_size is auto: pass the resolved value")
+            return resolved
+        return self.per_device_batch_size
+
+    def gradient_accumulation(self, world_size: int, per_device: int | None = None) -> int:
         """Accumulation steps that keep the global `batch_size` over `world_size` processes; an explicit
-        `gradient_accumulation_steps` wins (see `global_batch` for what it then amounts to)."""
+        `gradient_accumulation_steps` wins (see `global_batch` for what it then amounts to). `per_device`: the
+        resolved per-device batch when `per_device_batch_size` is auto."""
         if self.gradient_accumulation_steps:
             return self.gradient_accumulation_steps
-        per_step = self.per_device_batch_size * world_size
+        per = self.per_device(per_device)
+        per_step = per * world_size
         if self.batch_size % per_step:
             raise UserError(f"train.batch_size {self.batch_size} is not a multiple of per_device_batch_size "
-                            f"{self.per_device_batch_size} x {world_size} process(es); change one of them")
+                            f"{per} x {world_size} process(es); change one of them")
         return max(1, self.batch_size // per_step)
 
-    def global_batch(self, world_size: int) -> int:
+    def global_batch(self, world_size: int, per_device: int | None = None) -> int:
         """Rows per optimizer step: per-device batch x processes x accumulation."""
-        return self.per_device_batch_size * world_size * self.gradient_accumulation(world_size)
+        return self.per_device(per_device) * world_size * self.gradient_accumulation(world_size, per_device)
 
 
 OPTIONAL_SECTIONS = ("selfinstruct",)  # sections that belong to other verbs than training

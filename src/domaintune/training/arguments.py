@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
 # train.<field> -> the TrainingArguments fields that take its value as it is.
 DIRECT: dict[str, tuple[str, ...]] = {
-    "per_device_batch_size": ("per_device_train_batch_size", "per_device_eval_batch_size"),
     "num_epochs": ("num_train_epochs",),
     "max_steps": ("max_steps",),
     "learning_rate": ("learning_rate",),
@@ -34,6 +33,7 @@ DIRECT: dict[str, tuple[str, ...]] = {
     "save_total_limit": ("save_total_limit",),
     "seed": ("seed", "data_seed"),
     "dataloader_num_workers": ("dataloader_num_workers",),
+    "torch_compile": ("torch_compile",),
 }
 
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
@@ -45,14 +45,15 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def grad_accumulation(tcfg: TrainConfig, world_size: int, quiet: bool = False) -> int:
+def grad_accumulation(tcfg: TrainConfig, world_size: int, quiet: bool = False, per_device: int | None = None) -> int:
     """`tcfg.gradient_accumulation(world_size)`, with a one-line warning (unless `quiet`) when an explicit
-    `train.gradient_accumulation_steps` makes the global batch differ from `train.batch_size`."""
-    gas = tcfg.gradient_accumulation(world_size)
-    effective = tcfg.global_batch(world_size)
+    `train.gradient_accumulation_steps` makes the global batch differ from `train.batch_size`. `per_device`: the
+    resolved per-device batch when it is auto."""
+    gas = tcfg.gradient_accumulation(world_size, per_device)
+    effective = tcfg.global_batch(world_size, per_device)
     if tcfg.gradient_accumulation_steps and effective != tcfg.batch_size and not quiet:
         print(f"warning: train.gradient_accumulation_steps={gas} is set, so train.batch_size {tcfg.batch_size} "
-              f"is ignored: the global batch is {tcfg.per_device_batch_size} per device x {world_size} "
+              f"is ignored: the global batch is {tcfg.per_device(per_device)} per device x {world_size} "
               f"process(es) x {gas} = {effective}", flush=True)
     return gas
 
@@ -72,8 +73,10 @@ def check_trackers(report_to: list[str]) -> None:
 
 
 def training_arguments(t: TrainConfig, out: Path, *, world_size: int, device: str, bf16: bool, fp16: bool,
-                       has_eval: bool, is_main: bool) -> TrainingArguments:
-    """The TrainingArguments of a run writing into `out` on `device` with `world_size` processes."""
+                       has_eval: bool, is_main: bool, per_device: int, group_by_length: bool,
+                       liger: bool = False) -> TrainingArguments:
+    """The TrainingArguments of a run writing into `out` on `device` with `world_size` processes, with the
+    per-device batch and the length grouping resolved (speed.py)."""
     from transformers import TrainingArguments
 
     kwargs = {arg: getattr(t, name) for name, args in DIRECT.items() for arg in args}
@@ -81,10 +84,13 @@ def training_arguments(t: TrainConfig, out: Path, *, world_size: int, device: st
         output_dir=str(out),
         **kwargs,
         # derived from the config
-        gradient_accumulation_steps=grad_accumulation(t, world_size, quiet=not is_main),
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
+        gradient_accumulation_steps=grad_accumulation(t, world_size, quiet=not is_main, per_device=per_device),
         warmup_steps=t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio,  # a float < 1 is a ratio
         report_to=[] if t.report_to == ["none"] else t.report_to,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        use_liger_kernel=liger,
         eval_strategy="steps" if has_eval else "no",
         # domaintune's choices: the first step logged, checkpoints by steps, token counts, explicit labels
         logging_first_step=True,
@@ -92,6 +98,7 @@ def training_arguments(t: TrainConfig, out: Path, *, world_size: int, device: st
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         label_names=["labels"],
+        prediction_loss_only=True,  # evaluation needs the loss only (the chunked loss returns no logits)
         disable_tqdm=not is_main,
         # the machine
         bf16=bf16,

@@ -57,8 +57,12 @@ def _check_hub_reachable(repo_id: str) -> None:
     """A hub id that is neither cached nor reachable fails in seconds, not after the client's retries."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(repo_id, MODEL_CONFIG), str) or constants.HF_HUB_OFFLINE:
+    if isinstance(try_to_load_from_cache(repo_id, MODEL_CONFIG), str):
         return
+    if constants.HF_HUB_OFFLINE:  # say so now, not after transformers has been imported only to fail
+        raise UserError(f"could not load model '{repo_id}': it is not in the Hugging Face cache and HF_HUB_OFFLINE is "
+                        f"set. Download it where you have network access (hf download {repo_id} --local-dir DIR) "
+                        "and set model.name_or_path to DIR")
     import socket
     from urllib.parse import urlparse
 

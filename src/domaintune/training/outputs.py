@@ -143,8 +143,9 @@ def tokens_per_second(tokens: int, tokens_at_start: int, runtime: float) -> floa
 
 def write_run_files(cfg: Config, run: RunDir, tok: PreTrainedTokenizerBase, template: Template,
                     base: PreTrainedModel, report: DataReport, trainer: Trainer, eval_metrics: dict[str, Any],
-                    runtime: float, world_size: int, tokens_at_start: int = 0) -> None:
-    """Everything the later verbs read, besides the weights (which the Trainer saves)."""
+                    runtime: float, world_size: int, tokens_at_start: int = 0, path: dict | None = None) -> None:
+    """Everything the later verbs read, besides the weights (which the Trainer saves). `path`: the training
+    path's choices (loss, batching, per-device batch, gradient checkpointing), recorded in run_info.json."""
     from transformers import GenerationConfig
 
     from .model import model_license
@@ -180,5 +181,6 @@ def write_run_files(cfg: Config, run: RunDir, tok: PreTrainedTokenizerBase, temp
             "final_loss": train_losses[-1] if train_losses else None,
             "best_eval_loss": min(eval_losses) if eval_losses else None,
             "final_eval_loss": eval_metrics.get("eval_loss"),
+            **({"path": path} if path else {}),
         },
     })

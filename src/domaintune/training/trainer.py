@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from ..rundir import MODEL_CONFIG, TOKENIZER_FILES, RunDir, checkpoint_step, checkpoint_tokens, latest_checkpoint
+from . import speed
 from .arguments import check_trackers, training_arguments, world
 from .callbacks import make_callbacks, refresh_plot
 from .outputs import check_writable, prepare_output_dir, saved_config, write_run_files
@@ -80,6 +81,11 @@ class TrainingRun:
         self.base: PreTrainedModel | None = None
         self.model: Any = None  # the base, or a PeftModel around it
         self.trainer: Trainer | None = None
+        self.lean: Any = None  # loss.LeanLoss when the chunked loss is used
+        self.loss_kind = self.batching = ""
+        self.per_device = 0
+        self.checkpointing = False
+        self.use_cache: bool | None = None
 
     def _say(self, text: str) -> None:
         if self.is_main:
@@ -127,11 +133,22 @@ class TrainingRun:
         self.precision = training_precision(cfg.lora.enabled, cfg.model.quantization, dtype, self.device)
         load_dtype, bf16, fp16 = self.precision
         self.base = loader.load_base_model(cfg.model, device=self.device, dtype=load_dtype)
+        # No KV cache in training: it is useless there, and with a cache transformers does not detect packed rows
+        # (masking_utils looks for them only without one). Restored before saving (save()).
+        self.use_cache = getattr(self.base.config, "use_cache", None)
+        self.base.config.use_cache = False
+        t = cfg.train
+        auto_batch = t.per_device_batch_size == "auto"
+        guess = max(1, t.batch_size // self.world_size) if auto_batch else t.per_device_batch_size
+        checkpointing, why = speed.wants_checkpointing(t.gradient_checkpointing, self.base, self.data.train, guess,
+                                                       self.device)
+        if why:
+            self._say(why)
         # LoRA draws its new weights here, before the Trainer seeds anything:
         # seed now, or two runs of one config differ.
         set_seed(cfg.train.seed)
-        self.model = loader.prepare_for_training(self.base, cfg.lora, cfg.model.quantization,
-                                                 cfg.train.gradient_checkpointing)
+        self.checkpointing = checkpointing
+        self.model = loader.prepare_for_training(self.base, cfg.lora, cfg.model.quantization, checkpointing)
         trainable, total = loader.count_parameters(self.model)
         autocast = " + bf16 autocast" if bf16 else " + fp16 autocast" if fp16 else ""
         self._say(f"model: {cfg.model.name_or_path} ({'LoRA' if cfg.lora.enabled else 'full'}; "
@@ -139,22 +156,33 @@ class TrainingRun:
                   f"{autocast} on {self.device})")
 
     def setup_trainer(self) -> None:
-        from transformers import DataCollatorForSeq2Seq
-
         from .hf_trainer import trainer_class
+        from .loss import LeanLoss
 
+        t = self.cfg.train
         _, bf16, fp16 = self.precision
         has_eval = bool(self.data.eval)
-        args = training_arguments(self.cfg.train, self.out, world_size=self.world_size, device=self.device,
-                                  bf16=bf16, fp16=fp16, has_eval=has_eval, is_main=self.is_main)
-        collator = DataCollatorForSeq2Seq(self.tok, label_pad_token_id=-100, padding=True,
-                                          pad_to_multiple_of=8 if self.device == "cuda" else None)
+        self.loss_kind, why_loss = speed.choose_loss(t.loss, self.model, self.device)
+        self.batching, why_batching = speed.choose_batching(t.batching, self.model)
+        collator = speed.make_collator(self.batching, self.tok, self.device)
+        self.lean = LeanLoss(self.model) if self.loss_kind == "chunked" else None
+        if t.per_device_batch_size == "auto":
+            probe = speed.oom_probe(self.model, collator, self.data.train, self.lean, self.device)
+            self.per_device, why_batch = speed.auto_per_device(t, self.world_size, self.device, probe)
+            self._say(why_batch)
+        else:
+            self.per_device = t.per_device_batch_size
+        self._say(f"{why_loss}; {why_batching}")
+        group = t.group_by_length if t.group_by_length is not None else self.batching == "pad"
+        args = training_arguments(t, self.out, world_size=self.world_size, device=self.device, bf16=bf16,
+                                  fp16=fp16, has_eval=has_eval, is_main=self.is_main, per_device=self.per_device,
+                                  group_by_length=group, liger=self.loss_kind == "liger")
         callbacks = make_callbacks(self.run, checkpoint_step(self.ckpt), self.template,
                                    saved_config(self.cfg).to_yaml(omit_default_sections=True))
         self.trainer = trainer_class()(model=self.model, args=args, data_collator=collator,
-                               train_dataset=_ListDataset(self.data.train),
-                               eval_dataset=_ListDataset(self.data.eval) if has_eval else None,
-                               processing_class=self.tok, callbacks=callbacks)
+                                       train_dataset=_ListDataset(self.data.train),
+                                       eval_dataset=_ListDataset(self.data.eval) if has_eval else None,
+                                       processing_class=self.tok, callbacks=callbacks, compute_loss_func=self.lean)
 
     def train(self) -> tuple[dict, float, int]:
         """Train (resuming when asked); returns (final eval metrics, seconds, tokens already seen at the start)."""
@@ -186,11 +214,16 @@ class TrainingRun:
                 "No checkpoint was complete yet.")
 
     def save(self, eval_metrics: dict, runtime: float, tokens_at_start: int) -> None:
+        if self.use_cache is not None:
+            self.base.config.use_cache = self.use_cache  # a saved full model generates with its cache again
         self.trainer.save_model(str(self.out))  # every rank calls it (needed for sharded setups); rank 0 writes
         if not self.trainer.is_world_process_zero():
             return
+        path = {"loss": self.loss_kind, "batching": self.batching, "per_device_batch_size": self.per_device,
+                "gradient_accumulation_steps": self.trainer.args.gradient_accumulation_steps,
+                "gradient_checkpointing": self.checkpointing}
         write_run_files(self.cfg, self.run, self.tok, self.template, self.base, self.data.report, self.trainer,
-                        eval_metrics, runtime, self.world_size, tokens_at_start)
+                        eval_metrics, runtime, self.world_size, tokens_at_start, path)
         refresh_plot(self.run)
         print(f"run directory: {self.out}", flush=True)
 
@@ -199,7 +232,12 @@ class TrainingRun:
         self.setup_data()
         self.setup_model()
         self.setup_trainer()
-        self.save(*self.train())
+        try:
+            result = self.train()
+        finally:
+            if self.lean is not None:
+                self.lean.close()  # the model computes its logits again
+        self.save(*result)
         return self.out
 
 

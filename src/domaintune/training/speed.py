@@ -1,0 +1,155 @@
+"""The fast training path's choices, each made once per run and said once (rank 0):
+
+- **loss** (`train.loss`): liger-kernel's fused linear cross-entropy on CUDA when it is installed
+  (`domaintune[fast]`) and supports the architecture; else domaintune's chunked loss (loss.py) where the
+  architecture's logits are plain `lm_head(hidden)`; else the model's own loss.
+- **batching** (`train.batching`): the rows of a micro-batch packed into one sequence, with position_ids that
+  restart per row and no attention across rows, where the architecture builds its attention mask from
+  position_ids (LLaMA, Mistral, Qwen2/3: transformers' masking utilities detect packed sequences); elsewhere
+  (BLOOM's ALiBi) padded, length-grouped micro-batches. Either way a micro-batch holds the same rows, so
+  `train.batch_size` keeps its meaning (rows per optimizer step).
+- **gradient checkpointing** (`auto`): only on a GPU, and only when the longest micro-batch's activations
+  would not fit the free memory.
+- **per-device batch** (`auto`): the largest divisor of batch_size / processes that fits: probed on a GPU with
+  a forward and backward pass on the longest rows; on CPU up to 8.
+GPU-only choices fall back to the CPU path where the library or the device is missing, and say so.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UserError
+from .loss import supports_lean_loss
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..config import TrainConfig
+
+# model_type values whose decoder builds its attention mask from position_ids (packed sequences detected).
+PACKABLE_MODELS = {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"}
+# model_type values liger-kernel patches (its fused linear cross-entropy among them).
+LIGER_MODELS = {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3", "phi3",
+                "mixtral", "olmo2", "granite"}
+CPU_MAX_PER_DEVICE = 8
+
+
+def model_type(model: Any) -> str | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "model_type", None)
+
+
+def choose_loss(requested: str, model: Any, device: str) -> tuple[str, str]:
+    """(loss implementation, a line saying why) for `train.loss`."""
+    kind = model_type(model)
+    lean = supports_lean_loss(model)
+    if requested in ("auto", "liger"):
+        has_liger = importlib.util.find_spec("liger_kernel") is not None
+        if device == "cuda" and has_liger and kind in LIGER_MODELS:
+            return "liger", "loss: liger-kernel fused linear cross-entropy"
+        if requested == "liger":
+            why = ("no CUDA device" if device != "cuda" else
+                   "liger-kernel is not installed (pip install 'domaintune[fast]')" if not has_liger else
+                   f"liger-kernel does not support {kind}")
+            fallback = "chunked" if lean else "model"
+            return fallback, f"loss: train.loss is liger but {why}; using the {fallback} loss instead"
+    if requested in ("auto", "liger", "chunked") and lean:
+        return "chunked", "loss: chunked (LM head and cross-entropy only at target positions)"
+    if requested == "chunked":
+        raise UserError(f"train.loss: chunked supports models whose logits are lm_head(hidden) only; {kind} is not one "
+                        "of them. Set train.loss: auto or model")
+    return "model", f"loss: the model's own ({kind} is not known to the chunked loss)"
+
+
+def choose_batching(requested: str, model: Any) -> tuple[str, str]:
+    """(pack or pad, a line saying why) for `train.batching`."""
+    kind = model_type(model)
+    if requested == "pad":
+        return "pad", "batches: padded, length-grouped"
+    if kind in PACKABLE_MODELS:
+        return "pack", "batches: packed without padding (position_ids, no attention across rows)"
+    if requested == "pack":
+        raise UserError(f"train.batching: pack needs an architecture that masks attention by position_ids "
+                        f"({', '.join(sorted(PACKABLE_MODELS))}); {kind} is not one of them. Set train.batching: auto")
+    return "pad", f"batches: padded, length-grouped ({kind} cannot pack rows)"
+
+
+def make_collator(batching: str, tok: PreTrainedTokenizerBase, device: str) -> Any:
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if batching == "pack":
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True,
+                                  pad_to_multiple_of=8 if device == "cuda" else None)
+
+
+def _longest(samples: list[dict], n: int) -> list[dict]:
+    return sorted(samples, key=lambda s: -len(s["input_ids"]))[:n]
+
+
+def activation_bytes(model: Any, tokens: int) -> int:
+    """A rough count of the activations a forward pass over `tokens` tokens keeps for the backward pass
+    (Korthikanti et al. 2022: about 34 x hidden bytes per token and layer in 16-bit, without attention scores,
+    which SDPA does not keep)."""
+    cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embed", 0)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
+    return 34 * hidden * layers * tokens
+
+
+def wants_checkpointing(setting: bool | str, model: Any, samples: list[dict], per_device: int,
+                        device: str) -> tuple[bool, str | None]:
+    """(gradient checkpointing on?, a line when auto decided) for `train.gradient_checkpointing`."""
+    if setting != "auto":
+        return bool(setting), None
+    if device != "cuda":
+        return False, None
+    import torch
+
+    tokens = sum(len(s["input_ids"]) for s in _longest(samples, per_device))
+    need, free = activation_bytes(model, tokens), torch.cuda.mem_get_info()[0]
+    on = need > 0.6 * free
+    return on, (f"gradient checkpointing: {'on' if on else 'off'} (about {need / 2**30:.1f} GiB of activations for "
+                f"the longest micro-batch, {free / 2**30:.1f} GiB free)")
+
+
+def divisors_down(n: int, cap: int) -> list[int]:
+    return [d for d in range(min(n, cap), 0, -1) if n % d == 0]
+
+
+def auto_per_device(tcfg: TrainConfig, world_size: int, device: str, probe: Any) -> tuple[int, str]:
+    """The per-device batch for `per_device_batch_size: auto` (see the module docstring). `probe(b)` runs a
+    forward and backward pass on the b longest rows and returns False when it runs out of memory."""
+    rows = tcfg.batch_size // world_size if tcfg.batch_size % world_size == 0 else 1
+    if device != "cuda":
+        b = divisors_down(rows, CPU_MAX_PER_DEVICE)[0]
+        return b, f"per-device batch: {b} (auto; up to {CPU_MAX_PER_DEVICE} on CPU)"
+    for b in divisors_down(rows, rows):
+        if probe(b):
+            return b, f"per-device batch: {b} (auto; the largest that fit a training pass on the longest rows)"
+    raise UserError("per_device_batch_size auto: even one row of the longest length does not fit this GPU; lower "
+                    "data.cutoff_len, use QLoRA (model.quantization: 4bit) or a smaller model")
+
+
+def oom_probe(model: Any, collator: Any, samples: list[dict], loss_fn: Any, device: str) -> Any:
+    """A `probe(b)` for `auto_per_device`: one forward and backward pass on the b longest samples."""
+    import torch
+
+    def probe(b: int) -> bool:
+        batch = {k: v.to(device) for k, v in collator(_longest(samples, b)).items()}
+        labels = batch.pop("labels")
+        try:
+            if loss_fn is not None:
+                loss = loss_fn(model(**batch), labels)
+            else:
+                loss = model(**batch, labels=labels).loss
+            loss.backward()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    return probe
