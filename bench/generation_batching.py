@@ -1,13 +1,22 @@
-"""Benchmark: batched, length-sorted generation (what `predict` does) against one prompt at a time.
+"""Benchmark: batched, length-sorted generation (what `predict` does) against one prompt at a time, for greedy
+decoding and for beam search.
 
-Runs both on the same model and prompts in one process and prints the measured ratio. Greedy decoding,
-so both produce identical tokens (checked); only the time differs.
+Runs every variant on the same model and prompts in one process and prints the measured ratios. Decoding is
+deterministic (greedy, and beam search with --num-beams), so batched and one-at-a-time runs must produce
+identical tokens, texts and finish reasons; this is checked, and the script exits with status 1 when they
+differ (after recording the result). Only the time may differ.
 
     .venv/bin/python bench/generation_batching.py [--model DIR] [--data FILE] [--n 64] [--batch-size 16]
+        [--max-new-tokens 32] [--num-beams 4] [--device cpu|cuda] [--dtype fp32]
 
 Defaults: a tiny "small" Qwen2-style model built offline into /tmp (random weights: every answer runs to
 --max-new-tokens, the worst case for padding), prompts from the reference data in ../shared/data when
-present, else from examples/data. Results are appended to bench/results/generation_batching.md.
+present, else from examples/data, fp32 weights (batched and single runs then agree exactly; in bf16/fp16
+padding changes the rounding and outputs may differ). Results are appended to
+bench/results/generation_batching.md.
+
+The summary line gives the two ratios of issue 10's GPU goal, both against beam search one prompt at a time
+(the old `predict --num-beams 4`): greedy batched (goal >= 20x) and beam search batched (goal >= 5x).
 """
 from __future__ import annotations
 
@@ -16,6 +25,8 @@ import json
 import os
 import platform
 import random
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -29,61 +40,110 @@ def prompts_from(path: Path, n: int, seed: int = 0) -> list[str]:
     return [r["instruction"] + r.get("input", "") for r in rows[:n]]
 
 
+def machine(device: str) -> str:
+    import torch
+
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+    if device == "cuda":
+        return f"{cpu}, GPU {torch.cuda.get_device_name()}"
+    return f"{cpu}, no GPU" if not torch.cuda.is_available() else f"{cpu} (GPU present, not used)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model or run directory (default: a tiny model built in /tmp)")
     ap.add_argument("--data", default=None, help="JSONL with instruction fields (default: reference data)")
     ap.add_argument("--n", type=int, default=64, help="number of prompts (default: %(default)s)")
-    ap.add_argument("--batch-size", type=int, default=16, help="batch size of the batched run (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=16, help="batch size of the batched runs (default: %(default)s)")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer (default: %(default)s)")
+    ap.add_argument("--num-beams", type=int, default=4,
+                    help="beam width of the beam search runs; 1 skips them (default: %(default)s)")
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                    help="device (default: the best available, as predict picks it)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+                    help="weights dtype; fp32 keeps batched and single outputs identical (default: %(default)s)")
     a = ap.parse_args()
 
     import torch
 
     from domaintune.inference.engine import Engine
     from domaintune.inference.params import GenerationParams
+    from domaintune.training.precision import resolve_device
     from domaintune.training.tiny import make_tiny_model
 
+    device = a.device or resolve_device()
     model = Path(a.model) if a.model else Path("/tmp/domaintune-bench-tiny")
     if not a.model and not (model / "config.json").is_file():
         make_tiny_model(model, "qwen2", size="small")
     data = Path(a.data) if a.data else (REFERENCE if REFERENCE.is_file() else ROOT / "examples/data/train.jsonl")
-    engine = Engine.from_run(model, template=None if (model / "template.json").is_file() else "domain_zh")
+    engine = Engine.from_run(model, template=None if (model / "template.json").is_file() else "domain_zh",
+                             device=device, dtype=a.dtype)
     prompts = [engine.encode_messages([{"role": "user", "content": q}]) for q in prompts_from(data, a.n)]
-    params = GenerationParams(max_new_tokens=a.max_new_tokens)
-    engine.generate(prompts[:2], params, batch_size=2)  # warm-up
 
     def timed(fn):
+        if device == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0, out
 
-    t_seq, seq = timed(lambda: [engine.generate([p], params, batch_size=1)[0] for p in prompts])
-    t_bat, bat = timed(lambda: engine.generate(prompts, params, batch_size=a.batch_size))
-    same = all(x.token_ids == y.token_ids for x, y in zip(seq, bat, strict=True))
-    tokens = sum(g.completion_tokens for g in bat)
+    def compare(params: GenerationParams) -> dict:
+        """One prompt at a time, then batched and sorted by length: times, tokens, and whether outputs agree."""
+        engine.generate(prompts[:2], params, batch_size=2)  # warm-up
+        t_seq, seq = timed(lambda: [engine.generate([p], params, batch_size=1)[0] for p in prompts])
+        t_bat, bat = timed(lambda: engine.generate(prompts, params, batch_size=a.batch_size))
+        differ = sum((x.token_ids, x.text, x.finish_reason) != (y.token_ids, y.text, y.finish_reason)
+                     for x, y in zip(seq, bat, strict=True))
+        return {"seq": t_seq, "bat": t_bat, "tokens_seq": sum(g.completion_tokens for g in seq),
+                "tokens_bat": sum(g.completion_tokens for g in bat), "differ": differ}
+
+    load0 = os.getloadavg()[0]  # other work on the machine slows both sides; recorded with the result
+    runs = {"greedy": compare(GenerationParams(max_new_tokens=a.max_new_tokens))}
+    beam = f"beam search ({a.num_beams} beams)"
+    if a.num_beams > 1:
+        runs[beam] = compare(GenerationParams(max_new_tokens=a.max_new_tokens, num_beams=a.num_beams))
+
     lens = [len(p) for p in prompts]
+    identical = all(r["differ"] == 0 for r in runs.values())
+    command = shlex.join([".venv/bin/python", "bench/generation_batching.py", *sys.argv[1:]])
     lines = [
-        f"## {time.strftime('%Y-%m-%d')} — {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"## {time.strftime('%Y-%m-%d')} — {machine(device)}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
         "",
-        f"model `{model.name}`, {len(prompts)} prompts from `{data.name}` ({min(lens)}–{max(lens)} tokens), "
-        f"greedy, max_new_tokens {a.max_new_tokens}; outputs identical: {same}",
+        f"`{command}`",
         "",
-        "| run | seconds | generated tokens/s |",
-        "|---|---|---|",
-        f"| one prompt at a time | {t_seq:.2f} | {tokens / t_seq:.1f} |",
-        f"| batched ({a.batch_size}), sorted by length | {t_bat:.2f} | {tokens / t_bat:.1f} |",
+        f"model `{model.name}` ({next(engine.model.parameters()).dtype} on {device}), {len(prompts)} prompts from "
+        f"`{data.name}` ({min(lens)}–{max(lens)} tokens), max_new_tokens {a.max_new_tokens}, batch size "
+        f"{a.batch_size}; 1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
         "",
-        f"**speed-up: {t_seq / t_bat:.2f}x**",
-        "",
+        "| decoding | run | seconds | generated tokens/s | speed-up | outputs identical |",
+        "|---|---|---|---|---|---|",
     ]
+    for name, r in runs.items():
+        same = "yes" if r["differ"] == 0 else f"**no: {r['differ']} of {len(prompts)} differ**"
+        lines += [f"| {name} | one prompt at a time | {r['seq']:.2f} | {r['tokens_seq'] / r['seq']:.1f} | 1.00x | |",
+                  f"| {name} | batched ({a.batch_size}), sorted by length | {r['bat']:.2f} | "
+                  f"{r['tokens_bat'] / r['bat']:.1f} | {r['seq'] / r['bat']:.2f}x | {same} |"]
+    lines.append("")
+    g = runs["greedy"]
+    lines.append(f"**greedy speed-up: {g['seq'] / g['bat']:.2f}x**")
+    if beam in runs:
+        b = runs[beam]
+        lines += [f"**beam search speed-up: {b['seq'] / b['bat']:.2f}x**", "",
+                  f"Against beam search ({a.num_beams} beams) one prompt at a time: greedy batched "
+                  f"**{b['seq'] / g['bat']:.2f}x** (GPU goal >= 20x), beam search batched "
+                  f"**{b['seq'] / b['bat']:.2f}x** (GPU goal >= 5x); outputs identical: {identical}"]
+    lines.append("")
     print("\n".join(lines))
     out = ROOT / "bench" / "results" / "generation_batching.md"
     if not out.exists():
         out.write_text("# Batched generation vs one prompt at a time (measured)\n\n", encoding="utf-8")
     with open(out, "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+    if not identical:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

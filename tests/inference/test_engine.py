@@ -1,4 +1,4 @@
-"""inference.engine.Engine: batching and streaming change nothing about what greedy decoding produces."""
+"""inference.engine.Engine: batching and streaming change nothing about what greedy decoding or beam search produces."""
 from __future__ import annotations
 
 import pytest
@@ -65,6 +65,120 @@ def test_batched_greedy_equals_one_at_a_time(engines, sample_data, arch):
                                 do_sample=False, eos_token_id=engine.stop_ids, pad_token_id=pad)
     by_prompt = {tuple(p): g.token_ids for p, g in zip(prompts, single, strict=True)}
     assert any(out[i, width:].tolist() != by_prompt[tuple(p)] for i, p in enumerate(batch))
+
+
+# ---------------------------------------------------------------- beam search
+
+def _beam_prompts(engine: Engine, sample_data) -> list[list[int]]:
+    """`_prompts` with one more very short prompt: 8 prompts of clearly different lengths, one batch of 8."""
+    prompts = _prompts(engine, sample_data) + [engine.encode_messages([{"role": "user", "content": "好"}])]
+    assert len(prompts) == 8
+    return prompts
+
+
+def _same_batched_and_alone(engine: Engine, prompts: list[list[int]], params: GenerationParams) -> list:
+    """Generate `prompts` as one left-padded batch of 8 and each prompt alone; assert every field matches."""
+    batched = engine.generate(prompts, params, batch_size=8)
+    single = engine.generate(prompts, params, batch_size=1)
+    for i, (b, s) in enumerate(zip(batched, single, strict=True)):
+        assert (b.token_ids, b.text, b.finish_reason) == (s.token_ids, s.text, s.finish_reason), \
+            f"prompt {i} ({len(prompts[i])} tokens)"
+        assert b.prompt_tokens == s.prompt_tokens == len(prompts[i])
+    return single
+
+
+@pytest.mark.parametrize("num_beams", [2, 4])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_beam_search_equals_one_at_a_time(engines, sample_data, arch, num_beams):
+    engine = engines[arch]
+    prompts = _beam_prompts(engine, sample_data)
+    lens = sorted(map(len, prompts))
+    assert len(set(lens)) >= 6 and lens[-1] >= 3 * lens[0]  # much left padding in the one batch of 8
+    params = GenerationParams(max_new_tokens=12, num_beams=num_beams, do_sample=False)
+    single = _same_batched_and_alone(engine, prompts, params)
+    assert len({t for g in single for t in g.token_ids}) > 10  # varied output, not one repeated token
+    # random weights never say EOS: every beam answer runs to max_new_tokens
+    assert all(len(g.token_ids) == 12 and g.finish_reason == "length" for g in single)
+    # beam search really ran: it differs from greedy decoding on some prompt
+    greedy = engine.generate(prompts, GenerationParams(max_new_tokens=12), batch_size=8)
+    assert any(g.token_ids != s.token_ids for g, s in zip(greedy, single, strict=True))
+
+
+def _most_cutting(engine: Engine, prompts: list[list[int]], params: GenerationParams, candidates, make):
+    """Of `candidates`, the one whose engine (`make(candidate)`) ends the most of `prompts`' beam answers with
+    reason "stop" (one batched run each), and that engine. Random weights never say EOS, and beam search may
+    prefer a hypothesis running to max_new_tokens over one that stops, so some stops cut nothing."""
+    best = max(candidates, key=lambda c: sum(g.finish_reason == "stop" for g in
+                                             make(c).generate(prompts, params, batch_size=8)))
+    return best, make(best)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stop_ids_cut_beam_outputs_batched_as_alone(engines, sample_data, arch, monkeypatch):
+    """A stop token ends a beam hypothesis: no answer holds a stop token, some end early with reason
+    "stop", and the batch of 8 still gives exactly what each prompt gives alone."""
+    from collections import Counter
+
+    engine = engines[arch]
+    prompts = _beam_prompts(engine, sample_data)
+    params = GenerationParams(max_new_tokens=12, num_beams=4)
+    full = engine.generate(prompts, params, batch_size=8)
+    base = list(engine.stop_ids)
+    common = [t for t, _ in Counter(t for g in full for t in g.token_ids[2:]).most_common(8)]
+
+    def make(t: int) -> Engine:
+        monkeypatch.setattr(engine, "stop_ids", base + [t])
+        return engine
+
+    stop, engine = _most_cutting(engine, prompts, params, common, make)
+    single = _same_batched_and_alone(engine, prompts, params)
+    assert all(stop not in g.token_ids and g.text == engine.decode(g.token_ids) for g in single)
+    assert sum(g.finish_reason == "stop" for g in single) >= 1
+    assert all(len(g.token_ids) < 12 for g in single if g.finish_reason == "stop")
+    assert all(g.finish_reason == "length" for g in single if len(g.token_ids) == 12)
+
+
+def _multi_token_pieces(engine: Engine, gens: list) -> list[str]:
+    """Pieces of the answers in `gens` that `_multi_token_stop` would pick, one per answer where there is one."""
+    pieces = []
+    for g in gens:
+        try:
+            pieces.append(_multi_token_stop(engine, g.token_ids, g.text))
+        except AssertionError:
+            pass
+    return list(dict.fromkeys(pieces))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stop_strings_cut_beam_outputs_batched_as_alone(engines, sample_data, arch):
+    """A multi-token stop string ends a beam hypothesis too (a stopping criterion; then the text is cut before
+    it), and the batch of 8 still gives exactly what each prompt gives alone."""
+    from domaintune.data.templates import Template
+
+    base = engines[arch]
+    prompts = _beam_prompts(base, sample_data)
+    params = GenerationParams(max_new_tokens=12, num_beams=4)
+    full = base.generate(prompts, params, batch_size=8)
+
+    def make(stop: str) -> Engine:
+        return Engine(base.model, base.tokenizer, Template.from_dict({**base.template.to_dict(), "stop": [stop]}), "m")
+
+    stop, engine = _most_cutting(base, prompts, params, _multi_token_pieces(base, full), make)
+    assert engine.stop_ids == base.stop_ids  # not a token: only the text can be cut
+    single = _same_batched_and_alone(engine, prompts, params)
+    assert all(stop not in g.text for g in single)
+    cut = [g for g in single if g.finish_reason == "stop"]
+    assert cut  # ids run up to the token that completed the stop string
+    assert all(stop in engine.decode(g.token_ids) and engine.decode(g.token_ids).startswith(g.text) for g in cut)
+
+
+def test_streaming_refuses_beam_search(engines):
+    from domaintune.errors import UserError
+
+    engine = engines["qwen2"]
+    prompt = engine.encode_messages([{"role": "user", "content": "你好"}])
+    with pytest.raises(UserError, match=r"not beam search \(num_beams > 1\)"):
+        next(engine.stream(prompt, GenerationParams(max_new_tokens=4, num_beams=2)))
 
 
 def test_llama_prompt_starts_with_bos_and_pads_with_unk(engines):
