@@ -60,6 +60,7 @@ def main() -> None:
                     help="beam width of the beam search runs; 1 skips them (default: %(default)s)")
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"],
                     help="device (default: the best available, as predict picks it)")
+    ap.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results/")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
                     help="weights dtype; fp32 keeps batched and single outputs identical (default: %(default)s)")
     a = ap.parse_args()
@@ -138,6 +139,8 @@ def main() -> None:
     lines.append("")
     print("\n".join(lines))
     out = ROOT / "bench" / "results" / "generation_batching.md"
+    if a.no_save:
+        sys.exit(0 if identical else 1)
     if not out.exists():
         out.write_text("# Batched generation vs one prompt at a time (measured)\n\n", encoding="utf-8")
     with open(out, "a", encoding="utf-8") as f:

@@ -62,6 +62,28 @@ def test_linear_cross_entropy_equals_the_plain_one_with_gradients(bias):
         assert linear_cross_entropy(h, head, y, chunk=8).item() == pytest.approx(want.item(), rel=1e-6)
 
 
+def test_chunk_size_keeps_one_chunks_logits_within_the_budget():
+    from domaintune.training.loss import LOGITS_BUDGET, chunk_size
+
+    assert chunk_size(250_880) == 267 and 267 * 250_880 * 4 <= LOGITS_BUDGET < 268 * 250_880 * 4
+    assert chunk_size(151_936) == 441
+    assert chunk_size(10**9) == 16  # never below 16 positions
+
+
+def test_linear_cross_entropy_in_bf16_matches_the_plain_one_in_bf16():
+    """Half-precision weights take the path without the float32 buffer: the logits are upcast per chunk."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 211, bias=False).to(torch.bfloat16)
+    h = torch.randn(40, 32, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 211, (40,))
+    want = torch.nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
+    (g_want,) = torch.autograd.grad(want, (h,))
+    got = linear_cross_entropy(h, head, y, chunk=16)
+    (g_got,) = torch.autograd.grad(got, (h,))
+    assert got.item() == pytest.approx(want.item(), rel=1e-3)
+    assert g_got.dtype == torch.bfloat16 and torch.allclose(g_got.float(), g_want.float(), atol=2e-2)
+
+
 def test_a_head_with_an_adapter_is_chunked_with_recomputation():
     torch.manual_seed(0)
     inner = torch.nn.Linear(16, 97)

@@ -341,6 +341,7 @@ def test_resume_after_kill_continues_exactly(models, tmp_path):
     assert min(x["time"] for x in new) >= max(x["time"] for x in kept)
     info = RunDir(out).run_info()
     assert info["train"]["global_steps"] == 10
+    assert (info["train"]["path"]["loss"], info["train"]["path"]["batching"]) == ("chunked", "pack")  # fast path
     assert RunDir(out).has_adapter()
     # Throughput counts this session's tokens only (regression: the restored ones were divided by this runtime).
     assert at_ckpt == kept[-1]["tokens"] > 0

@@ -6,11 +6,12 @@ step, and the prompt positions (masked, a quarter of the tokens or more) and pad
 liger-kernel fuses the same idea on CUDA but does not cover every architecture (not BLOOM), and not CPUs.
 
 How (`linear_cross_entropy`): the hidden states of the labelled positions are gathered, then for each chunk of
-`CHUNK` positions the logits are computed, turned into the loss and, in the same pass, into the gradients of
-the hidden states (and of the head's weight and bias when they are trained): `softmax - onehot` times the
-weight. The backward pass then only scales what the forward stored, so no chunk's logits outlive its loop
-iteration and nothing is computed twice. A head that is not a plain `nn.Linear` (e.g. one with a LoRA
-adapter) is chunked with activation checkpointing instead, recomputing each chunk in the backward pass.
+`chunk_size(vocab)` positions (`LOGITS_BUDGET` bytes of fp32 logits) the logits are computed, turned into the
+loss and, in the same pass, into the gradients of the hidden states (and of the head's weight and bias when they
+are trained): `softmax - onehot` times the weight. The backward pass then only scales what the forward stored,
+so no chunk's logits outlive its loop iteration and nothing is computed twice. A head that is not a plain
+`nn.Linear` (e.g. one with a LoRA adapter) is chunked with activation checkpointing instead, recomputing each
+chunk in the backward pass.
 
 How it plugs into the Trainer (`LeanLoss`): a forward pre-hook on the model's output embedding takes the final
 hidden states and hands the head an empty sequence (so the model computes no logits), and the Trainer's
@@ -30,23 +31,52 @@ from ..data.encode import IGNORE_INDEX
 if TYPE_CHECKING:
     import torch
 
-CHUNK = 1024  # positions per chunk: 1024 x 250,880 fp32 logits are ~1 GB at most, transient
+LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits held at once: 267 positions of BLOOM's 250,880-token vocabulary
+
+
+def chunk_size(vocab: int) -> int:
+    """Positions per chunk so that one chunk's fp32 logits stay within `LOGITS_BUDGET` (at least 16, so that a
+    huge vocabulary still makes matrix products, not vector ones)."""
+    return max(16, LOGITS_BUDGET // (4 * max(vocab, 1)))
+
+
 # model_type values whose CausalLM forward computes logits = lm_head(final hidden states) and nothing else.
 PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "bloom", "phi3", "internlm2",
                      "yi", "baichuan", "deepseek_v2", "deepseek_v3", "olmo", "olmo2", "stablelm", "starcoder2"}
 
 
-def _chunk_grads(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-                 need: tuple[bool, bool, bool]) -> tuple[torch.Tensor, ...]:
-    """Loss sum of one chunk and, as asked by `need` (hidden, weight, bias), its gradients."""
+def _autocast_on(device_type: str) -> bool:
     import torch
 
-    logits = torch.nn.functional.linear(h, weight, bias).float()
-    lse = torch.logsumexp(logits, dim=-1)
-    loss = (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def _chunk_grads(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                 need: tuple[bool, bool, bool], buf: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Loss sum of one chunk and, as asked by `need` (hidden, weight, bias), its gradients. `buf`, a float32
+    [len(y), vocab] tensor, receives the logits when the weight is float32 and autocast is off (one buffer
+    for every chunk: fresh multi-MB allocations cost page faults on every chunk, ~15% of the head on CPU)."""
+    import torch
+
+    if buf is not None and weight.dtype == torch.float32 and h.dtype == torch.float32 \
+            and not _autocast_on(h.device.type):
+        logits = torch.mm(h, weight.t(), out=buf)
+        if bias is not None:
+            logits.add_(bias)
+    else:
+        logits = torch.nn.functional.linear(h, weight, bias).float()
+    target = logits.gather(1, y[:, None]).squeeze(1)
+    top = logits.amax(dim=1)
+    # softmax in the logits' own memory: no second [chunk, vocab] tensor (logsumexp would make one)
+    probs = logits.sub_(top[:, None]).exp_()
+    total = probs.sum(dim=1)
+    loss = (total.log() + top - target).sum()  # log-sum-exp minus the target's logit
     if not any(need):
         return (loss,)
-    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' own memory
+    probs.div_(total[:, None])
     probs[torch.arange(len(y), device=y.device), y] -= 1.0  # d loss / d logits
     grad = probs.to(h.dtype)
     return (loss,
@@ -72,8 +102,12 @@ def _function() -> Any:
                 g_h = torch.empty_like(hidden) if need[0] else None
                 g_w = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
                 g_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
-                for s in range(0, hidden.shape[0], chunk):
-                    out = _chunk_grads(hidden[s:s + chunk], weight, bias, targets[s:s + chunk], need)
+                n = hidden.shape[0]
+                buf = hidden.new_empty((min(chunk, n), weight.shape[0]), dtype=torch.float32) if n > chunk else None
+                for s in range(0, n, chunk):
+                    rows = min(chunk, n - s)
+                    out = _chunk_grads(hidden[s:s + chunk], weight, bias, targets[s:s + chunk], need,
+                                       buf[:rows] if buf is not None else None)
                     total += out[0]
                     if need[0]:
                         g_h[s:s + chunk] = out[1]
@@ -99,10 +133,13 @@ def _function() -> Any:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                         chunk: int = CHUNK) -> torch.Tensor:
+                         chunk: int | None = None) -> torch.Tensor:
     """Sum over positions of cross_entropy(head(hidden), targets), for `hidden` [N, H] and `targets` [N] with no
-    ignored entries, without ever holding more than `chunk` positions' logits."""
+    ignored entries, without ever holding more than `chunk` positions' logits (default: `chunk_size`)."""
     import torch
+
+    if chunk is None:
+        chunk = chunk_size(head.weight.shape[0] if hasattr(head, "weight") else head(hidden[:1]).shape[-1])
 
     if type(head) is torch.nn.Linear:
         grad = torch.is_grad_enabled()
@@ -121,7 +158,7 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: t
 
 
 def causal_lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
-                       chunk: int = CHUNK) -> tuple[torch.Tensor, int]:
+                       chunk: int | None = None) -> tuple[torch.Tensor, int]:
     """(sum of the next-token losses over every labelled position, number of such positions) for hidden states
     [B, T, H] and labels [B, T] (IGNORE_INDEX where there is nothing to learn). Position t predicts label t + 1."""
     shifted = labels[:, 1:]

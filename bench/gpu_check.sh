@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Every check of the fast training path that needs a CUDA GPU, in one script that ends within 8 minutes on one
+# large GPU (H100/H200 class). Results go to bench/results/ (and to $OUT when that is set, as on the device
+# machine); each step's output also goes to bench/results/gpu_check.log.
+#
+#   1. loss equality on CUDA: liger-kernel's fused loss vs domaintune's chunked loss vs the model's own
+#      (bench/loss_equality.py --device cuda)
+#   2. training throughput, the seed-style recipe and domaintune side by side, for the three GPU shapes
+#      (bench/train_throughput.py --device cuda --shape bloom-560m | qwen2.5-0.5b | bloom-3b)
+#   3. a short QLoRA (4-bit) run of `domaintune train` on a tiny model, then `domaintune predict` with it
+#   4. the prediction benchmark: greedy and beam-4 batched vs beam-4 one prompt at a time
+#      (bench/generation_batching.py --device cuda)
+#
+# Set-up on a machine without internet (run here, where pip works, then carry both folders):
+#   bash bench/gpu_wheels.sh                      # the training stack's wheels -> .whl/
+#   mkdir -p .bench-data && cp ../shared/data/family_edu_zh.train.jsonl .bench-data/
+#   (both folders are git-ignored; the script installs .whl/*.whl into /tmp/site when .whl exists)
+#
+#   bash bench/gpu_check.sh                       # on the GPU machine
+#   GPU_CHECK_DRY=1 bash bench/gpu_check.sh       # on a CPU: the same steps, tiny sizes, nothing saved
+#
+# A step that fails or runs out of time is reported and the script goes on; it exits 1 if any step failed.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+BUDGET=${GPU_CHECK_BUDGET:-450}  # seconds for all steps; each step gets at most what is left
+DRY=${GPU_CHECK_DRY:-}
+RESULTS=bench/results
+LOG=$RESULTS/gpu_check.log
+mkdir -p "$RESULTS"
+: >"$LOG"
+say() { echo "$*" | tee -a "$LOG"; }
+
+if compgen -G ".whl/*.whl" >/dev/null && [ -z "$DRY" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { say "installing .whl/*.whl failed"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+DT=("$PY" -m domaintune)
+
+DATA=${DOMAINTUNE_REFERENCE:-}
+for cand in ../shared/data/family_edu_zh.train.jsonl .bench-data/family_edu_zh.train.jsonl; do
+  [ -z "$DATA" ] && [ -f "$cand" ] && DATA=$cand
+done
+[ -n "$DATA" ] || { say "no reference data: copy family_edu_zh.train.jsonl into .bench-data/ (see the header)"; exit 1; }
+
+if [ -n "$DRY" ]; then
+  DEV=cpu; SAVE=(--no-save)
+else
+  DEV=cuda; SAVE=()
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    || { say "no CUDA device is visible: run on a GPU machine, or GPU_CHECK_DRY=1 to try the steps on a CPU"; exit 1; }
+fi
+
+{
+  echo "== gpu_check $(date -u +%FT%TZ) on $(hostname), device $DEV"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" - <<'EOF'
+import importlib.metadata as md
+for n in ("torch", "transformers", "peft", "accelerate", "liger-kernel", "bitsandbytes", "triton", "pydantic"):
+    try:
+        print(f"{n} {md.version(n)}")
+    except md.PackageNotFoundError:
+        print(f"{n} (not installed)")
+EOF
+} 2>&1 | tee -a "$LOG"
+
+FAILED=()
+step() {  # step NAME SECONDS COMMAND...: run with the smaller of SECONDS and what is left of the budget
+  local name=$1 want=$2; shift 2
+  local left=$((BUDGET - SECONDS))
+  local limit=$((want < left ? want : left))
+  if [ "$limit" -lt 20 ]; then
+    say "== $name: skipped, the time budget (${BUDGET} s) is spent"; FAILED+=("$name (no time)"); return
+  fi
+  say "== $name (limit ${limit} s): $*"
+  local t0=$SECONDS
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  say "== $name: exit $rc after $((SECONDS - t0)) s"
+  [ "$rc" -eq 0 ] || FAILED+=("$name (exit $rc)")
+}
+
+# 1. Loss equality (fp32, TF32 off): fast, and it tells whether the throughput numbers train the same thing.
+step loss-equality 90 "$PY" bench/loss_equality.py --device "$DEV" "${SAVE[@]}"
+
+# 2. Training throughput, both arms per shape (each arm in its own process: clean peak memory).
+if [ -n "$DRY" ]; then
+  step throughput-cpu 400 "$PY" bench/train_throughput.py --device cpu --rows 8 --data "$DATA" "${SAVE[@]}"
+else
+  step throughput-bloom-560m 110 "$PY" bench/train_throughput.py --device cuda --shape bloom-560m --rows 400 \
+    --data "$DATA"
+  step throughput-qwen2.5-0.5b 110 "$PY" bench/train_throughput.py --device cuda --shape qwen2.5-0.5b --rows 400 \
+    --data "$DATA"
+  step throughput-bloom-3b 150 "$PY" bench/train_throughput.py --device cuda --shape bloom-3b --rows 160 \
+    --data "$DATA"
+fi
+
+# 3. QLoRA: 4-bit base + LoRA, a few steps, then predictions with the adapter on the 4-bit base.
+qlora() {
+  local work
+  work=$(mktemp -d /tmp/dt-qlora-XXXX)
+  "${DT[@]}" make-tiny-model "$work/model" --arch qwen2 || return 1
+  local quant=4bit extra=()
+  [ -n "$DRY" ] && quant=none && extra=(model.dtype=fp32)
+  "${DT[@]}" train configs/quickstart.yaml model.name_or_path="$work/model" model.quantization=$quant \
+    train.output_dir="$work/run" train.num_epochs=2 train.save_steps=1000 data.path=examples/data/train.jsonl \
+    "${extra[@]}" || return 1
+  "${DT[@]}" predict "$work/run" --data examples/data/test.jsonl --max-new-tokens 16 || return 1
+  "$PY" - "$work/run" "$quant" "${SAVE[@]}" <<'EOF'
+import json, math, sys, datetime
+from pathlib import Path
+run, quant = Path(sys.argv[1]), sys.argv[2]
+info = json.loads((run / "run_info.json").read_text())
+hist = [e for e in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if e.get("loss") is not None]
+preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines() if line.strip()]
+losses = [e["loss"] for e in hist]
+facts = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+         "quantization": quant, "method": info.get("method"), "train_path": info.get("train", {}).get("path"),
+         "first_loss": losses[0], "last_loss": losses[-1], "logged_steps": len(losses),
+         "adapter": sorted(p.name for p in run.glob("adapter_model.*")), "predictions": len(preds)}
+print(json.dumps(facts, ensure_ascii=False, indent=1))
+ok = (all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] and facts["adapter"] == ["adapter_model.safetensors"]
+      and len(preds) > 0 and (quant == "none" or facts["method"] == "qlora"))
+if "--no-save" not in sys.argv:
+    path = Path("bench/results/qlora-cuda.json")
+    old = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(old + [{**facts, "ok": ok}], indent=1, ensure_ascii=False) + "\n")
+print("qlora OK" if ok else "qlora FAILED: see the facts above")
+sys.exit(0 if ok else 1)
+EOF
+}
+if [ -z "$DRY" ] && ! "$PY" -c "import bitsandbytes" >/dev/null 2>&1; then
+  say "== qlora: skipped, bitsandbytes is not installed (bash bench/gpu_wheels.sh, then carry .whl)"
+  FAILED+=("qlora (no bitsandbytes)")
+else
+  step qlora 90 qlora
+fi
+
+# 4. Prediction: greedy and beam-4 batched against beam-4 one prompt at a time, identical outputs.
+if [ -n "$DRY" ]; then
+  step generation 200 "$PY" bench/generation_batching.py --device cpu --n 8 --batch-size 4 --max-new-tokens 8 \
+    --data "$DATA" --no-save
+else
+  step generation 90 "$PY" bench/generation_batching.py --device cuda --n 128 --batch-size 32 \
+    --max-new-tokens 64 --data "$DATA"
+fi
+
+if [ -n "${OUT:-}" ] && [ -z "$DRY" ]; then  # the device machine sends back what is under $OUT
+  mkdir -p "$OUT/results"
+  cp "$RESULTS"/train_throughput-cuda-*.json "$RESULTS"/loss_equality-cuda.json "$RESULTS"/qlora-cuda.json \
+    "$RESULTS"/generation_batching.md "$LOG" "$OUT/results/" 2>/dev/null
+fi
+say "== gpu_check done in $SECONDS s; failed: ${FAILED[*]:-none}"
+[ ${#FAILED[@]} -eq 0 ]
