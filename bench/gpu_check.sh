@@ -8,6 +8,7 @@
 #   2. training throughput, the seed-style recipe and domaintune side by side, for the three GPU shapes
 #      (bench/train_throughput.py --device cuda --shape bloom-560m | qwen2.5-0.5b | bloom-3b)
 #   3. a short QLoRA (4-bit) run of `domaintune train` on a tiny model, then `domaintune predict` with it
+#      (bench/qlora_check.py)
 #   4. the prediction benchmark: greedy and beam-4 batched vs beam-4 one prompt at a time
 #      (bench/generation_batching.py --device cuda)
 #
@@ -29,6 +30,7 @@ BUDGET=${GPU_CHECK_BUDGET:-450}  # seconds for all steps; each step gets at most
 DRY=${GPU_CHECK_DRY:-}
 RESULTS=bench/results
 LOG=$RESULTS/gpu_check.log
+[ -n "$DRY" ] && LOG=$(mktemp /tmp/gpu_check-dry-XXXX.log)  # a dry run saves nothing under bench/
 mkdir -p "$RESULTS"
 : >"$LOG"
 say() { echo "$*" | tee -a "$LOG"; }
@@ -100,45 +102,12 @@ else
     --data "$DATA"
 fi
 
-# 3. QLoRA: 4-bit base + LoRA, a few steps, then predictions with the adapter on the 4-bit base.
-qlora() {
-  local work
-  work=$(mktemp -d /tmp/dt-qlora-XXXX)
-  "${DT[@]}" make-tiny-model "$work/model" --arch qwen2 || return 1
-  local quant=4bit extra=()
-  [ -n "$DRY" ] && quant=none && extra=(model.dtype=fp32)
-  "${DT[@]}" train configs/quickstart.yaml model.name_or_path="$work/model" model.quantization=$quant \
-    train.output_dir="$work/run" train.num_epochs=2 train.save_steps=1000 data.path=examples/data/train.jsonl \
-    "${extra[@]}" || return 1
-  "${DT[@]}" predict "$work/run" --data examples/data/test.jsonl --max-new-tokens 16 || return 1
-  "$PY" - "$work/run" "$quant" "${SAVE[@]}" <<'EOF'
-import json, math, sys, datetime
-from pathlib import Path
-run, quant = Path(sys.argv[1]), sys.argv[2]
-info = json.loads((run / "run_info.json").read_text())
-hist = [e for e in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if e.get("loss") is not None]
-preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines() if line.strip()]
-losses = [e["loss"] for e in hist]
-facts = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "quantization": quant, "method": info.get("method"), "train_path": info.get("train", {}).get("path"),
-         "first_loss": losses[0], "last_loss": losses[-1], "logged_steps": len(losses),
-         "adapter": sorted(p.name for p in run.glob("adapter_model.*")), "predictions": len(preds)}
-print(json.dumps(facts, ensure_ascii=False, indent=1))
-ok = (all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] and facts["adapter"] == ["adapter_model.safetensors"]
-      and len(preds) > 0 and (quant == "none" or facts["method"] == "qlora"))
-if "--no-save" not in sys.argv:
-    path = Path("bench/results/qlora-cuda.json")
-    old = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(old + [{**facts, "ok": ok}], indent=1, ensure_ascii=False) + "\n")
-print("qlora OK" if ok else "qlora FAILED: see the facts above")
-sys.exit(0 if ok else 1)
-EOF
-}
+# 3. QLoRA: 4-bit base + LoRA, two epochs of the sample data, then predictions with the adapter on the 4-bit base.
 if [ -z "$DRY" ] && ! "$PY" -c "import bitsandbytes" >/dev/null 2>&1; then
   say "== qlora: skipped, bitsandbytes is not installed (bash bench/gpu_wheels.sh, then carry .whl)"
   FAILED+=("qlora (no bitsandbytes)")
 else
-  step qlora 90 qlora
+  step qlora 120 "$PY" bench/qlora_check.py --device "$DEV" "${SAVE[@]}"
 fi
 
 # 4. Prediction: greedy and beam-4 batched against beam-4 one prompt at a time, identical outputs.
