@@ -6,7 +6,11 @@ valid completion:
 - a prompt starting with ``QUESTIONS`` (the tests' question template) gets a numbered list of
   ``questions_per_reply`` fresh questions; each is built from tokens unique to it, so no two are
   near-duplicates;
-- a prompt starting with ``ANSWER:`` gets ``"Answer to: <question>"`` so a test can check the pairing.
+- a prompt starting with ``ANSWER:`` gets ``"Answer to: <question>"`` so a test can check the pairing;
+- a prompt starting with ``JUDGE`` (the tests' judge template) gets ``judge_fn(prompt)``, by default
+  ``"SUPPORTED: every claim is in the passage"``.
+
+``question_fn(prompt, n)``, when given, makes the question replies (e.g. from the passage in the prompt).
 
 Script items: ``"429"`` (with ``Retry-After``), ``"500"``, ``"401"``, ``"400"``, ``"slow"`` (sleeps
 ``slow_seconds`` before answering, past the client's timeout), ``"malformed"`` (200 with a non-JSON body),
@@ -25,13 +29,15 @@ class FakeLLM:
     """Start with ``with FakeLLM(script=[...]) as srv:``; ``srv.base_url`` is the /v1 URL."""
 
     def __init__(self, script=(), *, questions_per_reply: int = 3, retry_after: str = "1",
-                 slow_seconds: float = 2.0, delay: float = 0.0, answer_fn=None):
+                 slow_seconds: float = 2.0, delay: float = 0.0, answer_fn=None, judge_fn=None, question_fn=None):
         self.script = list(script)
         self.questions_per_reply = questions_per_reply
         self.retry_after = retry_after
         self.slow_seconds = slow_seconds
         self.delay = delay  # added to every reply: lets a test kill a run mid-way
         self.answer_fn = answer_fn or (lambda q: f"Answer to: {q}")
+        self.judge_fn = judge_fn or (lambda prompt: "SUPPORTED: every claim is in the passage")
+        self.question_fn = question_fn
         self.lock = threading.Lock()
         self.log: list[dict] = []  # one entry per request: time, kind, action, prompt, status
         self.in_flight = 0
@@ -86,7 +92,7 @@ class FakeLLM:
             return
         body = json.loads(h.rfile.read(int(h.headers.get("Content-Length", 0))))
         prompt = body["messages"][-1]["content"]
-        kind = "question" if prompt.startswith("QUESTIONS") else "answer"
+        kind = "question" if prompt.startswith("QUESTIONS") else "judge" if prompt.startswith("JUDGE") else "answer"
         with self.lock:
             action = self.script.pop(0) if self.script else "ok"
             entry = {"time": time.monotonic(), "kind": kind, "prompt": prompt, "body": body,
@@ -125,8 +131,11 @@ class FakeLLM:
             text = "\n".join(f"{k}. {q}" for k, q in enumerate(action["questions"], 1))
         elif kind == "question":
             with self.lock:
-                qs = self._fresh_questions(self.questions_per_reply)
+                qs = (self.question_fn(prompt, self.questions_per_reply) if self.question_fn
+                      else self._fresh_questions(self.questions_per_reply))
             text = "\n".join(f"{k}. {q}" for k, q in enumerate(qs, 1))
+        elif kind == "judge":
+            text = self.judge_fn(prompt)
         else:
             q = prompt[len("ANSWER:"):].strip()
             text = self.answer_fn(q)

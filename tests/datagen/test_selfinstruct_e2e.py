@@ -232,3 +232,42 @@ def test_gen_data_against_served_tiny_model_then_train(server, tmp_path, tiny_tr
     assert [rec["step"] for rec in steps] == [1, 2]
     info = json.loads((run / "run_info.json").read_text(encoding="utf-8"))
     assert (info["data"]["train_rows"], info["data"]["eval_rows"]) == (N, 0)
+
+
+def test_gen_data_from_documents_against_served_tiny_model_then_train(server, tmp_path, tiny_train_config):
+    """The documents mode over real HTTP, with configs/documents.yaml and the shipped sample documents. The
+    judge is off: a random model cannot say SUPPORTED (the judge is tested against the scripted server)."""
+    from domaintune.training.trainer import run_train
+
+    out = tmp_path / "gen-docs"
+    overrides = [
+        f"selfinstruct.base_url={server}", f"selfinstruct.model={MODEL}", f"selfinstruct.api_key_env={KEY_ENV}",
+        f"selfinstruct.num_questions={N}", f"selfinstruct.output_dir={out}", "selfinstruct.judge=false",
+        f"selfinstruct.documents=[{REPO / 'examples' / 'docs'}]",
+        f"selfinstruct.exclude=[{REPO / 'examples' / 'data' / 'test.jsonl'}]",
+        f"selfinstruct.seeds_path={SEEDS}", "selfinstruct.passage_tokens=60",
+        "selfinstruct.temperature=1.0", "selfinstruct.max_tokens=48", "selfinstruct.request_timeout=60",
+        "selfinstruct.on_length=drop", "selfinstruct.retry_base_delay=0", "selfinstruct.max_concurrency=2",
+    ]
+    r = subprocess.run([sys.executable, "-m", "domaintune", "gen-data", str(REPO / "configs" / "documents.yaml"),
+                        *overrides], cwd=tmp_path, env=_env(**{KEY_ENV: KEY}), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = _jsonl(out / "train.jsonl")
+    assert len(rows) == N and len({row["instruction"] for row in rows}) == N
+    docs = {p.name for p in (REPO / "examples" / "docs").iterdir()}
+    for row in rows:
+        assert set(row) == {"instruction", "input", "output", "source"}
+        assert Path(row["source"]["file"]).name in docs and row["source"]["heading"]
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["status"] == "complete" and manifest["counts"]["judge_calls"] == 0
+    assert sum(f["passages"] for f in manifest["documents"]["files"].values()) == manifest["documents"]["passages"]
+    assert manifest["spent"]["calls"] == manifest["counts"]["http"]["attempts"]
+
+    cfg = tiny_train_config(tmp_path / "run", "qwen2", f"data.path={out / 'train.jsonl'}", "data.val_size=0",
+                            "train.max_steps=2", "train.batch_size=2", "train.per_device_batch_size=2",
+                            "train.save_steps=2")
+    run = Path(run_train(cfg))
+    assert (run / "adapter_model.safetensors").stat().st_size > 0
+    info = json.loads((run / "run_info.json").read_text(encoding="utf-8"))
+    assert info["data"]["train_rows"] == N

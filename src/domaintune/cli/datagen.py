@@ -1,18 +1,22 @@
 """The data-generation verb: `gen-data`.
 
     domaintune gen-data configs/selfinstruct.yaml [selfinstruct.KEY=VALUE ...]
+    domaintune gen-data configs/selfinstruct.yaml --preview 5
     domaintune gen-data configs/selfinstruct.yaml --identity [--identity-language both]
 
-The first form grows `selfinstruct.num_questions` Q&A pairs from the seed questions against any
-OpenAI-compatible endpoint (resumable: run the same command again after a kill or an error). The
-second writes the built-in "who are you / who made you" data with `selfinstruct.persona` filled in,
-without any network. Output layout: see `domaintune.datagen.store`.
+The first form grows `selfinstruct.num_questions` Q&A pairs from the seed questions (or from the documents in
+`selfinstruct.documents`) against any OpenAI-compatible endpoint (resumable: run the same command again after
+a kill or an error). `--preview N` makes only N pairs (kept: a later full run goes on from them) and prints
+them with their sources, to judge the quality before spending the budget. The last form writes the built-in
+"who are you / who made you" data with `selfinstruct.persona` filled in, without any network. Output layout:
+see `domaintune.datagen.store`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .options import add_config_args
 
@@ -27,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_config_args(p, example="selfinstruct.base_url=http://127.0.0.1:8000/v1 selfinstruct.num_questions=50",
                     what="YAML config with a selfinstruct section, e.g. configs/selfinstruct.yaml")
+    p.add_argument("--preview", type=int, default=None, metavar="N",
+                   help="make only N question/answer pairs, print them with their sources and stop; no train.jsonl "
+                   "is written and a later run without --preview continues from them (default: %(default)s = off)")
     p.add_argument("--identity", action="store_true", default=False,
                    help="instead of calling the API, write the built-in self-cognition Q&A (who are you, who made "
                    "you, ...) with selfinstruct.persona filled in to OUTPUT_DIR/identity.jsonl (default: %(default)s)")
@@ -50,11 +57,38 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
         return 0
     from ..datagen.selfinstruct import run_gen_data
 
-    out = run_gen_data(cfg)
+    if args.preview is not None and args.preview < 1:
+        print("error: --preview N needs N >= 1", file=sys.stderr)
+        return 2
+    out = run_gen_data(cfg, preview=args.preview)
     manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    if args.preview is not None:
+        return _print_preview(out, args.preview, manifest)
     if not manifest.get("target_reached"):
         print(f"warning: {out / TRAIN} has {manifest.get('train_rows')} of {manifest.get('target')} rows: "
               f"{manifest.get('message')}", file=sys.stderr)
         return 1
     print(f"wrote {manifest['train_rows']} rows to {out / TRAIN} (details: {out / MANIFEST})")
     return 0
+
+
+def _print_preview(out: Path, n: int, manifest: dict) -> int:
+    from ..datagen.store import ANSWERS, read_working_file
+
+    rows = read_working_file(out / ANSWERS)[:n]
+    for i, r in enumerate(rows, 1):
+        src = r.get("source")
+        where = ""
+        if isinstance(src, dict):
+            where = f"{src.get('file')}" + (f", page {src['page']}" if src.get("page") else "") + \
+                (f", {src['heading']}" if src.get("heading") else "")
+        print(f"--- {i}/{len(rows)}" + (f"  [{where}]" if where else ""))
+        print(f"Q: {r.get('question')}")
+        print(f"A: {r.get('answer')}")
+    spent = manifest.get("spent", {})
+    counts = manifest["counts"]
+    print(f"--- preview: {len(rows)} pairs in {out / ANSWERS}; spent {spent.get('calls')} calls, about "
+          f"{spent.get('prompt_tokens', 0) + spent.get('completion_tokens', 0)} tokens; dropped: "
+          f"{counts['questions_rejected'] or {}} (questions), {counts['answers_rejected'] or {}} (answers). "
+          "Run again without --preview to continue to selfinstruct.num_questions.")
+    return 0 if len(rows) >= min(n, manifest.get("target", n)) else 1

@@ -39,7 +39,38 @@ class SelfInstructConfig(Section):
     language: Literal["zh", "en"] = Field(
         "zh", description="Language of the built-in prompt templates and identity data.")
     seeds_path: str = Field(
-        "", description="Seed questions: JSON lines with a \"question\" field; required by gen-data.")
+        "", description="Seed questions: JSON lines with a \"question\" field; required by gen-data without "
+        "documents (with documents they are optional and only show the style of questions wanted).")
+    documents: list[str] = Field(
+        default_factory=list, description="Your documents: files, folders or globs of PDF, DOCX, Markdown, HTML "
+        "or text. When set, every question is asked about one passage of them and answered from it, and each "
+        "train.jsonl row keeps its source (file, page, heading, passage id).")
+    exclude: list[str] = Field(
+        default_factory=list, description="Files that must not leak into the data (e.g. your test set): a "
+        "generated question that shares 8 consecutive tokens with them, or is a near-duplicate of one of their "
+        "questions, is dropped (reason contaminated) and counted.")
+    exclude_ngram: int = Field(8, ge=4, description="Consecutive tokens (a Chinese character or an English word "
+                               "each) a question must share with an excluded file to count as contaminated; "
+                               "raise it when common phrases of your domain cause drops.")
+    passage_tokens: int = Field(400, ge=50, description="Token budget of one passage (an estimate: about one "
+                                "token per Chinese character, 1.3 per English word).")
+    passage_overlap: int = Field(40, ge=0, description="Tokens of whole sentences repeated from the previous "
+                                 "passage of the same section, so that no question loses its context at a cut.")
+    questions_per_passage: int = Field(3, gt=0, description="Questions asked for in one passage's request.")
+    judge: bool = Field(True, description="Ask the endpoint whether each document-grounded answer is supported by "
+                        "its passage; unsupported answers are dropped with the judge's reason (rejected.jsonl).")
+    citations: Literal["metadata", "inline"] = Field(
+        "metadata", description="Where a grounded row's source goes: metadata = a \"source\" object in each "
+        "train.jsonl row (training ignores it); inline = also a last line of the answer (来源：… / Source: …).")
+    doc_question_template: str | None = Field(
+        None, description="Question prompt for documents; None = built-in for `language`. Placeholders: {passage} "
+        "(required) {source} {examples} {num_examples} {num_questions} {domain} {name} {organisation} {year}.")
+    doc_answer_template: str | None = Field(
+        None, description="Answer prompt for documents; None = built-in. Placeholders: {question} {passage} "
+        "(required) {source} {domain} {name} {organisation} {year}.")
+    judge_template: str | None = Field(
+        None, description="Faithfulness prompt; None = built-in. Placeholders: {question} {answer} {passage} "
+        "(required); the reply must contain SUPPORTED or UNSUPPORTED, then the reason.")
     question_template: str | None = Field(
         None, description="Question prompt template file; None = built-in for `language`. Placeholders: "
         "{domain} {num_questions} {num_examples} {examples} {name} {organisation} {year}.")

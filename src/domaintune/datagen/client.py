@@ -38,6 +38,8 @@ class MalformedResponse(Exception):
 class Completion:
     text: str
     finish_reason: str | None
+    prompt_tokens: int | None = None  # the endpoint's usage, when it reports one
+    completion_tokens: int | None = None
 
 
 class ChatClient:
@@ -145,4 +147,11 @@ def _completion_of(resp: Any) -> Completion:
     text = getattr(message, "content", None)
     if not isinstance(text, str):
         raise MalformedResponse("reply has no message text")
-    return Completion(text=text, finish_reason=getattr(choice, "finish_reason", None))
+    usage = getattr(resp, "usage", None)
+
+    def count(name: str) -> int | None:
+        v = getattr(usage, name, None)
+        return v if isinstance(v, int) and v >= 0 else None
+
+    return Completion(text=text, finish_reason=getattr(choice, "finish_reason", None),
+                      prompt_tokens=count("prompt_tokens"), completion_tokens=count("completion_tokens"))

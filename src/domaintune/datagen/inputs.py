@@ -6,6 +6,12 @@ braces (e.g. a JSON example in a user template) stay as written.
 - question template: {domain} {num_questions} (questions to write) {num_examples} (examples shown)
   {examples} (the numbered example questions; required) {name} {organisation} {year}
 - answer template: {question} (required) {domain} {name} {organisation} {year}
+- doc_question template (documents): {passage} (required) {source} {examples} {num_examples} {num_questions}
+  {domain} {name} {organisation} {year}
+- doc_answer template (documents): {question} {passage} (both required) {source} {domain} {name} {organisation}
+  {year}
+- judge template (documents): {question} {answer} {passage} (all required); the reply must say SUPPORTED or
+  UNSUPPORTED (see grounded.parse_verdict)
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ from ..data.reader import read_records
 from ..errors import UserError
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
-REQUIRED = {"question": "examples", "answer": "question"}
+REQUIRED = {"question": ("examples",), "answer": ("question",), "doc_question": ("passage",),
+            "doc_answer": ("question", "passage"), "judge": ("question", "answer", "passage")}
 
 
 def load_seeds(path: str) -> list[str]:
@@ -43,13 +50,14 @@ def load_seeds(path: str) -> list[str]:
 
 
 def builtin_template(kind: str, language: str) -> str:
-    """The shipped template `kind` ('question' or 'answer') for `language` ('zh' or 'en')."""
+    """The shipped template `kind` (a key of REQUIRED) for `language` ('zh' or 'en')."""
     return (resources.files(__package__) / "prompts" / f"{kind}_{language}.txt").read_text(encoding="utf-8")
 
 
 def load_template(cfg: SelfInstructConfig, kind: str) -> str:
-    """The question or answer template: the user's file if configured, else the built-in one."""
-    path = cfg.question_template if kind == "question" else cfg.answer_template
+    """The `kind` template (a key of REQUIRED): the user's file (`selfinstruct.<kind>_template`) if configured,
+    else the built-in one for `selfinstruct.language`."""
+    path = getattr(cfg, f"{kind}_template")
     if path is None:
         return builtin_template(kind, cfg.language)
     p = Path(path)
@@ -57,9 +65,10 @@ def load_template(cfg: SelfInstructConfig, kind: str) -> str:
         raise UserError(f"selfinstruct.{kind}_template '{p}' not found "
                         "(relative paths start from the current directory)")
     text = p.read_text(encoding="utf-8-sig")
-    if "{" + REQUIRED[kind] + "}" not in text:
-        raise UserError(f"{p}: the {kind} template has no {{{REQUIRED[kind]}}} placeholder; add it where the "
-                        f"{'example questions' if kind == 'question' else 'question'} should go")
+    missing = [name for name in REQUIRED[kind] if "{" + name + "}" not in text]
+    if missing:
+        raise UserError(f"{p}: the {kind} template has no {', '.join('{' + m + '}' for m in missing)} "
+                        f"placeholder; add it where the {' and the '.join(missing)} should go")
     return text
 
 
