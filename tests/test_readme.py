@@ -87,3 +87,31 @@ def test_hugging_face_commands_exist_in_the_installed_cli():
     assert "huggingface-cli" not in README
     for cfg in (REPO / "configs").glob("*.yaml"):
         assert "huggingface-cli" not in cfg.read_text(encoding="utf-8"), cfg.name
+
+
+def _reliability_refs() -> list[tuple[str, str | None]]:
+    """(test file, test name or None) for every `path.py::name`, `::name` (same file) and `path.py` in the
+    "proved by" column of RELIABILITY.md."""
+    refs = []
+    for line in (REPO / "RELIABILITY.md").read_text(encoding="utf-8").splitlines():
+        if not line.startswith("|") or line.count("|") < 3:
+            continue
+        current = None
+        for ref in re.findall(r"`([^`]+)`", line.rstrip(" |").rsplit("|", 1)[-1]):
+            path, _, name = ref.partition("::")
+            if path.endswith(".py"):
+                current = path
+            if current:
+                refs.append((current, name or None))
+    return refs
+
+
+def test_every_test_reliability_md_cites_exists():
+    refs = _reliability_refs()
+    assert len(refs) > 40
+    for path, name in refs:
+        file = REPO / "tests" / path
+        assert file.is_file(), f"RELIABILITY.md cites {path}, which does not exist"
+        if name:
+            assert re.search(rf"^(async )?def {re.escape(name)}\(", file.read_text(encoding="utf-8"), re.M), \
+                f"RELIABILITY.md cites {path}::{name}, which does not exist"
