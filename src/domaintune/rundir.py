@@ -18,6 +18,8 @@ and nowhere else.
 | predictions.jsonl (+ .meta.json), metrics.json, metrics_per_sample.jsonl | predict / eval | |
 | predictions.base.jsonl, base/ | predict --base-only | the base model's predictions and scores |
 | compare.md | eval --compare | two predictions files side by side |
+| judge.jsonl, judge.json | judge | every judge call as it finished (resumable), and the summary: win-rate, grades |
+| benchmark.json | eval --benchmark | multiple-choice accuracy (lm-eval) of the base model and the run, and the delta |
 | report.md | report | |
 
 An exported model directory (`export`) holds config.json, model*.safetensors, the tokenizer,
@@ -51,6 +53,9 @@ BASE_DIR = "base"  # metrics of --base-only predictions, so they never replace t
 METRICS = "metrics.json"
 METRICS_PER_SAMPLE = "metrics_per_sample.jsonl"
 COMPARE = "compare.md"
+JUDGE_RECORDS = "judge.jsonl"  # judge: one record per judged call, appended as it finishes
+JUDGE_SUMMARY = "judge.json"  # judge: the summary; a short form goes into metrics.json["judge"]
+BENCHMARK = "benchmark.json"  # eval --benchmark: lm-eval scores of base and tuned; a summary goes into metrics.json
 REPORT = "report.md"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

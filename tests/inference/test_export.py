@@ -125,10 +125,15 @@ def test_export_files_and_model_card(lora_run, exported):
 def test_model_card_lists_metrics_and_shards_split(lora_run, exported, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
-    (run / "metrics.json").write_text(json.dumps({"num_samples": 3, "bleu-4": 12.5, "rouge-l": 30.25}))
+    (run / "metrics.json").write_text(json.dumps({
+        "num_samples": 3, "bleu-4": 12.5, "rouge-l": 30.25,
+        "judge": {"pairwise": {"win_rate": 0.625, "win_rate_ci95": [0.5, 0.75], "wins": 2, "ties": 1, "losses": 1}},
+        "benchmark": {"tasks": {"zh_general_mc": {"base": {"acc": 0.25}, "tuned": {"acc": 0.3}}}}}))
     out = run_export(run, tmp_path / "sharded", dtype="fp32", max_shard_size="300KB")
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert "| metric | value |\n|---|---|\n| num_samples | 3 |\n| bleu-4 | 12.5 |\n| rouge-l | 30.25 |" in card
+    assert ("| metric | value |\n|---|---|\n| num_samples | 3 |\n| bleu-4 | 12.5 |\n| rouge-l | 30.25 |\n"
+            "| judged win-rate vs the base model | 0.625 (95% interval 0.5 to 0.75; 2 wins, 1 ties, 1 losses) |\n"
+            "| zh_general_mc accuracy (base -> tuned) | 0.25 -> 0.3 |") in card
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
     from transformers import AutoModelForCausalLM

@@ -16,6 +16,7 @@ from typing import Any
 from .. import rundir
 from ..errors import UserError
 from ..jsonl import read_jsonl, write_atomic
+from .report_compare import compare_section
 
 # Config values shown in the summary, as (label, candidate dotted keys in config.yaml, run_info.json key).
 # Several candidates so the report reads configs whatever the exact field name of a section.
@@ -182,7 +183,9 @@ def _metrics_section(run: rundir.RunDir) -> list[str]:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         return lines + [f"{path} line {e.lineno} is not valid JSON ({e.msg}): rerun `domaintune eval`."]
-    keys = [k for k in METRIC_ORDER if k in metrics] + [k for k in metrics if k not in METRIC_ORDER]
+    # Nested results (judge, benchmark) have their own section below.
+    keys = [k for k in METRIC_ORDER if k in metrics] + [k for k in metrics if k not in METRIC_ORDER
+                                                        and not isinstance(metrics[k], dict)]
     lines += _table([(k, metrics[k]) for k in keys], ("metric", "value"))
     return lines + ["", "BLEU-4 is character-level and ROUGE is jieba-segmented for Chinese (as in LLaMA-Factory); "
                         "scores are x100."]
@@ -239,7 +242,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     if info.get("domaintune_version"):
         lines.append(f"- domaintune {info['domaintune_version']}")
     for section in (_config_section(run, info), _data_section(info), _training_section(run, info, log),
-                    _plot_section(run, out), _metrics_section(run), _examples_section(run)):
+                    _plot_section(run, out), _metrics_section(run), compare_section(run), _examples_section(run)):
         lines += [""] + section
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, "\n".join(lines) + "\n")

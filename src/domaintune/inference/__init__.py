@@ -10,4 +10,5 @@
 | `chat.py` | `run_chat`: the streaming terminal chat |
 | `serve/` | `run_serve`: the OpenAI-compatible server and web page |
 | `export.py` | `run_export`: a standalone merged model directory |
+| `benchmark.py` | `run_benchmark`: base and tuned model scored on multiple-choice tasks through lm-eval |
 """

@@ -132,7 +132,18 @@ def model_card(rd: RunDir, out: Path, template: str, how: str, dtype: str) -> st
     if (rd.path / METRICS).is_file():
         metrics = rd.read_json(METRICS)
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in metrics.items()]
+        lines += [f"| {k} | {v} |" for k, v in metrics.items() if not isinstance(v, dict)]
+        judged = metrics.get("judge", {}).get("pairwise") if isinstance(metrics.get("judge"), dict) else None
+        if isinstance(judged, dict):
+            lo, hi = (judged.get("win_rate_ci95") or [None, None])[:2]
+            lines.append(f"| judged win-rate vs the base model | {judged.get('win_rate')} (95% interval {lo} to "
+                         f"{hi}; {judged.get('wins')} wins, {judged.get('ties')} ties, "
+                         f"{judged.get('losses')} losses) |")
+        bench = metrics.get("benchmark", {}).get("tasks") if isinstance(metrics.get("benchmark"), dict) else None
+        for task, t in (bench or {}).items():
+            if isinstance(t, dict) and isinstance(t.get("tuned"), dict):
+                lines.append(f"| {task} accuracy (base -> tuned) | {t.get('base', {}).get('acc')} -> "
+                             f"{t['tuned'].get('acc')} |")
     lines += ["", "## How to use", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'tok = AutoTokenizer.from_pretrained("{out.resolve().name}")',
