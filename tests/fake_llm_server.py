@@ -12,6 +12,11 @@ valid completion:
 
 ``question_fn(prompt, n)``, when given, makes the question replies (e.g. from the passage in the prompt).
 
+``reply_fn(prompt)``, when given, is asked first for every request that no script item claims: a string is the
+reply's text; ``{"fault": ITEM}`` answers as the script item ITEM would (e.g. ``"malformed"``), so a test can
+fault chosen prompts whatever the arrival order; None falls through to the replies above. ``usage=False``
+leaves the ``usage`` block out of completions (the client then estimates tokens).
+
 Script items: ``"429"`` (with ``Retry-After``), ``"500"``, ``"401"``, ``"400"``, ``"slow"`` (sleeps
 ``slow_seconds`` before answering, past the client's timeout), ``"malformed"`` (200 with a non-JSON body),
 ``"no_choices"`` (200 with JSON lacking ``choices``), ``"length"`` (a valid completion cut with
@@ -29,7 +34,8 @@ class FakeLLM:
     """Start with ``with FakeLLM(script=[...]) as srv:``; ``srv.base_url`` is the /v1 URL."""
 
     def __init__(self, script=(), *, questions_per_reply: int = 3, retry_after: str = "1",
-                 slow_seconds: float = 2.0, delay: float = 0.0, answer_fn=None, judge_fn=None, question_fn=None):
+                 slow_seconds: float = 2.0, delay: float = 0.0, answer_fn=None, judge_fn=None, question_fn=None,
+                 reply_fn=None, usage: bool = True):
         self.script = list(script)
         self.questions_per_reply = questions_per_reply
         self.retry_after = retry_after
@@ -38,6 +44,8 @@ class FakeLLM:
         self.answer_fn = answer_fn or (lambda q: f"Answer to: {q}")
         self.judge_fn = judge_fn or (lambda prompt: "SUPPORTED: every claim is in the passage")
         self.question_fn = question_fn
+        self.reply_fn = reply_fn
+        self.usage = usage
         self.lock = threading.Lock()
         self.log: list[dict] = []  # one entry per request: time, kind, action, prompt, status
         self.in_flight = 0
@@ -95,8 +103,16 @@ class FakeLLM:
         kind = "question" if prompt.startswith("QUESTIONS") else "judge" if prompt.startswith("JUDGE") else "answer"
         with self.lock:
             action = self.script.pop(0) if self.script else "ok"
+        if action == "ok" and self.reply_fn is not None:
+            custom = self.reply_fn(prompt)
+            if isinstance(custom, dict):
+                action = custom["fault"]
+            elif custom is not None:
+                action = {"text": custom}
+        with self.lock:
             entry = {"time": time.monotonic(), "kind": kind, "prompt": prompt, "body": body,
-                     "action": action if isinstance(action, str) else "questions", "status": 200,
+                     "action": action if isinstance(action, str) else "text" if "text" in action else "questions",
+                     "status": 200,
                      "auth": h.headers.get("Authorization")}
             self.log.append(entry)
             self.in_flight += 1
@@ -127,7 +143,9 @@ class FakeLLM:
         if action == "slow":
             time.sleep(self.slow_seconds)
         finish = "length" if action == "length" else "stop"
-        if isinstance(action, dict):
+        if isinstance(action, dict) and "text" in action:
+            text = action["text"]
+        elif isinstance(action, dict):
             text = "\n".join(f"{k}. {q}" for k, q in enumerate(action["questions"], 1))
         elif kind == "question":
             with self.lock:
@@ -145,8 +163,9 @@ class FakeLLM:
             "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": body.get("model"),
             "choices": [{"index": 0, "finish_reason": finish,
                          "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
+        if self.usage:
+            completion["usage"] = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
         try:
             self._send(h, 200, completion)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): expected for "slow"

@@ -7,6 +7,7 @@
 | `train.py` | train, make-tiny-model, quickstart |
 | `inference.py` | predict, chat, serve, export |
 | `evaluate.py` | eval, plot, report |
+| `judge.py` | judge |
 | `options.py` | flags shared by several verbs (config + overrides, sampling, model directory) |
 
 Each verb module has `register(sub)` and one `cmd_<verb>(args) -> int` per verb. Heavy imports happen
@@ -20,10 +21,10 @@ import sys
 
 from .. import __version__
 from ..errors import UserError
-from . import configure, datagen, evaluate, inference, train
+from . import configure, datagen, evaluate, inference, judge, train
 
 # Verb groups, in the order `domaintune --help` lists them.
-VERB_MODULES = (configure, datagen, train, inference, evaluate)
+VERB_MODULES = (configure, datagen, train, inference, evaluate, judge)
 
 
 def build_parser() -> argparse.ArgumentParser:

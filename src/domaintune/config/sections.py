@@ -1,4 +1,4 @@
-"""The config sections `model`, `lora`, `data`, `train` and the whole `Config` (with `selfinstruct`).
+"""The config sections `model`, `lora`, `data`, `train` and the whole `Config` (with `selfinstruct`, `judge`).
 
 Every field has a default and a one-line description (`domaintune config --explain` prints them).
 Values derived from several fields are methods of their section (e.g. `TrainConfig.gradient_accumulation`).
@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import UserError
 from .base import Section
+from .judge import JudgeConfig
 from .selfinstruct import SelfInstructConfig
 
 
@@ -198,7 +199,7 @@ class TrainConfig(Section):
         return self.per_device(per_device) * world_size * self.gradient_accumulation(world_size, per_device)
 
 
-OPTIONAL_SECTIONS = ("selfinstruct",)  # sections that belong to other verbs than training
+OPTIONAL_SECTIONS = ("selfinstruct", "judge")  # sections that belong to other verbs than training
 
 
 class Config(Section):
@@ -209,6 +210,7 @@ class Config(Section):
     selfinstruct: SelfInstructConfig = Field(
         default_factory=SelfInstructConfig, description="Data generation (gen-data)."
     )
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="LLM-as-a-judge comparison (judge).")
 
     @model_validator(mode="after")
     def _check(self):

@@ -12,6 +12,9 @@ What the client does not do, and this module adds:
 - errors that retrying cannot fix (400, 401, 403, 404, ...) and retries that ran out become `UserError`
   with a message saying what to check;
 - every HTTP attempt and every response status is counted (httpx event hooks) for manifest.json.
+
+The client reads its settings from any config section with the endpoint fields of `EndpointSettings`
+(`selfinstruct` for gen-data, `judge` for the judge verb); `section` names it in error messages.
 """
 from __future__ import annotations
 
@@ -20,14 +23,32 @@ import os
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..config.selfinstruct import SelfInstructConfig
+from ..errors import UserError
 
 if TYPE_CHECKING:
     import httpx
     import openai
-from ..errors import UserError
+
+
+class EndpointSettings(Protocol):
+    """The fields of a config section that the client reads (`SelfInstructConfig`, `JudgeConfig`)."""
+
+    @property
+    def base_url(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def api_key_env(self) -> str: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def max_tokens(self) -> int | None: ...
+    @property
+    def max_retries(self) -> int: ...
+    @property
+    def request_timeout(self) -> float: ...
 
 
 class MalformedResponse(Exception):
@@ -45,10 +66,11 @@ class Completion:
 class ChatClient:
     """Thread-safe: one instance is shared by the pipeline's worker threads."""
 
-    def __init__(self, cfg: SelfInstructConfig):
+    def __init__(self, cfg: EndpointSettings, section: str = "selfinstruct"):
         import openai  # heavy: imported only when a run starts
 
         self.cfg = cfg
+        self.section = section  # the config section named in error messages
         self._openai = openai
         self._lock = threading.Lock()
         self.attempts = 0  # HTTP requests sent, retries included
@@ -84,7 +106,7 @@ class ChatClient:
 
     def complete(self, prompt: str) -> Completion:
         """One chat completion for a single user message. Raises MalformedResponse or UserError."""
-        openai, cfg = self._openai, self.cfg
+        openai, cfg, sec = self._openai, self.cfg, self.section
         kwargs = {"model": cfg.model, "messages": [{"role": "user", "content": prompt}],
                   "temperature": cfg.temperature}
         if cfg.max_tokens is not None:
@@ -101,26 +123,26 @@ class ChatClient:
             raise UserError(self._status_message(e)) from None
         except openai.APITimeoutError:
             raise UserError(
-                f"no reply from {cfg.base_url} within selfinstruct.request_timeout={cfg.request_timeout}s "
+                f"no reply from {cfg.base_url} within {sec}.request_timeout={cfg.request_timeout}s "
                 f"(tried {cfg.max_retries + 1} times); raise the timeout or check the server, then run the same "
                 f"command again to resume") from None
         except openai.APIConnectionError as e:
             raise UserError(
                 f"cannot connect to {cfg.base_url} ({e.__cause__ or e}; tried {cfg.max_retries + 1} times); check "
-                f"selfinstruct.base_url and that the server runs, then run the same command again to resume") from None
+                f"{sec}.base_url and that the server runs, then run the same command again to resume") from None
         return _completion_of(resp)
 
     def _status_message(self, e: openai.APIStatusError) -> str:
-        cfg, status = self.cfg, e.status_code
+        cfg, sec, status = self.cfg, self.section, e.status_code
         detail = _error_detail(e)
         if status == 400:
-            return (f"{cfg.base_url} answered 400 Bad Request ({detail}); not retried: check selfinstruct.model "
+            return (f"{cfg.base_url} answered 400 Bad Request ({detail}); not retried: check {sec}.model "
                     f"({cfg.model!r}), max_tokens and the prompt templates")
         if status in (403, 404):
-            return (f"{cfg.base_url} answered {status} ({detail}): check selfinstruct.base_url (it should end "
-                    f"in /v1) and selfinstruct.model ({cfg.model!r})")
+            return (f"{cfg.base_url} answered {status} ({detail}): check {sec}.base_url (it should end "
+                    f"in /v1) and {sec}.model ({cfg.model!r})")
         if status == 429 or status >= 500:
-            return (f"{cfg.base_url} still answered {status} ({detail}) after selfinstruct.max_retries="
+            return (f"{cfg.base_url} still answered {status} ({detail}) after {sec}.max_retries="
                     f"{cfg.max_retries} retries; wait, lower max_concurrency or raise max_retries, then run the "
                     f"same command again to resume")
         return f"{cfg.base_url} answered {status} ({detail}); not retried"

@@ -142,7 +142,9 @@ def read_predictions(path: Path) -> list[dict]:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"predictions file '{path}' not found: run `domaintune predict RUN --data test.jsonl` first")
+        base = " --base-only" if path.name == rundir.BASE_PREDICTIONS else ""
+        raise UserError(f"predictions file '{path}' not found: run `domaintune predict RUN --data test.jsonl{base}` "
+                        "first")
     items = read_records(path)  # JSON lines or a JSON array; BOM, CRLF, bad UTF-8 and bad JSON named by line
     where = "line"
     rows = []
