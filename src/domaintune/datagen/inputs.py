@@ -60,12 +60,16 @@ def load_template(cfg: SelfInstructConfig, kind: str) -> str:
     path = getattr(cfg, f"{kind}_template")
     if path is None:
         return builtin_template(kind, cfg.language)
+    return read_template_file(path, f"selfinstruct.{kind}_template", kind, REQUIRED[kind])
+
+
+def read_template_file(path: str, field: str, kind: str, required: tuple[str, ...]) -> str:
+    """A user's prompt template file (named by the config `field`), checked for its `required` placeholders."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"selfinstruct.{kind}_template '{p}' not found "
-                        "(relative paths start from the current directory)")
+        raise UserError(f"{field} '{p}' not found (relative paths start from the current directory)")
     text = p.read_text(encoding="utf-8-sig")
-    missing = [name for name in REQUIRED[kind] if "{" + name + "}" not in text]
+    missing = [name for name in required if "{" + name + "}" not in text]
     if missing:
         raise UserError(f"{p}: the {kind} template has no {', '.join('{' + m + '}' for m in missing)} "
                         f"placeholder; add it where the {' and the '.join(missing)} should go")

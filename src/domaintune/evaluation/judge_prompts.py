@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..config.judge import JudgeConfig
-from ..datagen.inputs import render
+from ..datagen.inputs import read_template_file, render
 from ..errors import UserError
 
 KINDS = ("pairwise", "grade")
@@ -47,15 +47,7 @@ def load_template(cfg: JudgeConfig, kind: str) -> str:
     path = getattr(cfg, f"{kind}_template")
     if path is None:
         return builtin_template(kind, cfg.language)
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"judge.{kind}_template '{p}' not found (relative paths start from the current directory)")
-    text = p.read_text(encoding="utf-8-sig")
-    missing = [name for name in REQUIRED[kind] if "{" + name + "}" not in text]
-    if missing:
-        raise UserError(f"{p}: the {kind} template has no {', '.join('{' + m + '}' for m in missing)} "
-                        f"placeholder; add it where the {' and the '.join(missing)} should go")
-    return text
+    return read_template_file(path, f"judge.{kind}_template", kind, REQUIRED[kind])
 
 
 def load_rubric(cfg: JudgeConfig) -> str:
