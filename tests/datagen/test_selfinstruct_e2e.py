@@ -4,27 +4,22 @@ answers `domaintune gen-data` (a subprocess too), and `run_train` accepts the fi
 The micro model's text is nonsense; what is checked is the pipeline: exit codes, the exact row count,
 valid rows, no duplicates, a manifest whose counts agree with the files, and training on the result.
 
-Why the served template has many stop tokens: a randomly initialised model almost never samples EOS
-(about 1 in 2048 tokens), so every reply would end with finish_reason "length". gen-data rightly drops
-cut answers and the last (possibly incomplete) item of a cut question list, so nothing would ever pass.
-The served template therefore lists 128 ordinary vocabulary tokens as stop tokens (a public `serve
---template FILE.json` feature): each reply stops after ~16 tokens on average, with finish_reason
-"stop", and its length varies, so gen-data's default length bounds (questions 5..300 characters,
-answers >= 10) both keep and reject some replies. Nothing in the model or in gen-data is patched.
+The served template has many stop tokens (tests/served_tiny_model.py says why): without them every reply would
+end with finish_reason "length", and gen-data rightly drops cut answers and the last (possibly incomplete) item
+of a cut question list, so nothing would ever pass. With them replies vary in length, so gen-data's default
+length bounds (questions 5..300 characters, answers >= 10) both keep and reject some replies. Nothing in the
+model or in gen-data is patched.
 """
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from served_tiny_model import local_env, served_tiny_model
 
 pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
@@ -36,97 +31,18 @@ KEY = "e2e-secret-key"
 KEY_ENV = "DT_E2E_API_KEY"
 MODEL = "tiny-e2e"
 N = 6
-N_STOP_TOKENS = 128
-HEALTH_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict:
-    env = dict(os.environ)
-    env.pop("DOMAINTUNE_API_KEY", None)
-    env.pop(KEY_ENV, None)
-    # Local traffic must not go through a proxy configured for the registries.
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    env["OMP_NUM_THREADS"] = "1"  # micro matrices gain nothing from threads on a 2-core machine
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def _get(url: str) -> tuple[int, dict]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, {}
-
-
-def _stop_template(model_dir: Path, out: Path) -> Path:
-    """domain_zh with every 16th ordinary vocabulary token as a stop token (see the module docstring)."""
-    from transformers import AutoTokenizer
-
-    from domaintune.data.templates import get_template
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = sorted(i for i in tok.get_vocab().values() if i not in tok.all_special_ids)
-    step = len(ids) // N_STOP_TOKENS
-    stops = tok.convert_ids_to_tokens(ids[::step][:N_STOP_TOKENS])
-    tpl = {**get_template("domain_zh", tok).to_dict(), "name": "domain_zh_e2e_stops", "stop": stops}
-    out.write_text(json.dumps(tpl, ensure_ascii=False, indent=1), encoding="utf-8")
-    return out
+    return local_env((KEY_ENV,), **extra)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    """A `domaintune serve` subprocess with an API key; yields its base URL (…/v1). Always terminated."""
-    model_dir = tiny_model_dir("qwen2")
-    tmp = tmp_path_factory.mktemp("e2e-serve")
-    template = _stop_template(model_dir, tmp / "template.json")
-    log_path = tmp / "serve.log"
-    proc = None
-    try:
-        for _ in range(3):  # another process may take the free port between our probe and the server's bind
-            port = _free_port()
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "domaintune", "serve", str(model_dir), "--port", str(port),
-                     "--api-key", KEY, "--model-name", MODEL, "--template", str(template),
-                     "--device", "cpu", "--log-level", "warning"],
-                    cwd=tmp, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + HEALTH_TIMEOUT_S
-            status = None
-            while proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    status, body = _get(f"http://127.0.0.1:{port}/health")
-                except OSError:  # not listening yet
-                    status = None
-                if status == 200:
-                    break
-                time.sleep(0.2)
-            if status == 200:
-                break
-            if proc.poll() is None:
-                pytest.fail(f"server not ready within {HEALTH_TIMEOUT_S}s:\n{log_path.read_text(errors='replace')}")
-            if "address already in use" not in log_path.read_text(errors="replace").lower():
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
-        else:
-            pytest.fail(f"no free port after 3 tries:\n{log_path.read_text(errors='replace')}")
+    """A `domaintune serve` subprocess of the micro Qwen2 model with an API key; yields its base URL (…/v1)."""
+    with served_tiny_model(tiny_model_dir("qwen2"), tmp_path_factory.mktemp("e2e-serve"), KEY, MODEL) as (url, body):
         assert body == {"status": "ok", "model": MODEL, "auth": True}
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+        yield url
 
 
 def _gen_data(base_url: str, out: Path, key: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -5,21 +5,18 @@ predictions of three test rows.
 The micro model's replies are nonsense, so nearly every call is unparseable: what is checked is that the run
 completes, says so, and writes judge.jsonl / judge.json / metrics.json whose counts agree with each other. The
 served template has stop tokens so that each reply ends after a few tokens (see
-tests/datagen/test_selfinstruct_e2e.py for why).
+tests/served_tiny_model.py for why).
 """
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from served_tiny_model import local_env, served_tiny_model
 
 pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
@@ -31,90 +28,17 @@ KEY = "judge-e2e-key"
 KEY_ENV = "DT_JUDGE_E2E_KEY"
 MODEL = "tiny-judge"
 ROWS = 3
-N_STOP_TOKENS = 128
-HEALTH_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict:
-    env = dict(os.environ)
-    env.pop(KEY_ENV, None)
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"  # local traffic must not go through a proxy
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def _health(port: int) -> int | None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:  # not listening yet
-        return None
-
-
-def _stop_template(model_dir: Path, out: Path) -> Path:
-    """domain_zh with every 16th ordinary vocabulary token as a stop token: replies of a few tokens."""
-    from transformers import AutoTokenizer
-
-    from domaintune.data.templates import get_template
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = sorted(i for i in tok.get_vocab().values() if i not in tok.all_special_ids)
-    stops = tok.convert_ids_to_tokens(ids[:: len(ids) // N_STOP_TOKENS][:N_STOP_TOKENS])
-    tpl = {**get_template("domain_zh", tok).to_dict(), "name": "domain_zh_judge_stops", "stop": stops}
-    out.write_text(json.dumps(tpl, ensure_ascii=False, indent=1), encoding="utf-8")
-    return out
+    return local_env((KEY_ENV,), **extra)
 
 
 @pytest.fixture(scope="module")
 def judge_server(tiny_model_dir, tmp_path_factory):
-    """A `domaintune serve` subprocess with an API key; yields its base URL (…/v1). Always terminated."""
-    model_dir = tiny_model_dir("qwen2")
-    tmp = tmp_path_factory.mktemp("judge-serve")
-    template = _stop_template(model_dir, tmp / "template.json")
-    log_path = tmp / "serve.log"
-    proc = None
-    try:
-        for _ in range(3):  # another process may take the free port between our probe and the server's bind
-            port = _free_port()
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "domaintune", "serve", str(model_dir), "--port", str(port),
-                     "--api-key", KEY, "--model-name", MODEL, "--template", str(template),
-                     "--device", "cpu", "--log-level", "warning"],
-                    cwd=tmp, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + HEALTH_TIMEOUT_S
-            status = None
-            while proc.poll() is None and time.monotonic() < deadline and status != 200:
-                status = _health(port)
-                time.sleep(0.2)
-            if status == 200:
-                break
-            if proc.poll() is None:
-                pytest.fail(f"server not ready within {HEALTH_TIMEOUT_S}s:\n{log_path.read_text(errors='replace')}")
-            if "address already in use" not in log_path.read_text(errors="replace").lower():
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
-        else:
-            pytest.fail(f"no free port after 3 tries:\n{log_path.read_text(errors='replace')}")
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+    """A `domaintune serve` subprocess of the micro Qwen2 model with an API key; yields its base URL (…/v1)."""
+    with served_tiny_model(tiny_model_dir("qwen2"), tmp_path_factory.mktemp("judge-serve"), KEY, MODEL) as (url, _):
+        yield url
 
 
 def _jsonl(path: Path) -> list[dict]:
