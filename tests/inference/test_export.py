@@ -90,6 +90,20 @@ def test_chat_template_renders_the_training_prompt(lora_run, exported):
     assert _apply(tok, CONVERSATION[:3]) == ours and ours[-1] == tok.eos_token_id
 
 
+def test_data_system_is_the_exported_default_system(tiny_train_config, tmp_path):
+    """Regression: a run trained with data.system exported the template's default system prompt (none), so
+    the exported model was prompted without the system text it was trained with."""
+    from transformers import AutoTokenizer
+
+    run = run_train(tiny_train_config(tmp_path / "run", "llama", "data.system=你是育儿助手。", "train.max_steps=1"))
+    out = run_export(run, tmp_path / "merged", dtype="fp32")
+    assert Template.load(out / "template.json").default_system == "你是育儿助手。"
+    msgs = [{"role": "user", "content": "你好"}]
+    assert _apply(AutoTokenizer.from_pretrained(out), msgs) == Engine.from_run(run).encode_messages(msgs)
+    assert _apply(AutoTokenizer.from_pretrained(out), CONVERSATION) == Engine.from_run(run).encode_messages(
+        CONVERSATION)  # a conversation's own system message still wins
+
+
 def test_chat_template_with_an_empty_system_message(lora_run, exported):
     from transformers import AutoTokenizer
 

@@ -16,8 +16,9 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import UserError
 from ..rundir import GENERATION_CONFIG, METRICS, MODEL_CARD, MODEL_CONFIG, MODEL_WEIGHTS_GLOB, TEMPLATE, RunDir
@@ -28,25 +29,51 @@ if TYPE_CHECKING:
 
 
 
-def run_export(run: str | Path, out: str | Path, dtype: str = "auto", max_shard_size: str = "2GB",
-               overwrite: bool = False, template: str | None = None, allow_pickle: bool = False) -> Path:
-    """Merge/copy the run's weights into `out` with tokenizer, chat template, generation config and card."""
-    from transformers import GenerationConfig
+@dataclass
+class Merged:
+    """A run loaded for export: one standalone model (adapter merged) on the CPU."""
 
+    run: RunDir
+    model: Any  # a PreTrainedModel, no adapter
+    tokenizer: Any
+    template: Any  # data.templates.Template
+    dtype: torch.dtype
+    how: str  # "LoRA adapter merged into the base weights" or "full fine-tuning"
+
+
+def load_merged(run: str | Path, dtype: str, template: str | None, allow_pickle: bool,
+                check_out: Callable[[Path], None]) -> Merged:
+    """Check the run and, with `check_out(run path)`, the output (before any weights load), then load the run
+    on the CPU in `dtype` with its adapter merged. Shared by the safetensors and the GGUF export."""
     from .loading import inspect_run, load_run
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     src = inspect_run(run, allow_pickle=allow_pickle)  # a missing directory or weights stop here, before any load
-    rd, out = RunDir(src.path), Path(out)
-    _check_out(rd.path, out, overwrite)
+    rd = RunDir(src.path)
+    check_out(rd.path)
     revision = src.base.revision if src.adapter and src.base else None
     torch_dtype = _torch_dtype(dtype, src.weights_source, revision)
     # The base is loaded unquantized on the CPU, so a QLoRA adapter merges into real weights.
     loaded = load_run(src, template=template, device="cpu", dtype=torch_dtype, merge=True, unquantized=True,
                       allow_pickle=allow_pickle)
     how = "LoRA adapter merged into the base weights" if loaded.merged else "full fine-tuning"
-    model, tok, tpl = loaded.model.to(torch_dtype), loaded.tokenizer, loaded.template
+    tpl = loaded.template
+    if src.config is not None and src.config.data.system and tpl.kind == "format":
+        # Training put data.system into every row without a system message: the export's default system
+        # prompt is that one, not the template's.
+        tpl = replace(tpl, default_system=src.config.data.system)
+    return Merged(rd, loaded.model.to(torch_dtype), loaded.tokenizer, tpl, torch_dtype, how)
+
+
+def run_export(run: str | Path, out: str | Path, dtype: str = "auto", max_shard_size: str = "2GB",
+               overwrite: bool = False, template: str | None = None, allow_pickle: bool = False) -> Path:
+    """Merge/copy the run's weights into `out` with tokenizer, chat template, generation config and card."""
+    from transformers import GenerationConfig
+
+    out = Path(out)
+    m = load_merged(run, dtype, template, allow_pickle, lambda run_path: check_out(run_path, out, overwrite))
+    rd, model, tok, tpl, torch_dtype, how = m.run, m.model, m.tokenizer, m.template, m.dtype, m.how
 
     if out.exists() and overwrite:
         shutil.rmtree(out)
@@ -65,10 +92,17 @@ def run_export(run: str | Path, out: str | Path, dtype: str = "auto", max_shard_
     return out
 
 
-def _check_out(run: Path, out: Path, overwrite: bool) -> None:
+def check_outside(run: Path, out: Path) -> None:
     r, o = run.resolve(), out.resolve()
     if o == r or r.is_relative_to(o) or o.is_relative_to(r):
         raise UserError(f"--out '{out}' must be outside the run directory '{run}' (and must not contain it)")
+
+
+def check_out(run: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an `out` inside the run (or holding it), a file, or a non-empty folder; with `overwrite`, a
+    non-empty folder only when it holds a previous export (config.json or template.json), so a mistyped path
+    is never emptied."""
+    check_outside(run, out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
