@@ -141,29 +141,49 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _register_export(sub: argparse._SubParsersAction) -> None:
-    from ..inference import export
+    from ..inference import export, gguf_export
     from ..training.precision import DTYPES
 
-    p = sub.add_parser("export", help="merge LoRA into the base model and save a standalone model directory",
-                       description=export.__doc__.split("\n\n", 1)[1],
+    p = sub.add_parser("export", help="merge LoRA into the base model and save a standalone model directory "
+                                      "(transformers) or a GGUF file + Ollama Modelfile (llama.cpp, Ollama)",
+                       description=export.__doc__.split("\n\n", 1)[1] + "\n--format gguf:\n"
+                       + gguf_export.__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run directory (LoRA, QLoRA or full fine-tuning) (required)")
-    p.add_argument("--out", required=True, help="output directory, new or empty (required)")
+    p.add_argument("--out", required=True, help="output directory, new or empty; for --format gguf also a file "
+                                                "name ending in .gguf (default name: RUN-QUANT.gguf) (required)")
+    p.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
+                   help="safetensors: a Hugging Face model directory; gguf: one .gguf file for llama.cpp/Ollama/"
+                        "LM Studio and an Ollama Modelfile (needs the gguf extra) (default: %(default)s)")
+    p.add_argument("--quant", choices=gguf_export.QUANTS, default=None,
+                   help="--format gguf: tensor type of the weight matrices; norms and biases stay f32. For "
+                        "k-quants (Q4_K_M ...) run llama.cpp's llama-quantize on the f16 file (default: f16)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="weight dtype of the export; auto = the base checkpoint's dtype, fp32 if unstated "
+                   help="dtype the model is loaded and the adapter merged in, and the weight dtype of a "
+                        "safetensors export; auto = the base checkpoint's dtype, fp32 if unstated "
                         "(default: %(default)s)")
     p.add_argument("--max-shard-size", default="2GB",
-                   help="split weights into safetensors shards of at most this size (default: %(default)s)")
+                   help="--format safetensors: split weights into shards of at most this size "
+                        "(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a previous export in --out (a folder with config.json or template.json) "
-                        "(default: off)")
+                   help="replace a previous export: safetensors replaces the --out folder (one with "
+                        "config.json or template.json); gguf replaces the .gguf file and the Modelfile beside "
+                        "it, and never touches other files (default: off)")
     add_model_dir_options(p, template="template for a run without template.json (default: the run's "
                                       "template.json)", device=False)
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    if a.format == "gguf":
+        from ..inference.gguf_export import run_export_gguf
+
+        run_export_gguf(a.run, a.out, a.quant or "f16", a.dtype, a.overwrite, a.template, allow_pickle=a.allow_pickle)
+        return 0
+    from ..errors import UserError
     from ..inference.export import run_export
 
+    if a.quant is not None:
+        raise UserError("--quant applies to --format gguf; a safetensors export takes --dtype")
     run_export(a.run, a.out, a.dtype, a.max_shard_size, a.overwrite, a.template, allow_pickle=a.allow_pickle)
     return 0

@@ -1,0 +1,340 @@
+"""`domaintune export RUN --format gguf --out DIR`: one GGUF file for llama.cpp, Ollama and LM Studio, plus
+an Ollama `Modelfile` beside it.
+
+- The run is loaded as for the safetensors export (the LoRA adapter merged into the base on the CPU), and
+  its tensors are written one at a time, so memory stays at one model plus one tensor.
+- Built on `gguf`, llama.cpp's own Python package: `GGUFWriter`, the architecture and key constants, the
+  HF-to-GGUF tensor-name maps (`get_tensor_name_map`) and the quantisers (`gguf.quants`). What the package
+  does not hold is llama.cpp's converter script (convert_hf_to_gguf.py, not on PyPI from llama.cpp); the few
+  architecture rules taken from it are written here with a comment each: LLaMA's q/k row permutation, BLOOM's
+  fused query_key_value reordering, Llama 3's rope-frequency tensor, and which tensors stay F32.
+- Architectures: llama, qwen2 and bloom (`ARCHS`); others are refused with the list. Tokenizers: byte-level
+  BPE (GPT-2, Qwen2, Llama 3, BLOOM pre-tokenizers; `gguf_vocab.py`); SentencePiece-style tokenizers
+  (LLaMA-2, Mistral) are refused with the way out (llama.cpp's converter on a safetensors export).
+- `--quant`: f32, f16 (default), bf16, q8_0. Norms, biases and other 1-D tensors stay F32, as llama.cpp's
+  converter keeps them; a matrix whose rows do not split into q8_0 blocks of 32 falls back to f16 (counted
+  and reported). k-quants (Q4_K_M and friends): the `gguf` package cannot make them; run llama.cpp's
+  `llama-quantize FILE-f16.gguf FILE-Q4_K_M.gguf Q4_K_M` on the f16 export.
+- The GGUF carries the tokenizer (tokens, types, merges, pre-tokenizer), BOS/EOS/UNK/PAD ids, the template's
+  turn-end token as EOT (so llama.cpp stops on it), whether BOS is added, `tokenizer.chat_template` = the run's
+  template as Jinja (exactly what `Template.encode` renders, BOS included where the tokenizer adds one), and
+  the chat sampling defaults (`general.sampling.*`, from `params.PRESETS["chat"]`).
+- `--out` is a folder (the file is `RUN-QUANT.gguf` in it) or a file name ending in `.gguf`; the Modelfile goes
+  beside the file. Nothing else in the folder is touched, and an existing GGUF or Modelfile is replaced only
+  with `--overwrite`. The file is written as `NAME.gguf.partial` and renamed when complete, so an interrupted
+  export never leaves a file that looks finished; the Modelfile (`modelfile.py`) is written after it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from ..errors import UserError
+from .export import load_merged
+from .gguf_vocab import add_tokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+QUANTS = ("f32", "f16", "bf16", "q8_0")
+ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "BloomForCausalLM": "bloom"}
+MODELFILE = "Modelfile"
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("--format gguf needs llama.cpp's gguf package: pip install 'domaintune[gguf]'") from None
+    return gguf
+
+
+@dataclass
+class Planned:
+    """One tensor of the file: its GGUF name and type, its shape (PyTorch order) and how to make its data."""
+
+    name: str
+    qtype: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: Callable[[], np.ndarray]  # float32, made when written (one tensor in memory at a time)
+
+
+def run_export_gguf(run: str | Path, out: str | Path, quant: str = "f16", dtype: str = "auto",
+                    overwrite: bool = False, template: str | None = None, allow_pickle: bool = False) -> Path:
+    """Write the GGUF and a Modelfile beside it; returns the GGUF path. `out` is a folder (the file is then
+    `<run name>-<quant>.gguf` in it) or a path ending in `.gguf`. Nothing but these two files is ever
+    replaced, and those only with `overwrite`."""
+    from .modelfile import write_modelfile
+
+    if quant not in QUANTS:
+        raise UserError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)} (k-quants such as Q4_K_M: run "
+                        "llama.cpp's llama-quantize on the f16 export; see the README)")
+    gguf = _gguf()
+    out = Path(out)
+    _check_arch(run, allow_pickle)
+    run_name = Path(run).resolve().name
+    path = out if out.suffix == ".gguf" else out / f"{run_name}-{quant}.gguf"
+    m = load_merged(run, dtype, template, allow_pickle, lambda run_path: _check_out(run_path, path, overwrite))
+    conf = m.model.config.to_dict()
+    arch = ARCHS.get((conf.get("architectures") or [""])[0]) or _arch_of(m.model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        fallbacks = _write(gguf, partial, m, arch, conf, quant, run_name)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    write_modelfile(path.parent / MODELFILE, path.name, m.template, m.tokenizer)
+    note = f"; {len(fallbacks)} matrices kept in f16 (rows not a multiple of 32): {', '.join(fallbacks)}" \
+        if fallbacks else ""
+    print(f"exported {m.run.path} -> {path} ({arch}, {quant}; {m.how}){note}")
+    print(f"  llama.cpp: llama-server -m {path} --jinja\n"
+          f"  Ollama:    cd {path.parent} && ollama create {run_name.lower()} -f {MODELFILE}")
+    return path
+
+
+def _check_out(run: Path, path: Path, overwrite: bool) -> None:
+    if path.resolve().is_relative_to(run.resolve()):
+        raise UserError(f"--out '{path}' must be outside the run directory '{run}'")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserError(f"--out '{path.parent}' exists and is not a directory")
+    taken = [p for p in (path, path.parent / MODELFILE) if p.exists()]
+    if taken and not overwrite:
+        raise UserError(f"{' and '.join(f'{p}' for p in taken)} already exist{'s' if len(taken) == 1 else ''}: "
+                        "choose another --out, or pass --overwrite to replace the GGUF file and the Modelfile "
+                        "(nothing else in the folder is touched)")
+    if path.is_dir():
+        raise UserError(f"--out '{path}' is a directory; give a folder without the .gguf suffix or a new file name")
+
+
+def _check_arch(run: str | Path, allow_pickle: bool) -> None:
+    """Refuse an unsupported architecture before loading any weights (the run's or its base's config.json)."""
+    from ..training.model import base_config_dict
+    from .loading import inspect_run
+
+    src = inspect_run(run, allow_pickle=allow_pickle)
+    conf = base_config_dict(src.weights_source, src.base.revision if src.adapter and src.base else None) or {}
+    found = (conf.get("architectures") or [None])[0]
+    if found is not None and found not in ARCHS:
+        raise UserError(f"--format gguf: architecture {found} is not supported; domaintune writes GGUF for "
+                        f"{', '.join(sorted(set(ARCHS.values())))} ({', '.join(ARCHS)}). For others, export "
+                        "safetensors (--format safetensors) and run llama.cpp's convert_hf_to_gguf.py on it")
+
+
+def _arch_of(model: Any) -> str:
+    cls = type(model).__name__
+    if cls not in ARCHS:
+        raise UserError(f"--format gguf: architecture {cls} is not supported; choose a run on "
+                        f"{', '.join(sorted(set(ARCHS.values())))}")
+    return ARCHS[cls]
+
+
+def _write(gguf: Any, path: Path, m: Any, arch: str, conf: dict, quant: str, name: str) -> list[str]:
+    """The whole file: metadata, then tensor infos, then each tensor's data. Returns the f16 fallbacks."""
+    from tqdm import tqdm
+
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(name)
+    w.add_type(gguf.GGUFType.MODEL)
+    license_ = m.run.run_info().get("license")
+    if license_:
+        w.add_license(str(license_))
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
+    w.add_file_type(ftype)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_hparams(gguf, w, arch, conf, m.tokenizer)
+    add_tokenizer(gguf, w, m.tokenizer, m.template, conf["vocab_size"])
+    _add_sampling(w)
+
+    planned, fallbacks = _plan(gguf, m.model, arch, conf, quant)
+    for t in planned:
+        w.add_tensor_info(t.name, t.shape, _np().float32, _nbytes(gguf, t.shape, t.qtype), raw_dtype=t.qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for t in tqdm(planned, desc=f"writing {path.name.removesuffix('.partial')}", unit="tensor"):
+        w.write_tensor_data(_encode(gguf, t.data(), t.qtype))
+    w.close()
+    return fallbacks
+
+
+def _np() -> Any:
+    import numpy
+
+    return numpy
+
+
+def _nbytes(gguf: Any, shape: tuple[int, ...], qtype: Any) -> int:
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return math.prod(shape[:-1]) * (shape[-1] // block) * type_size
+
+
+def _encode(gguf: Any, arr: np.ndarray, qtype: Any) -> np.ndarray:
+    np = _np()
+    T = gguf.GGMLQuantizationType
+    if qtype == T.F32:
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    if qtype == T.F16:
+        return np.ascontiguousarray(arr.astype(np.float16))
+    return gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
+
+
+# ------------------------------------------------------------------ hyperparameters
+def _rope(conf: dict) -> dict:
+    """The rope settings of a config, transformers 5 (`rope_parameters`) or 4 (`rope_theta`, `rope_scaling`)."""
+    params = dict(conf.get("rope_parameters") or conf.get("rope_scaling") or {})
+    params.setdefault("rope_theta", conf.get("rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type") or "default")
+    return params
+
+
+def _add_hparams(gguf: Any, w: Any, arch: str, conf: dict, tok: Any) -> None:
+    if arch == "bloom":
+        n_embd, n_head = conf["hidden_size"], conf["n_head"]
+        # BLOOM's config states no context length; ALiBi has no trained maximum, 2048 is what BLOOM trained on.
+        max_len = getattr(tok, "model_max_length", 0)
+        w.add_context_length(int(conf.get("seq_length") or (max_len if 0 < max_len < 1_000_000 else 2048)))
+        w.add_embedding_length(n_embd)
+        w.add_feed_forward_length(4 * n_embd)
+        w.add_block_count(conf["n_layer"])
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_head)
+        w.add_layer_norm_eps(conf["layer_norm_epsilon"])
+        w.add_vocab_size(conf["vocab_size"])
+        return
+    n_head = conf["num_attention_heads"]
+    head_dim = conf.get("head_dim") or conf["hidden_size"] // n_head
+    w.add_context_length(conf["max_position_embeddings"])
+    w.add_embedding_length(conf["hidden_size"])
+    w.add_feed_forward_length(conf["intermediate_size"])
+    w.add_block_count(conf["num_hidden_layers"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(conf.get("num_key_value_heads") or n_head)
+    w.add_layer_norm_rms_eps(conf["rms_norm_eps"])
+    w.add_vocab_size(conf["vocab_size"])
+    if head_dim != conf["hidden_size"] // n_head:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    rope = _rope(conf)
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    kind = rope["rope_type"]
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif kind == "llama3" and arch == "llama":
+        pass  # a rope_freqs tensor (see _llama3_rope_factors)
+    elif kind != "default":
+        raise UserError(f"--format gguf: rope scaling {kind!r} of this {arch} model is not supported "
+                        "(default, linear, yarn and, for llama, llama3 are)")
+
+
+def _add_sampling(w: Any) -> None:
+    """llama.cpp reads `general.sampling.*` as the model's default sampling; they come from the one home of
+    sampling defaults, the chat preset (the Modelfile carries the same numbers)."""
+    from .params import PRESETS
+
+    p = PRESETS["chat"]
+    w.add_sampling_temp(p.temperature)
+    w.add_sampling_top_p(p.top_p)
+    if p.top_k:
+        w.add_sampling_top_k(p.top_k)
+    w.add_sampling_penalty_repeat(p.repetition_penalty)
+
+
+# ------------------------------------------------------------------ tensors
+def _plan(gguf: Any, model: Any, arch: str, conf: dict, quant: str) -> tuple[list[Planned], list[str]]:
+    T = gguf.GGMLQuantizationType
+    want = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[quant]
+    n_blocks = conf["n_layer"] if arch == "bloom" else conf["num_hidden_layers"]
+    tmap = gguf.get_tensor_name_map({"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
+                                     "bloom": gguf.MODEL_ARCH.BLOOM}[arch], n_blocks)
+    tied = arch == "bloom" or conf.get("tie_word_embeddings", False)
+    planned, fallbacks = [], []
+    for hf_name, tensor in _tensors(model, arch, conf):
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp uses token_embd for the output when there is no output tensor
+        key = hf_name.removeprefix("transformer.") if arch == "bloom" else hf_name
+        name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"--format gguf: no GGUF name for tensor {hf_name!r} of this {arch} model; "
+                            "this model differs from the stock architecture")
+        shape = tuple(tensor.shape)
+        # As llama.cpp's converter: 1-D tensors (norms, biases) and the rope factors stay F32.
+        qtype = T.F32 if len(shape) == 1 else want
+        if qtype == T.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0]:
+            qtype = T.F16
+            fallbacks.append(name)
+        planned.append(Planned(name, qtype, shape, _as_numpy(tensor)))
+    return planned, fallbacks
+
+
+def _as_numpy(t: torch.Tensor) -> Callable[[], np.ndarray]:
+    return lambda: t.detach().to("cpu").float().numpy()
+
+
+def _tensors(model: Any, arch: str, conf: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) in the layout llama.cpp expects."""
+    import torch
+
+    n_head = conf.get("num_attention_heads") or conf.get("n_head")
+    n_kv = conf.get("num_key_value_heads") or n_head
+    for name, t in model.state_dict().items():
+        if name.endswith(".rotary_emb.inv_freq"):
+            continue
+        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            t = _permute(t, n_head)
+        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            t = _permute(t, n_kv)
+        elif arch == "bloom" and name.endswith("query_key_value.weight"):
+            t = _bloom_qkv(t, n_head)
+        elif arch == "bloom" and name.endswith("query_key_value.bias"):
+            t = _bloom_qkv(t, n_head)
+        yield name, t
+    if arch == "llama" and _rope(conf)["rope_type"] == "llama3":
+        yield "rope_freqs.weight", torch.tensor(_llama3_rope_factors(conf), dtype=torch.float32)
+
+
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF LLaMA checkpoints rotate halves (rotate_half); llama.cpp's llama rope rotates adjacent pairs. The
+    rows of q and k are reordered per head so both compute the same thing (llama.cpp's converter, `permute`)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _bloom_qkv(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """BLOOM interleaves q, k and v per head in query_key_value; llama.cpp wants all q rows, then k, then v."""
+    import torch
+
+    rest = t.shape[1:]
+    per_head = t.reshape(n_head, 3, t.shape[0] // n_head // 3, *rest)
+    return torch.cat([per_head[:, i].reshape(-1, *rest) for i in range(3)], dim=0)
+
+
+def _llama3_rope_factors(conf: dict) -> list[float]:
+    """Llama 3.1+'s frequency-dependent rope scaling as llama.cpp's `rope_freqs` tensor (its converter's
+    formula, from Meta's reference code)."""
+    rope = _rope(conf)
+    dim = conf.get("head_dim") or conf["hidden_size"] // conf["num_attention_heads"]
+    base, factor = float(rope["rope_theta"]), float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_ctx = float(rope.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * base ** (i / dim)
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out

@@ -1,0 +1,98 @@
+"""The tokenizer part of a GGUF export (`gguf_export.py`): llama.cpp's "gpt2" (byte-level BPE) vocabulary with
+token types, merges and the pre-tokenizer name, the special-token ids, and the chat template.
+
+llama.cpp re-implements each pre-tokenizer (the regex that splits text before BPE) and picks it by the name
+in `tokenizer.ggml.pre`; a wrong name silently changes the tokens. So the name is read off the tokenizer's own
+pre-tokenizer and only the ones llama.cpp reproduces exactly are accepted (`PRE_TOKENIZERS`); the others are
+refused with the way out. SentencePiece-style tokenizers (byte fallback: LLaMA-2, Mistral) are refused too.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+# tokenizer.json pre-tokenizer -> llama.cpp's `tokenizer.ggml.pre` name. The key is the Split regex in front of
+# a ByteLevel(use_regex=false) step, or "" for a bare ByteLevel(use_regex=true) (GPT-2's own regex). The regexes
+# are the originals from the families' tokenizer.json files (llama.cpp's llama-vocab.cpp quotes them).
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {
+    "": "gpt-2",
+    _QWEN2_SPLIT: "qwen2",
+    _QWEN2_SPLIT.replace(r"\p{N}|", r"\p{N}{1,3}|"): "llama-bpe",  # Llama 3: digits in groups of up to three
+    " ?[^(\\s|[.,!?…。，、।۔،])]+": "bloom",
+}
+
+
+def _tokenizer_json(tok: Any) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        f = Path(d) / "tokenizer.json"
+        if not f.is_file():
+            raise UserError("--format gguf needs a fast (tokenizer.json) tokenizer; this run's tokenizer has none")
+        return json.loads(f.read_text(encoding="utf-8"))
+
+
+def pre_tokenizer_name(tj: dict) -> str:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json, or UserError."""
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    key = None
+    if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True):
+        key = ""
+    elif (len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel"
+          and not steps[1].get("use_regex", True)):
+        key = (steps[0].get("pattern") or {}).get("Regex")
+    if key is None or key not in PRE_TOKENIZERS:
+        raise UserError("--format gguf: this tokenizer's pre-tokenizer is not one llama.cpp is known to reproduce "
+                        f"here (known: {', '.join(PRE_TOKENIZERS.values())}); a wrong one would silently change "
+                        "the tokens. Export safetensors and run llama.cpp's convert_hf_to_gguf.py, which "
+                        "recognises more tokenizers")
+    return PRE_TOKENIZERS[key]
+
+
+def add_tokenizer(gguf: Any, w: Any, tok: Any, tpl: Any, n_vocab: int) -> None:
+    from ..data.templates import leading_bos
+
+    tj = _tokenizer_json(tok)
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise UserError("--format gguf: only byte-level BPE tokenizers (Qwen, BLOOM, Llama 3, GPT-2 style) are "
+                        "supported; this one is SentencePiece-style (LLaMA-2, Mistral). Export safetensors and "
+                        "run llama.cpp's convert_hf_to_gguf.py on it")
+    pre = pre_tokenizer_name(tj)
+    vocab = tok.get_vocab()
+    if max(vocab.values()) >= n_vocab:
+        raise UserError(f"--format gguf: the tokenizer has ids up to {max(vocab.values())} but the model's "
+                        f"embedding has {n_vocab} rows")
+    by_id = {i: t for t, i in vocab.items()}
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    T = gguf.TokenType
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:  # embedding rows past the tokenizer (padded to a multiple of 8 or 64)
+            tokens.append(f"[PAD{i}]")
+            types.append(T.UNUSED)
+            continue
+        tokens.append(by_id[i])
+        types.append((T.CONTROL if added[i].get("special") else T.USER_DEFINED) if i in added else T.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for kind, tid in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id),
+                      ("pad", tok.pad_token_id)):
+        if tid is not None:
+            getattr(w, f"add_{kind}_token_id")(tid)
+    stops = [t for t in tpl.stop_token_ids(tok) if t != tok.eos_token_id]
+    if stops:  # e.g. ChatML's <|im_end|>: the turn end the model learnt; llama.cpp ends generation on EOT
+        w.add_eot_token_id(stops[0])
+    w.add_add_bos_token(leading_bos(tok) is not None)
+    w.add_add_eos_token(False)
+    w.add_chat_template(tpl.chat_template_for(tok))
