@@ -150,3 +150,23 @@ def test_cli_plot(tmp_path, capsys):
     assert args.func(args) == 0
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'curve.png'}"
     assert _read_png(tmp_path / "curve.png").shape[:2] == (500, 1000)
+
+
+def test_a_preference_run_gets_a_margin_and_accuracy_panel(tmp_path):
+    recs = _records(20, 10)
+    for r in recs:
+        if "loss" in r:
+            r.update({"rewards/margins": 0.02 * r["step"], "rewards/accuracies": min(1.0, 0.05 * r["step"])})
+        else:
+            r["eval_rewards/margins"] = 0.015 * r["step"]
+    out = plot.plot_records(recs, tmp_path / "loss.png", title="dpo")
+    img = _read_png(out)
+    assert img.shape[:2] == (2 * plot.HEIGHT_IN * plot.DPI, plot.WIDTH_IN * plot.DPI) == (1000, 1000)
+    top, bottom = img[:500], img[500:]
+    assert _ink_share(top) > 0.02 and _ink_share(bottom) > 0.02
+    # The margin line is drawn in C3 (matplotlib's red, #d62728) in the lower panel only.
+    red = (abs(img[..., 0] - 0xd6 / 255) < 0.08) & (abs(img[..., 1] - 0x27 / 255) < 0.08) & \
+        (abs(img[..., 2] - 0x28 / 255) < 0.08)
+    assert red[500:].sum() > 200 and red[:500].sum() == 0
+    sft = plot.plot_records(_records(20, 10), tmp_path / "sft.png")
+    assert _read_png(sft).shape[:2] == (500, 1000)  # an SFT run keeps one panel

@@ -122,7 +122,7 @@ def test_tokenizer_corpus_defaults_to_the_bundled_sample_data():
     files = default_corpus()
     repo = Path(__file__).resolve().parents[2] / "examples" / "data"
     assert files == sorted(sample_data_dir().glob("*.jsonl")) and [f.name for f in files] == \
-        ["chat.jsonl", "seeds.jsonl", "test.jsonl", "train.jsonl"]
+        ["chat.jsonl", "preferences.jsonl", "seeds.jsonl", "test.jsonl", "train.jsonl"]
     assert [f.read_bytes() for f in files] == [(repo / f.name).read_bytes() for f in files]
     texts = corpus_texts(files)
     assert len(texts) > 100 and any("孩子" in t for t in texts)

@@ -108,6 +108,15 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     output_dir: str = Field("runs/quickstart", description="Run directory: checkpoints, final weights, logs, reports.")
+    stage: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        "sft", description="sft = supervised tuning on answers; dpo, orpo, kto = preference tuning (TRL) on "
+                           "chosen/rejected pairs (kto: also good/bad completions). A preference stage usually "
+                           "starts from an SFT run: model.name_or_path: runs/my-sft.",
+    )
+    beta: float = Field(
+        0.1, gt=0, description="Preference stages: dpo/kto beta (how far from the reference model the policy may "
+                               "move; smaller = further); orpo: the weight of the odds-ratio term (TRL's beta).",
+    )
     batch_size: int = Field(
         8, gt=0, description="Global batch size = per_device_batch_size x gradient accumulation x processes."
     )

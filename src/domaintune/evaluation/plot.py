@@ -136,7 +136,9 @@ def plot_records(records: list[dict], out: Path, title: str | None = None) -> Pa
     """Draw training loss, eval loss and learning rate against "step" from log records; write a PNG.
 
     Records may carry any subset of "loss", "eval_loss", "learning_rate" (others are ignored).
-    The image is WIDTH_IN x HEIGHT_IN inches at DPI (1000 x 500 pixels).
+    The image is WIDTH_IN x HEIGHT_IN inches at DPI (1000 x 500 pixels). A preference run (records with
+    "rewards/margins") gets a second panel below, twice the height: the reward margin (train, eval) and the
+    preference accuracy, the share of pairs whose chosen completion out-rewards the rejected one.
     """
     from matplotlib import rc_context
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -152,9 +154,12 @@ def plot_records(records: list[dict], out: Path, title: str | None = None) -> Pa
     title = title or "training loss"
     out = Path(out)
     with rc_context(_font_rc([title])):
-        fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI, layout="constrained")
+        margin_x, margin_y = _series(records, "rewards/margins")
+        fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN * (2 if margin_x else 1)), dpi=DPI, layout="constrained")
         FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
+        ax = fig.add_subplot(2, 1, 1) if margin_x else fig.add_subplot()
+        if margin_x:
+            _preference_panel(fig.add_subplot(2, 1, 2), records, margin_x, margin_y)
         handles = []
         if loss_x:
             if len(loss_y) >= 10:
@@ -182,6 +187,24 @@ def plot_records(records: list[dict], out: Path, title: str | None = None) -> Pa
         fig.savefig(tmp, format="png", dpi=DPI)
     os.replace(tmp, out)  # a live viewer never sees half an image
     return out
+
+
+def _preference_panel(ax: object, records: list[dict], margin_x: list[float], margin_y: list[float]) -> None:
+    handles = ax.plot(margin_x, margin_y, color="C3", linewidth=1.5, marker=".", label="reward margin")
+    eval_x, eval_y = _series(records, "eval_rewards/margins")
+    if eval_x:
+        handles += ax.plot(eval_x, eval_y, color="C4", marker="o", linewidth=1.2, label="eval reward margin")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward margin (chosen - rejected)")
+    ax.grid(True, alpha=0.3)
+    acc_x, acc_y = _series(records, "rewards/accuracies")
+    if acc_x:
+        ax_acc = ax.twinx()
+        handles += ax_acc.plot(acc_x, acc_y, color="C5", linestyle="--", linewidth=1, label="preference accuracy")
+        ax_acc.set_ylim(-0.02, 1.02)
+        ax_acc.set_ylabel("preference accuracy")
+    ax.legend(handles=handles, loc="upper left")
 
 
 def _read_log(path: Path) -> list[dict]:

@@ -136,7 +136,7 @@ def _training_section(run: rundir.RunDir, info: dict, log: list[dict]) -> list[s
                                                     ("throughput (tokens/s)", "tokens_per_second"),
                                                     ("final train loss", "final_loss"),
                                                     ("best eval loss", "best_eval_loss")) if train.get(k) is not None]
-        return lines + _table([r for r in rows if r], ("item", "value"))
+        return lines + _table([r for r in rows + _preference_rows(train, log) if r], ("item", "value"))
     train_recs = [r for r in log if "loss" in r]
     if not train_recs:
         return lines + ["no training summary yet: `domaintune train` writes it to run_info.json when it finishes."]
@@ -151,6 +151,22 @@ def _training_section(run: rundir.RunDir, info: dict, log: list[dict]) -> list[s
         rows.append(("best eval loss", min(evals)))
     lines += ["From log.jsonl (run_info.json has no training summary: the run may not have finished).", ""]
     return lines + _table([r for r in rows if r and r[1] is not None], ("item", "value"))
+
+
+def _preference_rows(train: dict, log: list[dict]) -> list[tuple[str, Any]]:
+    """A preference stage (train.stage dpo/orpo/kto): where it started, its reference model, and how the reward
+    margin and the preference accuracy moved from the first to the last logged step."""
+    path = train.get("path") if isinstance(train.get("path"), dict) else {}
+    if path.get("stage") in (None, "sft"):
+        return []
+    rows: list[tuple[str, Any]] = [("stage", f"{path['stage']} (beta {path.get('beta')})"),
+                                   ("started from", path.get("started_from")),
+                                   ("reference model", path.get("reference"))]
+    for label, key in (("reward margin", "rewards/margins"), ("preference accuracy", "rewards/accuracies")):
+        vals = [r[key] for r in log if isinstance(r.get(key), (int, float))]
+        if vals:
+            rows.append((f"{label}, first -> last step", f"{_fmt(vals[0])} -> {_fmt(vals[-1])}"))
+    return rows
 
 
 def _plot_section(run: rundir.RunDir, out: Path) -> list[str]:

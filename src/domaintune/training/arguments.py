@@ -74,13 +74,22 @@ def check_trackers(report_to: list[str]) -> None:
 
 def training_arguments(t: TrainConfig, out: Path, *, world_size: int, device: str, bf16: bool, fp16: bool,
                        has_eval: bool, is_main: bool, per_device: int, group_by_length: bool,
-                       liger: bool = False) -> TrainingArguments:
+                       liger: bool = False, args_class: type | None = None,
+                       extra: dict | None = None) -> TrainingArguments:
     """The TrainingArguments of a run writing into `out` on `device` with `world_size` processes, with the
-    per-device batch and the length grouping resolved (speed.py)."""
+    per-device batch and the length grouping resolved (speed.py). `args_class`: a TrainingArguments subclass
+    (TRL's DPOConfig ...) and `extra` its own fields or domaintune's choices that differ for it."""
     from transformers import TrainingArguments
 
     kwargs = {arg: getattr(t, name) for name, args in DIRECT.items() for arg in args}
-    return TrainingArguments(
+    return (args_class or TrainingArguments)(**(_common_arguments(
+        out, kwargs, t, world_size, device, bf16, fp16, has_eval, is_main, per_device, group_by_length, liger)
+        | (extra or {})))
+
+
+def _common_arguments(out: Path, kwargs: dict, t: TrainConfig, world_size: int, device: str, bf16: bool, fp16: bool,
+                      has_eval: bool, is_main: bool, per_device: int, group_by_length: bool, liger: bool) -> dict:
+    return dict(
         output_dir=str(out),
         **kwargs,
         # derived from the config

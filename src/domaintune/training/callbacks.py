@@ -17,6 +17,12 @@ if TYPE_CHECKING:
     from ..data.templates import Template
 
 
+# What the preference stages (TRL) log besides the loss, with and without the eval_ prefix: reward margins and
+# accuracy, the policy's log-probs of chosen and rejected completions, KTO's KL estimate, ORPO's two terms.
+PREFERENCE_METRICS = tuple(p + m for p in ("", "eval_") for m in ("rewards/", "logps/", "kl", "nll_loss",
+                                                                   "log_odds_"))
+
+
 def make_callbacks(run: RunDir, resume_step: int, template: Template, config_yaml: str) -> list[TrainerCallback]:
     """`template` and `config_yaml` (the saved config) go into every checkpoint, so a checkpoint is a run
     directory that predict/chat/serve can use with the prompt format it was trained on. `resume_step`
@@ -49,6 +55,7 @@ def make_callbacks(run: RunDir, resume_step: int, template: Template, config_yam
             for k in ("loss", "eval_loss", "learning_rate", "grad_norm"):
                 if k in logs:
                     rec[k] = logs[k]
+            rec.update({k: v for k, v in logs.items() if k.startswith(PREFERENCE_METRICS)})
             if "num_input_tokens_seen" in logs:
                 rec["tokens"] = int(logs["num_input_tokens_seen"])
             rec["time"] = round(self.offset + time.time() - self.t0, 3)

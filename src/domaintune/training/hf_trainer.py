@@ -85,12 +85,13 @@ def load_rng_state(path: Path) -> None:
         torch.cuda.random.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
-def trainer_class() -> type[Trainer]:
-    """The Trainer subclass (built on first use, so transformers is imported only when training starts)."""
+def trainer_class(base: type[Trainer] | None = None) -> type[Trainer]:
+    """The Trainer subclass (built on first use, so transformers is imported only when training starts), on
+    transformers' Trainer or on `base`, a Trainer subclass such as TRL's DPOTrainer."""
     import torch
     from transformers import Trainer
 
-    class DomaintuneTrainer(Trainer):
+    class DomaintuneTrainer(base or Trainer):
         def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                           num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
             loss = super().training_step(model, inputs, num_items_in_batch)

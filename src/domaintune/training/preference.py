@@ -1,0 +1,215 @@
+"""Preference stages (`train.stage: dpo | orpo | kto`) on TRL's trainers: the same run as SFT (run.py), with
+preference rows, a starting point and a reference model.
+
+**Starting point.** `model.name_or_path` is a base model, or an SFT run directory:
+
+- an SFT LoRA run: the preference stage *continues its adapter*. The base loads as the SFT run loaded it (its
+  config.yaml's model section), the SFT adapter goes on top as the trainable adapter, and TRL keeps a frozen
+  copy of it as the reference ("ref" adapter): the reference model is the SFT model, with no second copy of the
+  base in memory. The result is one adapter on the original base, so predict, chat, serve and export read the
+  run exactly like an SFT run. The run's `lora` section is the SFT run's (the adapter's shape is fixed).
+- a full fine-tuned run (or any model folder): it is the base; LoRA adds new weights (reference = adapters
+  off) or, with `lora.enabled: false`, all weights train against a frozen second copy (TRL's default).
+
+**Template and prompts.** From an SFT run, the template is its template.json, copied byte for byte, and its
+`data.system` applies where this config sets none, so the prompts are the SFT prompts token for token.
+
+**Data.** data/preferences.py: validated before any model loads, encoded with the run's template; the tokens
+in the loss are the completion tokens and EOS. dpo and orpo take pairs; kto takes pairs or good/bad rows.
+
+**Logs.** TRL's reward metrics (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies,
+logps/chosen, logps/rejected ...) go into log.jsonl with the loss, and `plot` draws margins and accuracy.
+Checkpoints, exact resume, the no-pickle rule and the divergence stop are the SFT run's (hf_trainer.py).
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..rundir import TEMPLATE, RunDir, base_model_config
+from .run import TrainingRun
+
+REF_ADAPTER = "ref"  # the name TRL gives the frozen copy of a pretrained adapter
+
+
+class PreferenceRun(TrainingRun):
+    """A dpo/orpo/kto run (see the module docstring)."""
+
+    def __init__(self, cfg: Any, resume: bool = False, overwrite: bool = False) -> None:
+        super().__init__(cfg, resume=resume, overwrite=overwrite)
+        self.stage = cfg.train.stage
+        self.sft: Path | None = None  # the SFT run this stage starts from
+        self.sft_adapter = False
+        self.requested_model = cfg.model.name_or_path
+        if cfg.train.per_device_batch_size == "auto":
+            raise UserError(f"train.per_device_batch_size: auto is for train.stage sft; give a number for {self.stage}")
+        self._resolve_start()
+
+    def _resolve_start(self) -> None:
+        """From an SFT run directory: its base model section, lora section, template and data.system."""
+        from ..config import load_config
+
+        src = Path(self.cfg.model.name_or_path).expanduser()
+        run = RunDir(src)
+        if not (src.is_dir() and run.config_path.is_file() and run.template_path.is_file()):
+            return  # a base model (or a plain model folder)
+        sft_cfg = load_config(run.config_path)
+        self.sft = src.resolve()
+        updates: dict[str, Any] = {}
+        if run.has_adapter():
+            if not self.cfg.lora.enabled:
+                raise UserError(f"model.name_or_path '{src}' is a LoRA run: a preference stage continues its adapter, "
+                                "so set lora.enabled: true (for full preference tuning, export the SFT run merged "
+                                "with `domaintune export` and start from that folder)")
+            self.sft_adapter = True
+            updates["model"] = base_model_config(src, sft_cfg)
+            updates["lora"] = sft_cfg.lora
+        if self.cfg.data.system is None and sft_cfg.data.system:
+            updates["data"] = self.cfg.data.model_copy(update={"system": sft_cfg.data.system})
+        self.cfg = self.cfg.model_copy(update=updates)
+
+    # ------------------------------------------------------------ stages
+    def check_data(self) -> None:
+        from ..data.preferences import check_preference_files
+
+        check_preference_files(self.cfg.data, self.stage)
+
+    def setup_output(self) -> None:
+        super().setup_output()
+        if self.sft:
+            self._say(f"starting point: SFT run {self.sft} ("
+                      + ("its adapter continues; the reference model is the SFT model" if self.sft_adapter else
+                         "a full model") + f"); template: its {TEMPLATE}")
+
+    def setup_data(self) -> None:
+        from ..data.preferences import build_preference_data
+        from ..data.templates import Template, get_template
+        from .model import load_tokenizer
+
+        m = self.cfg.model
+        self.tok = load_tokenizer(str(self.sft) if self.sft else m.name_or_path, m.trust_remote_code,
+                                  None if self.sft else m.revision)
+        self.template = (Template.load(self.sft / TEMPLATE) if self.sft else get_template(self.cfg.data.template,
+                                                                                           self.tok))
+        self.tok.chat_template = self.template.chat_template_for(self.tok)
+        if self.tok.pad_token is None:  # TRL's collators pad; a LLaMA tokenizer ships without a pad token
+            self.tok.pad_token = self.tok.eos_token
+        self.data = build_preference_data(self.cfg.data, self.tok, self.template, self.stage, self.cfg.train.seed)
+        self._say("\n".join(self.data.report.summary_lines()))
+
+    def sized_rows(self) -> list[dict]:
+        key = "completion_ids" if self.stage == "kto" else "chosen_ids"
+        return [{"input_ids": r["prompt_ids"] + r.get(key, []) + r.get("rejected_ids", [])} for r in self.data.train]
+
+    def wrap_model(self, checkpointing: bool) -> Any:
+        if not self.sft_adapter:
+            return super().wrap_model(checkpointing)
+        from .model import load_adapter
+
+        if checkpointing:
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.base.enable_input_require_grads()
+        return load_adapter(self.base, self.sft, trainable=True)
+
+    def setup_trainer(self) -> None:
+        from datasets import Dataset
+
+        from ..rundir import checkpoint_step
+        from .arguments import training_arguments
+        from .callbacks import make_callbacks
+        from .outputs import saved_config
+
+        t = self.cfg.train
+        _, bf16, fp16 = self.precision
+        self.per_device = t.per_device_batch_size
+        self.loss_kind, self.batching = f"{self.stage} (TRL)", "pad"
+        base, config_class, extra = _trl_classes(self.stage)
+        args = training_arguments(t, self.out, world_size=self.world_size, device=self.device, bf16=bf16, fp16=fp16,
+                                  has_eval=bool(self.data.eval), is_main=self.is_main, per_device=self.per_device,
+                                  group_by_length=False, args_class=config_class,
+                                  extra={"beta": t.beta, "label_names": [], **extra,
+                                         # TRL's configs turn it on by default; here it is the run's choice
+                                         "gradient_checkpointing": self.checkpointing})
+        callbacks = make_callbacks(self.run, checkpoint_step(self.ckpt), self.template,
+                                   saved_config(self.cfg).to_yaml(omit_default_sections=True))
+        rows = list(self.data.train)
+        if self.stage == "kto":  # sequential batches (see _trl_classes): the order is shuffled here, seeded
+            random.Random(t.seed).shuffle(rows)
+        train = Dataset.from_list(rows)
+        ev = Dataset.from_list(self.data.eval) if self.data.eval else None
+        self.trainer = preference_trainer_class(base, self.stage)(
+            model=self.model, args=args, train_dataset=train, eval_dataset=ev, processing_class=self.tok,
+            callbacks=callbacks)
+
+    def save(self, eval_metrics: dict, runtime: float, tokens_at_start: int) -> None:
+        super().save(eval_metrics, runtime, tokens_at_start)
+        if self.trainer.is_world_process_zero() and self.sft:
+            shutil.copyfile(self.sft / TEMPLATE, self.run.template_path)  # byte for byte the SFT run's
+
+    def run_path_info(self) -> dict:
+        return {"stage": self.stage, "beta": self.cfg.train.beta, "started_from": self.requested_model,
+                "reference": ("the SFT adapter (frozen copy)" if self.sft_adapter else
+                              "the base with adapters off" if self.cfg.lora.enabled else "a frozen copy of the model")}
+
+
+def _trl_classes(stage: str) -> tuple[type, type, dict]:
+    """TRL's trainer and config classes for `stage`, and the config fields domaintune sets for it: no
+    truncation (the data is cut at data.cutoff_len already), no dataset workers."""
+    try:
+        if stage == "dpo":
+            from trl import DPOConfig, DPOTrainer
+
+            return DPOTrainer, DPOConfig, {"max_length": None}
+        if stage == "kto":
+            from trl import KTOConfig, KTOTrainer
+
+            # TRL's KL estimate pairs each row with its batch neighbour's completion, so the batches must come
+            # in a fixed order; the rows were shuffled (seeded) when the dataset was built instead.
+            return KTOTrainer, KTOConfig, {"max_length": None, "train_sampling_strategy": "sequential"}
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer, ORPOConfig, {"max_length": None, "max_completion_length": None}
+    except ImportError as e:
+        raise UserError(f"train.stage {stage} needs TRL: pip install 'trl>=1.16' ({e})") from None
+
+
+def preference_trainer_class(base: type, stage: str) -> type:
+    """domaintune's Trainer behaviour (hf_trainer.py) on TRL's `base`, fed with the rows data/preferences.py
+    encoded instead of TRL's own tokenization. The overridden methods are TRL's (checked against TRL 1.16):
+    `_prepare_dataset` (dpo, kto) and `tokenize_row` (orpo). A later TRL that renames them fails the
+    preference tests, not silently."""
+    from .hf_trainer import trainer_class
+
+    class PreferenceTrainer(trainer_class(base)):
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            if stage == "kto" and getattr(self, "calculate_KL", False):
+                # TRL's KL term pairs each prompt with another row's completion, rotated within each batch.
+                def add_kl(rows: dict) -> dict:
+                    rows["KL_completion_ids"] = [rows["completion_ids"][-1]] + rows["completion_ids"][:-1]
+                    return rows
+
+                dataset = dataset.map(add_kl, batched=True, batch_size=args.per_device_train_batch_size)
+            return dataset
+
+        def tokenize_row(self, feature: dict, model: Any = None) -> dict:  # orpo
+            prompt = feature["prompt_ids"]
+            out = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for side in ("chosen", "rejected"):
+                ids = prompt + feature[f"{side}_ids"]
+                out[f"{side}_input_ids"] = ids
+                out[f"{side}_attention_mask"] = [1] * len(ids)
+                out[f"{side}_labels"] = [-100] * len(prompt) + feature[f"{side}_ids"]
+            return out
+
+        def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+            """TRL writes a README.md into the run and every checkpoint; the run directory has its own report."""
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            super()._save(output_dir, state_dict=state_dict)
+            if self.args.should_save:  # the frozen reference adapter is the SFT run's: not saved again
+                shutil.rmtree(Path(output_dir or self.args.output_dir) / REF_ADAPTER, ignore_errors=True)
+
+    return PreferenceTrainer

@@ -1,0 +1,260 @@
+"""One training run (`train.stage: sft`): config → data → model → transformers Trainer → run directory.
+
+A run is one object set up in stages (`TrainingRun`), each short and readable on its own:
+
+1. `setup_output`: check the output folder (fresh, `--resume` or `--overwrite`), the trackers and that the
+   model exists, in about a second;
+2. `setup_data`: tokenizer, template, read + validate + encode the data (bad data stops here, before the
+   slow Trainer import and any model load);
+3. `setup_model`: the one loader (LoRA / QLoRA / full) in the right precision;
+4. `setup_trainer`: TrainingArguments (arguments.py), collator, callbacks (callbacks.py);
+5. `train` then `save`: train with eval loss and checkpoints, then write the run directory (outputs.py,
+   rundir.py).
+
+Distributed: under `torchrun` or `accelerate launch` every process runs this same code; the Trainer
+handles DDP (gloo on CPU, NCCL on GPUs). Only rank 0 writes logs and final artifacts. The global batch
+(`train.batch_size`) is kept: gradient accumulation = batch_size / (per_device x processes).
+
+Precision: LoRA keeps the frozen base in the configured dtype; full fine-tuning keeps fp32 master weights
+(with bf16/fp16 autocast on GPUs), see `precision.training_precision`.
+
+Checkpoints carry template.json and config.yaml too, so predict/chat/serve can use one directly.
+
+Resume: `--resume` continues from the newest *complete* checkpoint (one whose trainer_state.json was
+written, which the Trainer does last), restoring optimizer, scheduler, RNG and data position; log.jsonl
+is cut back to that step so no step is logged twice.
+"""
+from __future__ import annotations
+
+import errno
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UserError
+from ..rundir import MODEL_CONFIG, TOKENIZER_FILES, RunDir, checkpoint_step, checkpoint_tokens, latest_checkpoint
+from . import speed
+from .arguments import check_trackers, training_arguments, world
+from .callbacks import make_callbacks, refresh_plot
+from .outputs import check_writable, prepare_output_dir, saved_config, write_run_files
+
+# Errors of a write that more space or a fixed folder cures: no space, over quota, read-only, no permission.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+    from ..config import Config
+    from ..data.encode import Datasets
+    from ..data.templates import Template
+
+
+class _ListDataset:
+    """Encoded samples as the map-style dataset the Trainer takes."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+class TrainingRun:
+    """One training run, from the config to a finished run directory (see the module docstring)."""
+
+    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False) -> None:
+        self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
+        self.rank, self.world_size = world()
+        self.is_main = self.rank == 0
+        self.out = Path(cfg.train.output_dir)
+        self.run = RunDir(self.out)
+        self.ckpt: Path | None = None
+        self.tok: PreTrainedTokenizerBase | None = None
+        self.template: Template | None = None
+        self.data: Datasets | None = None
+        self.device = "cpu"
+        self.precision: tuple[torch.dtype, bool, bool] | None = None  # load dtype, bf16 autocast, fp16 autocast
+        self.base: PreTrainedModel | None = None
+        self.model: Any = None  # the base, or a PeftModel around it
+        self.trainer: Trainer | None = None
+        self.lean: Any = None  # loss.LeanLoss when the chunked loss is used
+        self.loss_kind = self.batching = ""
+        self.per_device = 0
+        self.checkpointing = False
+        self.use_cache: bool | None = None
+
+    def _say(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    # ------------------------------------------------------------ stages
+    def check_data(self) -> None:
+        """Validate the data files without a tokenizer (stages with other rows override it)."""
+        from ..data.examples import check_data_files
+
+        check_data_files(self.cfg.data)
+
+    def setup_output(self) -> None:
+        from .model import check_model_source
+
+        cfg = self.cfg
+        cfg.model.required_name()
+        check_trackers(cfg.train.report_to)
+        self.ckpt = prepare_output_dir(self.out, self.resume, self.overwrite, self.is_main, cfg.model.name_or_path)
+        # Bad data and a missing model fail here, in about a second, not after the seconds torch + transformers
+        # take to import: the data files are read and validated without a tokenizer.
+        self.check_data()
+        check_model_source(cfg.model.name_or_path, (MODEL_CONFIG, *TOKENIZER_FILES))
+        if self.is_main:
+            check_writable(self.out)
+
+    def setup_data(self) -> None:
+        from ..data.encode import build_datasets
+        from ..data.templates import get_template
+        from .model import load_tokenizer
+
+        m = self.cfg.model
+        self.tok = load_tokenizer(m.name_or_path, m.trust_remote_code, m.revision)
+        self.template = get_template(self.cfg.data.template, self.tok)
+        # Saved tokenizers (run dir, checkpoints) carry the training prompt as their chat_template, so plain
+        # transformers' apply_chat_template renders what the model was trained on.
+        self.tok.chat_template = self.template.chat_template_for(self.tok)
+        self.data = build_datasets(self.cfg.data, self.tok, self.template, self.cfg.train.seed)
+        self._say("\n".join(self.data.report.summary_lines()))
+
+    def setup_model(self) -> None:
+        from transformers import set_seed
+
+        from . import model as loader
+        from .precision import resolve_device, resolve_dtype, training_precision
+
+        cfg = self.cfg
+        self.device = resolve_device()
+        dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.precision = training_precision(cfg.lora.enabled, cfg.model.quantization, dtype, self.device)
+        load_dtype, bf16, fp16 = self.precision
+        self.base = loader.load_base_model(cfg.model, device=self.device, dtype=load_dtype)
+        # No KV cache in training: it is useless there, and with a cache transformers does not detect packed rows
+        # (masking_utils looks for them only without one). Restored before saving (save()).
+        self.use_cache = getattr(self.base.config, "use_cache", None)
+        self.base.config.use_cache = False
+        t = cfg.train
+        auto_batch = t.per_device_batch_size == "auto"
+        guess = max(1, t.batch_size // self.world_size) if auto_batch else t.per_device_batch_size
+        checkpointing, why = speed.wants_checkpointing(t.gradient_checkpointing, self.base, self.sized_rows(), guess,
+                                                       self.device)
+        if why:
+            self._say(why)
+        # LoRA draws its new weights here, before the Trainer seeds anything:
+        # seed now, or two runs of one config differ.
+        set_seed(cfg.train.seed)
+        self.checkpointing = checkpointing
+        self.model = self.wrap_model(checkpointing)
+        trainable, total = loader.count_parameters(self.model)
+        autocast = " + bf16 autocast" if bf16 else " + fp16 autocast" if fp16 else ""
+        self._say(f"model: {cfg.model.name_or_path} ({'LoRA' if cfg.lora.enabled else 'full'}; "
+                  f"{trainable:,} trainable of {total:,} parameters; {str(load_dtype).replace('torch.', '')}"
+                  f"{autocast} on {self.device})")
+
+    def sized_rows(self) -> list[dict]:
+        """Training rows with their full `input_ids` (what the gradient-checkpointing estimate measures)."""
+        return self.data.train
+
+    def wrap_model(self, checkpointing: bool) -> Any:
+        """The model to train: the base with new LoRA weights, or the base itself for full fine-tuning."""
+        from .model import prepare_for_training
+
+        return prepare_for_training(self.base, self.cfg.lora, self.cfg.model.quantization, checkpointing)
+
+    def setup_trainer(self) -> None:
+        from .hf_trainer import trainer_class
+        from .loss import LeanLoss
+
+        t = self.cfg.train
+        _, bf16, fp16 = self.precision
+        has_eval = bool(self.data.eval)
+        self.loss_kind, why_loss = speed.choose_loss(t.loss, self.model, self.device)
+        self.batching, why_batching = speed.choose_batching(t.batching, self.model)
+        collator = speed.make_collator(self.batching, self.tok, self.device)
+        self.lean = LeanLoss(self.model) if self.loss_kind == "chunked" else None
+        if t.per_device_batch_size == "auto":
+            probe = speed.oom_probe(self.model, collator, self.data.train, self.lean, self.device)
+            self.per_device, why_batch = speed.auto_per_device(t, self.world_size, self.device, probe)
+            self._say(why_batch)
+        else:
+            self.per_device = t.per_device_batch_size
+        self._say(f"{why_loss}; {why_batching}")
+        group = t.group_by_length if t.group_by_length is not None else self.batching == "pad"
+        args = training_arguments(t, self.out, world_size=self.world_size, device=self.device, bf16=bf16,
+                                  fp16=fp16, has_eval=has_eval, is_main=self.is_main, per_device=self.per_device,
+                                  group_by_length=group, liger=self.loss_kind == "liger")
+        callbacks = make_callbacks(self.run, checkpoint_step(self.ckpt), self.template,
+                                   saved_config(self.cfg).to_yaml(omit_default_sections=True))
+        self.trainer = trainer_class()(model=self.model, args=args, data_collator=collator,
+                                       train_dataset=_ListDataset(self.data.train),
+                                       eval_dataset=_ListDataset(self.data.eval) if has_eval else None,
+                                       processing_class=self.tok, callbacks=callbacks, compute_loss_func=self.lean)
+
+    def train(self) -> tuple[dict, float, int]:
+        """Train (resuming when asked); returns (final eval metrics, seconds, tokens already seen at the start)."""
+        from .hf_trainer import NonFiniteTraining
+
+        trainer = self.trainer
+        tokens_at_start = checkpoint_tokens(self.ckpt)  # read now: checkpoint rotation may delete it during training
+        t0 = time.time()
+        try:
+            trainer.train(resume_from_checkpoint=str(self.ckpt) if self.ckpt else None)
+        except NonFiniteTraining as e:
+            raise UserError(f"training diverged: {e} (learning rate {self.cfg.train.learning_rate:g}); stopped "
+                            f"before that step was applied. {self._last_good()} Lower train.learning_rate (or "
+                            "keep train.max_grad_norm > 0) and train again") from None
+        except OSError as e:
+            if e.errno not in DISK_ERRORS:
+                raise
+            raise UserError(f"writing into '{self.out}' failed: {e.strerror} ({e.filename or 'a checkpoint file'}). "
+                            f"{self._last_good()} Free some space (or fix the folder) and run the same command "
+                            "with --resume") from None
+        logged_eval_at_end = any(r.get("step") == trainer.state.global_step and "eval_loss" in r
+                                 for r in trainer.state.log_history)  # same on every rank
+        eval_metrics = trainer.evaluate() if self.data.eval and not logged_eval_at_end else {}
+        return eval_metrics, time.time() - t0, tokens_at_start
+
+    def _last_good(self) -> str:
+        ckpt = latest_checkpoint(self.out)
+        return (f"The last complete checkpoint, {ckpt.name}, is intact." if ckpt else
+                "No checkpoint was complete yet.")
+
+    def save(self, eval_metrics: dict, runtime: float, tokens_at_start: int) -> None:
+        if self.use_cache is not None:
+            self.base.config.use_cache = self.use_cache  # a saved full model generates with its cache again
+        self.trainer.save_model(str(self.out))  # every rank calls it (needed for sharded setups); rank 0 writes
+        if not self.trainer.is_world_process_zero():
+            return
+        path = {"loss": self.loss_kind, "batching": self.batching, "per_device_batch_size": self.per_device,
+                "gradient_accumulation_steps": self.trainer.args.gradient_accumulation_steps,
+                "gradient_checkpointing": self.checkpointing, **self.run_path_info()}
+        write_run_files(self.cfg, self.run, self.tok, self.template, self.base, self.data.report, self.trainer,
+                        eval_metrics, runtime, self.world_size, tokens_at_start, path)
+        refresh_plot(self.run)
+        print(f"run directory: {self.out}", flush=True)
+
+    def run_path_info(self) -> dict:
+        """What the stage adds to run_info.json's train.path."""
+        return {}
+
+    def execute(self) -> Path:
+        self.setup_output()
+        self.setup_data()
+        self.setup_model()
+        self.setup_trainer()
+        try:
+            result = self.train()
+        finally:
+            if self.lean is not None:
+                self.lean.close()  # the model computes its logits again
+        self.save(*result)
+        return self.out
