@@ -3,13 +3,15 @@
     domaintune gen-data configs/selfinstruct.yaml [selfinstruct.KEY=VALUE ...]
     domaintune gen-data configs/selfinstruct.yaml --preview 5
     domaintune gen-data configs/selfinstruct.yaml --identity [--identity-language both]
+    domaintune gen-data configs/selfinstruct.yaml --preferences [--run runs/my-sft] [--questions FILE]
 
 The first form grows `selfinstruct.num_questions` Q&A pairs from the seed questions (or from the documents in
 `selfinstruct.documents`) against any OpenAI-compatible endpoint (resumable: run the same command again after
 a kill or an error). `--preview N` makes only N pairs (kept: a later full run goes on from them) and prints
 them with their sources, to judge the quality before spending the budget. The last form writes the built-in
-"who are you / who made you" data with `selfinstruct.persona` filled in, without any network. Output layout:
-see `domaintune.datagen.store`.
+"who are you / who made you" data with `selfinstruct.persona` filled in, without any network. `--preferences`
+makes chosen/rejected pairs for a preference stage (datagen/preferences.py). Output layout: see
+`domaintune.datagen.store`.
 """
 from __future__ import annotations
 
@@ -17,8 +19,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .options import add_config_args
+
+if TYPE_CHECKING:
+    from ..config.selfinstruct import SelfInstructConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +45,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "you, ...) with selfinstruct.persona filled in to OUTPUT_DIR/identity.jsonl (default: %(default)s)")
     p.add_argument("--identity-language", choices=["zh", "en", "both"], default=None,
                    help="language of the identity data (default: %(default)s = selfinstruct.language)")
+    p.add_argument("--preferences", action="store_true", default=False,
+                   help="instead of Q&A pairs, make chosen/rejected pairs for train.stage dpo/orpo/kto in "
+                   "OUTPUT_DIR/preferences.jsonl: chosen = the file's answer (or the teacher's), rejected = --run's "
+                   "own answer or the teacher's deliberately weak one; near-identical pairs are dropped; "
+                   "resumable (default: %(default)s)")
+    p.add_argument("--questions", default=None, metavar="FILE",
+                   help="--preferences: rows with \"instruction\" (and \"output\") or \"question\" "
+                   "(default: %(default)s = OUTPUT_DIR/train.jsonl, the pairs gen-data made)")
+    p.add_argument("--run", default=None, metavar="RUN",
+                   help="--preferences: the SFT run whose own greedy answers are the rejected side (default: "
+                   "%(default)s = the teacher with the weak-answer prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                   help="--preferences --run: most tokens of the run's answer (default: %(default)s)")
     p.set_defaults(func=cmd_gen_data)
 
 
@@ -55,6 +74,11 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
             n = sum(1 for _ in f)
         print(f"wrote {n} identity rows to {path}")
         return 0
+    if args.preferences:
+        return _preferences(cfg, args)
+    if args.questions or args.run:
+        print("error: --questions and --run belong to --preferences", file=sys.stderr)
+        return 2
     from ..datagen.selfinstruct import run_gen_data
 
     if args.preview is not None and args.preview < 1:
@@ -70,6 +94,26 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote {manifest['train_rows']} rows to {out / TRAIN} (details: {out / MANIFEST})")
     return 0
+
+
+def _preferences(cfg: SelfInstructConfig, args: argparse.Namespace) -> int:
+    from ..datagen.preferences import run_preferences, summary
+
+    if args.max_new_tokens < 1:
+        print("error: --max-new-tokens needs N >= 1", file=sys.stderr)
+        return 2
+    answerer = None
+    if args.run:
+        from ..inference.predict import GreedyAnswerer
+
+        answerer = GreedyAnswerer(args.run, args.max_new_tokens)
+    path = run_preferences(cfg, args.questions, answerer)
+    s = summary(path)
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())) or "none"
+    print(f"wrote {s['kept']} preference pair{'' if s['kept'] == 1 else 's'} to {path} from {s['questions']} "
+          f"questions (dropped: {dropped}; "
+          f"details: {path.parent / 'manifest.json'} and {path.parent / 'preference_records.jsonl'})")
+    return 0 if s["kept"] else 1
 
 
 def _print_preview(out: Path, n: int, manifest: dict) -> int:

@@ -77,6 +77,13 @@ class SelfInstructConfig(Section):
     answer_template: str | None = Field(
         None, description="Answer prompt template file; None = built-in for `language`. Placeholders: "
         "{question} {domain} {name} {organisation} {year}.")
+    weak_answer_template: str | None = Field(
+        None, description="gen-data --preferences without --run: the prompt for a deliberately poor answer (the "
+        "rejected side); None = built-in for `language`. Placeholders: {question} {domain} {name} {organisation} "
+        "{year}.")
+    preference_max_similarity: float = Field(
+        0.7, ge=0, le=1, description="gen-data --preferences drops a pair whose chosen and rejected answers reach "
+        "this ROUGE-L F1 (near-identical: the pair teaches nothing).")
     persona: Persona = Field(
         default_factory=Persona, description="The assistant persona filled into prompts and identity data.")
 

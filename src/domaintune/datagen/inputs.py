@@ -24,8 +24,9 @@ from ..data.reader import read_records
 from ..errors import UserError
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
-REQUIRED = {"question": ("examples",), "answer": ("question",), "doc_question": ("passage",),
-            "doc_answer": ("question", "passage"), "judge": ("question", "answer", "passage")}
+REQUIRED = {"question": ("examples",), "answer": ("question",), "weak_answer": ("question",),
+            "doc_question": ("passage",), "doc_answer": ("question", "passage"),
+            "judge": ("question", "answer", "passage")}
 
 
 def load_seeds(path: str) -> list[str]:

@@ -264,3 +264,22 @@ def _evaluate(engine: Engine | None, run: RunDir, jsonl: Path, examples: list[Ex
     metrics = run_eval(jsonl, out_dir=out_dir, extra={k: loss[k] for k in ("loss", "perplexity") if k in loss})
     print(format_metrics(metrics))
     print(f"wrote {out_dir / METRICS}")
+
+
+class GreedyAnswerer:
+    """A run's own answers to single-turn questions, as `predict` makes them (the run's prompt and data.system,
+    greedy decoding, batched): the rejected side of `gen-data --preferences --run`."""
+
+    def __init__(self, run_dir: str | Path, max_new_tokens: int = 256, batch_size: int = 8) -> None:
+        from .engine import Engine
+
+        if not Path(run_dir).is_dir():
+            raise UserError(f"--run '{run_dir}' is not a directory: give the SFT run whose answers are rejected")
+        self.engine = Engine.from_run(run_dir)
+        self.name = self.engine.model_id
+        self.params = dataclasses.replace(PRESETS["predict"], max_new_tokens=max_new_tokens).validate()
+        self.batch_size = batch_size
+
+    def __call__(self, questions: list[str]) -> list[str]:
+        prompts = [self.engine.encode_messages([{"role": "user", "content": q}]) for q in questions]
+        return [g.text for g in self.engine.generate(prompts, self.params, self.batch_size)]

@@ -1,0 +1,228 @@
+"""`gen-data --preferences`: chosen/rejected pairs for a preference stage (train.stage dpo, orpo or kto).
+
+Questions come from a file: by default the dataset gen-data made (`OUTPUT_DIR/train.jsonl`), or `--questions
+FILE` with rows `{"instruction", "input"?, "output"?}` (gen-data's and SFT's format) or `{"question"}` (a
+seeds file). Read like training data: file and line named for a bad row.
+
+- chosen: the row's answer (the teacher's, or the document-grounded one); a row without one is answered by the
+  teacher with the answer prompt, as gen-data answers (same persona, same answer checks).
+- rejected: with `--run RUN`, that run's own greedy answer, through the Engine `predict` uses (the prompt the
+  run was trained on, its data.system; `inference.predict.greedy_answerer`, passed in as `answerer` so this
+  package stays free of model code): DPO then moves the SFT model from its own answers towards the
+  teacher's. Without a run, the teacher answers with a deliberately weak prompt (prompts/weak_answer_*.txt,
+  or `selfinstruct.weak_answer_template`).
+- dropped, each with its reason (counted in manifest.json and kept in the records file): `near_identical`
+  (the same text, or a ROUGE-L F1 of chosen and rejected reaching `selfinstruct.preference_max_similarity`),
+  `rejected_empty`,
+  the answer checks for a teacher's chosen answer (`answer_truncated`, `answer_too_short`, `answer_blocklist`)
+  and `answer_malformed` for replies that stay malformed after retries.
+
+Files in `selfinstruct.output_dir`:
+
+| file | kind | what |
+|---|---|---|
+| preference_records.jsonl | append-only | one record per question, kept or dropped: index, question, chosen, |
+| | | rejected, rejected_by, similarity, kept, reason |
+| preferences.jsonl | derived | the kept pairs in input order: {"instruction", "input", "chosen", "rejected"} |
+| manifest.json | rewritten | its "preferences" section: source, counts per reason, status |
+
+Resume: a question with a record is done. A killed run started again does the rest (a record is written
+with fsync once both answers are in), so no pair is lost or made twice; a questions file that changed under
+the records is refused. preferences.jsonl is removed when a run starts and written at the end.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..data.reader import read_records
+from ..errors import UserError
+from ..jsonl import JsonlAppender, repair_tail, write_jsonl_atomic
+from . import filters as F
+from .client import ChatClient, Completion, MalformedResponse
+from .inputs import load_template, persona_values, render
+from .manifest import now
+from .store import MANIFEST, TRAIN, OutputStore, read_working_file
+
+if TYPE_CHECKING:
+    from ..config.selfinstruct import SelfInstructConfig
+
+class Answerer(Protocol):
+    """Answers to single-turn questions, in order; `name` labels them in the records (e.g. the run's name)."""
+
+    name: str
+
+    def __call__(self, questions: list[str]) -> list[str]: ...
+
+
+RECORDS = "preference_records.jsonl"
+PREFERENCES = "preferences.jsonl"
+NEAR_IDENTICAL, REJECTED_EMPTY = "near_identical", "rejected_empty"
+
+
+def read_questions(path: Path) -> list[tuple[str, str | None]]:
+    """(question, answer or None) per row of `path`; one UserError naming every bad line."""
+    if not path.is_file():
+        raise UserError(f"--questions '{path}' not found: give a file of {{\"instruction\", \"output\"}} or "
+                        "{\"question\"} rows, or run gen-data first (its train.jsonl is the default)")
+    items, bad = [], []
+    for line, obj in read_records(path):
+        q = obj.get("instruction", obj.get("question")) if isinstance(obj, dict) else None
+        if not isinstance(q, str) or not q.strip():
+            bad.append(f"{path} line {line}: needs a non-empty \"instruction\" or \"question\" string")
+            continue
+        extra = obj.get("input") or ""
+        answer = obj.get("output")
+        if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+            bad.append(f"{path} line {line}: \"output\" must be a non-empty string (or left out)")
+            continue
+        items.append((q + (f"\n{extra}" if isinstance(extra, str) and extra else ""), answer))
+    if bad:
+        raise UserError(f"{len(bad)} unusable row(s):\n  " + "\n  ".join(bad[:10]))
+    if not items:
+        raise UserError(f"{path}: no questions")
+    return items
+
+
+class PreferenceRun:
+    """One `gen-data --preferences` run (see the module docstring)."""
+
+    def __init__(self, cfg: SelfInstructConfig, questions: str | Path | None = None,
+                 answerer: Answerer | None = None, client: ChatClient | None = None, batch_size: int = 8) -> None:
+        self.cfg = cfg
+        self.store = OutputStore(cfg.output_dir)
+        self.source = Path(questions) if questions else self.store.dir / TRAIN
+        self.items = read_questions(self.source)
+        self.answerer = answerer
+        self.rejected_by = f"run:{answerer.name}" if answerer else "teacher:weak_answer"
+        self.client, self.own_client = client, client is None
+        self.batch_size = batch_size
+        self.records_path = self.store.dir / RECORDS
+
+    # ------------------------------------------------------------------ state
+    def _load(self) -> dict[int, dict]:
+        repair_tail(self.records_path)
+        done = {}
+        for r in read_working_file(self.records_path):
+            i = r.get("index")
+            if not isinstance(i, int) or i >= len(self.items) or self.items[i][0] != r.get("question"):
+                raise UserError(f"{self.records_path} does not match {self.source} (record {i}: "
+                                f"{str(r.get('question'))[:40]!r}): the questions file changed. Use another "
+                                "selfinstruct.output_dir, or delete the records file to start over")
+            if r.get("rejected_by") != self.rejected_by:
+                raise UserError(f"{self.records_path} was made with rejected answers from {r.get('rejected_by')}, "
+                                f"this run takes them from {self.rejected_by}: use another selfinstruct.output_dir")
+            done[i] = r
+        return done
+
+    # ------------------------------------------------------------------ the run
+    def execute(self) -> Path:
+        done = self._load()
+        (self.store.dir / PREFERENCES).unlink(missing_ok=True)
+        todo = [i for i in range(len(self.items)) if i not in done]
+        self._manifest(done, "running")
+        if todo:
+            self._open_endpoints(todo)
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(self.items), initial=len(done), desc="preference pairs", unit="pair")
+            with JsonlAppender(self.records_path) as out, ThreadPoolExecutor(self.cfg.max_concurrency) as pool:
+                for k in range(0, len(todo), self.batch_size):
+                    chunk = todo[k:k + self.batch_size]
+                    chosen = list(pool.map(self._chosen, chunk))
+                    rejected = self._rejected(chunk, pool)
+                    for i, c, r in zip(chunk, chosen, rejected, strict=True):
+                        rec = self._record(i, c, r)
+                        out.write(rec)
+                        done[i] = rec
+                        bar.update(1)
+                    self._manifest(done, "running")
+            bar.close()
+        kept = [done[i] for i in sorted(done) if done[i]["kept"]]
+        write_jsonl_atomic(self.store.dir / PREFERENCES,
+                           [{"instruction": r["question"], "input": "", "chosen": r["chosen"],
+                             "rejected": r["rejected"]} for r in kept])
+        self._manifest(done, "complete")
+        if self.own_client and self.client is not None:
+            self.client.close()
+        return self.store.dir / PREFERENCES
+
+    def _open_endpoints(self, todo: list[int]) -> None:
+        needs_teacher = self.answerer is None or any(self.items[i][1] is None for i in todo)
+        if needs_teacher and self.client is None:
+            self.client = ChatClient(self.cfg)
+
+    # ------------------------------------------------------------------ answers
+    def _ask(self, prompt: str) -> Completion | None:
+        for _ in range(self.cfg.malformed_retries + 1):
+            try:
+                return self.client.complete(prompt)
+            except MalformedResponse:
+                continue
+        return None
+
+    def _chosen(self, i: int) -> tuple[str | None, str | None]:
+        """(answer, reason it is unusable or None): the row's answer, else the teacher's."""
+        question, answer = self.items[i]
+        if answer is not None:
+            return answer.strip(), None
+        comp = self._ask(render(load_template(self.cfg, "answer"), question=question, **persona_values(self.cfg)))
+        if comp is None:
+            return None, F.ANSWER_MALFORMED
+        rej = F.check_answer(comp.text, comp.finish_reason, min_chars=self.cfg.min_answer_chars,
+                             blocklist=self.cfg.answer_blocklist)
+        return comp.text.strip(), rej.reason if rej else None
+
+    def _rejected(self, chunk: list[int], pool: ThreadPoolExecutor) -> list[tuple[str | None, str | None]]:
+        if self.answerer is not None:
+            return [(a.strip(), None) for a in self.answerer([self.items[i][0] for i in chunk])]
+        template = load_template(self.cfg, "weak_answer")
+
+        def weak(i: int) -> tuple[str | None, str | None]:
+            comp = self._ask(render(template, question=self.items[i][0], **persona_values(self.cfg)))
+            return (None, F.ANSWER_MALFORMED) if comp is None else (comp.text.strip(), None)
+
+        return list(pool.map(weak, chunk))
+
+    def _record(self, i: int, chosen: tuple[str | None, str | None], rejected: tuple[str | None, str | None]) -> dict:
+        rec: dict[str, Any] = {"index": i, "question": self.items[i][0], "chosen": chosen[0],
+                               "rejected": rejected[0], "rejected_by": self.rejected_by}
+        reason = chosen[1] or rejected[1]
+        if reason is None and not rejected[0]:
+            reason = REJECTED_EMPTY
+        if reason is None:
+            same = chosen[0] == rejected[0]  # ROUGE-L sees no tokens in text of only punctuation or symbols
+            rec["similarity"] = 1.0 if same else round(F.rouge_l(chosen[0], rejected[0]), 4)
+            if rec["similarity"] >= self.cfg.preference_max_similarity:
+                reason = NEAR_IDENTICAL
+        rec["kept"] = reason is None
+        if reason:
+            rec["reason"] = reason
+        return rec
+
+    # ------------------------------------------------------------------ manifest
+    def _manifest(self, done: dict[int, dict], status: str) -> None:
+        dropped = Counter(r["reason"] for r in done.values() if not r["kept"])
+        manifest = self.store.read_manifest()
+        manifest["preferences"] = {
+            "status": status, "updated": now(), "questions_file": str(self.source), "questions": len(self.items),
+            "done": len(done), "kept": sum(r["kept"] for r in done.values()), "dropped": dict(dropped),
+            "rejected_from": self.rejected_by, "max_similarity": self.cfg.preference_max_similarity,
+            "output": str(self.store.dir / PREFERENCES) if status == "complete" else None}
+        self.store.write_manifest(manifest)
+
+
+def run_preferences(cfg: SelfInstructConfig, questions: str | Path | None = None, answerer: Answerer | None = None,
+                    client: ChatClient | None = None, batch_size: int = 8) -> Path:
+    """Make (or resume) preference pairs; returns the preferences.jsonl path (see the module docstring).
+    `answerer`: the SFT run's own answers for the rejected side (`inference.predict.greedy_answerer`, which
+    the CLI's --run builds); None = the teacher's weak answers."""
+    return PreferenceRun(cfg, questions, answerer, client, batch_size).execute()
+
+
+def summary(path: Path) -> dict:
+    """The manifest's preferences section next to `path`."""
+    return json.loads((path.parent / MANIFEST).read_text(encoding="utf-8")).get("preferences", {})

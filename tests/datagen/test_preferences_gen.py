@@ -1,0 +1,165 @@
+"""gen-data --preferences against the scripted server and the SFT run: pairs, near-identical drops, resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from domaintune.cli import main
+from domaintune.config.selfinstruct import SelfInstructConfig
+from domaintune.data.preferences import load_preferences
+from domaintune.data.templates import get_template
+from domaintune.datagen.preferences import RECORDS, run_preferences
+from domaintune.errors import UserError
+from domaintune.inference.engine import Engine
+from domaintune.inference.params import GenerationParams
+from domaintune.inference.predict import GreedyAnswerer
+from fake_llm_server import FakeLLM
+
+KEY_ENV = "DT_PREF_TEST_KEY"
+QUESTIONS = [f"How do I help my child with topic {w}?" for w in
+             ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "k")
+    (tmp_path / "a.txt").write_text("ANSWER: {question}", encoding="utf-8")
+    (tmp_path / "w.txt").write_text("WEAK: {question}", encoding="utf-8")
+    return tmp_path
+
+
+def make_cfg(tmp: Path, base_url: str, **kw) -> SelfInstructConfig:
+    return SelfInstructConfig(**{**dict(
+        domain="parenting", language="en", answer_template=str(tmp / "a.txt"), weak_answer_template=str(tmp / "w.txt"),
+        base_url=base_url, model="fake-model", api_key_env=KEY_ENV, max_concurrency=2, request_timeout=5.0,
+        max_retries=2, malformed_retries=2, retry_base_delay=0.01, output_dir=str(tmp / "out")), **kw})
+
+
+def weak_reply(prompt: str) -> str | None:
+    if not prompt.startswith("WEAK: "):
+        return None
+    q = prompt.removeprefix("WEAK: ")
+    if "charlie" in q:  # the weak answer happens to be the chosen one: a pair that teaches nothing
+        return f"Answer to: {q}"
+    return "It depends, every family is different."
+
+
+def test_teacher_pairs_with_weak_rejected_answers(setup):
+    qfile = setup / "q.jsonl"
+    # Rows 0-1 bring their own answer (the chosen side as given); the others are answered by the teacher.
+    qfile.write_text("".join(json.dumps({"instruction": q, "output": f"Given answer for {q}" if i < 2 else None}
+                                        if i < 2 else {"question": q}) + "\n" for i, q in enumerate(QUESTIONS[:5])),
+                     encoding="utf-8")
+    with FakeLLM(reply_fn=weak_reply) as srv:
+        path = run_preferences(make_cfg(setup, srv.base_url), questions=qfile)
+        prompts = [e["prompt"] for e in srv.log]
+    rows = read_jsonl(path)
+    assert [r["instruction"] for r in rows] == [q for q in QUESTIONS[:5] if "charlie" not in q]
+    assert rows[0]["chosen"] == f"Given answer for {QUESTIONS[0]}"
+    assert rows[2]["chosen"] == f"Answer to: {QUESTIONS[3]}"
+    assert {r["rejected"] for r in rows} == {"It depends, every family is different."}
+    # The teacher answered exactly the rows without an answer, and gave a weak answer for every row.
+    assert sorted(p for p in prompts if p.startswith("ANSWER")) == sorted(f"ANSWER: {q}" for q in QUESTIONS[2:5])
+    assert len([p for p in prompts if p.startswith("WEAK")]) == 5
+    records = read_jsonl(path.parent / RECORDS)
+    dropped = [r for r in records if not r["kept"]]
+    assert [(r["question"], r["reason"], r["similarity"]) for r in dropped] == [(QUESTIONS[2], "near_identical", 1.0)]
+    m = json.loads((path.parent / "manifest.json").read_text(encoding="utf-8"))["preferences"]
+    assert (m["status"], m["kept"], m["dropped"], m["rejected_from"]) == ("complete", 4, {"near_identical": 1},
+                                                                          "teacher:weak_answer")
+    assert len(load_preferences(path, "dpo", get_template("chatml"))) == 4  # the file trains as it is
+
+
+def test_rejected_from_the_sft_run_through_the_predict_engine(setup, tiny_run):
+    """rejected = the SFT run's own greedy answer (the Engine predict uses, the run's prompt); a row whose given
+    answer equals that answer is dropped as near-identical."""
+    engine = Engine.from_run(tiny_run, device="cpu")
+    params = GenerationParams(max_new_tokens=12)
+    own = [g.text.strip() for g in engine.generate(
+        [engine.encode_messages([{"role": "user", "content": q}]) for q in QUESTIONS[:4]], params, batch_size=8)]
+    qfile = setup / "q.jsonl"
+    answers = ["A warm, specific answer.", own[1], "Another careful answer.", "Yet another answer."]
+    qfile.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n"
+                             for q, a in zip(QUESTIONS[:4], answers, strict=True)), encoding="utf-8")
+    with FakeLLM() as srv:
+        path = run_preferences(make_cfg(setup, srv.base_url), questions=qfile,
+                               answerer=GreedyAnswerer(tiny_run, max_new_tokens=12))
+        assert srv.log == []  # every chosen answer was given, every rejected one came from the run
+    rows = read_jsonl(path)
+    assert [(r["instruction"], r["chosen"], r["rejected"]) for r in rows] == \
+        [(QUESTIONS[i], answers[i], own[i]) for i in (0, 2, 3)]
+    records = read_jsonl(path.parent / RECORDS)
+    assert {r["rejected_by"] for r in records} == {f"run:{tiny_run.name}"}
+    assert [r["reason"] for r in records if not r["kept"]] == ["near_identical"]
+
+
+def test_bad_question_rows_and_a_changed_file_are_refused(setup):
+    qfile = setup / "q.jsonl"
+    qfile.write_text('{"instruction": "ok?"}\n{"output": "no question"}\n{"question": ""}\n', encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        run_preferences(make_cfg(setup, "http://127.0.0.1:9/v1"), questions=qfile)
+    assert f"{qfile} line 2:" in str(e.value) and f"{qfile} line 3:" in str(e.value)
+    with pytest.raises(UserError, match="not found"):
+        run_preferences(make_cfg(setup, "http://127.0.0.1:9/v1"))  # no train.jsonl made yet
+    qfile.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS[:2]), encoding="utf-8")
+    with FakeLLM(reply_fn=weak_reply) as srv:
+        run_preferences(make_cfg(setup, srv.base_url), questions=qfile)
+    qfile.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS[3:5]), encoding="utf-8")
+    with pytest.raises(UserError, match="the questions file changed"):
+        run_preferences(make_cfg(setup, "http://127.0.0.1:9/v1"), questions=qfile)
+
+
+def test_sigkill_then_rerun_makes_every_pair_once(setup):
+    qfile = setup / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS), encoding="utf-8")
+    with FakeLLM(reply_fn=weak_reply, delay=0.15) as srv:
+        cfg = make_cfg(setup, srv.base_url, max_concurrency=1)
+        config = setup / "gen.yaml"
+        config.write_text(yaml.safe_dump({"selfinstruct": cfg.model_dump(mode="json")}), encoding="utf-8")
+        cmd = [sys.executable, "-m", "domaintune", "gen-data", str(config), "--preferences", "--questions", str(qfile)]
+        proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        records = setup / "out" / RECORDS
+        deadline = time.monotonic() + 60
+        while (not records.exists() or records.read_text().count("\n") < 2) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        before = records.read_bytes()
+        n_before = before.count(b"\n")
+        assert 2 <= n_before < len(QUESTIONS) and not (setup / "out" / "preferences.jsonl").exists()
+        assert main(["gen-data", str(config), "--preferences", "--questions", str(qfile)]) == 0
+    after = read_jsonl(records)
+    assert records.read_bytes().startswith(before[: before.rfind(b"\n") + 1])  # nothing written before was lost
+    assert sorted(r["index"] for r in after) == list(range(len(QUESTIONS)))  # each question once
+    rows = read_jsonl(setup / "out" / "preferences.jsonl")
+    assert [r["instruction"] for r in rows] == [q for q in QUESTIONS if "charlie" not in q]
+    assert all(r["chosen"] == f"Answer to: {r['instruction']}" for r in rows)
+
+
+def test_cli_flags_of_preferences(setup, tiny_run, capsys):
+    config = setup / "gen.yaml"
+    config.write_text(yaml.safe_dump({"selfinstruct": make_cfg(setup, "http://127.0.0.1:9/v1").model_dump(
+        mode="json")}), encoding="utf-8")
+    assert main(["gen-data", str(config), "--run", str(tiny_run)]) == 2
+    assert "--questions and --run belong to --preferences" in capsys.readouterr().err
+    assert main(["gen-data", str(config), "--preferences", "--run", str(setup / "nope")]) == 2
+    assert "is not a directory: give the SFT run" in capsys.readouterr().err
+    qfile = setup / "q.jsonl"
+    qfile.write_text(json.dumps({"instruction": QUESTIONS[0], "output": "A careful, specific answer."}) + "\n",
+                     encoding="utf-8")
+    assert main(["gen-data", str(config), "--preferences", "--questions", str(qfile), "--run", str(tiny_run),
+                 "--max-new-tokens", "4"]) == 0
+    assert "wrote 1 preference pair to " in capsys.readouterr().out
