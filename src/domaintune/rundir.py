@@ -112,6 +112,12 @@ class RunDir:
     def has_weights(self) -> bool:
         return self.has_adapter() or self.has_full_model()
 
+    def weight_files(self) -> list[Path]:
+        """The final weights: the adapter's file, else the full model's safetensors files."""
+        if self.has_adapter():
+            return [self.path / ADAPTER_WEIGHTS]
+        return sorted(self.path.glob(MODEL_WEIGHTS_GLOB))
+
     def has_pickle_model(self) -> bool:
         """A model folder whose weights are pickles only (pytorch_model.bin and the like): loadable only when
         the user allows pickles."""

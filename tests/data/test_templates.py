@@ -157,6 +157,24 @@ def test_to_jinja_renders_the_same_text(tok, name):
         assert bos + text == tok.decode(ids), case
 
 
+def test_to_jinja_adds_no_second_eos_when_the_answer_ends_with_it(qwen_tok):
+    """Regression: with an EOS of <|im_end|> (Qwen's instruct tokenizers) ChatML answers already end with EOS;
+    encode() adds none, but the exported chat_template added a second one after every earlier answer."""
+    import copy
+
+    tok = copy.deepcopy(qwen_tok)
+    tok.eos_token = "<|im_end|>"
+    tpl = get_template("chatml")
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]
+    ids, _ = tpl.encode(tok, msgs, add_generation_prompt=True)
+    assert ids.count(tok.eos_token_id) == 4  # the <|im_end|> of system, q1, a1 and q2: none doubled
+    assert tok.apply_chat_template(msgs, tokenize=False, chat_template=tpl.to_jinja()) == tok.decode(ids)
+    ids, _ = tpl.encode(qwen_tok, msgs, add_generation_prompt=True)  # EOS </s>: appended after <|im_end|>
+    assert qwen_tok.apply_chat_template(msgs, tokenize=False, chat_template=tpl.to_jinja()) == qwen_tok.decode(ids)
+    assert "<|im_end|></s>" in qwen_tok.decode(ids)
+
+
 # ---------------------------------------------------------------- stop tokens
 
 def test_stop_token_ids(qwen_tok):

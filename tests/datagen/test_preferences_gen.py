@@ -101,7 +101,8 @@ def test_rejected_from_the_sft_run_through_the_predict_engine(setup, tiny_run):
     assert [(r["instruction"], r["chosen"], r["rejected"]) for r in rows] == \
         [(QUESTIONS[i], answers[i], own[i]) for i in (0, 2, 3)]
     records = read_jsonl(path.parent / RECORDS)
-    assert {r["rejected_by"] for r in records} == {f"run:{tiny_run.name}"}
+    assert len({r["rejected_by"] for r in records}) == 1
+    assert records[0]["rejected_by"].startswith(f"run:{tiny_run.resolve()} (weights ")
     assert [r["reason"] for r in records if not r["kept"]] == ["near_identical"]
 
 
@@ -163,3 +164,51 @@ def test_cli_flags_of_preferences(setup, tiny_run, capsys):
     assert main(["gen-data", str(config), "--preferences", "--questions", str(qfile), "--run", str(tiny_run),
                  "--max-new-tokens", "4"]) == 0
     assert "wrote 1 preference pair to " in capsys.readouterr().out
+
+
+def test_an_input_field_is_joined_as_the_run_was_trained(setup, tiny_run):
+    """A row with "input": the run answers the prompt its template builds from instruction + input (as in SFT),
+    and preferences.jsonl keeps the two fields apart, so DPO prompts are the SFT prompts too."""
+    from domaintune.data.templates import Template
+
+    qfile = setup / "q.jsonl"
+    qfile.write_text(json.dumps({"instruction": "Summarise this note:", "input": "Bedtime is at eight.",
+                                 "output": "A careful, specific answer."}) + "\n", encoding="utf-8")
+    answerer = GreedyAnswerer(tiny_run, max_new_tokens=6)
+    tpl = Template.load(tiny_run / "template.json")
+    seen = []
+    engine_generate = answerer.engine.generate
+    answerer.engine.generate = lambda prompts, *a: seen.extend(prompts) or engine_generate(prompts, *a)
+    with FakeLLM() as srv:
+        path = run_preferences(make_cfg(setup, srv.base_url), questions=qfile, answerer=answerer)
+    joined = tpl.join_instruction("Summarise this note:", "Bedtime is at eight.")
+    assert seen == [answerer.engine.encode_messages([{"role": "user", "content": joined}])]
+    row = read_jsonl(path)[0]
+    assert (row["instruction"], row["input"]) == ("Summarise this note:", "Bedtime is at eight.")
+
+
+def test_a_failing_teacher_is_recorded_and_the_rerun_resumes(setup):
+    qfile = setup / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS[:4]), encoding="utf-8")
+    calls = []
+
+    def fail_late(prompt):
+        calls.append(prompt)
+        return {"fault": "401"} if len(calls) > 4 else weak_reply(prompt)
+
+    with FakeLLM(reply_fn=fail_late) as srv:
+        with pytest.raises(UserError, match="401"):
+            run_preferences(make_cfg(setup, srv.base_url, max_concurrency=1), questions=qfile)
+    out = setup / "out"
+    m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["preferences"]
+    assert m["status"] == "failed" and "401" in m["error"] and m["spent"]["calls"] >= 5
+    assert not (out / "preferences.jsonl").exists()
+    with FakeLLM(reply_fn=weak_reply) as srv:
+        path = run_preferences(make_cfg(setup, srv.base_url), questions=qfile)
+    assert sorted(r["index"] for r in read_jsonl(out / RECORDS)) == [0, 1, 2, 3]
+    assert len(read_jsonl(path)) == 3  # charlie's pair is near-identical
+    # A later self-instruct run keeps the preferences section of manifest.json (and the reverse).
+    from domaintune.datagen.store import OutputStore
+
+    OutputStore(out).write_manifest({"status": "complete"})
+    assert json.loads((out / "manifest.json").read_text(encoding="utf-8"))["preferences"]["status"] == "complete"

@@ -16,7 +16,7 @@ from llama_cpp import Llama
 
 from domaintune.cli import main
 from domaintune.data.encode import with_system
-from domaintune.data.templates import EOS
+from domaintune.data.templates import EOS, get_template
 from domaintune.errors import UserError
 from domaintune.inference import gguf_export
 from domaintune.inference.engine import Engine
@@ -330,6 +330,24 @@ def test_modelfile_survives_literals_that_look_like_go():
     assert rendered == ('{{sys}} \\n"S"\nQ {{x}}:\nq1\n\nA:\na1</s>\n---\nQ {{x}}:\nq2\n\nA:\n')
 
 
+def test_modelfile_adds_no_second_eos_when_the_answer_ends_with_it(qwen_tok):
+    """ChatML with an <|im_end|> EOS (Qwen's instruct tokenizers): encode() adds no second EOS after an answer,
+    and neither does the Modelfile."""
+    import copy
+
+    from domaintune.inference.modelfile import ollama_template
+
+    tok = copy.deepcopy(qwen_tok)
+    tok.eos_token = "<|im_end|>"
+    tpl = get_template("chatml")
+    go = GoTemplate(ollama_template(tpl, tok.eos_token))
+    rendered = go.render({"System": MULTI[0]["content"], "Messages": [{"Role": m["role"], "Content": m["content"]}
+                                                                       for m in MULTI]})
+    ids, _ = tpl.encode(tok, MULTI, add_generation_prompt=True)
+    assert tok(rendered, add_special_tokens=False)["input_ids"] == ids
+    assert "<|im_end|><|im_end|>" not in rendered
+
+
 def test_data_system_is_the_default_system(tiny_train_config, tmp_path):
     """A run trained with data.system: the GGUF's chat template and the Modelfile's SYSTEM use it."""
     run = run_train(tiny_train_config(tmp_path / "run", "qwen2", "data.template=chatml",
@@ -447,3 +465,30 @@ def test_llama3_rope_factors_match_transformers():
     got = torch.tensor(gguf_export._llama3_rope_factors(cfg.to_dict()))
     assert torch.allclose(plain / scaled, got, rtol=1e-4)
     assert got.min() == 1.0 and got.max() == 32.0
+
+
+def test_tokenizer_and_modelfile_refusals_come_before_any_file(tiny_run_copy, tiny_train_config, tmp_path,
+                                                                monkeypatch):
+    """A tokenizer llama.cpp would split differently is refused before the model loads and merges; a system
+    prompt a Modelfile cannot hold is refused before the GGUF is written."""
+    import domaintune.inference.export as export
+
+    tj_path = tiny_run_copy / "tokenizer.json"
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\p{N}+|[^\s]+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    tj_path.write_text(json.dumps(tj), encoding="utf-8")
+    tc_path = tiny_run_copy / "tokenizer_config.json"  # the generic class keeps tokenizer.json's pipeline as written
+    tc_path.write_text(json.dumps({**json.loads(tc_path.read_text(encoding="utf-8")),
+                                   "tokenizer_class": "PreTrainedTokenizerFast"}), encoding="utf-8")
+    monkeypatch.setattr(export, "_torch_dtype", lambda *a: pytest.fail("the model was loaded before the check"))
+    with pytest.raises(UserError, match="pre-tokenizer is not one llama.cpp is known to reproduce"):
+        run_export_gguf(tiny_run_copy, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    monkeypatch.undo()
+
+    run = run_train(tiny_train_config(tmp_path / "quoted", "qwen2", 'data.system=Say """hi"""', "train.max_steps=1"))
+    with pytest.raises(UserError, match='contains """'):
+        run_export_gguf(run, tmp_path / "b", quant="f32")
+    assert not (tmp_path / "b").exists() or list((tmp_path / "b").iterdir()) == []

@@ -193,3 +193,44 @@ def test_report_and_export_work_on_the_dpo_run(dpo_run, tmp_path):
     prompt = tuned.encode_messages([{"role": "user", "content": "孩子挑食怎么办"}])
     p = GenerationParams(max_new_tokens=6)
     assert merged.generate([prompt], p)[0].token_ids == tuned.generate([prompt], p)[0].token_ids
+
+
+def test_the_sft_run_is_never_the_output(tiny_run, pref_data, tiny_train_config):
+    """Regression: with output_dir = the SFT run and --overwrite, the overwrite guard compared with the base
+    model (the SFT run's), so the SFT run it starts from was deleted."""
+    before = sorted(p.name for p in tiny_run.iterdir())
+    for out in (tiny_run, tiny_run / "dpo", tiny_run.parent):
+        with pytest.raises(UserError, match="the run this stage starts from"):
+            run_train(pref_config(tiny_train_config, out, tiny_run, pref_data), overwrite=True)
+    assert sorted(p.name for p in tiny_run.iterdir()) == before
+
+
+def test_kto_needs_two_rows_per_micro_batch(tiny_run, pref_data, tiny_train_config, tmp_path):
+    with pytest.raises(UserError, match="set train.per_device_batch_size to 2 or more"):
+        run_train(pref_config(tiny_train_config, tmp_path / "r", tiny_run, pref_data, "kto",
+                              "train.per_device_batch_size=1"))
+
+
+def test_orpo_nll_is_on_the_completion_only():
+    """TRL's ORPO takes its NLL over prompt and answer; completion_nll (used instead) over the answer alone."""
+    import torch
+
+    from domaintune.training.preference import completion_nll
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)  # positions 0..5 predict tokens 1..6 of a 7-token concatenated row
+    labels = torch.tensor([[-100, -100, -100, 4, 5, 2], [-100, -100, 7, 8, -100, -100]])  # 6 < 7: padded
+    got = completion_nll(logits, labels)
+    pairs = [(0, 2, 4), (0, 3, 5), (0, 4, 2), (1, 1, 7), (1, 2, 8)]  # (row, logit position, target token)
+    want = torch.stack([-torch.log_softmax(logits[r, t], -1)[y] for r, t, y in pairs]).mean()
+    assert torch.allclose(got, want)
+
+
+def test_an_export_as_starting_point_brings_its_template(tiny_run, pref_data, tiny_train_config, tmp_path):
+    from domaintune.inference.export import run_export
+
+    merged = run_export(tiny_run, tmp_path / "merged", dtype="fp32")
+    out = run_train(pref_config(tiny_train_config, tmp_path / "dpo", merged, pref_data, "dpo", "train.max_steps=1",
+                                "train.save_steps=1", "train.eval_steps=1", "data.template=chatml"))
+    assert (out / "template.json").read_bytes() == (merged / "template.json").read_bytes()
+    assert RunDir(out).run_info()["train"]["path"]["reference"] == "the base with adapters off"

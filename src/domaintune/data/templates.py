@@ -209,7 +209,12 @@ class Template:
             head, _, tail = f.partition("{content}")
             return "{{ " + lit(head) + " + " + var + " + " + lit(tail) + " }}"
 
-        eos = "{{ eos_token }}" if self.append_eos else ""
+        # As encode(): EOS after an answer, unless the answer already ends with it (e.g. ChatML with Qwen's
+        # instruct tokenizers, whose EOS is <|im_end|>).
+        head, _, tail = self.assistant_format.partition("{content}")
+        assistant = "{%- set a = " + lit(head) + " + m['content'] + " + lit(tail) + " -%}{{ a }}"
+        if self.append_eos:
+            assistant += "{%- if eos_token and not a.endswith(eos_token) -%}{{ eos_token }}{%- endif -%}"
         parts = [
             "{%- set ns = namespace(i=0) -%}",
             "{%- if messages and messages[0]['role'] == 'system' -%}",
@@ -226,7 +231,7 @@ class Template:
             + "{%- endif -%}",
             fmt(self.user_format, "m['content']"),
             "{%- else -%}",
-            fmt(self.assistant_format, "m['content']") + eos,
+            assistant,
             "{%- endif -%}",
             "{%- endfor -%}",
         ]

@@ -33,6 +33,7 @@ the records is refused. preferences.jsonl is removed when a run starts and writt
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +43,7 @@ from ..data.reader import read_records
 from ..errors import UserError
 from ..jsonl import JsonlAppender, repair_tail, write_jsonl_atomic
 from . import filters as F
+from .chunking import approx_tokens
 from .client import ChatClient, Completion, MalformedResponse
 from .inputs import load_template, persona_values, render
 from .manifest import now
@@ -51,11 +53,12 @@ if TYPE_CHECKING:
     from ..config.selfinstruct import SelfInstructConfig
 
 class Answerer(Protocol):
-    """Answers to single-turn questions, in order; `name` labels them in the records (e.g. the run's name)."""
+    """Answers to single-turn (instruction, input) questions, in order; `name` identifies the answering model in
+    the records (a resumed run must use the same)."""
 
     name: str
 
-    def __call__(self, questions: list[str]) -> list[str]: ...
+    def __call__(self, questions: list[tuple[str, str]]) -> list[str]: ...
 
 
 RECORDS = "preference_records.jsonl"
@@ -63,8 +66,8 @@ PREFERENCES = "preferences.jsonl"
 NEAR_IDENTICAL, REJECTED_EMPTY = "near_identical", "rejected_empty"
 
 
-def read_questions(path: Path) -> list[tuple[str, str | None]]:
-    """(question, answer or None) per row of `path`; one UserError naming every bad line."""
+def read_questions(path: Path) -> list[tuple[str, str, str | None]]:
+    """(instruction, input, answer or None) per row of `path`; one UserError naming every bad line."""
     if not path.is_file():
         raise UserError(f"--questions '{path}' not found: give a file of {{\"instruction\", \"output\"}} or "
                         "{\"question\"} rows, or run gen-data first (its train.jsonl is the default)")
@@ -75,11 +78,14 @@ def read_questions(path: Path) -> list[tuple[str, str | None]]:
             bad.append(f"{path} line {line}: needs a non-empty \"instruction\" or \"question\" string")
             continue
         extra = obj.get("input") or ""
+        if not isinstance(extra, str):
+            bad.append(f"{path} line {line}: \"input\" must be a string")
+            continue
         answer = obj.get("output")
         if answer is not None and (not isinstance(answer, str) or not answer.strip()):
             bad.append(f"{path} line {line}: \"output\" must be a non-empty string (or left out)")
             continue
-        items.append((q + (f"\n{extra}" if isinstance(extra, str) and extra else ""), answer))
+        items.append((q, extra, answer))
     if bad:
         raise UserError(f"{len(bad)} unusable row(s):\n  " + "\n  ".join(bad[:10]))
     if not items:
@@ -101,6 +107,8 @@ class PreferenceRun:
         self.client, self.own_client = client, client is None
         self.batch_size = batch_size
         self.records_path = self.store.dir / RECORDS
+        self.lock = threading.Lock()
+        self.spent = Counter({"calls": 0, "prompt_tokens": 0, "completion_tokens": 0})  # this session, the teacher
 
     # ------------------------------------------------------------------ state
     def _load(self) -> dict[int, dict]:
@@ -108,19 +116,32 @@ class PreferenceRun:
         done = {}
         for r in read_working_file(self.records_path):
             i = r.get("index")
-            if not isinstance(i, int) or i >= len(self.items) or self.items[i][0] != r.get("question"):
+            if not isinstance(i, int) or i >= len(self.items) or self.items[i][:2] != (r.get("question"),
+                                                                                        r.get("input", "")):
                 raise UserError(f"{self.records_path} does not match {self.source} (record {i}: "
-                                f"{str(r.get('question'))[:40]!r}): the questions file changed. Use another "
-                                "selfinstruct.output_dir, or delete the records file to start over")
+                                f"{str(r.get('question'))[:40]!r}): the questions file changed. Delete the records "
+                                "file to start over (or use another selfinstruct.output_dir)")
             if r.get("rejected_by") != self.rejected_by:
                 raise UserError(f"{self.records_path} was made with rejected answers from {r.get('rejected_by')}, "
-                                f"this run takes them from {self.rejected_by}: use another selfinstruct.output_dir")
+                                f"this run takes them from {self.rejected_by} (another model, or the run was "
+                                "trained again): delete the records file to start over, or use the same model")
             done[i] = r
         return done
 
     # ------------------------------------------------------------------ the run
     def execute(self) -> Path:
-        done = self._load()
+        done: dict[int, dict] = {}
+        try:
+            return self._execute(done)
+        except UserError as e:  # an endpoint that fails for good: say so in the manifest; a rerun resumes
+            self._manifest(done, "failed", str(e))
+            raise
+        finally:
+            if self.own_client and self.client is not None:
+                self.client.close()
+
+    def _execute(self, done: dict[int, dict]) -> Path:
+        done.update(self._load())
         (self.store.dir / PREFERENCES).unlink(missing_ok=True)
         todo = [i for i in range(len(self.items)) if i not in done]
         self._manifest(done, "running")
@@ -143,11 +164,9 @@ class PreferenceRun:
             bar.close()
         kept = [done[i] for i in sorted(done) if done[i]["kept"]]
         write_jsonl_atomic(self.store.dir / PREFERENCES,
-                           [{"instruction": r["question"], "input": "", "chosen": r["chosen"],
+                           [{"instruction": r["question"], "input": r.get("input", ""), "chosen": r["chosen"],
                              "rejected": r["rejected"]} for r in kept])
         self._manifest(done, "complete")
-        if self.own_client and self.client is not None:
-            self.client.close()
         return self.store.dir / PREFERENCES
 
     def _open_endpoints(self, todo: list[int]) -> None:
@@ -158,18 +177,27 @@ class PreferenceRun:
     # ------------------------------------------------------------------ answers
     def _ask(self, prompt: str) -> Completion | None:
         for _ in range(self.cfg.malformed_retries + 1):
+            with self.lock:
+                self.spent["calls"] += 1
             try:
-                return self.client.complete(prompt)
+                comp = self.client.complete(prompt)
             except MalformedResponse:
                 continue
+            with self.lock:
+                self.spent["prompt_tokens"] += comp.prompt_tokens if comp.prompt_tokens is not None else \
+                    approx_tokens(prompt)
+                self.spent["completion_tokens"] += comp.completion_tokens if comp.completion_tokens is not None \
+                    else approx_tokens(comp.text)
+            return comp
         return None
 
     def _chosen(self, i: int) -> tuple[str | None, str | None]:
         """(answer, reason it is unusable or None): the row's answer, else the teacher's."""
-        question, answer = self.items[i]
+        answer = self.items[i][2]
         if answer is not None:
             return answer.strip(), None
-        comp = self._ask(render(load_template(self.cfg, "answer"), question=question, **persona_values(self.cfg)))
+        comp = self._ask(render(load_template(self.cfg, "answer"), question=self._question(i),
+                                **persona_values(self.cfg)))
         if comp is None:
             return None, F.ANSWER_MALFORMED
         rej = F.check_answer(comp.text, comp.finish_reason, min_chars=self.cfg.min_answer_chars,
@@ -178,17 +206,22 @@ class PreferenceRun:
 
     def _rejected(self, chunk: list[int], pool: ThreadPoolExecutor) -> list[tuple[str | None, str | None]]:
         if self.answerer is not None:
-            return [(a.strip(), None) for a in self.answerer([self.items[i][0] for i in chunk])]
+            return [(a.strip(), None) for a in self.answerer([self.items[i][:2] for i in chunk])]
         template = load_template(self.cfg, "weak_answer")
 
         def weak(i: int) -> tuple[str | None, str | None]:
-            comp = self._ask(render(template, question=self.items[i][0], **persona_values(self.cfg)))
+            comp = self._ask(render(template, question=self._question(i), **persona_values(self.cfg)))
             return (None, F.ANSWER_MALFORMED) if comp is None else (comp.text.strip(), None)
 
         return list(pool.map(weak, chunk))
 
+    def _question(self, i: int) -> str:
+        """The question as the teacher sees it: the instruction, and the input on the next line."""
+        instruction, extra, _ = self.items[i]
+        return instruction + (f"\n{extra}" if extra else "")
+
     def _record(self, i: int, chosen: tuple[str | None, str | None], rejected: tuple[str | None, str | None]) -> dict:
-        rec: dict[str, Any] = {"index": i, "question": self.items[i][0], "chosen": chosen[0],
+        rec: dict[str, Any] = {"index": i, "question": self.items[i][0], "input": self.items[i][1], "chosen": chosen[0],
                                "rejected": rejected[0], "rejected_by": self.rejected_by}
         reason = chosen[1] or rejected[1]
         if reason is None and not rejected[0]:
@@ -204,14 +237,15 @@ class PreferenceRun:
         return rec
 
     # ------------------------------------------------------------------ manifest
-    def _manifest(self, done: dict[int, dict], status: str) -> None:
+    def _manifest(self, done: dict[int, dict], status: str, error: str | None = None) -> None:
         dropped = Counter(r["reason"] for r in done.values() if not r["kept"])
         manifest = self.store.read_manifest()
         manifest["preferences"] = {
             "status": status, "updated": now(), "questions_file": str(self.source), "questions": len(self.items),
             "done": len(done), "kept": sum(r["kept"] for r in done.values()), "dropped": dict(dropped),
             "rejected_from": self.rejected_by, "max_similarity": self.cfg.preference_max_similarity,
-            "output": str(self.store.dir / PREFERENCES) if status == "complete" else None}
+            "output": str(self.store.dir / PREFERENCES) if status == "complete" else None,
+            "spent": dict(self.spent), **({"error": error} if error else {})}
         self.store.write_manifest(manifest)
 
 

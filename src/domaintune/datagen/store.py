@@ -32,6 +32,7 @@ TRAIN_MESSAGES = "train.messages.jsonl"
 MANIFEST = "manifest.json"
 IDENTITY = "identity.jsonl"
 IDENTITY_MESSAGES = "identity.messages.jsonl"
+OTHER_SECTIONS = ("preferences",)  # manifest.json sections written by other gen-data modes
 
 
 def read_working_file(path: Path) -> list[dict]:
@@ -93,6 +94,11 @@ class OutputStore:
         return obj if isinstance(obj, dict) else {}
 
     def write_manifest(self, manifest: dict) -> None:
+        """Write manifest.json; a section another mode wrote (`gen-data --preferences`: "preferences") and
+        `manifest` lacks is kept, so neither mode drops the other's record."""
+        for key in OTHER_SECTIONS:
+            if key not in manifest and key in (old := self.read_manifest()):
+                manifest = {**manifest, key: old[key]}
         write_atomic(self.manifest_path, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
 
     def write_train(self, rows: list[dict], messages: bool) -> None:

@@ -26,6 +26,7 @@ an Ollama `Modelfile` beside it.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import UserError
 from .export import load_merged
-from .gguf_vocab import add_tokenizer
+from .gguf_vocab import add_tokenizer, check_tokenizer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -66,7 +67,7 @@ def run_export_gguf(run: str | Path, out: str | Path, quant: str = "f16", dtype:
     """Write the GGUF and a Modelfile beside it; returns the GGUF path. `out` is a folder (the file is then
     `<run name>-<quant>.gguf` in it) or a path ending in `.gguf`. Nothing but these two files is ever
     replaced, and those only with `overwrite`."""
-    from .modelfile import write_modelfile
+    from .modelfile import modelfile_text, write_modelfile
 
     if quant not in QUANTS:
         raise UserError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)} (k-quants such as Q4_K_M: run "
@@ -76,7 +77,9 @@ def run_export_gguf(run: str | Path, out: str | Path, quant: str = "f16", dtype:
     _check_arch(run, allow_pickle)
     run_name = Path(run).resolve().name
     path = out if out.suffix == ".gguf" else out / f"{run_name}-{quant}.gguf"
-    m = load_merged(run, dtype, template, allow_pickle, lambda run_path: _check_out(run_path, path, overwrite))
+    m = load_merged(run, dtype, template, allow_pickle, lambda run_path: _check_out(run_path, path, overwrite),
+                    check_tokenizer=check_tokenizer)
+    modelfile = modelfile_text(path.name, m.template, m.tokenizer)  # what it cannot hold stops us before writing
     conf = m.model.config.to_dict()
     arch = ARCHS.get((conf.get("architectures") or [""])[0]) or _arch_of(m.model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +89,7 @@ def run_export_gguf(run: str | Path, out: str | Path, quant: str = "f16", dtype:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    write_modelfile(path.parent / MODELFILE, path.name, m.template, m.tokenizer)
+    write_modelfile(path.parent / MODELFILE, modelfile)
     note = f"; {len(fallbacks)} matrices kept in f16 (rows not a multiple of 32): {', '.join(fallbacks)}" \
         if fallbacks else ""
     print(f"exported {m.run.path} -> {path} ({arch}, {quant}; {m.how}){note}")
@@ -258,7 +261,7 @@ def _plan(gguf: Any, model: Any, arch: str, conf: dict, quant: str) -> tuple[lis
                                      "bloom": gguf.MODEL_ARCH.BLOOM}[arch], n_blocks)
     tied = arch == "bloom" or conf.get("tie_word_embeddings", False)
     planned, fallbacks = [], []
-    for hf_name, tensor in _tensors(model, arch, conf):
+    for hf_name, tensor, layout in _tensors(model, arch, conf):
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp uses token_embd for the output when there is no output tensor
         key = hf_name.removeprefix("transformer.") if arch == "bloom" else hf_name
@@ -272,16 +275,17 @@ def _plan(gguf: Any, model: Any, arch: str, conf: dict, quant: str) -> tuple[lis
         if qtype == T.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0]:
             qtype = T.F16
             fallbacks.append(name)
-        planned.append(Planned(name, qtype, shape, _as_numpy(tensor)))
+        planned.append(Planned(name, qtype, shape, _as_numpy(tensor, layout)))
     return planned, fallbacks
 
 
-def _as_numpy(t: torch.Tensor) -> Callable[[], np.ndarray]:
-    return lambda: t.detach().to("cpu").float().numpy()
+def _as_numpy(t: torch.Tensor, layout: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[], np.ndarray]:
+    """The tensor's float32 data, reordered when it is written (no reordered copy waits in memory)."""
+    return lambda: (layout(t) if layout else t).detach().to("cpu").float().numpy()
 
 
-def _tensors(model: Any, arch: str, conf: dict) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) in the layout llama.cpp expects."""
+def _tensors(model: Any, arch: str, conf: dict) -> Iterator[tuple[str, torch.Tensor, Callable | None]]:
+    """(HF name, tensor, the reordering into llama.cpp's layout or None); all reorderings keep the shape."""
     import torch
 
     n_head = conf.get("num_attention_heads") or conf.get("n_head")
@@ -289,17 +293,16 @@ def _tensors(model: Any, arch: str, conf: dict) -> Iterator[tuple[str, torch.Ten
     for name, t in model.state_dict().items():
         if name.endswith(".rotary_emb.inv_freq"):
             continue
+        layout = None
         if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            t = _permute(t, n_head)
+            layout = functools.partial(_permute, n_head=n_head)
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            t = _permute(t, n_kv)
-        elif arch == "bloom" and name.endswith("query_key_value.weight"):
-            t = _bloom_qkv(t, n_head)
-        elif arch == "bloom" and name.endswith("query_key_value.bias"):
-            t = _bloom_qkv(t, n_head)
-        yield name, t
+            layout = functools.partial(_permute, n_head=n_kv)
+        elif arch == "bloom" and name.endswith(("query_key_value.weight", "query_key_value.bias")):
+            layout = functools.partial(_bloom_qkv, n_head=n_head)
+        yield name, t, layout
     if arch == "llama" and _rope(conf)["rope_type"] == "llama3":
-        yield "rope_freqs.weight", torch.tensor(_llama3_rope_factors(conf), dtype=torch.float32)
+        yield "rope_freqs.weight", torch.tensor(_llama3_rope_factors(conf), dtype=torch.float32), None
 
 
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:

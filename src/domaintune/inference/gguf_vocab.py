@@ -55,16 +55,23 @@ def pre_tokenizer_name(tj: dict) -> str:
     return PRE_TOKENIZERS[key]
 
 
-def add_tokenizer(gguf: Any, w: Any, tok: Any, tpl: Any, n_vocab: int) -> None:
-    from ..data.templates import leading_bos
-
+def check_tokenizer(tok: Any) -> tuple[dict, str]:
+    """(tokenizer.json, llama.cpp pre-tokenizer name) of a tokenizer this export can write, or UserError. Cheap:
+    called before the model loads and the adapter merges."""
     tj = _tokenizer_json(tok)
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise UserError("--format gguf: only byte-level BPE tokenizers (Qwen, BLOOM, Llama 3, GPT-2 style) are "
                         "supported; this one is SentencePiece-style (LLaMA-2, Mistral). Export safetensors and "
                         "run llama.cpp's convert_hf_to_gguf.py on it")
-    pre = pre_tokenizer_name(tj)
+    return tj, pre_tokenizer_name(tj)
+
+
+def add_tokenizer(gguf: Any, w: Any, tok: Any, tpl: Any, n_vocab: int) -> None:
+    from ..data.templates import leading_bos
+
+    tj, pre = check_tokenizer(tok)
+    model = tj["model"]
     vocab = tok.get_vocab()
     if max(vocab.values()) >= n_vocab:
         raise UserError(f"--format gguf: the tokenizer has ids up to {max(vocab.values())} but the model's "

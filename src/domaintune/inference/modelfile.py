@@ -46,7 +46,8 @@ def ollama_template(tpl: Template, eos_text: str | None) -> str:
     if tpl.kind != "format":
         raise UserError(f"template {tpl.name!r} of kind {tpl.kind!r} has no Ollama translation")
     sep = go_string(tpl.turn_separator) if tpl.turn_separator else ""
-    eos = go_string(eos_text) if tpl.append_eos and eos_text else ""
+    # As Template.encode: EOS after an answer unless the answer already ends with it (ChatML with an <|im_end|> EOS).
+    eos = go_string(eos_text) if tpl.append_eos and eos_text and not tpl.assistant_format.endswith(eos_text) else ""
     lines = [
         "{{- if .System }}" + _fmt(tpl.system_format, ".System") + "{{ end }}" if tpl.system_format else "",
         "{{- $first := true }}",
@@ -96,8 +97,8 @@ def modelfile_text(gguf_name: str, tpl: Template, tok: PreTrainedTokenizerBase) 
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(path: Path, gguf_name: str, tpl: Template, tok: PreTrainedTokenizerBase) -> Path:
-    text = modelfile_text(gguf_name, tpl, tok)
+def write_modelfile(path: Path, text: str) -> Path:
+    """`text` (from `modelfile_text`) into `path`, atomically."""
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

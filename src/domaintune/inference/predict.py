@@ -276,10 +276,25 @@ class GreedyAnswerer:
         if not Path(run_dir).is_dir():
             raise UserError(f"--run '{run_dir}' is not a directory: give the SFT run whose answers are rejected")
         self.engine = Engine.from_run(run_dir)
-        self.name = self.engine.model_id
+        self.name = f"{Path(run_dir).resolve()} (weights {weights_fingerprint(run_dir)})"
         self.params = dataclasses.replace(PRESETS["predict"], max_new_tokens=max_new_tokens).validate()
         self.batch_size = batch_size
 
-    def __call__(self, questions: list[str]) -> list[str]:
-        prompts = [self.engine.encode_messages([{"role": "user", "content": q}]) for q in questions]
+    def __call__(self, questions: list[tuple[str, str]]) -> list[str]:
+        """Answers to (instruction, input) questions, joined as the run's template joins them in training."""
+        join = self.engine.template.join_instruction
+        prompts = [self.engine.encode_messages([{"role": "user", "content": join(q, extra)}]) for q, extra in questions]
         return [g.text for g in self.engine.generate(prompts, self.params, self.batch_size)]
+
+
+def weights_fingerprint(run_dir: str | Path) -> str:
+    """A short hash of a run's final weight files (names, sizes, first and last MiB): changes when the run is
+    trained again, without reading a multi-GB model whole."""
+    digest = hashlib.sha256()
+    for f in sorted(RunDir(run_dir).weight_files()):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(1 << 20)
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(f"{f.name}:{size}".encode() + head + fh.read())
+    return digest.hexdigest()[:12]

@@ -8,14 +8,18 @@ preference rows, a starting point and a reference model.
   copy of it as the reference ("ref" adapter): the reference model is the SFT model, with no second copy of the
   base in memory. The result is one adapter on the original base, so predict, chat, serve and export read the
   run exactly like an SFT run. The run's `lora` section is the SFT run's (the adapter's shape is fixed).
-- a full fine-tuned run (or any model folder): it is the base; LoRA adds new weights (reference = adapters
-  off) or, with `lora.enabled: false`, all weights train against a frozen second copy (TRL's default).
+- a full fine-tuned run, an export (`domaintune export`) or any model folder: it is the base (an export's or
+  run's template.json comes along); LoRA adds new weights (reference = adapters off) or, with
+  `lora.enabled: false`, all weights train against a frozen second copy (TRL's default).
+- `train.output_dir` may not be, hold or lie in the starting run: `--overwrite` never deletes it.
 
 **Template and prompts.** From an SFT run, the template is its template.json, copied byte for byte, and its
 `data.system` applies where this config sets none, so the prompts are the SFT prompts token for token.
 
 **Data.** data/preferences.py: validated before any model loads, encoded with the run's template; the tokens
-in the loss are the completion tokens and EOS. dpo and orpo take pairs; kto takes pairs or good/bad rows.
+in the loss are the completion tokens and EOS (ORPO's NLL term included: TRL computes it over the prompt too,
+`completion_nll` replaces it). dpo and orpo take pairs; kto takes pairs or good/bad rows, at least two rows per
+micro-batch (its KL estimate pairs rows within one).
 
 **Logs.** TRL's reward metrics (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies,
 logps/chosen, logps/rejected ...) go into log.jsonl with the loss, and `plot` draws margins and accuracy.
@@ -46,18 +50,28 @@ class PreferenceRun(TrainingRun):
         self.requested_model = cfg.model.name_or_path
         if cfg.train.per_device_batch_size == "auto":
             raise UserError(f"train.per_device_batch_size: auto is for train.stage sft; give a number for {self.stage}")
+        if self.stage == "kto" and cfg.train.per_device_batch_size < 2:
+            raise UserError("train.stage kto estimates its KL term from the other rows of a micro-batch: set "
+                            "train.per_device_batch_size to 2 or more")
         self._resolve_start()
 
     def _resolve_start(self) -> None:
-        """From an SFT run directory: its base model section, lora section, template and data.system."""
+        """From an SFT run directory: its base model section, lora section, template and data.system. From an
+        exported model (template.json, no config.yaml): its template; the model itself is the base."""
         from ..config import load_config
 
         src = Path(self.cfg.model.name_or_path).expanduser()
         run = RunDir(src)
-        if not (src.is_dir() and run.config_path.is_file() and run.template_path.is_file()):
+        if not (src.is_dir() and run.template_path.is_file()):
             return  # a base model (or a plain model folder)
-        sft_cfg = load_config(run.config_path)
         self.sft = src.resolve()
+        out = Path(self.cfg.train.output_dir).expanduser().resolve()
+        if out == self.sft or out.is_relative_to(self.sft) or self.sft.is_relative_to(out):
+            raise UserError(f"train.output_dir '{self.cfg.train.output_dir}' is (or holds, or lies in) the run this "
+                            f"stage starts from, '{src}': choose another folder, the SFT run must stay as it is")
+        if not run.config_path.is_file():
+            return  # an export: a full model with its template
+        sft_cfg = load_config(run.config_path)
         updates: dict[str, Any] = {}
         if run.has_adapter():
             if not self.cfg.lora.enabled:
@@ -109,7 +123,11 @@ class PreferenceRun(TrainingRun):
             return super().wrap_model(checkpointing)
         from .model import load_adapter
 
-        if checkpointing:
+        if self.cfg.model.quantization != "none":  # as prepare_for_training does for a QLoRA SFT run
+            from peft import prepare_model_for_kbit_training
+
+            self.base = prepare_model_for_kbit_training(self.base, use_gradient_checkpointing=checkpointing)
+        elif checkpointing:
             self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.base.enable_input_require_grads()
         return load_adapter(self.base, self.sft, trainable=True)
@@ -151,7 +169,8 @@ class PreferenceRun(TrainingRun):
 
     def run_path_info(self) -> dict:
         return {"stage": self.stage, "beta": self.cfg.train.beta, "started_from": self.requested_model,
-                "reference": ("the SFT adapter (frozen copy)" if self.sft_adapter else
+                "reference": ("none (ORPO has no reference model)" if self.stage == "orpo" else
+                              "the SFT adapter (frozen copy)" if self.sft_adapter else
                               "the base with adapters off" if self.cfg.lora.enabled else "a frozen copy of the model")}
 
 
@@ -171,7 +190,10 @@ def _trl_classes(stage: str) -> tuple[type, type, dict]:
             return KTOTrainer, KTOConfig, {"max_length": None, "train_sampling_strategy": "sequential"}
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        return ORPOTrainer, ORPOConfig, {"max_length": None, "max_completion_length": None}
+        # ORPO's batches hold chosen_/rejected_input_ids, no input_ids: the Trainer cannot count tokens (it would
+        # warn at every step), so run_info.json records none for ORPO.
+        return ORPOTrainer, ORPOConfig, {"max_length": None, "max_completion_length": None,
+                                         "include_num_input_tokens_seen": "no"}
     except ImportError as e:
         raise UserError(f"train.stage {stage} needs TRL: pip install 'trl>=1.16' ({e})") from None
 
@@ -204,6 +226,14 @@ def preference_trainer_class(base: type, stage: str) -> type:
                 out[f"{side}_labels"] = [-100] * len(prompt) + feature[f"{side}_ids"]
             return out
 
+        def concatenated_forward(self, model: Any, batch: dict) -> tuple:
+            out = super().concatenated_forward(model, batch)
+            if stage != "orpo":
+                return out
+            # TRL's ORPO puts the prompt tokens into its NLL term too (labels = every attended token); here it is
+            # the chosen completion only, as SFT trains and as data/preferences.py promises.
+            return (*out[:4], completion_nll(out[2], batch["chosen_labels"]), *out[5:])
+
         def create_model_card(self, *args: Any, **kwargs: Any) -> None:
             """TRL writes a README.md into the run and every checkpoint; the run directory has its own report."""
 
@@ -213,3 +243,15 @@ def preference_trainer_class(base: type, stage: str) -> type:
                 shutil.rmtree(Path(output_dir or self.args.output_dir) / REF_ADAPTER, ignore_errors=True)
 
     return PreferenceTrainer
+
+
+def completion_nll(chosen_logits: Any, chosen_labels: Any) -> Any:
+    """Mean cross-entropy of the chosen completions: `chosen_logits[:, t]` predicts token t + 1 (TRL's ORPO slices
+    off the last position); `chosen_labels` is -100 on the prompt and on padding, and may be shorter than the
+    logits (padded to the longer of chosen and rejected)."""
+    import torch
+
+    n = chosen_logits.shape[1] + 1
+    labels = torch.nn.functional.pad(chosen_labels, (0, n - chosen_labels.shape[1]), value=-100)[:, 1:]
+    return torch.nn.functional.cross_entropy(chosen_logits.reshape(-1, chosen_logits.shape[-1]).float(),
+                                             labels.reshape(-1).to(chosen_logits.device), ignore_index=-100)
