@@ -11,6 +11,8 @@
 #      (bench/qlora_check.py)
 #   4. the prediction benchmark: greedy and beam-4 batched vs beam-4 one prompt at a time
 #      (bench/generation_batching.py --device cuda)
+#   5. the distributed engines at world size 1: FSDP and DeepSpeed ZeRO-2/3 (and ZeRO-3 with CPU offload) LoRA
+#      runs that must save ordinary adapter run directories predict reads (bench/distributed_check.py)
 #
 # Set-up on a machine without internet (run here, where pip works, then carry both folders):
 #   bash bench/gpu_wheels.sh                      # the training stack's wheels -> .whl/
@@ -119,10 +121,13 @@ else
     --max-new-tokens 64 --data "$DATA"
 fi
 
+# 5. FSDP and ZeRO-2/3 at world size 1 (a dry run: FSDP on the CPU).
+step distributed 100 "$PY" bench/distributed_check.py --device "$DEV" "${SAVE[@]}"
+
 if [ -n "${OUT:-}" ] && [ -z "$DRY" ]; then  # the device machine sends back what is under $OUT
   mkdir -p "$OUT/results"
   cp "$RESULTS"/train_throughput-cuda-*.json "$RESULTS"/loss_equality-cuda.json "$RESULTS"/qlora-cuda.json \
-    "$RESULTS"/generation_batching.md "$LOG" "$OUT/results/" 2>/dev/null
+    "$RESULTS"/generation_batching.md "$RESULTS"/distributed-cuda.json "$LOG" "$OUT/results/" 2>/dev/null
 fi
 say "== gpu_check done in $SECONDS s; failed: ${FAILED[*]:-none}"
 [ ${#FAILED[@]} -eq 0 ]

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Download, into .whl/ (git-ignored), the wheels that bench/gpu_check.sh installs on a GPU machine without
 # internet: the versions of the training stack this checkout's .venv runs (its image may hold older ones),
-# pydantic (the config layer), and the optional liger-kernel (domaintune[fast]) and bitsandbytes
-# (domaintune[qlora]). Target: CPython 3.12 on x86-64 Linux (override with PYVER=3.11 etc.).
+# pydantic (the config layer), and the optional liger-kernel (domaintune[fast]), bitsandbytes
+# (domaintune[qlora]), trl and deepspeed (domaintune[deepspeed]). Target: CPython 3.12 on x86-64 Linux (override with PYVER=3.11 etc.).
 #
 #   bash bench/gpu_wheels.sh            # then carry .whl (and .bench-data) to the GPU machine
 #
@@ -27,6 +27,10 @@ for name in transformers huggingface-hub tokenizers safetensors peft accelerate 
 done
 get "${pins[@]}"
 get "liger-kernel>=0.5"
+# trl (the preference stages) and deepspeed (train.distributed: deepspeed; a source package: built here into a
+# pure-Python wheel, its CUDA ops compile on first use where the GPU machine has nvcc, else ZeRO's Python paths).
+get "trl==$(ver trl)"
+"$PY" -m pip wheel -q --no-deps -w .whl "deepspeed>=0.16" || echo "deepspeed: no wheel built (the ZeRO steps will say so)"
 size() { du -sm .whl | cut -f1; }
 # bitsandbytes ships one ~20 MiB library per CUDA version; keep those of CUDA 13 (the GPU image's torch is
 # cu130) and the CPU one, so that it travels (KEEP_CUDA=12 etc. for another machine).

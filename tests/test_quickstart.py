@@ -36,7 +36,8 @@ def test_quickstart_fills_the_run_directory(tiny_model_dir, tmp_path, monkeypatc
     assert (info["data"]["train_rows"], info["data"]["eval_rows"]) == (56, 8)
     # the quickstart trains on the fast path: the chunked loss and packed rows (a Qwen2-style model)
     assert info["train"]["path"] == {"loss": "chunked", "batching": "pack", "per_device_batch_size": 4,
-                                     "gradient_accumulation_steps": 2, "gradient_checkpointing": False}
+                                     "gradient_accumulation_steps": 2, "gradient_checkpointing": False,
+                                     "global_batch": 8}
     assert [r["step"] for r in log if "loss" in r][:2] == [1, 5]  # logging_steps 5 (and the first step)
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((run / "template.json").read_text(encoding="utf-8"))["name"] == "domain_zh"

@@ -67,6 +67,7 @@ GENERATION_CONFIG = "generation_config.json"
 MODEL_CARD = "README.md"
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"  # written by the Trainer, last, into each checkpoint
+CHECKPOINT_WORLD = "world.json"  # in each checkpoint: the processes and engine that wrote it
 TRAINING_ARGS = "training_args.bin"  # the Trainer's pickle of TrainingArguments; never kept in the run directory
 
 

@@ -2,6 +2,7 @@
 counted, and only rank 0 writes logs and final artifacts."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -85,3 +86,126 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_model_dir):
     # rank 0 has created the folder: regression, it failed now and then with "No such file or directory").
     ckpt = out / "checkpoint-3"
     assert {p.name for p in ckpt.glob("rng_state*")} == {"rng_state_0.safetensors", "rng_state_1.safetensors"}
+
+
+def _train_layout(tmp_path, model, data, name, nproc, per_device, gas, **train):
+    """log.jsonl losses of a run with `nproc` real torchrun processes (gloo), `per_device` rows x `gas`
+    accumulation steps each: the global batch is per_device x nproc x gas."""
+    out = tmp_path / name
+    cfg = build_config({
+        "model": {"name_or_path": str(model)},
+        "lora": {"dropout": 0.0},
+        "data": {"path": str(data), "cutoff_len": 64, "val_size": 0},
+        "train": {"output_dir": str(out), "batch_size": per_device * nproc * gas, "per_device_batch_size": per_device,
+                  "max_steps": 3, "logging_steps": 1, "save_steps": 1000, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+                  **train},
+    }, "test")
+    cfg_path = tmp_path / f"{name}.yaml"
+    cfg_path.write_text(cfg.to_yaml(), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           env["MASTER_PORT"], "-m", "domaintune", "train", str(cfg_path)]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert f"batch: {per_device * nproc * gas} rows per optimizer step = {per_device} per device x {nproc} " \
+           f"process(es) x {gas} accumulation step(s)" in r.stdout
+    info = RunDir(out).run_info()["train"]["path"]
+    assert (info["global_batch"], info["gradient_accumulation_steps"]) == (per_device * nproc * gas, gas)
+    return [x["loss"] for x in RunDir(out).read_log() if "loss" in x]
+
+
+def test_the_same_global_batch_gives_the_same_losses_at_any_layout(tmp_path, tiny_model_dir):
+    """2 processes x B against 1 process x 2B, and 2 processes with accumulation 2 against 1 process with
+    accumulation 4: the same rows in every optimizer step, the same per-step losses (rtol 1e-4)."""
+    model = tiny_model_dir("qwen2")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:24]) + "\n", encoding="utf-8")
+    two = _train_layout(tmp_path, model, data, "two-by-4", 2, 4, 1)
+    one = _train_layout(tmp_path, model, data, "one-by-8", 1, 8, 1)
+    assert len(two) == len(one) == 3
+    assert two == pytest.approx(one, rel=1e-4)
+    two_acc = _train_layout(tmp_path, model, data, "two-by-2-acc-2", 2, 2, 2)
+    one_acc = _train_layout(tmp_path, model, data, "one-by-2-acc-4", 1, 2, 4)
+    assert two_acc == pytest.approx(one_acc, rel=1e-4)
+    assert two_acc == pytest.approx(one, rel=1e-4)  # and accumulation itself changes nothing
+
+
+AUDIT = '''
+import atexit, os, sys
+written = set()
+def hook(event, args):
+    if event == "open" and args[0] is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        mode, flags = args[1], args[2]
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or \\
+                (mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+            written.add(os.path.abspath(os.fsdecode(args[0])))
+    elif event in ("os.rename", "os.replace"):
+        written.add(os.path.abspath(os.fsdecode(args[1])))
+sys.addaudithook(hook)
+import safetensors.torch as st  # written by Rust, unseen by the hook: wrapped before anything imports it
+_save_file = st.save_file
+def save_file(tensors, filename, *a, **kw):
+    written.add(os.path.abspath(os.fsdecode(filename)))
+    return _save_file(tensors, filename, *a, **kw)
+st.save_file = save_file
+def dump():
+    with open(os.environ["AUDIT_DIR"] + f"/rank{os.environ.get('RANK', '0')}.txt", "w") as f:
+        f.write("\\n".join(sorted(written)))
+atexit.register(dump)
+from domaintune.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_only_rank_0_writes_into_the_run_directory(tmp_path, tiny_model_dir):
+    """Every file each process opens for writing, renames into place or saves as safetensors is recorded (an
+    audit hook, and a wrapper around safetensors' writer): rank 1 writes nothing into the run directory but its
+    own random state in each checkpoint, which resume needs."""
+    model = tiny_model_dir("qwen2")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:16]) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    cfg = build_config({"model": {"name_or_path": str(model)},
+                        "data": {"path": str(data), "cutoff_len": 64, "val_size": 4},
+                        "train": {"output_dir": str(out), "batch_size": 4, "per_device_batch_size": 2, "max_steps": 2,
+                                  "logging_steps": 1, "save_steps": 1, "eval_steps": 1}}, "test")
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    (tmp_path / "audit.py").write_text(AUDIT, encoding="utf-8")
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES="", AUDIT_DIR=str(audit))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", env["MASTER_PORT"],
+           str(tmp_path / "audit.py"), "train", str(tmp_path / "cfg.yaml")]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    in_run = {rank: sorted(Path(p).relative_to(out).as_posix() for p in
+                           (audit / f"rank{rank}.txt").read_text(encoding="utf-8").splitlines()
+                           if Path(p).is_relative_to(out))
+              for rank in (0, 1)}
+    assert {"log.jsonl", "run_info.json", "template.json", "loss.png", "adapter_model.safetensors",
+            "checkpoint-2/rng_state_0.safetensors"} <= set(in_run[0]), in_run[0]
+    assert in_run[1] == ["checkpoint-1/rng_state_1.safetensors", "checkpoint-2/rng_state_1.safetensors"]
+
+
+def test_fsdp_on_cpu_trains_like_ddp_and_its_run_directory_predicts(tmp_path, tiny_model_dir, sample_data):
+    """train.distributed: fsdp (FSDP2, full shard) with 2 processes on CPU (gloo) gives DDP's per-step losses;
+    the run directory it saves (rank 0 gathers the full state) is an ordinary adapter run that predict reads."""
+    from domaintune.inference.params import GenerationParams
+    from domaintune.inference.predict import run_predict
+
+    model = tiny_model_dir("qwen2")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:24]) + "\n", encoding="utf-8")
+    fsdp = _train_layout(tmp_path, model, data, "fsdp", 2, 4, 1, distributed="fsdp", save_steps=3)
+    ddp = _train_layout(tmp_path, model, data, "ddp", 2, 4, 1)
+    assert fsdp == pytest.approx(ddp, rel=1e-4)
+    run = tmp_path / "fsdp"
+    assert RunDir(run).has_adapter() and not list(run.glob("pytorch_model_fsdp*"))
+    ckpt = run / "checkpoint-3"  # a checkpoint is consolidated too: an adapter predict could read
+    assert RunDir(ckpt).has_adapter()
+    assert json.loads((ckpt / "world.json").read_text()) == {"world_size": 2, "distributed": "fsdp"}
+    preds = run_predict(run, sample_data / "test.jsonl", out=tmp_path / "p.jsonl", limit=2, evaluate=False,
+                        params=GenerationParams(max_new_tokens=4))
+    assert len(preds.read_text(encoding="utf-8").splitlines()) == 2

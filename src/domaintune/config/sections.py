@@ -5,7 +5,7 @@ Values derived from several fields are methods of their section (e.g. `TrainConf
 """
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -168,6 +168,24 @@ class TrainConfig(Section):
                             "chunks: never the full logits) where the architecture allows, else the model's own.",
     )
     torch_compile: bool = Field(False, description="Compile the model with torch.compile (opt-in).")
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="How several processes (torchrun / accelerate launch) share the work: ddp = each holds the "
+                           "whole model; fsdp = parameters, gradients and optimizer state sharded (PyTorch FSDP2); "
+                           "deepspeed = DeepSpeed ZeRO (needs `pip install 'domaintune[deepspeed]'` and "
+                           "distributed_config). One process: ddp is plain training.",
+    )
+    distributed_config: str | None = Field(
+        None, description="fsdp: a JSON file of transformers' fsdp_config (None = full shard, transformer-layer "
+                          "wrapping, full state dict on save: configs/distributed/fsdp.json); deepspeed: the "
+                          "DeepSpeed JSON config (configs/distributed/zero2.json, zero3.json, zero3_offload.json).",
+    )
+    trainer_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="For power users: more transformers TrainingArguments, passed through as given (e.g. "
+                    "{adam_beta2: 0.95, fsdp: 'full_shard auto_wrap'}). Each key must be a real field; the ones "
+                    "domaintune sets from this section or on purpose (output folder, batch sizes, logging, "
+                    "evaluation and saving plan, device) are refused with the train.* key to use instead.",
+    )
     dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
 
     @field_validator("per_device_batch_size")

@@ -52,9 +52,20 @@ def last_turn_samples(examples: list[Example], tokenizer: PreTrainedTokenizerBas
     return samples
 
 
-def teacher_forced_loss(model: Any, samples: list[dict]) -> dict:
+def teacher_forced_loss(model: Any, samples: list[dict], reduce: Any = None) -> dict:
     """Loss and perplexity over the trainable (target) tokens of encoded samples (dicts with input_ids and
-    labels, as built by data.encode.encode_example), averaged over target tokens."""
+    labels, as built by data.encode.encode_example), averaged over target tokens. `reduce([total, count])`, when
+    given, adds the sums of other processes (sharded predict) before the mean is taken."""
+    total, count = loss_sums(model, samples)
+    if reduce is not None:
+        total, n = reduce([total, float(count)])
+        count = int(round(n))
+    mean = total / max(count, 1)
+    return {"loss": round(mean, 6), "perplexity": round(math.exp(min(mean, 50)), 4), "target_tokens": count}
+
+
+def loss_sums(model: Any, samples: list[dict]) -> tuple[float, int]:
+    """(summed cross-entropy, number of target tokens) of `samples` (see teacher_forced_loss)."""
     import torch
 
     device = next(model.parameters()).device
@@ -75,8 +86,7 @@ def teacher_forced_loss(model: Any, samples: list[dict]) -> dict:
                 total += torch.nn.functional.cross_entropy(logits[c: c + LOSS_CHUNK].float(), tgt[c: c + LOSS_CHUNK],
                                                            ignore_index=IGNORE_INDEX, reduction="sum").item()
             count += int((tgt != IGNORE_INDEX).sum())
-    mean = total / max(count, 1)
-    return {"loss": round(mean, 6), "perplexity": round(math.exp(min(mean, 50)), 4), "target_tokens": count}
+    return total, count
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:

@@ -285,21 +285,22 @@ class Engine:
         state.text, state.token_ids, state.finish_reason = text, ids, reason
 
     # ------------------------------------------------------------ scoring
-    def score_samples(self, samples: list[dict]) -> dict:
+    def score_samples(self, samples: list[dict], reduce: Any = None) -> dict:
         """Teacher-forced loss and perplexity over the trainable tokens of encoded samples
-        (evaluation/loss.py), under the engine's lock."""
+        (evaluation/loss.py), under the engine's lock; `reduce` adds other processes' sums (sharded predict)."""
         from ..evaluation.loss import teacher_forced_loss
 
         with self.lock:
-            return teacher_forced_loss(self.model, samples)
+            return teacher_forced_loss(self.model, samples, reduce)
 
-    def loss_on_targets(self, examples: list[Example]) -> dict:
+    def loss_on_targets(self, examples: list[Example], reduce: Any = None) -> dict:
         """Loss and perplexity of the model on the examples' targets (their last assistant turn, what
-        predict generates), with samples built as training builds them; {} when no row has a target."""
+        predict generates), with samples built as training builds them; {} when no row has a target. With
+        `reduce` (this process's share of the rows, sums added across processes) every process must call it."""
         from ..evaluation.loss import last_turn_samples
 
         samples = last_turn_samples(examples, self.tokenizer, self.template, self.cutoff_len, self.default_system)
-        return self.score_samples(samples) if samples else {}
+        return self.score_samples(samples, reduce) if samples or reduce is not None else {}
 
 
 def _context_len(model: Any, tokenizer: PreTrainedTokenizerBase) -> int:

@@ -23,6 +23,9 @@ Where things go (defaults):
 - metrics.json and metrics_per_sample.jsonl next to the predictions file, except for base-only predictions
   inside the run directory: those go to RUN/base/ so they never replace the fine-tuned model's metrics.
   Scores include "loss" and "perplexity": the teacher-forced loss of the model on the targets.
+
+Under torchrun / accelerate launch the rows are split across processes and merged into one file by rank 0
+(sharded.py).
 """
 from __future__ import annotations
 
@@ -167,10 +170,14 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
     Resumable (see the module docstring). With `evaluate`, scores the file (metrics.run_eval) with the
     model's loss and perplexity on the targets added, and prints the metrics.
     """
+    from . import sharded
     from .engine import Engine
 
     params = params or PRESETS["predict"]
     _check_args(params, batch_size, fmt, limit)
+    rank, world_size, local_rank = sharded.world()
+    if world_size > 1:
+        sharded.init()
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise UserError(f"'{run.path}' is not a directory: give a run directory or a model directory")
@@ -181,19 +188,41 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
     jsonl, array_path = _paths(run, out, base_only, fmt)
     meta = {"data": _file_fingerprint(data), "generation": dataclasses.asdict(params), "base_only": base_only,
             "template": template, "run": str(run.path.resolve())}
-    done = _prepare_output(jsonl, meta, overwrite)
+    done = _prepare_output(jsonl, meta, overwrite) if rank == 0 else set()
+    if world_size > 1:  # rank 0 has checked (or, with --overwrite, emptied) the output first
+        if rank == 0:
+            for part in sharded.shards(jsonl):
+                part.unlink() if overwrite else repair_tail(part)
+        sharded.barrier()
+        if rank != 0 and jsonl.is_file():
+            done = {r["id"] for r in read_jsonl(jsonl)}
+        done |= {r["id"] for part in sharded.shards(jsonl) for r in read_jsonl(part)}
     todo = [ex for ex in examples if ex.index not in done]
     has_targets = all(ex.prompt_and_target()[1] for ex in examples)
 
     engine = None
     if todo or (evaluate and has_targets):
-        engine = Engine.from_run(run.path, base_only=base_only, template=template, allow_pickle=allow_pickle)
+        engine = Engine.from_run(run.path, base_only=base_only, template=template, allow_pickle=allow_pickle,
+                                 device=sharded.device_for(local_rank) if world_size > 1 else None)
         if engine.template.instruction_input_format != light.instruction_input_format:
             examples = load_examples(data, require_answer=False, template=engine.template)[:limit]
             todo = [ex for ex in examples if ex.index not in done]
-    if todo:
-        _generate_into(engine, todo, jsonl, meta, params, batch_size, total=len(examples),
-                       already=len(examples) - len(todo))
+    if todo and rank == 0:
+        _write_meta(jsonl, meta)
+    mine = sharded.my_rows(todo, rank, world_size)
+    if mine:
+        _generate_into(engine, mine, sharded.shard_path(jsonl, rank) if world_size > 1 else jsonl, params,
+                       batch_size, total=len(examples), already=len(examples) - len(todo), show=rank == 0)
+    if world_size > 1:
+        sharded.barrier()
+        if rank == 0:
+            _merge_shards(jsonl)
+        if evaluate and has_targets:  # every process scores its share; the sums meet on rank 0
+            loss = engine.loss_on_targets(sharded.my_rows(examples, rank, world_size),
+                                          reduce=lambda v: sharded.sum_across(v, engine.device))
+        sharded.barrier()
+        if rank != 0:
+            return jsonl
     rows = _finish_file(jsonl, examples)
     print(f"wrote {jsonl} ({len(rows)} rows)")
     if array_path is not None:
@@ -201,12 +230,29 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
         write_atomic(array_path, json.dumps(array, ensure_ascii=False, indent=2) + "\n")
         print(f"wrote {array_path}")
     if evaluate:
-        _evaluate(engine, run, jsonl, examples, base_only, has_targets)
+        _evaluate(engine, run, jsonl, examples, base_only, has_targets,
+                  loss if world_size > 1 and has_targets else None)
     return jsonl
 
 
-def _generate_into(engine: Engine, todo: list[Example], jsonl: Path, meta: dict, params: GenerationParams,
-                   batch_size: int, total: int, already: int) -> None:
+def _merge_shards(jsonl: Path) -> None:
+    """Rank 0, after every process finished: predictions.jsonl and every shard into predictions.jsonl (each id
+    once, in id order, written atomically), then the shards deleted. A kill in between only leaves rows twice,
+    which the next run's merge keeps once."""
+    from . import sharded
+
+    parts = sharded.shards(jsonl)
+    rows: dict[int, dict] = {}
+    for path in ([jsonl] if jsonl.is_file() else []) + parts:
+        for r in read_jsonl(path):
+            rows.setdefault(r["id"], r)
+    write_jsonl_atomic(jsonl, [rows[i] for i in sorted(rows)])
+    for part in parts:
+        part.unlink()
+
+
+def _generate_into(engine: Engine, todo: list[Example], jsonl: Path, params: GenerationParams,
+                   batch_size: int, total: int, already: int, show: bool = True) -> None:
     from tqdm import tqdm
 
     prompts, targets = [], []
@@ -220,8 +266,7 @@ def _generate_into(engine: Engine, todo: list[Example], jsonl: Path, meta: dict,
                             "--max-new-tokens")
         prompts.append(ids)
         targets.append(target)
-    _write_meta(jsonl, meta)
-    bar = tqdm(total=total, initial=already, desc="predict", unit="row")
+    bar = tqdm(total=total, initial=already, desc="predict", unit="row", disable=not show)
     written = 0
     batch: list[dict] = []
     with JsonlAppender(jsonl) as f:
@@ -251,7 +296,7 @@ def _finish_file(jsonl: Path, examples: list[Example]) -> list[dict]:
 
 
 def _evaluate(engine: Engine | None, run: RunDir, jsonl: Path, examples: list[Example], base_only: bool,
-              has_targets: bool) -> None:
+              has_targets: bool, loss: dict | None = None) -> None:
     from ..evaluation.metrics import format_metrics, run_eval
 
     if not has_targets:
@@ -260,7 +305,7 @@ def _evaluate(engine: Engine | None, run: RunDir, jsonl: Path, examples: list[Ex
     out_dir = jsonl.parent
     if base_only and out_dir.resolve() == run.path.resolve():
         out_dir = run.path / BASE_DIR  # keep the fine-tuned model's metrics.json in RUN
-    loss = engine.loss_on_targets(examples)
+    loss = loss if loss is not None else engine.loss_on_targets(examples)
     metrics = run_eval(jsonl, out_dir=out_dir, extra={k: loss[k] for k in ("loss", "perplexity") if k in loss})
     print(format_metrics(metrics))
     print(f"wrote {out_dir / METRICS}")

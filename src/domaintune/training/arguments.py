@@ -40,6 +40,17 @@ TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
             "trackio": ("trackio",), "comet_ml": ("comet_ml",)}
 
 
+def global_batch(args: TrainingArguments) -> int:
+    """Rows per optimizer step as the Trainer will run it."""
+    return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+
+
+def batch_line(args: TrainingArguments) -> str:
+    """The resolved batch, printed at the start of a run (run_info.json keeps the numbers)."""
+    return (f"batch: {global_batch(args)} rows per optimizer step = {args.per_device_train_batch_size} per device x "
+            f"{args.world_size} process(es) x {args.gradient_accumulation_steps} accumulation step(s)")
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of this process, as torchrun and accelerate launch set them."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -72,6 +83,88 @@ def check_trackers(report_to: list[str]) -> None:
                             "or set train.report_to: [none]")
 
 
+# TrainingArguments fields domaintune sets itself, and where the user sets them instead (None: not settable,
+# with the reason). train.trainer_args may not name them.
+PROTECTED: dict[str, str] = {
+    **{arg: f"train.{name}" for name, args in DIRECT.items() for arg in args},
+    "output_dir": "train.output_dir", "per_device_train_batch_size": "train.per_device_batch_size",
+    "per_device_eval_batch_size": "train.per_device_batch_size",
+    "gradient_accumulation_steps": "train.batch_size (or train.gradient_accumulation_steps)",
+    "warmup_steps": "train.warmup_steps or train.warmup_ratio", "warmup_ratio": "train.warmup_ratio",
+    "report_to": "train.report_to", "train_sampling_strategy": "train.group_by_length",
+    "use_liger_kernel": "train.loss", "gradient_checkpointing": "train.gradient_checkpointing",
+    "eval_strategy": "train.eval_steps (evaluation runs when there is validation data)",
+    "save_strategy": "train.save_steps", "bf16": "model.dtype", "fp16": "model.dtype",
+    "logging_first_step": "nothing: log.jsonl needs the first step",
+    "include_num_input_tokens_seen": "nothing: run_info.json's token counts need it",
+    "remove_unused_columns": "nothing: the collators need every column",
+    "label_names": "nothing: the training stage sets it",
+    "prediction_loss_only": "nothing: the chunked loss returns no logits",
+    "disable_tqdm": "nothing: only rank 0 shows progress bars",
+    "use_cpu": "nothing: the device is detected (CUDA_VISIBLE_DEVICES= hides GPUs)",
+    "ddp_backend": "nothing: gloo on CPU, NCCL on GPUs", "resume_from_checkpoint": "--resume",
+    "fsdp": "train.distributed: fsdp", "fsdp_config": "train.distributed_config",
+    "deepspeed": "train.distributed: deepspeed and train.distributed_config",
+    "overwrite_output_dir": "--overwrite", "dataloader_pin_memory": "nothing: on for CUDA",
+    # the preference stages' own (TRL) fields that come from the config
+    "beta": "train.beta", "max_length": "data.cutoff_len", "max_completion_length": "data.cutoff_len",
+}
+
+
+def check_trainer_args(extra: dict, args_class: type | None = None) -> None:
+    """Each `train.trainer_args` key must be a field of TrainingArguments (or of `args_class`) that domaintune
+    does not set itself; one UserError naming every bad key, the closest field or the train.* key to use."""
+    import dataclasses
+    import difflib
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(args_class or TrainingArguments) if f.init}
+    problems = []
+    for key in extra:
+        if key in PROTECTED:
+            problems.append(f"{key!r} is set by domaintune; use {PROTECTED[key]}")
+        elif key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.6)
+            problems.append(f"{key!r} is not a TrainingArguments field" + (f"; did you mean {close[0]!r}?" if close
+                                                                           else ""))
+    if problems:
+        raise UserError("train.trainer_args: " + "; ".join(problems))
+
+
+# train.distributed: fsdp without a distributed_config: FSDP2, every parameter, gradient and optimizer state
+# sharded, transformer blocks wrapped (the model's _no_split_modules), one full state dict saved by rank 0 (so a
+# run directory and its checkpoints hold ordinary safetensors weights).
+FSDP_DEFAULT = {"version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "state_dict_type": "FULL_STATE_DICT"}
+
+
+def engine_arguments(t: TrainConfig) -> dict:
+    """The TrainingArguments of `train.distributed`: none for ddp, fsdp + fsdp_config, or deepspeed."""
+
+    if t.distributed == "ddp":
+        if t.distributed_config:
+            raise UserError("train.distributed_config is for train.distributed fsdp or deepspeed; ddp takes none")
+        return {}
+    from ..config.flat import read_json_file
+
+    if t.distributed == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise UserError("train.distributed: deepspeed needs the deepspeed package: pip install 'domaintune[deepspeed]' "
+                        "(on a CUDA machine), or use train.distributed: fsdp")
+    conf: dict | None = None
+    if t.distributed_config:
+        try:
+            conf = read_json_file(t.distributed_config)
+        except UserError as e:
+            raise UserError(f"train.distributed_config: {e}") from None
+    if t.distributed == "fsdp":
+        return {"fsdp": True, "fsdp_config": conf if conf is not None else dict(FSDP_DEFAULT)}
+    if conf is None:
+        raise UserError("train.distributed: deepspeed needs train.distributed_config, a DeepSpeed JSON config such "
+                        "as configs/distributed/zero2.json")
+    return {"deepspeed": conf}
+
+
 def training_arguments(t: TrainConfig, out: Path, *, world_size: int, device: str, bf16: bool, fp16: bool,
                        has_eval: bool, is_main: bool, per_device: int, group_by_length: bool,
                        liger: bool = False, args_class: type | None = None,
@@ -82,9 +175,10 @@ def training_arguments(t: TrainConfig, out: Path, *, world_size: int, device: st
     from transformers import TrainingArguments
 
     kwargs = {arg: getattr(t, name) for name, args in DIRECT.items() for arg in args}
+    check_trainer_args(t.trainer_args, args_class)
     return (args_class or TrainingArguments)(**(_common_arguments(
         out, kwargs, t, world_size, device, bf16, fp16, has_eval, is_main, per_device, group_by_length, liger)
-        | (extra or {})))
+        | engine_arguments(t) | (extra or {}) | t.trainer_args))
 
 
 def _common_arguments(out: Path, kwargs: dict, t: TrainConfig, world_size: int, device: str, bf16: bool, fp16: bool,

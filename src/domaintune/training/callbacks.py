@@ -4,12 +4,13 @@
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..jsonl import JsonlAppender, read_jsonl, write_atomic, write_jsonl_atomic
-from ..rundir import CHECKPOINT_PREFIX, CONFIG, LOSS_PNG, TEMPLATE, RunDir
+from ..rundir import CHECKPOINT_PREFIX, CHECKPOINT_WORLD, CONFIG, LOSS_PNG, TEMPLATE, RunDir
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -23,10 +24,12 @@ PREFERENCE_METRICS = tuple(p + m for p in ("", "eval_") for m in ("rewards/", "l
                                                                    "log_odds_"))
 
 
-def make_callbacks(run: RunDir, resume_step: int, template: Template, config_yaml: str) -> list[TrainerCallback]:
+def make_callbacks(run: RunDir, resume_step: int, template: Template, config_yaml: str,
+                   distributed: str = "ddp") -> list[TrainerCallback]:
     """`template` and `config_yaml` (the saved config) go into every checkpoint, so a checkpoint is a run
-    directory that predict/chat/serve can use with the prompt format it was trained on. `resume_step`
-    is the step training resumes from (0 for a fresh run): log.jsonl is cut back to it."""
+    directory that predict/chat/serve can use with the prompt format it was trained on; so does world.json (the
+    process count and `distributed` engine, which resume checks). `resume_step` is the step training resumes
+    from (0 for a fresh run): log.jsonl is cut back to it."""
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
@@ -76,6 +79,8 @@ def make_callbacks(run: RunDir, resume_step: int, template: Template, config_yam
                 if ckpt.is_dir():
                     template.save(ckpt / TEMPLATE)
                     write_atomic(ckpt / CONFIG, config_yaml)
+                    write_atomic(ckpt / CHECKPOINT_WORLD, json.dumps({"world_size": args.world_size,
+                                                                      "distributed": distributed}) + "\n")
             self._plot(state)
 
     return [JsonlLog()]

@@ -125,7 +125,9 @@ def ensure_pad_token(tok: PreTrainedTokenizerBase) -> None:
         raise UserError("the tokenizer has neither pad, unk nor eos token; add one to the tokenizer files")
 
 
-def _quant_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig:
+def _quant_config(quantization: str, dtype: torch.dtype, sharded: bool = False) -> BitsAndBytesConfig:
+    """`sharded` (train.distributed fsdp): the 4-bit weights are stored in `dtype` containers, as FSDP needs to
+    shard them with the other parameters (bitsandbytes' quant_storage)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -138,14 +140,15 @@ def _quant_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig:
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
+        storage = {"bnb_4bit_quant_storage": dtype} if sharded else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype)
+                                  bnb_4bit_compute_dtype=dtype, **storage)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def load_base_model(model_cfg: ModelConfig, device: str | None = None,
-                    dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """The base causal LM described by a `model` config section."""
+                    dtype: torch.dtype | None = None, sharded: bool = False) -> PreTrainedModel:
+    """The base causal LM described by a `model` config section; `sharded`: for FSDP (QLoRA's storage dtype)."""
     from transformers import AutoModelForCausalLM
 
     src = check_model_source(model_cfg.required_name())
@@ -157,7 +160,7 @@ def load_base_model(model_cfg: ModelConfig, device: str | None = None,
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     if model_cfg.quantization != "none":
-        kwargs["quantization_config"] = _quant_config(model_cfg.quantization, dtype)
+        kwargs["quantization_config"] = _quant_config(model_cfg.quantization, dtype, sharded)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     try:
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)

@@ -3,6 +3,7 @@ written at the end (tokenizer, template, resolved config, generation config, run
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import UserError
-from ..rundir import CHECKPOINT_PREFIX, RUN_INFO, RunDir, latest_checkpoint, list_checkpoints
+from ..rundir import CHECKPOINT_PREFIX, CHECKPOINT_WORLD, RUN_INFO, RunDir, latest_checkpoint, list_checkpoints
 
 PROBE_BYTES = 1 << 20  # written and removed before training: a full disk shows here
 
@@ -124,6 +125,28 @@ def check_writable(out: Path) -> None:
             probe.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+def check_resume_world(ckpt: Path, world_size: int, distributed: str) -> None:
+    """Resume only where the checkpoint can be read: the same `train.distributed` engine, and for fsdp and
+    deepspeed (optimizer state sharded per process) the same number of processes. ddp resumes at any count: the
+    global batch is kept (train.batch_size), and a process without its own saved random state says so."""
+    path = ckpt / CHECKPOINT_WORLD
+    if not path.is_file():
+        return  # written before domaintune recorded it
+    rec = json.loads(path.read_text(encoding="utf-8"))
+    was, n = rec.get("distributed", "ddp"), rec.get("world_size", 1)
+    if was != distributed:
+        raise UserError(f"--resume: {ckpt.name} was written with train.distributed {was}, this run uses "
+                        f"{distributed}; set it back to {was}, or start afresh with --overwrite")
+    if n != world_size and distributed != "ddp":
+        raise UserError(f"--resume: {ckpt.name} was written by {n} process(es) with {distributed}, whose optimizer "
+                        f"state is split per process; this run has {world_size}. Resume with {n} process(es), or "
+                        "start afresh with --overwrite")
+    if n != world_size:
+        print(f"note: resuming {ckpt.name} (written by {n} process(es)) with {world_size}: the global batch is "
+              "kept; the data order continues, but random states saved per process only match where ranks exist "
+              "in both", flush=True)
 
 
 def saved_config(cfg: Config) -> Config:

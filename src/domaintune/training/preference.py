@@ -91,6 +91,11 @@ class PreferenceRun(TrainingRun):
 
         check_preference_files(self.cfg.data, self.stage)
 
+    def check_trainer_args(self) -> None:
+        from .arguments import check_trainer_args
+
+        check_trainer_args(self.cfg.train.trainer_args, _trl_classes(self.stage)[1])
+
     def setup_output(self) -> None:
         super().setup_output()
         if self.sft:
@@ -136,7 +141,7 @@ class PreferenceRun(TrainingRun):
         from datasets import Dataset
 
         from ..rundir import checkpoint_step
-        from .arguments import training_arguments
+        from .arguments import batch_line, training_arguments
         from .callbacks import make_callbacks
         from .outputs import saved_config
 
@@ -151,8 +156,9 @@ class PreferenceRun(TrainingRun):
                                   extra={"beta": t.beta, "label_names": [], **extra,
                                          # TRL's configs turn it on by default; here it is the run's choice
                                          "gradient_checkpointing": self.checkpointing})
+        self._say(batch_line(args))
         callbacks = make_callbacks(self.run, checkpoint_step(self.ckpt), self.template,
-                                   saved_config(self.cfg).to_yaml(omit_default_sections=True))
+                                   saved_config(self.cfg).to_yaml(omit_default_sections=True), t.distributed)
         rows = list(self.data.train)
         if self.stage == "kto":  # sequential batches (see _trl_classes): the order is shuffled here, seeded
             random.Random(t.seed).shuffle(rows)

@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UserError
 from ..rundir import MODEL_CONFIG, TOKENIZER_FILES, RunDir, checkpoint_step, checkpoint_tokens, latest_checkpoint
 from . import speed
-from .arguments import check_trackers, training_arguments, world
+from .arguments import batch_line, check_trackers, global_batch, training_arguments, world
 from .callbacks import make_callbacks, refresh_plot
-from .outputs import check_writable, prepare_output_dir, saved_config, write_run_files
+from .outputs import check_resume_world, check_writable, prepare_output_dir, saved_config, write_run_files
 
 # Errors of a write that more space or a fixed folder cures: no space, over quota, read-only, no permission.
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -105,10 +105,14 @@ class TrainingRun:
         cfg.model.required_name()
         check_trackers(cfg.train.report_to)
         self.ckpt = prepare_output_dir(self.out, self.resume, self.overwrite, self.is_main, cfg.model.name_or_path)
+        if self.ckpt is not None:
+            check_resume_world(self.ckpt, self.world_size, cfg.train.distributed)
         # Bad data and a missing model fail here, in about a second, not after the seconds torch + transformers
         # take to import: the data files are read and validated without a tokenizer.
         self.check_data()
         check_model_source(cfg.model.name_or_path, (MODEL_CONFIG, *TOKENIZER_FILES))
+        if cfg.train.trainer_args:  # a wrong key fails here, not after the model has loaded
+            self.check_trainer_args()
         if self.is_main:
             check_writable(self.out)
 
@@ -137,7 +141,8 @@ class TrainingRun:
         dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.precision = training_precision(cfg.lora.enabled, cfg.model.quantization, dtype, self.device)
         load_dtype, bf16, fp16 = self.precision
-        self.base = loader.load_base_model(cfg.model, device=self.device, dtype=load_dtype)
+        self.base = loader.load_base_model(cfg.model, device=self.device, dtype=load_dtype,
+                                           sharded=cfg.train.distributed == "fsdp")
         # No KV cache in training: it is useless there, and with a cache transformers does not detect packed rows
         # (masking_utils looks for them only without one). Restored before saving (save()).
         self.use_cache = getattr(self.base.config, "use_cache", None)
@@ -159,6 +164,11 @@ class TrainingRun:
         self._say(f"model: {cfg.model.name_or_path} ({'LoRA' if cfg.lora.enabled else 'full'}; "
                   f"{trainable:,} trainable of {total:,} parameters; {str(load_dtype).replace('torch.', '')}"
                   f"{autocast} on {self.device})")
+
+    def check_trainer_args(self) -> None:
+        from .arguments import check_trainer_args
+
+        check_trainer_args(self.cfg.train.trainer_args)
 
     def sized_rows(self) -> list[dict]:
         """Training rows with their full `input_ids` (what the gradient-checkpointing estimate measures)."""
@@ -192,8 +202,9 @@ class TrainingRun:
         args = training_arguments(t, self.out, world_size=self.world_size, device=self.device, bf16=bf16,
                                   fp16=fp16, has_eval=has_eval, is_main=self.is_main, per_device=self.per_device,
                                   group_by_length=group, liger=self.loss_kind == "liger")
+        self._say(batch_line(args))
         callbacks = make_callbacks(self.run, checkpoint_step(self.ckpt), self.template,
-                                   saved_config(self.cfg).to_yaml(omit_default_sections=True))
+                                   saved_config(self.cfg).to_yaml(omit_default_sections=True), t.distributed)
         self.trainer = trainer_class()(model=self.model, args=args, data_collator=collator,
                                        train_dataset=_ListDataset(self.data.train),
                                        eval_dataset=_ListDataset(self.data.eval) if has_eval else None,
@@ -236,6 +247,7 @@ class TrainingRun:
             return
         path = {"loss": self.loss_kind, "batching": self.batching, "per_device_batch_size": self.per_device,
                 "gradient_accumulation_steps": self.trainer.args.gradient_accumulation_steps,
+                "global_batch": global_batch(self.trainer.args),
                 "gradient_checkpointing": self.checkpointing, **self.run_path_info()}
         write_run_files(self.cfg, self.run, self.tok, self.template, self.base, self.data.report, self.trainer,
                         eval_metrics, runtime, self.world_size, tokens_at_start, path)
