@@ -11,8 +11,9 @@
 #      (bench/qlora_check.py)
 #   4. the prediction benchmark: greedy and beam-4 batched vs beam-4 one prompt at a time
 #      (bench/generation_batching.py --device cuda)
-#   5. the distributed engines at world size 1: FSDP and DeepSpeed ZeRO-2/3 (and ZeRO-3 with CPU offload) LoRA
-#      runs that must save ordinary adapter run directories predict reads (bench/distributed_check.py)
+#   5. the distributed engines at world size 1: FSDP (LoRA, QLoRA) and DeepSpeed ZeRO-2/3 (ZeRO-2/3 with CPU
+#      offload) runs that must save ordinary adapter run directories predict reads (bench/distributed_check.py);
+#      it runs right after step 1, as it has never been measured on a GPU
 #
 # Set-up on a machine without internet (run here, where pip works, then carry both folders):
 #   bash bench/gpu_wheels.sh                      # the training stack's wheels -> .whl/
@@ -92,6 +93,10 @@ step() {  # step NAME SECONDS COMMAND...: run with the smaller of SECONDS and wh
 # 1. Loss equality (fp32, TF32 off): fast, and it tells whether the throughput numbers train the same thing.
 step loss-equality 90 "$PY" bench/loss_equality.py --device "$DEV" "${SAVE[@]}"
 
+# 5 (run second: never measured on a GPU yet). FSDP (LoRA, QLoRA) and ZeRO-2/3 at world size 1; results are written
+# after each engine (a dry run: FSDP on the CPU).
+step distributed 150 "$PY" bench/distributed_check.py --device "$DEV" "${SAVE[@]}"
+
 # 2. Training throughput, both arms per shape (each arm in its own process: clean peak memory).
 if [ -n "$DRY" ]; then
   step throughput-cpu 400 "$PY" bench/train_throughput.py --device cpu --rows 8 --data "$DATA" "${SAVE[@]}"
@@ -120,9 +125,6 @@ else
   step generation 90 "$PY" bench/generation_batching.py --device cuda --n 128 --batch-size 32 \
     --max-new-tokens 64 --data "$DATA"
 fi
-
-# 5. FSDP and ZeRO-2/3 at world size 1 (a dry run: FSDP on the CPU).
-step distributed 100 "$PY" bench/distributed_check.py --device "$DEV" "${SAVE[@]}"
 
 if [ -n "${OUT:-}" ] && [ -z "$DRY" ]; then  # the device machine sends back what is under $OUT
   mkdir -p "$OUT/results"

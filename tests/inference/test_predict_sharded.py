@@ -91,3 +91,44 @@ def test_a_kill_and_a_rerun_with_two_processes_lose_and_repeat_nothing(tiny_run,
     torchrun(2, *args, cwd=tmp_path)
     assert rows_without_time(out) == rows_without_time(single)  # every row once, in order, as one process makes it
     assert not list(tmp_path.glob("p.jsonl.rank*.part"))
+
+
+def test_shards_left_by_an_interrupted_run_are_resumed_checked_and_overwritten(tiny_run, sample_data, single,
+                                                                              tmp_path):
+    """Shards of a multi-process run killed before its merge: one process resumes from them (rows not made
+    twice), other settings are refused as for predictions.jsonl, and --overwrite removes them."""
+    from domaintune.errors import UserError
+
+    out = tmp_path / "p.jsonl"
+    params = GenerationParams(max_new_tokens=MAX_NEW)
+    run_predict(tiny_run, sample_data / "test.jsonl", out=out, params=params, batch_size=1, limit=5, evaluate=False)
+    out.rename(tmp_path / "p.jsonl.rank1.part")  # as a killed 2-process run leaves it (sidecar written by rank 0)
+    with pytest.raises(UserError, match="different settings"):
+        run_predict(tiny_run, sample_data / "test.jsonl", out=out, params=GenerationParams(max_new_tokens=3),
+                    batch_size=1, evaluate=False)
+    made = []
+    import domaintune.inference.predict as predict
+
+    real = predict._generate_into
+    predict._generate_into = lambda engine, todo, *a, **kw: made.extend(ex.index for ex in todo) or \
+        real(engine, todo, *a, **kw)
+    try:
+        run_predict(tiny_run, sample_data / "test.jsonl", out=out, params=params, batch_size=1, evaluate=False)
+    finally:
+        predict._generate_into = real
+    assert made == list(range(5, 16))  # the shard's five rows were not made again
+    assert rows_without_time(out) == rows_without_time(single) and not list(tmp_path.glob("*.part"))
+    (tmp_path / "p.jsonl.rank3.part").write_text('{"id": 0, "predict": "stale"}\n')
+    run_predict(tiny_run, sample_data / "test.jsonl", out=out, params=params, batch_size=1, evaluate=False,
+                overwrite=True, limit=2)
+    assert not list(tmp_path.glob("*.part")) and len(out.read_text().splitlines()) == 2
+
+
+def test_no_target_token_means_no_loss(tiny_run):
+    from domaintune.evaluation.loss import teacher_forced_loss
+    from domaintune.inference.engine import Engine
+
+    model = Engine.from_run(tiny_run, device="cpu").model
+    samples = [{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}]
+    assert teacher_forced_loss(model, samples) == {}
+    assert teacher_forced_loss(model, samples, reduce=lambda v: v) == {}

@@ -182,9 +182,9 @@ class TrainConfig(Section):
     trainer_args: dict[str, Any] = Field(
         default_factory=dict,
         description="For power users: more transformers TrainingArguments, passed through as given (e.g. "
-                    "{adam_beta2: 0.95, fsdp: 'full_shard auto_wrap'}). Each key must be a real field; the ones "
-                    "domaintune sets from this section or on purpose (output folder, batch sizes, logging, "
-                    "evaluation and saving plan, device) are refused with the train.* key to use instead.",
+                    "{adam_beta2: 0.95, lr_scheduler_kwargs: {num_cycles: 0.25}}). Each key must be a real field; "
+                    "the ones domaintune sets from this section or on purpose (output folder, batch sizes, logging, "
+                    "evaluation and saving plan, device, engine) are refused with the train.* key to use instead.",
     )
     dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
 

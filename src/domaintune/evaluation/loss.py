@@ -60,7 +60,9 @@ def teacher_forced_loss(model: Any, samples: list[dict], reduce: Any = None) -> 
     if reduce is not None:
         total, n = reduce([total, float(count)])
         count = int(round(n))
-    mean = total / max(count, 1)
+    if count == 0:  # no target token within the cutoff anywhere: no loss to report
+        return {}
+    mean = total / count
     return {"loss": round(mean, 6), "perplexity": round(math.exp(min(mean, 50)), 4), "target_tokens": count}
 
 

@@ -105,13 +105,19 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def _prepare_output(out: Path, meta: dict, overwrite: bool) -> set[int]:
-    """Check the sidecar against this run's settings; return the ids already done (resume)."""
+    """Check the sidecar against this run's settings; return the ids already done (resume): those of the file
+    and of any shard an interrupted run under several processes left (sharded.py)."""
+    from .sharded import shards
+
     meta_path = out.with_name(out.name + PREDICTIONS_META_SUFFIX)
     if overwrite:
         out.unlink(missing_ok=True)
         meta_path.unlink(missing_ok=True)
+        for part in shards(out):
+            part.unlink()
     done: set[int] = set()
-    if out.is_file() and out.stat().st_size > 0:
+    parts = [p for p in shards(out) if p.stat().st_size > 0]
+    if (out.is_file() and out.stat().st_size > 0) or parts:
         if not meta_path.is_file():
             raise UserError(f"'{out}' already exists but has no {meta_path.name}, so it cannot be resumed safely. "
                             "Pass --overwrite to replace it, or --out to write elsewhere")
@@ -123,7 +129,7 @@ def _prepare_output(out: Path, meta: dict, overwrite: bool) -> set[int]:
         if diffs:
             raise UserError(f"'{out}' was made with different settings ({'; '.join(diffs)}). Pass --overwrite to "
                             "start afresh with the new settings, or --out to write elsewhere")
-        done = {r["id"] for r in _read_rows(out)}
+        done = {r["id"] for path in ([out] if out.is_file() else []) + parts for r in _read_rows(path)}
     return done
 
 
@@ -188,15 +194,8 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
     jsonl, array_path = _paths(run, out, base_only, fmt)
     meta = {"data": _file_fingerprint(data), "generation": dataclasses.asdict(params), "base_only": base_only,
             "template": template, "run": str(run.path.resolve())}
-    done = _prepare_output(jsonl, meta, overwrite) if rank == 0 else set()
-    if world_size > 1:  # rank 0 has checked (or, with --overwrite, emptied) the output first
-        if rank == 0:
-            for part in sharded.shards(jsonl):
-                part.unlink() if overwrite else repair_tail(part)
-        sharded.barrier()
-        if rank != 0 and jsonl.is_file():
-            done = {r["id"] for r in read_jsonl(jsonl)}
-        done |= {r["id"] for part in sharded.shards(jsonl) for r in read_jsonl(part)}
+    # Rank 0 checks (or, with --overwrite, empties) the output and tells every rank what is done.
+    done = set(sharded.agree(rank, lambda: sorted(_prepare_output(jsonl, meta, overwrite))))
     todo = [ex for ex in examples if ex.index not in done]
     has_targets = all(ex.prompt_and_target()[1] for ex in examples)
 
@@ -211,12 +210,14 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
         _write_meta(jsonl, meta)
     mine = sharded.my_rows(todo, rank, world_size)
     if mine:
+        total, already = (len(mine), 0) if world_size > 1 else (len(examples), len(examples) - len(todo))
         _generate_into(engine, mine, sharded.shard_path(jsonl, rank) if world_size > 1 else jsonl, params,
-                       batch_size, total=len(examples), already=len(examples) - len(todo), show=rank == 0)
+                       batch_size, total=total, already=already, show=rank == 0)
     if world_size > 1:
         sharded.barrier()
-        if rank == 0:
-            _merge_shards(jsonl)
+    if rank == 0 and sharded.shards(jsonl):
+        _merge_shards(jsonl)
+    if world_size > 1:
         if evaluate and has_targets:  # every process scores its share; the sums meet on rank 0
             loss = engine.loss_on_targets(sharded.my_rows(examples, rank, world_size),
                                           reduce=lambda v: sharded.sum_across(v, engine.device))

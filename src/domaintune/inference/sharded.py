@@ -8,14 +8,16 @@
   the output, `predictions.jsonl.rank<r>.part`. Only rank 0 touches predictions.jsonl and its sidecar.
 - When all are done, rank 0 merges predictions.jsonl and every shard, each id once, in input order, writes
   predictions.jsonl atomically, then deletes the shards; then it scores the file.
-- A kill and a rerun, with the same or another number of processes: what predictions.jsonl and any shard hold
-  counts as done (rank 0 first cuts torn last lines off every shard), so nothing is lost or made twice.
+- A kill and a rerun, with the same or another number of processes (one included): what predictions.jsonl and
+  any shard hold counts as done (rank 0 checks their settings against the sidecar, cuts torn last lines off, and
+  tells every rank), so nothing is lost or made twice; --overwrite removes the shards too.
 - The teacher-forced loss on the targets is sharded the same way: each process sums its rows' token losses,
   the sums are added across processes (all_reduce), and the mean is the single-process one.
 """
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,8 @@ def init() -> None:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(world()[2])
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Ranks that finish their share early wait at the merge barrier: allow long, uneven shares.
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=6))
 
 
 def barrier() -> None:
@@ -50,6 +53,27 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def agree(rank: int, make: Any) -> Any:
+    """`make()` on rank 0, its result on every rank; a UserError on rank 0 is raised on every rank (so no
+    process waits for a rank that has stopped, on any number of nodes)."""
+    import torch.distributed as dist
+
+    from ..errors import UserError
+
+    box: list = [None]
+    if rank == 0:
+        try:
+            box = [("ok", make())]
+        except UserError as e:
+            box = [("error", str(e))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
 
 
 def shard_path(jsonl: Path, rank: int) -> Path:

@@ -29,7 +29,7 @@ def resolve_dtype(name: str, device: str | None = None) -> torch.dtype:
 
     device = device or resolve_device()
     if name == "auto":
-        if device == "cuda":
+        if device.split(":")[0] == "cuda":  # "cuda" or one GPU of several, "cuda:3"
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
