@@ -128,3 +128,18 @@ def test_resume_across_process_counts(tmp_path, capsys):
     (ckpt / "world.json").write_text(json.dumps({"world_size": 2, "distributed": "ddp"}))
     check_resume_world(ckpt, 1, "ddp")
     assert "the global batch is kept" in capsys.readouterr().out
+
+
+def test_an_engine_that_cannot_start_stops_the_run_before_the_model_loads(tiny_train_config, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    cfg = tiny_train_config(tmp_path / "run", "qwen2", "train.distributed=deepspeed")
+    t0 = time.time()
+    with pytest.raises(UserError, match=r"pip install 'domaintune\[deepspeed\]'"):
+        run_train(cfg)
+    assert time.time() - t0 < 30 and not (tmp_path / "run" / "log.jsonl").exists()
+    with pytest.raises(UserError, match="train.distributed_config: .* not found"):
+        run_train(tiny_train_config(tmp_path / "run", "qwen2", "train.distributed=fsdp",
+                                    f"train.distributed_config={tmp_path / 'none.json'}"))

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UserError
 from ..rundir import MODEL_CONFIG, TOKENIZER_FILES, RunDir, checkpoint_step, checkpoint_tokens, latest_checkpoint
 from . import speed
-from .arguments import batch_line, check_trackers, global_batch, training_arguments, world
+from .arguments import batch_line, check_trackers, engine_arguments, global_batch, training_arguments, world
 from .callbacks import make_callbacks, refresh_plot
 from .outputs import check_resume_world, check_writable, prepare_output_dir, saved_config, write_run_files
 
@@ -113,6 +113,7 @@ class TrainingRun:
         check_model_source(cfg.model.name_or_path, (MODEL_CONFIG, *TOKENIZER_FILES))
         if cfg.train.trainer_args:  # a wrong key fails here, not after the model has loaded
             self.check_trainer_args()
+        engine_arguments(cfg.train)  # so does a missing deepspeed or a bad train.distributed_config
         if self.is_main:
             check_writable(self.out)
 
