@@ -84,6 +84,25 @@ class DataReport:
             lines += [f"  {r}" for r in _capped(self.no_target_rows)]
         return lines + self.notes
 
+    def count_length(self, where: str, n: int, cfg: DataConfig, too_long: list[str]) -> bool:
+        """Record a sample of `n` tokens from `where`; an over-length one is counted and named (and added to
+        `too_long` for `check_overlength`). True when data.overlength drops it."""
+        self.lengths.append(n)
+        if n <= cfg.cutoff_len:
+            return False
+        self.overlength += 1
+        too_long.append(f"{where}: {n} tokens")
+        self.overlength_rows.append(too_long[-1])
+        if cfg.overlength == "drop":
+            self.dropped_overlength += 1
+            return True
+        return False
+
+    def drop_no_target(self, where: str) -> None:
+        """A sample left with nothing to train on after truncation: counted and named."""
+        self.dropped_no_target += 1
+        self.no_target_rows.append(where)
+
     def add(self, other: DataReport) -> None:
         """Add the counts, lengths and rows of `other` (e.g. the validation file's) to this report."""
         for k in ("overlength", "truncated", "dropped_overlength", "dropped_no_target"):
@@ -128,27 +147,25 @@ def encode_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
             sample, n = encode_example(ex, tokenizer, template, cfg.cutoff_len, cfg.train_on_inputs, cfg.system)
         except UserError as e:  # e.g. a chat_template that rejects this conversation: say which row
             raise UserError(f"{ex.where}: {e}") from None
-        report.lengths.append(n)
-        if n > cfg.cutoff_len:
-            report.overlength += 1
-            too_long.append(f"{ex.where}: {n} tokens")
-            report.overlength_rows.append(too_long[-1])
-            if cfg.overlength == "drop":
-                report.dropped_overlength += 1
-                continue
-            if cfg.overlength == "truncate" and sample is not None:
-                report.truncated += 1
+        if report.count_length(ex.where, n, cfg, too_long):
+            continue
+        if n > cfg.cutoff_len and cfg.overlength == "truncate" and sample is not None:
+            report.truncated += 1
         if sample is None:
-            report.dropped_no_target += 1
-            report.no_target_rows.append(ex.where)
+            report.drop_no_target(ex.where)
             continue
         out.append(sample)
+    check_overlength(too_long, cfg, "sample(s)")
+    return out
+
+
+def check_overlength(too_long: list[str], cfg: DataConfig, what: str) -> None:
+    """With data.overlength: error, one UserError naming the over-length rows `count_length` collected."""
     if too_long and cfg.overlength == "error":
-        raise UserError(f"{len(too_long)} sample(s) exceed data.cutoff_len={cfg.cutoff_len} "
+        raise UserError(f"{len(too_long)} {what} exceed data.cutoff_len={cfg.cutoff_len} "
                         "(data.overlength: error):\n  "
                         + "\n  ".join(too_long[:MAX_ERRORS_SHOWN])
                         + "\nRaise data.cutoff_len, or set data.overlength to truncate or drop.")
-    return out
 
 
 VAL_MAX_PERCENT = 20  # an integer data.val_size takes at most this share of the rows

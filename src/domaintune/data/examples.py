@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..errors import UserError
 from .reader import read_records
@@ -26,6 +26,7 @@ from .templates import Template, get_template
 if TYPE_CHECKING:
     from ..config import DataConfig
 
+T = TypeVar("T")
 ROLES = ("system", "user", "assistant")
 MAX_ERRORS_SHOWN = 10  # rows per file error
 MAX_PROBLEMS_SHOWN = 5  # problems per row
@@ -186,20 +187,27 @@ def _parse_messages(msgs: Any, problems: list[str], require_answer: bool) -> lis
     return out
 
 
-def load_examples(path: str | Path, require_answer: bool = True, template: Template | None = None) -> list[Example]:
-    """Read and validate every row; all errors (up to 10 shown) are reported together, before any training."""
-    examples, errors = [], []
-    for idx, (line, obj) in enumerate(read_records(path)):
+def read_valid_rows(path: str | Path, parse: Callable[[Any, str], T], what: str = "row(s)") -> list[T]:
+    """`parse(obj, "FILE line N")` for every record of `path`; the UserErrors of all bad rows (up to
+    MAX_ERRORS_SHOWN shown) are raised together, so one run of the command names every row to fix."""
+    rows, errors = [], []
+    for line, obj in read_records(path):
         try:
-            ex = parse_example(obj, f"{path} line {line}", require_answer, template)
-            ex.index = idx
-            examples.append(ex)
+            rows.append(parse(obj, f"{path} line {line}"))
         except UserError as e:
             errors.append(str(e))
     if errors:
         more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
-        raise UserError(f"{len(errors)} invalid row(s); fix them and run again:\n  "
+        raise UserError(f"{len(errors)} invalid {what}; fix them and run again:\n  "
                         + "\n  ".join(errors[:MAX_ERRORS_SHOWN]) + more)
+    return rows
+
+
+def load_examples(path: str | Path, require_answer: bool = True, template: Template | None = None) -> list[Example]:
+    """Read and validate every row; all errors (up to 10 shown) are reported together, before any training."""
+    examples = read_valid_rows(path, lambda obj, where: parse_example(obj, where, require_answer, template))
+    for idx, ex in enumerate(examples):
+        ex.index = idx
     return examples
 
 

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from .encode import DataReport, split_validation, with_system
-from .examples import MAX_ERRORS_SHOWN, _joined, _not_unicode, _type_name, parse_example
-from .reader import read_records
+from .encode import DataReport, check_overlength, split_validation, with_system
+from .examples import _joined, _not_unicode, _type_name, parse_example, read_valid_rows
 from .templates import Template, get_template
 
 if TYPE_CHECKING:
@@ -123,16 +122,8 @@ def parse_preference(obj: Any, where: str, stage: str, template: Template | None
 
 def load_preferences(path: str | Path, stage: str, template: Template | None) -> list[PreferenceExample]:
     """Read and validate every row; all errors (up to 10 shown) together, before any model loads."""
-    rows, errors = [], []
-    for line, obj in read_records(path):
-        try:
-            rows.append(parse_preference(obj, f"{path} line {line}", stage, template))
-        except UserError as e:
-            errors.append(str(e))
-    if errors:
-        more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
-        raise UserError(f"{len(errors)} invalid preference row(s); fix them and run again:\n  "
-                        + "\n  ".join(errors[:MAX_ERRORS_SHOWN]) + more)
+    rows = read_valid_rows(path, lambda obj, where: parse_preference(obj, where, stage, template),
+                           "preference row(s)")
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows
@@ -174,18 +165,12 @@ def encode_preferences(examples: list[PreferenceExample], tok: PreTrainedTokeniz
     for ex in examples:
         prompt_ids, completions = encode_preference(ex, tok, template, cfg.system)
         n = len(prompt_ids) + max(len(c) for c, _ in completions)
-        report.lengths.append(n)
+        if report.count_length(ex.where, n, cfg, too_long):
+            continue
         if n > cfg.cutoff_len:
-            report.overlength += 1
-            too_long.append(f"{ex.where}: {n} tokens")
-            report.overlength_rows.append(too_long[-1])
-            if cfg.overlength == "drop":
-                report.dropped_overlength += 1
-                continue
             room = cfg.cutoff_len - len(prompt_ids)
             if room <= 0:  # the prompt alone fills the cutoff: no completion token would be trained
-                report.dropped_no_target += 1
-                report.no_target_rows.append(ex.where)
+                report.drop_no_target(ex.where)
                 continue
             completions = [(c[:room], good) for c, good in completions]
             report.truncated += 1
@@ -194,10 +179,7 @@ def encode_preferences(examples: list[PreferenceExample], tok: PreTrainedTokeniz
         else:
             out.append({"prompt_ids": prompt_ids, "chosen_ids": completions[0][0],
                         "rejected_ids": completions[1][0]})
-    if too_long and cfg.overlength == "error":
-        raise UserError(f"{len(too_long)} row(s) exceed data.cutoff_len={cfg.cutoff_len} (data.overlength: error):"
-                        "\n  " + "\n  ".join(too_long[:MAX_ERRORS_SHOWN])
-                        + "\nRaise data.cutoff_len, or set data.overlength to truncate or drop.")
+    check_overlength(too_long, cfg, "row(s)")
     return out
 
 

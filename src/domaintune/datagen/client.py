@@ -23,7 +23,7 @@ import os
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..errors import UserError
 
@@ -177,3 +177,29 @@ def _completion_of(resp: Any) -> Completion:
 
     return Completion(text=text, finish_reason=getattr(choice, "finish_reason", None),
                       prompt_tokens=count("prompt_tokens"), completion_tokens=count("completion_tokens"))
+
+
+def complete_with_retries(client: ChatClient, prompt: str, retries: int, base_delay: float,
+                          count: Callable[[str, int], None], calls: str = "calls") -> Completion | None:
+    """One completion, asked again (with backoff) up to `retries` times while the reply is malformed; None when
+    it stays malformed. `count(key, n)` tallies each attempt under `calls`, each malformed reply
+    ("malformed_replies"), and the tokens spent ("prompt_tokens", "completion_tokens": the endpoint's usage when
+    it reports one, else an estimate from the text, see chunking.py). Shared by every caller of the teacher."""
+    import time
+
+    from .chunking import approx_tokens
+
+    for attempt in range(retries + 1):
+        count(calls, 1)
+        try:
+            comp = client.complete(prompt)
+        except MalformedResponse:
+            count("malformed_replies", 1)
+        else:
+            count("prompt_tokens", comp.prompt_tokens if comp.prompt_tokens is not None else approx_tokens(prompt))
+            count("completion_tokens", comp.completion_tokens if comp.completion_tokens is not None
+                  else approx_tokens(comp.text))
+            return comp
+        if attempt < retries:
+            time.sleep(base_delay * 2 ** attempt)
+    return None

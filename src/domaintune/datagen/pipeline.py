@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 from ..config.selfinstruct import SelfInstructConfig
 from ..errors import UserError
 from . import filters as F
-from .chunking import approx_tokens
-from .client import ChatClient, Completion, MalformedResponse
+from .client import ChatClient, Completion, complete_with_retries
 from .inputs import numbered, persona_values, render
 from .manifest import build_manifest, now
 from .store import OutputStore
@@ -306,23 +305,8 @@ class SelfInstructRun:
     # ------------------------------------------------------------------ HTTP (worker threads)
     def _call(self, prompt: str, kind: str) -> Completion | None:
         """One completion; a malformed reply is counted and asked again up to malformed_retries times."""
-        cfg = self.cfg
-        for attempt in range(cfg.malformed_retries + 1):
-            self._bump(kind)
-            try:
-                comp = self.client.complete(prompt)
-            except MalformedResponse:
-                self._bump("malformed_replies")
-            else:
-                # The endpoint's usage when it reports one, else an estimate from the text (see chunking.py).
-                self._bump("prompt_tokens", comp.prompt_tokens if comp.prompt_tokens is not None
-                           else approx_tokens(prompt))
-                self._bump("completion_tokens", comp.completion_tokens if comp.completion_tokens is not None
-                           else approx_tokens(comp.text))
-                return comp
-            if attempt < cfg.malformed_retries:
-                time.sleep(cfg.retry_base_delay * 2 ** attempt)
-        return None
+        return complete_with_retries(self.client, prompt, self.cfg.malformed_retries, self.cfg.retry_base_delay,
+                                     self._bump, calls=kind)
 
     # ------------------------------------------------------------------ manifest
     def _write_manifest(self, status: str, error: str | None = None) -> None:

@@ -43,8 +43,7 @@ from ..data.reader import read_records
 from ..errors import UserError
 from ..jsonl import JsonlAppender, repair_tail, write_jsonl_atomic
 from . import filters as F
-from .chunking import approx_tokens
-from .client import ChatClient, Completion, MalformedResponse
+from .client import ChatClient, Completion, complete_with_retries
 from .inputs import load_template, persona_values, render
 from .manifest import now
 from .store import MANIFEST, TRAIN, OutputStore, read_working_file
@@ -176,20 +175,12 @@ class PreferenceRun:
 
     # ------------------------------------------------------------------ answers
     def _ask(self, prompt: str) -> Completion | None:
-        for _ in range(self.cfg.malformed_retries + 1):
-            with self.lock:
-                self.spent["calls"] += 1
-            try:
-                comp = self.client.complete(prompt)
-            except MalformedResponse:
-                continue
-            with self.lock:
-                self.spent["prompt_tokens"] += comp.prompt_tokens if comp.prompt_tokens is not None else \
-                    approx_tokens(prompt)
-                self.spent["completion_tokens"] += comp.completion_tokens if comp.completion_tokens is not None \
-                    else approx_tokens(comp.text)
-            return comp
-        return None
+        return complete_with_retries(self.client, prompt, self.cfg.malformed_retries, self.cfg.retry_base_delay,
+                                     self._count)
+
+    def _count(self, key: str, n: int) -> None:
+        with self.lock:
+            self.spent[key] += n
 
     def _chosen(self, i: int) -> tuple[str | None, str | None]:
         """(answer, reason it is unusable or None): the row's answer, else the teacher's."""

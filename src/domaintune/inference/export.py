@@ -27,6 +27,8 @@ from ..training.precision import DTYPES
 if TYPE_CHECKING:
     import torch
 
+    from .loading import RunSource
+
 
 
 @dataclass
@@ -42,10 +44,11 @@ class Merged:
 
 
 def load_merged(run: str | Path, dtype: str, template: str | None, allow_pickle: bool,
-                check_out: Callable[[Path], None], check_tokenizer: Callable[[Any], Any] | None = None) -> Merged:
-    """Check the run and, with `check_out(run path)`, the output, and with `check_tokenizer(tokenizer)` the run's
-    tokenizer (all before any weights load), then load the run on the CPU in `dtype` with its adapter merged.
-    Shared by the safetensors and the GGUF export."""
+                check_out: Callable[[Path], None],
+                precheck: Callable[[RunSource, Any], None] | None = None) -> Merged:
+    """Check the run and, with `check_out(run path)`, the output, and with `precheck(run source, tokenizer)`
+    what a format needs of the model (all before any weights load), then load the run on the CPU in `dtype`
+    with its adapter merged. Shared by the safetensors and the GGUF export."""
     from .loading import inspect_run, load_run
 
     if dtype not in DTYPES:
@@ -53,10 +56,10 @@ def load_merged(run: str | Path, dtype: str, template: str | None, allow_pickle:
     src = inspect_run(run, allow_pickle=allow_pickle)  # a missing directory or weights stop here, before any load
     rd = RunDir(src.path)
     check_out(rd.path)
-    if check_tokenizer is not None:
+    if precheck is not None:
         from ..training.model import load_tokenizer
 
-        check_tokenizer(load_tokenizer(str(rd.path), trust_remote_code=src.trust_remote_code))
+        precheck(src, load_tokenizer(str(rd.path), trust_remote_code=src.trust_remote_code))
     revision = src.base.revision if src.adapter and src.base else None
     torch_dtype = _torch_dtype(dtype, src.weights_source, revision)
     # The base is loaded unquantized on the CPU, so a QLoRA adapter merges into real weights.

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from .loading import RunSource
+
 QUANTS = ("f32", "f16", "bf16", "q8_0")
 ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "BloomForCausalLM": "bloom"}
 MODELFILE = "Modelfile"
@@ -74,11 +76,10 @@ def run_export_gguf(run: str | Path, out: str | Path, quant: str = "f16", dtype:
                         "llama.cpp's llama-quantize on the f16 export; see the README)")
     gguf = _gguf()
     out = Path(out)
-    _check_arch(run, allow_pickle)
     run_name = Path(run).resolve().name
     path = out if out.suffix == ".gguf" else out / f"{run_name}-{quant}.gguf"
     m = load_merged(run, dtype, template, allow_pickle, lambda run_path: _check_out(run_path, path, overwrite),
-                    check_tokenizer=check_tokenizer)
+                    precheck=lambda src, tok: (_check_arch(src), check_tokenizer(tok)))
     modelfile = modelfile_text(path.name, m.template, m.tokenizer)  # what it cannot hold stops us before writing
     conf = m.model.config.to_dict()
     arch = ARCHS.get((conf.get("architectures") or [""])[0]) or _arch_of(m.model)
@@ -112,12 +113,10 @@ def _check_out(run: Path, path: Path, overwrite: bool) -> None:
         raise UserError(f"--out '{path}' is a directory; give a folder without the .gguf suffix or a new file name")
 
 
-def _check_arch(run: str | Path, allow_pickle: bool) -> None:
+def _check_arch(src: RunSource) -> None:
     """Refuse an unsupported architecture before loading any weights (the run's or its base's config.json)."""
     from ..training.model import base_config_dict
-    from .loading import inspect_run
 
-    src = inspect_run(run, allow_pickle=allow_pickle)
     conf = base_config_dict(src.weights_source, src.base.revision if src.adapter and src.base else None) or {}
     found = (conf.get("architectures") or [None])[0]
     if found is not None and found not in ARCHS:

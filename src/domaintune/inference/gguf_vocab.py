@@ -9,8 +9,6 @@ refused with the way out. SentencePiece-style tokenizers (byte fallback: LLaMA-2
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -29,12 +27,11 @@ PRE_TOKENIZERS = {
 
 
 def _tokenizer_json(tok: Any) -> dict:
-    with tempfile.TemporaryDirectory() as d:
-        tok.save_pretrained(d)
-        f = Path(d) / "tokenizer.json"
-        if not f.is_file():
-            raise UserError("--format gguf needs a fast (tokenizer.json) tokenizer; this run's tokenizer has none")
-        return json.loads(f.read_text(encoding="utf-8"))
+    """The tokenizer's pipeline as tokenizer.json holds it (the tokenizers library's own serialisation)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError("--format gguf needs a fast (tokenizer.json) tokenizer; this run's tokenizer has none")
+    return json.loads(backend.to_str())
 
 
 def pre_tokenizer_name(tj: dict) -> str:

@@ -26,7 +26,9 @@ SHARD = ".rank{rank}.part"
 
 def world() -> tuple[int, int, int]:
     """(rank, world size, local rank) as torchrun and accelerate launch set them; (0, 1, 0) alone."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    from ..training.arguments import world as rank_and_size
+
+    return (*rank_and_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def device_for(local_rank: int) -> str:

@@ -140,25 +140,15 @@ class PreferenceRun(TrainingRun):
     def setup_trainer(self) -> None:
         from datasets import Dataset
 
-        from ..rundir import checkpoint_step
-        from .arguments import batch_line, training_arguments
-        from .callbacks import make_callbacks
-        from .outputs import saved_config
-
         t = self.cfg.train
-        _, bf16, fp16 = self.precision
         self.per_device = t.per_device_batch_size
         self.loss_kind, self.batching = f"{self.stage} (TRL)", "pad"
         base, config_class, extra = _trl_classes(self.stage)
-        args = training_arguments(t, self.out, world_size=self.world_size, device=self.device, bf16=bf16, fp16=fp16,
-                                  has_eval=bool(self.data.eval), is_main=self.is_main, per_device=self.per_device,
-                                  group_by_length=False, args_class=config_class,
-                                  extra={"beta": t.beta, "label_names": [], **extra,
-                                         # TRL's configs turn it on by default; here it is the run's choice
-                                         "gradient_checkpointing": self.checkpointing})
-        self._say(batch_line(args))
-        callbacks = make_callbacks(self.run, checkpoint_step(self.ckpt), self.template,
-                                   saved_config(self.cfg).to_yaml(omit_default_sections=True), t.distributed)
+        args, callbacks = self.arguments_and_callbacks(
+            group_by_length=False, args_class=config_class,
+            extra={"beta": t.beta, "label_names": [], **extra,
+                   # TRL's configs turn it on by default; here it is the run's choice
+                   "gradient_checkpointing": self.checkpointing})
         rows = list(self.data.train)
         if self.stage == "kto":  # sequential batches (see _trl_classes): the order is shuffled here, seeded
             random.Random(t.seed).shuffle(rows)

@@ -200,16 +200,24 @@ class TrainingRun:
             self.per_device = t.per_device_batch_size
         self._say(f"{why_loss}; {why_batching}")
         group = t.group_by_length if t.group_by_length is not None else self.batching == "pad"
-        args = training_arguments(t, self.out, world_size=self.world_size, device=self.device, bf16=bf16,
-                                  fp16=fp16, has_eval=has_eval, is_main=self.is_main, per_device=self.per_device,
-                                  group_by_length=group, liger=self.loss_kind == "liger")
-        self._say(batch_line(args))
-        callbacks = make_callbacks(self.run, checkpoint_step(self.ckpt), self.template,
-                                   saved_config(self.cfg).to_yaml(omit_default_sections=True), t.distributed)
+        args, callbacks = self.arguments_and_callbacks(group_by_length=group, liger=self.loss_kind == "liger")
         self.trainer = trainer_class()(model=self.model, args=args, data_collator=collator,
                                        train_dataset=_ListDataset(self.data.train),
                                        eval_dataset=_ListDataset(self.data.eval) if has_eval else None,
                                        processing_class=self.tok, callbacks=callbacks, compute_loss_func=self.lean)
+
+    def arguments_and_callbacks(self, **stage: Any) -> tuple[Any, list]:
+        """The run's TrainingArguments (its resolved batch printed) and callbacks; `stage`: the stage's own
+        keywords of `training_arguments` (length grouping, liger, a TRL config class and its fields)."""
+        t = self.cfg.train
+        _, bf16, fp16 = self.precision
+        args = training_arguments(t, self.out, world_size=self.world_size, device=self.device, bf16=bf16, fp16=fp16,
+                                  has_eval=bool(self.data.eval), is_main=self.is_main, per_device=self.per_device,
+                                  **stage)
+        self._say(batch_line(args))
+        callbacks = make_callbacks(self.run, checkpoint_step(self.ckpt), self.template,
+                                   saved_config(self.cfg).to_yaml(omit_default_sections=True), t.distributed)
+        return args, callbacks
 
     def train(self) -> tuple[dict, float, int]:
         """Train (resuming when asked); returns (final eval metrics, seconds, tokens already seen at the start)."""
