@@ -71,6 +71,28 @@ def stop_template(model_dir: Path, out: Path) -> Path:
 
 
 @contextlib.contextmanager
+def running_app(app) -> Iterator[str]:
+    """Run an ASGI `app` with uvicorn on 127.0.0.1 (a free port) in a background thread; yield its base URL."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextlib.contextmanager
 def served_tiny_model(model_dir: Path, tmp: Path, key: str, model_name: str) -> Iterator[tuple[str, dict]]:
     """A `domaintune serve` subprocess with an API key: yields (base URL ending in /v1, its /health body). Always
     terminated."""

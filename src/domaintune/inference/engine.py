@@ -10,21 +10,26 @@ yields each batch's results as soon as it finishes. Decoding stops at EOS and at
 strings: single-token ones as token ids, the others (e.g. ChatML's `<|im_end|>` on a tokenizer without
 the ChatML specials, which spells it in several tokens) by cutting the text before the first match
 (stops.py, also used by the server for a request's `stop`). `stream` yields text deltas token by
-token and stops early when `stop_event` is set (a client that went away). The model is not thread-safe
-here: callers that share an engine across threads hold `engine.lock` (the server queues requests on it).
+token through the engine's continuous batcher (batching.py): concurrent streams (the server's requests)
+are decoded together, each as it would be alone, and one ends at the next step when its `stop_event` is
+set (a client that went away). The model is not thread-safe: whoever runs it holds `engine.lock`
+(`generate`, scoring, and the batcher's worker while it has work).
 """
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..data.encode import with_system
 from ..errors import UserError
+from .batching import END, Batcher, StreamState
 from .params import GenerationParams
-from .stops import StopScanner, find_stop
+from .stops import find_stop, tokens_through_stop
+
+DEFAULT_MAX_BATCH_SIZE = 16  # concurrent streams decoded together (serve --max-batch-size)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -47,16 +52,6 @@ class Generation:
         return len(self.token_ids)
 
 
-@dataclass
-class StreamState:
-    """Filled in while `Engine.stream` runs; complete once the iterator is exhausted."""
-
-    prompt_tokens: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "stop"
-    text: str = ""
-
-
 class Engine:
     """A loaded model with its tokenizer and template: batched generation, streaming and scoring."""
 
@@ -75,7 +70,10 @@ class Engine:
         self.stop_ids = template.stop_token_ids(tokenizer)
         self.stop_strings = [s for s in template.stop if s]
         self.context_len = context_len or _context_len(model, tokenizer)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held by whoever runs the model: generate, scoring, the batcher's worker
+        self.max_batch_size = DEFAULT_MAX_BATCH_SIZE  # streams decoded together (batching.py); read at every step
+        self._batcher: Batcher | None = None
+        self._batcher_lock = threading.Lock()
 
     @property
     def cutoff_len(self) -> int:
@@ -119,14 +117,7 @@ class Engine:
         cut = find_stop(text, self.stop_strings)
         if cut < 0:
             return text, ids, "stop" if hit or len(ids) < max_new else "length"
-        lo, hi = 1, len(ids)  # the shortest prefix whose text holds a stop string
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if find_stop(self.decode(ids[:mid]), self.stop_strings) >= 0:
-                hi = mid
-            else:
-                lo = mid + 1
-        return text[:cut], ids[:lo], "stop"
+        return text[:cut], ids[:tokens_through_stop(ids, self.decode, self.stop_strings)], "stop"
 
     # ------------------------------------------------------------ batched generation
     def generate(self, prompts: list[list[int]], params: GenerationParams, batch_size: int = 8) -> list[Generation]:
@@ -188,101 +179,44 @@ class Engine:
                             f"of {self.context_len} tokens")
 
     # ------------------------------------------------------------ streaming
+    @property
+    def batcher(self) -> Batcher:
+        """The continuous batcher every `stream` goes through (batching.py), made on first use."""
+        with self._batcher_lock:
+            if self._batcher is None:
+                self._batcher = Batcher(self)
+            return self._batcher
+
+    def batch_status(self) -> dict:
+        """The batcher's load and counts (`Batcher.status`)."""
+        return self.batcher.status()
+
     def stream(self, prompt: list[int], params: GenerationParams, stop_event: threading.Event | None = None,
                state: StreamState | None = None) -> Iterator[str]:
         """Yield text deltas as tokens arrive; their concatenation equals the non-streamed text (cut at the
         template's stop strings too: a possible partial match is held back until it is decided).
 
-        `state` (optional) receives token counts and the finish reason. Setting `stop_event` ends
-        generation at the next token.
+        Thread-safe: concurrent streams are decoded together by the engine's continuous batcher (up to
+        `max_batch_size` at a time; batching.py), each answer as it would be alone. `state` (optional)
+        receives token counts and the finish reason; it is complete before the iterator ends. Setting
+        `stop_event` (or closing the iterator) ends generation at the next step and frees the place.
         """
-        import queue
-
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
         self._check_fits(len(prompt), params.max_new_tokens)
-        state = state if state is not None else StreamState()
-        state.prompt_tokens = len(prompt)
-        q: queue.Queue = queue.Queue()
-        stop_event = stop_event or threading.Event()
-
-        class _Streamer(BaseStreamer):
-            def __init__(self) -> None:
-                self.first = True
-
-            def put(self, value: torch.Tensor) -> None:
-                if self.first:  # the prompt
-                    self.first = False
-                    return
-                q.put(value.reshape(-1).tolist())
-
-            def end(self) -> None:
-                q.put(None)
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
-                return torch.full((input_ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        errors: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                with self.lock, torch.inference_mode():
-                    if params.seed is not None:  # inside the lock, as in _generate_batch
-                        torch.manual_seed(params.seed)
-                    ids = torch.tensor([prompt], device=self.device)
-                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=_Streamer(),
-                                        eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
-                                        stopping_criteria=StoppingCriteriaList([_Stop()]), **params.hf_kwargs())
-            except BaseException as e:  # surfaced in the consumer thread
-                errors.append(e)
-                q.put(None)
-
         if params.num_beams > 1:
             raise UserError("streaming supports greedy or sampling decoding, not beam search (num_beams > 1)")
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        scanner = StopScanner(self.stop_strings)
-        raw: list[int] = []  # generated ids, a stop token included
-        decoded = sent = ""  # text decoded so far / text yielded so far
-        done = False
+        state = state if state is not None else StreamState()
+        stop_event = stop_event or threading.Event()
+        out = self.batcher.submit(prompt, params, stop_event, state)
         try:
             while True:
-                item = q.get()
-                if item is None:
-                    break
-                if done:  # a stop was seen: drain until the worker ends
-                    continue
-                for t in item:
-                    raw.append(t)
-                    if t in self.stop_ids:
-                        done = True
-                        break
-                ids = raw[:-1] if done else raw
-                state.token_ids = list(ids)
-                text = self.decode(ids)
-                if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                    continue
-                if len(text) > len(decoded) and text.startswith(decoded):
-                    delta = scanner.feed(text[len(decoded):])
-                    decoded = text
-                    if delta:
-                        sent += delta
-                        yield delta
-                    done = done or scanner.hit
-                if done:
-                    stop_event.set()
+                item = out.get()
+                if item is END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            stop_event.set()
-            thread.join()
-        if errors:
-            raise errors[0]
-        text, ids, reason = self._finish(raw, params.max_new_tokens)
-        if len(text) > len(sent) and text.startswith(sent):
-            yield text[len(sent):]
-        state.text, state.token_ids, state.finish_reason = text, ids, reason
+            stop_event.set()  # a no-op after the end; a consumer that went away frees its place
 
     # ------------------------------------------------------------ scoring
     def score_samples(self, samples: list[dict], reduce: Any = None) -> dict:

@@ -5,10 +5,28 @@ tokens) and by the server (a request's `stop`).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 
 def find_stop(text: str, stops: list[str]) -> int:
     """Index of the earliest stop string in `text`, or -1."""
     return min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+
+
+def tokens_through_stop(ids: list[int], decode: Callable[[list[int]], str], stops: list[str]) -> int:
+    """The length of the shortest prefix of `ids` whose text holds a stop string (the tokens an answer cut
+    there used); len(ids) when none does. Counted from the ids, so it does not depend on how many tokens were
+    generated after the stop before generation ended."""
+    if find_stop(decode(ids), stops) < 0:
+        return len(ids)
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if find_stop(decode(ids[:mid]), stops) >= 0:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 class StopScanner:

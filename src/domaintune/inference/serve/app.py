@@ -5,17 +5,23 @@ Endpoints: `GET /health` (open; 503 until the engine is set, 200 after), `GET /v
 true: `data: {json}\\n\\n` chunks, the first carrying the role, then `data: [DONE]`), and `GET /`, a
 small web chat page (static/index.html, no build step).
 
-Queueing: one model, one generation at a time. Requests wait in a first-come-first-served queue (an
-asyncio lock) and then generate in a worker thread (under `engine.lock`), so the event loop keeps
-answering health checks, new requests and disconnects while a request generates. A client that
-disconnects (mid-stream, or while waiting for a non-streamed answer or in the queue) sets its
-request's stop event: its generation ends at the next token and the next request starts.
+Batching: requests are decoded together by the engine's continuous batcher (inference/batching.py): a
+request joins the running batch at the next step (up to `max_batch_size` at a time; later ones wait in a
+first-come-first-served queue) and leaves it when it finishes, each answer as it would be alone. Each
+request streams from a worker thread (`engine.stream`), so the event loop keeps answering health checks,
+new requests and disconnects. A client that disconnects (mid-stream, or while waiting for a non-streamed
+answer or in the queue) sets its request's stop event: it leaves the batch at the next step, and its
+place goes to the next request. At most `max_batch_size + max_queue` requests are admitted at once;
+past that a request is answered 429 at once, with a Retry-After header (the recent mean request time),
+never left to wait without bound. `GET /status` (open, like /health) reports the requests running,
+queued and admitted, the limits, and counts since the start.
 
 Errors use the OpenAI body `{"error": {"message", "type", "param", "code"}}`: 400 invalid request
 (including schema errors and unreadable bodies; the schema, protocol.py, refuses what the model cannot
-take, so an accepted request generates), 401 missing/wrong API key (when one is set; `/health` and `/`
+take, so an accepted request generates), 401 missing/wrong API key (when one is set; `/health`, `/status` and `/`
 stay open), 403 a Host not answered without a key, 404 unknown model, 413 body larger than
-`max_body_bytes` (guard.py checks these three before parsing), 503 still loading; an unexpected exception
+`max_body_bytes` (guard.py checks these three before parsing), 429 too many requests admitted
+(see Batching), 503 still loading; an unexpected exception
 (a bug) is a 500 with the same body.
 
 Sampling: `temperature` 0 means greedy decoding; omitted parameters take the server's defaults
@@ -34,7 +40,7 @@ import time
 from contextlib import aclosing
 from dataclasses import replace
 from importlib import resources
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,17 +48,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...errors import UserError
+from ..batching import DEFAULT_MAX_QUEUE, check_batch_limits
 from ..engine import Engine, StreamState
 from ..params import PRESETS, GenerationParams
-from ..stops import StopScanner
+from ..stops import StopScanner, tokens_through_stop
 from . import protocol as P
 from .guard import Guard, accepted_hosts, normalise_api_key
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+from .lifecycle import Admission, AdmittedStream, APIError, generate, watch_disconnect
 
 
 def _error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -84,54 +86,6 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
             return "The request body must be a JSON object, with the fields of the request.", None
     msgs = list(dict.fromkeys(e.get("msg") for e in errors if _where(e) == loc and e.get("type") != P.INVALID_UNICODE))
     return f"{where or 'request body'}: {'; or '.join(msgs) or msg}", where or None
-
-
-# ---------------------------------------------------------------- generation in a worker thread
-
-async def _generate(app: FastAPI, prompt: list[int], params: GenerationParams, stop_event: threading.Event,
-                    state: StreamState) -> AsyncIterator[str]:
-    """Wait for our turn in the queue, then yield text deltas produced by a worker thread."""
-    engine = app.state.engine
-    async with app.state.queue:
-        if stop_event.is_set():  # the client left while queued
-            return
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-
-        def post(item: tuple[str, Any]) -> None:
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # the loop closed (server shutting down)
-                stop_event.set()
-
-        def work() -> None:
-            try:
-                for delta in engine.stream(prompt, params, stop_event=stop_event, state=state):
-                    post(("delta", delta))
-                post(("end", None))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the request's task
-                post(("error", e))
-
-        threading.Thread(target=work, daemon=True, name="domaintune-generate").start()
-        try:
-            while True:
-                kind, value = await q.get()
-                if kind == "delta":
-                    yield value
-                elif kind == "end":
-                    return
-                else:
-                    raise value
-        finally:
-            stop_event.set()  # a no-op after a normal end; stops generation when the consumer went away
-
-
-async def _watch_disconnect(request: Request, stop_event: threading.Event) -> None:
-    while True:
-        msg = await request.receive()
-        if msg["type"] == "http.disconnect":
-            stop_event.set()
-            return
 
 
 # ---------------------------------------------------------------- request checks
@@ -209,25 +163,31 @@ def _sse(obj: Any) -> str:
 # ---------------------------------------------------------------- the app
 
 def create_app(engine: Engine | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               defaults: GenerationParams | None = None, allowed_hosts: Iterable[str] = ()) -> FastAPI:
+               defaults: GenerationParams | None = None, allowed_hosts: Iterable[str] = (),
+               max_batch_size: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
     """The FastAPI app serving `engine`. With `engine=None` the app answers 503 until `app.state.engine` is
     set (the CLI loads the model in the background after the server listens). `defaults` (in
     `app.state.defaults`) is the sampling of requests that leave a parameter out: the "serve" preset unless
-    given. `api_key`: required on /v1/* when given (an empty or blank key is a UserError, not "no key").
+    given. `max_batch_size`: requests decoded together (sets `engine.max_batch_size`; None keeps the engine's);
+    `max_queue`: requests admitted beyond those, waiting for a place (more get 429).
+    `api_key`: required on /v1/* when given (an empty or blank key is a UserError, not "no key").
     `allowed_hosts`: without a key, the Host names answered besides localhost, 127.0.0.1 and ::1 ("*": any);
     see guard.py."""
     api_key = normalise_api_key(api_key, "api_key", "pass api_key=None")
     hosts = accepted_hosts(allowed_hosts)
     app = FastAPI(title="domaintune", docs_url=None, redoc_url=None, openapi_url=None)
+    check_batch_limits(max_batch_size, max_queue)
+    if engine is not None and max_batch_size is not None:
+        engine.max_batch_size = max_batch_size
     app.state.engine = engine
     app.state.load_error = None
-    app.state.queue = asyncio.Lock()  # FIFO: waiters are woken in arrival order
+    app.state.max_queue, app.state.admitted = max_queue, 0
     app.state.created = int(time.time())
     defaults = app.state.defaults = defaults or PRESETS["serve"]
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        headers = {"Retry-After": "5"} if e.status == 503 else None
+        headers = e.headers or ({"Retry-After": "5"} if e.status == 503 else None)
         return _error_response(e.status, e.message, e.param, e.code, headers)
 
     @app.exception_handler(UserError)
@@ -266,6 +226,12 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
         return {"status": "ok", "model": app.state.engine.model_id, "auth": bool(api_key)}
 
+    @app.get("/status")
+    async def status():
+        eng = _engine(app)
+        return {"model": eng.model_id, **eng.batch_status(), "admitted": app.state.admitted,
+                "max_queue": app.state.max_queue}
+
     @app.get("/v1/models")
     async def models():
         return P.model_list(_engine(app).model_id, app.state.created)
@@ -301,20 +267,26 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
         scanner = StopScanner(req.stop_list())
 
         def finish() -> tuple[str, dict]:
-            reason = "stop" if scanner.hit else state.finish_reason
-            return reason, P.usage(len(prompt), len(state.token_ids))
+            if not scanner.hit:
+                return state.finish_reason, P.usage(len(prompt), len(state.token_ids))
+            # cut at the request's stop string: the tokens through the one that completed it (generation may
+            # have run a step further before it ended)
+            used = tokens_through_stop(state.token_ids, app.state.engine.decode, scanner.stops)
+            return "stop", P.usage(len(prompt), used)
 
+        admission = Admission(app, app.state.engine)
         if not req.stream:
-            watcher = asyncio.create_task(_watch_disconnect(request, stop_event))
+            watcher = asyncio.create_task(watch_disconnect(request, stop_event))
             parts = []
             try:
-                async with aclosing(_generate(app, prompt, params, stop_event, state)) as gen:
+                async with aclosing(generate(app.state.engine, prompt, params, stop_event, state)) as gen:
                     async for delta in gen:
                         parts.append(scanner.feed(delta))
                         if scanner.hit:
                             stop_event.set()  # keep draining so the token counts are final
             finally:
                 watcher.cancel()
+                admission.release()
             parts.append(scanner.flush())
             reason, use = finish()
             make = P.chat_completion if chat else P.text_completion
@@ -330,10 +302,11 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
             return _sse(P.text_chunk(rid, model, text or "", reason, with_usage))
 
         async def events():
+            watcher = asyncio.create_task(watch_disconnect(request, stop_event))  # also while queued
             try:
                 if chat:
                     yield chunk(None, role=True)
-                async with aclosing(_generate(app, prompt, params, stop_event, state)) as gen:
+                async with aclosing(generate(app.state.engine, prompt, params, stop_event, state)) as gen:
                     async for delta in gen:
                         text = scanner.feed(delta)
                         if text:
@@ -352,11 +325,13 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
             except Exception as e:  # noqa: BLE001
                 yield _sse(P.error_body(500, f"generation failed: {e.__class__.__name__}: {e}"))
             finally:
+                watcher.cancel()
                 stop_event.set()
+                admission.release()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return AdmittedStream(events(), admission, media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, hosts=hosts)  # before routing, parsing
     return app

@@ -188,7 +188,8 @@ def model_list(model_id: str, created: int) -> dict:
 # ---------------------------------------------------------------- errors
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-               404: "invalid_request_error", 413: "invalid_request_error", 503: "server_error", 500: "server_error"}
+               404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               503: "server_error", 500: "server_error"}
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:

@@ -1,0 +1,364 @@
+"""Continuous batching: every streamed generation of an Engine (the server's requests, chat) runs here.
+
+One worker thread owns the model while there is work (it holds `engine.lock`, so predict's batched
+`generate` and scoring never run at the same time). At every step it
+
+1. admits waiting requests, up to `engine.max_batch_size` in the batch: their prompts are prefilled
+   together (left-padded) into a KV cache of their own (transformers' `DynamicCache`), which is then
+   joined to the running batch's cache (left-padded to the longer one, along the batch dimension);
+2. decodes one token for every request in the batch, each with its own sampling: repetition penalty,
+   temperature, top-k and top-p through transformers' own logits processors in the order `generate`
+   applies them, and a `torch.Generator` per request (seeded with the request's `seed`, so a seeded
+   request samples what it would alone: the same draws `generate` makes after `torch.manual_seed(seed)`);
+3. sends each request its text delta and removes the requests that finished (a stop token, a stop
+   string, `max_new_tokens`) or whose client left (its `stop_event`): their cache rows are dropped at
+   once, and columns that only held padding are trimmed.
+
+A request's answer does not depend on the others in its batch: positions come from each row's own
+tokens (`position_ids` from the attention mask, as `generate` computes them for left padding; BLOOM's
+ALiBi reads the mask itself), and padding is masked out. Greedy answers are the ones the request gets
+alone, up to floating-point rounding of batched matrix products (the tests check fp32 equality).
+
+Models whose cache is not made of plain full-attention layers (sliding-window or linear-attention
+layers, e.g. Mistral or Gemma) cannot be padded and joined this way: they are decoded one request at a
+time (`Batcher.joinable` is False; the server says so when it starts).
+"""
+from __future__ import annotations
+
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UserError
+from .stops import StopScanner
+
+if TYPE_CHECKING:
+    import torch
+
+    from .params import GenerationParams
+
+END = object()  # the last item of a request's queue (after its final delta)
+DEFAULT_MAX_QUEUE = 64  # requests a server admits beyond its batch, waiting for a place (serve --max-queue)
+
+
+def check_batch_limits(max_batch_size: int | None, max_queue: int) -> None:
+    """UserError naming the flag when a limit is out of range."""
+    if max_batch_size is not None and max_batch_size < 1:
+        raise UserError(f"--max-batch-size must be at least 1, got {max_batch_size}")
+    if max_queue < 0:
+        raise UserError(f"--max-queue must be at least 0 (0: no waiting, a request beyond the batch gets 429), "
+                        f"got {max_queue}")
+
+
+@dataclass
+class StreamState:
+    """Filled in while `Engine.stream` runs; complete once the iterator is exhausted."""
+
+    prompt_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "stop"
+    text: str = ""
+
+
+@dataclass(eq=False)  # requests are compared by identity
+class _Request:
+    prompt: list[int]
+    params: GenerationParams
+    stop_event: threading.Event
+    state: StreamState
+    out: queue.Queue
+    scanner: StopScanner
+    raw: list[int] = field(default_factory=list)  # generated ids, a stop token included
+    decoded: str = ""  # text decoded so far
+    sent: str = ""  # text sent so far
+    generator: Any = None
+    processors: Any = None
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """The continuous-batching worker of one engine; `Engine.stream` submits to it (see the module docstring)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine  # the Engine (engine.py) whose model, tokenizer and stop rules it uses
+        self.cond = threading.Condition()
+        self.waiting: deque[_Request] = deque()
+        self.rows: list[_Request] = []  # the running batch, in cache row order
+        self.joining: list[_Request] = []  # taken from the queue, being prefilled
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # (rows, cache length): 1 = a real token, 0 = padding
+        self.pending: torch.Tensor | None = None  # (rows,): each row's last sampled token, not yet fed
+        self.thread: threading.Thread | None = None
+        self.counts = {"completed": 0, "stopped": 0, "failed": 0, "generated_tokens": 0, "steps": 0}
+        self.recent: deque[float] = deque(maxlen=64)  # seconds from submission to the end, of recent requests
+        self.joinable = _joinable(engine.model)
+        import inspect
+
+        forward = getattr(engine.model, "get_base_model", lambda: engine.model)().forward
+        params = inspect.signature(forward).parameters
+        self.takes_positions = "position_ids" in params
+        self.takes_logits_to_keep = "logits_to_keep" in params
+
+    # ------------------------------------------------------------ the callers' side
+    def submit(self, prompt: list[int], params: GenerationParams, stop_event: threading.Event,
+               state: StreamState) -> queue.Queue:
+        """Queue a request; its queue receives text deltas (str), then an exception or END."""
+        import torch
+
+        req = _Request(prompt, params, stop_event, state, queue.Queue(), StopScanner(self.engine.stop_strings))
+        state.prompt_tokens = len(prompt)
+        if params.do_sample:
+            req.generator = torch.Generator(device=self.engine.device)
+            req.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        req.processors = _processors(params)
+        with self.cond:
+            self.waiting.append(req)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._loop, daemon=True, name="domaintune-batcher")
+                self.thread.start()
+            self.cond.notify()
+        return req.out
+
+    def status(self) -> dict:
+        """Requests running (in the batch) and queued (waiting for a place), the effective batch limit, the mean
+        seconds from submission to the end of the last 64 requests, and counts since the start: requests
+        "completed" (a stop token or string of the template, or max_new_tokens), "stopped" early by their caller
+        (its stop event: a client that left, or the server's cut at a request's own `stop` string), "failed" (a
+        step raised), tokens generated and decoding steps."""
+        with self.cond:
+            mean = sum(self.recent) / len(self.recent) if self.recent else None
+            return {"running": len(self.rows), "queued": len(self.waiting), "max_batch_size": self.limit(),
+                    "mean_request_seconds": None if mean is None else round(mean, 3), **self.counts}
+
+    def limit(self) -> int:
+        return max(1, int(self.engine.max_batch_size)) if self.joinable else 1
+
+    # ------------------------------------------------------------ the worker
+    def _loop(self) -> None:
+        lock = self.engine.lock
+        while True:
+            with self.cond:
+                while not self.waiting and not self.rows:
+                    self.cond.wait()
+            with lock:  # held while there is work; released when the batch and the queue are empty
+                while True:
+                    try:
+                        self._step()
+                    except BaseException as e:  # noqa: BLE001 - every request of the batch learns of it
+                        self._fail_all(e)
+                    with self.cond:
+                        if not self.waiting and not self.rows:
+                            break
+
+    def _step(self) -> None:
+        import torch
+
+        with self.cond:
+            gone = [r for r in self.waiting if r.stop_event.is_set()]  # left while queued: out of the queue at once
+            for r in gone:
+                self.waiting.remove(r)
+            joiners = []
+            while self.waiting and len(self.rows) + len(joiners) < self.limit():
+                joiners.append(self.waiting.popleft())
+        for r in gone:
+            self._end(r, cancelled=True)
+        with torch.inference_mode():
+            if joiners:
+                self.joining = joiners  # not in the queue nor in the batch until they are joined
+                try:
+                    self._prefill(joiners)
+                finally:
+                    self.joining = []
+            elif self.rows:
+                self._decode()
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Logits of each row's last position, in fp32."""
+        kw: dict[str, Any] = {"attention_mask": mask, "cache": cache, "use_cache": True}
+        if self.takes_positions:
+            kw["position_ids"] = positions
+        if self.takes_logits_to_keep:
+            kw["logits_to_keep"] = 1
+        out = self.engine.model(input_ids=ids, **kw)
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, joiners: list[_Request]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        dev, pad = self.engine.device, self.engine.tokenizer.pad_token_id or 0
+        width = max(len(r.prompt) for r in joiners)
+        ids = torch.tensor([[pad] * (width - len(r.prompt)) + r.prompt for r in joiners], device=dev)
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in joiners], device=dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does for left padding
+        cache = DynamicCache(config=self.engine.model.config)
+        logits = self._forward(ids, mask, positions, cache)
+        self._join(joiners, cache, mask)
+        self._sample_and_emit(logits, first=len(self.rows) - len(joiners))
+
+    def _decode(self) -> None:
+        import torch
+
+        assert self.mask is not None and self.pending is not None
+        positions = self.mask.sum(-1, keepdim=True)  # each row's own count of real tokens so far
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        logits = self._forward(self.pending[:, None], self.mask, positions, self.cache)
+        self._sample_and_emit(logits, first=0)
+
+    def _join(self, joiners: list[_Request], cache: Any, mask: torch.Tensor) -> None:
+        """Append the joiners' cache rows to the running batch's, left-padding the shorter of the two."""
+        import torch
+
+        if not self.rows:
+            self.rows, self.cache, self.mask = list(joiners), cache, mask
+            self.pending = mask.new_zeros(len(joiners))
+            return
+        old, new = self.mask.shape[1], mask.shape[1]
+        width = max(old, new)
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            for name in ("keys", "values"):
+                a, b = _left_pad(getattr(mine, name), width), _left_pad(getattr(theirs, name), width)
+                setattr(mine, name, torch.cat([a, b], dim=0))
+        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)], dim=0)
+        self.pending = torch.cat([self.pending, mask.new_zeros(len(joiners))])
+        self.rows.extend(joiners)
+
+    def _sample_and_emit(self, logits: torch.Tensor, first: int) -> None:
+        """Pick the next token of rows first.. (logits row i is batch row first + i), send deltas, drop the
+        rows that finished."""
+        import torch
+
+        rows = self.rows[first:]
+        scores = logits
+        for i, r in enumerate(rows):
+            if r.processors:
+                ids = torch.tensor([r.prompt + r.raw], device=logits.device)
+                scores[i: i + 1] = r.processors(ids, scores[i: i + 1])
+        tokens = scores.argmax(-1)
+        for i, r in enumerate(rows):
+            if r.generator is not None:
+                probs = torch.softmax(scores[i: i + 1], dim=-1)
+                tokens[i] = torch.multinomial(probs, 1, generator=r.generator)[0, 0]
+        assert self.pending is not None
+        self.pending[first:] = tokens
+        self.counts["steps"] += 1
+        done = [i + first for i, (r, t) in enumerate(zip(rows, tokens.tolist(), strict=True)) if self._emit(r, t)]
+        for i in range(first):  # rows that were not stepped can still have been cancelled
+            if self.rows[i].stop_event.is_set():
+                done.append(i)
+        if done:
+            for i in done:
+                self._end(self.rows[i], cancelled=self.rows[i].stop_event.is_set() and not self._finished(self.rows[i]))
+            self._drop(sorted(set(done)))
+
+    def _emit(self, r: _Request, token: int) -> bool:
+        """Record a row's new token and send its text delta; True when the row is finished."""
+        engine = self.engine
+        r.raw.append(token)
+        self.counts["generated_tokens"] += 1
+        stop = token in engine.stop_ids
+        ids = r.raw[:-1] if stop else r.raw
+        r.state.token_ids = list(ids)
+        text = engine.decode(ids)
+        if not text.endswith("\ufffd") and len(text) > len(r.decoded) and text.startswith(r.decoded):
+            delta = r.scanner.feed(text[len(r.decoded):])
+            r.decoded = text
+            if delta:
+                r.sent += delta
+                r.out.put(delta)
+        return stop or r.scanner.hit or len(r.raw) >= r.params.max_new_tokens or r.stop_event.is_set()
+
+    def _finished(self, r: _Request) -> bool:
+        return bool(r.raw) and (r.raw[-1] in self.engine.stop_ids or r.scanner.hit
+                                or len(r.raw) >= r.params.max_new_tokens)
+
+    def _end(self, r: _Request, cancelled: bool) -> None:
+        """The final text (Engine._finish: cut at stop tokens and strings), the rest of the stream, END."""
+        text, ids, reason = self.engine._finish(r.raw, r.params.max_new_tokens)
+        if len(text) > len(r.sent) and text.startswith(r.sent):
+            r.out.put(text[len(r.sent):])
+        r.state.text, r.state.token_ids, r.state.finish_reason = text, ids, reason
+        self.counts["stopped" if cancelled else "completed"] += 1
+        self.recent.append(time.perf_counter() - r.enqueued)
+        r.out.put(END)
+
+    def _drop(self, indices: list[int]) -> None:
+        """Remove finished rows from the batch and its cache, then trim columns that are padding in every row."""
+        import torch
+
+        keep = [i for i in range(len(self.rows)) if i not in set(indices)]
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache = self.mask = self.pending = None
+            return
+        assert self.mask is not None and self.pending is not None
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.mask, self.pending = self.mask[idx], self.pending[idx]
+        cut = int((self.mask.cumsum(-1) == 0).sum(-1).min())  # leading columns that are padding in every row
+        self.mask = self.mask[:, cut:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[idx, :, cut:]
+            layer.values = layer.values[idx, :, cut:]
+
+    def _fail_all(self, e: BaseException) -> None:
+        """A step failed (e.g. out of memory): every request in the batch, joining it or queued gets the error."""
+        with self.cond:
+            seen: set[int] = set()
+            everyone = self.joining + self.rows + list(self.waiting)
+            victims = [r for r in everyone if not (id(r) in seen or seen.add(id(r)))]
+            self.rows, self.cache, self.mask, self.pending, self.joining = [], None, None, None, []
+            self.waiting.clear()
+        for r in victims:
+            self.counts["failed"] += 1
+            r.out.put(e)
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """`t` with zeros added before its entries along `dim` up to `width`."""
+    import torch
+
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _processors(params: GenerationParams) -> Any:
+    """transformers' logits processors for `params`, in `generate`'s order; None when there are none."""
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.do_sample:
+        if params.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            procs.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            procs.append(TopPLogitsWarper(params.top_p))
+    return procs or None
+
+
+def _joinable(model: Any) -> bool:
+    """Whether the model's cache is made of plain full-attention layers, which can be padded and joined."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001 - a config the cache cannot read: decode one request at a time
+        return False
+    return all(type(layer) is DynamicLayer for layer in cache.layers)

@@ -1,0 +1,232 @@
+"""inference.batching.Batcher: streams decoded together give each request what it gets alone.
+
+The engines are the conftest's micro models with re-drawn weights (diverse answers: a crossed row or a wrong
+position would show). "Solo" is the same request streamed with nothing else running; the solo stream itself
+is checked against transformers' `generate` (what predict uses), greedy and seeded sampling alike.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from domaintune.inference.engine import Engine, StreamState
+from domaintune.inference.params import GenerationParams
+
+ARCHS = ("llama", "qwen2", "bloom")
+QUESTIONS = ["你好", "How do I help my child sleep?", "孩子不爱吃饭怎么办？请给出详细的建议，谢谢",
+             "What is a good bedtime?",
+             "怎样培养阅读习惯", "Tell me about homework, and about how much help a ten-year-old needs with it",
+             "孩子发脾气", "Screen time rules", "问", "青春期的孩子不愿意和父母说话，家长应该怎样开始一次谈话？"]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir):
+    import torch
+
+    out = {}
+    for arch in ARCHS:
+        engine = Engine.from_run(tiny_model_dir(arch), template="domain_zh", device="cpu")
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # re-drawn weights: a fresh tiny model mostly echoes its last token
+            for p in engine.model.parameters():
+                if p.dim() >= 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        out[arch] = engine
+    return out
+
+
+def _requests(engine: Engine) -> list[tuple[list[int], GenerationParams]]:
+    """Prompts of different lengths, each with its own decoding: greedy, seeded sampling with top-k / top-p /
+    temperature, a repetition penalty, and different lengths (rows leave the batch at different steps)."""
+    out = []
+    for i, q in enumerate(QUESTIONS):
+        p = GenerationParams(max_new_tokens=6 + 5 * (i % 4), repetition_penalty=1.3 if i % 3 == 0 else 1.0)
+        if i % 2:
+            p = replace(p.with_temperature(0.7 + 0.1 * (i % 3)), seed=1000 + i, top_k=(0, 20, 5)[i % 3],
+                        top_p=(1.0, 0.9, 0.8)[i % 3])
+        out.append((engine.encode_messages([{"role": "user", "content": q}]), p))
+    return out
+
+
+def _stream(engine: Engine, prompt: list[int], params: GenerationParams,
+            stop_event: threading.Event | None = None) -> tuple[str, StreamState]:
+    state = StreamState()
+    text = "".join(engine.stream(prompt, params, stop_event=stop_event, state=state))
+    return text, state
+
+
+class _Watch:
+    """Records the batch size at every decode step and checks the cache's shape after every removal."""
+
+    def __init__(self, batcher, monkeypatch):
+        self.sizes: list[int] = []
+        decode, drop = batcher._decode, batcher._drop
+
+        def watched_decode():
+            self.sizes.append(len(batcher.rows))
+            decode()
+
+        def watched_drop(indices):
+            drop(indices)
+            if batcher.rows:  # no leading column is padding in every row, and the cache matches the mask
+                assert bool(batcher.mask[:, 0].any())
+                assert batcher.cache.layers[0].keys.shape[2] == batcher.mask.shape[1]
+                assert batcher.cache.layers[0].keys.shape[0] == len(batcher.rows)
+
+        monkeypatch.setattr(batcher, "_decode", watched_decode)
+        monkeypatch.setattr(batcher, "_drop", watched_drop)
+
+
+def _run_together(engine: Engine, requests, stagger: bool) -> list[tuple[str, StreamState]]:
+    """Stream every request from its own thread; with `stagger`, the second half starts after the first half
+    decoded a few steps (they join a running batch whose cache is longer or shorter than theirs)."""
+    results: list = [None] * len(requests)
+
+    def work(i):
+        results[i] = _stream(engine, *requests[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(requests))]
+    half = len(threads) // 2 if stagger else len(threads)
+    steps = engine.batch_status()["steps"]
+    for t in threads[:half]:
+        t.start()
+    if stagger:
+        deadline = time.time() + 30
+        while engine.batch_status()["steps"] < steps + 4:
+            assert time.time() < deadline
+            time.sleep(0.001)
+        for t in threads[half:]:
+            t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_solo_streams_equal_generate_greedy_and_seeded(engines, arch):
+    engine = engines[arch]
+    for prompt, params in _requests(engine)[:6]:
+        text, state = _stream(engine, prompt, params)
+        [gen] = engine.generate([prompt], params, batch_size=1)  # transformers' generate, after manual_seed(seed)
+        assert (text, state.token_ids, state.finish_reason) == (gen.text, gen.token_ids, gen.finish_reason)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("stagger", [False, True])
+def test_concurrent_streams_each_equal_their_solo_answer(engines, arch, stagger, monkeypatch):
+    engine = engines[arch]
+    requests = _requests(engine)
+    solo = [_stream(engine, p, params) for p, params in requests]
+    assert len({t for t, _ in solo}) == len(requests)  # distinct answers: a crossed row would show
+    watch = _Watch(engine.batcher, monkeypatch)
+    together = _run_together(engine, requests, stagger)
+    for (text, state), (want_text, want) in zip(together, solo, strict=True):
+        assert text == want_text == state.text
+        assert (state.token_ids, state.finish_reason, state.prompt_tokens) == \
+            (want.token_ids, want.finish_reason, want.prompt_tokens)
+    assert max(watch.sizes) >= len(requests) // 2  # they were decoded together
+    status = engine.batch_status()
+    assert (status["running"], status["queued"]) == (0, 0)
+
+
+def test_max_batch_size_bounds_the_batch_and_the_rest_wait(engines, monkeypatch):
+    engine = engines["qwen2"]
+    requests = _requests(engine)
+    solo = [_stream(engine, p, params)[0] for p, params in requests]
+    monkeypatch.setattr(engine, "max_batch_size", 3)
+    watch = _Watch(engine.batcher, monkeypatch)
+    together = [t for t, _ in _run_together(engine, requests, stagger=False)]
+    assert together == solo
+    assert max(watch.sizes) == 3
+
+
+def test_a_stopped_request_leaves_at_the_next_step_and_its_place_is_taken(engines, monkeypatch):
+    engine = engines["llama"]
+    monkeypatch.setattr(engine, "max_batch_size", 2)
+    (p1, _), (p2, _), (p3, _) = _requests(engine)[:3]
+    long = GenerationParams(max_new_tokens=400)
+    short = GenerationParams(max_new_tokens=12)
+    want2, want3 = _stream(engine, p2, short)[0], _stream(engine, p3, short)[0]
+
+    stop = threading.Event()
+    first = StreamState()
+    got: dict = {}
+    it = engine.stream(p1, long, stop_event=stop, state=first)
+    head = next(it)  # request 1 is running
+    t2 = threading.Thread(target=lambda: got.__setitem__(2, _stream(engine, p2, short)[0]))
+    t3 = threading.Thread(target=lambda: got.__setitem__(3, _stream(engine, p3, short)[0]))
+    t2.start()
+    deadline = time.time() + 30
+    while engine.batch_status()["running"] < 2:
+        assert time.time() < deadline
+    t3.start()
+    while engine.batch_status()["queued"] < 1 and t3.is_alive():
+        assert time.time() < deadline
+    t2.join(30)
+    # request 2 finished: its place went to request 3; request 1 still runs
+    t3.join(30)
+    assert got == {2: want2, 3: want3}
+    assert len(first.token_ids) < 400
+    stop.set()
+    text = head + "".join(it)  # ends at the next step
+    assert first.finish_reason == "stop" and len(first.token_ids) < 400
+    assert text == first.text == engine.decode(first.token_ids)
+    status = engine.batch_status()
+    assert (status["running"], status["queued"]) == (0, 0) and status["stopped"] >= 1
+
+
+def test_a_request_whose_client_left_while_queued_never_runs(engines, monkeypatch):
+    engine = engines["llama"]
+    monkeypatch.setattr(engine, "max_batch_size", 1)
+    (p1, _), (p2, _) = _requests(engine)[:2]
+    it = engine.stream(p1, GenerationParams(max_new_tokens=300))
+    next(it)
+    stop, state = threading.Event(), StreamState()
+    waiting = threading.Thread(target=lambda: list(engine.stream(p2, GenerationParams(max_new_tokens=50), stop, state)))
+    before = engine.batch_status()["stopped"]
+    stop.set()
+    waiting.start()  # submitted with its stop event already set: dropped when its turn comes
+    it.close()  # request 1's consumer went away: it stops too
+    waiting.join(30)
+    assert not waiting.is_alive()
+    deadline = time.time() + 30
+    while engine.batch_status()["running"]:  # request 1 leaves at the batcher's next step
+        assert time.time() < deadline
+        time.sleep(0.001)
+    assert engine.batch_status()["stopped"] == before + 2
+    assert (state.token_ids, state.text, state.prompt_tokens) == ([], "", len(p2))
+
+
+def test_a_failing_step_fails_its_requests_and_the_next_requests_run(engines, monkeypatch):
+    engine = engines["bloom"]
+    prompt, params = _requests(engine)[0]
+    want = _stream(engine, prompt, params)[0]
+    batcher = engine.batcher
+    forward = batcher._forward
+    calls = {"n": 0}
+
+    def failing(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(batcher, "_forward", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        _stream(engine, prompt, params)
+    assert _stream(engine, prompt, params)[0] == want
+    assert engine.batch_status()["failed"] >= 1
+
+
+def test_a_model_whose_cache_cannot_be_joined_decodes_one_request_at_a_time(engines, monkeypatch):
+    engine = engines["qwen2"]
+    requests = _requests(engine)[:4]
+    solo = [_stream(engine, p, params)[0] for p, params in requests]
+    monkeypatch.setattr(engine.batcher, "joinable", False)
+    watch = _Watch(engine.batcher, monkeypatch)
+    assert engine.batch_status()["max_batch_size"] == 1
+    assert [t for t, _ in _run_together(engine, requests, stagger=False)] == solo
+    assert set(watch.sizes) == {1}
