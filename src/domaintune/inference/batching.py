@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from .stops import StopScanner
+from .streaming import END, StreamState, deliver
 
 if TYPE_CHECKING:
     import torch
 
     from .params import GenerationParams
 
-END = object()  # the last item of a request's queue (after its final delta)
 DEFAULT_MAX_QUEUE = 64  # requests a server admits beyond its batch, waiting for a place (serve --max-queue)
 
 
@@ -54,24 +54,15 @@ def check_batch_limits(max_batch_size: int | None, max_queue: int) -> None:
                         f"got {max_queue}")
 
 
-@dataclass
-class StreamState:
-    """Filled in while `Engine.stream` runs; complete once the iterator is exhausted."""
-
-    prompt_tokens: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "stop"
-    text: str = ""
-
-
 @dataclass(eq=False)  # requests are compared by identity
 class _Request:
     prompt: list[int]
     params: GenerationParams
     stop_event: threading.Event
     state: StreamState
-    out: queue.Queue
+    out: Any  # queue.Queue, or an asyncio.Queue filled on `loop`
     scanner: StopScanner
+    loop: Any = None  # the asyncio loop of an async consumer (deltas are handed over once per step)
     raw: list[int] = field(default_factory=list)  # generated ids, a stop token included
     decoded: str = ""  # text decoded so far
     sent: str = ""  # text sent so far
@@ -89,6 +80,7 @@ class Batcher:
         self.waiting: deque[_Request] = deque()
         self.rows: list[_Request] = []  # the running batch, in cache row order
         self.joining: list[_Request] = []  # taken from the queue, being prefilled
+        self.outbox: list[tuple[_Request, Any]] = []  # items for async consumers, handed over after each step
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # (rows, cache length): 1 = a real token, 0 = padding
         self.pending: torch.Tensor | None = None  # (rows,): each row's last sampled token, not yet fed
@@ -105,11 +97,15 @@ class Batcher:
 
     # ------------------------------------------------------------ the callers' side
     def submit(self, prompt: list[int], params: GenerationParams, stop_event: threading.Event,
-               state: StreamState) -> queue.Queue:
-        """Queue a request; its queue receives text deltas (str), then an exception or END."""
+               state: StreamState, loop: Any = None) -> Any:
+        """Queue a request; its queue receives text deltas (str), then an exception or END. With an asyncio
+        `loop`, an asyncio.Queue (call from that loop), filled on it once per step; else a queue.Queue."""
+        import asyncio
+
         import torch
 
-        req = _Request(prompt, params, stop_event, state, queue.Queue(), StopScanner(self.engine.stop_strings))
+        out = asyncio.Queue() if loop is not None else queue.Queue()
+        req = _Request(prompt, params, stop_event, state, out, StopScanner(self.engine.stop_strings), loop=loop)
         state.prompt_tokens = len(prompt)
         if params.do_sample:
             req.generator = torch.Generator(device=self.engine.device)
@@ -150,6 +146,7 @@ class Batcher:
                         self._step()
                     except BaseException as e:  # noqa: BLE001 - every request of the batch learns of it
                         self._fail_all(e)
+                    self._flush()
                     with self.cond:
                         if not self.waiting and not self.rows:
                             break
@@ -269,7 +266,7 @@ class Batcher:
             r.decoded = text
             if delta:
                 r.sent += delta
-                r.out.put(delta)
+                self._put(r, delta)
         return stop or r.scanner.hit or len(r.raw) >= r.params.max_new_tokens or r.stop_event.is_set()
 
     def _finished(self, r: _Request) -> bool:
@@ -280,11 +277,30 @@ class Batcher:
         """The final text (Engine._finish: cut at stop tokens and strings), the rest of the stream, END."""
         text, ids, reason = self.engine._finish(r.raw, r.params.max_new_tokens)
         if len(text) > len(r.sent) and text.startswith(r.sent):
-            r.out.put(text[len(r.sent):])
+            self._put(r, text[len(r.sent):])
         r.state.text, r.state.token_ids, r.state.finish_reason = text, ids, reason
         self.counts["stopped" if cancelled else "completed"] += 1
         self.recent.append(time.perf_counter() - r.enqueued)
-        r.out.put(END)
+        self._put(r, END)
+
+    def _put(self, r: _Request, item: Any) -> None:
+        if r.loop is None:
+            r.out.put(item)
+        else:
+            self.outbox.append((r, item))
+
+    def _flush(self) -> None:
+        """Hand this step's items to the async consumers: one call per event loop, not one per delta."""
+        by_loop: dict[Any, list] = {}
+        for r, item in self.outbox:
+            by_loop.setdefault(r.loop, []).append((r, item))
+        self.outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(deliver, items)
+            except RuntimeError:  # the loop closed (a server shutting down): nobody reads these any more
+                for r, _ in items:
+                    r.stop_event.set()
 
     def _drop(self, indices: list[int]) -> None:
         """Remove finished rows from the batch and its cache, then trim columns that are padding in every row."""
@@ -314,7 +330,7 @@ class Batcher:
             self.waiting.clear()
         for r in victims:
             self.counts["failed"] += 1
-            r.out.put(e)
+            self._put(r, e)
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

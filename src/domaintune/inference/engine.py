@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from ..data.encode import with_system
 from ..errors import UserError
-from .batching import END, Batcher, StreamState
+from .batching import Batcher
 from .params import GenerationParams
 from .stops import find_stop, tokens_through_stop
+from .streaming import Stream, StreamState
 
 DEFAULT_MAX_BATCH_SIZE = 16  # concurrent streams decoded together (serve --max-batch-size)
 
@@ -199,24 +200,12 @@ class Engine:
         Thread-safe: concurrent streams are decoded together by the engine's continuous batcher (up to
         `max_batch_size` at a time; batching.py), each answer as it would be alone. `state` (optional)
         receives token counts and the finish reason; it is complete before the iterator ends. Setting
-        `stop_event` (or closing the iterator) ends generation at the next step and frees the place.
+        `stop_event` (or closing the iterator) ends generation at the next step and frees the place. The
+        returned `Stream` is also an async iterator: an asyncio server reads it without a thread per request.
+        The request is checked (context length, beam search: UserError) and queued on first use.
         """
-        self._check_fits(len(prompt), params.max_new_tokens)
-        if params.num_beams > 1:
-            raise UserError("streaming supports greedy or sampling decoding, not beam search (num_beams > 1)")
-        state = state if state is not None else StreamState()
-        stop_event = stop_event or threading.Event()
-        out = self.batcher.submit(prompt, params, stop_event, state)
-        try:
-            while True:
-                item = out.get()
-                if item is END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop_event.set()  # a no-op after the end; a consumer that went away frees its place
+        return Stream(self, prompt, params, stop_event or threading.Event(),
+                      state if state is not None else StreamState())
 
     # ------------------------------------------------------------ scoring
     def score_samples(self, samples: list[dict], reduce: Any = None) -> dict:

@@ -27,8 +27,17 @@ class APIError(Exception):
 
 async def generate(engine: Engine, prompt: list[int], params: GenerationParams, stop_event: threading.Event,
                    state: StreamState) -> AsyncIterator[str]:
-    """Yield text deltas of `engine.stream` (the batcher decides when the request runs), read by a worker
-    thread."""
+    """Yield text deltas of `engine.stream` (the batcher decides when the request runs): read as an async
+    iterator when the engine's stream is one (Engine: deltas handed to the event loop once per step), else by a
+    worker thread (an engine with a blocking iterator)."""
+    stream = engine.stream(prompt, params, stop_event=stop_event, state=state)
+    if hasattr(stream, "__anext__"):
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            stop_event.set()  # a no-op after a normal end; stops generation when the consumer went away
+        return
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
 
@@ -40,7 +49,7 @@ async def generate(engine: Engine, prompt: list[int], params: GenerationParams, 
 
     def work() -> None:
         try:
-            for delta in engine.stream(prompt, params, stop_event=stop_event, state=state):
+            for delta in stream:
                 post(("delta", delta))
             post(("end", None))
         except BaseException as e:  # noqa: BLE001 - re-raised in the request's task
