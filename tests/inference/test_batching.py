@@ -230,3 +230,45 @@ def test_a_model_whose_cache_cannot_be_joined_decodes_one_request_at_a_time(engi
     assert engine.batch_status()["max_batch_size"] == 1
     assert [t for t, _ in _run_together(engine, requests, stagger=False)] == solo
     assert set(watch.sizes) == {1}
+
+
+def test_a_failing_prefill_fails_only_the_joiners(engines, monkeypatch):
+    """E.g. out of memory on a newcomer's long prompt: the running batch and the queue go on."""
+    engine = engines["llama"]
+    (p1, _), (p2, _), (p3, _) = _requests(engine)[:3]
+    long, short = GenerationParams(max_new_tokens=60), GenerationParams(max_new_tokens=8)
+    want1, want3 = _stream(engine, p1, long)[0], _stream(engine, p3, short)[0]
+    batcher = engine.batcher
+    forward, armed = batcher._forward, threading.Event()
+
+    def failing(ids, *a, **kw):
+        if ids.shape[1] > 1 and armed.is_set():  # a prefill, once armed
+            armed.clear()
+            raise RuntimeError("out of memory (simulated)")
+        return forward(ids, *a, **kw)
+
+    monkeypatch.setattr(batcher, "_forward", failing)
+    first = engine.stream(p1, long)
+    head = next(first)  # request 1 is running
+    armed.set()
+    with pytest.raises(RuntimeError, match="simulated"):
+        _stream(engine, p2, short)
+    assert head + "".join(first) == want1  # untouched by the failure next to it
+    assert _stream(engine, p3, short)[0] == want3
+    assert engine.batch_status()["failed"] >= 1
+
+
+def test_an_idle_worker_ends_and_the_next_request_starts_one(engines, monkeypatch):
+    from domaintune.inference import batching
+
+    engine = engines["qwen2"]
+    prompt, params = _requests(engine)[0]
+    want = _stream(engine, prompt, params)[0]
+    monkeypatch.setattr(batching, "IDLE_EXIT_SECONDS", 0.05)
+    _stream(engine, prompt, params)
+    deadline = time.time() + 10
+    while engine.batcher.thread is not None:  # nothing holds the engine once idle
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert not engine.lock.locked()
+    assert _stream(engine, prompt, params)[0] == want

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+from .kvcache import joinable, left_pad
+from .params import logits_processors
 from .stops import StopScanner
 from .streaming import END, StreamState, deliver
 
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
     from .params import GenerationParams
 
 DEFAULT_MAX_QUEUE = 64  # requests a server admits beyond its batch, waiting for a place (serve --max-queue)
+PREFILL_TOKENS = 8192  # padded prompt tokens prefilled in one step (more joiners wait a step; one always goes)
+IDLE_EXIT_SECONDS = 10.0  # the worker ends after this long without work (and starts again on the next request)
 
 
 def check_batch_limits(max_batch_size: int | None, max_queue: int) -> None:
@@ -68,6 +72,7 @@ class _Request:
     sent: str = ""  # text sent so far
     generator: Any = None
     processors: Any = None
+    ended: bool = False  # END or an error was sent
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -87,7 +92,7 @@ class Batcher:
         self.thread: threading.Thread | None = None
         self.counts = {"completed": 0, "stopped": 0, "failed": 0, "generated_tokens": 0, "steps": 0}
         self.recent: deque[float] = deque(maxlen=64)  # seconds from submission to the end, of recent requests
-        self.joinable = _joinable(engine.model)
+        self.joinable = joinable(engine.model)
         import inspect
 
         forward = getattr(engine.model, "get_base_model", lambda: engine.model)().forward
@@ -110,10 +115,10 @@ class Batcher:
         if params.do_sample:
             req.generator = torch.Generator(device=self.engine.device)
             req.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        req.processors = _processors(params)
+        req.processors = logits_processors(params)
         with self.cond:
             self.waiting.append(req)
-            if self.thread is None or not self.thread.is_alive():
+            if self.thread is None:
                 self.thread = threading.Thread(target=self._loop, daemon=True, name="domaintune-batcher")
                 self.thread.start()
             self.cond.notify()
@@ -125,7 +130,7 @@ class Batcher:
         "completed" (a stop token or string of the template, or max_new_tokens), "stopped" early by their caller
         (its stop event: a client that left, or the server's cut at a request's own `stop` string), "failed" (a
         step raised), tokens generated and decoding steps."""
-        with self.cond:
+        with self.cond:  # the worker changes these under the same lock: one consistent snapshot
             mean = sum(self.recent) / len(self.recent) if self.recent else None
             return {"running": len(self.rows), "queued": len(self.waiting), "max_batch_size": self.limit(),
                     "mean_request_seconds": None if mean is None else round(mean, 3), **self.counts}
@@ -139,7 +144,9 @@ class Batcher:
         while True:
             with self.cond:
                 while not self.waiting and not self.rows:
-                    self.cond.wait()
+                    if not self.cond.wait(timeout=IDLE_EXIT_SECONDS) and not self.waiting:
+                        self.thread = None  # idle: end, so a dropped engine (and its model) can be freed;
+                        return  # submit() starts a new worker
             with lock:  # held while there is work; released when the batch and the queue are empty
                 while True:
                     try:
@@ -158,20 +165,25 @@ class Batcher:
             gone = [r for r in self.waiting if r.stop_event.is_set()]  # left while queued: out of the queue at once
             for r in gone:
                 self.waiting.remove(r)
-            joiners = []
+            joiners: list[_Request] = []
+            width = 0  # joiners are prefilled together, padded to the longest: at most PREFILL_TOKENS (or one)
             while self.waiting and len(self.rows) + len(joiners) < self.limit():
+                width = max(width, len(self.waiting[0].prompt))
+                if joiners and width * (len(joiners) + 1) > PREFILL_TOKENS:
+                    break
                 joiners.append(self.waiting.popleft())
-        for r in gone:
-            self._end(r, cancelled=True)
-        with torch.inference_mode():
-            if joiners:
-                self.joining = joiners  # not in the queue nor in the batch until they are joined
-                try:
+            self.joining = joiners  # neither queued nor in the batch until they are joined
+        try:
+            for r in gone:
+                self._end(r, cancelled=True)
+            with torch.inference_mode():
+                if joiners:
                     self._prefill(joiners)
-                finally:
-                    self.joining = []
-            elif self.rows:
-                self._decode()
+                elif self.rows:
+                    self._decode()
+        finally:
+            with self.cond:
+                self.joining = []
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
         """Logits of each row's last position, in fp32."""
@@ -193,7 +205,14 @@ class Batcher:
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in joiners], device=dev)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does for left padding
         cache = DynamicCache(config=self.engine.model.config)
-        logits = self._forward(ids, mask, positions, cache)
+        try:
+            logits = self._forward(ids, mask, positions, cache)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: only the joiners fail, the batch goes on
+            del cache
+            _free_device_memory(e)
+            for r in joiners:
+                self._fail(r, e)
+            return
         self._join(joiners, cache, mask)
         self._sample_and_emit(logits, first=len(self.rows) - len(joiners))
 
@@ -218,9 +237,9 @@ class Batcher:
         width = max(old, new)
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             for name in ("keys", "values"):
-                a, b = _left_pad(getattr(mine, name), width), _left_pad(getattr(theirs, name), width)
+                a, b = left_pad(getattr(mine, name), width), left_pad(getattr(theirs, name), width)
                 setattr(mine, name, torch.cat([a, b], dim=0))
-        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)], dim=0)
+        self.mask = torch.cat([left_pad(self.mask, width, dim=1), left_pad(mask, width, dim=1)], dim=0)
         self.pending = torch.cat([self.pending, mask.new_zeros(len(joiners))])
         self.rows.extend(joiners)
 
@@ -242,7 +261,9 @@ class Batcher:
                 tokens[i] = torch.multinomial(probs, 1, generator=r.generator)[0, 0]
         assert self.pending is not None
         self.pending[first:] = tokens
-        self.counts["steps"] += 1
+        with self.cond:
+            self.counts["steps"] += 1
+            self.counts["generated_tokens"] += len(rows)
         done = [i + first for i, (r, t) in enumerate(zip(rows, tokens.tolist(), strict=True)) if self._emit(r, t)]
         for i in range(first):  # rows that were not stepped can still have been cancelled
             if self.rows[i].stop_event.is_set():
@@ -256,7 +277,6 @@ class Batcher:
         """Record a row's new token and send its text delta; True when the row is finished."""
         engine = self.engine
         r.raw.append(token)
-        self.counts["generated_tokens"] += 1
         stop = token in engine.stop_ids
         ids = r.raw[:-1] if stop else r.raw
         r.state.token_ids = list(ids)
@@ -275,12 +295,14 @@ class Batcher:
 
     def _end(self, r: _Request, cancelled: bool) -> None:
         """The final text (Engine._finish: cut at stop tokens and strings), the rest of the stream, END."""
+        r.ended = True
         text, ids, reason = self.engine._finish(r.raw, r.params.max_new_tokens)
         if len(text) > len(r.sent) and text.startswith(r.sent):
             self._put(r, text[len(r.sent):])
         r.state.text, r.state.token_ids, r.state.finish_reason = text, ids, reason
-        self.counts["stopped" if cancelled else "completed"] += 1
-        self.recent.append(time.perf_counter() - r.enqueued)
+        with self.cond:
+            self.counts["stopped" if cancelled else "completed"] += 1
+            self.recent.append(time.perf_counter() - r.enqueued)
         self._put(r, END)
 
     def _put(self, r: _Request, item: Any) -> None:
@@ -321,60 +343,28 @@ class Batcher:
             layer.values = layer.values[idx, :, cut:]
 
     def _fail_all(self, e: BaseException) -> None:
-        """A step failed (e.g. out of memory): every request in the batch, joining it or queued gets the error."""
+        """A decoding step failed (e.g. out of memory): the requests in the batch, or joining it, get the error and
+        the batch's cache is dropped; queued requests wait for their turn as before."""
         with self.cond:
             seen: set[int] = set()
-            everyone = self.joining + self.rows + list(self.waiting)
+            everyone = self.joining + self.rows
             victims = [r for r in everyone if not (id(r) in seen or seen.add(id(r)))]
             self.rows, self.cache, self.mask, self.pending, self.joining = [], None, None, None, []
-            self.waiting.clear()
+        _free_device_memory(e)
         for r in victims:
-            self.counts["failed"] += 1
+            self._fail(r, e)
+
+    def _fail(self, r: _Request, e: BaseException) -> None:
+        if not r.ended:  # a request that already got its END keeps it
+            r.ended = True
+            with self.cond:
+                self.counts["failed"] += 1
             self._put(r, e)
 
 
-def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """`t` with zeros added before its entries along `dim` up to `width`."""
+def _free_device_memory(e: BaseException) -> None:
+    """After a CUDA out-of-memory error, give the cached blocks back so the next step can allocate."""
     import torch
 
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _processors(params: GenerationParams) -> Any:
-    """transformers' logits processors for `params`, in `generate`'s order; None when there are none."""
-    from transformers import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    procs = LogitsProcessorList()
-    if params.repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-    if params.do_sample:
-        if params.temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(params.temperature))
-        if params.top_k:
-            procs.append(TopKLogitsWarper(params.top_k))
-        if params.top_p < 1.0:
-            procs.append(TopPLogitsWarper(params.top_p))
-    return procs or None
-
-
-def _joinable(model: Any) -> bool:
-    """Whether the model's cache is made of plain full-attention layers, which can be padded and joined."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    try:
-        cache = DynamicCache(config=model.config)
-    except Exception:  # noqa: BLE001 - a config the cache cannot read: decode one request at a time
-        return False
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()

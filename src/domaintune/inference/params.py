@@ -8,6 +8,7 @@ built from these (cli/options.py), so `--help` shows the same numbers the code u
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from ..errors import UserError
 
@@ -53,6 +54,31 @@ class GenerationParams:
         if self.do_sample:
             kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return kw
+
+
+def logits_processors(params: GenerationParams) -> Any:
+    """transformers' logits processors for these settings, in the order `generate` applies them (repetition
+    penalty; with sampling: temperature, top-k, top-p); None when there are none. The continuous batcher applies
+    them per request, so a request decodes as `generate` would decode it alone."""
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.do_sample:
+        if params.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            procs.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            procs.append(TopPLogitsWarper(params.top_p))
+    return procs or None
 
 
 def field_help(name: str) -> str:

@@ -1,0 +1,32 @@
+"""KV-cache rows of several requests in one transformers `DynamicCache` (batching.py): which models allow it, and
+left padding to join caches of different lengths."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+def left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """`t` with zeros added before its entries along `dim` up to `width`."""
+    import torch
+
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def joinable(model: Any) -> bool:
+    """Whether the model's cache is made of plain full-attention layers, which can be padded and joined."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001 - a config the cache cannot read: decode one request at a time
+        return False
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
