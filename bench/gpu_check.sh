@@ -14,6 +14,8 @@
 #   5. the distributed engines at world size 1: FSDP (LoRA, QLoRA) and DeepSpeed ZeRO-2/3 (ZeRO-2/3 with CPU
 #      offload) runs that must save ordinary adapter run directories predict reads (bench/distributed_check.py);
 #      it runs right after step 1, as it has never been measured on a GPU
+#   6. serving: the default engine's batched streams and vLLM (`--engine vllm`) on a 0.5B shape with a LoRA adapter
+#      (bench/vllm_check.py; without vLLM, the default engine only); it runs third, after step 5
 #
 # Set-up on a machine without internet (run here, where pip works, then carry both folders):
 #   bash bench/gpu_wheels.sh                      # the training stack's wheels -> .whl/
@@ -97,6 +99,17 @@ step loss-equality 90 "$PY" bench/loss_equality.py --device "$DEV" "${SAVE[@]}"
 # after each engine (a dry run: FSDP on the CPU).
 step distributed 150 "$PY" bench/distributed_check.py --device "$DEV" "${SAVE[@]}"
 
+# 6 (runs third: never measured on a GPU yet). Serving: the default engine's continuous batching and vLLM
+#    (`--engine vllm`) on a 0.5B shape with a LoRA adapter: throughput, greedy agreement, loss through prompt
+#    logprobs, abort of a stream whose client left (bench/vllm_check.py). Without vLLM (not in the device image;
+#    its wheel is too large to carry) the default engine is measured and the vLLM half is recorded as skipped.
+if [ -n "$DRY" ]; then
+  step serving 120 "$PY" bench/vllm_check.py --dry
+else
+  "$PY" -c "import vllm" >/dev/null 2>&1 || say "== serving: vllm is not installed: the vLLM half is skipped"
+  step serving 150 "$PY" bench/vllm_check.py --data "$DATA"
+fi
+
 # 2. Training throughput, both arms per shape (each arm in its own process: clean peak memory).
 if [ -n "$DRY" ]; then
   step throughput-cpu 400 "$PY" bench/train_throughput.py --device cpu --rows 8 --data "$DATA" "${SAVE[@]}"
@@ -127,9 +140,10 @@ else
 fi
 
 if [ -n "${OUT:-}" ] && [ -z "$DRY" ]; then  # the device machine sends back what is under $OUT
-  mkdir -p "$OUT/results"
-  cp "$RESULTS"/train_throughput-cuda-*.json "$RESULTS"/loss_equality-cuda.json "$RESULTS"/qlora-cuda.json \
-    "$RESULTS"/generation_batching.md "$RESULTS"/distributed-cuda.json "$LOG" "$OUT/results/" 2>/dev/null
+  # one archive: the device tool sends back at most 8 files
+  tar -czf "$OUT/gpu_results.tgz" --ignore-failed-read "$RESULTS"/train_throughput-cuda-*.json \
+    "$RESULTS"/loss_equality-cuda.json "$RESULTS"/qlora-cuda.json "$RESULTS"/generation_batching.md \
+    "$RESULTS"/distributed-cuda.json "$RESULTS"/vllm_check-cuda.json "$RESULTS"/vllm_check.md "$LOG" 2>/dev/null
 fi
 say "== gpu_check done in $SECONDS s; failed: ${FAILED[*]:-none}"
 [ ${#FAILED[@]} -eq 0 ]

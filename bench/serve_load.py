@@ -6,13 +6,21 @@ machine). Sends --n chat (or text) completion requests with --concurrency in fli
 --max-tokens tokens, through the official openai client; then stops the server it started.
 
     .venv/bin/python bench/serve_load.py [MODEL_DIR] [--n 200] [--concurrency 16] [--max-tokens 32] [--stream]
+    .venv/bin/python bench/serve_load.py --compare-serial      # the serial server (--max-batch-size 1) too
     .venv/bin/python bench/serve_load.py --url http://127.0.0.1:8000 --pid 1234 [--api-key KEY]
 
 Default target: a tiny model with random weights, built by `domaintune make-tiny-model OUT --size micro` in
 a temporary folder (answers run to max_tokens: the worst case). Prints errors counted by kind, latency
 p50/p95 (request sent -> answer complete; time to first token too with --stream), requests/s, generated
 tokens/s and the server process's resident memory (VmRSS from /proc/PID/status) after the model loaded and
-after the load. The server answers one request at a time, so latency includes the wait in its queue.
+after the load. Latency includes the wait in the server's queue.
+
+Answers are checked: before the load, each distinct prompt is sent alone (one request at a time); with
+greedy decoding (--temperature 0, the default) every answer under load must equal its solo answer, and the
+mismatches are counted. In the same run, and before the server under test, --baseline-rev REV serves the
+same model with the code of git revision REV (e.g. the last one before continuous batching: the serial
+server), and --compare-serial with this code at --max-batch-size 1 (one request decoded at a time); the
+ratios to each are printed.
 """
 from __future__ import annotations
 
@@ -74,11 +82,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, template: str | None, key: str, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, template: str | None, key: str, threads: int | None,
+                 max_batch_size: int | None, src: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`domaintune serve` on a free port; with `src`, the package found there (an older revision's src/)."""
     port = free_port()
     cmd = [sys.executable, "-m", "domaintune", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning"] + (["--template", template] if template else [])
+    cmd += ["--max-batch-size", str(max_batch_size)] if max_batch_size else []
     env = {**os.environ, "DOMAINTUNE_API_KEY": key}
+    if src is not None:
+        env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -109,57 +122,113 @@ def pct(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-async def one(client, model: str, i: int, a: argparse.Namespace) -> tuple[float, float | None, int]:
-    """Send request i; (seconds to the complete answer, seconds to the first text or None, completion tokens)."""
+async def one(client, model: str, i: int, a: argparse.Namespace) -> tuple[float, float | None, int, str]:
+    """Send request i; (seconds to the complete answer, seconds to the first text or None, completion tokens,
+    the answer's text)."""
     prompt = PROMPTS[i % len(PROMPTS)]
     t0 = time.perf_counter()
     first = None
+    sampling = dict(max_tokens=a.max_tokens, temperature=a.temperature)
     if a.endpoint == "chat":
-        kw = dict(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=a.max_tokens)
+        kw = dict(model=model, messages=[{"role": "user", "content": prompt}], **sampling)
         if not a.stream:
             r = await client.chat.completions.create(**kw)
-            return time.perf_counter() - t0, None, r.usage.completion_tokens
+            return time.perf_counter() - t0, None, r.usage.completion_tokens, r.choices[0].message.content
         stream = await client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
     else:
-        kw = dict(model=model, prompt=prompt, max_tokens=a.max_tokens)
+        kw = dict(model=model, prompt=prompt, **sampling)
         if not a.stream:
             r = await client.completions.create(**kw)
-            return time.perf_counter() - t0, None, r.usage.completion_tokens
+            return time.perf_counter() - t0, None, r.usage.completion_tokens, r.choices[0].text
         stream = await client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
-    tokens = 0
+    tokens, parts = 0, []
     async for chunk in stream:
-        if chunk.choices and first is None:
+        if chunk.choices:
             text = chunk.choices[0].delta.content if a.endpoint == "chat" else chunk.choices[0].text
             if text:
-                first = time.perf_counter() - t0
+                parts.append(text)
+                first = first if first is not None else time.perf_counter() - t0
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
-    return time.perf_counter() - t0, first, tokens
+    return time.perf_counter() - t0, first, tokens, "".join(parts)
 
 
-async def load(url: str, key: str, model: str, a: argparse.Namespace) -> tuple[list, Counter, float]:
+async def load(url: str, key: str, model: str, a: argparse.Namespace) -> tuple[list, Counter, float, int]:
+    """(results by request index, errors by kind, wall seconds, answers that differ from their solo answer)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=key or "none", max_retries=0, timeout=a.timeout)
     gate = asyncio.Semaphore(a.concurrency)
     errors: Counter = Counter()
-    results: list = []
+    results: dict[int, tuple] = {}
 
     async def task(i: int) -> None:
         async with gate:
             try:
-                results.append(await one(client, model, i, a))
+                results[i] = await one(client, model, i, a)
             except openai.APIStatusError as e:
                 errors[f"HTTP {e.status_code} {type(e).__name__}"] += 1
             except Exception as e:  # noqa: BLE001 - counted by kind, reported at the end
                 errors[type(e).__name__] += 1
 
-    await one(client, model, 0, a)  # warm-up, not counted
+    # Warm-up (not counted), and each distinct prompt's answer alone, one request at a time.
+    solo = [(await one(client, model, i, a))[3] for i in range(len(PROMPTS))]
     t0 = time.perf_counter()
     await asyncio.gather(*(task(i) for i in range(a.n)))
     wall = time.perf_counter() - t0
     await client.close()
-    return results, errors, wall
+    differ = sum(r[3] != solo[i % len(PROMPTS)] for i, r in results.items()) if a.temperature == 0 else -1
+    return list(results.values()), errors, wall, differ
+
+
+def measure(a: argparse.Namespace, model: Path | None, template: str | None, max_batch_size: int | None,
+            src: Path | None = None) -> dict:
+    """Start a server (or attach to --url), run the load, stop it; the figures."""
+    proc = None
+    if a.url:
+        url, pid = loopback_url(a.url), a.pid
+        key = a.api_key if a.api_key is not None else os.environ.get("DOMAINTUNE_API_KEY", "")
+    else:
+        key = secrets.token_urlsafe(24)
+        proc, url = start_server(model, template, key, a.threads, max_batch_size, src)
+        pid = proc.pid
+    try:
+        model_id = wait_ready(url, proc, timeout=600)
+        rss_ready = rss_mib(pid)
+        results, errors, wall, differ = asyncio.run(load(url, key, model_id, a))
+        rss_after = rss_mib(pid)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return {"url": url, "model": model_id, "results": results, "errors": errors, "wall": wall, "differ": differ,
+            "rss": (rss_ready, rss_after), "max_batch_size": max_batch_size}
+
+
+def report(m: dict, a: argparse.Namespace, label: str) -> None:
+    results, errors, wall = m["results"], m["errors"], m["wall"]
+    latencies = [r[0] for r in results]
+    firsts = [r[1] for r in results if r[1] is not None]
+    tokens = sum(r[2] for r in results)
+    mem = lambda v: "unknown (give --pid)" if v is None else f"{v:.0f} MiB"  # noqa: E731
+    print(f"== {label}")
+    print(f"server: {m['url']} model '{m['model']}'; {a.n} requests, {a.concurrency} at a time, max_tokens "
+          f"{a.max_tokens}, temperature {a.temperature}, {a.endpoint}{', streamed' if a.stream else ''}")
+    print(f"ok: {len(results)}; errors: {sum(errors.values())}"
+          + (" (" + ", ".join(f"{k}: {v}" for k, v in errors.most_common()) + ")" if errors else ""))
+    if m["differ"] >= 0:
+        print(f"answers different from the same prompt's solo answer: {m['differ']} of {len(results)}")
+    if latencies:
+        print(f"latency: p50 {pct(latencies, 50):.3f} s, p95 {pct(latencies, 95):.3f} s, "
+              f"max {max(latencies):.3f} s, mean {statistics.fmean(latencies):.3f} s")
+    if firsts:
+        print(f"time to first token: p50 {pct(firsts, 50):.3f} s, p95 {pct(firsts, 95):.3f} s")
+    print(f"throughput: {len(results) / wall:.2f} requests/s, {tokens / wall:.1f} generated tokens/s "
+          f"({tokens} tokens in {wall:.1f} s)")
+    print(f"server memory (VmRSS): {mem(m['rss'][0])} when ready, {mem(m['rss'][1])} after the load")
 
 
 def main() -> None:
@@ -186,63 +255,66 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS of the server it starts (default: unset, torch's default)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds allowed per request (default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="temperature of every request; 0 = greedy, and answers are checked against solo ones "
+                         "(default: %(default)s)")
+    ap.add_argument("--max-batch-size", type=int, default=None,
+                    help="--max-batch-size of the server it starts (default: the server's default)")
+    ap.add_argument("--baseline-rev", default=None, metavar="REV",
+                    help="first run the load against the server of this git revision (its src/, same model and "
+                         "options; the server's --max-batch-size is not passed to it) (default: none)")
+    ap.add_argument("--compare-serial", action="store_true",
+                    help="also run the load against a server with --max-batch-size 1, first, and print the ratios "
+                         "(default: off)")
     a = ap.parse_args()
     if a.n < 1 or a.concurrency < 1 or a.max_tokens < 1:
         raise SystemExit("--n, --concurrency and --max-tokens must be at least 1")
 
-    proc, tmp, template = None, None, a.template
-    if a.url:
-        url, pid = loopback_url(a.url), a.pid
-        key = a.api_key if a.api_key is not None else os.environ.get("DOMAINTUNE_API_KEY", "")
-    else:
-        model = Path(a.model) if a.model else None
-        if model is None:
-            tmp = tempfile.TemporaryDirectory(prefix="domaintune-serve-load-")
-            model = Path(tmp.name) / "tiny"
-            made = subprocess.run([sys.executable, "-m", "domaintune", "make-tiny-model", str(model), "--size",
-                                   a.size], cwd=ROOT, capture_output=True, text=True)
-            if made.returncode:
-                raise SystemExit(f"make-tiny-model failed:\n{made.stdout}{made.stderr}")
-            template = template or "domain_zh"
-        key = secrets.token_urlsafe(24)
-        proc, url = start_server(model, template, key, a.threads)
-        pid = proc.pid
+    if (a.compare_serial or a.baseline_rev) and a.url:
+        raise SystemExit("--compare-serial and --baseline-rev start their own servers: leave --url out")
+    tmp, template, model = None, a.template, Path(a.model) if a.model else None
+    if model is None and not a.url:
+        tmp = tempfile.TemporaryDirectory(prefix="domaintune-serve-load-")
+        model = Path(tmp.name) / "tiny"
+        made = subprocess.run([sys.executable, "-m", "domaintune", "make-tiny-model", str(model), "--size",
+                               a.size], cwd=ROOT, capture_output=True, text=True)
+        if made.returncode:
+            raise SystemExit(f"make-tiny-model failed:\n{made.stdout}{made.stderr}")
+        template = template or "domain_zh"
+    old = tempfile.TemporaryDirectory(prefix="domaintune-baseline-") if a.baseline_rev else None
     try:
-        model_id = wait_ready(url, proc, timeout=600)
-        rss_ready = rss_mib(pid)
-        results, errors, wall = asyncio.run(load(url, key, model_id, a))
-        rss_after = rss_mib(pid)
+        baseline = None
+        if old is not None:
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", a.baseline_rev, "src"], capture_output=True)
+            if archive.returncode:
+                raise SystemExit(f"--baseline-rev {a.baseline_rev}: {archive.stderr.decode().strip()}")
+            subprocess.run(["tar", "-x", "-C", old.name], input=archive.stdout, check=True)
+            baseline = measure(a, model, template, None, src=Path(old.name) / "src")
+        serial = measure(a, model, template, 1) if a.compare_serial else None
+        main_run = measure(a, model, template, a.max_batch_size)
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        if tmp is not None:
-            tmp.cleanup()
+        for t in (tmp, old):
+            if t is not None:
+                t.cleanup()
 
-    latencies = [r[0] for r in results]
-    firsts = [r[1] for r in results if r[1] is not None]
-    tokens = sum(r[2] for r in results)
-    mem = lambda v: "unknown (give --pid)" if v is None else f"{v:.0f} MiB"  # noqa: E731
     argv = ["***" if i and sys.argv[i - 1] == "--api-key" else v for i, v in enumerate(sys.argv)]
     print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *argv])}")
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {platform.machine()}, "
           f"{os.cpu_count()} CPUs ({platform.processor() or platform.platform()}), python {platform.python_version()}")
-    print(f"server: {url} model '{model_id}'; {a.n} requests, {a.concurrency} at a time, max_tokens {a.max_tokens}, "
-          f"{a.endpoint}{', streamed' if a.stream else ''}")
-    print(f"ok: {len(results)}; errors: {sum(errors.values())}"
-          + (" (" + ", ".join(f"{k}: {v}" for k, v in errors.most_common()) + ")" if errors else ""))
-    if latencies:
-        print(f"latency: p50 {pct(latencies, 50):.3f} s, p95 {pct(latencies, 95):.3f} s, "
-              f"max {max(latencies):.3f} s, mean {statistics.fmean(latencies):.3f} s")
-    if firsts:
-        print(f"time to first token: p50 {pct(firsts, 50):.3f} s, p95 {pct(firsts, 95):.3f} s")
-    print(f"throughput: {len(results) / wall:.2f} requests/s, {tokens / wall:.1f} generated tokens/s "
-          f"({tokens} tokens in {wall:.1f} s)")
-    print(f"server memory (VmRSS): {mem(rss_ready)} when ready, {mem(rss_after)} after the load")
-
+    if baseline is not None:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", a.baseline_rev], capture_output=True,
+                             text=True).stdout.strip()
+        report(baseline, a, f"baseline: the server of revision {a.baseline_rev} ({rev})")
+    if serial is not None:
+        report(serial, a, "serial: --max-batch-size 1 (one request decoded at a time)")
+    batch = "attached server" if a.url else f"--max-batch-size {a.max_batch_size or 'default'}"
+    report(main_run, a, f"batched: {batch}")
+    lat = lambda m, q: pct([r[0] for r in m["results"]], q)  # noqa: E731
+    for name, ref in (("baseline", baseline), ("serial", serial)):
+        if ref is not None and ref["results"] and main_run["results"]:
+            print(f"== ratio ({name} / batched): wall time {ref['wall'] / main_run['wall']:.2f}x, "
+                  f"p50 latency {lat(ref, 50) / lat(main_run, 50):.2f}x, p95 latency "
+                  f"{lat(ref, 95) / lat(main_run, 95):.2f}x")
 
 if __name__ == "__main__":
     main()

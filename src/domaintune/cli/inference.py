@@ -17,9 +17,12 @@ SERVE_SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition
 SERVE_HELP = ("Serve a run (or an exported / any local model directory) with an OpenAI-compatible API: GET /health, "
               "GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streaming as server-sent events), "
               "and a web chat page at /. The model loads in the background after the server starts listening "
-              "(/health: 503 while loading, 200 when ready). One model serves one request at a time: concurrent "
-              "requests wait in a first-come-first-served queue, and a client that disconnects stops its "
-              "generation. Binds 127.0.0.1 unless --host says otherwise; set an API key (--api-key or "
+              "(/health: 503 while loading, 200 when ready). Concurrent requests are decoded together "
+              "(continuous batching: a request joins the running batch at the next step and leaves when it ends, "
+              "its answer the same as alone); beyond --max-batch-size they wait in a first-come-first-served "
+              "queue of --max-queue places, and beyond that get 429 with Retry-After. A client that disconnects "
+              "leaves the batch at the next step. GET /status shows the requests running and queued. "
+              "Binds 127.0.0.1 unless --host says otherwise; set an API key (--api-key or "
               "$DOMAINTUNE_API_KEY) before exposing it: an empty or blank key is an error, not 'no key', and "
               "whitespace around a key is dropped (HTTP cannot send it). Without a key, only requests addressed to "
               "localhost, 127.0.0.1, ::1, the --host address or an --allowed-hosts name are answered (others get "
@@ -27,6 +30,13 @@ SERVE_HELP = ("Serve a run (or an exported / any local model directory) with an 
               "the defaults below (the 'serve' preset); temperature 0 means greedy (and so does one below 1e-5), "
               "and max_tokens is capped by the context the prompt leaves. 'stop' strings are honoured; n must "
               "be 1.")
+
+
+def _add_engine_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="hf: transformers (CPU or GPU; serve batches concurrent requests); vllm: vLLM's engine on a "
+                        "CUDA GPU, with the run's adapter and prompt template (pip install 'domaintune[vllm]') "
+                        "(default: %(default)s)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +62,7 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
                    help="predictions file (default: %(default)s = RUN/predictions.jsonl, or "
                         "RUN/predictions.base.jsonl with --base-only)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: %(default)s)")
+    _add_engine_option(p)
     add_sampling_options(p, "predict", PREDICT_SAMPLING, zero_is_greedy=False)
     add_model_dir_options(p, base_only="use the base model without the run's adapter, for a before/after comparison",
                           template="prompt template (domain_zh, alpaca, chatml, tokenizer or a .json) instead of the "
@@ -73,7 +84,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     params = sampling_params(a, "predict", PREDICT_SAMPLING, zero_is_greedy=False)
     run_predict(a.run, a.data, out=a.out, params=params, batch_size=a.batch_size, base_only=a.base_only,
                 template=a.template, fmt=a.format, evaluate=not a.no_eval, limit=a.limit, overwrite=a.overwrite,
-                allow_pickle=a.allow_pickle)
+                allow_pickle=a.allow_pickle, engine_kind=a.engine)
     return 0
 
 
@@ -101,6 +112,8 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
 
 def _register_serve(sub: argparse._SubParsersAction) -> None:
+    from ..inference.batching import DEFAULT_MAX_QUEUE
+    from ..inference.engine import DEFAULT_MAX_BATCH_SIZE
     from ..inference.serve.server import ENV_KEY
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server + web chat page for a run or model directory",
@@ -121,6 +134,13 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
                    help="model id clients must send (default: the directory's name, '-base' added with --base-only)")
     add_sampling_options(p, "serve", SERVE_SAMPLING, zero_is_greedy=True, flag_names={"max_new_tokens": "--max-tokens"},
                          prefix="for a request that leaves it out: ")
+    _add_engine_option(p)
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                   help="requests decoded together; more memory for the attention cache, more throughput "
+                        "(default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="requests admitted beyond the batch, waiting for a place; past it the server answers 429 "
+                        "with Retry-After (0: no waiting) (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted; larger ones get 413 (default: %(default)s)")
     add_model_dir_options(p, base_only="serve the base model without the run's adapter")
@@ -137,7 +157,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return run_serve(a.run, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
                      base_only=a.base_only, template=a.template, defaults=defaults, max_body_bytes=a.max_body_bytes,
                      device=a.device, dtype=a.dtype, log_level=a.log_level, allowed_hosts=allowed_hosts,
-                     allow_pickle=a.allow_pickle)
+                     allow_pickle=a.allow_pickle, max_batch_size=a.max_batch_size, max_queue=a.max_queue,
+                     engine_kind=a.engine)
 
 
 def _register_export(sub: argparse._SubParsersAction) -> None:

@@ -81,9 +81,9 @@ def _differences(old: dict, new: dict) -> list[str]:
     diffs = []
     if old.get("data", {}).get("sha256") != new["data"]["sha256"]:
         diffs.append(f"test file {old.get('data', {}).get('path')} -> {new['data']['path']} (content differs)")
-    for key in ("base_only", "template"):
-        if old.get(key) != new[key]:
-            diffs.append(f"{key} {old.get(key)!r} -> {new[key]!r}")
+    for key in ("base_only", "template", "engine"):  # "engine" is only written for --engine vllm
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
     old_gen = old.get("generation", {})
     for key, value in new["generation"].items():
         if old_gen.get(key) != value:
@@ -170,18 +170,27 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
                 params: GenerationParams | None = None, batch_size: int = 8, base_only: bool = False,
                 template: str | None = None, fmt: str = "jsonl",
                 evaluate: bool = True, limit: int | None = None, overwrite: bool = False,
-                allow_pickle: bool = False) -> Path:
+                allow_pickle: bool = False, engine_kind: str = "hf") -> Path:
     """Predict every row of `data` (the first `limit` rows) with RUN's model; returns the predictions.jsonl path.
 
     Resumable (see the module docstring). With `evaluate`, scores the file (metrics.run_eval) with the
-    model's loss and perplexity on the targets added, and prints the metrics.
+    model's loss and perplexity on the targets added, and prints the metrics. `engine_kind`: "hf" (the default
+    Engine) or "vllm" (vllm_engine.py, one process on a CUDA GPU; a file started by one engine is not resumed by
+    the other).
     """
     from . import sharded
-    from .engine import Engine
+    from .vllm_engine import ENGINES, load_engine, require_vllm
 
     params = params or PRESETS["predict"]
     _check_args(params, batch_size, fmt, limit)
+    if engine_kind not in ENGINES:
+        raise UserError(f"--engine {engine_kind!r}: choose {' or '.join(ENGINES)}")
     rank, world_size, local_rank = sharded.world()
+    if engine_kind == "vllm":
+        if world_size > 1:
+            raise UserError("--engine vllm runs in one process (vLLM spreads a model over GPUs itself): run predict "
+                            "without torchrun, or use the default engine --engine hf for sharded predict")
+        require_vllm()  # before anything is read: no vLLM or no GPU is said at once
     if world_size > 1:
         sharded.init()
     run = RunDir(run_dir)
@@ -194,6 +203,8 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
     jsonl, array_path = _paths(run, out, base_only, fmt)
     meta = {"data": _file_fingerprint(data), "generation": dataclasses.asdict(params), "base_only": base_only,
             "template": template, "run": str(run.path.resolve())}
+    if engine_kind != "hf":  # files written before --engine existed have no key: the default engine
+        meta["engine"] = engine_kind
     # Rank 0 checks (or, with --overwrite, empties) the output and tells every rank what is done.
     done = set(sharded.agree(rank, lambda: sorted(_prepare_output(jsonl, meta, overwrite))))
     todo = [ex for ex in examples if ex.index not in done]
@@ -201,8 +212,10 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
 
     engine = None
     if todo or (evaluate and has_targets):
-        engine = Engine.from_run(run.path, base_only=base_only, template=template, allow_pickle=allow_pickle,
-                                 device=sharded.device_for(local_rank) if world_size > 1 else None)
+        # vLLM schedules its own batch: up to 256 sequences (its default) rather than the server's 16
+        engine = load_engine(engine_kind, run.path, base_only=base_only, template=template, allow_pickle=allow_pickle,
+                             device=sharded.device_for(local_rank) if world_size > 1 else None,
+                             max_batch_size=max(batch_size, 256) if engine_kind == "vllm" else None)
         if engine.template.instruction_input_format != light.instruction_input_format:
             examples = load_examples(data, require_answer=False, template=engine.template)[:limit]
             todo = [ex for ex in examples if ex.index not in done]
@@ -233,6 +246,8 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
     if evaluate:
         _evaluate(engine, run, jsonl, examples, base_only, has_targets,
                   loss if world_size > 1 and has_targets else None)
+    if hasattr(engine, "close"):  # vLLM: its engine process and GPU memory
+        engine.close()
     return jsonl
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from ...errors import UserError
+from ..batching import DEFAULT_MAX_QUEUE, check_batch_limits
+from ..engine import DEFAULT_MAX_BATCH_SIZE
+from ..vllm_engine import ENGINES, load_engine, require_vllm
 from . import ENV_KEY
 
 if TYPE_CHECKING:
@@ -73,12 +76,16 @@ def run_serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
               model_name: str | None = None, base_only: bool = False, template: str | None = None,
               defaults: GenerationParams | None = None, max_body_bytes: int = 1 << 20, device: str | None = None,
               dtype: str = "auto", log_level: str = "info", allowed_hosts: Iterable[str] = (),
-              allow_pickle: bool = False) -> int:
+              allow_pickle: bool = False, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+              max_queue: int = DEFAULT_MAX_QUEUE, engine_kind: str = "hf") -> int:
     """Serve until interrupted. The API key defaults to $DOMAINTUNE_API_KEY (`resolve_api_key`: an empty or
     blank key is an error, not "no key"). Without a key, only requests addressed to localhost, 127.0.0.1, ::1,
     `host` or an `allowed_hosts` name are answered ("*": any; see guard.py).
     `defaults`: the sampling for requests that leave a parameter out (default: the "serve" preset).
-    `allow_pickle`: load .bin/.pt weights of a model without safetensors (Engine.from_run)."""
+    `allow_pickle`: load .bin/.pt weights of a model without safetensors (Engine.from_run).
+    `max_batch_size`: requests decoded together; `max_queue`: requests admitted beyond those, waiting (more get
+    429; see app.py). `engine_kind`: "hf" (Engine: transformers with continuous batching, batching.py) or
+    "vllm" (vllm_engine.py: vLLM's engine on a CUDA GPU, same API, auth, model name and prompts)."""
     import uvicorn
 
     from ..params import PRESETS
@@ -86,27 +93,30 @@ def run_serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
     from .guard import WILDCARD_BINDS, host_name, shown
 
     defaults = (defaults or PRESETS["serve"]).validate()
+    check_batch_limits(max_batch_size, max_queue)
+    if engine_kind not in ENGINES:
+        raise UserError(f"--engine {engine_kind!r}: choose {' or '.join(ENGINES)}")
+    if engine_kind == "vllm":
+        require_vllm()  # before the server listens: no vLLM or no GPU is said at once
     if not Path(run).is_dir():
         raise UserError(f"'{run}' is not a directory: give a run directory or a model directory")
     api_key = resolve_api_key(api_key, os.environ)
     allowed_hosts = list(allowed_hosts)
     bound = [] if host in WILDCARD_BINDS or host_name(host) is None else [host]  # the bound address is a Host too
     app = create_app(None, api_key=api_key, max_body_bytes=max_body_bytes, defaults=defaults,
-                     allowed_hosts=bound + allowed_hosts)
+                     allowed_hosts=bound + allowed_hosts, max_queue=max_queue)
     for line in startup_notes(host, port, api_key, allowed_hosts):
         print(line, file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off"))
 
     def load() -> None:
-        from ..engine import Engine
-
         while not server.started and not server.should_exit:
             time.sleep(0.05)
         if server.should_exit:
             return
         try:
-            engine = Engine.from_run(run, base_only=base_only, template=template, device=device, dtype=dtype,
-                                     allow_pickle=allow_pickle)
+            engine = load_engine(engine_kind, run, base_only=base_only, template=template, device=device, dtype=dtype,
+                                 allow_pickle=allow_pickle, max_batch_size=max_batch_size)
             if model_name:
                 engine.model_id = model_name
         except Exception as e:  # noqa: BLE001 - reported below, and the server stops
@@ -114,6 +124,11 @@ def run_serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
             server.should_exit = True
             return
         app.state.engine = engine
+        limit = engine.batch_status()["max_batch_size"]
+        if limit < max_batch_size:
+            print(f"note: this model's attention cache (sliding-window or linear-attention layers) cannot be joined "
+                  f"across requests: requests are decoded one at a time (--max-batch-size {max_batch_size} is "
+                  "not reached)", file=sys.stderr)
         url = f"http://{shown(host)}:{port}"
         print(f"ready: model '{engine.model_id}' at {url}/v1 (web chat: {url}/)"
               + (" - API key required" if api_key else ""), flush=True)
