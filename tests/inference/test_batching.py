@@ -272,3 +272,12 @@ def test_an_idle_worker_ends_and_the_next_request_starts_one(engines, monkeypatc
         time.sleep(0.01)
     assert not engine.lock.locked()
     assert _stream(engine, prompt, params)[0] == want
+
+
+def test_a_lora_run_batches_through_its_adapter(tiny_run):
+    """The run's adapter (a PeftModel around the base) takes the batcher's cache, mask and positions too."""
+    engine = Engine.from_run(tiny_run, device="cpu")
+    assert type(engine.model).__name__ == "PeftModelForCausalLM" and engine.batcher.takes_positions
+    requests = _requests(engine)[:6]
+    want = [engine.generate([p], params, batch_size=1)[0].text for p, params in requests]
+    assert [t for t, _ in _run_together(engine, requests, stagger=False)] == want
