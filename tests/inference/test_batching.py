@@ -281,3 +281,36 @@ def test_a_lora_run_batches_through_its_adapter(tiny_run):
     requests = _requests(engine)[:6]
     want = [engine.generate([p], params, batch_size=1)[0].text for p, params in requests]
     assert [t for t, _ in _run_together(engine, requests, stagger=False)] == want
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_long_answers_decoded_piece_by_piece_equal_the_whole_decode(engines, arch, monkeypatch):
+    """Past STABLE_EVERY tokens only the text after the last whole character is decoded again; the stream and
+    its final text stay those of decoding everything (broken characters included), and so does the full
+    decode used for tokenizers that do not concatenate."""
+    engine = engines[arch]
+    assert engine.batcher.concatenative  # the tiny models' byte-level BPE
+    requests = [(p, GenerationParams(max_new_tokens=250)) for p, _ in _requests(engine)[:4]]
+    want = [engine.generate([p], params)[0] for p, params in requests]
+    assert any("\ufffd" in g.text for g in want)  # random weights write broken characters: boundaries matter
+    for concatenative in (True, False):
+        monkeypatch.setattr(engine.batcher, "concatenative", concatenative)
+        got = _run_together(engine, requests, stagger=False)
+        assert [(t, s.text, s.token_ids) for t, s in got] == [(g.text, g.text, g.token_ids) for g in want]
+
+
+def test_which_tokenizers_decode_piece_by_piece(engines):
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from domaintune.inference.kvcache import concatenative_decoding
+
+    assert concatenative_decoding(engines["qwen2"].tokenizer)
+    sentencepiece_like = Tokenizer(models.BPE())
+    sentencepiece_like.decoder = decoders.Metaspace()  # drops the leading space of a piece: not concatenative
+    assert not concatenative_decoding(PreTrainedTokenizerFast(tokenizer_object=sentencepiece_like))
+    byte_level = Tokenizer(models.BPE())
+    byte_level.decoder = decoders.ByteLevel()
+    assert concatenative_decoding(PreTrainedTokenizerFast(tokenizer_object=byte_level))
+    assert not concatenative_decoding(PreTrainedTokenizerFast(tokenizer_object=byte_level,
+                                                              clean_up_tokenization_spaces=True))

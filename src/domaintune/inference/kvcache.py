@@ -1,5 +1,6 @@
-"""KV-cache rows of several requests in one transformers `DynamicCache` (batching.py): which models allow it, and
-left padding to join caches of different lengths."""
+"""Helpers of the continuous batcher (batching.py): KV-cache rows of several requests in one transformers
+`DynamicCache` (which models allow it, left padding to join caches of different lengths), and whether a
+tokenizer's decoding can be done piece by piece."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -30,3 +31,12 @@ def joinable(model: Any) -> bool:
     except Exception:  # noqa: BLE001 - a config the cache cannot read: decode one request at a time
         return False
     return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def concatenative_decoding(tokenizer: Any) -> bool:
+    """Whether decode(a + b) == decode(a) + decode(b) whenever decode(a) ends on a whole character: a fast
+    tokenizer with a byte-level decoder (GPT-2 style: Qwen, LLaMA-3, BLOOM) that does not clean up spaces
+    around punctuation afterwards. SentencePiece decoders (which drop a leading space) and clean-up do not."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return type(decoder).__name__ == "ByteLevel" and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
