@@ -36,8 +36,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UserError
 from .kvcache import concatenative_decoding, joinable, left_pad
 from .params import logits_processors
-from .stops import StopScanner
-from .streaming import END, StreamState, deliver
+from .streaming import END, StreamState, TextDeltas, deliver
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_QUEUE = 64  # requests a server admits beyond its batch, waiting for a place (serve --max-queue)
 PREFILL_TOKENS = 8192  # padded prompt tokens prefilled in one step (more joiners wait a step; one always goes)
-STABLE_EVERY = 16  # tokens decoded again at most (twice this) per step, with a concatenating decoder
 IDLE_EXIT_SECONDS = 10.0  # the worker ends after this long without work (and starts again on the next request)
 
 
@@ -66,13 +64,9 @@ class _Request:
     stop_event: threading.Event
     state: StreamState
     out: Any  # queue.Queue, or an asyncio.Queue filled on `loop`
-    scanner: StopScanner
+    text: TextDeltas
     loop: Any = None  # the asyncio loop of an async consumer (deltas are handed over once per step)
     raw: list[int] = field(default_factory=list)  # generated ids, a stop token included
-    decoded: str = ""  # text decoded so far
-    stable: int = 0  # ids whose text is `stable_text` and ends on a whole character (Batcher._text)
-    stable_text: str = ""
-    sent: str = ""  # text sent so far
     generator: Any = None
     processors: Any = None
     ended: bool = False  # END or an error was sent
@@ -114,7 +108,7 @@ class Batcher:
         import torch
 
         out = asyncio.Queue() if loop is not None else queue.Queue()
-        req = _Request(prompt, params, stop_event, state, out, StopScanner(self.engine.stop_strings), loop=loop)
+        req = _Request(prompt, params, stop_event, state, out, TextDeltas(self.engine, self.concatenative), loop=loop)
         state.prompt_tokens = len(prompt)
         if params.do_sample:
             req.generator = torch.Generator(device=self.engine.device)
@@ -284,37 +278,21 @@ class Batcher:
         stop = token in engine.stop_ids
         ids = r.raw[:-1] if stop else r.raw
         r.state.token_ids = r.raw  # so far (the final ids, without a stop token, come with the end)
-        text = self._text(r, ids)
-        if not text.endswith("\ufffd") and len(text) > len(r.decoded) and text.startswith(r.decoded):
-            delta = r.scanner.feed(text[len(r.decoded):])
-            r.decoded = text
-            if delta:
-                r.sent += delta
-                self._put(r, delta)
-        return stop or r.scanner.hit or len(r.raw) >= r.params.max_new_tokens or r.stop_event.is_set()
-
-    def _text(self, r: _Request, ids: list[int]) -> str:
-        """decode(ids), exactly. With a byte-level decoder (and no clean-up of spaces), decoding concatenates at
-        any point where the text so far does not end in an incomplete character (U+FFFD): only the ids after the
-        last such point are decoded, so a step costs the same at the 2000th token as at the 20th."""
-        if not self.concatenative:
-            return self.engine.decode(ids)
-        text = r.stable_text + self.engine.decode(ids[r.stable:])
-        if len(ids) - r.stable >= STABLE_EVERY and not text.endswith("\ufffd"):
-            r.stable, r.stable_text = len(ids), text
-        return text
+        delta = r.text.feed(ids)
+        if delta:
+            self._put(r, delta)
+        return stop or r.text.hit or len(r.raw) >= r.params.max_new_tokens or r.stop_event.is_set()
 
     def _finished(self, r: _Request) -> bool:
-        return bool(r.raw) and (r.raw[-1] in self.engine.stop_ids or r.scanner.hit
+        return bool(r.raw) and (r.raw[-1] in self.engine.stop_ids or r.text.hit
                                 or len(r.raw) >= r.params.max_new_tokens)
 
     def _end(self, r: _Request, cancelled: bool) -> None:
         """The final text (Engine._finish: cut at stop tokens and strings), the rest of the stream, END."""
         r.ended = True
-        text, ids, reason = self.engine._finish(r.raw, r.params.max_new_tokens)
-        if len(text) > len(r.sent) and text.startswith(r.sent):
-            self._put(r, text[len(r.sent):])
-        r.state.text, r.state.token_ids, r.state.finish_reason = text, ids, reason
+        tail = r.text.finish(r.raw, r.params.max_new_tokens, r.state)
+        if tail:
+            self._put(r, tail)
         with self.cond:
             self.counts["stopped" if cancelled else "completed"] += 1
             self.recent.append(time.perf_counter() - r.enqueued)

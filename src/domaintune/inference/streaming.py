@@ -1,5 +1,6 @@
-"""A request's stream of text deltas: `StreamState` (what it produced) and `Stream` (`Engine.stream`'s iterator,
-blocking or async), fed by the continuous batcher (batching.py)."""
+"""A request's stream of text deltas: `StreamState` (what it produced), `TextDeltas` (ids as they arrive -> text
+deltas, shared by the batcher and the vLLM engine) and `Stream` (`Engine.stream`'s iterator, blocking or async),
+fed by the continuous batcher (batching.py)."""
 from __future__ import annotations
 
 import threading
@@ -7,11 +8,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+from .stops import StopScanner
 
 if TYPE_CHECKING:
     from .params import GenerationParams
 
 END = object()  # the last item of a request's queue (after its final delta)
+STABLE_EVERY = 16  # tokens decoded again at most (twice this) per step, with a concatenating decoder
 
 
 @dataclass
@@ -22,6 +25,51 @@ class StreamState:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "stop"
     text: str = ""
+
+
+class TextDeltas:
+    """One answer's text as its tokens arrive: deltas whose concatenation, with `finish`'s tail, is the final
+    text (`engine._finish`: cut at the template's stop tokens and strings; a possible partial match of a stop
+    string is held back until it is decided, an incomplete character until it is whole).
+
+    `concatenative` (kvcache.concatenative_decoding): decoding concatenates wherever the text so far does not end
+    in an incomplete character (U+FFFD), so only the ids after the last such point are decoded again and a step
+    costs the same at the 2000th token as at the 20th; otherwise every step decodes the whole answer."""
+
+    def __init__(self, engine: Any, concatenative: bool) -> None:
+        self.engine, self.concatenative = engine, concatenative
+        self.scanner = StopScanner(engine.stop_strings)
+        self.decoded = self.sent = ""  # text decoded so far / text sent so far
+        self.stable, self.stable_text = 0, ""  # ids whose text is `stable_text`, ending on a whole character
+
+    @property
+    def hit(self) -> bool:
+        """A template stop string was reached."""
+        return self.scanner.hit
+
+    def feed(self, ids: list[int]) -> str:
+        """The new text of the answer's ids so far (without a stop token); "" while nothing new is decided."""
+        text = self._text(ids)
+        if text.endswith("\ufffd") or len(text) <= len(self.decoded) or not text.startswith(self.decoded):
+            return ""
+        delta = self.scanner.feed(text[len(self.decoded):])
+        self.decoded, self.sent = text, self.sent + delta
+        return delta
+
+    def finish(self, raw: list[int], max_new: int, state: StreamState) -> str:
+        """The final text of `raw` (generated ids, a stop token included) into `state`; the tail not sent yet."""
+        text, ids, reason = self.engine._finish(raw, max_new)
+        state.text, state.token_ids, state.finish_reason = text, ids, reason
+        return text[len(self.sent):] if len(text) > len(self.sent) and text.startswith(self.sent) else ""
+
+    def _text(self, ids: list[int]) -> str:
+        """decode(ids), exactly."""
+        if not self.concatenative:
+            return self.engine.decode(ids)
+        text = self.stable_text + self.engine.decode(ids[self.stable:])
+        if len(ids) - self.stable >= STABLE_EVERY and not text.endswith("\ufffd"):
+            self.stable, self.stable_text = len(ids), text
+        return text
 
 
 def deliver(items: list[tuple[Any, Any]]) -> None:

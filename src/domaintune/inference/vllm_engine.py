@@ -34,9 +34,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Sequence
 
 from ..errors import UserError
+from .batching import check_batch_limits
 from .engine import DEFAULT_MAX_BATCH_SIZE, Engine, Generation, StreamState
+from .kvcache import concatenative_decoding
 from .params import GenerationParams
-from .stops import StopScanner
+from .streaming import TextDeltas
 from .vllm_plan import engine_args, loss_summary, plan_load, sampling_kwargs, target_nll, vllm_dtype
 
 if TYPE_CHECKING:
@@ -111,13 +113,14 @@ class LoopThread:
 
 
 class _Cutter:
-    """Cumulative generated ids -> text deltas cut at the template's stop tokens and strings as the default engine
-    streams them; the deltas and `finish()` concatenate to `Engine._finish`'s text, which `state` receives."""
+    """vLLM's cumulative generated ids -> text deltas cut at the template's stop tokens and strings as the default
+    engine streams them (the same `TextDeltas`); the deltas and `finish()` concatenate to `Engine._finish`'s
+    text, which `state` receives."""
 
     def __init__(self, engine: Any, state: StreamState) -> None:
-        self.engine, self.state, self.scanner = engine, state, StopScanner(engine.stop_strings)
+        self.engine, self.state = engine, state
+        self.text = TextDeltas(engine, concatenative_decoding(engine.tokenizer))
         self.raw: list[int] = []  # generated ids, a stop token included
-        self.decoded = self.sent = ""
         self.done = False
 
     def feed(self, ids: Sequence[int]) -> str:
@@ -129,17 +132,12 @@ class _Cutter:
             self.done = t in stops
         shown = self.raw[:-1] if self.raw and self.raw[-1] in stops else self.raw
         self.state.token_ids = list(shown)
-        text, delta = self.engine.decode(shown), ""
-        if not text.endswith("\ufffd") and len(text) > len(self.decoded) and text.startswith(self.decoded):
-            delta = self.scanner.feed(text[len(self.decoded):])
-            self.decoded, self.sent = text, self.sent + delta
-        self.done = self.done or self.scanner.hit
+        delta = self.text.feed(shown)
+        self.done = self.done or self.text.hit
         return delta
 
     def finish(self, max_new: int) -> str:
-        text, ids, reason = self.engine._finish(self.raw, max_new)
-        self.state.text, self.state.token_ids, self.state.finish_reason = text, ids, reason
-        return text[len(self.sent):] if len(text) > len(self.sent) and text.startswith(self.sent) else ""
+        return self.text.finish(self.raw, max_new, self.state)
 
 
 # ---------------------------------------------------------------- the engine
@@ -183,8 +181,7 @@ class VLLMEngine:
         from ..training.model import load_tokenizer
         from .loading import inspect_run
 
-        if max_batch_size < 1:
-            raise UserError(f"--max-batch-size must be at least 1, got {max_batch_size}")
+        check_batch_limits(max_batch_size, 0)
         src = inspect_run(path, base_only, allow_pickle)
         plan = plan_load(src, base_only, allow_pickle)
         if plan.quantization:
