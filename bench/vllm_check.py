@@ -47,43 +47,32 @@ RESULTS = ROOT / "bench" / "results"
 REFERENCE = [ROOT.parent / "shared" / "data" / "family_edu_zh.train.jsonl", ROOT / ".bench-data" /
              "family_edu_zh.train.jsonl", ROOT / "examples" / "data" / "train.jsonl"]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "domaintune-bench" / "vllm_check"
-QWEN05 = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-          "num_key_value_heads": 2, "vocab_size": 151_936, "tie_word_embeddings": True,
-          "max_position_embeddings": 32768, "rope_theta": 1e6}
-
-
-def build_model(out: Path, data: Path, dry: bool) -> Path:
-    """A model directory with random weights and a tokenizer (once per cache directory)."""
-    if (out / "READY").is_file():
-        return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
-
-    from domaintune.training.tiny import make_tiny_model, train_tokenizer
-
+def build_model(cache: Path, data: Path, dry: bool) -> Path:
+    """A model directory with random weights and a tokenizer (once per cache directory): the qwen2.5-0.5b shape of
+    train_throughput.py, its tokenizer's vocabulary filled up to the model's so that every id the model can
+    generate decodes; a micro qwen2 for --dry."""
     if dry:
-        make_tiny_model(out, "qwen2", size="micro")
-    else:
-        print(f"building the qwen2.5-0.5b shape into {out} (once) ...", flush=True)
-        rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
-        tok = train_tokenizer([r[k] for r in rows for k in ("instruction", "input", "output") if r.get(k)], "qwen2",
-                              1536)
-        tok.save_pretrained(out)
+        out = cache / "micro"
+        if not (out / "READY").is_file():
+            from domaintune.training.tiny import make_tiny_model
+
+            make_tiny_model(out, "qwen2", size="micro")
+            (out / "READY").write_text("ok", encoding="utf-8")
+        return out
+    from train_throughput import SHAPES, build_model_dir
+    from transformers import AutoTokenizer
+
+    out = build_model_dir("qwen2.5-0.5b", "cuda", 1536, data, cache)
+    if not (out / "FILLED").is_file():
+        size = SHAPES["qwen2.5-0.5b"][1]["vocab_size"]
         spec = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
         vocab, i = spec["model"]["vocab"], 0
-        while len(vocab) < QWEN05["vocab_size"]:  # plain filler tokens: no merge makes them, every id decodes
+        while len(vocab) < size:  # plain filler tokens: no merge makes them, every id decodes
             vocab.setdefault(f"\u0120w{i}", len(vocab))
             i += 1
         (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-        tok = AutoTokenizer.from_pretrained(out)
-        assert len(tok) == QWEN05["vocab_size"], len(tok)
-        cfg = Qwen2Config(**QWEN05, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id)
-        torch.manual_seed(0)
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-        model.save_pretrained(out, safe_serialization=True)
-    (out / "READY").write_text("ok", encoding="utf-8")
+        assert len(AutoTokenizer.from_pretrained(out)) == size
+        (out / "FILLED").write_text("ok", encoding="utf-8")
     return out
 
 
@@ -214,9 +203,9 @@ def main() -> int:
         a.n, a.max_new_tokens, a.batch_size, a.loss_rows = min(a.n, 6), min(a.max_new_tokens, 8), 4, 4
         torch.set_num_threads(2)
     data = Path(a.data) if a.data else next(p for p in REFERENCE if p.is_file())
-    cache = Path(a.cache_dir) / ("micro-dry" if a.dry else "qwen2.5-0.5b")
-    model_dir = build_model(cache / "model", data, a.dry)
-    run = model_dir if a.no_lora else build_adapter(model_dir, cache / "lora-run")
+    cache = Path(a.cache_dir)
+    model_dir = build_model(cache, data, a.dry)
+    run = model_dir if a.no_lora else build_adapter(model_dir, model_dir.with_name(model_dir.name + "-lora-run"))
     device, dtype = ("cpu", "fp32") if a.dry else ("cuda", "bf16")
     params = GenerationParams(max_new_tokens=a.max_new_tokens)
     facts: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -297,7 +286,7 @@ def qlora_check(run: Path, prompts: list, params, a: argparse.Namespace, m_vl: d
 
     if importlib.util.find_spec("bitsandbytes") is None:
         return {"skipped": "bitsandbytes is not installed"}
-    q = Path(a.cache_dir) / "qwen2.5-0.5b" / "qlora-run"
+    q = run.with_name(run.name + "-qlora")
     shutil.rmtree(q, ignore_errors=True)
     shutil.copytree(run, q)
     base = json.loads((run / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
