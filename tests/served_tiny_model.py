@@ -25,9 +25,9 @@ N_STOP_TOKENS = 128
 HEALTH_TIMEOUT_S = 120
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
