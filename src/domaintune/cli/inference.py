@@ -33,7 +33,9 @@ SERVE_HELP = ("Serve a run (or an exported / any local model directory) with an 
 
 
 def _add_engine_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+    from ..inference.vllm_engine import ENGINES
+
+    p.add_argument("--engine", choices=ENGINES, default="hf",
                    help="hf: transformers (CPU or GPU; serve batches concurrent requests); vllm: vLLM's engine on a "
                         "CUDA GPU, with the run's adapter and prompt template (pip install 'domaintune[vllm]') "
                         "(default: %(default)s)")
@@ -112,8 +114,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
 
 def _register_serve(sub: argparse._SubParsersAction) -> None:
-    from ..inference.batching import DEFAULT_MAX_QUEUE
-    from ..inference.engine import DEFAULT_MAX_BATCH_SIZE
+    from ..inference.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
     from ..inference.serve.server import ENV_KEY
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server + web chat page for a run or model directory",

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from .params import GenerationParams
 
+DEFAULT_MAX_BATCH_SIZE = 16  # concurrent streams decoded together (serve --max-batch-size; Engine.max_batch_size)
 DEFAULT_MAX_QUEUE = 64  # requests a server admits beyond its batch, waiting for a place (serve --max-queue)
 PREFILL_TOKENS = 8192  # padded prompt tokens prefilled in one step (more joiners wait a step; one always goes)
 IDLE_EXIT_SECONDS = 10.0  # the worker ends after this long without work (and starts again on the next request)

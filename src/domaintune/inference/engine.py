@@ -25,12 +25,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from ..data.encode import with_system
 from ..errors import UserError
-from .batching import Batcher
+from .batching import DEFAULT_MAX_BATCH_SIZE, Batcher
 from .params import GenerationParams
 from .stops import find_stop, tokens_through_stop
 from .streaming import Stream, StreamState
-
-DEFAULT_MAX_BATCH_SIZE = 16  # concurrent streams decoded together (serve --max-batch-size)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -179,18 +179,15 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
     the other).
     """
     from . import sharded
-    from .vllm_engine import ENGINES, load_engine, require_vllm
+    from .vllm_engine import check_engine, load_engine
 
     params = params or PRESETS["predict"]
     _check_args(params, batch_size, fmt, limit)
-    if engine_kind not in ENGINES:
-        raise UserError(f"--engine {engine_kind!r}: choose {' or '.join(ENGINES)}")
     rank, world_size, local_rank = sharded.world()
-    if engine_kind == "vllm":
-        if world_size > 1:
-            raise UserError("--engine vllm runs in one process (vLLM spreads a model over GPUs itself): run predict "
-                            "without torchrun, or use the default engine --engine hf for sharded predict")
-        require_vllm()  # before anything is read: no vLLM or no GPU is said at once
+    if engine_kind == "vllm" and world_size > 1:
+        raise UserError("--engine vllm runs in one process (vLLM spreads a model over GPUs itself): run predict "
+                        "without torchrun, or use the default engine --engine hf for sharded predict")
+    check_engine(engine_kind)  # before anything is read: no vLLM or no GPU is said at once
     if world_size > 1:
         sharded.init()
     run = RunDir(run_dir)

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Sequence
 
 from ..errors import UserError
-from .batching import check_batch_limits
-from .engine import DEFAULT_MAX_BATCH_SIZE, Engine, Generation, StreamState
+from .batching import DEFAULT_MAX_BATCH_SIZE, check_batch_limits
+from .engine import Engine, Generation, StreamState
 from .kvcache import concatenative_decoding
 from .params import GenerationParams
 from .streaming import TextDeltas
@@ -61,6 +61,15 @@ def require_vllm() -> Any:
         raise UserError("vLLM needs a CUDA GPU; none is visible (torch.cuda.is_available() is False): "
                         "use the default engine `--engine hf`")
     return vllm
+
+
+def check_engine(kind: str) -> None:
+    """UserError for an unknown engine name, and for "vllm" where vLLM or a CUDA GPU is missing: predict and serve
+    call it before reading or loading anything."""
+    if kind not in ENGINES:
+        raise UserError(f"--engine {kind!r}: choose {' or '.join(ENGINES)}")
+    if kind == "vllm":
+        require_vllm()
 
 
 # ---------------------------------------------------------------- threads <-> the asyncio loop
@@ -364,8 +373,7 @@ def load_engine(kind: str, path: str | Path, *, base_only: bool = False, templat
                 max_batch_size: int | None = None, **vllm_kwargs: Any) -> Engine | VLLMEngine:
     """The engine `kind` on a run or model directory: "hf" (`Engine`, the default) or "vllm" (`VLLMEngine`, CUDA
     only). `device` applies to "hf" only, `vllm_kwargs` (AsyncEngineArgs fields) to "vllm" only."""
-    if kind not in ENGINES:
-        raise UserError(f"--engine {kind!r}: choose {' or '.join(ENGINES)}")
+    check_engine(kind)
     if kind == "vllm":
         return VLLMEngine.from_run(path, base_only=base_only, template=template, dtype=dtype, allow_pickle=allow_pickle,
                                    max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE, **vllm_kwargs)

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from ...errors import UserError
-from ..batching import DEFAULT_MAX_QUEUE, check_batch_limits
-from ..engine import DEFAULT_MAX_BATCH_SIZE
-from ..vllm_engine import ENGINES, load_engine, require_vllm
+from ..batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, check_batch_limits
+from ..vllm_engine import check_engine, load_engine
 from . import ENV_KEY
 
 if TYPE_CHECKING:
@@ -94,10 +93,7 @@ def run_serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
 
     defaults = (defaults or PRESETS["serve"]).validate()
     check_batch_limits(max_batch_size, max_queue)
-    if engine_kind not in ENGINES:
-        raise UserError(f"--engine {engine_kind!r}: choose {' or '.join(ENGINES)}")
-    if engine_kind == "vllm":
-        require_vllm()  # before the server listens: no vLLM or no GPU is said at once
+    check_engine(engine_kind)  # before the server listens: no vLLM or no GPU is said at once
     if not Path(run).is_dir():
         raise UserError(f"'{run}' is not a directory: give a run directory or a model directory")
     api_key = resolve_api_key(api_key, os.environ)
