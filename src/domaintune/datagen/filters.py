@@ -17,6 +17,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _TOKEN_RE = re.compile(rf"[{_CJK}]|[a-z0-9]+")
@@ -171,6 +172,14 @@ class QuestionFilter:
         if match is not None:
             return Rejection(NEAR_DUPLICATE, {"similar_to": match, "rouge_l": round(score, 4)})
         return None
+
+
+def check_completion(comp: Any, cfg: Any) -> Rejection | None:
+    """A teacher's answer (a Completion, or None when it never gave a well-formed one) checked as gen-data checks
+    answers, with `cfg`'s min_answer_chars and answer_blocklist."""
+    if comp is None:
+        return Rejection(ANSWER_MALFORMED)
+    return check_answer(comp.text, comp.finish_reason, min_chars=cfg.min_answer_chars, blocklist=cfg.answer_blocklist)
 
 
 def check_answer(text: str, finish_reason: str | None, *, min_chars: int,

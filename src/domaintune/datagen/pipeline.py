@@ -275,10 +275,7 @@ class SelfInstructRun:
         return AnswerResult(question, comp)
 
     def _check_answer(self, comp: Completion | None) -> F.Rejection | None:
-        if comp is None:
-            return F.Rejection(F.ANSWER_MALFORMED)
-        return F.check_answer(comp.text, comp.finish_reason, min_chars=self.cfg.min_answer_chars,
-                              blocklist=self.cfg.answer_blocklist)
+        return F.check_completion(comp, self.cfg)
 
     def _take_answer(self, res: AnswerResult, bar: tqdm) -> None:
         cfg, comp = self.cfg, res.completion

@@ -36,6 +36,7 @@ import json
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -187,13 +188,14 @@ class PreferenceRun:
         answer = self.items[i][2]
         if answer is not None:
             return answer.strip(), None
-        comp = self._ask(render(load_template(self.cfg, "answer"), question=self._question(i),
-                                **persona_values(self.cfg)))
-        if comp is None:
-            return None, F.ANSWER_MALFORMED
-        rej = F.check_answer(comp.text, comp.finish_reason, min_chars=self.cfg.min_answer_chars,
-                             blocklist=self.cfg.answer_blocklist)
-        return comp.text.strip(), rej.reason if rej else None
+        comp = self._ask(render(self.answer_template, question=self._question(i), **persona_values(self.cfg)))
+        rej = F.check_completion(comp, self.cfg)
+        return (comp.text.strip() if comp is not None else None), rej.reason if rej else None
+
+    @cached_property
+    def answer_template(self) -> str:
+        """The teacher's answer prompt, read once (only when a row has no answer of its own)."""
+        return load_template(self.cfg, "answer")
 
     def _rejected(self, chunk: list[int], pool: ThreadPoolExecutor) -> list[tuple[str | None, str | None]]:
         if self.answerer is not None:

@@ -19,11 +19,11 @@ that sees exactly the prompt it was trained on.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
+from ..jsonl import write_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -99,7 +99,5 @@ def modelfile_text(gguf_name: str, tpl: Template, tok: PreTrainedTokenizerBase) 
 
 def write_modelfile(path: Path, text: str) -> Path:
     """`text` (from `modelfile_text`) into `path`, atomically."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text)
     return path
