@@ -148,6 +148,13 @@ class RunDir:
         return self.read_json(RUN_INFO) if self.run_info_path.is_file() else {}
 
 
+def paths_overlap(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths are the same folder or one lies inside the other (resolved): an output that would
+    overwrite, or be overwritten with, a run directory."""
+    a, b = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
 def adapter_base_name(run_dir: str | Path) -> str:
     """The base model an adapter directory was trained on (`base_model_name_or_path` of adapter_config.json)."""
     path = Path(run_dir) / ADAPTER_CONFIG

@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import UserError
-from ..rundir import GENERATION_CONFIG, METRICS, MODEL_CARD, MODEL_CONFIG, MODEL_WEIGHTS_GLOB, TEMPLATE, RunDir
+from ..rundir import (
+    GENERATION_CONFIG,
+    METRICS,
+    MODEL_CARD,
+    MODEL_CONFIG,
+    MODEL_WEIGHTS_GLOB,
+    TEMPLATE,
+    RunDir,
+    paths_overlap,
+)
 from ..training.precision import DTYPES
 
 if TYPE_CHECKING:
@@ -101,8 +110,7 @@ def run_export(run: str | Path, out: str | Path, dtype: str = "auto", max_shard_
 
 
 def check_outside(run: Path, out: Path) -> None:
-    r, o = run.resolve(), out.resolve()
-    if o == r or r.is_relative_to(o) or o.is_relative_to(r):
+    if paths_overlap(run, out):
         raise UserError(f"--out '{out}' must be outside the run directory '{run}' (and must not contain it)")
 
 

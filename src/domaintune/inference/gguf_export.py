@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import UserError
+from ..rundir import paths_overlap
 from .export import load_merged
 from .gguf_vocab import add_tokenizer, check_tokenizer
 
@@ -100,7 +101,7 @@ def run_export_gguf(run: str | Path, out: str | Path, quant: str = "f16", dtype:
 
 
 def _check_out(run: Path, path: Path, overwrite: bool) -> None:
-    if path.resolve().is_relative_to(run.resolve()):
+    if paths_overlap(run, path):
         raise UserError(f"--out '{path}' must be outside the run directory '{run}'")
     if path.parent.exists() and not path.parent.is_dir():
         raise UserError(f"--out '{path.parent}' exists and is not a directory")

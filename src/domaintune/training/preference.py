@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..rundir import TEMPLATE, RunDir, base_model_config
+from ..rundir import TEMPLATE, RunDir, base_model_config, paths_overlap
 from .run import TrainingRun
 
 REF_ADAPTER = "ref"  # the name TRL gives the frozen copy of a pretrained adapter
@@ -65,8 +65,7 @@ class PreferenceRun(TrainingRun):
         if not (src.is_dir() and run.template_path.is_file()):
             return  # a base model (or a plain model folder)
         self.sft = src.resolve()
-        out = Path(self.cfg.train.output_dir).expanduser().resolve()
-        if out == self.sft or out.is_relative_to(self.sft) or self.sft.is_relative_to(out):
+        if paths_overlap(self.sft, self.cfg.train.output_dir):
             raise UserError(f"train.output_dir '{self.cfg.train.output_dir}' is (or holds, or lies in) the run this "
                             f"stage starts from, '{src}': choose another folder, the SFT run must stay as it is")
         if not run.config_path.is_file():
