@@ -88,14 +88,15 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_model_dir):
     assert {p.name for p in ckpt.glob("rng_state*")} == {"rng_state_0.safetensors", "rng_state_1.safetensors"}
 
 
-def _train_layout(tmp_path, model, data, name, nproc, per_device, gas, **train):
+def _train_layout(tmp_path, model, data, name, nproc, per_device, gas, cutoff_len=64, records=False, **train):
     """log.jsonl losses of a run with `nproc` real torchrun processes (gloo), `per_device` rows x `gas`
-    accumulation steps each: the global batch is per_device x nproc x gas."""
+    accumulation steps each: the global batch is per_device x nproc x gas. `records`: the whole training
+    records instead of the losses."""
     out = tmp_path / name
     cfg = build_config({
         "model": {"name_or_path": str(model)},
         "lora": {"dropout": 0.0},
-        "data": {"path": str(data), "cutoff_len": 64, "val_size": 0},
+        "data": {"path": str(data), "cutoff_len": cutoff_len, "val_size": 0},
         "train": {"output_dir": str(out), "batch_size": per_device * nproc * gas, "per_device_batch_size": per_device,
                   "max_steps": 3, "logging_steps": 1, "save_steps": 1000, "learning_rate": 1e-2, "warmup_ratio": 0.0,
                   **train},
@@ -112,6 +113,8 @@ def _train_layout(tmp_path, model, data, name, nproc, per_device, gas, **train):
            f"process(es) x {gas} accumulation step(s)" in r.stdout
     info = RunDir(out).run_info()["train"]["path"]
     assert (info["global_batch"], info["gradient_accumulation_steps"]) == (per_device * nproc * gas, gas)
+    if records:
+        return info, [x for x in RunDir(out).read_log() if "loss" in x]
     return [x["loss"] for x in RunDir(out).read_log() if "loss" in x]
 
 
@@ -130,6 +133,91 @@ def test_the_same_global_batch_gives_the_same_losses_at_any_layout(tmp_path, tin
     assert two_acc == pytest.approx(one_acc, rel=1e-4)
     assert two_acc == pytest.approx(one, rel=1e-4)  # and accumulation itself changes nothing
 
+
+
+def _token_steps(records):
+    tokens = [x["tokens"] for x in records]
+    return [b - a for a, b in zip([0, *tokens[:-1]], tokens, strict=True)]
+
+
+def _row_lengths(model, data, cutoff_len, seed):
+    from domaintune.data.encode import build_datasets
+    from domaintune.data.templates import get_template
+    from domaintune.training.model import load_tokenizer
+
+    cfg = build_config({"model": {"name_or_path": str(model)},
+                        "data": {"path": str(data), "cutoff_len": cutoff_len, "val_size": 0},
+                        "train": {"output_dir": "unused", "seed": seed}}, "test")
+    tok = load_tokenizer(str(model))
+    rows = build_datasets(cfg.data, tok, get_template(cfg.data.template, tok), seed).train
+    return [len(r["input_ids"]) for r in rows]
+
+
+def test_padded_length_grouped_runs_give_the_same_losses_at_any_layout(tmp_path, tiny_model_dir):
+    """BLOOM (padded, length-grouped by default): 1 process x 2 rows x 2 accumulation steps and 2 processes x 2
+    rows see the same rows in each step (their tokens) and log the same losses (regression: transformers'
+    sampler grouped per process, so the rows and losses parted from step 3 on)."""
+    from domaintune.training.sampler import length_grouped_order
+
+    model = tiny_model_dir("bloom")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:24]) + "\n", encoding="utf-8")
+    info, one = _train_layout(tmp_path, model, data, "one-by-2-acc-2", 1, 2, 2, cutoff_len=256, records=True,
+                              max_steps=6, seed=5)
+    assert info["batching"] == "pad"
+    _, two = _train_layout(tmp_path, model, data, "two-by-2", 2, 2, 1, cutoff_len=256, records=True,
+                           max_steps=6, seed=5)
+    assert [x["loss"] for x in two] == pytest.approx([x["loss"] for x in one], rel=1e-4)
+    lengths = _row_lengths(model, data, 256, 5)
+    order = length_grouped_order(lengths, 4, 5)
+    expected = [sum(lengths[i] for i in order[k:k + 4]) for k in range(0, 24, 4)]
+    assert _token_steps(one) == _token_steps(two) == expected  # each row once, in the order's steps
+
+
+def test_a_ddp_run_resumed_at_another_process_count_sees_each_row_once(tmp_path, tiny_model_dir):
+    """2 processes x 2 rows, killed (rank 0, SIGKILL) after step 4 with checkpoint-3 complete, resumed by one
+    process x 2 rows x 2 accumulation steps (the same config: the global batch is kept): every step trains the
+    rows of the uninterrupted run's step, so each of the epoch's 24 rows is trained exactly once."""
+    from domaintune.training.sampler import length_grouped_order
+
+    model = tiny_model_dir("bloom")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:24]) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    cfg = build_config({
+        "model": {"name_or_path": str(model)}, "lora": {"dropout": 0.0},
+        "data": {"path": str(data), "cutoff_len": 256, "val_size": 0},
+        "train": {"output_dir": str(out), "batch_size": 4, "per_device_batch_size": 2, "num_epochs": 1,
+                  "logging_steps": 1, "save_steps": 3, "learning_rate": 1e-2, "warmup_ratio": 0.0, "seed": 5},
+    }, "test")
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(cfg.to_yaml(), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               DOMAINTUNE_TEST_KILL_AT="step:4,rank:0")
+    wrapper = Path(__file__).resolve().parent / "kill_wrapper.py"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        env["MASTER_PORT"], str(wrapper), "train", str(cfg_path)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode != 0 and not (out / "run_info.json").exists(), (r.stdout + r.stderr)[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    env.pop("DOMAINTUNE_TEST_KILL_AT")
+    r = subprocess.run([sys.executable, "-m", "domaintune", "train", str(cfg_path), "--resume"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "written by 2 process(es)) with 1" in r.stdout + r.stderr
+    resumed = [x for x in RunDir(out).read_log() if "loss" in x]
+    assert [x["step"] for x in resumed] == [1, 2, 3, 4, 5, 6]
+    assert RunDir(out).run_info()["train"]["path"]["gradient_accumulation_steps"] == 2
+
+    lengths = _row_lengths(model, data, 256, 5)
+    order = length_grouped_order(lengths, 4, 5)
+    assert sorted(order) == list(range(24))
+    expected = [sum(lengths[i] for i in order[k:k + 4]) for k in range(0, 24, 4)]
+    assert _token_steps(resumed) == expected  # steps 4-6 (one process) continue the rows of steps 1-3 (two)
+    _, ref = _train_layout(tmp_path, model, data, "ref-two-by-2", 2, 2, 1, cutoff_len=256, records=True,
+                           max_steps=6, seed=5)
+    assert [x["loss"] for x in resumed] == pytest.approx([x["loss"] for x in ref], rel=1e-4)
 
 AUDIT = '''
 import atexit, os, sys

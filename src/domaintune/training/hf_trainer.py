@@ -6,15 +6,19 @@
   numpy generator scalars in its metadata) and is restored from there on resume; `training_args.bin` is
   not kept (config.yaml is the run's resolved config). Optimizer and scheduler states stay the Trainer's
   `optimizer.pt` / `scheduler.pt`: plain tensor state dicts, loaded with `weights_only=True`.
+- **A layout-free, resumable length-grouped order.** With `train_sampling_strategy="group_by_length"` the
+  sampler is `sampler.LengthGroupedOrder` (a function of the seed, the epoch and the global batch), not
+  transformers' `LengthGroupedSampler`, whose order changed with the process count and on resume; its epoch
+  is set as each epoch starts (`_run_epoch`, also for a resumed epoch, whatever wraps the DataLoader).
 - **A diverging run stops.** A non-finite loss, or a non-finite gradient norm (except under fp16, whose
   loss scaler skips such steps by design), raises `NonFiniteTraining` before the optimizer applies the
   step, so no checkpoint written later holds NaN weights; the caller turns it into a message naming the
   step and the last good checkpoint. (transformers' `logging_nan_inf_filter` would otherwise hide NaN
   losses from the log.)
 
-The RNG and TrainingArguments hooks (`_save_rng_state`, `_load_rng_state`, `_save`, `_get_grad_norm`) are
-the Trainer's own, but private: checked against transformers 5.x. If a later version renames them, the
-exact-resume and no-pickle tests in tests/training/test_trainer.py fail.
+The hooks (`_save_rng_state`, `_load_rng_state`, `_save`, `_get_grad_norm`, `_get_train_sampler`, `_run_epoch`)
+are the Trainer's own, but private: checked against transformers 5.x. If a later version renames them, the
+exact-resume, layout and no-pickle tests in tests/training/ fail (test_sampler.py checks the names directly).
 """
 from __future__ import annotations
 
@@ -92,6 +96,25 @@ def trainer_class(base: type[Trainer] | None = None) -> type[Trainer]:
     from transformers import Trainer
 
     class DomaintuneTrainer(base or Trainer):
+        _length_order: Any = None  # the LengthGroupedOrder in use, if any
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_train_sampler(train_dataset)
+            from .arguments import global_batch
+            from .sampler import LengthGroupedOrder
+
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            self._length_order = LengthGroupedOrder([len(dataset[i]["input_ids"]) for i in range(len(dataset))],
+                                                    global_batch(self.args), seed)
+            return self._length_order
+
+        def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+            if self._length_order is not None:  # before the epoch's iterator is made
+                self._length_order.set_epoch(kwargs["epoch"])
+            return super()._run_epoch(*args, **kwargs)
+
         def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                           num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
             loss = super().training_step(model, inputs, num_items_in_batch)

@@ -1,0 +1,124 @@
+"""Exact resume on every batching path: a run killed with SIGKILL at several points (right after a checkpoint,
+between checkpoints, in the second epoch) and resumed with `--resume` logs the per-step losses, learning
+rates and tokens of an uninterrupted run, and each step trains exactly the rows the data order gives it.
+
+Paths: padded + length-grouped (BLOOM, which cannot pack; the default there) and packed (qwen2). The kill is
+made from inside the run by a callback that a small wrapper adds (tests/training/kill_wrapper.py), so it
+lands at a known step."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from domaintune.config import build_config
+from domaintune.rundir import RunDir, latest_checkpoint
+from domaintune.training.sampler import length_grouped_order
+from domaintune.training.trainer import run_train
+
+SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "data" / "train.jsonl"
+WRAPPER = Path(__file__).resolve().parent / "kill_wrapper.py"
+ROWS, BATCH = 24, 4  # 6 optimizer steps per epoch, 2 epochs
+
+
+def make_cfg(model, data, out, **train):
+    return build_config({
+        "model": {"name_or_path": str(model)},
+        "data": {"path": str(data), "cutoff_len": 256, "val_size": 0},  # no row is cut: lengths differ
+        "train": {"output_dir": str(out), "batch_size": BATCH, "per_device_batch_size": 2, "num_epochs": 2,
+                  "learning_rate": 1e-2, "logging_steps": 1, "save_steps": 2, "seed": 7, **train},
+    }, "test")
+
+
+def step_records(run: Path) -> list[tuple]:
+    return [(r["step"], r["loss"], r["learning_rate"], r["tokens"]) for r in RunDir(run).read_log() if "loss" in r]
+
+
+def killed_then_resumed(tmp_path: Path, cfg, kill_at: str) -> Path:
+    cfg_path = tmp_path / f"{kill_at.replace(':', '-')}.yaml"
+    cfg_path.write_text(cfg.to_yaml(), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DOMAINTUNE_TEST_KILL_AT": kill_at}
+    r = subprocess.run([sys.executable, str(WRAPPER), "train", str(cfg_path)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, (r.returncode, r.stderr[-3000:])  # killed where asked, not finished
+    out = Path(cfg.train.output_dir)
+    assert not (out / "run_info.json").exists()
+    ckpt = latest_checkpoint(out)
+    env.pop("DOMAINTUNE_TEST_KILL_AT")
+    r = subprocess.run([sys.executable, "-m", "domaintune", "train", str(cfg_path), "--resume"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, ckpt
+
+
+@pytest.fixture(scope="module")
+def data24(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("data") / "rows24.jsonl"
+    p.write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:ROWS]) + "\n", encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, data24, tmp_path_factory):
+    """Uninterrupted runs, one per arch, in this process (one thread, as the subprocesses)."""
+    import torch
+
+    torch.set_num_threads(1)
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cfg = make_cfg(tiny_model_dir(arch), data24, tmp_path_factory.mktemp(f"ref-{arch}") / "run")
+            cache[arch] = (cfg, run_train(cfg))
+        return cache[arch]
+
+    return get
+
+
+def expected_tokens_per_step(cfg) -> list[int]:
+    """Non-padding tokens of the rows each step must train, from the length-grouped order of each epoch."""
+    from domaintune.data.encode import build_datasets
+    from domaintune.data.templates import get_template
+    from domaintune.training.model import load_tokenizer
+
+    tok = load_tokenizer(cfg.model.name_or_path)
+    rows = build_datasets(cfg.data, tok, get_template(cfg.data.template, tok), cfg.train.seed).train
+    assert len(rows) == ROWS
+    lengths = [len(r["input_ids"]) for r in rows]
+    steps = []
+    for epoch in range(2):
+        order = length_grouped_order(lengths, BATCH, cfg.train.seed + epoch)
+        assert sorted(order) == list(range(ROWS))
+        steps += [sum(lengths[i] for i in order[k:k + BATCH]) for k in range(0, ROWS, BATCH)]
+    return steps
+
+
+@pytest.mark.parametrize("kill_at", ["save:4", "step:7", "step:9"])
+def test_padded_length_grouped_run_resumes_exactly(tmp_path, reference, kill_at):
+    """BLOOM LoRA with default settings (padded, length-grouped): killed right after checkpoint-4, after step 7
+    (checkpoint-6 ends epoch 1) and after step 9 (checkpoint-8, mid epoch 2), then resumed."""
+    ref_cfg, ref = reference("bloom")
+    path = RunDir(ref).run_info()["train"]["path"]
+    assert path["batching"] == "pad"
+    ref_steps = step_records(ref)
+    assert [s[0] for s in ref_steps] == list(range(1, 13))
+
+    cfg = ref_cfg.model_copy(update={"train": ref_cfg.train.model_copy(update={"output_dir": str(tmp_path / "run")})})
+    out, ckpt = killed_then_resumed(tmp_path, cfg, kill_at)
+    assert ckpt.name == {"save:4": "checkpoint-4", "step:7": "checkpoint-6", "step:9": "checkpoint-8"}[kill_at]
+    assert step_records(out) == ref_steps  # bit for bit: losses, learning rates, tokens seen
+    # Both train each row once per epoch, in the order's steps (counted by their tokens).
+    tokens = [s[3] for s in ref_steps]
+    assert [b - a for a, b in zip([0, *tokens[:-1]], tokens, strict=True)] == expected_tokens_per_step(ref_cfg)
+
+
+def test_packed_run_resumes_exactly_in_its_second_epoch(tmp_path, reference):
+    ref_cfg, ref = reference("qwen2")
+    assert RunDir(ref).run_info()["train"]["path"]["batching"] == "pack"
+    cfg = ref_cfg.model_copy(update={"train": ref_cfg.train.model_copy(update={"output_dir": str(tmp_path / "run")})})
+    out, ckpt = killed_then_resumed(tmp_path, cfg, "step:9")
+    assert ckpt.name == "checkpoint-8"
+    assert step_records(out) == step_records(ref)
