@@ -5,6 +5,7 @@ Two row formats, detected per row:
 - instruction/input/output: `{"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}`
 - messages: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (multi-turn)
 
+A row in both formats ("messages" and "instruction"/"input"/"output") is refused rather than half read.
 Both become a list of OpenAI-style messages (`Example.messages`). Every problem of a row is reported in one
 message (up to `MAX_PROBLEMS_SHOWN`, then "and N more"), and all bad rows of a file (up to `MAX_ERRORS_SHOWN`)
 together, each naming the file and the line. Text must be valid Unicode: a JSON escape of half a surrogate pair
@@ -84,6 +85,11 @@ def parse_example(obj: Any, where: str, require_answer: bool = True, template: T
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {_type_name(obj)}")
     problems: list[str] = []
+    if "messages" in obj and (both := [k for k in ("instruction", "input", "output") if k in obj]):
+        # Either form alone is a whole conversation: reading one would silently drop the other.
+        fields = " and ".join(f'"{k}"' for k in both)
+        problems.append(f'"messages" and {fields} in one row: use one format per row, "messages" or '
+                        '"instruction"/"input"/"output"')
     if "messages" in obj:
         msgs = _parse_messages(obj["messages"], problems, require_answer)
     else:
