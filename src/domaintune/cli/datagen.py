@@ -102,12 +102,15 @@ def _preferences(cfg: SelfInstructConfig, args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         print("error: --max-new-tokens needs N >= 1", file=sys.stderr)
         return 2
-    answerer = None
+    make_answerer = None
     if args.run:
+        from functools import partial
+
         from ..inference.predict import GreedyAnswerer
 
-        answerer = GreedyAnswerer(args.run, args.max_new_tokens)
-    path = run_preferences(cfg, args.questions, answerer)
+        # Built by run_preferences once the questions file is read: the model loads after every input check.
+        make_answerer = partial(GreedyAnswerer, args.run, args.max_new_tokens)
+    path = run_preferences(cfg, args.questions, make_answerer=make_answerer)
     s = summary(path)
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())) or "none"
     print(f"wrote {s['kept']} preference pair{'' if s['kept'] == 1 else 's'} to {path} from {s['questions']} "

@@ -38,7 +38,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 from ..data.reader import read_records
 from ..errors import UserError
@@ -66,8 +66,17 @@ PREFERENCES = "preferences.jsonl"
 NEAR_IDENTICAL, REJECTED_EMPTY = "near_identical", "rejected_empty"
 
 
-def read_questions(path: Path) -> list[tuple[str, str, str | None]]:
-    """(instruction, input, answer or None) per row of `path`; one UserError naming every bad line."""
+class Question(NamedTuple):
+    """One row of the questions file (named fields: an index mix-up once sent every question without an answer
+    to no teacher at all)."""
+
+    instruction: str
+    input: str
+    answer: str | None  # None: the teacher answers it (the chosen side)
+
+
+def read_questions(path: Path) -> list[Question]:
+    """One Question per row of `path`; one UserError naming every bad line."""
     if not path.is_file():
         raise UserError(f"--questions '{path}' not found: give a file of {{\"instruction\", \"output\"}} or "
                         "{\"question\"} rows, or run gen-data first (its train.jsonl is the default)")
@@ -85,7 +94,7 @@ def read_questions(path: Path) -> list[tuple[str, str, str | None]]:
         if answer is not None and (not isinstance(answer, str) or not answer.strip()):
             bad.append(f"{path} line {line}: \"output\" must be a non-empty string (or left out)")
             continue
-        items.append((q, extra, answer))
+        items.append(Question(q, extra, answer))
     if bad:
         raise UserError(f"{len(bad)} unusable row(s):\n  " + "\n  ".join(bad[:10]))
     if not items:
@@ -97,11 +106,14 @@ class PreferenceRun:
     """One `gen-data --preferences` run (see the module docstring)."""
 
     def __init__(self, cfg: SelfInstructConfig, questions: str | Path | None = None,
-                 answerer: Answerer | None = None, client: ChatClient | None = None, batch_size: int = 8) -> None:
+                 answerer: Answerer | None = None, client: ChatClient | None = None, batch_size: int = 8,
+                 make_answerer: Callable[[], Answerer] | None = None) -> None:
         self.cfg = cfg
         self.store = OutputStore(cfg.output_dir)
         self.source = Path(questions) if questions else self.store.dir / TRAIN
         self.items = read_questions(self.source)
+        if make_answerer is not None:  # only now: a bad questions file is reported before a model loads
+            answerer = make_answerer()
         self.answerer = answerer
         self.rejected_by = f"run:{answerer.name}" if answerer else "teacher:weak_answer"
         self.client, self.own_client = client, client is None
@@ -116,8 +128,8 @@ class PreferenceRun:
         done = {}
         for r in read_working_file(self.records_path):
             i = r.get("index")
-            if not isinstance(i, int) or i >= len(self.items) or self.items[i][:2] != (r.get("question"),
-                                                                                        r.get("input", "")):
+            if not isinstance(i, int) or i >= len(self.items) or (self.items[i].instruction, self.items[i].input) \
+                    != (r.get("question"), r.get("input", "")):
                 raise UserError(f"{self.records_path} does not match {self.source} (record {i}: "
                                 f"{str(r.get('question'))[:40]!r}): the questions file changed. Delete the records "
                                 "file to start over (or use another selfinstruct.output_dir)")
@@ -170,7 +182,7 @@ class PreferenceRun:
         return self.store.dir / PREFERENCES
 
     def _open_endpoints(self, todo: list[int]) -> None:
-        needs_teacher = self.answerer is None or any(self.items[i][1] is None for i in todo)
+        needs_teacher = self.answerer is None or any(self.items[i].answer is None for i in todo)
         if needs_teacher and self.client is None:
             self.client = ChatClient(self.cfg)
 
@@ -185,7 +197,7 @@ class PreferenceRun:
 
     def _chosen(self, i: int) -> tuple[str | None, str | None]:
         """(answer, reason it is unusable or None): the row's answer, else the teacher's."""
-        answer = self.items[i][2]
+        answer = self.items[i].answer
         if answer is not None:
             return answer.strip(), None
         comp = self._ask(render(self.answer_template, question=self._question(i), **persona_values(self.cfg)))
@@ -199,7 +211,8 @@ class PreferenceRun:
 
     def _rejected(self, chunk: list[int], pool: ThreadPoolExecutor) -> list[tuple[str | None, str | None]]:
         if self.answerer is not None:
-            return [(a.strip(), None) for a in self.answerer([self.items[i][:2] for i in chunk])]
+            return [(a.strip(), None) for a in self.answerer([(self.items[i].instruction, self.items[i].input)
+                                                              for i in chunk])]
         template = load_template(self.cfg, "weak_answer")
 
         def weak(i: int) -> tuple[str | None, str | None]:
@@ -210,11 +223,12 @@ class PreferenceRun:
 
     def _question(self, i: int) -> str:
         """The question as the teacher sees it: the instruction, and the input on the next line."""
-        instruction, extra, _ = self.items[i]
-        return instruction + (f"\n{extra}" if extra else "")
+        q = self.items[i]
+        return q.instruction + (f"\n{q.input}" if q.input else "")
 
     def _record(self, i: int, chosen: tuple[str | None, str | None], rejected: tuple[str | None, str | None]) -> dict:
-        rec: dict[str, Any] = {"index": i, "question": self.items[i][0], "input": self.items[i][1], "chosen": chosen[0],
+        rec: dict[str, Any] = {"index": i, "question": self.items[i].instruction, "input": self.items[i].input,
+                               "chosen": chosen[0],
                                "rejected": rejected[0], "rejected_by": self.rejected_by}
         reason = chosen[1] or rejected[1]
         if reason is None and not rejected[0]:
@@ -243,11 +257,13 @@ class PreferenceRun:
 
 
 def run_preferences(cfg: SelfInstructConfig, questions: str | Path | None = None, answerer: Answerer | None = None,
-                    client: ChatClient | None = None, batch_size: int = 8) -> Path:
+                    client: ChatClient | None = None, batch_size: int = 8,
+                    make_answerer: Callable[[], Answerer] | None = None) -> Path:
     """Make (or resume) preference pairs; returns the preferences.jsonl path (see the module docstring).
-    `answerer`: the SFT run's own answers for the rejected side (`inference.predict.greedy_answerer`, which
-    the CLI's --run builds); None = the teacher's weak answers."""
-    return PreferenceRun(cfg, questions, answerer, client, batch_size).execute()
+    `answerer`: the SFT run's own answers for the rejected side (`inference.predict.GreedyAnswerer`); None = the
+    teacher's weak answers. `make_answerer` builds it once the questions file has been read (the CLI's --run:
+    loading a model takes long, a bad questions file must be reported first)."""
+    return PreferenceRun(cfg, questions, answerer, client, batch_size, make_answerer).execute()
 
 
 def summary(path: Path) -> dict:
