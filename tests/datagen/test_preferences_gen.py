@@ -108,10 +108,13 @@ def test_rejected_from_the_sft_run_through_the_predict_engine(setup, tiny_run):
 
 def test_bad_question_rows_and_a_changed_file_are_refused(setup):
     qfile = setup / "q.jsonl"
-    qfile.write_text('{"instruction": "ok?"}\n{"output": "no question"}\n{"question": ""}\n', encoding="utf-8")
+    qfile.write_text('{"instruction": "ok?"}\n{"output": "no question"}\n{"question": ""}\n{"question": \n',
+                     encoding="utf-8")
     with pytest.raises(UserError) as e:
         run_preferences(make_cfg(setup, "http://127.0.0.1:9/v1"), questions=qfile)
-    assert f"{qfile} line 2:" in str(e.value) and f"{qfile} line 3:" in str(e.value)
+    # Every bad line at once, the broken JSON of line 4 with the others (issue 22, 31).
+    assert [line.split(":")[0] for line in str(e.value).split("\n  ")[1:]] == [
+        f"{qfile} line {n}" for n in (2, 3, 4)]
     with pytest.raises(UserError, match="not found"):
         run_preferences(make_cfg(setup, "http://127.0.0.1:9/v1"))  # no train.jsonl made yet
     qfile.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS[:2]), encoding="utf-8")

@@ -194,18 +194,23 @@ def _parse_messages(msgs: Any, problems: list[str], require_answer: bool) -> lis
 
 
 def read_valid_rows(path: str | Path, parse: Callable[[Any, str], T], what: str = "row(s)") -> list[T]:
-    """`parse(obj, "FILE line N")` for every record of `path`; the UserErrors of all bad rows (up to
-    MAX_ERRORS_SHOWN shown) are raised together, so one run of the command names every row to fix."""
+    """`parse(obj, "FILE line N")` for every record of `path`; the UserErrors of all bad rows, rows that are not
+    valid JSON included, are raised together in line order (up to MAX_ERRORS_SHOWN shown), so one run of the
+    command names every row to fix. A file whose only problem is one broken JSON row gets the reader's message."""
+    broken: list[tuple[int, str]] = []  # rows that are not valid JSON
     rows, errors = [], []
-    for line, obj in read_records(path):
+    for line, obj in read_records(path, bad=broken):
         try:
             rows.append(parse(obj, f"{path} line {line}"))
         except UserError as e:
-            errors.append(str(e))
-    if errors:
+            errors.append((line, str(e)))
+    if len(broken) == 1 and not errors:
+        raise UserError(broken[0][1])
+    if broken or errors:
+        errors = sorted(broken + errors, key=lambda e: e[0])
         more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
         raise UserError(f"{len(errors)} invalid {what}; fix them and run again:\n  "
-                        + "\n  ".join(errors[:MAX_ERRORS_SHOWN]) + more)
+                        + "\n  ".join(msg for _, msg in errors[:MAX_ERRORS_SHOWN]) + more)
     return rows
 
 

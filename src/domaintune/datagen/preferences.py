@@ -40,7 +40,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
-from ..data.reader import read_records
+from ..data.examples import read_valid_rows
 from ..errors import UserError
 from ..jsonl import JsonlAppender, repair_tail, write_jsonl_atomic
 from . import filters as F
@@ -76,30 +76,24 @@ class Question(NamedTuple):
 
 
 def read_questions(path: Path) -> list[Question]:
-    """One Question per row of `path`; one UserError naming every bad line."""
+    """One Question per row of `path`; one UserError naming every bad line (broken JSON included)."""
     if not path.is_file():
         raise UserError(f"--questions '{path}' not found: give a file of {{\"instruction\", \"output\"}} or "
                         "{\"question\"} rows, or run gen-data first (its train.jsonl is the default)")
-    items, bad = [], []
-    for line, obj in read_records(path):
-        q = obj.get("instruction", obj.get("question")) if isinstance(obj, dict) else None
-        if not isinstance(q, str) or not q.strip():
-            bad.append(f"{path} line {line}: needs a non-empty \"instruction\" or \"question\" string")
-            continue
-        extra = obj.get("input") or ""
-        if not isinstance(extra, str):
-            bad.append(f"{path} line {line}: \"input\" must be a string")
-            continue
-        answer = obj.get("output")
-        if answer is not None and (not isinstance(answer, str) or not answer.strip()):
-            bad.append(f"{path} line {line}: \"output\" must be a non-empty string (or left out)")
-            continue
-        items.append(Question(q, extra, answer))
-    if bad:
-        raise UserError(f"{len(bad)} unusable row(s):\n  " + "\n  ".join(bad[:10]))
-    if not items:
-        raise UserError(f"{path}: no questions")
-    return items
+    return read_valid_rows(path, _question, "question row(s)")
+
+
+def _question(obj: Any, where: str) -> Question:
+    q = obj.get("instruction", obj.get("question")) if isinstance(obj, dict) else None
+    if not isinstance(q, str) or not q.strip():
+        raise UserError(f"{where}: needs a non-empty \"instruction\" or \"question\" string")
+    extra = obj.get("input") or ""
+    if not isinstance(extra, str):
+        raise UserError(f"{where}: \"input\" must be a string")
+    answer = obj.get("output")
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        raise UserError(f"{where}: \"output\" must be a non-empty string (or left out)")
+    return Question(q, extra, answer)
 
 
 class PreferenceRun:
