@@ -259,3 +259,36 @@ def test_a_missing_questions_file_is_reported_before_the_model_loads(setup, tiny
     assert main(["gen-data", str(config), "--preferences", "--run", str(tiny_run), "--questions",
                  str(setup / "missing.jsonl")]) == 2
     assert f"--questions '{setup / 'missing.jsonl'}' not found" in capsys.readouterr().err
+
+
+def test_ctrl_c_and_a_crash_leave_the_manifest_saying_so(setup):
+    """Regression (issue 22, 21 and 29): an exception that was not a UserError (the AttributeError of defect 21,
+    or Ctrl-C) left manifest.json at "running"."""
+    qfile = setup / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"instruction": q, "output": f"Given answer for {q}"}) + "\n"
+                             for q in QUESTIONS[:4]), encoding="utf-8")
+
+    class Answerer:
+        name = "scripted"
+
+        def __init__(self, fail: BaseException):
+            self.calls, self.fail = 0, fail
+
+        def __call__(self, questions):
+            self.calls += 1
+            if self.calls == 2:
+                raise self.fail
+            return ["It depends." for _ in questions]
+
+    cfg = make_cfg(setup, "http://127.0.0.1:9/v1")
+    manifest = setup / "out" / "manifest.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_preferences(cfg, questions=qfile, answerer=Answerer(KeyboardInterrupt()), batch_size=2)
+    m = json.loads(manifest.read_text(encoding="utf-8"))["preferences"]
+    assert (m["status"], m["done"]) == ("interrupted", 2)
+    assert m["error"] == (f"interrupted with 2 of 4 questions done (kept in {setup / 'out' / RECORDS}); run the same "
+                          "command again to continue")
+    with pytest.raises(RuntimeError):
+        run_preferences(cfg, questions=qfile, answerer=Answerer(RuntimeError("boom")), batch_size=1)
+    m = json.loads(manifest.read_text(encoding="utf-8"))["preferences"]
+    assert (m["status"], m["error"], m["done"]) == ("failed", "RuntimeError: boom", 3)

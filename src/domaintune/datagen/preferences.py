@@ -13,7 +13,7 @@ seeds file). Read like training data: file and line named for a bad row.
   or `selfinstruct.weak_answer_template`).
 - dropped, each with its reason (counted in manifest.json and kept in the records file): `near_identical`
   (the same text, or a ROUGE-L F1 of chosen and rejected reaching `selfinstruct.preference_max_similarity`),
-  `rejected_empty`,
+  `rejected_empty`, `rejected_control_chars`,
   the answer checks for a teacher's chosen answer (`answer_truncated`, `answer_too_short`, `answer_blocklist`)
   and `answer_malformed` for replies that stay malformed after retries.
 
@@ -47,6 +47,7 @@ from . import filters as F
 from .client import ChatClient, Completion, complete_with_retries
 from .inputs import load_template, persona_values, render
 from .manifest import now
+from .progress import Progress
 from .store import MANIFEST, TRAIN, OutputStore, read_working_file
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class Answerer(Protocol):
 
 RECORDS = "preference_records.jsonl"
 PREFERENCES = "preferences.jsonl"
-NEAR_IDENTICAL, REJECTED_EMPTY = "near_identical", "rejected_empty"
+NEAR_IDENTICAL, REJECTED_EMPTY, REJECTED_CONTROL_CHARS = "near_identical", "rejected_empty", "rejected_control_chars"
 
 
 class Question(NamedTuple):
@@ -142,6 +143,13 @@ class PreferenceRun:
         except UserError as e:  # an endpoint that fails for good: say so in the manifest; a rerun resumes
             self._manifest(done, "failed", str(e))
             raise
+        except KeyboardInterrupt:  # Ctrl-C: every record written is kept; say how to go on
+            self._manifest(done, "interrupted", f"interrupted with {len(done)} of {len(self.items)} questions done "
+                           f"(kept in {self.records_path}); run the same command again to continue")
+            raise
+        except Exception as e:  # a defect of ours: the manifest must not say "running" for ever
+            self._manifest(done, "failed", f"{type(e).__name__}: {e}")
+            raise
         finally:
             if self.own_client and self.client is not None:
                 self.client.close()
@@ -153,9 +161,8 @@ class PreferenceRun:
         self._manifest(done, "running")
         if todo:
             self._open_endpoints(todo)
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(self.items), initial=len(done), desc="preference pairs", unit="pair")
+            bar = Progress("preference pairs", len(self.items), len(done), unit="pair")
+            n_kept = sum(r["kept"] for r in done.values())
             with JsonlAppender(self.records_path) as out, ThreadPoolExecutor(self.cfg.max_concurrency) as pool:
                 for k in range(0, len(todo), self.batch_size):
                     chunk = todo[k:k + self.batch_size]
@@ -165,7 +172,8 @@ class PreferenceRun:
                         rec = self._record(i, c, r)
                         out.write(rec)
                         done[i] = rec
-                        bar.update(1)
+                        n_kept += rec["kept"]
+                        bar.update(1, {"kept": n_kept})
                     self._manifest(done, "running")
             bar.close()
         kept = [done[i] for i in sorted(done) if done[i]["kept"]]
@@ -227,6 +235,8 @@ class PreferenceRun:
         reason = chosen[1] or rejected[1]
         if reason is None and not rejected[0]:
             reason = REJECTED_EMPTY
+        if reason is None and F.control_chars(rejected[0]):  # the pair would teach them; the chosen side is checked
+            reason = REJECTED_CONTROL_CHARS
         if reason is None:
             same = chosen[0] == rejected[0]  # ROUGE-L sees no tokens in text of only punctuation or symbols
             rec["similarity"] = 1.0 if same else round(F.rouge_l(chosen[0], rejected[0]), 4)
