@@ -10,6 +10,8 @@ four differences, made through its hooks:
 2. Question prompts show one passage (the least-asked one first, so every passage gets questions before any
    gets more) and, when `seeds_path` is set, a few seed questions as examples of style. Each kept question
    carries its source: {"file", "page", "heading", "passage"}.
+   Passages that gave no question (replies without a question list, every question rejected, not asked yet) are
+   counted per file in the manifest with the reason (`passages_without_questions_why`), and named on stderr.
 3. Answer prompts show the question's passage. With `judge` on, a second call asks whether the answer is
    supported by the passage; "UNSUPPORTED" answers (and verdicts that say neither) are dropped with the
    judge's reason in rejected.jsonl.

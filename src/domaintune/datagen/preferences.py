@@ -28,7 +28,8 @@ Files in `selfinstruct.output_dir`:
 
 Resume: a question with a record is done. A killed run started again does the rest (a record is written
 with fsync once both answers are in), so no pair is lost or made twice; a questions file that changed under
-the records is refused. preferences.jsonl is removed when a run starts and written at the end.
+the records is refused. preferences.jsonl is removed when a run starts and written at the end. Ctrl-C leaves
+the manifest's status "interrupted" (an unexpected error, "failed"), with how to continue.
 """
 from __future__ import annotations
 
