@@ -53,6 +53,13 @@ def test_the_three_pairwise_forms_give_the_same_prompt():
       "rejected": BAD}, '"messages" must end with a user turn'),
     ({"prompt": Q, "completion": GOOD, "label": True}, "train.stage dpo needs pairwise rows"),
     ({"prompt": Q, "chosen": "", "rejected": BAD}, '"chosen" is blank'),
+    # Regression (issue 22, 19): "prompt" won and the instruction was dropped without a word.
+    ({"prompt": Q, "instruction": "另一个问题", "chosen": GOOD, "rejected": BAD},
+     '"prompt" and "instruction" are both given: a row has one prompt'),
+    ({"instruction": Q, "messages": [{"role": "user", "content": "另一个问题"}], "chosen": GOOD, "rejected": BAD},
+     '"instruction" and "messages" are both given'),
+    ({"prompt": Q, "instruction": Q, "messages": [{"role": "user", "content": Q}], "chosen": GOOD, "rejected": BAD},
+     '"prompt" and "instruction" and "messages" are all given'),
 ])
 def test_bad_rows_are_refused_with_their_line(tmp_path, row, problem):
     path = write(tmp_path, [{"prompt": Q, "chosen": GOOD, "rejected": BAD}, row])

@@ -67,3 +67,32 @@ def test_invalid_utf8_offset_counts_the_bom(tmp_path):
     assert _read_error(p) == f"{p} line 2: invalid UTF-8 (byte offset {offset}); re-save the file as UTF-8"
     p.write_bytes(body)
     assert _read_error(p) == f"{p} line 2: invalid UTF-8 (byte offset {offset - 3}); re-save the file as UTF-8"
+
+
+def test_broken_json_and_bad_rows_are_reported_together(tmp_path):
+    """Regression (issue 22, 31): the first broken JSON line stopped reading, so its invalid rows were named only
+    on the next run, after the JSON was fixed. Now every problem of the file comes in one error, in line order."""
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join([GOOD, '{"instruction": "no answer"}', '{"instruction": "x", "output": ', GOOD,
+                            '{"output": "no question"}', "not json"]) + "\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        load_examples(p)
+    assert str(e.value).split("\n  ") == [
+        "4 invalid row(s); fix them and run again:",
+        f'{p} line 2: missing "output"',
+        f"{p} line 3: not valid JSON (Expecting value at column 32); each line must hold one JSON object",
+        f"{p} line 5: missing \"instruction\" (or \"messages\"); found fields ['output']",
+        f"{p} line 6: not valid JSON (Expecting value at column 1); each line must hold one JSON object"]
+    # A broken JSON array: the rows before the break are checked too (the rows after it cannot be found).
+    a = tmp_path / "d.json"
+    a.write_text('[\n{"instruction": "no answer"},\n{"instruction": "x", "output": }\n]', encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        load_examples(a)
+    assert str(e.value).split("\n  ") == ["2 invalid row(s); fix them and run again:", f'{a} line 2: missing "output"',
+                                          f"{a} line 3: not valid JSON (Expecting value at column 32)"]
+    # One broken line and nothing else keeps the reader's own one-line message.
+    p.write_text(GOOD + "\nnot json\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        load_examples(p)
+    assert str(e.value) == (f"{p} line 2: not valid JSON (Expecting value at column 1); "
+                            "each line must hold one JSON object")

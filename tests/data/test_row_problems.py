@@ -55,6 +55,14 @@ def test_missing_instruction_and_a_bad_field(tmp_path):
                           '"output" must be a string, got a number']
 
 
+def test_a_row_in_both_formats_is_refused(tmp_path):
+    """Regression (issue 22, 19): "messages" won and the instruction/output of the same row were dropped silently."""
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    p = _jsonl(tmp_path, [GOOD, {"messages": msgs, "instruction": "other q", "output": "other a"}])
+    assert _errors(p) == [f'{p} line 2: "messages" and "instruction" and "output" in one row: use one format per '
+                          'row, "messages" or "instruction"/"input"/"output"']
+
+
 def test_every_bad_message_is_named(tmp_path):
     row = {"messages": [{"role": "user", "content": 1}, {"role": "bot", "content": "a"},
                         {"role": "user", "content": " "}, "hi"]}

@@ -151,3 +151,13 @@ def test_check_answer():
         == "As an AI language model"
     assert F.check_answer("作为一个AI助手，我建议每天陪孩子读书二十分钟。", "stop", **kw).reason == F.ANSWER_BLOCKLIST
     assert F.check_answer("Read together for twenty minutes every evening.", "stop", **kw) is None
+
+
+def test_control_characters_are_refused_tabs_and_line_ends_are_not():
+    """Regression (issue 22, 31): control characters (a teacher's stray \\u0006) passed every check."""
+    assert F.control_chars("a\tb\nc\r\nd") is None
+    assert F.control_chars("a\u0006b\x7fc\x85") == {"control_chars": ["\\u0006", "\\u007f", "\\u0085"], "at": 1}
+    qf = F.QuestionFilter(min_chars=1, max_chars=100, blocklist=[], threshold=0.7)
+    assert qf.check("How\u0000 now?").reason == F.CONTROL_CHARS
+    assert F.check_answer("A full answer\u0006.", "stop", min_chars=1, blocklist=[]).reason == F.ANSWER_CONTROL_CHARS
+    assert F.check_answer("A full answer\u0006.", "length", min_chars=1, blocklist=[]).reason == F.ANSWER_TRUNCATED

@@ -335,3 +335,64 @@ def test_sigkill_mid_run_then_rerun_reaches_the_target_without_loss_or_duplicate
     answered = [r["question"] for r in read_jsonl(out / "answers.jsonl")]
     assert len(answered) == len(set(answered))  # no question answered twice
     assert [r["instruction"] for r in rows] == [r["question"] for r in read_jsonl(out / "questions.jsonl")][:target]
+
+
+def test_a_preview_that_gives_up_says_why_and_names_the_judge(docs, monkeypatch, capsys):
+    """Regression (issue 22, 29): `--preview 3` ended with rc 1, "0 pairs" and "run again without --preview to
+    continue"; the reason (every answer dropped as judge_unclear) was shown nowhere, manifest.json said
+    "message": null, and the full run's hint named max_tokens / min_answer_chars / answer_blocklist. A full run
+    that kept nothing wrote an empty train.jsonl. Without a terminal nothing showed progress."""
+    monkeypatch.setenv(KEY_ENV, "k")
+    teacher = Teacher(leak=False, unsupported="none")
+    teacher.judge = lambda prompt: "Looks fine to me."  # never a verdict
+    with fake(teacher) as srv:
+        cfg = make_cfg(docs, srv.base_url, exclude=[], max_stalled_calls=3)
+        config = docs / "gen.yaml"
+        config.write_text(yaml.safe_dump({"selfinstruct": cfg.model_dump(mode="json")}, allow_unicode=True),
+                          encoding="utf-8")
+        assert main(["gen-data", str(config), "--preview", "3"]) == 1
+        printed = capsys.readouterr()
+        out = Path(cfg.output_dir)
+        m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        why = ("target not reached: the last 3 answers were all dropped (judge_unclear 3); most were dropped as "
+               "judge_unclear (3 of 3): the judge's replies (selfinstruct.judge, asked of the teacher "
+               f"(selfinstruct.model='fake-model' at {srv.base_url})) said neither SUPPORTED nor UNSUPPORTED")
+        assert m["status"] == "preview" and m["message"].startswith(why)
+        assert "max_tokens" not in m["message"] and "min_answer_chars" not in m["message"]
+        assert f"warning: the preview made 0 of 3 pairs: {why}" in printed.err
+        assert "--- preview: 0 pairs" in printed.out and "Run again without --preview" not in printed.out
+        # stderr is no terminal here: plain progress lines instead of a bar
+        assert re.search(r"^gen-data answers: 0/3 \(kept 0, dropped 3: judge_unclear 3\) \d+s$", printed.err, re.M)
+
+        assert main(["gen-data", str(config), "selfinstruct.num_questions=4"]) == 1
+        err = capsys.readouterr().err
+    assert not (out / "train.jsonl").exists()
+    assert f"warning: no pair was kept, so no {out / 'train.jsonl'} was written: target not reached" in err
+    m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert (m["status"], m["train_rows"], m["counts"]["answers_kept"]) == ("incomplete", 0, 0)
+    assert "most were dropped as judge_unclear" in m["message"]
+
+
+def test_passages_that_gave_no_question_are_counted_per_file_with_the_reason(docs, monkeypatch, capsys):
+    """Regression (issue 22, 31): a PDF whose passages got only unparsable replies showed no sign of it in the
+    manifest. Now each file counts its passages without a question and why; stderr names the file."""
+    monkeypatch.setenv(KEY_ENV, "k")
+    teacher = Teacher(leak=False, unsupported="none")
+
+    def blank_for_the_pdf(prompt: str) -> str | None:  # a reply with no question in it, for manual.pdf's passages
+        return " \n" if prompt.startswith("QUESTIONS") and "manual.pdf" in prompt.split("\n", 1)[0] else None
+
+    with fake(teacher, reply_fn=blank_for_the_pdf) as srv:
+        out = run_gen_data(make_cfg(docs, srv.base_url, num_questions=8, exclude=[]))
+    files = {Path(f).name: c for f, c in json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+             ["documents"]["files"].items()}
+    pdf = files["manual.pdf"]
+    assert pdf["passages_without_questions"] == pdf["passages"] == 2
+    assert pdf["passages_without_questions_why"] == {"unparsable_reply": 2}
+    assert files["guide.md"]["passages_without_questions"] == 0 and "passages_without_questions_why" not in \
+        files["guide.md"]
+    replies = [r for r in read_jsonl(out / "rejected.jsonl") if r["stage"] == "reply"]
+    assert replies and {(r["reason"], Path(r["source"]["file"]).name) for r in replies} == {
+        ("unparsable_reply", "manual.pdf")}
+    assert re.search(r"gen-data: .*manual\.pdf: 2 of 2 passages gave no question \(unparsable_reply 2\)",
+                     capsys.readouterr().err)

@@ -91,6 +91,18 @@ def test_seed_errors_name_file_and_line(tmp_path):
         load_seeds("")
 
 
+def test_every_bad_seed_line_is_named_at_once(tmp_path):
+    """Regression (issue 22, 31): a broken JSON line and a row without a question were reported one run apiece."""
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"question": "一个问题？"}\n{"q": "x"}\nnot json\n{"question": ""}\n', encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        load_seeds(str(p))
+    assert str(e.value).split("\n  ") == [
+        "3 invalid seed question(s); fix them and run again:", f'{p} line 2: missing "question" (a non-empty string)',
+        f"{p} line 3: not valid JSON (Expecting value at column 1); each line must hold one JSON object",
+        f'{p} line 4: missing "question" (a non-empty string)']
+
+
 def test_seed_file_read_like_training_data(tmp_path):
     """Regression: invalid UTF-8 gave a UnicodeDecodeError traceback, and a question holding U+2028 was cut in two
     (line iteration splits there): seeds are read by data.reader.read_records now."""

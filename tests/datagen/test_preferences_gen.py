@@ -108,10 +108,13 @@ def test_rejected_from_the_sft_run_through_the_predict_engine(setup, tiny_run):
 
 def test_bad_question_rows_and_a_changed_file_are_refused(setup):
     qfile = setup / "q.jsonl"
-    qfile.write_text('{"instruction": "ok?"}\n{"output": "no question"}\n{"question": ""}\n', encoding="utf-8")
+    qfile.write_text('{"instruction": "ok?"}\n{"output": "no question"}\n{"question": ""}\n{"question": \n',
+                     encoding="utf-8")
     with pytest.raises(UserError) as e:
         run_preferences(make_cfg(setup, "http://127.0.0.1:9/v1"), questions=qfile)
-    assert f"{qfile} line 2:" in str(e.value) and f"{qfile} line 3:" in str(e.value)
+    # Every bad line at once, the broken JSON of line 4 with the others (issue 22, 31).
+    assert [line.split(":")[0] for line in str(e.value).split("\n  ")[1:]] == [
+        f"{qfile} line {n}" for n in (2, 3, 4)]
     with pytest.raises(UserError, match="not found"):
         run_preferences(make_cfg(setup, "http://127.0.0.1:9/v1"))  # no train.jsonl made yet
     qfile.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS[:2]), encoding="utf-8")
@@ -156,11 +159,12 @@ def test_cli_flags_of_preferences(setup, tiny_run, capsys):
         mode="json")}), encoding="utf-8")
     assert main(["gen-data", str(config), "--run", str(tiny_run)]) == 2
     assert "--questions and --run belong to --preferences" in capsys.readouterr().err
-    assert main(["gen-data", str(config), "--preferences", "--run", str(setup / "nope")]) == 2
-    assert "is not a directory: give the SFT run" in capsys.readouterr().err
     qfile = setup / "q.jsonl"
     qfile.write_text(json.dumps({"instruction": QUESTIONS[0], "output": "A careful, specific answer."}) + "\n",
                      encoding="utf-8")
+    assert main(["gen-data", str(config), "--preferences", "--run", str(setup / "nope"), "--questions",
+                 str(qfile)]) == 2
+    assert "is not a directory: give the SFT run" in capsys.readouterr().err
     assert main(["gen-data", str(config), "--preferences", "--questions", str(qfile), "--run", str(tiny_run),
                  "--max-new-tokens", "4"]) == 0
     assert "wrote 1 preference pair to " in capsys.readouterr().out
@@ -212,3 +216,79 @@ def test_a_failing_teacher_is_recorded_and_the_rerun_resumes(setup):
 
     OutputStore(out).write_manifest({"status": "complete"})
     assert json.loads((out / "manifest.json").read_text(encoding="utf-8"))["preferences"]["status"] == "complete"
+
+
+def test_cli_run_with_unanswered_questions_asks_the_teacher(setup, tiny_run, capsys):
+    """Regression (issue 22, 21): the README's `gen-data --preferences --run RUN --questions FILE` with rows that
+    have no answer crashed with AttributeError ('NoneType' object has no attribute 'complete'): the check for a
+    missing answer read the "input" field, so no teacher client was opened, and the manifest stayed "running".
+    End to end through the CLI: the teacher answers every row (chosen), the run answers every row (rejected)."""
+    qfile = setup / "q.jsonl"
+    qfile.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"question": QUESTIONS[0]}, {"instruction": QUESTIONS[1], "input": ""}, {"instruction": QUESTIONS[2]}]),
+        encoding="utf-8")
+    config = setup / "gen.yaml"
+    with FakeLLM() as srv:
+        config.write_text(yaml.safe_dump({"selfinstruct": make_cfg(setup, srv.base_url).model_dump(mode="json")}),
+                          encoding="utf-8")
+        rc = main(["gen-data", str(config), "--preferences", "--run", str(tiny_run), "--questions", str(qfile),
+                   "--max-new-tokens", "12"])
+        prompts = sorted(e["prompt"] for e in srv.log)
+    assert rc == 0, capsys.readouterr().err
+    assert prompts == sorted(f"ANSWER: {q}" for q in QUESTIONS[:3])  # chosen from the teacher, no weak prompt
+    own = GreedyAnswerer(tiny_run, max_new_tokens=12)([(q, "") for q in QUESTIONS[:3]])
+    records = read_jsonl(setup / "out" / RECORDS)
+    assert [(r["chosen"], r["rejected"]) for r in records] == [(f"Answer to: {q}", a.strip())
+                                                              for q, a in zip(QUESTIONS[:3], own, strict=True)]
+    m = json.loads((setup / "out" / "manifest.json").read_text(encoding="utf-8"))["preferences"]
+    assert (m["status"], m["done"], m["spent"]["calls"]) == ("complete", 3, 3)
+    assert f"wrote {m['kept']} preference pair" in capsys.readouterr().out
+
+
+def test_a_missing_questions_file_is_reported_before_the_model_loads(setup, tiny_run, capsys, monkeypatch):
+    """Regression (issue 22, 31): --run loaded the model first, and only then said the questions file was missing."""
+    from domaintune.inference import engine
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(engine.Engine, "from_run", no_load)
+    config = setup / "gen.yaml"
+    config.write_text(yaml.safe_dump({"selfinstruct": make_cfg(setup, "http://127.0.0.1:9/v1").model_dump(
+        mode="json")}), encoding="utf-8")
+    assert main(["gen-data", str(config), "--preferences", "--run", str(tiny_run), "--questions",
+                 str(setup / "missing.jsonl")]) == 2
+    assert f"--questions '{setup / 'missing.jsonl'}' not found" in capsys.readouterr().err
+
+
+def test_ctrl_c_and_a_crash_leave_the_manifest_saying_so(setup):
+    """Regression (issue 22, 21 and 29): an exception that was not a UserError (the AttributeError of defect 21,
+    or Ctrl-C) left manifest.json at "running"."""
+    qfile = setup / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"instruction": q, "output": f"Given answer for {q}"}) + "\n"
+                             for q in QUESTIONS[:4]), encoding="utf-8")
+
+    class Answerer:
+        name = "scripted"
+
+        def __init__(self, fail: BaseException):
+            self.calls, self.fail = 0, fail
+
+        def __call__(self, questions):
+            self.calls += 1
+            if self.calls == 2:
+                raise self.fail
+            return ["It depends." for _ in questions]
+
+    cfg = make_cfg(setup, "http://127.0.0.1:9/v1")
+    manifest = setup / "out" / "manifest.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_preferences(cfg, questions=qfile, answerer=Answerer(KeyboardInterrupt()), batch_size=2)
+    m = json.loads(manifest.read_text(encoding="utf-8"))["preferences"]
+    assert (m["status"], m["done"]) == ("interrupted", 2)
+    assert m["error"] == (f"interrupted with 2 of 4 questions done (kept in {setup / 'out' / RECORDS}); run the same "
+                          "command again to continue")
+    with pytest.raises(RuntimeError):
+        run_preferences(cfg, questions=qfile, answerer=Answerer(RuntimeError("boom")), batch_size=1)
+    m = json.loads(manifest.read_text(encoding="utf-8"))["preferences"]
+    assert (m["status"], m["error"], m["done"]) == ("failed", "RuntimeError: boom", 3)

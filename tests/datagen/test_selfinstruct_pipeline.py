@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -180,6 +181,11 @@ def test_endpoint_that_cannot_deliver_is_reported(inputs, monkeypatch):
     m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert m["status"] == "incomplete" and m["target_reached"] is False and m["train_rows"] == 2
     assert m["message"].startswith("target not reached: the last 3 question calls kept no new question")
+    # The hint follows the dominant drop of the stall, with its count and what to change (issue 22, 29).
+    assert m["message"] == ("target not reached: the last 3 question calls kept no new question (duplicate 3); most "
+                            "were dropped as duplicate (3 of 3): the teacher (selfinstruct.model='fake-model' at "
+                            f"{srv.base_url}) repeats questions already kept: add seed questions (or documents), or "
+                            "raise selfinstruct.temperature=0.7; see rejected.jsonl")
     assert m["counts"]["questions_rejected"] == {"duplicate": 3}
     check_pairs(out, 2)
 
@@ -256,3 +262,57 @@ def test_kill_and_rerun(inputs, phase, monkeypatch):
     assert [r["instruction"] for r in rows] == [r["question"] for r in read_jsonl(out / "questions.jsonl")]
     m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert m["status"] == "complete" and [r["status"] for r in m["runs"]] == ["running", "complete"]
+
+
+def test_control_characters_are_dropped_with_their_reason(inputs, monkeypatch):
+    """Regression (issue 22, 31): a \u0006 from the teacher went into train.jsonl (judge or not). Questions and
+    answers holding control characters are dropped and counted; tabs and line ends stay."""
+    monkeypatch.setenv(KEY_ENV, "k")
+    qs = ["Q1: how to handle k1x k1y k1z?", "Q2: how to\u0006 handle k2x k2y k2z?", "Q3: how to handle k3x k3y k3z?",
+          "Q4: how to handle k4x k4y k4z?"]
+    answers = {qs[0]: "Answer to: Q1\u0006\u001b[31m", qs[2]: "Line one\n\tLine two of Q3"}
+    with FakeLLM(script=[{"questions": qs}], answer_fn=lambda q: answers.get(q, f"Answer to: {q}")) as srv:
+        out = run_gen_data(make_cfg(inputs, srv.base_url, num_questions=2, questions_per_call=4))
+    rows = read_jsonl(out / "train.jsonl")
+    # Q2 is dropped, Q3 kept with its tab and line end, Q1's answer dropped and replaced by a new question.
+    assert (rows[0]["instruction"], rows[0]["output"]) == (qs[2], answers[qs[2]])
+    assert len(rows) == 2 and rows[1]["instruction"] not in qs[:2]
+    rej = {(r["stage"], r["reason"]): r for r in read_jsonl(out / "rejected.jsonl")}
+    assert rej[("question", "control_chars")]["question"] == qs[1]
+    assert rej[("question", "control_chars")]["control_chars"] == ["\\u0006"]
+    assert rej[("answer", "answer_control_chars")]["control_chars"] == ["\\u0006", "\\u001b"]
+    c = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["counts"]
+    assert (c["questions_rejected"], c["answers_rejected"]) == ({"control_chars": 1}, {"answer_control_chars": 1})
+
+
+def test_ctrl_c_records_interrupted_and_says_how_to_continue(inputs, monkeypatch):
+    """Regression (issue 22, 29): after Ctrl-C manifest.json stayed at "running" and the CLI said only
+    "interrupted". Now the manifest says "interrupted" with what is kept and how to go on, and so does stderr."""
+    target = 10
+    with FakeLLM(questions_per_reply=2, delay=0.1) as srv:
+        cfg = make_cfg(inputs, srv.base_url, num_questions=target, questions_per_call=2, max_concurrency=2)
+        out = Path(cfg.output_dir)
+        config = inputs / "gen.yaml"
+        config.write_text(yaml.safe_dump({"selfinstruct": cfg.model_dump(mode="json")}), encoding="utf-8")
+        env = dict(os.environ, **{KEY_ENV: "k"})
+        proc = subprocess.Popen([sys.executable, "-m", "domaintune", "gen-data", str(config)], env=env,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while count_lines(out / "answers.jsonl") < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        said = m["message"]
+        assert re.fullmatch(rf"interrupted with (\d+) of {target} pairs made \(kept in {re.escape(str(out))}\); run "
+                            "the same command again to continue", said), said
+        # (the signal may land between an answer's write and its count: the file may hold one more)
+        assert 1 <= int(said.split()[2]) <= len(read_jsonl(out / "answers.jsonl"))
+        assert (m["status"], m["runs"][-1]["status"]) == ("interrupted", "interrupted")
+        assert err.rstrip().endswith(f"gen-data: {said}") and "Traceback" not in err
+        assert not (out / "train.jsonl").exists()
+        monkeypatch.setenv(KEY_ENV, "k")
+        run_gen_data(cfg)
+    check_pairs(out, target)
+    assert json.loads((out / "manifest.json").read_text(encoding="utf-8"))["status"] == "complete"

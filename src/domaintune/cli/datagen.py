@@ -84,13 +84,17 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
     if args.preview is not None and args.preview < 1:
         print("error: --preview N needs N >= 1", file=sys.stderr)
         return 2
-    out = run_gen_data(cfg, preview=args.preview)
+    try:
+        out = run_gen_data(cfg, preview=args.preview)
+    except KeyboardInterrupt:
+        return _interrupted(cfg)
     manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     if args.preview is not None:
         return _print_preview(out, args.preview, manifest)
     if not manifest.get("target_reached"):
-        print(f"warning: {out / TRAIN} has {manifest.get('train_rows')} of {manifest.get('target')} rows: "
-              f"{manifest.get('message')}", file=sys.stderr)
+        made = (f"{out / TRAIN} has {manifest.get('train_rows')} of {manifest.get('target')} rows"
+                if manifest.get("train_rows") else f"no pair was kept, so no {out / TRAIN} was written")
+        print(f"warning: {made}: {manifest.get('message')}", file=sys.stderr)
         return 1
     print(f"wrote {manifest['train_rows']} rows to {out / TRAIN} (details: {out / MANIFEST})")
     return 0
@@ -102,18 +106,35 @@ def _preferences(cfg: SelfInstructConfig, args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         print("error: --max-new-tokens needs N >= 1", file=sys.stderr)
         return 2
-    answerer = None
+    make_answerer = None
     if args.run:
+        from functools import partial
+
         from ..inference.predict import GreedyAnswerer
 
-        answerer = GreedyAnswerer(args.run, args.max_new_tokens)
-    path = run_preferences(cfg, args.questions, answerer)
+        # Built by run_preferences once the questions file is read: the model loads after every input check.
+        make_answerer = partial(GreedyAnswerer, args.run, args.max_new_tokens)
+    try:
+        path = run_preferences(cfg, args.questions, make_answerer=make_answerer)
+    except KeyboardInterrupt:
+        return _interrupted(cfg, "preferences")
     s = summary(path)
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())) or "none"
     print(f"wrote {s['kept']} preference pair{'' if s['kept'] == 1 else 's'} to {path} from {s['questions']} "
           f"questions (dropped: {dropped}; "
           f"details: {path.parent / 'manifest.json'} and {path.parent / 'preference_records.jsonl'})")
     return 0 if s["kept"] else 1
+
+
+def _interrupted(cfg: SelfInstructConfig, section: str | None = None) -> int:
+    """Ctrl-C: what the manifest recorded (how much is kept, how to go on), and the shell's 130."""
+    from ..datagen.store import OutputStore
+
+    manifest = OutputStore(cfg.output_dir).read_manifest()
+    m = manifest.get(section, {}) if section else manifest
+    print(f"gen-data: {m.get('message') or m.get('error') or 'interrupted; run the same command again to continue'}",
+          file=sys.stderr)
+    return 130
 
 
 def _print_preview(out: Path, n: int, manifest: dict) -> int:
@@ -131,8 +152,11 @@ def _print_preview(out: Path, n: int, manifest: dict) -> int:
         print(f"A: {r.get('answer')}")
     spent = manifest.get("spent", {})
     counts = manifest["counts"]
+    gave_up = manifest.get("message")
     print(f"--- preview: {len(rows)} pairs in {out / ANSWERS}; spent {spent.get('calls')} calls, about "
           f"{spent.get('prompt_tokens', 0) + spent.get('completion_tokens', 0)} tokens; dropped: "
-          f"{counts['questions_rejected'] or {}} (questions), {counts['answers_rejected'] or {}} (answers). "
-          "Run again without --preview to continue to selfinstruct.num_questions.")
+          f"{counts['questions_rejected'] or {}} (questions), {counts['answers_rejected'] or {}} (answers)."
+          + ("" if gave_up else " Run again without --preview to continue to selfinstruct.num_questions."))
+    if gave_up:  # the preview stopped short: why, and what to change before a full run spends more
+        print(f"warning: the preview made {len(rows)} of {n} pairs: {gave_up}", file=sys.stderr)
     return 0 if len(rows) >= min(n, manifest.get("target", n)) else 1

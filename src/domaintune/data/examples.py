@@ -5,6 +5,7 @@ Two row formats, detected per row:
 - instruction/input/output: `{"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}`
 - messages: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (multi-turn)
 
+A row in both formats ("messages" and "instruction"/"input"/"output") is refused rather than half read.
 Both become a list of OpenAI-style messages (`Example.messages`). Every problem of a row is reported in one
 message (up to `MAX_PROBLEMS_SHOWN`, then "and N more"), and all bad rows of a file (up to `MAX_ERRORS_SHOWN`)
 together, each naming the file and the line. Text must be valid Unicode: a JSON escape of half a surrogate pair
@@ -84,6 +85,11 @@ def parse_example(obj: Any, where: str, require_answer: bool = True, template: T
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {_type_name(obj)}")
     problems: list[str] = []
+    if "messages" in obj and (both := [k for k in ("instruction", "input", "output") if k in obj]):
+        # Either form alone is a whole conversation: reading one would silently drop the other.
+        fields = " and ".join(f'"{k}"' for k in both)
+        problems.append(f'"messages" and {fields} in one row: use one format per row, "messages" or '
+                        '"instruction"/"input"/"output"')
     if "messages" in obj:
         msgs = _parse_messages(obj["messages"], problems, require_answer)
     else:
@@ -188,18 +194,23 @@ def _parse_messages(msgs: Any, problems: list[str], require_answer: bool) -> lis
 
 
 def read_valid_rows(path: str | Path, parse: Callable[[Any, str], T], what: str = "row(s)") -> list[T]:
-    """`parse(obj, "FILE line N")` for every record of `path`; the UserErrors of all bad rows (up to
-    MAX_ERRORS_SHOWN shown) are raised together, so one run of the command names every row to fix."""
+    """`parse(obj, "FILE line N")` for every record of `path`; the UserErrors of all bad rows, rows that are not
+    valid JSON included, are raised together in line order (up to MAX_ERRORS_SHOWN shown), so one run of the
+    command names every row to fix. A file whose only problem is one broken JSON row gets the reader's message."""
+    broken: list[tuple[int, str]] = []  # rows that are not valid JSON
     rows, errors = [], []
-    for line, obj in read_records(path):
+    for line, obj in read_records(path, bad=broken):
         try:
             rows.append(parse(obj, f"{path} line {line}"))
         except UserError as e:
-            errors.append(str(e))
-    if errors:
+            errors.append((line, str(e)))
+    if len(broken) == 1 and not errors:
+        raise UserError(broken[0][1])
+    if broken or errors:
+        errors = sorted(broken + errors, key=lambda e: e[0])
         more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
         raise UserError(f"{len(errors)} invalid {what}; fix them and run again:\n  "
-                        + "\n  ".join(errors[:MAX_ERRORS_SHOWN]) + more)
+                        + "\n  ".join(msg for _, msg in errors[:MAX_ERRORS_SHOWN]) + more)
     return rows
 
 

@@ -8,6 +8,9 @@ Row formats, detected per row (the prompt part is the SFT row without its answer
   answer A is a string, an assistant message `{"role": "assistant", "content": str}`, or a list of one
 - unpaired (kto): any prompt form with `"completion": A` and `"label": true | false` (good / bad)
 
+A row gives its prompt one way: a row with two of "prompt", "instruction" and "messages" is refused (which
+one was meant cannot be told).
+
 dpo and orpo need pairwise rows; kto takes unpaired rows and pairwise ones (a pair is a good and a bad
 completion of its prompt, as TRL's KTO does with paired data).
 
@@ -86,6 +89,12 @@ def parse_preference(obj: Any, where: str, stage: str, template: Template | None
         problems.append(f'train.stage {stage} needs pairwise rows ("chosen" and "rejected"); this row has '
                         '"completion"/"label" (an unpaired row, for kto)')
     prompt_obj = {k: v for k, v in obj.items() if k not in ("chosen", "rejected", "completion", "label")}
+    given = [k for k in ("prompt", "instruction", "messages") if k in prompt_obj]
+    if len(given) > 1:  # which one is the prompt? Taking one would silently train on a prompt the user did not mean
+        names = " and ".join(f'"{k}"' for k in given)
+        problems.append(f'{names} are {"both" if len(given) == 2 else "all"} given: a row has one prompt; keep only '
+                        'one of "prompt", "instruction" (with "input") or "messages"')
+        prompt_obj = {k: v for k, v in prompt_obj.items() if k not in given[1:]}
     if "prompt" in prompt_obj:
         p = prompt_obj.pop("prompt")
         if not isinstance(p, str):

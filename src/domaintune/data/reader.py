@@ -4,6 +4,10 @@ The one reader of data files in the project (training data, test files, predicti
 a UTF-8 BOM, CRLF line ends and blank lines are fine; invalid UTF-8, broken JSON and an empty file are
 errors that name the file and the line. So is JSON that Python's json module refuses for other reasons:
 nesting deeper than the interpreter's recursion limit, and integers longer than `sys.get_int_max_str_digits()`.
+
+A caller that reports every bad row of a file at once (`examples.read_valid_rows`) passes a `bad` list: rows
+that are not valid JSON go there, with their line, and reading goes on (a JSON array stops at its first broken
+row, where the next row cannot be found), so a file's broken JSON and its invalid rows are named in one run.
 """
 from __future__ import annotations
 
@@ -15,11 +19,12 @@ from typing import Any
 from ..errors import UserError
 
 
-def read_records(path: str | Path) -> list[tuple[int, Any]]:
+def read_records(path: str | Path, bad: list[tuple[int, str]] | None = None) -> list[tuple[int, Any]]:
     """(line number, parsed JSON value) for each row of a JSON-lines file or a JSON array file.
 
     Accepts a UTF-8 BOM, CRLF line ends and blank lines. Raises UserError naming the file and line
-    for invalid UTF-8, broken JSON and an empty file.
+    for invalid UTF-8, broken JSON and an empty file. With `bad`, broken JSON is not raised but appended to it as
+    (line, message), and the rows that could be read are returned (see the module docstring).
 
     JSON lines are split on "\n" only (a trailing "\r" is dropped): `json.dumps(..., ensure_ascii=False)`
     writes U+2028, U+2029 and U+0085 raw inside strings, and `str.splitlines()` would break rows there.
@@ -39,7 +44,7 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
     if not stripped:
         raise UserError(f"{p}: the file is empty; it needs at least one row")
     if stripped.startswith("["):
-        return _read_array(p, text)
+        return _read_array(p, text, bad)
     rows = []
     for n, line in enumerate(text.split("\n"), start=1):
         line = line.removesuffix("\r")
@@ -48,9 +53,15 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
         try:
             rows.append((n, json.loads(line)))
         except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-            raise UserError(f"{p} line {n}: not valid JSON ({_problem(e)}); "
-                            "each line must hold one JSON object") from None
+            _broken(bad, n, f"{p} line {n}: not valid JSON ({_problem(e)}); each line must hold one JSON object")
     return rows
+
+
+def _broken(bad: list[tuple[int, str]] | None, line: int, message: str) -> None:
+    """Raise `message`, or record it in `bad` for the caller to report with the file's other bad rows."""
+    if bad is None:
+        raise UserError(message)
+    bad.append((line, message))
 
 
 def _problem(e: ValueError | RecursionError) -> str:
@@ -63,7 +74,7 @@ def _problem(e: ValueError | RecursionError) -> str:
     return f"a number with more than {sys.get_int_max_str_digits()} digits; write it as a string"
 
 
-def _read_array(p: Path, text: str) -> list[tuple[int, Any]]:
+def _read_array(p: Path, text: str, bad: list[tuple[int, str]] | None) -> list[tuple[int, Any]]:
     dec = json.JSONDecoder()
     i = text.index("[") + 1
     rows = []
@@ -82,12 +93,15 @@ def _read_array(p: Path, text: str) -> list[tuple[int, Any]]:
         i = skip_ws(i)
         line += text.count("\n", counted, i)
         counted = i
+        # After a broken row the next one cannot be found: the rows read so far are returned.
         try:
             obj, i = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
-            raise UserError(f"{p} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            _broken(bad, e.lineno, f"{p} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})")
+            return rows
         except (ValueError, RecursionError) as e:
-            raise UserError(f"{p} line {line}: not valid JSON ({_problem(e)})") from None
+            _broken(bad, line, f"{p} line {line}: not valid JSON ({_problem(e)})")
+            return rows
         rows.append((line, obj))
         i = skip_ws(i)
         if i < n and text[i] == ",":
@@ -95,9 +109,11 @@ def _read_array(p: Path, text: str) -> list[tuple[int, Any]]:
             continue
         if i < n and text[i] == "]":
             break
-        raise UserError(f"{p} line {text.count(chr(10), 0, i) + 1}: expected ',' or ']' in the JSON array")
+        at = text.count("\n", 0, i) + 1
+        _broken(bad, at, f"{p} line {at}: expected ',' or ']' in the JSON array")
+        return rows
     i = skip_ws(i + 1)
     if i < n:  # e.g. two arrays, or a JSON-lines file whose first row happens to be an array
-        raise UserError(f"{p} line {text.count(chr(10), 0, i) + 1}: "
-                        "unexpected text after the closing ']' of the JSON array")
+        at = text.count("\n", 0, i) + 1
+        _broken(bad, at, f"{p} line {at}: unexpected text after the closing ']' of the JSON array")
     return rows

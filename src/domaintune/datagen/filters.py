@@ -26,11 +26,26 @@ _ITEM_RE = re.compile(r"^\s*(?:[-*•]\s+|[(（]?\d{1,3}\s*[.)、:：）．]\s*|
                       r"第\s*\d{1,3}\s*[题个]?\s*[.、:：]\s*)(?P<q>.+)$")
 _LABEL_RE = re.compile(r"^(?:问题|question|q)\s*[:：]\s*", re.IGNORECASE)
 
+# Control characters (Unicode category Cc) other than tab and line ends: a model's stray \x06 is invisible in
+# an editor, but it ends up in the training data and in every answer the tuned model learns to give.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
 # Rejection reasons (the keys of the counts in manifest.json).
-TOO_SHORT, TOO_LONG, BLOCKLIST, DUPLICATE, NEAR_DUPLICATE = (
-    "too_short", "too_long", "blocklist", "duplicate", "near_duplicate")
-ANSWER_TRUNCATED, ANSWER_TOO_SHORT, ANSWER_BLOCKLIST, ANSWER_MALFORMED = (
-    "answer_truncated", "answer_too_short", "answer_blocklist", "answer_malformed")
+TOO_SHORT, TOO_LONG, BLOCKLIST, DUPLICATE, NEAR_DUPLICATE, CONTROL_CHARS = (
+    "too_short", "too_long", "blocklist", "duplicate", "near_duplicate", "control_chars")
+ANSWER_TRUNCATED, ANSWER_TOO_SHORT, ANSWER_BLOCKLIST, ANSWER_MALFORMED, ANSWER_CONTROL_CHARS = (
+    "answer_truncated", "answer_too_short", "answer_blocklist", "answer_malformed", "answer_control_chars")
+# Question replies that gave no question at all (rejected.jsonl stage "reply").
+UNPARSABLE_REPLY, MALFORMED_REPLY = "unparsable_reply", "malformed_reply"
+
+
+def control_chars(text: str) -> dict | None:
+    """{"control_chars": ["\\u0006", ...], "at": first index} when `text` holds control characters (tab and line
+    ends are fine), else None: the detail of a `control_chars` rejection."""
+    found = _CONTROL_RE.findall(text)
+    if not found:
+        return None
+    return {"control_chars": sorted({f"\\u{ord(c):04x}" for c in found}), "at": _CONTROL_RE.search(text).start()}
 
 
 def tokenize(text: str) -> list[str]:
@@ -139,7 +154,8 @@ class Rejection:
 
 
 class QuestionFilter:
-    """Length bounds, keyword blocklist, exact duplicates and ROUGE-L near-duplicates, in that order.
+    """Control characters, length bounds, keyword blocklist, exact duplicates and ROUGE-L near-duplicates, in that
+    order.
 
     `check` does not change the pool; `add` puts a kept question (or a seed) into it.
     """
@@ -159,6 +175,8 @@ class QuestionFilter:
         self.index.add(question)
 
     def check(self, question: str) -> Rejection | None:
+        if (bad := control_chars(question)) is not None:
+            return Rejection(CONTROL_CHARS, bad)
         n = len(question)
         if n < self.min_chars:
             return Rejection(TOO_SHORT, {"chars": n})
@@ -184,9 +202,12 @@ def check_completion(comp: Any, cfg: Any) -> Rejection | None:
 
 def check_answer(text: str, finish_reason: str | None, *, min_chars: int,
                  blocklist: list[str]) -> Rejection | None:
-    """Why an answer is unusable, or None. A cut answer (finish_reason 'length') is reported first."""
+    """Why an answer is unusable, or None. A cut answer (finish_reason 'length') is reported first, then control
+    characters (see `control_chars`), length and blocklist."""
     if finish_reason == "length":
         return Rejection(ANSWER_TRUNCATED, {"answer": text})
+    if (bad := control_chars(text)) is not None:
+        return Rejection(ANSWER_CONTROL_CHARS, {**bad, "answer": text})
     if len(text.strip()) < min_chars:
         return Rejection(ANSWER_TOO_SHORT, {"answer": text})
     blocked = _keyword_matcher(tuple(blocklist))

@@ -10,6 +10,8 @@ four differences, made through its hooks:
 2. Question prompts show one passage (the least-asked one first, so every passage gets questions before any
    gets more) and, when `seeds_path` is set, a few seed questions as examples of style. Each kept question
    carries its source: {"file", "page", "heading", "passage"}.
+   Passages that gave no question (replies without a question list, every question rejected, not asked yet) are
+   counted per file in the manifest with the reason (`passages_without_questions_why`), and named on stderr.
 3. Answer prompts show the question's passage. With `judge` on, a second call asks whether the answer is
    supported by the passage; "UNSUPPORTED" answers (and verdicts that say neither) are dropped with the
    judge's reason in rejected.jsonl.
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from . import filters as F
+from .advice import JUDGE_UNCLEAR, JUDGE_UNSUPPORTED
 from .client import ChatClient, Completion
 from .inputs import load_seeds, load_template, numbered, persona_values, render
 from .pipeline import AnswerResult, SelfInstructRun
@@ -39,9 +42,8 @@ if TYPE_CHECKING:
     from .chunking import Passage
     from .documents import Problem
 
-JUDGE_UNSUPPORTED = "unsupported"  # rejected.jsonl reasons of the judge
-JUDGE_UNCLEAR = "judge_unclear"
 _VERDICT = re.compile(r"\b(UNSUPPORTED|SUPPORTED)\b", re.IGNORECASE)
+NOT_ASKED = "not_asked"  # a passage without questions that was not asked yet (the target was met first)
 CITE = {"zh": "来源：{where}", "en": "Source: {where}"}
 PAGE = {"zh": "第{page}页", "en": "page {page}"}
 
@@ -88,7 +90,17 @@ class GroundedRun(SelfInstructRun):
         templates = (load_template(cfg, "doc_question"), load_template(cfg, "doc_answer"))
         run = cls(cfg, seeds, templates, client, preview)
         run.setup(passages, problems, [str(d.path) for d in docs], load_template(cfg, "judge"))
-        return run.execute()
+        out = run.execute()
+        run.report_silent_passages()
+        return out
+
+    def report_silent_passages(self) -> None:
+        """A note on stderr per file whose passages were asked and gave no question (the manifest has the counts)."""
+        for f, c in self._manifest_extra()["documents"]["files"].items():
+            why = {k: v for k, v in c.get("passages_without_questions_why", {}).items() if k != NOT_ASKED}
+            if why:
+                print(f"gen-data: {f}: {sum(why.values())} of {c.get('passages', 0)} passages gave no question ("
+                      + ", ".join(f"{k} {v}" for k, v in why.items()) + "); see rejected.jsonl", file=sys.stderr)
 
     def setup(self, passages: list[Passage], problems: list[Problem], files: list[str], judge: str) -> None:
         self.passages = {p.id: p for p in passages}
@@ -175,16 +187,25 @@ class GroundedRun(SelfInstructRun):
     # ------------------------------------------------------------------ manifest
     def _manifest_extra(self) -> dict:
         per_file: dict[str, Counter] = {f: Counter() for f in self.files}
+        asked = Counter(str(src.get("passage")) for src in self.meta.values())
+        silent: dict[str, Counter] = {}  # file -> why its passages gave no question (the dominant drop, per passage)
         for p in self.passages.values():
             per_file.setdefault(p.source, Counter())["passages"] += 1
+            if not asked[p.id]:
+                per_file[p.source]["passages_without_questions"] += 1
+                drops = self.passage_drops.get(p.id)
+                silent.setdefault(p.source, Counter())[drops.most_common(1)[0][0] if drops else NOT_ASKED] += 1
         for key, src in self.meta.items():
             c = per_file.setdefault(str(src.get("file")), Counter())
             c["questions_kept"] += 1
             c["answers_kept" if key in self.answers else "answers_dropped" if key in self.dropped else "pending"] += 1
         stale = sum(1 for q in super().pending() if str(self.meta.get(F.dedup_key(q), {}).get("passage"))
                     not in self.passages)
+        files = {f: {**dict(sorted(c.items())), "passages_without_questions": c["passages_without_questions"],
+                     **({"passages_without_questions_why": dict(silent[f].most_common())} if f in silent else {})}
+                 for f, c in sorted(per_file.items())}
         return {"documents": {
-            "files": {f: dict(sorted(c.items())) for f, c in sorted(per_file.items())},
+            "files": files,
             "problems": [{"file": p.source, "reason": p.reason, "detail": p.detail} for p in self.problems],
             "passages": len(self.passages),
             "questions_of_removed_passages": stale,

@@ -18,9 +18,10 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from ..config.selfinstruct import SelfInstructConfig
-from ..data.reader import read_records
+from ..data.examples import read_valid_rows
 from ..errors import UserError
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -32,8 +33,8 @@ REQUIRED = {"question": ("examples",), "answer": ("question",), "weak_answer": (
 def load_seeds(path: str) -> list[str]:
     """Seed questions from a JSONL file (or JSON array) with a "question" field; errors name the file and line.
 
-    Read by `data.reader.read_records`, the project's one reader of data files: BOM, CRLF, invalid UTF-8 and
-    broken JSON are handled (and reported) as for training data."""
+    Read by `data.examples.read_valid_rows` (`data.reader.read_records`), as training data: BOM, CRLF, invalid
+    UTF-8 and broken JSON are handled, and every bad line is reported at once."""
     if not path:
         raise UserError("selfinstruct.seeds_path is not set: give a JSONL file with one {\"question\": ...} per line")
     p = Path(path)
@@ -41,13 +42,13 @@ def load_seeds(path: str) -> list[str]:
         raise UserError(f"selfinstruct.seeds_path '{p}' not found (relative paths start from the current directory)")
     if not p.read_bytes().removeprefix(b"\xef\xbb\xbf").strip():
         raise UserError(f"{p}: no seed questions; add lines like {{\"question\": \"...\"}}")
-    seeds: list[str] = []
-    for lineno, obj in read_records(p):
+    def seed(obj: Any, where: str) -> str:
         q = obj.get("question") if isinstance(obj, dict) else None
         if not isinstance(q, str) or not q.strip():
-            raise UserError(f"{p} line {lineno}: missing \"question\" (a non-empty string)")
-        seeds.append(q.strip())
-    return seeds
+            raise UserError(f"{where}: missing \"question\" (a non-empty string)")
+        return q.strip()
+
+    return read_valid_rows(p, seed, "seed question(s)")
 
 
 def builtin_template(kind: str, language: str) -> str:

@@ -21,7 +21,8 @@ def now() -> str:
 
 def build_manifest(run: Any, tally: Counter, status: str, error: str | None = None) -> dict[str, Any]:
     """The manifest of `run` (a pipeline.SelfInstructRun; its counters in `tally`) with `status`: running,
-    preview, complete, incomplete or failed."""
+    preview, complete, incomplete, failed (`error` says why) or interrupted (`error` says how to go on). "message"
+    is that error, or why the run gave up (a preview too: a short preview must say why)."""
     cfg, prev = run.cfg, run.prev
     prev_counts = prev.get("counts", {}) if isinstance(prev.get("counts"), dict) else {}
     transient = {k: int(prev_counts.get(k, 0) or 0) + tally[k] for k in TRANSIENT}
@@ -40,7 +41,7 @@ def build_manifest(run: Any, tally: Counter, status: str, error: str | None = No
         "target": cfg.num_questions,
         "target_reached": finished and rows == cfg.num_questions,
         "train_rows": rows if finished else None,
-        "message": error or (run.message if finished and rows < cfg.num_questions else None),
+        "message": error or (run.message if status != "running" else None),
         "model": cfg.model,
         "base_url": cfg.base_url,
         "counts": {

@@ -2,30 +2,24 @@
 the flow and grounded.py for the document mode, which subclasses it through the methods marked "hook"."""
 from __future__ import annotations
 
-import logging
 import math
 import random
-import sys
 import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..config.selfinstruct import SelfInstructConfig
 from ..errors import UserError
 from . import filters as F
+from .advice import give_up_message
 from .client import ChatClient, Completion, complete_with_retries
 from .inputs import numbered, persona_values, render
 from .manifest import build_manifest, now
+from .progress import Progress
 from .store import OutputStore
-
-if TYPE_CHECKING:
-    from tqdm import tqdm
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +54,9 @@ class SelfInstructRun:
         self.tally: Counter[str] = Counter()  # this run's transient counters (see manifest.TRANSIENT)
         self._lock = threading.Lock()  # workers bump tally
         self.q_stalled = self.a_stalled = 0
+        self.q_streak: Counter[str] = Counter()  # drop reasons since a question call last kept a question
+        self.a_streak: Counter[str] = Counter()  # drop reasons since an answer was last kept
+        self.passage_drops: dict[str, Counter[str]] = {}  # passage id -> drops of its questions and replies
         self.message: str | None = None
         self.prev = self.store.read_manifest()
         self.started = now()
@@ -87,8 +84,10 @@ class SelfInstructRun:
             if r.get("stage") == "answer":
                 self.a_rejected[reason] += 1
                 self.dropped.add(F.dedup_key(str(r.get("question", ""))))
-            else:
+                continue
+            if r.get("stage") != "reply":  # a reply without questions is no rejected question
                 self.q_rejected[reason] += 1
+            self._note_drop(r.get("source"), reason)
         self.n_active = sum(1 for k in self.kept_keys if k not in self.dropped)
         for r in answers:
             k = F.dedup_key(str(r.get("question", "")))
@@ -119,6 +118,11 @@ class SelfInstructRun:
     def _row(self, question: str, answer: str, source: dict | None) -> dict:  # hook
         return {"instruction": question, "input": "", "output": answer}
 
+    def _note_drop(self, source: dict | None, reason: str) -> None:
+        """Count a question-side drop against its passage (grounded runs: the manifest's per-file counts)."""
+        if isinstance(source, dict):
+            self.passage_drops.setdefault(str(source.get("passage")), Counter())[reason] += 1
+
     def _bump(self, key: str, n: int = 1) -> None:
         with self._lock:
             self.tally[key] += n
@@ -132,6 +136,7 @@ class SelfInstructRun:
             self.client = ChatClient(cfg)
         self._write_manifest("running")
         pool = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="gen-data")
+        interrupted = False
         try:
             while len(self.answers) < self.target and self.message is None:
                 self._question_phase(pool)
@@ -139,27 +144,37 @@ class SelfInstructRun:
         except UserError as e:
             self._write_manifest("failed", error=str(e))
             raise
+        except KeyboardInterrupt:  # Ctrl-C: the files hold every pair made; say so, and how to go on
+            interrupted = True
+            self._write_manifest("interrupted", error=self.interrupted_message())
+            raise
+        except Exception as e:  # a defect of ours: the manifest must not say "running" for ever
+            self._write_manifest("failed", error=f"{type(e).__name__}: {e}")
+            raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # After Ctrl-C, do not wait for the calls in flight (each may take request_timeout x retries).
+            pool.shutdown(wait=not interrupted, cancel_futures=True)
             self.store.close()
             self.client.close()
         if self.preview:  # no train.jsonl: a preview must not look like a finished dataset
             self._write_manifest("preview")
             return self.store.dir
         rows = self.train_rows()
-        self.store.write_train(rows, cfg.write_messages)
-        reached = len(rows) == cfg.num_questions
-        self._write_manifest("complete" if reached else "incomplete")
-        if not reached:
-            log.warning("gen-data: %s", self.message)
+        if rows:  # an empty train.jsonl would look like a dataset; the manifest says why there is none
+            self.store.write_train(rows, cfg.write_messages)
+        self._write_manifest("complete" if len(rows) == cfg.num_questions else "incomplete")
         return self.store.dir
 
-    def _progress(self, desc: str, initial: int) -> tqdm:
-        from tqdm import tqdm
+    def interrupted_message(self) -> str:
+        return (f"interrupted with {min(len(self.answers), self.target)} of {self.target} pairs made (kept in "
+                f"{self.store.dir}); run the same command again to continue")
 
-        # disable=None: a bar on a terminal, silence in logs and under pytest.
-        return tqdm(total=self.target, initial=min(initial, self.target), desc=desc,
-                    unit="q", disable=None, file=sys.stderr)
+    def _progress(self, desc: str, initial: int) -> Progress:
+        return Progress(desc, self.target, initial, unit="q")
+
+    def _progress_note(self, dropped: Counter[str]) -> dict:
+        top = ", ".join(f"{k} {v}" for k, v in dropped.most_common(2))
+        return {"kept": len(self.answers), "dropped": f"{sum(dropped.values())}" + (f": {top}" if top else "")}
 
     # ------------------------------------------------------------------ phase 1: questions
     def _question_job(self) -> tuple[str, dict | None]:
@@ -197,10 +212,7 @@ class SelfInstructRun:
         finally:
             bar.close()
         if self.n_active < self.target and self.q_stalled >= cfg.max_stalled_calls:
-            self.message = (
-                f"target not reached: the last {self.q_stalled} question calls kept no new question "
-                f"({dict(self.q_rejected.most_common(3))} so far); add seed questions, raise "
-                f"selfinstruct.rouge_threshold or check the endpoint's replies; see rejected.jsonl")
+            self.message = give_up_message("question", self.q_stalled, self.q_streak, cfg)
 
     def _questions_per_call(self) -> int:  # hook
         return self.cfg.questions_per_call
@@ -208,12 +220,18 @@ class SelfInstructRun:
     def _ask_questions(self, prompt: str, source: dict | None) -> tuple[Completion | None, dict | None]:
         return self._call(prompt, "question_calls"), source
 
-    def _take_questions(self, comp: Completion | None, source: dict | None, bar: tqdm) -> None:
+    def _take_questions(self, comp: Completion | None, source: dict | None, bar: Progress) -> None:
         kept = 0
         cands = [] if comp is None else F.parse_questions(comp.text, truncated=comp.finish_reason == "length")
-        if comp is not None and not cands:
-            self._bump("unparsable_replies")
         where = {"source": source} if source is not None else {}
+        if not cands:  # recorded, so a passage that never gave a question says why (grounded manifest)
+            reason = F.MALFORMED_REPLY if comp is None else F.UNPARSABLE_REPLY
+            if comp is not None:
+                self._bump("unparsable_replies")
+            self.store.rejected.write({"stage": "reply", "reason": reason,
+                                       **({"reply": comp.text[:300]} if comp is not None else {}), **where})
+            self.q_streak[reason] += 1
+            self._note_drop(source, reason)
         for i, q in enumerate(cands):
             if self.n_active >= self.target:
                 self._bump("questions_surplus", len(cands) - i)
@@ -223,13 +241,16 @@ class SelfInstructRun:
                 self.store.rejected.write({"stage": "question", "reason": rej.reason, "question": q, **rej.detail,
                                            **where})
                 self.q_rejected[rej.reason] += 1
+                self.q_streak[rej.reason] += 1
+                self._note_drop(source, rej.reason)
                 continue
             self.store.questions.write({"question": q, **where})
             self._keep(q, source)
             kept += 1
         self.q_stalled = 0 if kept else self.q_stalled + 1
-        bar.update(kept)
-        bar.set_postfix(kept=len(self.kept), dropped=sum(self.q_rejected.values()), refresh=False)
+        if kept:
+            self.q_streak.clear()
+        bar.update(kept, {"kept": len(self.kept), "dropped": sum(self.q_rejected.values())})
         self._write_manifest("running")
 
     # ------------------------------------------------------------------ phase 2: answers
@@ -252,10 +273,7 @@ class SelfInstructRun:
         finally:
             bar.close()
         if self.a_stalled >= cfg.max_stalled_calls:
-            self.message = (
-                f"target not reached: the last {self.a_stalled} answers were all dropped "
-                f"({dict(self.a_rejected.most_common(3))} so far); check selfinstruct.max_tokens, "
-                f"min_answer_chars and answer_blocklist; see rejected.jsonl")
+            self.message = give_up_message("answer", self.a_stalled, self.a_streak, cfg)
 
     def _answer_prompt(self, question: str) -> str:  # hook
         return render(self.a_template, question=question, **persona_values(self.cfg))
@@ -277,7 +295,7 @@ class SelfInstructRun:
     def _check_answer(self, comp: Completion | None) -> F.Rejection | None:
         return F.check_completion(comp, self.cfg)
 
-    def _take_answer(self, res: AnswerResult, bar: tqdm) -> None:
+    def _take_answer(self, res: AnswerResult, bar: Progress) -> None:
         cfg, comp = self.cfg, res.completion
         rej = res.rejection or self._check_answer(comp)
         key = F.dedup_key(res.question)
@@ -289,14 +307,15 @@ class SelfInstructRun:
             self.dropped.add(key)
             self.n_active -= 1
             self.a_stalled += 1
+            self.a_streak[rej.reason] += 1
         else:
             text = comp.text.strip()
             self.store.answers.write({"question": res.question, "answer": text,
                                       "finish_reason": comp.finish_reason, "model": cfg.model, **where})
             self.answers[key] = text
             self.a_stalled = 0
-            bar.update(1)
-        bar.set_postfix(kept=len(self.answers), dropped=sum(self.a_rejected.values()), refresh=False)
+            self.a_streak.clear()
+        bar.update(0 if rej is not None else 1, self._progress_note(self.a_rejected))
         self._write_manifest("running")
 
     # ------------------------------------------------------------------ HTTP (worker threads)

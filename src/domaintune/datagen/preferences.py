@@ -13,7 +13,7 @@ seeds file). Read like training data: file and line named for a bad row.
   or `selfinstruct.weak_answer_template`).
 - dropped, each with its reason (counted in manifest.json and kept in the records file): `near_identical`
   (the same text, or a ROUGE-L F1 of chosen and rejected reaching `selfinstruct.preference_max_similarity`),
-  `rejected_empty`,
+  `rejected_empty`, `rejected_control_chars`,
   the answer checks for a teacher's chosen answer (`answer_truncated`, `answer_too_short`, `answer_blocklist`)
   and `answer_malformed` for replies that stay malformed after retries.
 
@@ -28,7 +28,8 @@ Files in `selfinstruct.output_dir`:
 
 Resume: a question with a record is done. A killed run started again does the rest (a record is written
 with fsync once both answers are in), so no pair is lost or made twice; a questions file that changed under
-the records is refused. preferences.jsonl is removed when a run starts and written at the end.
+the records is refused. preferences.jsonl is removed when a run starts and written at the end. Ctrl-C leaves
+the manifest's status "interrupted" (an unexpected error, "failed"), with how to continue.
 """
 from __future__ import annotations
 
@@ -38,15 +39,16 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
-from ..data.reader import read_records
+from ..data.examples import read_valid_rows
 from ..errors import UserError
 from ..jsonl import JsonlAppender, repair_tail, write_jsonl_atomic
 from . import filters as F
 from .client import ChatClient, Completion, complete_with_retries
 from .inputs import load_template, persona_values, render
 from .manifest import now
+from .progress import Progress
 from .store import MANIFEST, TRAIN, OutputStore, read_working_file
 
 if TYPE_CHECKING:
@@ -63,45 +65,51 @@ class Answerer(Protocol):
 
 RECORDS = "preference_records.jsonl"
 PREFERENCES = "preferences.jsonl"
-NEAR_IDENTICAL, REJECTED_EMPTY = "near_identical", "rejected_empty"
+NEAR_IDENTICAL, REJECTED_EMPTY, REJECTED_CONTROL_CHARS = "near_identical", "rejected_empty", "rejected_control_chars"
 
 
-def read_questions(path: Path) -> list[tuple[str, str, str | None]]:
-    """(instruction, input, answer or None) per row of `path`; one UserError naming every bad line."""
+class Question(NamedTuple):
+    """One row of the questions file (named fields: an index mix-up once sent every question without an answer
+    to no teacher at all)."""
+
+    instruction: str
+    input: str
+    answer: str | None  # None: the teacher answers it (the chosen side)
+
+
+def read_questions(path: Path) -> list[Question]:
+    """One Question per row of `path`; one UserError naming every bad line (broken JSON included)."""
     if not path.is_file():
         raise UserError(f"--questions '{path}' not found: give a file of {{\"instruction\", \"output\"}} or "
                         "{\"question\"} rows, or run gen-data first (its train.jsonl is the default)")
-    items, bad = [], []
-    for line, obj in read_records(path):
-        q = obj.get("instruction", obj.get("question")) if isinstance(obj, dict) else None
-        if not isinstance(q, str) or not q.strip():
-            bad.append(f"{path} line {line}: needs a non-empty \"instruction\" or \"question\" string")
-            continue
-        extra = obj.get("input") or ""
-        if not isinstance(extra, str):
-            bad.append(f"{path} line {line}: \"input\" must be a string")
-            continue
-        answer = obj.get("output")
-        if answer is not None and (not isinstance(answer, str) or not answer.strip()):
-            bad.append(f"{path} line {line}: \"output\" must be a non-empty string (or left out)")
-            continue
-        items.append((q, extra, answer))
-    if bad:
-        raise UserError(f"{len(bad)} unusable row(s):\n  " + "\n  ".join(bad[:10]))
-    if not items:
-        raise UserError(f"{path}: no questions")
-    return items
+    return read_valid_rows(path, _question, "question row(s)")
+
+
+def _question(obj: Any, where: str) -> Question:
+    q = obj.get("instruction", obj.get("question")) if isinstance(obj, dict) else None
+    if not isinstance(q, str) or not q.strip():
+        raise UserError(f"{where}: needs a non-empty \"instruction\" or \"question\" string")
+    extra = obj.get("input") or ""
+    if not isinstance(extra, str):
+        raise UserError(f"{where}: \"input\" must be a string")
+    answer = obj.get("output")
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        raise UserError(f"{where}: \"output\" must be a non-empty string (or left out)")
+    return Question(q, extra, answer)
 
 
 class PreferenceRun:
     """One `gen-data --preferences` run (see the module docstring)."""
 
     def __init__(self, cfg: SelfInstructConfig, questions: str | Path | None = None,
-                 answerer: Answerer | None = None, client: ChatClient | None = None, batch_size: int = 8) -> None:
+                 answerer: Answerer | None = None, client: ChatClient | None = None, batch_size: int = 8,
+                 make_answerer: Callable[[], Answerer] | None = None) -> None:
         self.cfg = cfg
         self.store = OutputStore(cfg.output_dir)
         self.source = Path(questions) if questions else self.store.dir / TRAIN
         self.items = read_questions(self.source)
+        if make_answerer is not None:  # only now: a bad questions file is reported before a model loads
+            answerer = make_answerer()
         self.answerer = answerer
         self.rejected_by = f"run:{answerer.name}" if answerer else "teacher:weak_answer"
         self.client, self.own_client = client, client is None
@@ -116,8 +124,8 @@ class PreferenceRun:
         done = {}
         for r in read_working_file(self.records_path):
             i = r.get("index")
-            if not isinstance(i, int) or i >= len(self.items) or self.items[i][:2] != (r.get("question"),
-                                                                                        r.get("input", "")):
+            if not isinstance(i, int) or i >= len(self.items) or (self.items[i].instruction, self.items[i].input) \
+                    != (r.get("question"), r.get("input", "")):
                 raise UserError(f"{self.records_path} does not match {self.source} (record {i}: "
                                 f"{str(r.get('question'))[:40]!r}): the questions file changed. Delete the records "
                                 "file to start over (or use another selfinstruct.output_dir)")
@@ -136,6 +144,13 @@ class PreferenceRun:
         except UserError as e:  # an endpoint that fails for good: say so in the manifest; a rerun resumes
             self._manifest(done, "failed", str(e))
             raise
+        except KeyboardInterrupt:  # Ctrl-C: every record written is kept; say how to go on
+            self._manifest(done, "interrupted", f"interrupted with {len(done)} of {len(self.items)} questions done "
+                           f"(kept in {self.records_path}); run the same command again to continue")
+            raise
+        except Exception as e:  # a defect of ours: the manifest must not say "running" for ever
+            self._manifest(done, "failed", f"{type(e).__name__}: {e}")
+            raise
         finally:
             if self.own_client and self.client is not None:
                 self.client.close()
@@ -147,9 +162,8 @@ class PreferenceRun:
         self._manifest(done, "running")
         if todo:
             self._open_endpoints(todo)
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(self.items), initial=len(done), desc="preference pairs", unit="pair")
+            bar = Progress("preference pairs", len(self.items), len(done), unit="pair")
+            n_kept = sum(r["kept"] for r in done.values())
             with JsonlAppender(self.records_path) as out, ThreadPoolExecutor(self.cfg.max_concurrency) as pool:
                 for k in range(0, len(todo), self.batch_size):
                     chunk = todo[k:k + self.batch_size]
@@ -159,7 +173,8 @@ class PreferenceRun:
                         rec = self._record(i, c, r)
                         out.write(rec)
                         done[i] = rec
-                        bar.update(1)
+                        n_kept += rec["kept"]
+                        bar.update(1, {"kept": n_kept})
                     self._manifest(done, "running")
             bar.close()
         kept = [done[i] for i in sorted(done) if done[i]["kept"]]
@@ -170,7 +185,7 @@ class PreferenceRun:
         return self.store.dir / PREFERENCES
 
     def _open_endpoints(self, todo: list[int]) -> None:
-        needs_teacher = self.answerer is None or any(self.items[i][1] is None for i in todo)
+        needs_teacher = self.answerer is None or any(self.items[i].answer is None for i in todo)
         if needs_teacher and self.client is None:
             self.client = ChatClient(self.cfg)
 
@@ -185,7 +200,7 @@ class PreferenceRun:
 
     def _chosen(self, i: int) -> tuple[str | None, str | None]:
         """(answer, reason it is unusable or None): the row's answer, else the teacher's."""
-        answer = self.items[i][2]
+        answer = self.items[i].answer
         if answer is not None:
             return answer.strip(), None
         comp = self._ask(render(self.answer_template, question=self._question(i), **persona_values(self.cfg)))
@@ -199,7 +214,8 @@ class PreferenceRun:
 
     def _rejected(self, chunk: list[int], pool: ThreadPoolExecutor) -> list[tuple[str | None, str | None]]:
         if self.answerer is not None:
-            return [(a.strip(), None) for a in self.answerer([self.items[i][:2] for i in chunk])]
+            return [(a.strip(), None) for a in self.answerer([(self.items[i].instruction, self.items[i].input)
+                                                              for i in chunk])]
         template = load_template(self.cfg, "weak_answer")
 
         def weak(i: int) -> tuple[str | None, str | None]:
@@ -210,15 +226,18 @@ class PreferenceRun:
 
     def _question(self, i: int) -> str:
         """The question as the teacher sees it: the instruction, and the input on the next line."""
-        instruction, extra, _ = self.items[i]
-        return instruction + (f"\n{extra}" if extra else "")
+        q = self.items[i]
+        return q.instruction + (f"\n{q.input}" if q.input else "")
 
     def _record(self, i: int, chosen: tuple[str | None, str | None], rejected: tuple[str | None, str | None]) -> dict:
-        rec: dict[str, Any] = {"index": i, "question": self.items[i][0], "input": self.items[i][1], "chosen": chosen[0],
+        rec: dict[str, Any] = {"index": i, "question": self.items[i].instruction, "input": self.items[i].input,
+                               "chosen": chosen[0],
                                "rejected": rejected[0], "rejected_by": self.rejected_by}
         reason = chosen[1] or rejected[1]
         if reason is None and not rejected[0]:
             reason = REJECTED_EMPTY
+        if reason is None and F.control_chars(rejected[0]):  # the pair would teach them; the chosen side is checked
+            reason = REJECTED_CONTROL_CHARS
         if reason is None:
             same = chosen[0] == rejected[0]  # ROUGE-L sees no tokens in text of only punctuation or symbols
             rec["similarity"] = 1.0 if same else round(F.rouge_l(chosen[0], rejected[0]), 4)
@@ -243,11 +262,13 @@ class PreferenceRun:
 
 
 def run_preferences(cfg: SelfInstructConfig, questions: str | Path | None = None, answerer: Answerer | None = None,
-                    client: ChatClient | None = None, batch_size: int = 8) -> Path:
+                    client: ChatClient | None = None, batch_size: int = 8,
+                    make_answerer: Callable[[], Answerer] | None = None) -> Path:
     """Make (or resume) preference pairs; returns the preferences.jsonl path (see the module docstring).
-    `answerer`: the SFT run's own answers for the rejected side (`inference.predict.greedy_answerer`, which
-    the CLI's --run builds); None = the teacher's weak answers."""
-    return PreferenceRun(cfg, questions, answerer, client, batch_size).execute()
+    `answerer`: the SFT run's own answers for the rejected side (`inference.predict.GreedyAnswerer`); None = the
+    teacher's weak answers. `make_answerer` builds it once the questions file has been read (the CLI's --run:
+    loading a model takes long, a bad questions file must be reported first)."""
+    return PreferenceRun(cfg, questions, answerer, client, batch_size, make_answerer).execute()
 
 
 def summary(path: Path) -> dict:

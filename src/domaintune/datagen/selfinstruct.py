@@ -11,9 +11,11 @@ talk HTTP, the main thread alone filters and writes, so the files need no locks 
 the order results are taken. Every record is appended with fsync; state is rebuilt from the files, so
 killing a run and starting it again resumes it (see store.py for the directory layout).
 
-A run gives up, with train.jsonl short and manifest.json saying so (status "incomplete",
-target_reached false, message), after `max_stalled_calls` question calls in a row keep nothing or as
-many answers in a row are dropped.
+A run gives up, with train.jsonl short (or not written, when nothing was kept) and manifest.json saying
+so (status "incomplete", target_reached false, message: the drop reason that stopped it and what to change,
+see advice.py), after `max_stalled_calls` question calls in a row keep nothing or as many answers in a row
+are dropped. Ctrl-C leaves status "interrupted" with how to continue; an unexpected error, "failed".
+Progress goes to stderr (progress.py: a bar on a terminal, plain lines elsewhere).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def run_gen_data(cfg: SelfInstructConfig, client: ChatClient | None = None, prev
 
     Raises UserError for config mistakes and for endpoint errors retrying cannot fix (the run can be
     resumed after fixing them). Not reaching the target is not an exception: manifest.json says
-    `"target_reached": false` with the reason, and train.jsonl holds what was made.
+    `"target_reached": false` with the reason, and train.jsonl holds what was made (none when nothing was).
     """
     if not cfg.domain.strip():
         raise UserError("selfinstruct.domain is empty: set the domain name the prompts talk about (e.g. 家庭教育)")

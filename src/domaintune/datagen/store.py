@@ -4,8 +4,10 @@
 |---|---|---|
 | questions.jsonl | append-only | every question that passed the filters: {"question"} |
 | answers.jsonl | append-only | one accepted answer per question: {"question", "answer", "finish_reason", "model"} |
-| rejected.jsonl | append-only | everything dropped: {"stage": "question"/"answer", "reason", "question", ...} |
-| train.jsonl | derived | training file: {"instruction", "input", "output"}, exactly the target count when complete |
+| rejected.jsonl | append-only | everything dropped: {"stage": "question"/"answer", "reason", "question", ...}, |
+| | | and question replies that gave no question: {"stage": "reply", "reason", "reply"?, "source"?} |
+| train.jsonl | derived | training file: {"instruction", "input", "output"}, exactly the target count when complete; |
+| | | not written when no pair was kept |
 | train.messages.jsonl | derived | the same rows as {"messages": [user, assistant]} (with write_messages) |
 | manifest.json | rewritten | config, model, counts per reason, timestamps, status, target reached or not |
 | identity.jsonl | derived | written by `gen-data --identity` |
