@@ -665,8 +665,9 @@ def test_malformed_data_stops_before_the_model_is_loaded(models, tmp_path, monke
     monkeypatch.setattr(loader, "load_base_model", must_not_load)
     with pytest.raises(UserError) as e:
         run_train(cfg)
-    assert str(e.value) == (f"{data} line 5: not valid JSON (Expecting value at column 32); "
-                            "each line must hold one JSON object")
+    assert str(e.value) == (f'2 invalid row(s); fix them and run again:\n  {data} line 3: missing "output"\n'
+                            f"  {data} line 5: not valid JSON (Expecting value at column 32); "
+                            "each line must hold one JSON object")  # the broken line and the bad row at once
     assert not out.exists()
 
     rows[4] = sample_rows(5)[4]
