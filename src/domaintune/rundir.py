@@ -14,6 +14,7 @@ and nowhere else.
 | checkpoint-*/ | train | resumable checkpoints; only complete ones count |
 | log.jsonl | train | one JSON object per logged step |
 | run_info.json | train | base model, license, data statistics, runtime, throughput |
+| README.md | train | the model card: base model (a hub id, never a path of this machine), license, method |
 | loss.png | plot / train | loss and learning-rate curves |
 | predictions.jsonl (+ .meta.json), metrics.json, metrics_per_sample.jsonl | predict / eval | |
 | predictions.base.jsonl, base/ | predict --base-only | the base model's predictions and scores |

@@ -140,3 +140,32 @@ def test_ctrl_c_before_the_first_checkpoint_says_resume_starts_afresh(qwen, tmp_
     assert main(["train", str(cfg)]) == 130
     assert ("interrupted at step 1, before the first checkpoint (train.save_steps 2): --resume starts from the "
             f"beginning. To continue, run:\n  domaintune train {cfg} --resume\n") in capsys.readouterr().err
+
+
+def test_a_full_disk_while_the_final_files_are_written_is_a_message_and_resume_finishes(qwen, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """The final save is guarded like a checkpoint: one line, exit 2; then --resume writes the final files from the
+    checkpoint of the last step, without training a step more."""
+    import errno
+    import os
+
+    import domaintune.training.outputs as outputs
+
+    out = tmp_path / "run"
+    cfg = write_cfg(tmp_path, qwen, out, max_steps=2)
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(outputs, "write_atomic", full)
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert (f"error: writing into '{out}' failed: No space left on device ({out / 'README.md'}). The last complete "
+            "checkpoint, checkpoint-2, is intact. Free some space (") in err
+    assert not (out / "run_info.json").exists()
+    monkeypatch.undo()
+    assert main(["train", str(cfg), "--resume"]) == 0
+    assert "(step 2 of 2): training had reached its last step" in capsys.readouterr().err
+    assert [r["step"] for r in RunDir(out).read_log() if "loss" in r] == [1, 2]
+    assert RunDir(out).is_finished() and RunDir(out).run_info()["train"]["global_steps"] == 2

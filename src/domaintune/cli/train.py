@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train from a YAML config. Works under torchrun / accelerate launch too.")
     add_config_args(p)
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in train.output_dir (default: off)")
+                   help="continue from the newest complete checkpoint in train.output_dir; a finished run is "
+                        "left as it is (default: off)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing run in train.output_dir and start afresh; refused for a folder that is "
                         "not a run directory or that holds the base model (default: off)")

@@ -72,7 +72,8 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool, 
     - A new or empty folder (hidden files aside) is used as it is; `--resume` then says it starts afresh.
     - A folder that holds other things than a domaintune run is refused, with or without flags.
     - A run is continued with `resume` (from its newest complete checkpoint, or from the beginning when a
-      kill came before the first checkpoint was complete, which is said) or replaced with `overwrite`.
+      kill came before the first checkpoint was complete; either is said on stderr) or replaced with `overwrite`.
+    - `resume` of a finished run raises AlreadyComplete: nothing to do, and nothing is touched.
     Only rank 0 deletes anything."""
     if resume and overwrite:
         raise UserError("--resume continues the run in train.output_dir and --overwrite deletes it: pass one of them")
