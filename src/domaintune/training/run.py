@@ -266,8 +266,6 @@ class TrainingRun:
             raise UserError(f"training diverged: {e} (learning rate {self.cfg.train.learning_rate:g}); stopped "
                             f"before that step was applied. {self._last_good()} Lower train.learning_rate (or "
                             "keep train.max_grad_norm > 0) and train again") from None
-        except KeyboardInterrupt:
-            raise TrainingInterrupted(self._interrupted(trainer.state.global_step), quiet=not self.is_main) from None
         except (OSError, RuntimeError) as e:
             if (err := self._write_error(e)) is None:
                 raise
@@ -340,9 +338,13 @@ class TrainingRun:
         self.setup_model()
         self.setup_trainer()
         try:
-            result = self.train()
-        finally:
-            if self.lean is not None:
-                self.lean.close()  # the model computes its logits again
-        self.save(*result)
+            try:
+                result = self.train()
+            finally:
+                if self.lean is not None:
+                    self.lean.close()  # the model computes its logits again
+            self.save(*result)
+        except KeyboardInterrupt:  # Ctrl-C in training, the last eval or the final save
+            step = self.trainer.state.global_step if self.trainer is not None else 0
+            raise TrainingInterrupted(self._interrupted(step), quiet=not self.is_main) from None
         return self.out
