@@ -14,6 +14,7 @@ and nowhere else.
 | checkpoint-*/ | train | resumable checkpoints; only complete ones count |
 | log.jsonl | train | one JSON object per logged step |
 | run_info.json | train | base model, license, data statistics, runtime, throughput |
+| README.md | train | the model card: base model (a hub id, never a path of this machine), license, method |
 | loss.png | plot / train | loss and learning-rate curves |
 | predictions.jsonl (+ .meta.json), metrics.json, metrics_per_sample.jsonl | predict / eval | |
 | predictions.base.jsonl, base/ | predict --base-only | the base model's predictions and scores |
@@ -147,6 +148,18 @@ class RunDir:
     def run_info(self) -> dict:
         return self.read_json(RUN_INFO) if self.run_info_path.is_file() else {}
 
+    def is_finished(self) -> bool:
+        """Whether training completed here: the final weights are saved and run_info.json, which `train` writes
+        last, names the steps trained (a kill during the final save leaves it missing)."""
+        if not (self.has_weights() and self.run_info_path.is_file()):
+            return False
+        try:
+            info = self.run_info()
+        except (OSError, ValueError):
+            return False
+        return isinstance(info, dict) and isinstance(info.get("train"), dict) and \
+            "global_steps" in info["train"]
+
 
 def paths_overlap(a: str | Path, b: str | Path) -> bool:
     """Whether two paths are the same folder or one lies inside the other (resolved): an output that would
@@ -233,12 +246,24 @@ def checkpoint_step(ckpt: Path | None) -> int:
     return int(ckpt.name[len(CHECKPOINT_PREFIX):]) if ckpt else 0
 
 
-def checkpoint_tokens(ckpt: Path | None) -> int:
-    """Input tokens already seen at a checkpoint (0 for a fresh run)."""
+def checkpoint_state(ckpt: Path | None) -> dict:
+    """A checkpoint's trainer_state.json ({} for a fresh run, or when it cannot be read)."""
     if ckpt is None:
-        return 0
+        return {}
     try:
         state = json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return 0
-    return int(state.get("num_input_tokens_seen") or 0)
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def checkpoint_tokens(ckpt: Path | None) -> int:
+    """Input tokens already seen at a checkpoint (0 for a fresh run)."""
+    return int(checkpoint_state(ckpt).get("num_input_tokens_seen") or 0)
+
+
+def checkpoint_progress(ckpt: Path) -> tuple[int, int]:
+    """(the step a checkpoint was written at, the steps its run was to train: the Trainer's max_steps, 0 when
+    not recorded)."""
+    state = checkpoint_state(ckpt)
+    return int(state.get("global_step") or checkpoint_step(ckpt)), int(state.get("max_steps") or 0)

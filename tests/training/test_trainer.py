@@ -159,6 +159,42 @@ def test_run_directory_contract(trained, models, arch, method):
     assert info["train"]["tokens"] == tokens[-1] == epochs * sum(len(s["input_ids"]) for s in data.train)
 
 
+def _pads_with_eos(models, dest: Path) -> Path:
+    """The micro qwen2 model whose tokenizer pads with EOS, as Qwen2.5's base models and many others do."""
+    import shutil
+
+    out = Path(shutil.copytree(models["qwen2"], dest))
+    for name, key, value in (("tokenizer_config.json", "pad_token", "</s>"), ("config.json", "pad_token_id", 2),
+                             ("generation_config.json", "pad_token_id", 2)):
+        conf = json.loads((out / name).read_text(encoding="utf-8"))
+        conf[key] = value
+        (out / name).write_text(json.dumps(conf), encoding="utf-8")
+    return out
+
+
+@pytest.mark.parametrize("batching", ["pack", "pad"])
+def test_every_token_of_every_row_is_counted_when_the_pad_token_is_eos(models, data12, tmp_path, batching):
+    """Regression (issue 22, defect 6): packed, with pad == EOS, the count left out every EOS (the Trainer counted
+    tokens that are not the pad id, and a packed batch has no attention mask), so 414 tokens were counted of 418."""
+    from domaintune.data.encode import build_datasets
+    from domaintune.data.templates import get_template
+    from domaintune.training.model import load_tokenizer
+
+    base = _pads_with_eos(models, tmp_path / "eos-pad")
+    cfg = make_cfg(base, data12, tmp_path / "run", data={"val_size": 0, "cutoff_len": 512},
+                   train={"num_epochs": 1, "batching": batching, "per_device_batch_size": 4})
+    run = run_train(cfg)
+    info = RunDir(run).run_info()
+    assert info["train"]["path"]["batching"] == batching
+    tok = load_tokenizer(str(base))
+    assert tok.pad_token_id == tok.eos_token_id == 2
+    rows = build_datasets(cfg.data, tok, get_template(cfg.data.template, tok), cfg.train.seed).train
+    real = sum(len(r["input_ids"]) for r in rows)  # every token of every row, counted here from the rows
+    eos = sum(r["input_ids"].count(tok.eos_token_id) for r in rows)
+    assert len(rows) == 12 and eos >= 12  # each row's answer ends with EOS
+    assert info["train"]["tokens"] == train_records(run)[-1]["tokens"] == real
+
+
 def test_llama_run_pads_with_unk_and_keeps_eos_trainable(trained, models):
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
@@ -388,29 +424,35 @@ def test_resume_without_a_complete_checkpoint_starts_from_the_beginning(models, 
     assert main(["train", str(cfg_path)]) == 2  # without --resume: the message says what to pass
     assert "already holds a run. Pass --resume to continue it" in capsys.readouterr().err
     assert main(["train", str(cfg_path), "--resume"]) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # a note: stderr
     assert (f"--resume: '{out}' has no complete checkpoint (the run was stopped before its first checkpoint was "
-            "complete; removed checkpoint-4): starting from the beginning") in printed
+            "complete; removed checkpoint-4): starting from the beginning\n") in printed
     assert [r["step"] for r in train_records(out)] == [1, 2, 3]  # the old log is gone, not mixed in
     assert RunDir(out).run_info()["train"]["global_steps"] == 3 and RunDir(out).has_adapter()
     assert not (out / "checkpoint-4").exists()
 
 
-def test_resume_of_a_new_folder_starts_and_of_a_finished_run_without_checkpoints_is_refused(models, data12,
-                                                                                          tmp_path, capsys):
+def test_resume_of_a_new_folder_starts_and_of_a_finished_run_without_checkpoints_is_complete(models, data12,
+                                                                                           tmp_path, capsys):
     out = tmp_path / "fresh"
     cfg = make_cfg(models["qwen2"], data12, out, train={"max_steps": 1})
     run_train(cfg, resume=True)
-    assert f"--resume: '{out}' has no complete checkpoint (the folder is new): starting" in capsys.readouterr().out
+    assert f"--resume: '{out}' has no complete checkpoint (the folder is new): starting" in capsys.readouterr().err
     assert RunDir(out).has_adapter()
     import shutil
 
     for ckpt in list_checkpoints(out):  # a finished run whose checkpoints were deleted to save space
         shutil.rmtree(ckpt)
-    with pytest.raises(UserError, match="holds a finished run and no checkpoint to continue from; pass --overwrite"):
-        run_train(cfg, resume=True)
+    files = sorted(p.name for p in out.iterdir())
+    run_train(cfg, resume=True)
+    assert f"--resume: '{out}' is already complete (1 steps trained;" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == files
     with pytest.raises(UserError, match="--resume continues the run .* and --overwrite deletes it"):
         run_train(cfg, resume=True, overwrite=True)
+    (out / "run_info.json").unlink()  # final weights, but killed before the run was complete, and no checkpoint
+    with pytest.raises(UserError, match="holds final weights but no run_info.json and no checkpoint to continue "
+                                        "from; pass --overwrite"):
+        run_train(cfg, resume=True)
 
 
 def test_a_folder_holding_other_things_is_refused_before_any_work(models, data12, tmp_path, monkeypatch):

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import sys
 from pathlib import Path
 
 from .options import add_config_args
@@ -12,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train from a YAML config. Works under torchrun / accelerate launch too.")
     add_config_args(p)
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in train.output_dir (default: off)")
+                   help="continue from the newest complete checkpoint in train.output_dir; a finished run is "
+                        "left as it is (default: off)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing run in train.output_dir and start afresh; refused for a folder that is "
                         "not a run directory or that holds the base model (default: off)")
@@ -60,11 +64,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from ..config import load_config
+    from ..training.run import TrainingInterrupted
     from ..training.trainer import run_train
 
     overrides = [*a.overrides, *(["model.allow_pickle=true"] if a.allow_pickle else [])]
-    run_train(load_config(a.config, overrides), resume=a.resume, overwrite=a.overwrite)
+    try:
+        run_train(load_config(a.config, overrides), resume=a.resume, overwrite=a.overwrite)
+    except TrainingInterrupted as e:
+        if not e.quiet:
+            print(f"{e.message}. To continue, run:\n  {resume_command(a)}", file=sys.stderr, flush=True)
+        return 130
     return 0
+
+
+def resume_command(a: argparse.Namespace) -> str:
+    """The command that continues this `train` run: the same config and overrides, with --resume (never
+    --overwrite, which would delete what was trained). Under torchrun / accelerate launch, the launcher's own
+    options are not known here: say to keep them."""
+    cmd = shlex.join(["domaintune", "train", a.config, *a.overrides, *(["--allow-pickle"] if a.allow_pickle else []),
+                      "--resume"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        n = os.environ.get("LOCAL_WORLD_SIZE", "N")
+        return f"torchrun --nproc_per_node {n} -m {cmd}   (with the launcher and options you used before)"
+    return cmd
 
 
 def cmd_make_tiny_model(a: argparse.Namespace) -> int:

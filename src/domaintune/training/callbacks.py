@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..jsonl import JsonlAppender, read_jsonl, write_atomic, write_jsonl_atomic
-from ..rundir import CHECKPOINT_PREFIX, CHECKPOINT_WORLD, CONFIG, LOSS_PNG, TEMPLATE, RunDir
+from ..rundir import CHECKPOINT_PREFIX, CHECKPOINT_WORLD, CONFIG, LOSS_PNG, MODEL_CARD, TEMPLATE, RunDir
+from .outputs import share_safetensors
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -73,10 +74,19 @@ def make_callbacks(run: RunDir, resume_step: int, template: Template, config_yam
                         **kw: Any) -> None:
             self._plot(state)
 
+        def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          **kw: Any) -> None:
+            # Resumed from the checkpoint of the last step (a kill while the final files were written), the Trainer
+            # would train one step past max_steps before it looks at the step count (transformers 5.x).
+            if state.max_steps and state.global_step >= state.max_steps:
+                raise NothingLeftToTrain(state.global_step)
+
         def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
                 if ckpt.is_dir():
+                    _drop_peft_card(ckpt)
+                    share_safetensors(ckpt)
                     template.save(ckpt / TEMPLATE)
                     write_atomic(ckpt / CONFIG, config_yaml)
                     write_atomic(ckpt / CHECKPOINT_WORLD, json.dumps({"world_size": args.world_size,
@@ -84,6 +94,25 @@ def make_callbacks(run: RunDir, resume_step: int, template: Template, config_yam
             self._plot(state)
 
     return [JsonlLog()]
+
+
+class NothingLeftToTrain(Exception):
+    """Raised before a step past max_steps: the run resumed at its last step, with nothing left to train."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"step {step} is the last step")
+        self.step = step
+
+
+def _drop_peft_card(folder: Path) -> None:
+    """PEFT's save_pretrained writes its empty model card template ("[More Information Needed]", base_model: a path
+    of this machine) beside the adapter; a checkpoint has no card of its own, so it goes."""
+    card = folder / MODEL_CARD
+    try:
+        if card.is_file() and "[More Information Needed]" in card.read_text(encoding="utf-8", errors="replace"):
+            card.unlink()
+    except OSError:
+        pass
 
 
 def refresh_plot(run: RunDir) -> None:

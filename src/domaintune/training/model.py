@@ -256,6 +256,29 @@ def model_license(name_or_path: str, revision: str | None = None) -> str | None:
     return str(lic) if lic else None
 
 
+def hub_model_id(name_or_path: str) -> str | None:
+    """The Hugging Face Hub id of a base model: the name itself when it is one, the id of a local folder that is a
+    snapshot in the Hugging Face cache (.../models--ORG--NAME/snapshots/REV), else None (any other local folder)."""
+    local = Path(name_or_path).expanduser()
+    if not local.exists():
+        return None if _looks_local(name_or_path) else name_or_path
+    parts = local.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/")  # the cache's folder name for ORG/NAME
+    return None
+
+
+def describe_base_model(name_or_path: str) -> tuple[str | None, str]:
+    """(its hub id or None, a phrase naming it) for a model card: never a path of this machine, which means
+    nothing to a reader and tells them how its owner's disk is laid out."""
+    hub_id = hub_model_id(name_or_path)
+    if hub_id:
+        return hub_id, f"[{hub_id}](https://huggingface.co/{hub_id})"
+    kind = (base_config_dict(name_or_path) or {}).get("model_type")
+    return None, (f"a local {kind + ' ' if isinstance(kind, str) else ''}model (folder "
+                  f"`{Path(name_or_path).expanduser().resolve().name}`, not a Hugging Face Hub id)")
+
+
 def base_config_dict(name_or_path: str, revision: str | None = None) -> dict | None:
     """The model's config.json as a dict, from a local model directory or (hub id) the Hugging Face cache;
     None when it is not available locally or is not a JSON object. Never downloads."""

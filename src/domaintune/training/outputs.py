@@ -6,12 +6,23 @@ import errno
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import UserError
-from ..rundir import CHECKPOINT_PREFIX, CHECKPOINT_WORLD, RUN_INFO, RunDir, latest_checkpoint, list_checkpoints
+from ..jsonl import write_atomic
+from ..rundir import (
+    CHECKPOINT_PREFIX,
+    CHECKPOINT_WORLD,
+    MODEL_CARD,
+    RUN_INFO,
+    RunDir,
+    checkpoint_progress,
+    latest_checkpoint,
+    list_checkpoints,
+)
 
 PROBE_BYTES = 1 << 20  # written and removed before training: a full disk shows here
 
@@ -61,7 +72,8 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool, 
     - A new or empty folder (hidden files aside) is used as it is; `--resume` then says it starts afresh.
     - A folder that holds other things than a domaintune run is refused, with or without flags.
     - A run is continued with `resume` (from its newest complete checkpoint, or from the beginning when a
-      kill came before the first checkpoint was complete, which is said) or replaced with `overwrite`.
+      kill came before the first checkpoint was complete; either is said on stderr) or replaced with `overwrite`.
+    - `resume` of a finished run raises AlreadyComplete: nothing to do, and nothing is touched.
     Only rank 0 deletes anything."""
     if resume and overwrite:
         raise UserError("--resume continues the run in train.output_dir and --overwrite deletes it: pass one of them")
@@ -85,18 +97,44 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool, 
             raise UserError(f"'{out}' already holds a run. Pass --resume to continue it, --overwrite to start "
                             "afresh, or set train.output_dir to a new folder")
         return None
+    if run.is_finished():  # checked first: nothing of a finished run may change
+        steps = run.run_info()["train"]["global_steps"]
+        raise AlreadyComplete(f"--resume: '{out}' is already complete ({steps} steps trained; its final weights and "
+                              f"{RUN_INFO} are written): nothing to train, nothing was changed. To train it again "
+                              "from the start, pass --overwrite instead (or set train.output_dir to a new folder)")
     ckpt = latest_checkpoint(out)
     if ckpt is None and run.has_weights():
-        raise UserError(f"--resume: '{out}' holds a finished run and no checkpoint to continue from; pass "
-                        "--overwrite to train it again, or set train.output_dir to a new folder")
+        raise UserError(f"--resume: '{out}' holds final weights but no {RUN_INFO} and no checkpoint to continue "
+                        "from; pass --overwrite to train it again, or set train.output_dir to a new folder")
     torn = _remove_torn_checkpoints(out) if is_main and entries else []
-    if ckpt is None and is_main:
-        why = (f"the run was stopped before its first checkpoint was complete; removed {', '.join(torn)}" if torn
-               else "the run was stopped before its first checkpoint" if entries else "the folder is new")
-        print(f"--resume: '{out}' has no complete checkpoint ({why}): starting from the beginning", flush=True)
-    elif torn:
-        print(f"--resume: removed {', '.join(torn)}, left half-written by the interruption", flush=True)
+    if is_main:
+        if torn and ckpt is not None:
+            note(f"--resume: removed {', '.join(torn)}, left half-written by the interruption")
+        note(resume_line(out, ckpt, bool(entries), torn))
     return ckpt
+
+
+class AlreadyComplete(Exception):
+    """`--resume` of a run that finished: nothing to do (the message says so)."""
+
+
+def note(text: str) -> None:
+    """A note for the user (stderr: stdout carries results)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def resume_line(out: Path, ckpt: Path | None, had_entries: bool, torn: list[str]) -> str:
+    """What `--resume` starts from: the checkpoint and its step, or the beginning and why (`torn`: the
+    half-written checkpoints just removed)."""
+    if ckpt is None:
+        why = (f"the run was stopped before its first checkpoint was complete; removed {', '.join(torn)}" if torn else
+               "the run was stopped before its first checkpoint" if had_entries else "the folder is new")
+        return f"--resume: '{out}' has no complete checkpoint ({why}): starting from the beginning"
+    step, total = checkpoint_progress(ckpt)
+    if total and step >= total:
+        return (f"--resume: continuing from {ckpt} (step {step} of {total}): training had reached its last step "
+                "before the run's final files were written; writing them now")
+    return f"--resume: continuing from {ckpt} (step {step}" + (f" of {total})" if total else ")")
 
 
 def check_writable(out: Path) -> None:
@@ -160,8 +198,93 @@ def saved_config(cfg: Config) -> Config:
 
 
 def tokens_per_second(tokens: int, tokens_at_start: int, runtime: float) -> float | None:
-    """Throughput of this session: a resumed run counts only the tokens it trained on itself."""
-    return round((tokens - tokens_at_start) / runtime, 1) if runtime > 0 else None
+    """Throughput of this session: a resumed run counts only the tokens it trained on itself (None when it
+    trained none: a resume that only wrote the final files)."""
+    return round((tokens - tokens_at_start) / runtime, 1) if runtime > 0 and tokens > tokens_at_start else None
+
+
+def run_model_card(run: RunDir, base_model: str, license_: str | None, method: str, template: str, steps: int,
+                   eval_loss: float | None) -> str:
+    """README.md of a run directory: front matter a model hub reads (base_model only when it is a hub id: never
+    a path of this machine) and a few lines on what was trained from what."""
+    import yaml
+
+    from .model import describe_base_model
+
+    hub_id, from_what = describe_base_model(base_model)
+    meta: dict[str, Any] = {"base_model": hub_id} if hub_id else {}
+    if license_:
+        meta["license"] = license_
+    meta.update({"library_name": "transformers" if method == "full" else "peft", "pipeline_tag": "text-generation",
+                 "tags": ["domaintune", method, template]})
+    what = "A full fine-tune" if method == "full" else f"A {'QLoRA' if method == 'qlora' else 'LoRA'} adapter"
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---",
+             f"# {run.path.resolve().name}", "",
+             f"{what} of {from_what}, trained with domaintune for {steps} steps with the `{template}` prompt "
+             "template (template.json; the tokenizer's chat_template renders the same prompt).", ""]
+    if eval_loss is not None:
+        lines += [f"Validation loss at the end: {eval_loss:.4f}.", ""]
+    if not license_:
+        lines += ["License: not stated by the base model's card; check it before using this model.", ""]
+    lines += ["The run's figures are in run_info.json and log.jsonl; `domaintune report` writes report.md.", ""]
+    return "\n".join(lines)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux tells it (os.umask can only read it by setting
+    it, which other threads would see for a moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_safetensors(folder: Path) -> None:
+    """Give the .safetensors files in `folder` the mode every other file of the run gets (0644 under umask 022):
+    the safetensors library writes them with 0600, so another user (a server account, a teammate) could read
+    the run's config and tokenizer but not its weights."""
+    mode = 0o666 & ~_umask()
+    for f in folder.glob("*.safetensors"):
+        if f.is_file() and f.stat().st_mode & 0o777 != mode:
+            os.chmod(f, mode)
+
+
+# Write errors that more space or a fixed folder cures: no space, over quota, read-only, no permission.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# How the libraries that write checkpoints report a full disk without an OSError: torch.save's zip writer raises
+# RuntimeError("[enforce fail at inline_container.cc:...] . PytorchStreamWriter failed writing file data/0: file
+# write failed"); safetensors raises SafetensorError naming the OS error ("No space left on device (os error 28)").
+_WRITE_FAILED = ("PytorchStreamWriter failed writing", "file write failed", "No space left on device",
+                 "Disk quota exceeded", "os error 28", "os error 122")
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why a checkpoint or final write failed, when more space or a fixed folder cures it (else None: a bug to
+    show as it is)."""
+    if isinstance(e, OSError):
+        return f"{e.strerror or e} ({e.filename or 'a checkpoint file'})" if e.errno in DISK_ERRNOS else None
+    text = str(e)
+    if isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError":
+        hit = next((m for m in _WRITE_FAILED if m in text), None)
+        if hit:
+            first = text.splitlines()[0] if text else type(e).__name__
+            return f"a file could not be written ({first.split('] . ')[-1].strip()}; is the disk full?)"
+    return None
+
+
+def free_space(path: Path) -> str:
+    """'N MiB free' on the disk holding `path` (or its nearest existing parent); '' when it cannot be told."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:,.0f} MiB free"
+    except OSError:
+        return ""
 
 
 def write_run_files(cfg: Config, run: RunDir, tok: PreTrainedTokenizerBase, template: Template,
@@ -187,11 +310,21 @@ def write_run_files(cfg: Config, run: RunDir, tok: PreTrainedTokenizerBase, temp
     logs = run.read_log()
     train_losses = [r["loss"] for r in logs if "loss" in r]
     eval_losses = [r["eval_loss"] for r in logs if "eval_loss" in r]
+    # The Trainer evaluates at the last step on its own when eval_steps divides it; then the caller had nothing
+    # left to evaluate and the loss is the one logged at that step.
+    final_eval = eval_metrics.get("eval_loss", next((r["eval_loss"] for r in reversed(logs) if "eval_loss" in r
+                                                      and r.get("step") == trainer.state.global_step), None))
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    license_ = model_license(saved.model.name_or_path, cfg.model.revision)
+    method = "full" if not cfg.lora.enabled else ("qlora" if cfg.model.quantization != "none" else "lora")
+    # PEFT's save_pretrained left its empty card ("[More Information Needed]", base_model: an absolute path of
+    # this machine) here; the run's own card replaces it.
+    write_atomic(run.file(MODEL_CARD), run_model_card(run, saved.model.name_or_path, license_, method, template.name,
+                                                      trainer.state.global_step, final_eval))
     run.write_json(RUN_INFO, {
         "base_model": saved.model.name_or_path,
-        "license": model_license(saved.model.name_or_path, cfg.model.revision),
-        "method": "full" if not cfg.lora.enabled else ("qlora" if cfg.model.quantization != "none" else "lora"),
+        "license": license_,
+        "method": method,
         "template": template.name,
         "domaintune_version": __version__,
         "world_size": world_size,
@@ -203,7 +336,7 @@ def write_run_files(cfg: Config, run: RunDir, tok: PreTrainedTokenizerBase, temp
             "tokens_per_second": tokens_per_second(tokens, tokens_at_start, runtime),
             "final_loss": train_losses[-1] if train_losses else None,
             "best_eval_loss": min(eval_losses) if eval_losses else None,
-            "final_eval_loss": eval_metrics.get("eval_loss"),
+            "final_eval_loss": final_eval,
             **({"path": path} if path else {}),
         },
     })

@@ -22,24 +22,42 @@ Checkpoints carry template.json and config.yaml too, so predict/chat/serve can u
 
 Resume: `--resume` continues from the newest *complete* checkpoint (one whose trainer_state.json was
 written, which the Trainer does last), restoring optimizer, scheduler, RNG and data position; log.jsonl
-is cut back to that step so no step is logged twice.
+is cut back to that step so no step is logged twice. It says which checkpoint it starts from. A finished run
+(final weights and run_info.json written) is already complete: said, and nothing is touched. A checkpoint of
+the last step (a kill while the final files were written) trains nothing more and writes the final files.
+Ctrl-C names the checkpoint `--resume` would continue from (the CLI adds the command).
 """
 from __future__ import annotations
 
-import errno
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from ..rundir import MODEL_CONFIG, TOKENIZER_FILES, RunDir, checkpoint_step, checkpoint_tokens, latest_checkpoint
+from ..rundir import (
+    MODEL_CONFIG,
+    TOKENIZER_FILES,
+    RunDir,
+    checkpoint_progress,
+    checkpoint_step,
+    checkpoint_tokens,
+    latest_checkpoint,
+)
 from . import speed
 from .arguments import batch_line, check_trackers, engine_arguments, global_batch, training_arguments, world
-from .callbacks import make_callbacks, refresh_plot
-from .outputs import check_resume_world, check_writable, prepare_output_dir, saved_config, write_run_files
-
-# Errors of a write that more space or a fixed folder cures: no space, over quota, read-only, no permission.
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+from .callbacks import NothingLeftToTrain, make_callbacks, refresh_plot
+from .outputs import (
+    AlreadyComplete,
+    check_resume_world,
+    check_writable,
+    free_space,
+    note,
+    prepare_output_dir,
+    saved_config,
+    share_safetensors,
+    write_failure,
+    write_run_files,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +66,15 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..data.encode import Datasets
     from ..data.templates import Template
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: `message` names the step reached and the checkpoint `--resume` continues from (the
+    CLI adds the command to run); `quiet` on the ranks other than 0, which say nothing."""
+
+    def __init__(self, message: str, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.message, self.quiet = message, quiet
 
 
 class _ListDataset:
@@ -192,6 +219,10 @@ class TrainingRun:
         self.batching, why_batching = speed.choose_batching(t.batching, self.model)
         collator = speed.make_collator(self.batching, self.tok, self.device)
         self.lean = LeanLoss(self.model) if self.loss_kind == "chunked" else None
+        # Tokens trained on: every token of the rows, EOS included. A packed batch has no padding, so each of its
+        # tokens counts; counting "not the pad id" there (the Trainer's non_padding without an attention mask)
+        # dropped every EOS where the tokenizer pads with EOS. Padded batches are counted by their attention mask.
+        count = {"include_num_input_tokens_seen": "all"} if self.batching == "pack" else None
         if t.per_device_batch_size == "auto":
             probe = speed.oom_probe(self.model, collator, self.data.train, self.lean, self.device)
             self.per_device, why_batch = speed.auto_per_device(t, self.world_size, self.device, probe)
@@ -200,7 +231,8 @@ class TrainingRun:
             self.per_device = t.per_device_batch_size
         self._say(f"{why_loss}; {why_batching}")
         group = t.group_by_length if t.group_by_length is not None else self.batching == "pad"
-        args, callbacks = self.arguments_and_callbacks(group_by_length=group, liger=self.loss_kind == "liger")
+        args, callbacks = self.arguments_and_callbacks(group_by_length=group, liger=self.loss_kind == "liger",
+                                                       extra=count)
         self.trainer = trainer_class()(model=self.model, args=args, data_collator=collator,
                                        train_dataset=_ListDataset(self.data.train),
                                        eval_dataset=_ListDataset(self.data.eval) if has_eval else None,
@@ -228,16 +260,16 @@ class TrainingRun:
         t0 = time.time()
         try:
             trainer.train(resume_from_checkpoint=str(self.ckpt) if self.ckpt else None)
+        except NothingLeftToTrain:
+            pass  # resumed at the last step: the checkpoint's weights are loaded, the final files come next
         except NonFiniteTraining as e:
             raise UserError(f"training diverged: {e} (learning rate {self.cfg.train.learning_rate:g}); stopped "
                             f"before that step was applied. {self._last_good()} Lower train.learning_rate (or "
                             "keep train.max_grad_norm > 0) and train again") from None
-        except OSError as e:
-            if e.errno not in DISK_ERRORS:
+        except (OSError, RuntimeError) as e:
+            if (err := self._write_error(e)) is None:
                 raise
-            raise UserError(f"writing into '{self.out}' failed: {e.strerror} ({e.filename or 'a checkpoint file'}). "
-                            f"{self._last_good()} Free some space (or fix the folder) and run the same command "
-                            "with --resume") from None
+            raise err from None
         logged_eval_at_end = any(r.get("step") == trainer.state.global_step and "eval_loss" in r
                                  for r in trainer.state.log_history)  # same on every rank
         eval_metrics = trainer.evaluate() if self.data.eval and not logged_eval_at_end else {}
@@ -248,12 +280,40 @@ class TrainingRun:
         return (f"The last complete checkpoint, {ckpt.name}, is intact." if ckpt else
                 "No checkpoint was complete yet.")
 
+    def _write_error(self, e: BaseException) -> UserError | None:
+        """A full disk (or a read-only folder) while writing a checkpoint or the final files, as one clear message;
+        None for anything else (shown as it is). torch.save reports a full disk as a RuntimeError, not OSError."""
+        why = write_failure(e)
+        if why is None:
+            return None
+        free = free_space(self.out)
+        return UserError(f"writing into '{self.out}' failed: {why}. {self._last_good()} Free some space"
+                         f"{f' ({free} now)' if free else ''} or fix the folder, then run the same command with "
+                         "--resume")
+
+    def _interrupted(self, step: int) -> str:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            return (f"interrupted at step {step}, before the first checkpoint (train.save_steps "
+                    f"{self.cfg.train.save_steps}): --resume starts from the beginning")
+        return (f"interrupted at step {step}. The last complete checkpoint is {ckpt} (step "
+                f"{checkpoint_progress(ckpt)[0]}); --resume continues from it")
+
     def save(self, eval_metrics: dict, runtime: float, tokens_at_start: int) -> None:
+        try:
+            self._save(eval_metrics, runtime, tokens_at_start)
+        except (OSError, RuntimeError) as e:  # a full disk here: the last checkpoint holds the trained weights
+            if (err := self._write_error(e)) is None:
+                raise
+            raise err from None
+
+    def _save(self, eval_metrics: dict, runtime: float, tokens_at_start: int) -> None:
         if self.use_cache is not None:
             self.base.config.use_cache = self.use_cache  # a saved full model generates with its cache again
         self.trainer.save_model(str(self.out))  # every rank calls it (needed for sharded setups); rank 0 writes
         if not self.trainer.is_world_process_zero():
             return
+        share_safetensors(self.out)
         path = {"loss": self.loss_kind, "batching": self.batching, "per_device_batch_size": self.per_device,
                 "gradient_accumulation_steps": self.trainer.args.gradient_accumulation_steps,
                 "global_batch": global_batch(self.trainer.args),
@@ -268,14 +328,23 @@ class TrainingRun:
         return {}
 
     def execute(self) -> Path:
-        self.setup_output()
+        try:
+            self.setup_output()
+        except AlreadyComplete as e:  # --resume of a finished run: said, and nothing touched
+            if self.is_main:
+                note(str(e))
+            return self.out
         self.setup_data()
         self.setup_model()
         self.setup_trainer()
         try:
-            result = self.train()
-        finally:
-            if self.lean is not None:
-                self.lean.close()  # the model computes its logits again
-        self.save(*result)
+            try:
+                result = self.train()
+            finally:
+                if self.lean is not None:
+                    self.lean.close()  # the model computes its logits again
+            self.save(*result)
+        except KeyboardInterrupt:  # Ctrl-C in training, the last eval or the final save
+            step = self.trainer.state.global_step if self.trainer is not None else 0
+            raise TrainingInterrupted(self._interrupted(step), quiet=not self.is_main) from None
         return self.out
