@@ -130,6 +130,15 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file another library wrote (and closed) to the disk, before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import UserError
-from ..jsonl import disk_error
+from ..jsonl import disk_error, fsync_path
 from ..rundir import (
     GENERATION_CONFIG,
     METRICS,
@@ -140,11 +140,7 @@ def _write_export(m: Merged, folder: Path, out: Path, max_shard_size: str) -> No
     mode = folder.stat().st_mode & 0o666  # mkdir applied the umask: 0755 -> 0644
     for f in folder.iterdir():
         f.chmod(mode)
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(f)
 
 
 def _swap_in(partial: Path, out: Path) -> None:
