@@ -2,8 +2,11 @@
 template, generation config, template.json and model card are written; sharding, dtypes, refusals."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -197,6 +200,113 @@ def test_overwrite_replaces_a_previous_export(lora_run, tmp_path):
     run_export(lora_run, out, dtype="fp16", overwrite=True)
     assert not (out / "stale.txt").exists()
     assert _saved_dtype(out) == "float16"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _full_disk_in_weights(monkeypatch):
+    """safetensors on a full disk: part of the shard written, then its SafetensorError (seen on a 2 MB tmpfs)."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
+
+
+def _full_disk_after_weights(monkeypatch):
+    """The weights fit, the next file does not: an OSError without a file name, as a full disk gives on flush."""
+    from transformers import GenerationConfig
+
+    def save_pretrained(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(GenerationConfig, "save_pretrained", save_pretrained)
+
+
+@pytest.mark.parametrize("fail", [_full_disk_in_weights, _full_disk_after_weights])
+def test_a_full_disk_keeps_the_previous_export_and_a_rerun_completes(fail, lora_run, tmp_path, monkeypatch,
+                                                                    capsys):
+    """Regression: --overwrite deleted the previous export before writing (a full disk left config.json and
+    generation_config.json), the failure was a traceback, and a failed export left a folder that blocked a
+    rerun."""
+    out = tmp_path / "merged"
+    run_export(lora_run, out, dtype="fp32")
+    before = _files(out)
+    with monkeypatch.context() as m:
+        fail(m)
+        with pytest.raises(UserError, match=rf"No space left on device\. The export needs about \d+ MB for its "
+                                            rf"weights; '{out}' is unchanged\. Free some space"):
+            run_export(lora_run, out, dtype="fp16", overwrite=True)
+        assert _files(out) == before  # the previous export, whole
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no partial folder left
+        capsys.readouterr()
+        assert main(["export", str(lora_run), "--out", str(tmp_path / "new"), "--dtype", "fp16"]) == 2
+        err = capsys.readouterr().err
+        last = err.splitlines()[-1]  # (the lines before: transformers' loading bar)
+        assert "Traceback" not in err and last.startswith("error: ") and "No space left on device" in last
+        assert "nothing was written" in last
+        assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
+    # space again: the same commands complete, nothing of the failed attempts is in the way
+    assert main(["export", str(lora_run), "--out", str(tmp_path / "new"), "--dtype", "fp16"]) == 0
+    run_export(lora_run, out, dtype="fp16", overwrite=True)
+    assert _saved_dtype(out) == _saved_dtype(tmp_path / "new") == "float16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "new"]
+
+
+def test_a_failed_swap_puts_the_previous_export_back(lora_run, tmp_path, monkeypatch):
+    out = tmp_path / "merged"
+    run_export(lora_run, out, dtype="fp32")
+    before = _files(out)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".partial"):  # the new export into place: fails after the old one moved aside
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace)
+        with pytest.raises(UserError, match=rf"'{out}': Permission denied\..*'{out}' is unchanged"):
+            run_export(lora_run, out, dtype="fp16", overwrite=True)
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_rerun_cleans_up_after_an_export_killed_during_the_swap(lora_run, exported, tmp_path, capsys):
+    """A kill between the swap's two renames leaves OUT.replaced (the previous export) and OUT.partial (the
+    new one): the rerun puts the previous export back, removes the unfinished one, then exports as asked."""
+    out = tmp_path / "merged"
+    shutil.copytree(exported, out.with_name("merged.replaced"))
+    shutil.copytree(exported, out.with_name("merged.partial"))
+    (out.with_name("merged.partial") / "model.safetensors").write_bytes(b"torn")
+    with pytest.raises(UserError, match="is not empty: choose a new folder or pass --overwrite"):
+        run_export(lora_run, out, dtype="fp32")  # the previous export is back, so this needs --overwrite
+    assert _files(out) == _files(exported)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    err = capsys.readouterr().err
+    assert "put back the previous export" in err and "merged.partial', left by an interrupted export" in err
+    stranger = out.with_name("merged.partial")
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="is not one an interrupted export left: move it away"):
+        run_export(lora_run, out, dtype="fp32", overwrite=True)
+    assert (stranger / "notes.txt").read_text() == "keep me"
+
+
+def test_exported_files_honour_the_umask(lora_run, tmp_path):
+    """Regression: safetensors wrote model.safetensors with mode 0600 whatever the umask."""
+    old = os.umask(0o027)
+    try:
+        out = run_export(lora_run, tmp_path / "m", dtype="fp32")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o640}, modes
 
 
 def _saved_dtype(model_dir) -> str:

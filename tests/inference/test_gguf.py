@@ -3,9 +3,14 @@ greedy tokens for llama, qwen2 and bloom; q8_0 stays close to f16; the embedded 
 training prompt; the Modelfile's Go template renders the training prompt; refusals."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import llama_cpp
@@ -434,6 +439,81 @@ def test_an_interrupted_export_leaves_no_file(runs, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_export_gguf(runs["llama"], out, quant="f16")
     assert list(out.iterdir()) == []  # no .gguf, no .partial, no Modelfile pointing at nothing
+
+
+KILL_AT_THE_MODELFILE = """
+import os, signal, sys
+from domaintune.inference.gguf_export import run_export_gguf
+real = os.replace
+def replace(src, dst):  # SIGKILL just after the GGUF got its name
+    real(src, dst)
+    if str(dst).endswith(".gguf"):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+run_export_gguf(sys.argv[1], sys.argv[2], quant="f32")
+"""
+
+
+def test_a_kill_between_the_gguf_and_the_modelfile_is_finished_by_the_rerun(runs, f32, tmp_path, capsys):
+    """Regression: a kill between the two files left a complete .gguf, no Modelfile and a stray Modelfile.tmp.
+    Now the Modelfile is written whole before the GGUF is renamed, and the rerun moves it into place."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_THE_MODELFILE, str(runs["llama"]), str(out)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile.partial", "run-f32.gguf"]
+    assert run_export_gguf(runs["llama"], out, quant="f32") == out / "run-f32.gguf"  # the same command again
+    assert "moved its Modelfile into place" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "run-f32.gguf"]
+    assert (out / "Modelfile").read_bytes() == (f32["llama"].parent / "Modelfile").read_bytes()
+    assert (out / "run-f32.gguf").read_bytes() == f32["llama"].read_bytes()
+
+
+def test_a_kill_before_the_gguf_is_renamed_changes_nothing(runs, f32, tmp_path, capsys):
+    """Killed after both temporary files were written but before the renames (an --overwrite of an existing
+    pair): the previous pair stays as it was, and the next export removes the two temporary files."""
+    out = Path(shutil.copytree(f32["qwen2"].parent, tmp_path / "out"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "run-f32.gguf.partial").write_bytes(b"GGUF, complete or not")
+    (out / "Modelfile.partial").write_text("FROM ./run-f32.gguf\n", encoding="utf-8")
+    with pytest.raises(UserError, match="already exist"):  # no --overwrite: refused, after tidying up
+        run_export_gguf(runs["qwen2"], out, quant="f32")
+    assert "removed the unfinished files an interrupted export left" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("where", ["tensor", "modelfile"])
+def test_a_full_disk_is_one_line_and_keeps_the_previous_pair(where, runs, f32, tmp_path, monkeypatch, capsys):
+    """Regression: a full disk during the GGUF export was a traceback."""
+    from domaintune.inference import modelfile
+
+    out = Path(shutil.copytree(f32["bloom"].parent, tmp_path / "out"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if where == "tensor":  # numpy's tofile on a full disk: an OSError without errno (seen on a 2 MB tmpfs)
+        real = gguf_export._encode
+        calls = []
+
+        def encode(gguf, arr, qtype):
+            calls.append(1)
+            if len(calls) == 3:
+                raise OSError("4194304 requested and 262144 written")
+            return real(gguf, arr, qtype)
+
+        monkeypatch.setattr(gguf_export, "_encode", encode)
+    else:
+        def write_modelfile(path, text):
+            path.write_text(text[:10], encoding="utf-8")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(modelfile, "write_modelfile", write_modelfile)
+    assert main(["export", str(runs["bloom"]), "--out", str(out), "--format", "gguf", "--quant", "f32",
+                 "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and last.startswith(f"error: '{out / 'run-f32.gguf'}': ")
+    assert last.endswith("Nothing was written (the previous run-f32.gguf and Modelfile are unchanged). Free some "
+                         "space (or choose another --out) and run the same command again")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no .partial left, the old pair intact
 
 
 def test_pre_tokenizer_names():

@@ -1,6 +1,7 @@
 """predict: rows, resumption after a kill, settings checks, formats, errors, and the scores it writes."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -214,6 +215,38 @@ def test_torn_last_line_is_cut_and_the_rest_appended(tiny_run, sample_data, tmp_
     assert [r["id"] for r in rows] == [0, 1, 2, 3, 4, 5]
     assert rows[:3] == first  # kept as written (same "time"), not generated again
     ref = run_predict(tiny_run, data, out=tmp_path / "ref.jsonl", params=FAST, limit=6, evaluate=False)
+    assert _without_time(rows) == _without_time(_rows(ref))
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_completes(tiny_run, sample_data, tmp_path, monkeypatch, capsys):
+    """Regression: a full disk during predict was a traceback. The disk fills up while the second batch is
+    written: half its last line is out, then ENOSPC (an OSError without a file name, as a flush gives)."""
+    data, out = sample_data / "test.jsonl", tmp_path / "p.jsonl"
+    real_fsync, synced = os.fsync, []
+
+    def fsync(fd):
+        if os.fstat(fd).st_ino == (out.stat().st_ino if out.exists() else None):
+            synced.append(fd)
+            if len(synced) == 2:
+                os.ftruncate(fd, os.fstat(fd).st_size - 7)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    args = ["predict", str(tiny_run), "--data", str(data), "--out", str(out), "--max-new-tokens", "6",
+            "--batch-size", "2", "--limit", "6", "--no-eval"]
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", fsync)
+        assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == f"error: '{out}': No space left on device. Free some space (or fix the folder's " \
+                                   "permissions) and run the same command again: predict keeps the rows it wrote " \
+                                   "and goes on from there"
+    assert out.read_bytes().count(b"\n") == 3  # the first batch, whole; the second's last line torn
+    assert cli.main(args) == 0  # space again: the same command completes the file
+    rows = _rows(out)
+    assert [r["id"] for r in rows] == list(range(6))
+    ref = run_predict(tiny_run, data, out=tmp_path / "ref.jsonl", params=FAST, batch_size=2, limit=6, evaluate=False)
     assert _without_time(rows) == _without_time(_rows(ref))
 
 

@@ -12,15 +12,22 @@
 - `generation_config.json` from the run (EOS = the template's stop tokens, the pad token).
 - `template.json`, so `domaintune chat/serve/predict` reuse the template as is.
 - `README.md`, a model card: base model, license, data, training figures, metrics, how to load.
+- Written into `OUT.partial` beside `OUT` and swapped in when complete: a previous export (--overwrite) stays
+  whole until the new one is, and a failed or killed export leaves nothing at `OUT` that blocks a rerun (the
+  rerun removes the unfinished folder). Files get the umask's mode, 0644 typically (safetensors makes 0600).
 """
 from __future__ import annotations
 
+import math
+import os
 import shutil
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import UserError
+from ..jsonl import disk_error, fsync_path
 from ..rundir import (
     GENERATION_CONFIG,
     METRICS,
@@ -38,6 +45,8 @@ if TYPE_CHECKING:
 
     from .loading import RunSource
 
+PARTIAL = ".partial"  # OUT.partial: the export being written
+REPLACED = ".replaced"  # OUT.replaced: the previous export, during the swap
 
 
 @dataclass
@@ -85,28 +94,98 @@ def load_merged(run: str | Path, dtype: str, template: str | None, allow_pickle:
 
 def run_export(run: str | Path, out: str | Path, dtype: str = "auto", max_shard_size: str = "2GB",
                overwrite: bool = False, template: str | None = None, allow_pickle: bool = False) -> Path:
-    """Merge/copy the run's weights into `out` with tokenizer, chat template, generation config and card."""
-    from transformers import GenerationConfig
+    """Merge/copy the run's weights into `out` with tokenizer, chat template, generation config and card.
 
+    The export is written into the sibling folder `OUT.partial` and swapped in when complete, so a previous
+    export (`overwrite`) stays whole until then, and a failed or killed export never leaves a folder at `out`.
+    A full disk (or a read-only, forbidden folder) ends with one line naming the file, the old export intact."""
     out = Path(out)
     m = load_merged(run, dtype, template, allow_pickle, lambda run_path: check_out(run_path, out, overwrite))
-    rd, model, tok, tpl, torch_dtype, how = m.run, m.model, m.tokenizer, m.template, m.dtype, m.how
-
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
-    if not any(out.glob(MODEL_WEIGHTS_GLOB)):
-        raise UserError(f"transformers wrote no safetensors weights into '{out}'; upgrade transformers")
-    if (rd.path / GENERATION_CONFIG).is_file():
-        GenerationConfig.from_pretrained(rd.path).save_pretrained(out)
-    tok.chat_template = tpl.chat_template_for(tok)
-    tok.save_pretrained(out)
-    tpl.save(out / TEMPLATE)
-    (out / MODEL_CARD).write_text(model_card(rd, out, tpl.name, how, str(torch_dtype).replace("torch.", "")),
-                                  encoding="utf-8")
-    print(f"exported {rd.path} -> {out} ({how}; {str(torch_dtype).replace('torch.', '')})")
+    torch_dtype = str(m.dtype).replace("torch.", "")
+    partial = out.with_name(out.name + PARTIAL)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.mkdir()
+        _write_export(m, partial, out, max_shard_size)
+        _swap_in(partial, out)
+    except BaseException as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        kept = f"'{out}' is unchanged" if out.exists() else "nothing was written"
+        err = disk_error(e, partial, f"The export needs about {_weights_mb(m.model)} MB for its weights; {kept}. "
+                                     "Free some space (or choose another --out) and run the same command again")
+        if err is None:
+            raise
+        raise err from None
+    print(f"exported {m.run.path} -> {out} ({m.how}; {torch_dtype})")
     return out
+
+
+def _write_export(m: Merged, folder: Path, out: Path, max_shard_size: str) -> None:
+    """Every file of the export into `folder`; the model card names `out`. template.json comes first, so a
+    folder an export left when killed is recognisably one (`_is_export`). Every file is fsynced, so the swap
+    never installs a folder whose data is still only in memory, and has the mode the umask gives new files
+    (safetensors writes its files 0600)."""
+    from transformers import GenerationConfig
+
+    m.template.save(folder / TEMPLATE)
+    m.model.save_pretrained(folder, max_shard_size=max_shard_size)
+    if not any(folder.glob(MODEL_WEIGHTS_GLOB)):
+        raise UserError(f"transformers wrote no safetensors weights into '{folder}'; upgrade transformers")
+    if (m.run.path / GENERATION_CONFIG).is_file():
+        GenerationConfig.from_pretrained(m.run.path).save_pretrained(folder)
+    m.tokenizer.chat_template = m.template.chat_template_for(m.tokenizer)
+    m.tokenizer.save_pretrained(folder)
+    (folder / MODEL_CARD).write_text(model_card(m.run, out, m.template.name, m.how,
+                                                str(m.dtype).replace("torch.", "")), encoding="utf-8")
+    mode = folder.stat().st_mode & 0o666  # mkdir applied the umask: 0755 -> 0644
+    for f in folder.iterdir():
+        f.chmod(mode)
+        fsync_path(f)
+
+
+def _swap_in(partial: Path, out: Path) -> None:
+    """Replace `out` (a previous export, an empty folder, or nothing) by the complete `partial`. A kill between
+    the two renames leaves OUT.replaced and no OUT: the next export puts it back first (`_finish_swap`)."""
+    if not out.exists():
+        os.replace(partial, out)
+        return
+    old = out.with_name(out.name + REPLACED)
+    os.replace(out, old)
+    try:
+        os.replace(partial, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_export(folder: Path) -> bool:
+    """An empty folder, or one holding config.json or template.json: what an export writes first."""
+    return folder.is_dir() and (not any(folder.iterdir()) or (folder / MODEL_CONFIG).is_file()
+                                or (folder / TEMPLATE).is_file())
+
+
+def _finish_swap(out: Path) -> None:
+    """Undo what a killed export left beside `out`: its unfinished OUT.partial is removed, and a previous
+    export it had moved aside (OUT.replaced) is put back, or removed when the new one was already in place.
+    A folder of those names that is not an export is refused, never deleted."""
+    for leftover in (out.with_name(out.name + PARTIAL), out.with_name(out.name + REPLACED)):
+        if not leftover.exists():
+            continue
+        if not _is_export(leftover):
+            raise UserError(f"'{leftover}' is in the way of the export to '{out}' and is not one an interrupted "
+                            "export left: move it away, or choose another --out")
+        if leftover.name.endswith(REPLACED) and not out.exists():
+            os.replace(leftover, out)
+            print(f"'{out}': put back the previous export, which an interrupted export had moved to "
+                  f"'{leftover}'", file=sys.stderr)
+        else:
+            shutil.rmtree(leftover)
+            print(f"removed '{leftover}', left by an interrupted export", file=sys.stderr)
+
+
+def _weights_mb(model: Any) -> int:
+    return math.ceil(sum(p.numel() * p.element_size() for p in model.state_dict().values()) / 2**20)
 
 
 def check_outside(run: Path, out: Path) -> None:
@@ -117,15 +196,16 @@ def check_outside(run: Path, out: Path) -> None:
 def check_out(run: Path, out: Path, overwrite: bool) -> None:
     """Refuse an `out` inside the run (or holding it), a file, or a non-empty folder; with `overwrite`, a
     non-empty folder only when it holds a previous export (config.json or template.json), so a mistyped path
-    is never emptied."""
+    is never emptied. What a killed export left beside `out` is cleaned up first (`_finish_swap`)."""
     check_outside(run, out)
+    _finish_swap(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"--out '{out}' is not empty: choose a new folder "
                             "or pass --overwrite to replace its contents")
-        if not ((out / MODEL_CONFIG).is_file() or (out / TEMPLATE).is_file()):  # guard against rm -rf of a wrong path
+        if not _is_export(out):  # guard against rm -rf of a wrong path
             raise UserError(f"--out '{out}' is not empty and does not look like a model export (no config.json): "
                             "refusing to delete it even with --overwrite; choose a new folder")
 

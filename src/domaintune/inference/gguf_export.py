@@ -21,19 +21,23 @@ an Ollama `Modelfile` beside it.
   the chat sampling defaults (`general.sampling.*`, from `params.PRESETS["chat"]`).
 - `--out` is a folder (the file is `RUN-QUANT.gguf` in it) or a file name ending in `.gguf`; the Modelfile goes
   beside the file. Nothing else in the folder is touched, and an existing GGUF or Modelfile is replaced only
-  with `--overwrite`. The file is written as `NAME.gguf.partial` and renamed when complete, so an interrupted
-  export never leaves a file that looks finished; the Modelfile (`modelfile.py`) is written after it.
+  with `--overwrite`. Both are written whole under temporary names (`NAME.gguf.partial`, `Modelfile.partial`),
+  then renamed, GGUF first: an export killed before the GGUF's rename changes nothing, and one killed between
+  the renames leaves a pair the next export in that folder completes (`_finish_pair`). A full disk ends in one
+  line, the previous files intact.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import UserError
+from ..jsonl import disk_error, fsync_path
 from ..rundir import paths_overlap
 from .export import load_merged
 from .gguf_vocab import add_tokenizer, check_tokenizer
@@ -47,6 +51,9 @@ if TYPE_CHECKING:
 QUANTS = ("f32", "f16", "bf16", "q8_0")
 ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "BloomForCausalLM": "bloom"}
 MODELFILE = "Modelfile"
+PARTIAL = ".partial"  # NAME.gguf.partial and Modelfile.partial: written whole, then renamed into place
+
+
 def _gguf() -> Any:
     try:
         import gguf
@@ -79,19 +86,34 @@ def run_export_gguf(run: str | Path, out: str | Path, quant: str = "f16", dtype:
     out = Path(out)
     run_name = Path(run).resolve().name
     path = out if out.suffix == ".gguf" else out / f"{run_name}-{quant}.gguf"
+    if path.parent.is_dir() and not paths_overlap(run, path) and _finish_pair(path.parent) == path and not overwrite:
+        print(f"exported {Path(run).resolve()} -> {path} (finished the export an interruption had left without "
+              f"its {MODELFILE})")
+        return path
     m = load_merged(run, dtype, template, allow_pickle, lambda run_path: _check_out(run_path, path, overwrite),
                     precheck=lambda src, tok: (_check_arch(src), check_tokenizer(tok)))
     modelfile = modelfile_text(path.name, m.template, m.tokenizer)  # what it cannot hold stops us before writing
     conf = m.model.config.to_dict()
     arch = ARCHS.get((conf.get("architectures") or [""])[0]) or _arch_of(m.model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    partial, journal = path.with_name(path.name + PARTIAL), path.parent / (MODELFILE + PARTIAL)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fallbacks = _write(gguf, partial, m, arch, conf, quant, run_name)
+        fsync_path(partial)
+        write_modelfile(journal, modelfile)
+        # The pair: from here a kill leaves a state _finish_pair completes (GGUF in place) or undoes (not yet).
         os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    write_modelfile(path.parent / MODELFILE, modelfile)
+        os.replace(journal, path.parent / MODELFILE)
+    except BaseException as e:
+        if partial.exists():  # the GGUF was not renamed: nothing changed, and nothing of this try is left
+            partial.unlink()
+            journal.unlink(missing_ok=True)
+        kept = f" (the previous {path.name} and {MODELFILE} are unchanged)" if path.exists() else ""
+        err = disk_error(e, path, f"Nothing was written{kept}. Free some space (or choose another --out) and run "
+                                  "the same command again")
+        if err is None:
+            raise
+        raise err from None
     note = f"; {len(fallbacks)} matrices kept in f16 (rows not a multiple of 32): {', '.join(fallbacks)}" \
         if fallbacks else ""
     print(f"exported {m.run.path} -> {path} ({arch}, {quant}; {m.how}){note}")
@@ -112,6 +134,30 @@ def _check_out(run: Path, path: Path, overwrite: bool) -> None:
                         "(nothing else in the folder is touched)")
     if path.is_dir():
         raise UserError(f"--out '{path}' is a directory; give a folder without the .gguf suffix or a new file name")
+
+
+def _finish_pair(folder: Path) -> Path | None:
+    """Complete or undo the GGUF + Modelfile pair a killed export left in `folder`; returns the GGUF when it
+    completed one. Modelfile.partial, written whole before the GGUF is renamed, records the pair: when its GGUF
+    is in place (no NAME.gguf.partial any more) only the Modelfile's rename was missing, and it is done now;
+    otherwise the GGUF never reached its name, and both temporary files are removed."""
+    from .modelfile import modelfile_target
+
+    journal = folder / (MODELFILE + PARTIAL)
+    if not journal.is_file():
+        return None
+    target = modelfile_target(journal.read_text(encoding="utf-8", errors="replace"))
+    gguf = folder / target if target and "/" not in target else None
+    if gguf is not None and gguf.is_file() and not gguf.with_name(gguf.name + PARTIAL).exists():
+        os.replace(journal, folder / MODELFILE)
+        print(f"{gguf}: moved its {MODELFILE} into place, which an interrupted export had left as {journal.name}",
+              file=sys.stderr)
+        return gguf
+    journal.unlink()
+    if gguf is not None:
+        gguf.with_name(gguf.name + PARTIAL).unlink(missing_ok=True)
+    print(f"removed the unfinished files an interrupted export left in '{folder}'", file=sys.stderr)
+    return None
 
 
 def _check_arch(src: RunSource) -> None:

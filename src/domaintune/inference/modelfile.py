@@ -19,11 +19,12 @@ that sees exactly the prompt it was trained on.
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from ..jsonl import write_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -98,6 +99,16 @@ def modelfile_text(gguf_name: str, tpl: Template, tok: PreTrainedTokenizerBase) 
 
 
 def write_modelfile(path: Path, text: str) -> Path:
-    """`text` (from `modelfile_text`) into `path`, atomically."""
-    write_atomic(path, text)
+    """`text` (from `modelfile_text`) into `path`, flushed and fsynced: the caller writes it under a temporary
+    name and renames it into place (gguf_export.py pairs it with its GGUF that way)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     return path
+
+
+def modelfile_target(text: str) -> str | None:
+    """The file name of the Modelfile's `FROM ./NAME` line (the GGUF it belongs to), or None."""
+    m = re.search(r"^FROM \./(.+)$", text, re.M)
+    return m.group(1) if m else None

@@ -37,7 +37,14 @@ from typing import TYPE_CHECKING
 
 from ..data.examples import load_examples
 from ..errors import UserError
-from ..jsonl import JsonlAppender, read_jsonl, repair_tail, write_atomic, write_jsonl_atomic
+from ..jsonl import (
+    JsonlAppender,
+    disk_errors_as_user_errors,
+    read_jsonl,
+    repair_tail,
+    write_atomic,
+    write_jsonl_atomic,
+)
 from ..rundir import BASE_DIR, BASE_PREDICTIONS, METRICS, PREDICTIONS, PREDICTIONS_META_SUFFIX, RunDir, resolve_template
 from .params import PRESETS, GenerationParams
 
@@ -166,6 +173,8 @@ def _check_args(params: GenerationParams, batch_size: int, fmt: str, limit: int 
 
 # ---------------------------------------------------------------- the verb
 
+@disk_errors_as_user_errors("Free some space (or fix the folder's permissions) and run the same command again: "
+                            "predict keeps the rows it wrote and goes on from there")
 def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = None,
                 params: GenerationParams | None = None, batch_size: int = 8, base_only: bool = False,
                 template: str | None = None, fmt: str = "jsonl",
@@ -279,10 +288,11 @@ def _generate_into(engine: Engine, todo: list[Example], jsonl: Path, params: Gen
                             "--max-new-tokens")
         prompts.append(ids)
         targets.append(target)
-    bar = tqdm(total=total, initial=already, desc="predict", unit="row", disable=not show)
     written = 0
     batch: list[dict] = []
-    with JsonlAppender(jsonl) as f:
+    # closed on an error too, so a message (a full disk) starts on a line of its own
+    with tqdm(total=total, initial=already, desc="predict", unit="row", disable=not show) as bar, \
+            JsonlAppender(jsonl) as f:
         for k, gen in engine.generate_iter(prompts, params, batch_size):
             batch.append({"id": todo[k].index, "input": engine.tokenizer.decode(prompts[k]), "target": targets[k],
                           "predict": gen.text, "num_tokens": gen.completion_tokens, "time": round(gen.seconds, 4)})
@@ -291,7 +301,6 @@ def _generate_into(engine: Engine, todo: list[Example], jsonl: Path, params: Gen
             if len(batch) == batch_size or written == len(todo):  # the end of a batch: write and fsync it
                 f.write_many(batch)
                 batch = []
-    bar.close()
 
 
 def _finish_file(jsonl: Path, examples: list[Example]) -> list[dict]:
