@@ -128,8 +128,10 @@ def test_export_files_and_model_card(lora_run, exported):
     card = (exported / "README.md").read_text(encoding="utf-8")
     front = yaml.safe_load(card.split("---\n")[1])
     info = json.loads((lora_run / "run_info.json").read_text())
-    assert front == {"base_model": info["base_model"], "license": "apache-2.0", "library_name": "transformers",
+    # A local base model: no base_model in the front matter (not a hub id) and no path of this machine anywhere.
+    assert front == {"license": "apache-2.0", "library_name": "transformers",
                      "pipeline_tag": "text-generation", "tags": ["domaintune", "lora", "domain_zh"]}
+    assert info["base_model"] not in card and f"folder `{Path(info['base_model']).name}`" in card
     assert f"rows: {info['data']['train_rows']} train, {info['data']['eval_rows']} validation" in card
     assert f"steps: 4; tokens: {info['train']['tokens']}" in card
     assert f"best validation loss: {info['train']['best_eval_loss']}" in card

@@ -224,19 +224,22 @@ def _torch_dtype(name: str, name_or_path: str, revision: str | None = None) -> t
 
 
 def model_card(rd: RunDir, out: Path, template: str, how: str, dtype: str) -> str:
-    """README.md with YAML front matter (base_model, license, tags) and a short body."""
+    """README.md with YAML front matter (base_model when it is a hub id, license, tags) and a short body; a
+    local base model is named by its folder and kind, never by a path of this machine."""
     import yaml
 
+    from ..training.model import describe_base_model
+
     info = rd.run_info()
-    base = info.get("base_model") or "unknown"
-    meta = {"base_model": base}
+    hub_id, base = describe_base_model(info["base_model"]) if info.get("base_model") else (None, "an unrecorded model")
+    meta: dict = {"base_model": hub_id} if hub_id else {}
     if info.get("license"):
         meta["license"] = info["license"]
     meta.update({"library_name": "transformers", "pipeline_tag": "text-generation",
                  "tags": ["domaintune", info.get("method") or "fine-tuned", template]})
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---",
              f"# {out.resolve().name}", "",
-             f"Fine-tuned from `{base}` with domaintune ({how}), saved as safetensors in {dtype}.", ""]
+             f"Fine-tuned from {base} with domaintune ({how}), saved as safetensors in {dtype}.", ""]
     if not info.get("license"):
         lines += ["License: not stated by the base model's card; "
                   "check the base model's license before using this model.", ""]
