@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..errors import UserError
 from ..jsonl import write_atomic
+from ..jsonl import write_failure as jsonl_write_failure
 from ..rundir import (
     CHECKPOINT_PREFIX,
     CHECKPOINT_WORLD,
@@ -254,27 +255,12 @@ def share_safetensors(folder: Path) -> None:
             os.chmod(f, mode)
 
 
-# Write errors that more space or a fixed folder cures: no space, over quota, read-only, no permission.
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-# How the libraries that write checkpoints report a full disk without an OSError: torch.save's zip writer raises
-# RuntimeError("[enforce fail at inline_container.cc:...] . PytorchStreamWriter failed writing file data/0: file
-# write failed"); safetensors raises SafetensorError naming the OS error ("No space left on device (os error 28)").
-_WRITE_FAILED = ("PytorchStreamWriter failed writing", "file write failed", "No space left on device",
-                 "Disk quota exceeded", "os error 28", "os error 122")
-
-
 def write_failure(e: BaseException) -> str | None:
-    """Why a checkpoint or final write failed, when more space or a fixed folder cures it (else None: a bug to
-    show as it is)."""
-    if isinstance(e, OSError):
-        return f"{e.strerror or e} ({e.filename or 'a checkpoint file'})" if e.errno in DISK_ERRNOS else None
-    text = str(e)
-    if isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError":
-        hit = next((m for m in _WRITE_FAILED if m in text), None)
-        if hit:
-            first = text.splitlines()[0] if text else type(e).__name__
-            return f"a file could not be written ({first.split('] . ')[-1].strip()}; is the disk full?)"
-    return None
+    """Why a checkpoint or final write failed, naming the file, when more space or a fixed folder cures it
+    (`jsonl.write_failure`, which also knows torch.save's RuntimeError and safetensors' "(os error 28)"); else
+    None: a bug to show as it is."""
+    why = jsonl_write_failure(e)
+    return None if why is None else f"{why} ({getattr(e, 'filename', None) or 'a checkpoint file'})"
 
 
 def free_space(path: Path) -> str:
