@@ -122,3 +122,7 @@ def spread(values: Sequence[float]) -> dict:
 
     vals = list(values)
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+if __name__ == "__main__":  # one line for logs of shell steps (gpu_check.sh)
+    print(describe(provenance()))
