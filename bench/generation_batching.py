@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from provenance import check_repeat, describe, interleaved, load_average, provenance, spread
+from provenance import check_repeat, describe, git_revision, interleaved, load_average, provenance, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "data" / "family_edu_zh.train.jsonl"
@@ -107,6 +107,7 @@ def main() -> None:
                 "tokens_seq": sum(g.completion_tokens for g in outs["seq"]),
                 "tokens_bat": sum(g.completion_tokens for g in outs["bat"]), "differ": differ}
 
+    code = git_revision()  # the code that runs, recorded with the result
     load_start = load_average()  # other work on the machine slows both sides; recorded with the result
     runs = {"greedy": compare(GenerationParams(max_new_tokens=a.max_new_tokens))}
     beam = f"beam search ({a.num_beams} beams)"
@@ -116,7 +117,7 @@ def main() -> None:
     lens = [len(p) for p in prompts]
     identical = all(r["differ"] == 0 for r in runs.values())
     command = shlex.join([".venv/bin/python", "bench/generation_batching.py", *sys.argv[1:]])
-    prov = provenance(load_start, gpu=torch.cuda.get_device_name() if device == "cuda" else None)
+    prov = provenance(load_start, gpu=torch.cuda.get_device_name() if device == "cuda" else None, git=code)
     lines = [
         f"## {time.strftime('%Y-%m-%d')} — {describe(prov)}; {torch.get_num_threads()} threads",
         "",

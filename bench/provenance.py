@@ -78,13 +78,13 @@ def versions(*extra: str) -> dict:
 
 
 def provenance(load_start: Sequence[float] | None = None, gpu: str | None = None, extra_versions: Sequence[str] = (),
-               root: Path = ROOT) -> dict:
-    """The record to store with a result (call it when the figures are in; pass `load_start=load_average()` taken
-    before the first arm ran)."""
+               root: Path = ROOT, git: dict | None = None) -> dict:
+    """The record to store with a result (call it when the figures are in; pass `load_start=load_average()` and
+    `git=git_revision()` taken before the first arm ran: the code that ran, not the code at the end)."""
     now = load_average()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git": git_revision(root),
+        "git": git if git is not None else git_revision(root),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "ram_gib": _ram_gib(), "gpu": gpu,
                     "platform": platform.platform(), "python": platform.python_version()},
         "versions": versions(*extra_versions),

@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from provenance import check_repeat, interleaved, load_average, provenance, spread
+from provenance import check_repeat, git_revision, interleaved, load_average, provenance, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "data" / "family_edu_zh.train.jsonl"
@@ -342,7 +342,7 @@ def main() -> None:
         Path(job["result"]).write_text(json.dumps(run_arm_job(job)), encoding="utf-8")
         return
     check_repeat(a.repeat, not a.no_save)
-    started, load_start = time.perf_counter(), load_average()
+    started, load_start, code = time.perf_counter(), load_average(), git_revision()
     dflt, cuda = DEVICE_DEFAULTS[a.device], a.device == "cuda"
     shape, n_rows, batch = a.shape or dflt["shape"], a.rows or dflt["rows"], a.batch_size or dflt["batch"]
     if not a.data.is_file():
@@ -378,7 +378,7 @@ def main() -> None:
               + prof["profile"])
     shutil.rmtree(work, ignore_errors=True)
     wall, rt = time.perf_counter() - started, stats["ratios"]
-    prov = provenance(load_start, gpu=runs["baseline"][0].get("gpu"), extra_versions=("peft",))
+    prov = provenance(load_start, gpu=runs["baseline"][0].get("gpu"), extra_versions=("peft",), git=code)
     load = prov["load_average"]
     print(f"\nsteps-only tokens/s ratio {rt['steps_tokens_per_s']:.2f}; wall time {wall:.0f} s; load average "
           f"(1, 5, 15 min) at start {load['start']}, at end {load['end']}, on {os.cpu_count()} cores")
