@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import load_average, provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT = ("fsdp", "zero3")  # FSDP's full state dict and ZeRO-3's gathered weights: predict reads each run
 ENGINES = {"fsdp": ("fsdp", None), "fsdp_qlora": ("fsdp", None), "zero2": ("deepspeed", "zero2.json"),
@@ -87,11 +89,13 @@ def main() -> int:
     from domaintune.training.tiny import make_tiny_model
 
     engines = list(ENGINES) if a.device == "cuda" else ["fsdp"]
+    load_start = load_average()
     results: dict = {"device": a.device, "engines": {}}
+    gpu = None
     if a.device == "cuda":
         import torch
 
-        results["gpu"] = torch.cuda.get_device_name(0)
+        gpu = results["gpu"] = torch.cuda.get_device_name(0)
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         model = make_tiny_model(work / "tiny", "qwen2", "micro")
@@ -104,7 +108,8 @@ def main() -> int:
             print(json.dumps(results["engines"][name])[:600], flush=True)
             if not a.no_save:  # after each engine: a step cut short by its time limit keeps what it measured
                 out = ROOT / "bench" / "results" / f"distributed-{a.device}.json"
-                out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+                record = {**provenance(load_start, gpu=gpu, extra_versions=("accelerate", "deepspeed")), **results}
+                out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     if not a.no_save:
         print(f"wrote {ROOT / 'bench' / 'results' / f'distributed-{a.device}.json'}")
     return 0 if all(r.get("ok") or r.get("skipped") for r in results["engines"].values()) else 1

@@ -7,13 +7,15 @@ identical tokens, texts and finish reasons; this is checked, and the script exit
 differ (after recording the result). Only the time may differ.
 
     .venv/bin/python bench/generation_batching.py [--model DIR] [--data FILE] [--n 64] [--batch-size 16]
-        [--max-new-tokens 32] [--num-beams 4] [--device cpu|cuda] [--dtype fp32]
+        [--max-new-tokens 32] [--num-beams 4] [--device cpu|cuda] [--dtype fp32] [--repeat 3]
 
 Defaults: a tiny "small" Qwen2-style model built offline into /tmp (random weights: every answer runs to
 --max-new-tokens, the worst case for padding), prompts from the reference data in ../shared/data when
 present, else from examples/data, fp32 weights (batched and single runs then agree exactly; in bf16/fp16
 padding changes the rounding and outputs may differ). Results are appended to
-bench/results/generation_batching.md.
+bench/results/generation_batching.md, with what produced them (provenance.py: git revision, CPU, versions, load
+average). Both arms run --repeat times (at least 3 for a saved result), interleaved; times are medians with min
+and max, and the speed-ups are ratios of the medians.
 
 The summary line gives the two ratios of issue 10's GPU goal, both against beam search one prompt at a time
 (the old `predict --num-beams 4`): greedy batched (goal >= 20x) and beam search batched (goal >= 5x).
@@ -22,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import shlex
 import sys
 import time
 from pathlib import Path
+
+from provenance import check_repeat, describe, git_revision, interleaved, load_average, provenance, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "data" / "family_edu_zh.train.jsonl"
@@ -38,15 +40,6 @@ def prompts_from(path: Path, n: int, seed: int = 0) -> list[str]:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     random.Random(seed).shuffle(rows)
     return [r["instruction"] + r.get("input", "") for r in rows[:n]]
-
-
-def machine(device: str) -> str:
-    import torch
-
-    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
-    if device == "cuda":
-        return f"{cpu}, GPU {torch.cuda.get_device_name()}"
-    return f"{cpu}, no GPU" if not torch.cuda.is_available() else f"{cpu} (GPU present, not used)"
 
 
 def main() -> None:
@@ -63,7 +56,10 @@ def main() -> None:
     ap.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results/")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
                     help="weights dtype; fp32 keeps batched and single outputs identical (default: %(default)s)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of each arm, interleaved; a saved result needs >= 3 (default: %(default)s)")
     a = ap.parse_args()
+    check_repeat(a.repeat, not a.no_save)
 
     import torch
 
@@ -90,17 +86,29 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t0, out
 
-    def compare(params: GenerationParams) -> dict:
-        """One prompt at a time, then batched and sorted by length: times, tokens, and whether outputs agree."""
-        engine.generate(prompts[:2], params, batch_size=2)  # warm-up
-        t_seq, seq = timed(lambda: [engine.generate([p], params, batch_size=1)[0] for p in prompts])
-        t_bat, bat = timed(lambda: engine.generate(prompts, params, batch_size=a.batch_size))
-        differ = sum((x.token_ids, x.text, x.finish_reason) != (y.token_ids, y.text, y.finish_reason)
-                     for x, y in zip(seq, bat, strict=True))
-        return {"seq": t_seq, "bat": t_bat, "tokens_seq": sum(g.completion_tokens for g in seq),
-                "tokens_bat": sum(g.completion_tokens for g in bat), "differ": differ}
+    arms = {"seq": lambda params: [engine.generate([p], params, batch_size=1)[0] for p in prompts],
+            "bat": lambda params: engine.generate(prompts, params, batch_size=a.batch_size)}
 
-    load0 = os.getloadavg()[0]  # other work on the machine slows both sides; recorded with the result
+    def compare(params: GenerationParams) -> dict:
+        """One prompt at a time and batched (sorted by length), --repeat times each, interleaved: median / min /
+        max seconds, tokens, and how many outputs differ (from the first one-at-a-time run, in any run)."""
+        engine.generate(prompts[:2], params, batch_size=2)  # warm-up
+        times: dict[str, list[float]] = {"seq": [], "bat": []}
+        outs: dict[str, list] = {}
+        differ = 0
+        for _, arm in interleaved(("seq", "bat"), a.repeat):
+            t, out = timed(lambda arm=arm: arms[arm](params))
+            times[arm].append(t)
+            ref = outs.setdefault("ref", out)
+            differ = max(differ, sum((x.token_ids, x.text, x.finish_reason) != (y.token_ids, y.text, y.finish_reason)
+                                     for x, y in zip(ref, out, strict=True)))
+            outs[arm] = out
+        return {"seq": spread(times["seq"]), "bat": spread(times["bat"]),
+                "tokens_seq": sum(g.completion_tokens for g in outs["seq"]),
+                "tokens_bat": sum(g.completion_tokens for g in outs["bat"]), "differ": differ}
+
+    code = git_revision()  # the code that runs, recorded with the result
+    load_start = load_average()  # other work on the machine slows both sides; recorded with the result
     runs = {"greedy": compare(GenerationParams(max_new_tokens=a.max_new_tokens))}
     beam = f"beam search ({a.num_beams} beams)"
     if a.num_beams > 1:
@@ -109,33 +117,39 @@ def main() -> None:
     lens = [len(p) for p in prompts]
     identical = all(r["differ"] == 0 for r in runs.values())
     command = shlex.join([".venv/bin/python", "bench/generation_batching.py", *sys.argv[1:]])
+    prov = provenance(load_start, gpu=torch.cuda.get_device_name() if device == "cuda" else None, git=code)
     lines = [
-        f"## {time.strftime('%Y-%m-%d')} — {machine(device)}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
+        f"## {time.strftime('%Y-%m-%d')} — {describe(prov)}; {torch.get_num_threads()} threads",
         "",
         f"`{command}`",
         "",
         f"model `{model.name}` ({next(engine.model.parameters()).dtype} on {device}), {len(prompts)} prompts from "
         f"`{data.name}` ({min(lens)}–{max(lens)} tokens), max_new_tokens {a.max_new_tokens}, batch size "
-        f"{a.batch_size}; 1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
+        f"{a.batch_size}; each arm run {a.repeat} times, interleaved: seconds are median (min–max)",
         "",
-        "| decoding | run | seconds | generated tokens/s | speed-up | outputs identical |",
+        "| decoding | run | seconds | generated tokens/s (median) | speed-up (medians) | outputs identical |",
         "|---|---|---|---|---|---|",
     ]
+
+    def secs(t: dict) -> str:
+        return f"{t['median']:.2f} ({t['min']:.2f}–{t['max']:.2f})"
+
     for name, r in runs.items():
         same = "yes" if r["differ"] == 0 else f"**no: {r['differ']} of {len(prompts)} differ**"
-        lines += [f"| {name} | one prompt at a time | {r['seq']:.2f} | {r['tokens_seq'] / r['seq']:.1f} | 1.00x | |",
-                  f"| {name} | batched ({a.batch_size}), sorted by length | {r['bat']:.2f} | "
-                  f"{r['tokens_bat'] / r['bat']:.1f} | {r['seq'] / r['bat']:.2f}x | {same} |"]
+        seq, bat = r["seq"]["median"], r["bat"]["median"]
+        lines += [f"| {name} | one prompt at a time | {secs(r['seq'])} | {r['tokens_seq'] / seq:.1f} | 1.00x | |",
+                  f"| {name} | batched ({a.batch_size}), sorted by length | {secs(r['bat'])} | "
+                  f"{r['tokens_bat'] / bat:.1f} | {seq / bat:.2f}x | {same} |"]
     lines.append("")
     g = runs["greedy"]
-    lines.append(f"**greedy speed-up: {g['seq'] / g['bat']:.2f}x**")
+    lines.append(f"**greedy speed-up: {g['seq']['median'] / g['bat']['median']:.2f}x** (of the medians)")
     if beam in runs:
         b = runs[beam]
-        lines += [f"**beam search speed-up: {b['seq'] / b['bat']:.2f}x**", "",
+        bs, bb, gb = b["seq"]["median"], b["bat"]["median"], g["bat"]["median"]
+        lines += [f"**beam search speed-up: {bs / bb:.2f}x**", "",
                   f"Against beam search ({a.num_beams} beams) one prompt at a time: greedy batched "
-                  f"**{b['seq'] / g['bat']:.2f}x** (GPU goal >= 20x), beam search batched "
-                  f"**{b['seq'] / b['bat']:.2f}x** (GPU goal >= 5x); outputs identical: {identical}"]
+                  f"**{bs / gb:.2f}x** (GPU goal >= 20x), beam search batched "
+                  f"**{bs / bb:.2f}x** (GPU goal >= 5x); outputs identical: {identical}"]
     lines.append("")
     print("\n".join(lines))
     out = ROOT / "bench" / "results" / "generation_batching.md"

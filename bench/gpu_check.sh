@@ -48,6 +48,7 @@ fi
 export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 DT=("$PY" -m domaintune)
+say "provenance: $("$PY" bench/provenance.py 2>&1)"  # code revision, machine, versions, load: with every log
 
 DATA=${DOMAINTUNE_REFERENCE:-}
 for cand in ../shared/data/family_edu_zh.train.jsonl .bench-data/family_edu_zh.train.jsonl; do

@@ -15,13 +15,13 @@ Results are appended to bench/results/loss_equality-<device>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
+
+from provenance import load_average, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -114,9 +114,8 @@ def main() -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to compute (default: cpu)")
     ap.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results/")
     args = ap.parse_args()
-    import peft
+    load_start = load_average()
     import torch
-    import transformers
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible")
@@ -135,10 +134,8 @@ def main() -> int:
             ok &= v["ok"]
             print(f"  {kind}: loss {v['loss']:.6f} (relative difference {v['loss_rel_diff']:.2e}), gradients' max "
                   f"relative difference {v['grad_max_rel_diff']:.2e}: {'OK' if v['ok'] else 'DIFFERENT'}")
-    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "peft": peft.__version__, "liger_kernel": _version("liger_kernel")},
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
+    record = {**provenance(load_start, gpu=gpu, extra_versions=("peft", "liger-kernel")), "device": args.device,
               "command": f"python bench/loss_equality.py --device {args.device}", "results": results, "ok": ok}
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -148,15 +145,6 @@ def main() -> int:
         print(f"appended to {path.relative_to(ROOT)}")
     print("all losses agree" if ok else "LOSSES DIFFER")
     return 0 if ok else 1
-
-
-def _version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name.replace("_", "-"))
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ Results are appended to bench/results/qlora-<device>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from provenance import load_average, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -39,6 +40,7 @@ def main() -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where to train (default: cuda)")
     ap.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results/")
     a = ap.parse_args()
+    load_start = load_average()
     quant = "4bit" if a.device == "cuda" else "none"
     from domaintune.training.tiny import make_tiny_model
 
@@ -57,8 +59,7 @@ def main() -> int:
         preds = [line for line in (run / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if line]
         n_test = sum(1 for line in TEST.read_text(encoding="utf-8").splitlines() if line.strip())
         files = sorted(p.name for p in run.iterdir() if p.is_file())
-    facts = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "device": a.device, "quantization": quant, "method": info.get("method"),
+    facts = {"device": a.device, "quantization": quant, "method": info.get("method"),
              "train_path": info.get("train", {}).get("path"), "first_loss": losses[0], "last_loss": losses[-1],
              "logged_losses": len(losses), "predictions": len(preds), "test_rows": n_test,
              "pickle_files": [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))],
@@ -67,10 +68,12 @@ def main() -> int:
           and not facts["pickle_files"] and len(preds) == n_test and facts["method"] == ("qlora" if quant != "none"
                                                                                         else "lora"))
     facts["ok"] = ok
+    gpu = None
     if a.device == "cuda":
         import torch
 
-        facts["gpu"] = torch.cuda.get_device_name()
+        gpu = torch.cuda.get_device_name()
+    facts = {**provenance(load_start, gpu=gpu, extra_versions=("peft", "bitsandbytes")), **facts}
     print(json.dumps(facts, ensure_ascii=False, indent=1))
     if not a.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)

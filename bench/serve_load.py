@@ -20,7 +20,9 @@ greedy decoding (--temperature 0, the default) every answer under load must equa
 mismatches are counted. In the same run, and before the server under test, --baseline-rev REV serves the
 same model with the code of git revision REV (e.g. the last one before continuous batching: the serial
 server), and --compare-serial with this code at --max-batch-size 1 (one request decoded at a time); the
-ratios to each are printed.
+ratios to each are printed. With more than one arm, each runs --repeat times (default 3), interleaved (A B B A ...),
+and the ratios are of the medians, with min and max. The printout starts with what produced it (provenance.py:
+git revision, CPU, cores, versions, load average): paste it with the figures into bench/results/serve_load.md.
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ import argparse
 import asyncio
 import ipaddress
 import os
-import platform
 import secrets
 import shlex
 import socket
@@ -38,9 +39,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from provenance import describe, interleaved, load_average, provenance, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["孩子不爱吃饭怎么办？", "How do I help my child fall asleep?", "怎样培养孩子的阅读习惯？",
@@ -266,6 +268,9 @@ def main() -> None:
     ap.add_argument("--compare-serial", action="store_true",
                     help="also run the load against a server with --max-batch-size 1, first, and print the ratios "
                          "(default: off)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="with --baseline-rev or --compare-serial: runs of each arm, interleaved "
+                         "(default: %(default)s)")
     a = ap.parse_args()
     if a.n < 1 or a.concurrency < 1 or a.max_tokens < 1:
         raise SystemExit("--n, --concurrency and --max-tokens must be at least 1")
@@ -282,16 +287,21 @@ def main() -> None:
             raise SystemExit(f"make-tiny-model failed:\n{made.stdout}{made.stderr}")
         template = template or "domain_zh"
     old = tempfile.TemporaryDirectory(prefix="domaintune-baseline-") if a.baseline_rev else None
+    load_start = load_average()
     try:
-        baseline = None
+        arms = {}  # arm -> what measure() gets; the baseline and serial arms first in each round
         if old is not None:
             archive = subprocess.run(["git", "-C", str(ROOT), "archive", a.baseline_rev, "src"], capture_output=True)
             if archive.returncode:
                 raise SystemExit(f"--baseline-rev {a.baseline_rev}: {archive.stderr.decode().strip()}")
             subprocess.run(["tar", "-x", "-C", old.name], input=archive.stdout, check=True)
-            baseline = measure(a, model, template, None, src=Path(old.name) / "src")
-        serial = measure(a, model, template, 1) if a.compare_serial else None
-        main_run = measure(a, model, template, a.max_batch_size)
+            arms["baseline"] = (None, Path(old.name) / "src")
+        if a.compare_serial:
+            arms["serial"] = (1, None)
+        arms["batched"] = (a.max_batch_size, None)
+        runs: dict[str, list[dict]] = {arm: [] for arm in arms}
+        for _, arm in interleaved(list(arms), a.repeat if len(arms) > 1 else 1):
+            runs[arm].append(measure(a, model, template, arms[arm][0], src=arms[arm][1]))
     finally:
         for t in (tmp, old):
             if t is not None:
@@ -299,22 +309,32 @@ def main() -> None:
 
     argv = ["***" if i and sys.argv[i - 1] == "--api-key" else v for i, v in enumerate(sys.argv)]
     print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *argv])}")
-    print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {platform.machine()}, "
-          f"{os.cpu_count()} CPUs ({platform.processor() or platform.platform()}), python {platform.python_version()}")
-    if baseline is not None:
+    print(f"provenance: {describe(provenance(load_start))}")
+    labels = {"serial": "serial: --max-batch-size 1 (one request decoded at a time)",
+              "batched": "batched: " + ("attached server" if a.url
+                                        else f"--max-batch-size {a.max_batch_size or 'default'}")}
+    if "baseline" in runs:
         rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", a.baseline_rev], capture_output=True,
                              text=True).stdout.strip()
-        report(baseline, a, f"baseline: the server of revision {a.baseline_rev} ({rev})")
-    if serial is not None:
-        report(serial, a, "serial: --max-batch-size 1 (one request decoded at a time)")
-    batch = "attached server" if a.url else f"--max-batch-size {a.max_batch_size or 'default'}"
-    report(main_run, a, f"batched: {batch}")
-    lat = lambda m, q: pct([r[0] for r in m["results"]], q)  # noqa: E731
-    for name, ref in (("baseline", baseline), ("serial", serial)):
-        if ref is not None and ref["results"] and main_run["results"]:
-            print(f"== ratio ({name} / batched): wall time {ref['wall'] / main_run['wall']:.2f}x, "
-                  f"p50 latency {lat(ref, 50) / lat(main_run, 50):.2f}x, p95 latency "
-                  f"{lat(ref, 95) / lat(main_run, 95):.2f}x")
+        labels["baseline"] = f"baseline: the server of revision {a.baseline_rev} ({rev})"
+    for arm, ms in runs.items():
+        for i, m in enumerate(ms, 1):
+            report(m, a, labels[arm] + (f" (run {i} of {len(ms)})" if len(ms) > 1 else ""))
+
+    def figures(ms: list[dict]) -> dict:
+        ok = [m for m in ms if m["results"]]
+        return {"wall": spread([m["wall"] for m in ok]),
+                "p50": spread([pct([r[0] for r in m["results"]], 50) for m in ok]),
+                "p95": spread([pct([r[0] for r in m["results"]], 95) for m in ok])} if ok else {}
+
+    main_fig = figures(runs["batched"])
+    for name in ("baseline", "serial"):
+        ref = figures(runs.get(name, []))
+        if ref and main_fig:
+            print(f"== ratio ({name} / batched), of the medians of {len(runs[name])} runs each: " + ", ".join(
+                f"{what} {ref[k]['median'] / main_fig[k]['median']:.2f}x ({name} {ref[k]['min']:.2f}-"
+                f"{ref[k]['max']:.2f} s, batched {main_fig[k]['min']:.2f}-{main_fig[k]['max']:.2f} s)"
+                for k, what in (("wall", "wall time"), ("p50", "p50 latency"), ("p95", "p95 latency"))))
 
 if __name__ == "__main__":
     main()

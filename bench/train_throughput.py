@@ -11,7 +11,7 @@ Each arm runs in its own subprocess (clean peak memory); only the Trainer's `tra
 - domaintune: `TrainingRun(cfg)` of the package as it is now, every dtype/speed setting at its default
   (template domain_zh, val_size 0, save_steps beyond the run), timing `run.trainer.train()`.
 
-    .venv/bin/python bench/train_throughput.py [--device cpu|cuda] [--shape S] [--rows N] [--repeat N]
+    .venv/bin/python bench/train_throughput.py [--device cpu|cuda] [--shape S] [--rows N] [--repeat N (>= 3)]
 
 The model (`--shape`, random weights) and a byte-level BPE tokenizer trained offline on the reference data
 (vocabulary tuned to ~0.7 tokens per Chinese character, as real BLOOM/Qwen tokenizers give) are cached under
@@ -20,25 +20,27 @@ The model (`--shape`, random weights) and a byte-level BPE tokenizer trained off
 Per arm: non-padding tokens/s (the Trainer's num_input_tokens_seen / seconds of train()), seconds, peak memory
 (CPU: the arm process's VmHWM; GPU: max_memory_allocated), mean training loss, MFU on GPU (4 x all parameters
 x tokens/s / --peak-flops), and "steps-only" tokens/s: up to the end of the last optimizer step, i.e. without
-what train() does after it (a final checkpoint, for instance). The last line gives domaintune / baseline.
+what train() does after it (a final checkpoint, for instance). Each arm runs --repeat times (at least 3 for a
+saved result), interleaved A B B A A B; every figure is reported as its median with min and max, and the last line
+gives domaintune / baseline of the medians. The saved record says what produced it (provenance.py: git revision
+and dirty flag, CPU, cores, versions, load average, date).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import json
 import os
-import platform
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from provenance import check_repeat, git_revision, interleaved, load_average, provenance, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "data" / "family_edu_zh.train.jsonl"
@@ -259,35 +261,12 @@ def spawn(job: dict, work: Path) -> dict:
     return json.loads(Path(job["result"]).read_text(encoding="utf-8"))
 
 
-def machine(gpu: str | None) -> dict:
-    info = {"cpu": platform.machine(), "cores": os.cpu_count(), "ram_gib": None, "python": platform.python_version()}
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(li.split(":", 1)[1].strip() for li in cpuinfo.splitlines() if li.startswith("model name"))
-        info["ram_gib"] = round(status_meminfo() / 2**20, 1)
-    except (OSError, StopIteration):
-        pass
-    return {**info, "gpu": gpu} if gpu else info
-
-
-def status_meminfo() -> int:
-    line = next(li for li in Path("/proc/meminfo").read_text().splitlines() if li.startswith("MemTotal:"))
-    return int(line.split()[1])
-
-
-def versions() -> dict:
-    import peft
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-
-
 def summary(runs: dict[str, list[dict]], cuda: bool) -> tuple[dict, list[str]]:
-    """Per-run table lines, medians per arm and the ratios domaintune / baseline (of the medians)."""
+    """Per-run table lines, median / min / max per arm and the ratios domaintune / baseline (of the medians)."""
     mem, mem_name = ("peak_gpu_gib", "peak GPU GiB") if cuda else ("peak_rss_mib", "peak RSS MiB")
     keys = ["tokens_per_s", "steps_tokens_per_s", "seconds", mem] + (["mfu"] if cuda else [])
-    med = {arm: {k: statistics.median(r[k] for r in rs) for k in keys} for arm, rs in runs.items()}
+    stats = {arm: {k: spread([r[k] for r in rs]) for k in keys} for arm, rs in runs.items()}
+    med = {arm: {k: v["median"] for k, v in st.items()} for arm, st in stats.items()}
     cols = ["arm", "run", "tokens/s", "seconds", "steps-only tok/s", "steps", "tokens", "padding", mem_name,
             "train loss"] + (["MFU"] if cuda else [])
     rows = []
@@ -298,17 +277,18 @@ def summary(runs: dict[str, list[dict]], cuda: bool) -> tuple[dict, list[str]]:
                          f"{r['steps_tokens_per_s']:.1f}", str(r["steps"]), str(r["tokens"]), f"{pad:.1%}",
                          f"{r[mem]:.2f}" if cuda else f"{r[mem]:.0f}", f"{r['train_loss']:.4f}"]
                         + ([f"{r['mfu']:.1%}"] if cuda else []))
-        m = med[arm]
-        rows.append([arm, "median", f"{m['tokens_per_s']:.1f}", f"{m['seconds']:.2f}",
-                     f"{m['steps_tokens_per_s']:.1f}", "", "", "", f"{m[mem]:.2f}" if cuda else f"{m[mem]:.0f}", ""]
-                    + ([f"{m['mfu']:.1%}"] if cuda else []))
+        for what in ("median", "min", "max"):
+            m = {k: v[what] for k, v in stats[arm].items()}
+            rows.append([arm, what, f"{m['tokens_per_s']:.1f}", f"{m['seconds']:.2f}",
+                         f"{m['steps_tokens_per_s']:.1f}", "", "", "", f"{m[mem]:.2f}" if cuda else f"{m[mem]:.0f}",
+                         ""] + ([f"{m['mfu']:.1%}"] if cuda else []))
     widths = [max(len(x) for x in col) for col in zip(cols, *rows, strict=True)]
     lines = ["  ".join(x.rjust(w) if j else x.ljust(w) for j, (x, w) in enumerate(zip(row, widths, strict=True)))
              for row in [cols, *rows]]
     b, d = med["baseline"], med["domaintune"]
     ratios = {"tokens_per_s": d["tokens_per_s"] / b["tokens_per_s"], "peak_memory": d[mem] / b[mem],
               "steps_tokens_per_s": d["steps_tokens_per_s"] / b["steps_tokens_per_s"]}
-    return {"median": med, "ratios": ratios}, lines
+    return {"median": med, "spread": stats, "ratios": ratios}, lines
 
 
 def parse_args() -> argparse.Namespace:
@@ -320,8 +300,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rows", type=int, default=None, help="rows of the reference data (default: 48 cpu, 500 cuda)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="per-device = global batch, no accumulation (default: 4 cpu, 5 cuda)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="run both arms N times, alternating (ABBA order), and report the median (default: 1)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="run both arms N times, interleaved (A B B A ...), and report median, min and max; a saved "
+                         "result needs N >= 3 (default: %(default)s)")
     ap.add_argument("--peak-flops", type=float, default=989e12,
                     help="accelerator peak FLOP/s for MFU (default: 989e12, H100/H200 bf16 dense)")
     ap.add_argument("--profile", nargs="?", const="domaintune", choices=ARMS, default=None,
@@ -332,6 +313,7 @@ def parse_args() -> argparse.Namespace:
                     help="BPE vocabulary of the offline tokenizer (default: %(default)s, ~0.70 tokens/char)")
     ap.add_argument("--cache-dir", type=Path, default=CACHE, help="built model + tokenizer (default: %(default)s)")
     ap.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results/")
+    ap.add_argument("--note", default=None, help="a sentence kept with the result, e.g. why the run was short")
     ap.add_argument("--_job", help=argparse.SUPPRESS)  # internal: run one arm (the subprocess)
     return ap.parse_args()
 
@@ -359,7 +341,8 @@ def main() -> None:
         job = json.loads(Path(a._job).read_text(encoding="utf-8"))
         Path(job["result"]).write_text(json.dumps(run_arm_job(job)), encoding="utf-8")
         return
-    started, load_start = time.perf_counter(), os.getloadavg()
+    check_repeat(a.repeat, not a.no_save)
+    started, load_start, code = time.perf_counter(), load_average(), git_revision()
     dflt, cuda = DEVICE_DEFAULTS[a.device], a.device == "cuda"
     shape, n_rows, batch = a.shape or dflt["shape"], a.rows or dflt["rows"], a.batch_size or dflt["batch"]
     if not a.data.is_file():
@@ -382,11 +365,10 @@ def main() -> None:
     base_job = {"device": a.device, "model_dir": str(model_dir), "data": str(data), "arch": arch, "batch": batch,
                 "peak_flops": a.peak_flops, "profile": False}
     runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
-    for i in range(a.repeat):
-        for arm in (ARMS if i % 2 == 0 else ARMS[::-1]):
-            r = spawn({**base_job, "arm": arm, "tag": f"run{i + 1}"}, work)
-            runs[arm].append(r)
-            print(f"  {arm} run {i + 1}: {r['tokens_per_s']:.1f} tokens/s, {r['seconds']:.2f} s", flush=True)
+    for i, arm in interleaved(ARMS, a.repeat):
+        r = spawn({**base_job, "arm": arm, "tag": f"run{i + 1}"}, work)
+        runs[arm].append(r)
+        print(f"  {arm} run {i + 1}: {r['tokens_per_s']:.1f} tokens/s, {r['seconds']:.2f} s", flush=True)
     stats, lines = summary(runs, cuda)
     print_details(runs, lines, cuda, a.peak_flops)
     prof = None
@@ -396,22 +378,25 @@ def main() -> None:
               + prof["profile"])
     shutil.rmtree(work, ignore_errors=True)
     wall, rt = time.perf_counter() - started, stats["ratios"]
-    load = {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]}
+    prov = provenance(load_start, gpu=runs["baseline"][0].get("gpu"), extra_versions=("peft",), git=code)
+    load = prov["load_average"]
     print(f"\nsteps-only tokens/s ratio {rt['steps_tokens_per_s']:.2f}; wall time {wall:.0f} s; load average "
           f"(1, 5, 15 min) at start {load['start']}, at end {load['end']}, on {os.cpu_count()} cores")
     if not a.no_save:
-        record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "machine": machine(runs["baseline"][0].get("gpu")), "versions": versions(),
-                  "command": " ".join([os.path.relpath(sys.executable, ROOT), *sys.argv]),
+        record = {**prov, "command": " ".join([os.path.relpath(sys.executable, ROOT), *sys.argv]),
+                  "repeat": a.repeat, "order": "interleaved (A B B A ...)", **({"note": a.note} if a.note else {}),
                   "shape": {"name": shape, "arch": arch, **SHAPES[shape][1]}, "rows": len(rows), "batch": batch,
                   "tokenizer_vocab": a.tokenizer_vocab, "tokens_per_char": round(tpc, 4), "peak_flops": a.peak_flops,
-                  "wall_seconds": round(wall), "load_average": load, "runs": runs, **stats,
+                  "wall_seconds": round(wall), "runs": runs, **stats,
                   **({"profile": {"arm": a.profile, "table": prof["profile"]}} if prof else {})}
         out = RESULTS / f"train_throughput-{a.device}-{shape}.json"
         previous = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else []
         out.write_text(json.dumps(previous + [record], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"result appended to {out.relative_to(ROOT)}")
-    print(f"tokens/s ratio {rt['tokens_per_s']:.2f}, peak memory ratio {rt['peak_memory']:.2f}")
+    tps = {arm: stats["spread"][arm]["tokens_per_s"] for arm in ARMS}
+    print(f"tokens/s ratio {rt['tokens_per_s']:.2f} (medians of {a.repeat} runs each; domaintune "
+          f"{tps['domaintune']['min']:.1f}-{tps['domaintune']['max']:.1f}, baseline {tps['baseline']['min']:.1f}-"
+          f"{tps['baseline']['max']:.1f} tokens/s), peak memory ratio {rt['peak_memory']:.2f}")
 
 
 if __name__ == "__main__":

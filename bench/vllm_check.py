@@ -28,18 +28,18 @@ bench/results/vllm_check.md and bench/results/vllm_check-cuda.json with the GPU 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import random
 import sys
 import threading
 import time
 from pathlib import Path
+
+from provenance import describe, load_average, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -180,6 +180,7 @@ def main() -> int:
     ap.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results/")
     ap.add_argument("--dry", action="store_true", help="CPU plumbing check: no vLLM, a micro model, nothing saved")
     a = ap.parse_args()
+    load_start = load_average()
     have_vllm = importlib.util.find_spec("vllm") is not None
     if not a.dry:
         import torch
@@ -208,10 +209,9 @@ def main() -> int:
     run = model_dir if a.no_lora else build_adapter(model_dir, model_dir.with_name(model_dir.name + "-lora-run"))
     device, dtype = ("cpu", "fp32") if a.dry else ("cuda", "bf16")
     params = GenerationParams(max_new_tokens=a.max_new_tokens)
-    facts: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "command": " ".join(["python", "bench/vllm_check.py", *sys.argv[1:]]),
-                   "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-                   "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    gpu = torch.cuda.get_device_name() if device == "cuda" else None
+    facts: dict = {**provenance(load_start, gpu=gpu, extra_versions=("vllm", "peft")),
+                   "command": " ".join(["python", "bench/vllm_check.py", *sys.argv[1:]]), "gpu": gpu,
                    "model": "qwen2.5-0.5b shape, random weights" if not a.dry else "micro qwen2",
                    "served": "plain model" if a.no_lora else "LoRA run (r 8, all-linear)", "data": data.name,
                    "n": a.n, "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size, "dtype": dtype}
@@ -270,6 +270,7 @@ def main() -> int:
             checks["qlora"] = facts["qlora"].get("ok", True)
     facts["checks"] = checks
     facts["ok"] = all(checks.values())
+    facts["load_average"]["end"] = load_average()  # provenance was taken before the engines ran
     print(json.dumps(facts, ensure_ascii=False, indent=1))
     if not (a.dry or a.no_save):
         save(facts)
@@ -316,7 +317,7 @@ def save(facts: dict) -> None:
             for path in ("generate", "stream") for r in [facts[key][path]]]
     if skipped:
         lines = [f"## {facts['date'][:10]} — GPU {facts['gpu']}, vLLM skipped ({skipped})", "",
-                 f"`{facts['command']}`", "",
+                 describe(facts), "", f"`{facts['command']}`", "",
                  f"{facts['model']}, {facts['served']}, {facts['n']} prompts, greedy, max_new_tokens "
                  f"{facts['max_new_tokens']}, batch {facts['batch_size']}, {facts['dtype']}", "",
                  "| engine | path | seconds | generated tokens/s | requests/s |", "|---|---|---|---|---|", *rows, "",
@@ -327,7 +328,7 @@ def save(facts: dict) -> None:
         return
     agree = facts["greedy_agreement_generate"]
     lines = [f"## {facts['date'][:10]} — GPU {facts['gpu']}, vLLM {facts['vllm']['version']}", "",
-             f"`{facts['command']}`", "",
+             describe(facts), "", f"`{facts['command']}`", "",
              f"{facts['model']}, {facts['served']}, {facts['n']} prompts from `{facts['data']}` "
              f"({facts['prompt_tokens'][0]}–{facts['prompt_tokens'][1]} tokens), greedy, max_new_tokens "
              f"{facts['max_new_tokens']}, batch {facts['batch_size']}, {facts['dtype']}; vLLM start-up "

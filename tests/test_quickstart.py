@@ -95,3 +95,13 @@ def test_a_built_wheel_carries_the_sample_data_and_configs_and_runs_the_quicksta
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (work / "runs" / "quickstart" / "report.md").is_file()
+    # Regression (issue 22, defect 26): the shipped configs were unreachable after `pip install`; `init` writes
+    # them (and the sample data they name) where their commands expect them.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    r = subprocess.run([sys.executable, "-m", "domaintune", "init", "judge"], cwd=fresh, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines() == ["wrote: configs/judge.yaml", "wrote: examples/data/test.jsonl"]
+    for rel in ("configs/judge.yaml", "examples/data/test.jsonl"):
+        assert (fresh / rel).read_bytes() == (REPO / rel).read_bytes()

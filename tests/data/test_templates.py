@@ -2,6 +2,7 @@
 generation prompts equal to training prompts, stop tokens, template files."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -192,6 +193,26 @@ def test_tokenizer_template_stops_at_its_turn_end(qwen_tok):
     _, _, ids, mask = _encode(qwen_tok, "tokenizer", CASES["plain"][0])
     trained = [i for i, m in zip(ids, mask, strict=True) if m]
     assert qwen_tok.convert_tokens_to_ids("<|im_end|>") in trained
+
+
+@pytest.mark.parametrize("jinja, message", [
+    ("{{ raise_exception('a system message is required') }}", "TemplateError: a system message is required"),
+    ("{% for m in messages %}{{ m['content'] }", "TemplateSyntaxError"),
+], ids=["raise_exception", "syntax_error"])
+def test_tokenizer_template_that_fails_to_render_is_reported(qwen_tok, capsys, jinja, message):
+    """Regression (issue 22, defect 5): a chat_template that failed on the stop-token probe was swallowed, so
+    generation stopped only at EOS without a word. It is still not an error (the template may render the
+    user's own conversations), but a warning on stderr names the template's error and the consequence."""
+    tok = copy.deepcopy(qwen_tok)  # the fixture is shared by the session: never change it in place
+    tok.chat_template = jinja
+    tpl = get_template("tokenizer", tok)
+    assert tpl.stop == [] and tpl.stop_token_ids(tok) == [tok.eos_token_id]
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("warning: the model's chat_template fails to render a user/assistant exchange (")
+    assert message in err and "generation stops only at EOS" in err and "data.template: chatml" in err
+    get_template("tokenizer", qwen_tok)  # a template that renders: no warning
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("name, expected", [

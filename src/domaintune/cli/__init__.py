@@ -2,7 +2,7 @@
 
 | module | verbs |
 |---|---|
-| `configure.py` | config, data-check |
+| `configure.py` | init, config, data-check |
 | `datagen.py` | gen-data |
 | `train.py` | train, make-tiny-model, quickstart |
 | `inference.py` | predict, chat, serve, export |

@@ -1,4 +1,8 @@
-"""Verbs around the config and the data: `config` and `data-check`."""
+"""Verbs around the config and the data: `init`, `config` and `data-check`.
+
+`init` is a verb of its own rather than `config --example NAME`: it writes files (several: a config and the sample
+data it names), while `config` prints one resolved config; and `domaintune init` is the first command a user
+who installed the wheel runs, before there is any config to give `config`."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +13,19 @@ from .options import add_config_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="write the shipped example configs and sample data into a folder",
+                       description="Write the example configs that ship with domaintune (configs/*.yaml, "
+                                   "configs/distributed/*.json) and the sample data they name (examples/data/) into "
+                                   "a folder, at the paths the configs use, so their commands run as written. "
+                                   "Never overwrites a file: one that exists is left as it is and reported.")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="configs to write, e.g. quickstart judge (with the sample files each names) "
+                        "(default: all of them)")
+    p.add_argument("--dir", default=".", help="folder to write into (default: the current folder)")
+    p.add_argument("--list", action="store_true",
+                   help="list the shipped configs and what each runs; write nothing (default: off)")
+    p.set_defaults(func=cmd_init)
+
     p = sub.add_parser("config", help="print the resolved config (every default filled in), explain fields, "
                                       "convert flat JSON",
                        description="Print the resolved config as YAML. With --explain, list every field with its "
@@ -74,4 +91,21 @@ def cmd_data_check(a: argparse.Namespace) -> int:
     from ..training.data_check import run_data_check
 
     run_data_check(load_config(a.config, a.overrides), a.example, color=sys.stdout.isatty())
+    return 0
+
+
+def cmd_init(a: argparse.Namespace) -> int:
+    from ..bundled import list_examples, write_examples
+
+    if a.list:
+        print("\n".join(list_examples()))
+        return 0
+    done = write_examples(a.names, a.dir)
+    label = {"written": "wrote", "unchanged": "exists (identical, left as it is)",
+             "kept": "exists (differs from the shipped one, left as it is)"}
+    for w in done:
+        print(f"{label[w.status]}: {Path(a.dir) / w.path}")
+    if any(w.path == "configs/quickstart.yaml" for w in done):
+        where = "" if Path(a.dir) == Path(".") else f"cd {a.dir} && "
+        print(f"next: {where}domaintune quickstart configs/quickstart.yaml", file=sys.stderr)
     return 0

@@ -35,6 +35,7 @@ from typing import Any
 from ..errors import UserError
 from ..rundir import TEMPLATE, RunDir, base_model_config, paths_overlap
 from .run import TrainingRun
+from .trl_contract import INSTALL_HINT, check_kto_trainer, check_trl_internals
 
 REF_ADAPTER = "ref"  # the name TRL gives the frozen copy of a pretrained adapter
 
@@ -97,6 +98,9 @@ class PreferenceRun(TrainingRun):
 
     def setup_output(self) -> None:
         super().setup_output()
+        # The TRL internals this stage overrides (trl_contract.py), checked before the model loads: a TRL that
+        # changed them stops here with one line, not minutes later with an IndexError.
+        check_trl_internals(self.stage, _trl_classes(self.stage)[0])
         if self.sft:
             self._say(f"starting point: SFT run {self.sft} ("
                       + ("its adapter continues; the reference model is the SFT model" if self.sft_adapter else
@@ -156,6 +160,8 @@ class PreferenceRun(TrainingRun):
         self.trainer = preference_trainer_class(base, self.stage)(
             model=self.model, args=args, train_dataset=train, eval_dataset=ev, processing_class=self.tok,
             callbacks=callbacks)
+        if self.stage == "kto":
+            check_kto_trainer(self.trainer)
 
     def save(self, eval_metrics: dict, runtime: float, tokens_at_start: int) -> None:
         super().save(eval_metrics, runtime, tokens_at_start)
@@ -190,19 +196,23 @@ def _trl_classes(stage: str) -> tuple[type, type, dict]:
         return ORPOTrainer, ORPOConfig, {"max_length": None, "max_completion_length": None,
                                          "include_num_input_tokens_seen": "no"}
     except ImportError as e:
-        raise UserError(f"train.stage {stage} needs TRL: pip install 'trl>=1.16' ({e})") from None
+        raise UserError(f"train.stage {stage} needs TRL: {INSTALL_HINT} ({e})") from None
 
 
 def preference_trainer_class(base: type, stage: str) -> type:
     """domaintune's Trainer behaviour (hf_trainer.py) on TRL's `base`, fed with the rows data/preferences.py
-    encoded instead of TRL's own tokenization. The overridden methods are TRL's (checked against TRL 1.16):
-    `_prepare_dataset` (dpo, kto) and `tokenize_row` (orpo). A later TRL that renames them fails the
-    preference tests, not silently."""
+    encoded instead of TRL's own tokenization. The overridden methods are TRL's private ones: `_prepare_dataset`
+    (dpo, kto), `tokenize_row` and `concatenated_forward` (orpo). trl_contract.py lists them with their
+    signatures and output positions; pyproject.toml bounds TRL to the tested minor, and setup_trainer checks
+    them before the trainer is built, so a TRL that changed them stops with one clear line."""
     from .hf_trainer import trainer_class
+    from .trl_contract import KTO_CALCULATE_KL, ORPO_CHOSEN_LOGITS, ORPO_NLL, check_orpo_output
+
+    check_trl_internals(stage, base)  # also here, for any caller that builds the class directly
 
     class PreferenceTrainer(trainer_class(base)):
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
-            if stage == "kto" and getattr(self, "calculate_KL", False):
+            if stage == "kto" and getattr(self, KTO_CALCULATE_KL):  # set by KTOTrainer.__init__ before this call
                 # TRL's KL term pairs each prompt with another row's completion, rotated within each batch.
                 def add_kl(rows: dict) -> dict:
                     rows["KL_completion_ids"] = [rows["completion_ids"][-1]] + rows["completion_ids"][:-1]
@@ -227,7 +237,9 @@ def preference_trainer_class(base: type, stage: str) -> type:
                 return out
             # TRL's ORPO puts the prompt tokens into its NLL term too (labels = every attended token); here it is
             # the chosen completion only, as SFT trains and as data/preferences.py promises.
-            return (*out[:4], completion_nll(out[2], batch["chosen_labels"]), *out[5:])
+            check_orpo_output(out, batch)
+            nll = completion_nll(out[ORPO_CHOSEN_LOGITS], batch["chosen_labels"])
+            return (*out[:ORPO_NLL], nll, *out[ORPO_NLL + 1:])
 
         def create_model_card(self, *args: Any, **kwargs: Any) -> None:
             """TRL writes a README.md into the run and every checkpoint; the run directory has its own report."""
