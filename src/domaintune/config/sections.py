@@ -15,6 +15,14 @@ from .base import Section
 from .judge import JudgeConfig
 from .selfinstruct import SelfInstructConfig
 
+# transformers' set_seed also seeds numpy, whose seeds are 32-bit unsigned: -1 or 2**32 failed only after the
+# model had loaded.
+MAX_SEED = 2**32 - 1
+# A rank above the adapted matrices' smaller side adds nothing; the hidden size bounds it (checked against the
+# model's config.json before it loads: LoraConfig.check_rank). This cap needs no model: it is the largest hidden
+# size of released models, so a stray 10000000 is refused at once instead of allocating without bound.
+MAX_LORA_RANK = 16384
+
 
 class ModelConfig(Section):
     name_or_path: str | None = Field(
@@ -60,7 +68,7 @@ class ModelConfig(Section):
 
 class LoraConfig(Section):
     enabled: bool = Field(True, description="Train a LoRA adapter (true) or fine-tune all weights (false).")
-    r: int = Field(8, gt=0, description="LoRA rank.")
+    r: int = Field(8, gt=0, le=MAX_LORA_RANK, description="LoRA rank (at most the model's hidden size).")
     alpha: float = Field(16, gt=0, description="LoRA scaling alpha (effective scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: Union[list[str], Literal["all-linear"]] = Field(
@@ -68,6 +76,22 @@ class LoraConfig(Section):
         description="Module names to adapt (e.g. [query_key_value] for BLOOM, [q_proj, v_proj] for LLaMA/Qwen) "
                     "or all-linear.",
     )
+
+    def check_rank(self, model_config: dict, source: str = "the model") -> None:
+        """A UserError when `r` exceeds the hidden size in the model's config.json (`model_config`), read before
+        the model loads. Multimodal configs keep it under text_config."""
+        if not self.enabled:
+            return
+        text = model_config.get("text_config") if isinstance(model_config.get("text_config"), dict) else {}
+        for conf in (model_config, text):
+            for key in ("hidden_size", "n_embd", "d_model"):
+                hidden = conf.get(key)
+                if isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0:
+                    if self.r > hidden:
+                        raise UserError(f"lora.r {self.r} is larger than the hidden size of {source} ({hidden}): "
+                                        f"a LoRA rank cannot exceed it; use a rank such as 8 to 64 (at most "
+                                        f"{hidden})")
+                    return
 
 
 class DataConfig(Section):
@@ -145,7 +169,9 @@ class TrainConfig(Section):
     eval_steps: int = Field(50, gt=0, description="Compute the validation loss every N steps (and at the end).")
     save_steps: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps.")
     save_total_limit: int | None = Field(3, gt=0, description="Keep at most this many checkpoints (None = all).")
-    seed: int = Field(42, description="Random seed (model init of new weights, data order, validation split).")
+    seed: int = Field(42, ge=0, le=MAX_SEED,
+                      description="Random seed (model init of new weights, data order, validation split); "
+                                  "0 to 4294967295.")
     report_to: list[str] = Field(
         default_factory=lambda: ["none"],
         description="Trackers: none, tensorboard, wandb (needs the package installed).",
