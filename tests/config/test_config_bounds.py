@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from domaintune.config import load_config
+from domaintune.config import apply_overrides, load_config
 from domaintune.errors import UserError
 
 
@@ -65,3 +65,31 @@ def test_keys_from_other_tools_suggest_ours(key, meant):
 def test_an_alias_is_only_suggested_where_it_is_a_key():
     # `rank` under train is not lora.r: the suggestion stays within the section it was written in
     assert "Did you mean 'train.r'" not in _error("train.rank=1")
+
+
+@pytest.mark.parametrize("item, said", [
+    ("model.name_or_path=~nobody-here-at-all/m", "'~nobody-here-at-all' names no home folder on this machine"),
+    ("data.path=a\0b.jsonl", "contains a NUL character, which no file name may hold"),
+    ("train.output_dir=runs/" + "x" * 300, "has a file or folder name longer than 255 bytes"),
+    ("data.eval_path=" + "中" * 90, "has a file or folder name longer than 255 bytes"),  # 270 bytes in UTF-8
+])
+def test_paths_no_file_system_takes_are_refused_by_the_config(item, said):
+    """Found by the config fuzz: pathlib raised RuntimeError for an unknown ~user, and a name over 255 bytes
+    reached open() (OSError: File name too long), both as tracebacks."""
+    msg = _error(item)
+    assert said in msg and msg.count("\n") == 1
+    assert load_config(None, ["data.path=~/data/train.jsonl"]).data.path == "~/data/train.jsonl"
+
+
+def test_control_characters_in_keys_and_overrides_stay_on_one_line(tmp_path):
+    """Found by the config fuzz: an unknown key holding a carriage return or a newline broke the message."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text('lora:\n  "r\\r": 4\n', encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        load_config(cfg)
+    assert str(e.value) == (f"{cfg}: invalid config:\n  unknown key 'lora.r\\r'. Did you mean 'lora.r'? Valid keys "
+                            "here: enabled, r, alpha, dropout, target_modules")
+    assert "override 'lora.\\x07=4': unknown key 'lora.\\x07'." in _error("lora.\x07=4")
+    with pytest.raises(UserError) as e:
+        apply_overrides({"train": {"seed": 1}}, ["train.seed.x=\n"])
+    assert str(e.value) == "override 'train.seed.x=\\n': 'seed' is not a section"

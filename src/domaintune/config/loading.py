@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import UserError
 from .sections import Config
 from .yamltext import MAX_DEPTH, YamlSyntaxError, load_yaml
+from .yamltext import printable as _shown
 
 
 def _fields_of(model_cls: type[BaseModel], loc: tuple) -> list[str]:
@@ -104,19 +105,21 @@ def format_validation_error(err: ValidationError, source: str,
             valid = _fields_of(Config, loc[:-1])
             alias = ALIASES.get(loc[-1].lower())
             close = [alias] if alias in valid else difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-            hint = f" Did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
-            problems.append((dotted, f"unknown key '{dotted}'.{hint} Valid keys here: {', '.join(valid)}"))
+            hint = f" Did you mean '{_shown('.'.join(loc[:-1] + (close[0],)))}'?" if close else ""
+            problems.append((dotted, f"unknown key '{_shown(dotted)}'.{hint} Valid keys here: {', '.join(valid)}"))
             continue
         dotted = ".".join(_field_path(e["loc"]))
         if e["type"] in _TYPE_WORDS or e["type"] == "literal_error":
             word = _TYPE_WORDS.get(e["type"]) or e.get("ctx", {}).get("expected", e["msg"])
             expected.setdefault(dotted, (e.get("input"), []))[1].append(word)
         elif not dotted:  # a check across fields (model validator): its message says it all
-            problems.append(("", e["msg"].removeprefix("Value error, ")))
+            problems.append(("", _shown(e["msg"].removeprefix("Value error, "), 400)))
         else:
-            problems.append((dotted, f"'{dotted}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})"))
+            problems.append((dotted, f"'{dotted}': {e['msg'].removeprefix('Value error, ')} "
+                                     f"(got {_shown(repr(e.get('input')), 200)})"))
     for dotted, (value, words) in expected.items():
-        problems.append((dotted, f"'{dotted}' must be {' or '.join(dict.fromkeys(words))}, got {value!r}"))
+        problems.append((dotted, f"'{dotted}' must be {' or '.join(dict.fromkeys(words))}, "
+                                 f"got {_shown(repr(value), 200)}"))
     lines, from_file = [], False
     for dotted, text in problems:
         item = _blame(dotted, overrides)
@@ -124,11 +127,6 @@ def format_validation_error(err: ValidationError, source: str,
         lines.append(f"override '{_shown(item)}': {text}" if item else text)
     head = f"{source}: invalid config" if from_file or not overrides else "invalid command-line override"
     return head + ":\n  " + "\n  ".join(lines)
-
-
-def _shown(text: str, limit: int = 80) -> str:
-    """`text` cut to `limit` characters for an error line."""
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -159,7 +157,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise UserError(f"override '{item}': '{p}' is not a section")
+                raise UserError(f"override '{_shown(item)}': '{_shown(p)}' is not a section")
             node = nxt
         node[parts[-1]] = value
     return out

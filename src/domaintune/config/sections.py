@@ -5,6 +5,7 @@ Values derived from several fields are methods of their section (e.g. `TrainConf
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
@@ -22,6 +23,27 @@ MAX_SEED = 2**32 - 1
 # model's config.json before it loads: LoraConfig.check_rank). This cap needs no model: it is the largest hidden
 # size of released models, so a stray 10000000 is refused at once instead of allocating without bound.
 MAX_LORA_RANK = 16384
+
+
+# The longest name of one file or folder on common file systems (ext4, APFS, NTFS), in bytes.
+NAME_MAX = 255
+
+
+def usable_path(v: str | None) -> str | None:
+    """A file or folder name the operating system can take: no NUL character, no part longer than NAME_MAX, and a
+    `~user` that names a user here (pathlib's expanduser raises otherwise, wherever the name is used later)."""
+    if v is None:
+        return v
+    if "\0" in v:
+        raise ValueError("contains a NUL character, which no file name may hold")
+    if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in Path(v).parts):
+        raise ValueError(f"has a file or folder name longer than {NAME_MAX} bytes, which file systems refuse")
+    if v.startswith("~"):
+        try:
+            Path(v).expanduser()
+        except RuntimeError:
+            raise ValueError(f"'{v.split('/')[0]}' names no home folder on this machine") from None
+    return v
 
 
 class ModelConfig(Section):
@@ -55,7 +77,7 @@ class ModelConfig(Section):
     def _name_or_path(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():
             raise ValueError("is empty: set it to a local model folder or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
-        return v
+        return usable_path(v)
 
     def required_name(self) -> str:
         """`name_or_path`, or a UserError saying it must be set (a verb that loads the base model calls this)."""
@@ -121,6 +143,8 @@ class DataConfig(Section):
                     "said when capped) or a fraction in (0, 1); at least one row always stays for training.",
     )
     val_max_rows: int | None = Field(None, ge=0, description="Upper bound on the validation split's row count.")
+
+    _paths = field_validator("path", "eval_path")(usable_path)
 
     @field_validator("val_size")
     @classmethod
@@ -213,6 +237,8 @@ class TrainConfig(Section):
                     "evaluation and saving plan, device, engine) are refused with the train.* key to use instead.",
     )
     dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
+
+    _paths = field_validator("output_dir", "distributed_config")(usable_path)
 
     @field_validator("per_device_batch_size")
     @classmethod

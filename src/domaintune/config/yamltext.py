@@ -76,6 +76,13 @@ class _TooDeep(Exception):
         self.line = line
 
 
+def printable(text: str, limit: int = 80) -> str:
+    """`text` for an error line: control characters (a newline in a key, a NUL) escaped as Python writes them,
+    cut to `limit` characters, so a message stays one line."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _where(node: Node) -> str:
     return f"line {node.start_mark.line + 1}"
 
@@ -127,13 +134,14 @@ def _check_duplicate_keys(node: MappingNode, source: str) -> None:
         if key_node.tag == _MERGE:
             continue  # a `<<` merge may give keys again: the mapping's own keys win, as YAML says
         if not isinstance(key_node, ScalarNode) or key_node.tag != _STR:
-            what = f"the key {key_node.value!r}" if isinstance(key_node, ScalarNode) else "a list or mapping as a key"
+            what = (f"the key '{printable(key_node.value)}'" if isinstance(key_node, ScalarNode)
+                    else "a list or mapping as a key")
             raise UserError(f"{source} {_where(key_node)}: {what} is not a name; config keys are "
                             "names (quote it if it must be a number, true/false or null)")
         line, key = key_node.start_mark.line + 1, (key_node.tag, key_node.value)
         if key in seen:
-            raise UserError(f"{source} line {line}: duplicate key '{key_node.value}' (first at line {seen[key]}); "
-                            "the second would silently replace the first: merge them into one")
+            raise UserError(f"{source} line {line}: duplicate key '{printable(key_node.value)}' (first at line "
+                            f"{seen[key]}); the second would silently replace the first: merge them into one")
         seen[key] = line
 
 
@@ -153,8 +161,9 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 def load_yaml(text: str, source: str) -> Any:
     """The plain data (dict, list, str, int, float, bool, None) in `text`; `source` names the file or the
     override in errors."""
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # reads (and checks) the characters at once
         root = loader.get_single_node()
         if root is None:
             return None
@@ -163,7 +172,12 @@ def load_yaml(text: str, source: str) -> Any:
     except _TooDeep as e:
         raise UserError(f"{source} line {e.line}: nested more than {MAX_DEPTH} levels deep; a config is a few "
                         "levels of sections") from None
+    except yaml.reader.ReaderError as e:  # a control character YAML does not allow (NUL, ESC ...)
+        line = text[: e.position].count("\n") + 1
+        raise YamlSyntaxError(f"{source} line {line}: not valid YAML: the character U+{e.character:04X} is not "
+                              "allowed in YAML text (write it escaped inside double quotes, e.g. \"\\x1b\")") from None
     except yaml.YAMLError as e:
         raise YamlSyntaxError(f"{source}: not valid YAML: {_yaml_problem(e)}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
