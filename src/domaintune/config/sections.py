@@ -104,15 +104,14 @@ class LoraConfig(Section):
         the model loads. Multimodal configs keep it under text_config."""
         if not self.enabled:
             return
-        text = model_config.get("text_config") if isinstance(model_config.get("text_config"), dict) else {}
-        for conf in (model_config, text):
+        text = model_config.get("text_config")
+        for conf in (model_config, text if isinstance(text, dict) else {}):
             for key in ("hidden_size", "n_embd", "d_model"):
                 hidden = conf.get(key)
                 if isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0:
                     if self.r > hidden:
                         raise UserError(f"lora.r {self.r} is larger than the hidden size of {source} ({hidden}): "
-                                        f"a LoRA rank cannot exceed it; use a rank such as 8 to 64 (at most "
-                                        f"{hidden})")
+                                        f"a rank above it adds nothing; use at most {hidden} (8 to 64 is usual)")
                     return
 
 

@@ -63,8 +63,14 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+
+
+def _timestamp_as_text(loader: _Loader, node: ScalarNode) -> str:
+    return str(loader.construct_scalar(node))
+
+
 # An explicit !!timestamp is kept as its text too.
-_Loader.add_constructor(_TIMESTAMP, yaml.SafeLoader.construct_yaml_str)
+_Loader.add_constructor(_TIMESTAMP, _timestamp_as_text)
 
 
 class YamlSyntaxError(UserError):
