@@ -143,3 +143,62 @@ def test_an_engine_that_cannot_start_stops_the_run_before_the_model_loads(tiny_t
     with pytest.raises(UserError, match="train.distributed_config: .* not found"):
         run_train(tiny_train_config(tmp_path / "run", "qwen2", "train.distributed=fsdp",
                                     f"train.distributed_config={tmp_path / 'none.json'}"))
+
+
+# ---------------------------------------------------------------- settings checked before the model loads
+# Issue 22, defect 14: each of these was found only after the model had loaded, with a traceback.
+@pytest.mark.parametrize("override, said", [
+    ("train.lr_scheduler=cosin", "train.lr_scheduler 'cosin' is not a transformers learning-rate schedule. Did you "
+                                 "mean 'cosine'? Valid: linear, cosine, "),
+    ("train.optim=adamw", "train.optim 'adamw' is not a transformers optimizer name. Did you mean 'adamw_torch'?"),
+    ("train.optim=SGD", "train.optim 'SGD' is not a transformers optimizer name. Did you mean 'sgd'?"),
+    ("train.trainer_args={adam_beta2: 2}", "train.trainer_args: the optimizer adamw_torch refuses its settings: "
+                                           "Invalid beta parameter at index 1: 2 (it was given lr=0.05, "
+                                           "betas=(0.9, 2), eps=1e-08"),
+    ("train.trainer_args={adam_epsilon: -1.0}", "Invalid epsilon value: -1.0"),
+    ("train.trainer_args={adam_beta2: '0.95'}", "train.trainer_args: 'adam_beta2' must be float, got '0.95'"),
+    ("train.trainer_args={lr_scheduler_kwargs: {num_cycle: 1}}",
+     "train.lr_scheduler cosine: get_cosine_schedule_with_warmup() got an unexpected keyword argument 'num_cycle'"),
+    ("train.lr_scheduler=cosine_with_min_lr", "train.lr_scheduler cosine_with_min_lr: One of min_lr or min_lr_rate "
+                                              "should be set through the `lr_scheduler_kwargs`"),
+    ("train.trainer_args={optim_args: betas}", "train.trainer_args.optim_args 'betas' must look like key=value"),
+])
+def test_bad_settings_stop_the_run_before_the_model_loads(tiny_train_config, tmp_path, override, said):
+    run = TrainingRun(tiny_train_config(tmp_path / "run", "qwen2", override))
+    with pytest.raises(UserError) as e:
+        run.setup_output()  # the stage before the tokenizer and the model
+    assert said in str(e.value) and "\n" not in str(e.value)
+    assert run.base is None and run.tok is None
+
+
+def test_a_misspelt_optimizer_stops_run_train_in_seconds(tiny_train_config, tmp_path):
+    t0 = time.time()
+    with pytest.raises(UserError, match="Did you mean 'adamw_torch'"):
+        run_train(tiny_train_config(tmp_path / "run", "qwen2", "train.optim=adamw"))
+    assert time.time() - t0 < 30 and not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_good_settings_pass_the_checks():
+    from domaintune.training.arguments import check_train_settings
+
+    for kw in ({}, {"optim": "sgd"}, {"optim": "adafactor", "lr_scheduler": "constant"},
+               {"lr_scheduler": "cosine_with_min_lr", "trainer_args": {"lr_scheduler_kwargs": {"min_lr_rate": 0.1}}},
+               {"trainer_args": {"adam_beta2": 0.95, "adam_epsilon": 1e-6, "optim_args": "a=1, b=2"}},
+               {"optim": "galore_adamw"}):  # needs the model to be built: left to the Trainer
+        check_train_settings(_train_section(**kw))
+        check_trainer_args(_train_section(**kw).trainer_args)
+
+
+def test_a_lora_rank_above_the_models_hidden_size_is_refused_before_it_loads(tiny_model_dir):
+    import json
+
+    from domaintune.config import load_config
+    from domaintune.training.arguments import check_lora_rank
+
+    model = tiny_model_dir("qwen2")
+    hidden = json.loads((model / "config.json").read_text())["hidden_size"]
+    check_lora_rank(load_config(None, [f"lora.r={hidden}"]).lora, str(model))
+    with pytest.raises(UserError, match=rf"lora.r {hidden + 1} is larger than the hidden size of model '{model}' "
+                                        rf"\({hidden}\)"):
+        check_lora_rank(load_config(None, [f"lora.r={hidden + 1}"]).lora, str(model))
+    check_lora_rank(load_config(None, ["lora.r=16384"]).lora, "nobody/not-downloaded")  # nothing to read: no error

@@ -16,11 +16,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import UserError
 from .sections import Config
+from .yamltext import MAX_DEPTH, YamlSyntaxError, load_yaml
+from .yamltext import printable as _shown
 
 
 def _fields_of(model_cls: type[BaseModel], loc: tuple) -> list[str]:
@@ -34,6 +35,27 @@ def _fields_of(model_cls: type[BaseModel], loc: tuple) -> list[str]:
         cls = ann
     return list(cls.model_fields)
 
+
+# Names users bring from other tools (PEFT, TrainingArguments, LLaMA-Factory, axolotl, flat BLOOM-LoRA files) for
+# our keys; one is suggested where it is a valid key at the place it was written (`lora.rank` -> `lora.r`), which
+# spelling alone does not find.
+ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "lora_target": "target_modules", "lora_target_modules": "target_modules", "use_lora": "enabled",
+    "epochs": "num_epochs", "num_train_epochs": "num_epochs", "epoch": "num_epochs",
+    "lr": "learning_rate", "lr_scheduler_type": "lr_scheduler", "scheduler": "lr_scheduler",
+    "optimizer": "optim", "warmup": "warmup_ratio", "steps": "max_steps",
+    "per_device_train_batch_size": "per_device_batch_size", "micro_batch_size": "per_device_batch_size",
+    "global_batch_size": "batch_size", "gradient_accumulation": "gradient_accumulation_steps",
+    "grad_accum": "gradient_accumulation_steps", "gradient_clipping": "max_grad_norm", "clip_grad": "max_grad_norm",
+    "random_seed": "seed", "output": "output_dir", "save_dir": "output_dir",
+    "model_name_or_path": "name_or_path", "model_name": "name_or_path", "model_path": "name_or_path",
+    "base_model": "name_or_path", "torch_dtype": "dtype", "precision": "dtype",
+    "data_path": "path", "train_file": "path", "dataset": "path", "eval_file": "eval_path",
+    "validation_file": "eval_path", "val_set_size": "val_size", "cutoff": "cutoff_len", "max_length": "cutoff_len",
+    "max_seq_length": "cutoff_len", "max_seq_len": "cutoff_len", "system_prompt": "system",
+    "prompt_template": "template",
+}
 
 _TYPE_WORDS = {
     "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
@@ -81,52 +103,61 @@ def format_validation_error(err: ValidationError, source: str,
             loc = tuple(str(p) for p in e["loc"] if not isinstance(p, int))
             dotted = ".".join(loc)
             valid = _fields_of(Config, loc[:-1])
-            close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-            hint = f" Did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
-            problems.append((dotted, f"unknown key '{dotted}'.{hint} Valid keys here: {', '.join(valid)}"))
+            alias = ALIASES.get(loc[-1].lower())
+            close = [alias] if alias in valid else difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            hint = f" Did you mean '{_shown('.'.join(loc[:-1] + (close[0],)))}'?" if close else ""
+            problems.append((dotted, f"unknown key '{_shown(dotted)}'.{hint} Valid keys here: {', '.join(valid)}"))
             continue
         dotted = ".".join(_field_path(e["loc"]))
         if e["type"] in _TYPE_WORDS or e["type"] == "literal_error":
             word = _TYPE_WORDS.get(e["type"]) or e.get("ctx", {}).get("expected", e["msg"])
             expected.setdefault(dotted, (e.get("input"), []))[1].append(word)
         elif not dotted:  # a check across fields (model validator): its message says it all
-            problems.append(("", e["msg"].removeprefix("Value error, ")))
+            problems.append(("", _shown(e["msg"].removeprefix("Value error, "), 400)))
         else:
-            problems.append((dotted, f"'{dotted}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})"))
+            problems.append((dotted, f"'{dotted}': {e['msg'].removeprefix('Value error, ')} "
+                                     f"(got {_shown(repr(e.get('input')), 200)})"))
     for dotted, (value, words) in expected.items():
-        problems.append((dotted, f"'{dotted}' must be {' or '.join(dict.fromkeys(words))}, got {value!r}"))
+        problems.append((dotted, f"'{dotted}' must be {' or '.join(dict.fromkeys(words))}, "
+                                 f"got {_shown(repr(value), 200)}"))
     lines, from_file = [], False
     for dotted, text in problems:
         item = _blame(dotted, overrides)
         from_file = from_file or item is None
-        lines.append(f"override '{item}': {text}" if item else text)
+        lines.append(f"override '{_shown(item)}': {text}" if item else text)
     head = f"{source}: invalid config" if from_file or not overrides else "invalid command-line override"
     return head + ":\n  " + "\n  ".join(lines)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise UserError(f"override '{item}' must look like section.key=value, e.g. train.learning_rate=2e-4")
+        raise UserError(f"override '{_shown(item)}' must look like section.key=value, e.g. train.learning_rate=2e-4")
     key, _, raw = item.partition("=")
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
-        raise UserError(f"override '{item}': '{key}' is not a dotted key like train.learning_rate")
+        raise UserError(f"override '{_shown(item)}': '{_shown(key, 60)}' is not a dotted key like train.learning_rate")
+    parts = key.split(".")
+    if len(parts) > MAX_DEPTH:
+        raise UserError(f"override '{_shown(item)}': the key is {len(parts)} levels deep; a config is a few levels "
+                        "of sections")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+        value = load_yaml(raw, f"override '{_shown(item)}'") if raw.strip() else ""
+    except YamlSyntaxError:
+        value = raw  # not YAML: the text as typed (`data.system=a: b: c`)
+    return parts, value
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    # A deep copy of plain data. Safe here: read_yaml and parse_override have bounded the size with every
+    # alias expanded and refused dates, bytes and cycles, which this copy would trip over.
+    out = json.loads(json.dumps(raw))
     for item in overrides:
         parts, value = parse_override(item)
         node = out
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise UserError(f"override '{item}': '{p}' is not a section")
+                raise UserError(f"override '{_shown(item)}': '{_shown(p)}' is not a section")
             node = nxt
         node[parts[-1]] = value
     return out
@@ -134,12 +165,20 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file '{p}' not found")
+    shown = str(p) if len(str(p)) <= 200 else str(p)[:200] + "..."
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{p}: not valid YAML: {e}") from None
+        if not p.is_file():
+            raise UserError(f"config file '{shown}' not found")
+        data = p.read_bytes()
+    except OSError as e:  # a name too long, no permission, an I/O error
+        raise UserError(f"config file '{shown}' cannot be read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{p} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "
+                        "UTF-8") from None
+    raw = load_yaml(text, str(p)) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{p}: the top level must be a mapping of sections (model, lora, data, train)")
     return raw

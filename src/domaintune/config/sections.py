@@ -5,6 +5,7 @@ Values derived from several fields are methods of their section (e.g. `TrainConf
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
@@ -14,6 +15,35 @@ from ..errors import UserError
 from .base import Section
 from .judge import JudgeConfig
 from .selfinstruct import SelfInstructConfig
+
+# transformers' set_seed also seeds numpy, whose seeds are 32-bit unsigned: -1 or 2**32 failed only after the
+# model had loaded.
+MAX_SEED = 2**32 - 1
+# A rank above the adapted matrices' smaller side adds nothing; the hidden size bounds it (checked against the
+# model's config.json before it loads: LoraConfig.check_rank). This cap needs no model: it is the largest hidden
+# size of released models, so a stray 10000000 is refused at once instead of allocating without bound.
+MAX_LORA_RANK = 16384
+
+
+# The longest name of one file or folder on common file systems (ext4, APFS, NTFS), in bytes.
+NAME_MAX = 255
+
+
+def usable_path(v: str | None) -> str | None:
+    """A file or folder name the operating system can take: no NUL character, no part longer than NAME_MAX, and a
+    `~user` that names a user here (pathlib's expanduser raises otherwise, wherever the name is used later)."""
+    if v is None:
+        return v
+    if "\0" in v:
+        raise ValueError("contains a NUL character, which no file name may hold")
+    if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in Path(v).parts):
+        raise ValueError(f"has a file or folder name longer than {NAME_MAX} bytes, which file systems refuse")
+    if v.startswith("~"):
+        try:
+            Path(v).expanduser()
+        except RuntimeError:
+            raise ValueError(f"'{v.split('/')[0]}' names no home folder on this machine") from None
+    return v
 
 
 class ModelConfig(Section):
@@ -47,7 +77,7 @@ class ModelConfig(Section):
     def _name_or_path(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():
             raise ValueError("is empty: set it to a local model folder or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
-        return v
+        return usable_path(v)
 
     def required_name(self) -> str:
         """`name_or_path`, or a UserError saying it must be set (a verb that loads the base model calls this)."""
@@ -60,7 +90,7 @@ class ModelConfig(Section):
 
 class LoraConfig(Section):
     enabled: bool = Field(True, description="Train a LoRA adapter (true) or fine-tune all weights (false).")
-    r: int = Field(8, gt=0, description="LoRA rank.")
+    r: int = Field(8, gt=0, le=MAX_LORA_RANK, description="LoRA rank (at most the model's hidden size).")
     alpha: float = Field(16, gt=0, description="LoRA scaling alpha (effective scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: Union[list[str], Literal["all-linear"]] = Field(
@@ -68,6 +98,21 @@ class LoraConfig(Section):
         description="Module names to adapt (e.g. [query_key_value] for BLOOM, [q_proj, v_proj] for LLaMA/Qwen) "
                     "or all-linear.",
     )
+
+    def check_rank(self, model_config: dict, source: str = "the model") -> None:
+        """A UserError when `r` exceeds the hidden size in the model's config.json (`model_config`), read before
+        the model loads. Multimodal configs keep it under text_config."""
+        if not self.enabled:
+            return
+        text = model_config.get("text_config")
+        for conf in (model_config, text if isinstance(text, dict) else {}):
+            for key in ("hidden_size", "n_embd", "d_model"):
+                hidden = conf.get(key)
+                if isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0:
+                    if self.r > hidden:
+                        raise UserError(f"lora.r {self.r} is larger than the hidden size of {source} ({hidden}): "
+                                        f"a rank above it adds nothing; use at most {hidden} (8 to 64 is usual)")
+                    return
 
 
 class DataConfig(Section):
@@ -97,6 +142,8 @@ class DataConfig(Section):
                     "said when capped) or a fraction in (0, 1); at least one row always stays for training.",
     )
     val_max_rows: int | None = Field(None, ge=0, description="Upper bound on the validation split's row count.")
+
+    _paths = field_validator("path", "eval_path")(usable_path)
 
     @field_validator("val_size")
     @classmethod
@@ -145,7 +192,9 @@ class TrainConfig(Section):
     eval_steps: int = Field(50, gt=0, description="Compute the validation loss every N steps (and at the end).")
     save_steps: int = Field(50, gt=0, description="Save a resumable checkpoint every N steps.")
     save_total_limit: int | None = Field(3, gt=0, description="Keep at most this many checkpoints (None = all).")
-    seed: int = Field(42, description="Random seed (model init of new weights, data order, validation split).")
+    seed: int = Field(42, ge=0, le=MAX_SEED,
+                      description="Random seed (model init of new weights, data order, validation split); "
+                                  "0 to 4294967295.")
     report_to: list[str] = Field(
         default_factory=lambda: ["none"],
         description="Trackers: none, tensorboard, wandb (needs the package installed).",
@@ -187,6 +236,8 @@ class TrainConfig(Section):
                     "evaluation and saving plan, device, engine) are refused with the train.* key to use instead.",
     )
     dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
+
+    _paths = field_validator("output_dir", "distributed_config")(usable_path)
 
     @field_validator("per_device_batch_size")
     @classmethod

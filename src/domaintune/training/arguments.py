@@ -6,6 +6,7 @@ domaintune on purpose (output folder, logging of the first step, token counting,
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ from ..errors import UserError
 if TYPE_CHECKING:
     from transformers import TrainingArguments
 
-    from ..config import TrainConfig
+    from ..config import LoraConfig, TrainConfig
 
 # train.<field> -> the TrainingArguments fields that take its value as it is.
 DIRECT: dict[str, tuple[str, ...]] = {
@@ -113,13 +114,15 @@ PROTECTED: dict[str, str] = {
 
 def check_trainer_args(extra: dict, args_class: type | None = None) -> None:
     """Each `train.trainer_args` key must be a field of TrainingArguments (or of `args_class`) that domaintune
-    does not set itself; one UserError naming every bad key, the closest field or the train.* key to use."""
+    does not set itself, and its value of the field's type; one UserError naming every bad key, the closest
+    field or the train.* key to use. (Values the optimizer or schedule refuses: check_train_settings.)"""
     import dataclasses
     import difflib
 
     from transformers import TrainingArguments
 
-    fields = {f.name for f in dataclasses.fields(args_class or TrainingArguments) if f.init}
+    cls = args_class or TrainingArguments
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
     problems = []
     for key in extra:
         if key in PROTECTED:
@@ -128,8 +131,159 @@ def check_trainer_args(extra: dict, args_class: type | None = None) -> None:
             close = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.6)
             problems.append(f"{key!r} is not a TrainingArguments field" + (f"; did you mean {close[0]!r}?" if close
                                                                            else ""))
+        else:
+            problems.extend(_type_problems(cls, key, extra[key]))
     if problems:
         raise UserError("train.trainer_args: " + "; ".join(problems))
+
+
+def _type_problems(cls: type, key: str, value: object) -> list[str]:
+    """The value of field `key` of `cls` checked against the field's annotation (strictly: YAML gives real
+    numbers, booleans and lists, so "0.95" for a float is a mistake)."""
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        hint = typing.get_type_hints(cls)[key]
+        adapter: TypeAdapter = TypeAdapter(hint)
+    except Exception:  # an annotation pydantic cannot read (a library's own type): nothing to check against
+        return []
+    try:
+        adapter.validate_python(value, strict=True)
+    except ValidationError:
+        shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        return [f"{key!r} must be {shown}, got {value!r}"]
+    return []
+
+
+def _closest(value: str, valid: list[str]) -> str | None:
+    """The valid name a typo most likely meant: one that starts with it (`adamw` -> `adamw_torch`, the first
+    such in the library's order), else the closest by spelling."""
+    low = value.strip().lower()
+    starts = [v for v in valid if v.startswith(low)] if low else []
+    if starts:
+        return starts[0]
+    close = difflib.get_close_matches(low, valid, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _check_name(field: str, value: str, valid: list[str], what: str) -> None:
+    if value in valid:
+        return
+    close = _closest(value, valid)
+    hint = f" Did you mean {close!r}?" if close else ""
+    listed = f" Valid: {', '.join(valid)}" if not close or len(valid) <= 15 else ""
+    raise UserError(f"{field} {value!r} is not {what}.{hint}{listed}")
+
+
+# Optimizers that need the model itself to be built (they pick target modules from it): not probed before load.
+_NEEDS_MODEL = ("galore", "apollo", "lomo")
+
+
+def check_train_settings(t: TrainConfig) -> None:
+    """The names and values transformers and torch would refuse only after the model has loaded, checked in
+    milliseconds before it: `train.lr_scheduler` and `train.optim` against transformers' own names
+    (SchedulerType, OptimizerNames) with the closest one, then the optimizer built on one dummy parameter from the
+    settings the Trainer would give it (torch checks betas, eps, learning rate and weight decay), and the
+    schedule on it with `lr_scheduler_kwargs`."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    _check_name("train.lr_scheduler", t.lr_scheduler, [s.value for s in SchedulerType],
+                "a transformers learning-rate schedule")
+    _check_name("train.optim", t.optim, [o.value for o in OptimizerNames], "a transformers optimizer name")
+    optimizer = _probe_optimizer(t)
+    _probe_schedule(t, optimizer)
+
+
+def _probe_args(t: TrainConfig) -> object:
+    """What get_optimizer_cls_and_kwargs reads of TrainingArguments: every field at its default, with this
+    section's values and its trainer_args on top, without building TrainingArguments (whose __post_init__
+    sets up devices and the distributed state, which must happen once, in the real arguments)."""
+    import dataclasses
+    import types
+
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    values = {}
+    for f in dataclasses.fields(TrainingArguments):
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            values[f.name] = f.default_factory()
+    values |= {arg: getattr(t, name) for name, args in DIRECT.items() for arg in args}
+    values |= {k: v for k, v in t.trainer_args.items() if k in values}
+    values["optim"], values["lr_scheduler_type"] = OptimizerNames(t.optim), SchedulerType(t.lr_scheduler)
+    return types.SimpleNamespace(**values)
+
+
+def _probe_optimizer(t: TrainConfig) -> object | None:
+    """The optimizer the Trainer would build, on one parameter; a UserError with torch's reason when its
+    settings are refused. None where it cannot be built without the model or a GPU (its library checks then)."""
+    import torch
+    from transformers import Trainer
+
+    if any(word in t.optim for word in _NEEDS_MODEL):
+        return None
+    optim_args = t.trainer_args.get("optim_args")
+    if isinstance(optim_args, str) and optim_args.strip() and any(
+            item.count("=") != 1 for item in optim_args.replace(" ", "").split(",")):
+        raise UserError(f"train.trainer_args.optim_args {optim_args!r} must look like key=value,key=value")
+    try:
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(_probe_args(t))  # type: ignore[arg-type]
+    except (ImportError, ValueError) as e:  # a missing package (bitsandbytes ...) or a bad optim_args
+        raise UserError(f"train.optim {t.optim}: {e}") from None
+    if not (isinstance(cls, type) and cls.__module__.startswith("torch.optim")):
+        return None  # bitsandbytes, torchao ...: built for the device at train time
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("fused", "foreach")}  # kernels, not settings
+    param = torch.nn.Parameter(torch.zeros(1))
+    try:
+        return cls([{"params": [param], "weight_decay": t.weight_decay}], **kwargs)
+    except (ValueError, TypeError) as e:
+        given = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        raise UserError(f"train.trainer_args: the optimizer {t.optim} refuses its settings: {e} (it was given "
+                        f"{given}, from train.learning_rate and train.trainer_args)") from None
+
+
+def _probe_schedule(t: TrainConfig, optimizer: object | None) -> None:
+    import torch
+    from transformers import get_scheduler
+
+    if optimizer is None:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.learning_rate)
+    kwargs = t.trainer_args.get("lr_scheduler_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        return  # a JSON string: TrainingArguments parses it
+    try:
+        get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=1, num_training_steps=10,  # type: ignore[arg-type]
+                      scheduler_specific_kwargs=kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"train.lr_scheduler {t.lr_scheduler}: {e} (train.trainer_args.lr_scheduler_kwargs: "
+                        f"{kwargs})") from None
+
+
+def check_lora_rank(lora: LoraConfig, name_or_path: str) -> None:
+    """`lora.r` against the hidden size in the base model's config.json, read (a local folder, or a hub id in the
+    cache) before the model loads: a rank above it adds nothing and a huge one allocates without bound."""
+    import json
+
+    path = Path(name_or_path).expanduser() / "config.json"
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, "config.json")
+        if not isinstance(cached, str):
+            return  # not downloaded yet: the loader checks what it fetches
+        path = Path(cached)
+    try:
+        conf = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the loader reports an unreadable config.json in its own words
+    if isinstance(conf, dict):
+        lora.check_rank(conf, f"model '{name_or_path}'")
 
 
 # train.distributed: fsdp without a distributed_config: FSDP2, every parameter, gradient and optimizer state
@@ -140,8 +294,11 @@ FSDP_DEFAULT = {"version": 2, "reshard_after_forward": True, "auto_wrap_policy":
 
 
 def engine_arguments(t: TrainConfig) -> dict:
-    """The TrainingArguments of `train.distributed`: none for ddp, fsdp + fsdp_config, or deepspeed."""
+    """The TrainingArguments of `train.distributed`: none for ddp, fsdp + fsdp_config, or deepspeed.
 
+    Also runs `check_train_settings` first: the run calls this before the model loads (TrainingRun.setup_output),
+    so a misspelt schedule or optimizer, or a value torch would refuse, stops the run there."""
+    check_train_settings(t)
     if t.distributed == "ddp":
         if t.distributed_config:
             raise UserError("train.distributed_config is for train.distributed fsdp or deepspeed; ddp takes none")
