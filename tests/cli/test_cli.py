@@ -111,7 +111,11 @@ def test_user_error_exit_2_in_process(tmp_path, capsys):
     assert cli.main(["config", str(missing)]) == 2
     out = capsys.readouterr()
     assert out.out == ""
-    assert out.err == f"error: config file '{missing}' not found\n"
+    assert out.err == (f"error: config file '{missing}' not found; `domaintune init --list` shows the shipped example "
+                       "configs, `domaintune init NAME` writes one here\n")
+    assert cli.main(["judge", str(tmp_path / "configs" / "judge.yaml"), "--run", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(
+        "it is a shipped example: `domaintune init judge` writes it (and the sample data it names) here")
 
 
 def test_user_error_exit_2_without_traceback(tmp_path):

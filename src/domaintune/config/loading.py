@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from ..bundled import config_not_found_hint
 from ..errors import UserError
 from .sections import Config
 from .yamltext import MAX_DEPTH, YamlSyntaxError, load_yaml
@@ -168,7 +169,7 @@ def read_yaml(path: str | Path) -> dict:
     shown = str(p) if len(str(p)) <= 200 else str(p)[:200] + "..."
     try:
         if not p.is_file():
-            raise UserError(f"config file '{shown}' not found")
+            raise UserError(f"config file '{shown}' not found{config_not_found_hint(p)}")
         data = p.read_bytes()
     except OSError as e:  # a name too long, no permission, an I/O error
         raise UserError(f"config file '{shown}' cannot be read: {e.strerror or e}") from None

@@ -265,24 +265,13 @@ def _probe_schedule(t: TrainConfig, optimizer: object | None) -> None:
                         f"{kwargs})") from None
 
 
-def check_lora_rank(lora: LoraConfig, name_or_path: str) -> None:
+def check_lora_rank(lora: LoraConfig, name_or_path: str, revision: str | None = None) -> None:
     """`lora.r` against the hidden size in the base model's config.json, read (a local folder, or a hub id in the
     cache) before the model loads: a rank above it adds nothing and a huge one allocates without bound."""
-    import json
+    from .model import base_config_dict
 
-    path = Path(name_or_path).expanduser() / "config.json"
-    if not path.is_file():
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(name_or_path, "config.json")
-        if not isinstance(cached, str):
-            return  # not downloaded yet: the loader checks what it fetches
-        path = Path(cached)
-    try:
-        conf = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # the loader reports an unreadable config.json in its own words
-    if isinstance(conf, dict):
+    conf = base_config_dict(name_or_path, revision)
+    if conf is not None:  # not downloaded yet, or unreadable: the loader reports it in its own words
         lora.check_rank(conf, f"model '{name_or_path}'")
 
 

@@ -44,7 +44,15 @@ from ..rundir import (
     latest_checkpoint,
 )
 from . import speed
-from .arguments import batch_line, check_trackers, engine_arguments, global_batch, training_arguments, world
+from .arguments import (
+    batch_line,
+    check_lora_rank,
+    check_trackers,
+    engine_arguments,
+    global_batch,
+    training_arguments,
+    world,
+)
 from .callbacks import NothingLeftToTrain, make_callbacks, refresh_plot
 from .outputs import (
     AlreadyComplete,
@@ -138,6 +146,8 @@ class TrainingRun:
         # take to import: the data files are read and validated without a tokenizer.
         self.check_data()
         check_model_source(cfg.model.name_or_path, (MODEL_CONFIG, *TOKENIZER_FILES))
+        if cfg.lora.enabled:  # a rank above the model's hidden size fails here, not in the allocation
+            check_lora_rank(cfg.lora, cfg.model.name_or_path, cfg.model.revision)
         if cfg.train.trainer_args:  # a wrong key fails here, not after the model has loaded
             self.check_trainer_args()
         engine_arguments(cfg.train)  # so does a missing deepspeed or a bad train.distributed_config
