@@ -202,3 +202,17 @@ def test_a_lora_rank_above_the_models_hidden_size_is_refused_before_it_loads(tin
                                         rf"\({hidden}\)"):
         check_lora_rank(load_config(None, [f"lora.r={hidden + 1}"]).lora, str(model))
     check_lora_rank(load_config(None, ["lora.r=16384"]).lora, "nobody/not-downloaded")  # nothing to read: no error
+
+
+def test_run_train_refuses_a_lora_rank_above_the_hidden_size_before_the_model_loads(tiny_model_dir, tiny_train_config,
+                                                                                    tmp_path, monkeypatch):
+    import json
+
+    from domaintune.training import model as loader
+    from domaintune.training.trainer import run_train
+
+    model = tiny_model_dir("qwen2")
+    hidden = json.loads((model / "config.json").read_text())["hidden_size"]
+    monkeypatch.setattr(loader, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match=rf"lora.r {hidden + 1} is larger than the hidden size"):
+        run_train(tiny_train_config(tmp_path / "out", "qwen2", f"lora.r={hidden + 1}"))
