@@ -141,7 +141,8 @@ def encode_example(ex: Example, tokenizer: PreTrainedTokenizerBase, template: Te
 def encode_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: Template, cfg: DataConfig,
                     report: DataReport) -> list[dict]:
     """Tokenize and mask under the over-length policy, counting everything into `report`."""
-    out, too_long = [], []
+    out: list[dict] = []
+    too_long: list[str] = []
     for ex in examples:
         try:
             sample, n = encode_example(ex, tokenizer, template, cfg.cutoff_len, cfg.train_on_inputs, cfg.system)
@@ -251,15 +252,25 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template
 
 def render_masked(tokenizer: PreTrainedTokenizerBase, sample: dict, color: bool = False) -> str:
     """Decode a sample, marking the trained spans: «...» (or green when `color`)."""
-    out, cur, cur_train = [], [], None
+    out: list[tuple[bool | None, str]] = []
+    cur: list[int] = []
+    cur_train: bool | None = None
     for tid, lab in zip(sample["input_ids"], sample["labels"], strict=True):
         train = lab != IGNORE_INDEX
         if cur and train != cur_train:
-            out.append((cur_train, tokenizer.decode(cur)))
+            out.append((cur_train, decode_text(tokenizer, cur)))
             cur = []
         cur.append(tid)
         cur_train = train
     if cur:
-        out.append((cur_train, tokenizer.decode(cur)))
+        out.append((cur_train, decode_text(tokenizer, cur)))
     open_, close = ("\x1b[32m", "\x1b[0m") if color else ("«", "»")
     return "".join(f"{open_}{t}{close}" if train else t for train, t in out)
+
+
+def decode_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], skip_special_tokens: bool = False) -> str:
+    """`tokenizer.decode` of one sequence, typed as the str it is (transformers types the result `str | list[str]`
+    for batches too)."""
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    assert isinstance(text, str), "one sequence of ids decodes to one string"
+    return text

@@ -170,7 +170,8 @@ def encode_preferences(examples: list[PreferenceExample], tok: PreTrainedTokeniz
                        cfg: DataConfig, kto: bool, report: DataReport) -> list[dict]:
     """Rows for TRL: `{"prompt_ids", "chosen_ids", "rejected_ids"}` (pairwise) or `{"prompt_ids",
     "completion_ids", "label"}` (kto), under the over-length policy, counted into `report`."""
-    out, too_long = [], []
+    out: list[dict] = []
+    too_long: list[str] = []
     for ex in examples:
         prompt_ids, completions = encode_preference(ex, tok, template, cfg.system)
         n = len(prompt_ids) + max(len(c) for c, _ in completions)

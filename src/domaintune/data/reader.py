@@ -37,15 +37,15 @@ def read_records(path: str | Path, bad: list[tuple[int, str]] | None = None) -> 
     try:
         text = raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: bom + e.start].count(b"\n") + 1
-        raise UserError(f"{p} line {line}: invalid UTF-8 (byte offset {bom + e.start}); "
+        line_no = raw[: bom + e.start].count(b"\n") + 1
+        raise UserError(f"{p} line {line_no}: invalid UTF-8 (byte offset {bom + e.start}); "
                         "re-save the file as UTF-8") from None
     stripped = text.lstrip()
     if not stripped:
         raise UserError(f"{p}: the file is empty; it needs at least one row")
     if stripped.startswith("["):
         return _read_array(p, text, bad)
-    rows = []
+    rows: list[tuple[int, Any]] = []
     for n, line in enumerate(text.split("\n"), start=1):
         line = line.removesuffix("\r")
         if not line.strip():
@@ -77,7 +77,7 @@ def _problem(e: ValueError | RecursionError) -> str:
 def _read_array(p: Path, text: str, bad: list[tuple[int, str]] | None) -> list[tuple[int, Any]]:
     dec = json.JSONDecoder()
     i = text.index("[") + 1
-    rows = []
+    rows: list[tuple[int, Any]] = []
     n = len(text)
 
     def skip_ws(j: int) -> int:

@@ -23,7 +23,7 @@ import os
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypedDict
 
 from ..errors import UserError
 
@@ -63,6 +63,12 @@ class Completion:
     completion_tokens: int | None = None
 
 
+class HttpCounts(TypedDict):
+    attempts: int
+    status: dict[str, int]
+    no_response: int
+
+
 class ChatClient:
     """Thread-safe: one instance is shared by the pipeline's worker threads."""
 
@@ -94,7 +100,7 @@ class ChatClient:
         with self._lock:
             self.statuses[response.status_code] += 1
 
-    def http_counts(self) -> dict:
+    def http_counts(self) -> HttpCounts:
         """{"attempts", "status": {code: n}, "no_response"}; no_response = timeouts and connection errors."""
         with self._lock:
             got = sum(self.statuses.values())
@@ -107,8 +113,8 @@ class ChatClient:
     def complete(self, prompt: str) -> Completion:
         """One chat completion for a single user message. Raises MalformedResponse or UserError."""
         openai, cfg, sec = self._openai, self.cfg, self.section
-        kwargs = {"model": cfg.model, "messages": [{"role": "user", "content": prompt}],
-                  "temperature": cfg.temperature}
+        kwargs: dict[str, Any] = {"model": cfg.model, "messages": [{"role": "user", "content": prompt}],
+                                  "temperature": cfg.temperature}
         if cfg.max_tokens is not None:
             kwargs["max_tokens"] = cfg.max_tokens
         try:

@@ -107,7 +107,8 @@ def _two_columns(layout: str) -> bool:
 def _pdf_paragraphs(page_text: str) -> list[str]:
     """Paragraphs of a page: a blank line, an indent or a bullet starts one; a short line ending a sentence ends
     one. Page numbers are dropped; "本 办 法" (a space after each CJK character, from some PDFs) is undone."""
-    paras, ended = [], False  # paragraphs as lists of lines; whether the last line ended one
+    paras: list[list[str]] = []  # paragraphs as lists of lines
+    ended = False  # whether the last line ended one
     for group in re.split(r"\n\s*\n", page_text):
         lines = [ln.rstrip() for ln in group.split("\n") if ln.strip()]
         margin = min((len(ln) - len(ln.lstrip()) for ln in lines), default=0)
@@ -134,12 +135,14 @@ def _read_pdf(path: Path, problems: list[Problem]) -> Items:
     reader = pypdf.PdfReader(path)
     if reader.is_encrypted:
         try:
-            opened, hint = reader.decrypt(""), "remove the password (qpdf --decrypt --password=... in.pdf out.pdf)"
+            opened = bool(reader.decrypt(""))  # a PasswordType: NOT_DECRYPTED is 0
+            hint = "remove the password (qpdf --decrypt --password=... in.pdf out.pdf)"
         except pypdf.errors.DependencyError as e:  # AES needs the cryptography package
             opened, hint = False, f"{e}: pip install cryptography, or remove it (qpdf --decrypt in.pdf out.pdf)"
         if not opened:
             raise _Unusable("encrypted", f"the PDF is encrypted (password-protected); {hint}, then try again")
-    items, blank = [], []
+    items: Items = []
+    blank: list[int] = []
     for number, page in enumerate(reader.pages, 1):
         try:  # layout mode keeps vertical gaps as blank lines (paragraphs); plain mode keeps columns apart
             text = page.extract_text(extraction_mode="layout")
@@ -178,7 +181,8 @@ def _read_docx(path: Path, problems: list[Problem]) -> Items:
     import docx
     from docx.table import Table
 
-    headings, items = _Headings(), []
+    headings = _Headings()
+    items: Items = []
     for part in docx.Document(str(path)).iter_inner_content():  # paragraphs and tables in document order
         if isinstance(part, Table):
             for row in part.rows:
@@ -209,7 +213,8 @@ def _read_markdown(path: Path, problems: list[Problem]) -> Items:
     if lines and lines[0].strip() in {"---", "+++"}:  # front matter (YAML or TOML)
         end = next((i for i, ln in enumerate(lines[1:], 1) if ln.strip() in {lines[0].strip(), "..."}), None)
         lines = lines[end + 1:] if end is not None else lines
-    headings, items = _Headings(), []
+    headings = _Headings()
+    items: Items = []
     para: list[str] = []  # the open paragraph or list item (a list item's first line starts with "\x00")
     fence: tuple[str, list[str]] | None = None
 
@@ -264,7 +269,9 @@ def _read_html(path: Path, problems: list[Problem]) -> Items:
 
     data = path.read_bytes()
     soup = BeautifulSoup(_decode(data, EncodingDetector.find_declared_encoding(data, is_html=True)), "html.parser")
-    headings, items, buffer = _Headings(), [], []
+    headings = _Headings()
+    items: Items = []
+    buffer: list[str] = []
 
     def clean(tag: Tag) -> str:
         return re.sub(r"\s+", " ", tag.get_text(" ")).strip()

@@ -42,10 +42,11 @@ UNPARSABLE_REPLY, MALFORMED_REPLY = "unparsable_reply", "malformed_reply"
 def control_chars(text: str) -> dict | None:
     """{"control_chars": ["\\u0006", ...], "at": first index} when `text` holds control characters (tab and line
     ends are fine), else None: the detail of a `control_chars` rejection."""
-    found = _CONTROL_RE.findall(text)
-    if not found:
+    first = _CONTROL_RE.search(text)
+    if first is None:
         return None
-    return {"control_chars": sorted({f"\\u{ord(c):04x}" for c in found}), "at": _CONTROL_RE.search(text).start()}
+    found = _CONTROL_RE.findall(text, first.start())
+    return {"control_chars": sorted({f"\\u{ord(c):04x}" for c in found}), "at": first.start()}
 
 
 def tokenize(text: str) -> list[str]:

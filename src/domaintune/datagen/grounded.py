@@ -28,7 +28,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from . import filters as F
@@ -158,9 +158,10 @@ class GroundedRun(SelfInstructRun):
 
     def _ask_answer(self, question: str) -> AnswerResult:
         res = super()._ask_answer(question)
-        if not self.cfg.judge or self._check_answer(res.completion) is not None:
+        comp = res.completion
+        if not self.cfg.judge or comp is None or self._check_answer(comp) is not None:  # None: already refused
             return res
-        prompt = render(self.j_template, question=question, answer=res.completion.text.strip(),
+        prompt = render(self.j_template, question=question, answer=comp.text.strip(),
                         passage=self._passage_text(question))
         verdict = self._call(prompt, "judge_calls")
         res.rejection = self._judge_rejection(verdict)
@@ -176,7 +177,7 @@ class GroundedRun(SelfInstructRun):
         return None if supported else F.Rejection(JUDGE_UNSUPPORTED, {"judge": reason})
 
     def _row(self, question: str, answer: str, source: dict | None) -> dict:
-        row = {"instruction": question, "input": "", "output": answer}
+        row: dict[str, Any] = {"instruction": question, "input": "", "output": answer}
         if source is not None:
             if self.cfg.citations == "inline":
                 lang = self.cfg.language

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import HttpCounts
 
 TRANSIENT = ("questions_surplus", "unparsable_replies", "answer_length_retries", "malformed_replies",
              "question_calls", "answer_calls", "judge_calls", "prompt_tokens", "completion_tokens")
@@ -26,8 +29,9 @@ def build_manifest(run: Any, tally: Counter, status: str, error: str | None = No
     cfg, prev = run.cfg, run.prev
     prev_counts = prev.get("counts", {}) if isinstance(prev.get("counts"), dict) else {}
     transient = {k: int(prev_counts.get(k, 0) or 0) + tally[k] for k in TRANSIENT}
-    http = run.client.http_counts() if run.client is not None else {"attempts": 0, "status": {}, "no_response": 0}
-    prev_http = prev_counts.get("http") if isinstance(prev_counts.get("http"), dict) else {}
+    http: HttpCounts = (run.client.http_counts() if run.client is not None
+                        else {"attempts": 0, "status": {}, "no_response": 0})
+    prev_http = got if isinstance(got := prev_counts.get("http"), dict) else {}
     status_counts = Counter({k: int(v) for k, v in (prev_http.get("status") or {}).items()})
     status_counts.update(http["status"])
     rows = min(len(run.answers), cfg.num_questions)

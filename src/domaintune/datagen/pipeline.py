@@ -7,7 +7,7 @@ import random
 import threading
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,7 +194,7 @@ class SelfInstructRun:
     def _question_phase(self, pool: ThreadPoolExecutor) -> None:
         cfg = self.cfg
         bar = self._progress("questions", self.n_active)
-        in_flight: set = set()
+        in_flight: set[Future[tuple[Completion | None, dict | None]]] = set()
         try:
             while True:
                 need = self.target - self.n_active
@@ -260,7 +260,7 @@ class SelfInstructRun:
         if not todo:
             return
         bar = self._progress("answers", len(self.answers))
-        in_flight: set = set()
+        in_flight: set[Future[AnswerResult]] = set()
         try:
             while True:
                 while todo and len(in_flight) < cfg.max_concurrency and self.a_stalled < cfg.max_stalled_calls:
@@ -309,6 +309,7 @@ class SelfInstructRun:
             self.a_stalled += 1
             self.a_streak[rej.reason] += 1
         else:
+            assert comp is not None, "a missing answer is refused (answer_malformed) by _check_answer"
             text = comp.text.strip()
             self.store.answers.write({"question": res.question, "answer": text,
                                       "finish_reason": comp.finish_reason, "model": cfg.model, **where})
@@ -321,6 +322,8 @@ class SelfInstructRun:
     # ------------------------------------------------------------------ HTTP (worker threads)
     def _call(self, prompt: str, kind: str) -> Completion | None:
         """One completion; a malformed reply is counted and asked again up to malformed_retries times."""
+        if self.client is None:
+            raise RuntimeError("execute() opens the teacher's client before any call")
         return complete_with_retries(self.client, prompt, self.cfg.malformed_retries, self.cfg.retry_base_delay,
                                      self._bump, calls=kind)
 

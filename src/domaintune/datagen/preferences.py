@@ -191,6 +191,8 @@ class PreferenceRun:
 
     # ------------------------------------------------------------------ answers
     def _ask(self, prompt: str) -> Completion | None:
+        if self.client is None:
+            raise RuntimeError("_open_endpoints opens the teacher's client before a row needs it")
         return complete_with_retries(self.client, prompt, self.cfg.malformed_retries, self.cfg.retry_base_delay,
                                      self._count)
 
@@ -236,13 +238,16 @@ class PreferenceRun:
         reason = chosen[1] or rejected[1]
         if reason is None and not rejected[0]:
             reason = REJECTED_EMPTY
-        if reason is None and F.control_chars(rejected[0]):  # the pair would teach them; the chosen side is checked
-            reason = REJECTED_CONTROL_CHARS
-        if reason is None:
-            same = chosen[0] == rejected[0]  # ROUGE-L sees no tokens in text of only punctuation or symbols
-            rec["similarity"] = 1.0 if same else round(F.rouge_l(chosen[0], rejected[0]), 4)
-            if rec["similarity"] >= self.cfg.preference_max_similarity:
-                reason = NEAR_IDENTICAL
+        good, bad = chosen[0], rejected[0]
+        if reason is None:  # then both answers are text: a missing one comes with the reason it is unusable
+            assert good is not None and bad is not None, "an answer without text has a reason"
+            if F.control_chars(bad):  # the pair would teach them; the chosen side is checked
+                reason = REJECTED_CONTROL_CHARS
+            else:
+                same = good == bad  # ROUGE-L sees no tokens in text of only punctuation or symbols
+                rec["similarity"] = 1.0 if same else round(F.rouge_l(good, bad), 4)
+                if rec["similarity"] >= self.cfg.preference_max_similarity:
+                    reason = NEAR_IDENTICAL
         rec["kept"] = reason is None
         if reason:
             rec["reason"] = reason

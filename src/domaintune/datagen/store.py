@@ -49,6 +49,12 @@ def to_messages(row: dict) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]}
 
 
+def _opened(appender: JsonlAppender | None) -> JsonlAppender:
+    if appender is None:
+        raise RuntimeError("OutputStore.open() makes the appenders: call it before writing a working file")
+    return appender
+
+
 class OutputStore:
     """Paths of one output directory plus the appenders of its working files."""
 
@@ -64,9 +70,21 @@ class OutputStore:
         self.manifest_path = self.dir / MANIFEST
         self.train_path = self.dir / TRAIN
         self.train_messages_path = self.dir / TRAIN_MESSAGES
-        self.questions: JsonlAppender | None = None
-        self.answers: JsonlAppender | None = None
-        self.rejected: JsonlAppender | None = None
+        self._questions: JsonlAppender | None = None  # the appenders, made by open()
+        self._answers: JsonlAppender | None = None
+        self._rejected: JsonlAppender | None = None
+
+    @property
+    def questions(self) -> JsonlAppender:
+        return _opened(self._questions)
+
+    @property
+    def answers(self) -> JsonlAppender:
+        return _opened(self._answers)
+
+    @property
+    def rejected(self) -> JsonlAppender:
+        return _opened(self._rejected)
 
     def open(self) -> tuple[list[dict], list[dict], list[dict]]:
         """Repair torn tails, read (questions, answers, rejected) records, open the files for appending."""
@@ -74,13 +92,13 @@ class OutputStore:
             repair_tail(p)
         state = (read_working_file(self.questions_path), read_working_file(self.answers_path),
                  read_working_file(self.rejected_path))
-        self.questions = JsonlAppender(self.questions_path)
-        self.answers = JsonlAppender(self.answers_path)
-        self.rejected = JsonlAppender(self.rejected_path)
+        self._questions = JsonlAppender(self.questions_path)
+        self._answers = JsonlAppender(self.answers_path)
+        self._rejected = JsonlAppender(self.rejected_path)
         return state
 
     def close(self) -> None:
-        for f in (self.questions, self.answers, self.rejected):
+        for f in (self._questions, self._answers, self._rejected):
             if f is not None:
                 f.close()
 

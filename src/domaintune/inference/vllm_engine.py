@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Generator, Iterator, Sequence
 
 from ..errors import UserError
 from .batching import DEFAULT_MAX_BATCH_SIZE, check_batch_limits
@@ -83,7 +83,7 @@ class LoopThread:
         self.thread.start()
 
     def iterate(self, make: Callable[[], AsyncIterator], stop_event: threading.Event | None = None,
-                poll: float = 0.05) -> Iterator:
+                poll: float = 0.05) -> Generator[Any, None, None]:
         """The items of the async iterator `make()` (made and run on the loop), in this thread. Setting `stop_event`
         (looked at every `poll` seconds) or closing this iterator cancels it on the loop."""
         q: queue.Queue = queue.Queue()
@@ -154,7 +154,9 @@ class _Cutter:
 class VLLMEngine:
     """A run served by vLLM, with `Engine`'s interface (see the module docstring)."""
 
-    # Engine's prompt building, decoding, cutting and checks: the same functions, not copies.
+    # Engine's prompt building, decoding, cutting and checks: the same functions, not copies. VLLMEngine has every
+    # attribute they read, but Engine types their `self` as Engine: the calls below carry `type: ignore[misc]` until
+    # a base class in engine.py holds these for both engines.
     encode_messages, decode, _finish = Engine.encode_messages, Engine.decode, Engine._finish
     _check_fits, generate, cutoff_len = Engine._check_fits, Engine.generate, Engine.cutoff_len
 
@@ -283,7 +285,7 @@ class VLLMEngine:
         """`Engine.stream`'s contract: text deltas that concatenate to the final text (cut at the template's stop
         strings), `state` complete before the end; `stop_event`, or closing the iterator, aborts the request."""
         sp = self.SamplingParams(**sampling_kwargs(params, self.stop_ids, self.stop_strings))
-        self._check_fits(len(prompt), params.max_new_tokens)
+        self._check_fits(len(prompt), params.max_new_tokens)  # type: ignore[misc]  # Engine's function, see above
         state = state if state is not None else StreamState()
         state.prompt_tokens = len(prompt)
         cut = _Cutter(self, state)
@@ -307,10 +309,11 @@ class VLLMEngine:
         max_num_seqs when larger, to keep its batch full); `seconds` is the time since the previous result."""
         sp = self.SamplingParams(**sampling_kwargs(params, self.stop_ids, self.stop_strings))
         for p in prompts:
-            self._check_fits(len(p), params.max_new_tokens)
+            self._check_fits(len(p), params.max_new_tokens)  # type: ignore[misc]  # Engine's function, see above
         last = time.perf_counter()
         for i, out in self._run_all(prompts, sp, max(batch_size, self.max_num_seqs)):
-            text, ids, reason = self._finish(list(out.outputs[0].token_ids), params.max_new_tokens)
+            text, ids, reason = self._finish(  # type: ignore[misc]  # Engine's function, see above
+                list(out.outputs[0].token_ids), params.max_new_tokens)
             now = time.perf_counter()
             yield i, Generation(text, ids, len(prompts[i]), reason, seconds=now - last)
             last = now
@@ -327,7 +330,8 @@ class VLLMEngine:
         """`Engine.loss_on_targets` from vLLM's prompt logprobs (see the module docstring)."""
         from ..evaluation.loss import last_turn_samples
 
-        samples = last_turn_samples(examples, self.tokenizer, self.template, self.cutoff_len, self.default_system)
+        cutoff = self.cutoff_len  # type: ignore[misc]  # Engine's property, see the class's note
+        samples = last_turn_samples(examples, self.tokenizer, self.template, cutoff, self.default_system)
         if not samples and reduce is None:
             return {}
         sp = self.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ..rundir import TRAINING_ARGS
 
@@ -95,7 +95,14 @@ def trainer_class(base: type[Trainer] | None = None) -> type[Trainer]:
     import torch
     from transformers import Trainer
 
-    class DomaintuneTrainer(base or Trainer):
+    # The base is chosen at run time; mypy checks the subclass against transformers' Trainer, which every
+    # allowed base (TRL's trainers included) extends.
+    if TYPE_CHECKING:
+        parent: TypeAlias = Trainer
+    else:
+        parent = base or Trainer
+
+    class DomaintuneTrainer(parent):
         _length_order: Any = None  # the LengthGroupedOrder in use, if any
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
@@ -104,7 +111,8 @@ def trainer_class(base: type[Trainer] | None = None) -> type[Trainer]:
             from .arguments import global_batch
             from .sampler import LengthGroupedOrder
 
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            # A list of rows or a datasets.Dataset: sized and indexable by row (torch's Dataset type promises neither).
+            dataset: Any = train_dataset if train_dataset is not None else self.train_dataset
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             self._length_order = LengthGroupedOrder([len(dataset[i]["input_ids"]) for i in range(len(dataset))],
                                                     global_batch(self.args), seed)
@@ -147,6 +155,8 @@ def trainer_class(base: type[Trainer] | None = None) -> type[Trainer]:
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             super()._save(output_dir, state_dict=state_dict)
             if self.args.should_save:
-                Path(output_dir or self.args.output_dir, TRAINING_ARGS).unlink(missing_ok=True)
+                folder = output_dir or self.args.output_dir
+                assert folder is not None, "TrainingArguments sets output_dir ('trainer_output' when not given)"
+                Path(folder, TRAINING_ARGS).unlink(missing_ok=True)
 
     return DomaintuneTrainer

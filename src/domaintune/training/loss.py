@@ -55,7 +55,8 @@ def _autocast_on(device_type: str) -> bool:
 
 
 def _chunk_grads(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-                 need: tuple[bool, bool, bool], buf: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                 need: tuple[bool, bool, bool], buf: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Loss sum of one chunk and, as asked by `need` (hidden, weight, bias), its gradients. `buf`, a float32
     [len(y), vocab] tensor, receives the logits when the weight is float32 and autocast is off (one buffer
     for every chunk: fresh multi-MB allocations cost page faults on every chunk, ~15% of the head on CPU)."""
@@ -75,7 +76,7 @@ def _chunk_grads(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     total = probs.sum(dim=1)
     loss = (total.log() + top - target).sum()  # log-sum-exp minus the target's logit
     if not any(need):
-        return (loss,)
+        return loss, None, None, None
     probs.div_(total[:, None])
     probs[torch.arange(len(y), device=y.device), y] -= 1.0  # d loss / d logits
     grad = probs.to(h.dtype)
@@ -101,20 +102,21 @@ def _function() -> Any:
                 total = hidden.new_zeros((), dtype=torch.float32)
                 g_h = torch.empty_like(hidden) if need[0] else None
                 g_w = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
-                g_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
+                g_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] and bias is not None else None
                 n = hidden.shape[0]
                 buf = hidden.new_empty((min(chunk, n), weight.shape[0]), dtype=torch.float32) if n > chunk else None
                 for s in range(0, n, chunk):
                     rows = min(chunk, n - s)
-                    out = _chunk_grads(hidden[s:s + chunk], weight, bias, targets[s:s + chunk], need,
-                                       buf[:rows] if buf is not None else None)
-                    total += out[0]
-                    if need[0]:
-                        g_h[s:s + chunk] = out[1]
-                    if need[1]:
-                        g_w += out[2].float()
-                    if need[2]:
-                        g_b += out[3].float()
+                    loss, d_h, d_w, d_b = _chunk_grads(hidden[s:s + chunk], weight, bias, targets[s:s + chunk], need,
+                                                       buf[:rows] if buf is not None else None)
+                    total += loss
+                    # a gradient is asked for (need) exactly when its accumulator exists
+                    if g_h is not None and d_h is not None:
+                        g_h[s:s + chunk] = d_h
+                    if g_w is not None and d_w is not None:
+                        g_w += d_w.float()
+                    if g_b is not None and d_b is not None:
+                        g_b += d_b.float()
                 ctx.save_for_backward(*(t for t in (g_h, g_w, g_b) if t is not None))
                 ctx.need, ctx.weight_dtype = need, weight.dtype
                 return total
@@ -139,7 +141,8 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: t
     import torch
 
     if chunk is None:
-        chunk = chunk_size(head.weight.shape[0] if hasattr(head, "weight") else head(hidden[:1]).shape[-1])
+        weight = getattr(head, "weight", None)
+        chunk = chunk_size(weight.shape[0] if isinstance(weight, torch.Tensor) else head(hidden[:1]).shape[-1])
 
     if type(head) is torch.nn.Linear:
         grad = torch.is_grad_enabled()
