@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .. import rundir
+from .. import console, rundir
 from ..data.reader import read_records
 from ..errors import UserError
 from ..jsonl import write_atomic
@@ -178,7 +178,7 @@ def run_eval(predictions: Path, out_dir: Path | None = None, extra: dict | None 
     out.mkdir(parents=True, exist_ok=True)
     metrics, kept = merge_metrics(out / rundir.METRICS, {**summary, **(extra or {})})
     if kept:
-        print(f"{out / rundir.METRICS}: kept {', '.join(kept)} written there earlier (by predict or eval --run)")
+        console.note(f"{out / rundir.METRICS}: kept {', '.join(kept)} written there earlier (by predict or eval --run)")
     rundir.RunDir(out).write_json(rundir.METRICS, metrics)
     lines = [json.dumps({"id": r["id"], **s}, ensure_ascii=False) for r, s in zip(rows, per_sample, strict=True)]
     write_atomic(out / rundir.METRICS_PER_SAMPLE, "\n".join(lines) + "\n")
@@ -193,10 +193,10 @@ def merge_metrics(path: Path, new: dict) -> tuple[dict, list[str]]:
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        print(f"warning: {path} could not be read ({e.__class__.__name__}); it is replaced")
+        console.warn(f"{path} could not be read ({e.__class__.__name__}); it is replaced")
         return dict(new), []
     if not isinstance(old, dict):
-        print(f"warning: {path} is not a JSON object; it is replaced")
+        console.warn(f"{path} is not a JSON object; it is replaced")
         return dict(new), []
     kept = [k for k in old if k not in new]
     return {**new, **{k: old[k] for k in kept}}, kept

@@ -35,6 +35,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import console
 from ..data.examples import load_examples
 from ..errors import UserError
 from ..jsonl import JsonlAppender, read_jsonl, repair_tail, write_atomic, write_jsonl_atomic
@@ -94,7 +95,7 @@ def _differences(old: dict, new: dict) -> list[str]:
 def _read_rows(path: Path) -> list[dict]:
     """Rows already written, in file order. A torn last line (the writer was killed mid-line) is cut off the file."""
     if repair_tail(path):
-        print(f"{path}: removed an incomplete last line left by an interrupted run")
+        console.note(f"{path}: removed an incomplete last line left by an interrupted run")
     hint = "delete the line or pass --overwrite to start afresh"
     rows = read_jsonl(path, fix_hint=hint)
     for n, obj in enumerate(rows, 1):
@@ -235,11 +236,11 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
         if rank != 0:
             return jsonl
     rows = _finish_file(jsonl, examples)
-    print(f"wrote {jsonl} ({len(rows)} rows)")
+    console.note(f"wrote {jsonl} ({len(rows)} rows)")
     if array_path is not None:
         array = [{"input": r["input"], "predict": r["predict"], "target": r["target"]} for r in rows]
         write_atomic(array_path, json.dumps(array, ensure_ascii=False, indent=2) + "\n")
-        print(f"wrote {array_path}")
+        console.note(f"wrote {array_path}")
     if evaluate:
         _evaluate(engine, run, jsonl, examples, base_only, has_targets,
                   loss if world_size > 1 and has_targets else None)
@@ -279,7 +280,8 @@ def _generate_into(engine: Engine, todo: list[Example], jsonl: Path, params: Gen
                             "--max-new-tokens")
         prompts.append(ids)
         targets.append(target)
-    bar = tqdm(total=total, initial=already, desc="predict", unit="row", disable=not show)
+    bar = tqdm(total=total, initial=already, desc="predict", unit="row",
+               disable=not show or not console.progress_enabled())
     written = 0
     batch: list[dict] = []
     with JsonlAppender(jsonl) as f:
@@ -313,7 +315,7 @@ def _evaluate(engine: Engine | None, run: RunDir, jsonl: Path, examples: list[Ex
     from ..evaluation.metrics import format_metrics, run_eval
 
     if not has_targets:
-        print("not scoring: some rows have no target (output / last assistant turn); predictions only")
+        console.note("not scoring: some rows have no target (output / last assistant turn); predictions only")
         return
     out_dir = jsonl.parent
     if base_only and out_dir.resolve() == run.path.resolve():
@@ -321,7 +323,7 @@ def _evaluate(engine: Engine | None, run: RunDir, jsonl: Path, examples: list[Ex
     loss = loss if loss is not None else engine.loss_on_targets(examples)
     metrics = run_eval(jsonl, out_dir=out_dir, extra={k: loss[k] for k in ("loss", "perplexity") if k in loss})
     print(format_metrics(metrics))
-    print(f"wrote {out_dir / METRICS}")
+    console.note(f"wrote {out_dir / METRICS}")
 
 
 class GreedyAnswerer:

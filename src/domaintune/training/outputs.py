@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
+from .. import __version__, console
 from ..errors import UserError
 from ..rundir import CHECKPOINT_PREFIX, CHECKPOINT_WORLD, RUN_INFO, RunDir, latest_checkpoint, list_checkpoints
 
@@ -93,9 +93,9 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool, 
     if ckpt is None and is_main:
         why = (f"the run was stopped before its first checkpoint was complete; removed {', '.join(torn)}" if torn
                else "the run was stopped before its first checkpoint" if entries else "the folder is new")
-        print(f"--resume: '{out}' has no complete checkpoint ({why}): starting from the beginning", flush=True)
+        console.note(f"--resume: '{out}' has no complete checkpoint ({why}): starting from the beginning")
     elif torn:
-        print(f"--resume: removed {', '.join(torn)}, left half-written by the interruption", flush=True)
+        console.note(f"--resume: removed {', '.join(torn)}, left half-written by the interruption")
     return ckpt
 
 
@@ -144,9 +144,9 @@ def check_resume_world(ckpt: Path, world_size: int, distributed: str) -> None:
                         f"state is split per process; this run has {world_size}. Resume with {n} process(es), or "
                         "start afresh with --overwrite")
     if n != world_size:
-        print(f"note: resuming {ckpt.name} (written by {n} process(es)) with {world_size}: the global batch is "
-              "kept; the data order continues, but random states saved per process only match where ranks exist "
-              "in both", flush=True)
+        console.note(f"note: resuming {ckpt.name} (written by {n} process(es)) with {world_size}: the global batch is "
+                     "kept; the data order continues, but random states saved per process only match where ranks "
+                     "exist in both")
 
 
 def saved_config(cfg: Config) -> Config:

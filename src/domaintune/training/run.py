@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import console
 from ..errors import UserError
 from ..rundir import MODEL_CONFIG, TOKENIZER_FILES, RunDir, checkpoint_step, checkpoint_tokens, latest_checkpoint
 from . import speed
@@ -89,7 +90,7 @@ class TrainingRun:
 
     def _say(self, text: str) -> None:
         if self.is_main:
-            print(text, flush=True)
+            console.note(text)
 
     # ------------------------------------------------------------ stages
     def check_data(self) -> None:
@@ -261,7 +262,7 @@ class TrainingRun:
         write_run_files(self.cfg, self.run, self.tok, self.template, self.base, self.data.report, self.trainer,
                         eval_metrics, runtime, self.world_size, tokens_at_start, path)
         refresh_plot(self.run)
-        print(f"run directory: {self.out}", flush=True)
+        console.result(f"run directory: {self.out}")
 
     def run_path_info(self) -> dict:
         """What the stage adds to run_info.json's train.path."""
