@@ -78,6 +78,6 @@ def test_a_disk_full_during_a_checkpoint_keeps_the_previous_one(tiny_model_dir, 
     monkeypatch.undo()
     capsys.readouterr()
     run_train(cfg, resume=True)
-    assert "--resume: removed checkpoint-2, left half-written by the interruption" in capsys.readouterr().out
+    assert "--resume: removed checkpoint-2, left half-written by the interruption" in capsys.readouterr().err
     assert [r["step"] for r in RunDir(out).read_log() if "loss" in r] == [1, 2, 3]
     assert RunDir(out).run_info()["train"]["global_steps"] == 3

@@ -388,7 +388,7 @@ def test_resume_without_a_complete_checkpoint_starts_from_the_beginning(models, 
     assert main(["train", str(cfg_path)]) == 2  # without --resume: the message says what to pass
     assert "already holds a run. Pass --resume to continue it" in capsys.readouterr().err
     assert main(["train", str(cfg_path), "--resume"]) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert (f"--resume: '{out}' has no complete checkpoint (the run was stopped before its first checkpoint was "
             "complete; removed checkpoint-4): starting from the beginning") in printed
     assert [r["step"] for r in train_records(out)] == [1, 2, 3]  # the old log is gone, not mixed in
@@ -401,7 +401,7 @@ def test_resume_of_a_new_folder_starts_and_of_a_finished_run_without_checkpoints
     out = tmp_path / "fresh"
     cfg = make_cfg(models["qwen2"], data12, out, train={"max_steps": 1})
     run_train(cfg, resume=True)
-    assert f"--resume: '{out}' has no complete checkpoint (the folder is new): starting" in capsys.readouterr().out
+    assert f"--resume: '{out}' has no complete checkpoint (the folder is new): starting" in capsys.readouterr().err
     assert RunDir(out).has_adapter()
     import shutil
 
@@ -581,14 +581,14 @@ def test_explicit_accumulation_that_ignores_batch_size_warns(capsys):
     t = make_cfg("m", "d", "o",
                  train={"batch_size": 8, "per_device_batch_size": 3, "gradient_accumulation_steps": 5}).train
     assert grad_accumulation(t, 2) == 5
-    assert capsys.readouterr().out == ("warning: train.gradient_accumulation_steps=5 is set, so train.batch_size 8 is "
+    assert capsys.readouterr().err == ("warning: train.gradient_accumulation_steps=5 is set, so train.batch_size 8 is "
                                        "ignored: the global batch is 3 per device x 2 process(es) x 5 = 30\n")
     assert grad_accumulation(t, 2, quiet=True) == 5  # ranks other than 0 stay quiet
     t = make_cfg("m", "d", "o",
                  train={"batch_size": 8, "per_device_batch_size": 2, "gradient_accumulation_steps": 2}).train
     assert grad_accumulation(t, 2) == 2  # 2 x 2 x 2 = 8: consistent, nothing to say
     assert grad_accumulation(t, 1) == 2
-    assert capsys.readouterr().out.count("warning:") == 1  # world 1: the global batch is 4, not 8
+    assert capsys.readouterr().err.count("warning:") == 1  # world 1: the global batch is 4, not 8
 
 
 # ---------------------------------------------------------------- early, clear failures
