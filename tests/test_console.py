@@ -2,8 +2,10 @@
 off stdout while result() still reaches it; the CLI's -q/-v before or after the verb."""
 from __future__ import annotations
 
+import ast
 import io
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +107,39 @@ def test_main_restores_the_level_and_logging(tmp_path, capsys):
 
 def test_discard_is_a_text_stream():
     assert isinstance(console._Discard(), io.TextIOBase)
+
+
+SRC = Path(console.__file__).parent  # the package these tests import
+# print(..., file=...) is left only where a line must show whatever the level: Ctrl-C's last words, and the gen-data
+# progress line, which writes to the stream it was given (tests pass their own).
+STREAM_PRINTS = {"cli/__init__.py", "cli/datagen.py", "datagen/progress.py"}
+
+
+def _literal_start(node: ast.expr) -> str:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+        return str(node.values[0].value)
+    return ""
+
+
+def test_warnings_and_notes_go_through_console_not_print_or_module_loggers():
+    """Regression (issue 22, defect 7): metrics.py, callbacks.py, arguments.py and others printed `warning: ...` on
+    stdout, others on stderr, and plot.py logged through a logger nobody configured."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel == "console.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                start = _literal_start(node.args[0]) if node.args else ""
+                if start.lstrip("\n").startswith(("warning", "note:", "error:")):
+                    found.append(f"{rel}:{node.lineno}: print({start[:30]!r}...): use console.warn/note/error")
+                if any(k.arg == "file" for k in node.keywords) and rel not in STREAM_PRINTS:
+                    found.append(f"{rel}:{node.lineno}: print(..., file=...): use console.note/warn/error")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "getLogger"
+                    and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id == "__name__"):
+                found.append(f"{rel}:{node.lineno}: a module logger: use console")
+    assert found == []
