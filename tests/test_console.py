@@ -50,6 +50,15 @@ def test_stray_prints_go_to_stderr_and_results_to_stdout(capsys):
     assert printed.err == "{'loss': 7.6}\n"
 
 
+def test_results_inside_can_be_progress_too(capsys):
+    with console.stdout_to_stderr(keep_results=False):  # the quickstart's steps: their results are its progress
+        console.result("run directory: out")
+        with console.stdout_to_stderr():
+            console.result("still progress")
+    console.result("summary")
+    assert capsys.readouterr() == ("summary\n", "run directory: out\nstill progress\n")
+
+
 def test_quiet_drops_stray_prints(capsys):
     console.set_verbosity(console.QUIET)
     with console.stdout_to_stderr():

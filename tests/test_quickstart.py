@@ -44,6 +44,7 @@ def test_quickstart_fills_the_run_directory(tiny_model_dir, tmp_path, monkeypatc
     assert json.loads((run / "adapter_config.json").read_text(encoding="utf-8"))["r"] == 4
     printed = capsys.readouterr()
     assert "[1/4] using the model in" in printed.err and f"Run directory: {run}" in printed.out
+    assert printed.out.startswith(f"\ndone. Run directory: {run}\n")  # the steps' own results went to stderr
 
 
 def test_quickstart_without_a_config_works_from_any_folder(tiny_model_dir, tmp_path, monkeypatch):

@@ -79,13 +79,14 @@ def result(text: str) -> None:
 
 
 @contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
+def stdout_to_stderr(keep_results: bool = True) -> Iterator[None]:
     """Point sys.stdout at stderr (at nowhere with --quiet) for the duration, so what libraries print there
-    (transformers' Trainer writes its log dicts to stdout) cannot mix with the result; `result()` still reaches
-    the real stdout."""
+    (transformers' Trainer writes its log dicts to stdout) cannot mix with the result. `result()` still reaches
+    the real stdout, unless `keep_results` is False: then the results of the steps inside are progress too (the
+    quickstart's train and predict)."""
     global _result_stream
     saved = _result_stream
-    _result_stream = sys.stdout
+    _result_stream = (saved or sys.stdout) if keep_results else None
     target = sys.stderr if _level >= NORMAL else _Discard()
     try:
         with contextlib.redirect_stdout(target):

@@ -53,8 +53,9 @@ VERB_MODULES = (configure, datagen, train, inference, evaluate, judge)
 # seconds of importing it to set its output up.
 MODEL_VERBS = {"train", "make-tiny-model", "quickstart", "data-check", "predict", "chat", "serve", "export"}
 # Verbs whose libraries print progress on stdout (transformers' Trainer prints its log dicts there): stdout is
-# pointed at stderr while they run, and their result goes out through console.result.
-STDOUT_IS_PROGRESS = {"train", "quickstart"}
+# pointed at stderr while they run, and their result goes out through console.result. (quickstart does the same
+# itself, around its steps.)
+STDOUT_IS_PROGRESS = {"train"}
 # FutureWarnings of transformers that the user cannot act on, hidden unless -v: transformers 5 warns on every
 # model load that peft still calls is_gradient_checkpointing (deprecated, removal planned for v6).
 KNOWN_FUTURE_WARNINGS = (r".*is_gradient_checkpointing.*",)
