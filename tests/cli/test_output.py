@@ -23,13 +23,14 @@ def domaintune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return r
 
 
-def metrics_table(stdout: str) -> dict[str, float]:
-    """The documented result of eval / predict: one `name value` line per metric, every line a number."""
-    table = {}
+def metrics_table(stdout: str) -> dict[str, object]:
+    """The documented result of eval / predict: one `name value` line per metric, the value a number or JSON (a
+    nested summary kept in metrics.json comes as dotted names)."""
+    table: dict[str, object] = {}
     for line in stdout.splitlines():
-        name, value = line.split()  # a warning or note on stdout fails here
-        table[name] = float(value)
-    assert set(table) <= METRIC_NAMES, set(table) - METRIC_NAMES
+        name, value = line.split(None, 1)
+        table[name] = json.loads(value)  # a warning or a note on stdout fails here
+    assert {n for n in table if not n.startswith("judge.")} <= METRIC_NAMES, set(table) - METRIC_NAMES
     return table
 
 
@@ -53,11 +54,14 @@ def test_eval_stdout_is_the_metrics_table_and_warnings_go_to_stderr(tmp_path):
     assert table["num_samples"] == 2 and table["exact_match"] == 50
     assert f"warning: {metrics} is not a JSON object; it is replaced" in r.stderr.splitlines()
 
-    # a note (metrics.json keeps the loss of an earlier `predict`): stderr, and --quiet hides it
-    metrics.write_text(json.dumps({"loss": 1.5}), encoding="utf-8")
+    # a note (metrics.json keeps the loss of an earlier `predict` and judge's summary): stderr, and --quiet hides
+    # it; the kept summary is printed as dotted names, one value a line (it was a Python dict's repr)
+    judge = {"a": "base run/predictions.base.jsonl", "pairwise": {"win_rate": 0.55, "ci95": [0.4, 0.7]}}
+    metrics.write_text(json.dumps({"loss": 1.5, "judge": judge}), encoding="utf-8")
     r = domaintune("eval", str(preds), cwd=tmp_path)
-    assert metrics_table(r.stdout)["loss"] == 1.5
-    assert f"{metrics}: kept loss written there earlier (by predict or eval --run)" in r.stderr
+    table = metrics_table(r.stdout)
+    assert (table["loss"], table["judge.a"], table["judge.pairwise.ci95"]) == (1.5, judge["a"], [0.4, 0.7])
+    assert f"{metrics}: kept loss, judge written there earlier (by predict or eval --run)" in r.stderr
     quiet = domaintune("eval", str(preds), "--quiet", cwd=tmp_path)
     assert quiet.stdout == r.stdout and quiet.stderr == ""
 

@@ -341,5 +341,5 @@ def test_eval_replaces_a_metrics_file_that_is_not_json(tmp_path, capsys):
     preds = _write_jsonl(tmp_path / "predictions.jsonl", [{"id": 0, "input": "q", "target": "同样", "predict": "同样"}])
     (tmp_path / "metrics.json").write_text("{not json", encoding="utf-8")
     assert cli.main(["eval", str(preds)]) == 0
-    assert "could not be read (JSONDecodeError); it is replaced" in capsys.readouterr().out
+    assert "could not be read (JSONDecodeError); it is replaced" in capsys.readouterr().err
     assert json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))["exact_match"] == 100.0

@@ -22,12 +22,14 @@ installed here). The result of each verb:
 |---|---|
 | eval, predict | the metrics table, one `name value` line per metric (nothing with `predict --no-eval`) |
 | eval --benchmark, judge | the accuracy table / the verdict summary |
-| eval --compare (alone), plot, report, make-tiny-model, gen-data, export | the file or folder written |
+| eval --compare (alone), plot, report, make-tiny-model, export | the file or folder written |
+| gen-data | the file written and its row count (--preview: the pairs) |
 | config | the YAML (or the field list of --explain; `wrote FILE` with --out) |
 | data-check | the data counts and the example |
 | train | `run directory: PATH` (the Trainer's log lines, progress, go to stderr) |
 | quickstart | the closing summary |
 | chat | the conversation |
+| serve | uvicorn's access log, one line per request (its other logs: stderr) |
 
 `-q/--quiet` hides notes and progress bars (warnings and errors stay); `-v/--verbose` adds debug notes and
 transformers' own output (its info logs, its "Loading weights" bars, its FutureWarnings), which are hidden

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +249,19 @@ def run_compare(a: Path, b: Path, out: Path | None = None, examples: int = 3) ->
 
 
 def format_metrics(metrics: dict) -> str:
-    """A small two-column text table for the terminal."""
-    width = max(len(k) for k in metrics)
-    return "\n".join(f"{k:<{width}}  {v:g}" if isinstance(v, (int, float)) else f"{k:<{width}}  {v}"
-                     for k, v in metrics.items())
+    """A small two-column text table for the terminal and for pipes: one `name value` line per metric, the name
+    without spaces (nested keys, such as judge's or benchmark's summaries kept in metrics.json, dotted), the value
+    the rest of the line (numbers as `%g`, anything else as compact JSON)."""
+    flat = dict(_flat_items(metrics))
+    width = max(len(k) for k in flat)
+    return "\n".join(f"{k:<{width}}  {v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool)
+                     else f"{k:<{width}}  {json.dumps(v, ensure_ascii=False)}" for k, v in flat.items())
+
+
+def _flat_items(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        name = f"{prefix}{str(k).replace(' ', '_')}"
+        if isinstance(v, dict) and v:
+            yield from _flat_items(v, name + ".")
+        else:
+            yield name, v
