@@ -42,8 +42,9 @@ def test_quickstart_fills_the_run_directory(tiny_model_dir, tmp_path, monkeypatc
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((run / "template.json").read_text(encoding="utf-8"))["name"] == "domain_zh"
     assert json.loads((run / "adapter_config.json").read_text(encoding="utf-8"))["r"] == 4
-    out = capsys.readouterr().out
-    assert "[1/4] using the model in" in out and f"Run directory: {run}" in out
+    printed = capsys.readouterr()
+    assert "[1/4] using the model in" in printed.err and f"Run directory: {run}" in printed.out
+    assert printed.out.startswith(f"\ndone. Run directory: {run}\n")  # the steps' own results went to stderr
 
 
 def test_quickstart_without_a_config_works_from_any_folder(tiny_model_dir, tmp_path, monkeypatch):

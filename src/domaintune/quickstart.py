@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import console
+
 
 def run_quickstart(config: str | Path | None = None, overrides: list[str] | None = None,
                    test: str | Path | None = None, arch: str = "qwen2", max_new_tokens: int = 64) -> Path:
@@ -37,20 +39,23 @@ def run_quickstart(config: str | Path | None = None, overrides: list[str] | None
         if not any(o.split("=", 1)[0].strip() == "data.path" for o in overrides):
             overrides.insert(0, f"data.path={sample_data_dir() / 'train.jsonl'}")
     test = Path(test) if test is not None else sample_data_dir() / "test.jsonl"
-    cfg = load_config(config, overrides)
-    model_dir = Path(cfg.model.required_name())
-    if not model_dir.exists():
-        print(f"[1/4] building the tiny offline model in {model_dir} ...", flush=True)
-        make_tiny_model(model_dir, arch=arch)
-    else:
-        print(f"[1/4] using the model in {model_dir}", flush=True)
-    print("[2/4] training ...", flush=True)
-    run = run_train(cfg, overwrite=True)
-    print(f"[3/4] predicting {test} and scoring ...", flush=True)
-    run_predict(run, test, params=replace(PRESETS["predict"], max_new_tokens=max_new_tokens), overwrite=True)
-    print("[4/4] plot and report ...", flush=True)
-    plot_run(run)
-    report = run_report(run)
-    print(f"\ndone. Run directory: {run}\n  report: {report}\n  next: domaintune chat {run}  |  "
-          f"domaintune serve {run}  |  domaintune export {run} --out {run}-merged", flush=True)
+    # Each step's own result (train's run directory, predict's metrics table) is progress here: stderr. The
+    # closing summary below is the quickstart's result.
+    with console.stdout_to_stderr(keep_results=False):
+        cfg = load_config(config, overrides)
+        model_dir = Path(cfg.model.required_name())
+        if not model_dir.exists():
+            console.note(f"[1/4] building the tiny offline model in {model_dir} ...")
+            make_tiny_model(model_dir, arch=arch)
+        else:
+            console.note(f"[1/4] using the model in {model_dir}")
+        console.note("[2/4] training ...")
+        run = run_train(cfg, overwrite=True)
+        console.note(f"[3/4] predicting {test} and scoring ...")
+        run_predict(run, test, params=replace(PRESETS["predict"], max_new_tokens=max_new_tokens), overwrite=True)
+        console.note("[4/4] plot and report ...")
+        plot_run(run)
+        report = run_report(run)
+    console.result(f"\ndone. Run directory: {run}\n  report: {report}\n  next: domaintune chat {run}  |  "
+                   f"domaintune serve {run}  |  domaintune export {run} --out {run}-merged")
     return run

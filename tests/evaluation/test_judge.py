@@ -380,7 +380,7 @@ def test_kill_and_rerun_judges_every_call_once(tmp_path):
     assert summary["counts"]["calls"] == clean["counts"]["calls"]
     assert (summary["pairwise"]["wins"], summary["pairwise"]["ties"], summary["pairwise"]["losses"]) == (3, 5, 2)
     assert r.stdout.splitlines()[1].startswith("pairwise: B wins 3, ties 5, losses 2; win-rate of B 0.55 [")
-    assert f"wrote {run / JUDGE_SUMMARY}" in r.stdout
+    assert f"wrote {run / JUDGE_SUMMARY}" in r.stderr
 
 
 def read_jsonl_bytes(data: bytes) -> list[dict]:

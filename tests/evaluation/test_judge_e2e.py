@@ -100,8 +100,8 @@ def test_judge_base_vs_tuned_with_the_served_tiny_model(judge_server, tiny_run_c
     out = r.stdout.splitlines()
     assert out[0].startswith(f"judge {MODEL}: B = {run / 'predictions.jsonl'} vs A = ") and out[0].endswith("3 rows")
     assert out[1].startswith(f"pairwise: B wins {p['wins']}, ties {p['ties']}, losses {p['losses']}")
-    assert out[-1] == (f"wrote {run / 'judge.json'} and {run / 'metrics.json'}[\"judge\"] "
-                       f"(records: {run / 'judge.jsonl'})")
+    assert r.stderr.splitlines()[-1] == (f"wrote {run / 'judge.json'} and {run / 'metrics.json'}[\"judge\"] "
+                                         f"(records: {run / 'judge.jsonl'})")
 
     # Everything is recorded: the same command again asks nothing and gives the same numbers.
     before = (run / "judge.jsonl").read_bytes()

@@ -129,16 +129,17 @@ def test_chinese_title_renders_glyphs_not_tofu(tmp_path, monkeypatch):
     assert not np.array_equal(a, tofu_a)
 
 
-def test_no_cjk_font_warns_once_and_only_for_cjk_text(tmp_path, monkeypatch, caplog):
+def test_no_cjk_font_warns_once_and_only_for_cjk_text(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(plot, "cjk_font_family", lambda: None)
     monkeypatch.setattr(plot, "_warned_no_cjk", False)
-    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="domaintune.evaluation.plot"):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plot.plot_records(_records(n=3), tmp_path / "en.png", title="english only")
-        assert caplog.records == []
+        assert capsys.readouterr().err == ""
         plot.plot_records(_records(n=3), tmp_path / "zh1.png", title="训练")
         plot.plot_records(_records(n=3), tmp_path / "zh2.png", title="训练")
-    assert len(caplog.records) == 1 and "no CJK font found" in caplog.records[0].getMessage()
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.count("\n") == 1 and printed.err.startswith("warning: no CJK font found")
     assert (tmp_path / "zh2.png").is_file()
 
 

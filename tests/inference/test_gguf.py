@@ -413,7 +413,7 @@ def test_overwrite_keeps_other_files(runs, tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")  # a folder with other things: written beside, never deleted
     assert main(["export", str(runs["bloom"]), "--out", str(out), "--format", "gguf", "--quant", "f32"]) == 0
-    assert "ollama create run -f Modelfile" in capsys.readouterr().out
+    assert "ollama create run -f Modelfile" in capsys.readouterr().err
     assert main(["export", str(runs["bloom"]), "--out", str(out / "tuned.gguf"), "--format", "gguf",
                  "--quant", "bf16", "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "notes.txt", "run-f32.gguf", "tuned.gguf"]

@@ -163,7 +163,7 @@ def test_rows_without_a_target_are_predicted_but_not_scored(tiny_run, tmp_path, 
                                                {"messages": [{"role": "user", "content": "你好"}]}])
     out = run_predict(tiny_run, data, out=tmp_path / "p.jsonl", params=FAST)
     assert [(r["id"], r["target"]) for r in _rows(out)] == [(0, ""), (1, "")]
-    assert "not scoring" in capsys.readouterr().out
+    assert "not scoring" in capsys.readouterr().err
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -210,7 +210,7 @@ def test_torn_last_line_is_cut_and_the_rest_appended(tiny_run, sample_data, tmp_
     with open(out, "ab") as f:
         f.write('{"id": 3, "input": "用户:孩'.encode()[:-1])  # cut inside a multi-byte character
     run_predict(tiny_run, data, out=out, params=FAST, limit=6, evaluate=False)
-    assert "removed an incomplete last line" in capsys.readouterr().out
+    assert "removed an incomplete last line" in capsys.readouterr().err
     rows = _rows(out)
     assert [r["id"] for r in rows] == [0, 1, 2, 3, 4, 5]
     assert rows[:3] == first  # kept as written (same "time"), not generated again
@@ -361,9 +361,9 @@ def test_eval_after_predict_keeps_the_loss_predict_wrote(tiny_run_copy, sample_d
     assert {"loss", "perplexity", "rouge-l"} <= set(by_predict)
     capsys.readouterr()
     assert cli.main(["eval", str(preds)]) == 0
-    out = capsys.readouterr().out
-    assert f"{run / 'metrics.json'}: kept loss, perplexity written there earlier" in out
-    assert "loss" in out.split("kept", 1)[1]  # and the printed table shows them
+    printed = capsys.readouterr()
+    assert f"{run / 'metrics.json'}: kept loss, perplexity written there earlier" in printed.err
+    assert {"loss", "perplexity"} <= {line.split()[0] for line in printed.out.splitlines()}  # the table shows them
     after = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert after == by_predict  # same predictions: same text scores, and nothing dropped
     report = run_report(run).read_text(encoding="utf-8")
@@ -374,5 +374,5 @@ def test_eval_replaces_a_metrics_file_that_is_not_json(tmp_path, capsys):
     preds = _write_jsonl(tmp_path / "predictions.jsonl", [{"id": 0, "input": "q", "target": "同样", "predict": "同样"}])
     (tmp_path / "metrics.json").write_text("{not json", encoding="utf-8")
     assert cli.main(["eval", str(preds)]) == 0
-    assert "could not be read (JSONDecodeError); it is replaced" in capsys.readouterr().out
+    assert "could not be read (JSONDecodeError); it is replaced" in capsys.readouterr().err
     assert json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))["exact_match"] == 100.0

@@ -62,7 +62,7 @@ def test_two_processes_write_the_predictions_of_one(tiny_run, sample_data, singl
                  "--max-new-tokens", str(MAX_NEW), cwd=tmp_path)
     assert rows_without_time(out) == rows_without_time(single)
     assert [p.name for p in tmp_path.iterdir() if ".part" in p.name] == []  # the shards are merged and removed
-    assert r.stdout.count(f"wrote {out} (16 rows)") == 1  # rank 0 alone reports and scores
+    assert r.stderr.count(f"wrote {out} (16 rows)") == 1  # rank 0 alone reports and scores
     ours = json.loads((tmp_path / "metrics.json").read_text())
     theirs = json.loads((single.parent / "metrics.json").read_text())
     assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-6)  # the sharded loss sums to the same mean

@@ -79,7 +79,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_model_dir):
     assert info["train"]["tokens"] == records[-1]["tokens"] == sum(len(s["input_ids"]) for s in samples)
     # Final artifacts written once, by rank 0.
     assert r.stdout.count("run directory:") == 1
-    assert r.stdout.count("model: ") == 1
+    assert r.stderr.count("model: ") == 1
     assert RunDir(out).has_adapter() and (out / "run_info.json").is_file()
     assert not list(out.glob("*.tmp"))
     # Each process saves its own random state, as safetensors, into the checkpoint (rank 1 may get there before
@@ -110,7 +110,7 @@ def _train_layout(tmp_path, model, data, name, nproc, per_device, gas, cutoff_le
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert f"batch: {per_device * nproc * gas} rows per optimizer step = {per_device} per device x {nproc} " \
-           f"process(es) x {gas} accumulation step(s)" in r.stdout
+           f"process(es) x {gas} accumulation step(s)" in r.stderr
     info = RunDir(out).run_info()["train"]["path"]
     assert (info["global_batch"], info["gradient_accumulation_steps"]) == (per_device * nproc * gas, gas)
     if records:

@@ -127,7 +127,7 @@ def test_resume_across_process_counts(tmp_path, capsys):
         check_resume_world(ckpt, 2, "ddp")
     (ckpt / "world.json").write_text(json.dumps({"world_size": 2, "distributed": "ddp"}))
     check_resume_world(ckpt, 1, "ddp")
-    assert "the global batch is kept" in capsys.readouterr().out
+    assert "the global batch is kept" in capsys.readouterr().err
 
 
 def test_an_engine_that_cannot_start_stops_the_run_before_the_model_loads(tiny_train_config, tmp_path):

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import console
 from .options import add_config_args
 
 if TYPE_CHECKING:
@@ -77,12 +78,12 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
     if args.preferences:
         return _preferences(cfg, args)
     if args.questions or args.run:
-        print("error: --questions and --run belong to --preferences", file=sys.stderr)
+        console.error("--questions and --run belong to --preferences")
         return 2
     from ..datagen.selfinstruct import run_gen_data
 
     if args.preview is not None and args.preview < 1:
-        print("error: --preview N needs N >= 1", file=sys.stderr)
+        console.error("--preview N needs N >= 1")
         return 2
     try:
         out = run_gen_data(cfg, preview=args.preview)
@@ -94,7 +95,7 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
     if not manifest.get("target_reached"):
         made = (f"{out / TRAIN} has {manifest.get('train_rows')} of {manifest.get('target')} rows"
                 if manifest.get("train_rows") else f"no pair was kept, so no {out / TRAIN} was written")
-        print(f"warning: {made}: {manifest.get('message')}", file=sys.stderr)
+        console.warn(f"{made}: {manifest.get('message')}")
         return 1
     print(f"wrote {manifest['train_rows']} rows to {out / TRAIN} (details: {out / MANIFEST})")
     return 0
@@ -104,7 +105,7 @@ def _preferences(cfg: SelfInstructConfig, args: argparse.Namespace) -> int:
     from ..datagen.preferences import run_preferences, summary
 
     if args.max_new_tokens < 1:
-        print("error: --max-new-tokens needs N >= 1", file=sys.stderr)
+        console.error("--max-new-tokens needs N >= 1")
         return 2
     make_answerer = None
     if args.run:
@@ -158,5 +159,5 @@ def _print_preview(out: Path, n: int, manifest: dict) -> int:
           f"{counts['questions_rejected'] or {}} (questions), {counts['answers_rejected'] or {}} (answers)."
           + ("" if gave_up else " Run again without --preview to continue to selfinstruct.num_questions."))
     if gave_up:  # the preview stopped short: why, and what to change before a full run spends more
-        print(f"warning: the preview made {len(rows)} of {n} pairs: {gave_up}", file=sys.stderr)
+        console.warn(f"the preview made {len(rows)} of {n} pairs: {gave_up}")
     return 0 if len(rows) >= min(n, manifest.get("target", n)) else 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import console
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="score a predictions file (BLEU-4, ROUGE, exact match) or compare two; "
@@ -67,7 +69,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.compare:
         a, b = args.compare
         out = Path(args.out_dir) / COMPARE if args.out_dir else None
-        print(f"wrote {run_compare(Path(a), Path(b), out=out)}")
+        written = f"wrote {run_compare(Path(a), Path(b), out=out)}"
+        (console.note if args.predictions else print)(written)  # the metrics table below is the result
         if args.predictions is None:
             return 0
     if args.predictions is None:
@@ -103,7 +106,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
                            device=args.device)
     print(format_benchmark(result))
     run = Path(result["run"])
-    print(f"wrote {run / BENCHMARK} and the summary under \"benchmark\" in {run / METRICS}")
+    console.note(f"wrote {run / BENCHMARK} and the summary under \"benchmark\" in {run / METRICS}")
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import console
 from .options import add_config_args
 
 # judge.mode's values (config/judge.py; a test keeps the two equal): not imported from there, because the config
@@ -76,5 +77,5 @@ def cmd_judge(args: argparse.Namespace) -> int:
     summary = run_judge(cfg, a, b, out=args.out, data=args.data)
     out = Path(args.out) if args.out else b.parent
     print(format_summary(summary))
-    print(f"wrote {out / JUDGE_SUMMARY} and {out / METRICS}[\"{METRICS_KEY}\"] (records: {out / JUDGE_RECORDS})")
+    console.note(f"wrote {out / JUDGE_SUMMARY} and {out / METRICS}[\"{METRICS_KEY}\"] (records: {out / JUDGE_RECORDS})")
     return 0

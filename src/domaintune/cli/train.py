@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
 from pathlib import Path
 
+from .. import console
 from .options import add_config_args
 
 
@@ -72,7 +72,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         run_train(load_config(a.config, overrides), resume=a.resume, overwrite=a.overwrite)
     except TrainingInterrupted as e:
         if not e.quiet:
-            print(f"{e.message}. To continue, run:\n  {resume_command(a)}", file=sys.stderr, flush=True)
+            console.error(f"{e.message}. To continue, run:\n  {resume_command(a)}")
         return 130
     return 0
 

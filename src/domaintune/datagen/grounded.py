@@ -25,11 +25,11 @@ the same output folder are not mixed in (`_owns`).
 from __future__ import annotations
 
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import console
 from ..errors import UserError
 from . import filters as F
 from .advice import JUDGE_UNCLEAR, JUDGE_UNSUPPORTED
@@ -80,7 +80,7 @@ class GroundedRun(SelfInstructRun):
 
         docs, problems = load_documents(cfg.documents)
         for p in problems:
-            print(f"gen-data: {p.source}: {p.detail}", file=sys.stderr)
+            console.warn(f"gen-data: {p.source}: {p.detail}")
         passages = chunk_documents(docs, budget=cfg.passage_tokens, overlap=cfg.passage_overlap)
         if not passages:
             raise UserError(f"selfinstruct.documents: no text found in {len(docs) + len(problems)} file(s)"
@@ -99,8 +99,8 @@ class GroundedRun(SelfInstructRun):
         for f, c in self._manifest_extra()["documents"]["files"].items():
             why = {k: v for k, v in c.get("passages_without_questions_why", {}).items() if k != NOT_ASKED}
             if why:
-                print(f"gen-data: {f}: {sum(why.values())} of {c.get('passages', 0)} passages gave no question ("
-                      + ", ".join(f"{k} {v}" for k, v in why.items()) + "); see rejected.jsonl", file=sys.stderr)
+                console.warn(f"gen-data: {f}: {sum(why.values())} of {c.get('passages', 0)} passages gave no question ("
+                             + ", ".join(f"{k} {v}" for k, v in why.items()) + "); see rejected.jsonl")
 
     def setup(self, passages: list[Passage], problems: list[Problem], files: list[str], judge: str) -> None:
         self.passages = {p.id: p for p in passages}

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from .. import console
+
 INTERVAL_S = 30.0
 
 
@@ -30,7 +32,8 @@ class Progress:
         if isatty is not None and isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=self.n, desc=desc, unit=unit, file=self.stream)
+            self.bar = tqdm(total=total, initial=self.n, desc=desc, unit=unit, file=self.stream,
+                            disable=not console.progress_enabled())
         else:
             self._line()
 
@@ -57,5 +60,6 @@ class Progress:
     def _line(self) -> None:
         self.last_n, self.last_note, self.last_time = self.n, self.note, time.monotonic()
         note = f" ({self.note})" if self.note else ""
-        print(f"gen-data {self.desc}: {self.n}/{self.total}{note} {self.last_time - self.started:.0f}s",
-              file=self.stream, flush=True)
+        if console.progress_enabled():  # --quiet: no progress lines
+            print(f"gen-data {self.desc}: {self.n}/{self.total}{note} {self.last_time - self.started:.0f}s",
+                  file=self.stream, flush=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import rundir
+from .. import console, rundir
 from ..config.judge import JudgeConfig
 from ..datagen.chunking import approx_tokens
 from ..datagen.client import ChatClient, MalformedResponse
@@ -113,7 +113,7 @@ class JudgeRun:
         """Read the records of earlier runs; returns whether the header still has to be written."""
         path = self.records_path
         if repair_tail(path):
-            print(f"{path}: removed an incomplete last line left by an interrupted run", file=sys.stderr)
+            console.note(f"{path}: removed an incomplete last line left by an interrupted run")
         hint = "delete that line (or the whole file, to judge afresh) and run again"
         found = read_jsonl(path, fix_hint=hint)
         if not found:
@@ -209,7 +209,7 @@ class JudgeRun:
             if need_header:
                 writer.write(self.header)
             bar = tqdm(total=len(self.tasks), initial=len(self.tasks) - len(todo), desc="judge", unit="call",
-                       disable=None, file=sys.stderr)
+                       disable=None if console.progress_enabled() else True, file=sys.stderr)
             try:
                 self._run_pool(todo, writer, bar)
             except UserError as e:

@@ -26,10 +26,11 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import rundir
+from .. import console, rundir
 from ..data.reader import read_records
 from ..errors import UserError
 from ..jsonl import write_atomic
@@ -178,7 +179,7 @@ def run_eval(predictions: Path, out_dir: Path | None = None, extra: dict | None 
     out.mkdir(parents=True, exist_ok=True)
     metrics, kept = merge_metrics(out / rundir.METRICS, {**summary, **(extra or {})})
     if kept:
-        print(f"{out / rundir.METRICS}: kept {', '.join(kept)} written there earlier (by predict or eval --run)")
+        console.note(f"{out / rundir.METRICS}: kept {', '.join(kept)} written there earlier (by predict or eval --run)")
     rundir.RunDir(out).write_json(rundir.METRICS, metrics)
     lines = [json.dumps({"id": r["id"], **s}, ensure_ascii=False) for r, s in zip(rows, per_sample, strict=True)]
     write_atomic(out / rundir.METRICS_PER_SAMPLE, "\n".join(lines) + "\n")
@@ -193,10 +194,10 @@ def merge_metrics(path: Path, new: dict) -> tuple[dict, list[str]]:
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        print(f"warning: {path} could not be read ({e.__class__.__name__}); it is replaced")
+        console.warn(f"{path} could not be read ({e.__class__.__name__}); it is replaced")
         return dict(new), []
     if not isinstance(old, dict):
-        print(f"warning: {path} is not a JSON object; it is replaced")
+        console.warn(f"{path} is not a JSON object; it is replaced")
         return dict(new), []
     kept = [k for k in old if k not in new]
     return {**new, **{k: old[k] for k in kept}}, kept
@@ -248,7 +249,19 @@ def run_compare(a: Path, b: Path, out: Path | None = None, examples: int = 3) ->
 
 
 def format_metrics(metrics: dict) -> str:
-    """A small two-column text table for the terminal."""
-    width = max(len(k) for k in metrics)
-    return "\n".join(f"{k:<{width}}  {v:g}" if isinstance(v, (int, float)) else f"{k:<{width}}  {v}"
-                     for k, v in metrics.items())
+    """A small two-column text table for the terminal and for pipes: one `name value` line per metric, the name
+    without spaces (nested keys, such as judge's or benchmark's summaries kept in metrics.json, dotted), the value
+    the rest of the line (numbers as `%g`, anything else as compact JSON)."""
+    flat = dict(_flat_items(metrics))
+    width = max(len(k) for k in flat)
+    return "\n".join(f"{k:<{width}}  {v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool)
+                     else f"{k:<{width}}  {json.dumps(v, ensure_ascii=False)}" for k, v in flat.items())
+
+
+def _flat_items(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        name = f"{prefix}{str(k).replace(' ', '_')}"
+        if isinstance(v, dict) and v:
+            yield from _flat_items(v, name + ".")
+        else:
+            yield name, v

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import os
 import re
 from pathlib import Path
 
-from .. import rundir
+from .. import console, rundir
 from ..errors import UserError
 from ..jsonl import read_jsonl
-
-log = logging.getLogger(__name__)
 
 WIDTH_IN, HEIGHT_IN, DPI = 10, 5, 100  # -> 1000 x 500 pixels
 
@@ -101,8 +98,8 @@ def _font_rc(texts: list[str]) -> dict:
         return {"font.family": ["DejaVu Sans", family]}
     if not _warned_no_cjk and any(_CJK_CHAR_RE.search(t) for t in texts):
         _warned_no_cjk = True
-        log.warning("no CJK font found: Chinese text in plots shows as boxes; "
-                    "`pip install noto-cjk-sans-otc` or `apt-get install fonts-noto-cjk` fixes it")
+        console.warn("no CJK font found: Chinese text in plots shows as boxes; "
+                     "`pip install noto-cjk-sans-otc` or `apt-get install fonts-noto-cjk` fixes it")
     return {}
 
 

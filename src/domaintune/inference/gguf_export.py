@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from .. import console
 from ..errors import UserError
 from ..jsonl import disk_error, fsync_path
 from ..rundir import paths_overlap
@@ -117,8 +118,8 @@ def run_export_gguf(run: str | Path, out: str | Path, quant: str = "f16", dtype:
     note = f"; {len(fallbacks)} matrices kept in f16 (rows not a multiple of 32): {', '.join(fallbacks)}" \
         if fallbacks else ""
     print(f"exported {m.run.path} -> {path} ({arch}, {quant}; {m.how}){note}")
-    print(f"  llama.cpp: llama-server -m {path} --jinja\n"
-          f"  Ollama:    cd {path.parent} && ollama create {run_name.lower()} -f {MODELFILE}")
+    console.note(f"  llama.cpp: llama-server -m {path} --jinja\n"
+                 f"  Ollama:    cd {path.parent} && ollama create {run_name.lower()} -f {MODELFILE}")
     return path
 
 
@@ -204,7 +205,8 @@ def _write(gguf: Any, path: Path, m: Any, arch: str, conf: dict, quant: str, nam
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for t in tqdm(planned, desc=f"writing {path.name.removesuffix('.partial')}", unit="tensor"):
+    for t in tqdm(planned, desc=f"writing {path.name.removesuffix('.partial')}", unit="tensor",
+                  disable=not console.progress_enabled()):
         w.write_tensor_data(_encode(gguf, t.data(), t.qtype))
     w.close()
     return fallbacks

@@ -35,6 +35,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import console
 from ..data.examples import load_examples
 from ..errors import UserError
 from ..jsonl import (
@@ -101,7 +102,7 @@ def _differences(old: dict, new: dict) -> list[str]:
 def _read_rows(path: Path) -> list[dict]:
     """Rows already written, in file order. A torn last line (the writer was killed mid-line) is cut off the file."""
     if repair_tail(path):
-        print(f"{path}: removed an incomplete last line left by an interrupted run")
+        console.note(f"{path}: removed an incomplete last line left by an interrupted run")
     hint = "delete the line or pass --overwrite to start afresh"
     rows = read_jsonl(path, fix_hint=hint)
     for n, obj in enumerate(rows, 1):
@@ -244,11 +245,11 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
         if rank != 0:
             return jsonl
     rows = _finish_file(jsonl, examples)
-    print(f"wrote {jsonl} ({len(rows)} rows)")
+    console.note(f"wrote {jsonl} ({len(rows)} rows)")
     if array_path is not None:
         array = [{"input": r["input"], "predict": r["predict"], "target": r["target"]} for r in rows]
         write_atomic(array_path, json.dumps(array, ensure_ascii=False, indent=2) + "\n")
-        print(f"wrote {array_path}")
+        console.note(f"wrote {array_path}")
     if evaluate:
         _evaluate(engine, run, jsonl, examples, base_only, has_targets,
                   loss if world_size > 1 and has_targets else None)
@@ -291,7 +292,8 @@ def _generate_into(engine: Engine, todo: list[Example], jsonl: Path, params: Gen
     written = 0
     batch: list[dict] = []
     # closed on an error too, so a message (a full disk) starts on a line of its own
-    with tqdm(total=total, initial=already, desc="predict", unit="row", disable=not show) as bar, \
+    with tqdm(total=total, initial=already, desc="predict", unit="row",
+              disable=not show or not console.progress_enabled()) as bar, \
             JsonlAppender(jsonl) as f:
         for k, gen in engine.generate_iter(prompts, params, batch_size):
             batch.append({"id": todo[k].index, "input": engine.tokenizer.decode(prompts[k]), "target": targets[k],
@@ -322,7 +324,7 @@ def _evaluate(engine: Engine | None, run: RunDir, jsonl: Path, examples: list[Ex
     from ..evaluation.metrics import format_metrics, run_eval
 
     if not has_targets:
-        print("not scoring: some rows have no target (output / last assistant turn); predictions only")
+        console.note("not scoring: some rows have no target (output / last assistant turn); predictions only")
         return
     out_dir = jsonl.parent
     if base_only and out_dir.resolve() == run.path.resolve():
@@ -330,7 +332,7 @@ def _evaluate(engine: Engine | None, run: RunDir, jsonl: Path, examples: list[Ex
     loss = loss if loss is not None else engine.loss_on_targets(examples)
     metrics = run_eval(jsonl, out_dir=out_dir, extra={k: loss[k] for k in ("loss", "perplexity") if k in loss})
     print(format_metrics(metrics))
-    print(f"wrote {out_dir / METRICS}")
+    console.note(f"wrote {out_dir / METRICS}")
 
 
 class GreedyAnswerer:

@@ -33,6 +33,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Generator, Iterator, Sequence
 
+from .. import console
 from ..errors import UserError
 from .batching import DEFAULT_MAX_BATCH_SIZE, check_batch_limits
 from .engine import Engine, Generation, StreamState
@@ -343,7 +344,7 @@ class VLLMEngine:
         except Exception as e:
             if reduce is not None:  # every process must reach the reduction: fail instead
                 raise
-            print(f"loss not computed with --engine vllm: {type(e).__name__}: {e}")
+            console.warn(f"loss not computed with --engine vllm: {type(e).__name__}: {e}")
             return {}
         return loss_summary(total, count, reduce)
 

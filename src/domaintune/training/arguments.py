@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import console
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -64,9 +65,9 @@ def grad_accumulation(tcfg: TrainConfig, world_size: int, quiet: bool = False, p
     gas = tcfg.gradient_accumulation(world_size, per_device)
     effective = tcfg.global_batch(world_size, per_device)
     if tcfg.gradient_accumulation_steps and effective != tcfg.batch_size and not quiet:
-        print(f"warning: train.gradient_accumulation_steps={gas} is set, so train.batch_size {tcfg.batch_size} "
-              f"is ignored: the global batch is {tcfg.per_device(per_device)} per device x {world_size} "
-              f"process(es) x {gas} = {effective}", flush=True)
+        console.warn(f"train.gradient_accumulation_steps={gas} is set, so train.batch_size {tcfg.batch_size} "
+                     f"is ignored: the global batch is {tcfg.per_device(per_device)} per device x {world_size} "
+                     f"process(es) x {gas} = {effective}")
     return gas
 
 
@@ -348,7 +349,7 @@ def _common_arguments(out: Path, kwargs: dict, t: TrainConfig, world_size: int, 
         remove_unused_columns=False,
         label_names=["labels"],
         prediction_loss_only=True,  # evaluation needs the loss only (the chunked loss returns no logits)
-        disable_tqdm=not is_main,
+        disable_tqdm=not is_main or not console.progress_enabled(),
         # the machine
         bf16=bf16,
         fp16=fp16,

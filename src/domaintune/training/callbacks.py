@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import console
 from ..jsonl import JsonlAppender, read_jsonl, write_atomic, write_jsonl_atomic
 from ..rundir import CHECKPOINT_PREFIX, CHECKPOINT_WORLD, CONFIG, LOSS_PNG, MODEL_CARD, TEMPLATE, RunDir
 from .outputs import share_safetensors
@@ -122,4 +123,4 @@ def refresh_plot(run: RunDir) -> None:
 
         plot_run(run.path)
     except Exception as e:  # noqa: BLE001 - the plot is a convenience, the run is what matters
-        print(f"warning: could not draw {run.path / LOSS_PNG}: {e}")
+        console.warn(f"could not draw {run.path / LOSS_PNG}: {e}")

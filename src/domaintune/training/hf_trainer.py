@@ -27,6 +27,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from .. import console
 from ..rundir import TRAINING_ARGS
 
 if TYPE_CHECKING:
@@ -147,8 +148,8 @@ def trainer_class(base: type[Trainer] | None = None) -> type[Trainer]:
                 return
             path = rng_file(checkpoint, self.args.process_index, self.args.world_size)
             if not path.is_file():
-                print(f"warning: {path} is missing: the random state is not restored, so dropout draws after "
-                      "resuming differ from an uninterrupted run", flush=True)
+                console.warn(f"{path} is missing: the random state is not restored, so dropout draws after "
+                             "resuming differ from an uninterrupted run")
                 return
             load_rng_state(path)
 

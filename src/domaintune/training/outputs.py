@@ -6,11 +6,10 @@ import errno
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
+from .. import __version__, console
 from ..errors import UserError
 from ..jsonl import write_atomic
 from ..jsonl import write_failure as jsonl_write_failure
@@ -110,18 +109,13 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool, 
     torn = _remove_torn_checkpoints(out) if is_main and entries else []
     if is_main:
         if torn and ckpt is not None:
-            note(f"--resume: removed {', '.join(torn)}, left half-written by the interruption")
-        note(resume_line(out, ckpt, bool(entries), torn))
+            console.note(f"--resume: removed {', '.join(torn)}, left half-written by the interruption")
+        console.note(resume_line(out, ckpt, bool(entries), torn))
     return ckpt
 
 
 class AlreadyComplete(Exception):
     """`--resume` of a run that finished: nothing to do (the message says so)."""
-
-
-def note(text: str) -> None:
-    """A note for the user (stderr: stdout carries results)."""
-    print(text, file=sys.stderr, flush=True)
 
 
 def resume_line(out: Path, ckpt: Path | None, had_entries: bool, torn: list[str]) -> str:
@@ -183,9 +177,9 @@ def check_resume_world(ckpt: Path, world_size: int, distributed: str) -> None:
                         f"state is split per process; this run has {world_size}. Resume with {n} process(es), or "
                         "start afresh with --overwrite")
     if n != world_size:
-        print(f"note: resuming {ckpt.name} (written by {n} process(es)) with {world_size}: the global batch is "
-              "kept; the data order continues, but random states saved per process only match where ranks exist "
-              "in both", flush=True)
+        console.note(f"note: resuming {ckpt.name} (written by {n} process(es)) with {world_size}: the global batch is "
+                     "kept; the data order continues, but random states saved per process only match where ranks "
+                     "exist in both")
 
 
 def saved_config(cfg: Config) -> Config:

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import console
 from ..errors import UserError
 from ..rundir import (
     MODEL_CONFIG,
@@ -59,7 +60,6 @@ from .outputs import (
     check_resume_world,
     check_writable,
     free_space,
-    note,
     prepare_output_dir,
     saved_config,
     share_safetensors,
@@ -124,7 +124,7 @@ class TrainingRun:
 
     def _say(self, text: str) -> None:
         if self.is_main:
-            print(text, flush=True)
+            console.note(text)
 
     # ------------------------------------------------------------ stages
     def check_data(self) -> None:
@@ -331,7 +331,7 @@ class TrainingRun:
         write_run_files(self.cfg, self.run, self.tok, self.template, self.base, self.data.report, self.trainer,
                         eval_metrics, runtime, self.world_size, tokens_at_start, path)
         refresh_plot(self.run)
-        print(f"run directory: {self.out}", flush=True)
+        console.result(f"run directory: {self.out}")
 
     def run_path_info(self) -> dict:
         """What the stage adds to run_info.json's train.path."""
@@ -342,7 +342,7 @@ class TrainingRun:
             self.setup_output()
         except AlreadyComplete as e:  # --resume of a finished run: said, and nothing touched
             if self.is_main:
-                note(str(e))
+                console.note(str(e))
             return self.out
         self.setup_data()
         self.setup_model()

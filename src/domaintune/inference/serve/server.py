@@ -10,12 +10,12 @@ Before it listens, `run_serve` refuses an API key no client could send (empty, b
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
+from ... import console
 from ...errors import UserError
 from ..batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, check_batch_limits
 from ..vllm_engine import check_engine, load_engine
@@ -46,8 +46,8 @@ def resolve_api_key(api_key: str | None, environ: Mapping[str, str]) -> str | No
         api_key, source, unset_hint = environ.get(ENV_KEY), f"${ENV_KEY}", f"unset it (`unset {ENV_KEY}`)"
     key = normalise_api_key(api_key, source, unset_hint)
     if key is not None and key != api_key:
-        print(f"note: the API key from {source} has leading or trailing whitespace, which HTTP cannot carry in a "
-              "header; it is used without that whitespace.", file=sys.stderr)
+        console.note(f"note: the API key from {source} has leading or trailing whitespace, which HTTP cannot carry in "
+                     "a header; it is used without that whitespace.")
     return key
 
 
@@ -102,7 +102,7 @@ def run_serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
     app = create_app(None, api_key=api_key, max_body_bytes=max_body_bytes, defaults=defaults,
                      allowed_hosts=bound + allowed_hosts, max_queue=max_queue)
     for line in startup_notes(host, port, api_key, allowed_hosts):
-        print(line, file=sys.stderr)
+        console.warn(line.removeprefix("warning: ")) if line.startswith("warning: ") else console.note(line)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off"))
 
     def load() -> None:
@@ -122,14 +122,14 @@ def run_serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
         app.state.engine = engine
         limit = engine.batch_status()["max_batch_size"]
         if limit < max_batch_size:
-            print(f"note: this model's attention cache (sliding-window or linear-attention layers) cannot be joined "
-                  f"across requests: requests are decoded one at a time (--max-batch-size {max_batch_size} is "
-                  "not reached)", file=sys.stderr)
+            console.note(f"note: this model's attention cache (sliding-window or linear-attention layers) cannot be "
+                         f"joined across requests: requests are decoded one at a time (--max-batch-size "
+                         f"{max_batch_size} is not reached)")
         url = f"http://{shown(host)}:{port}"
-        print(f"ready: model '{engine.model_id}' at {url}/v1 (web chat: {url}/)"
-              + (" - API key required" if api_key else ""), flush=True)
+        console.note(f"ready: model '{engine.model_id}' at {url}/v1 (web chat: {url}/)"
+                     + (" - API key required" if api_key else ""))
 
-    print(f"loading {run} in the background; GET /health answers 200 when the model is ready", flush=True)
+    console.note(f"loading {run} in the background; GET /health answers 200 when the model is ready")
     threading.Thread(target=load, daemon=True, name="domaintune-load").start()
     server.run()
     if app.state.load_error:
