@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import console
 from .options import add_config_args
 
 
@@ -107,5 +108,5 @@ def cmd_init(a: argparse.Namespace) -> int:
         print(f"{label[w.status]}: {Path(a.dir) / w.path}")
     if any(w.path == "configs/quickstart.yaml" for w in done):
         where = "" if Path(a.dir) == Path(".") else f"cd {a.dir} && "
-        print(f"next: {where}domaintune quickstart configs/quickstart.yaml", file=sys.stderr)
+        console.note(f"next: {where}domaintune quickstart configs/quickstart.yaml")
     return 0

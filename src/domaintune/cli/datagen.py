@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,8 +132,8 @@ def _interrupted(cfg: SelfInstructConfig, section: str | None = None) -> int:
 
     manifest = OutputStore(cfg.output_dir).read_manifest()
     m = manifest.get(section, {}) if section else manifest
-    print(f"gen-data: {m.get('message') or m.get('error') or 'interrupted; run the same command again to continue'}",
-          file=sys.stderr)
+    said = m.get("message") or m.get("error") or "interrupted; run the same command again to continue"
+    console.error(f"gen-data: {said}")
     return 130
 
 

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import console
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -265,10 +265,10 @@ def _turn_end_tokens(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> 
         # Not an error: the template may still render the user's own conversations (e.g. it demands a system
         # message). But without the probe the turn-end token is unknown, so generation stops at EOS only, and a
         # model trained to end answers with that token runs on: say so, with the template's own message.
-        print(f"warning: the model's chat_template fails to render a user/assistant exchange "
+        console.warn(f"the model's chat_template fails to render a user/assistant exchange "
               f"({e.__class__.__name__}: {e}); the token that ends an answer is unknown, so generation stops only "
               "at EOS (answers may run on): fix the chat_template or use data.template: chatml (or another "
-              "format template)", file=sys.stderr)
+              "format template)")
         return []
     tail = text.rpartition("ANSWER")[2].strip()
     ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []

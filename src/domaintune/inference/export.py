@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from .. import console
 from ..errors import UserError
 from ..jsonl import disk_error, fsync_path
 from ..rundir import (
@@ -177,11 +177,11 @@ def _finish_swap(out: Path) -> None:
                             "export left: move it away, or choose another --out")
         if leftover.name.endswith(REPLACED) and not out.exists():
             os.replace(leftover, out)
-            print(f"'{out}': put back the previous export, which an interrupted export had moved to "
-                  f"'{leftover}'", file=sys.stderr)
+            console.note(f"'{out}': put back the previous export, which an interrupted export had moved to "
+                         f"'{leftover}'")
         else:
             shutil.rmtree(leftover)
-            print(f"removed '{leftover}', left by an interrupted export", file=sys.stderr)
+            console.note(f"removed '{leftover}', left by an interrupted export")
 
 
 def _weights_mb(model: Any) -> int:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -151,13 +150,13 @@ def _finish_pair(folder: Path) -> Path | None:
     gguf = folder / target if target and "/" not in target else None
     if gguf is not None and gguf.is_file() and not gguf.with_name(gguf.name + PARTIAL).exists():
         os.replace(journal, folder / MODELFILE)
-        print(f"{gguf}: moved its {MODELFILE} into place, which an interrupted export had left as {journal.name}",
-              file=sys.stderr)
+        console.note(f"{gguf}: moved its {MODELFILE} into place, which an interrupted export had left as "
+                     f"{journal.name}")
         return gguf
     journal.unlink()
     if gguf is not None:
         gguf.with_name(gguf.name + PARTIAL).unlink(missing_ok=True)
-    print(f"removed the unfinished files an interrupted export left in '{folder}'", file=sys.stderr)
+    console.note(f"removed the unfinished files an interrupted export left in '{folder}'")
     return None
 
 
