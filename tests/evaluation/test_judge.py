@@ -115,7 +115,7 @@ def test_pairwise_counts_with_order_swaps(files, monkeypatch):
     assert p["first_position_rate"] == round(6 / 9, 4)
 
     records = read_jsonl(b.parent / JUDGE_RECORDS)
-    assert records[0]["kind"] == "header" and records[0]["mode"] == "pairwise"
+    assert records[0]["kind"] == "header" and records[0]["settings"]["mode"] == "pairwise"
     body = records[1:]
     assert sorted(r["key"] for r in body) == sorted(f"{i}/pairwise/{o}" for i in range(6) for o in ("AB", "BA"))
     by_key = {r["key"]: r for r in body}
@@ -289,6 +289,74 @@ def test_a_changed_input_or_mode_is_refused(files, monkeypatch):
         assert (b.parent / JUDGE_RECORDS).read_bytes() == before
         # Elsewhere it runs.
         assert run_judge(make_cfg(srv.base_url, max_rows=2), a, b, out=b.parent / "judge2")["status"] == "complete"
+
+
+# A changed value for every judge key that can change a verdict (issue 22, 25). The test below checks that this
+# table covers every key not in NOT_VERDICT_KEYS, so a key added to JudgeConfig is fingerprinted by default and
+# must get a row here.
+VERDICT_CHANGES = {"base_url": None, "model": "another-judge", "temperature": 0.7, "max_tokens": 200,
+                   "malformed_retries": 5, "language": "zh", "mode": "pairwise", "rubric": "Be strict.",
+                   "pairwise_template": "pairwise.txt", "grade_template": "grade.txt"}
+
+
+def test_every_verdict_setting_changed_on_a_rerun_is_refused_naming_its_key(files, monkeypatch, tmp_path):
+    from domaintune.evaluation.judge import NOT_VERDICT_KEYS
+    from domaintune.evaluation.judge_prompts import builtin_template
+
+    monkeypatch.setenv(KEY_ENV, "k")
+    assert set(VERDICT_CHANGES) | set(NOT_VERDICT_KEYS) == set(JudgeConfig.model_fields)
+    assert not set(VERDICT_CHANGES) & set(NOT_VERDICT_KEYS)
+    (tmp_path / "pairwise.txt").write_text(builtin_template("pairwise", "en") + "\nBe brief.", encoding="utf-8")
+    (tmp_path / "grade.txt").write_text(builtin_template("grade", "en") + "\nBe brief.", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    a, b = files
+    records = b.parent / JUDGE_RECORDS
+    with FakeLLM(reply_fn=reply) as srv:
+        first = dict(mode="both", max_rows=1)
+        run_judge(make_cfg(srv.base_url, **first), a, b)
+        before = records.read_bytes()
+        for key, value in VERDICT_CHANGES.items():
+            kw = {**first, key: value}
+            url = srv.base_url.replace("127.0.0.1", "localhost") if kw.pop("base_url", 0) is None else srv.base_url
+            with pytest.raises(UserError, match=rf"holds verdicts for other inputs or settings \([^)]*judge\.{key}\b"):
+                run_judge(make_cfg(url, **kw), a, b)
+            assert records.read_bytes() == before, key
+        # The keys that cannot change a verdict may change: the same records are kept and more rows are added.
+        calm = dict(max_concurrency=1, request_timeout=9.0, max_retries=0, retry_base_delay=0.5,
+                    bootstrap_samples=50, seed=3, api_key_env=KEY_ENV + "_OTHER", max_rows=2)
+        assert set(calm) == set(NOT_VERDICT_KEYS)
+        summary = run_judge(make_cfg(srv.base_url, **{**first, **calm}), a, b)
+    assert summary["status"] == "complete" and summary["rows"] == 2
+    assert records.read_bytes().startswith(before)
+    header = json.loads(before.splitlines()[0])
+    assert header["settings"]["max_tokens"] == 512 and "max_concurrency" not in header["settings"]
+
+
+def test_a_header_without_settings_is_refused_and_a_missing_key_counts_at_its_default(files, monkeypatch):
+    """judge.jsonl written before the settings were recorded (mode, model and temperature at the top level) cannot
+    be checked: refused. A key missing from recorded settings (added to JudgeConfig later) counts at its default."""
+    monkeypatch.setenv(KEY_ENV, "k")
+    a, b = files
+    records = b.parent / JUDGE_RECORDS
+    with FakeLLM(reply_fn=reply) as srv:
+        run_judge(make_cfg(srv.base_url, max_rows=1), a, b)
+        lines = records.read_text(encoding="utf-8").splitlines()
+        head = json.loads(lines[0])
+
+        def rewrite(header: dict) -> None:
+            records.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n", encoding="utf-8")
+
+        settings = head["settings"]
+        del settings["max_tokens"]
+        rewrite(head)
+        with pytest.raises(UserError, match=r"judge\.max_tokens 512 -> 200"):
+            run_judge(make_cfg(srv.base_url, max_rows=1, max_tokens=200), a, b)
+        assert run_judge(make_cfg(srv.base_url, max_rows=2), a, b)["rows"] == 2
+        lines = records.read_text(encoding="utf-8").splitlines()
+        head = {k: v for k, v in head.items() if k != "settings"}
+        rewrite({**head, **{k: settings[k] for k in ("mode", "model", "temperature")}})
+        with pytest.raises(UserError, match=r"earlier domaintune that did not record every judge setting.*--out DIR"):
+            run_judge(make_cfg(srv.base_url, max_rows=2), a, b)
 
 
 def test_questions_come_from_the_test_file(tmp_path, monkeypatch):
