@@ -214,6 +214,39 @@ def test_malformed_replies_are_retried_then_recorded_as_unparseable(files, monke
     assert summary["rows"] == 3 and summary["progress"] == {"done": 6, "total": 6}
 
 
+def test_no_usable_verdict_gives_no_win_rate_or_interval(tmp_path, monkeypatch, capsys):
+    """16 rows whose replies all lack a VERDICT / GRADE line: judge.json, metrics.json, the terminal and report.md
+    say that no verdict was usable, not "win-rate 0.5 [0.5, 0.5]" (issue 22, 30)."""
+    from domaintune.evaluation.report import run_report
+
+    monkeypatch.setenv(KEY_ENV, "k")
+    run = tmp_path / "run"
+    run.mkdir()
+    write_predictions(run / "predictions.base.jsonl", 16, "a")
+    write_predictions(run / "predictions.jsonl", 16, "b")
+    config = tmp_path / "judge.yaml"
+    with FakeLLM(reply_fn=lambda prompt: "I cannot decide.") as srv:
+        config.write_text(yaml.safe_dump({"judge": make_cfg(srv.base_url, mode="both", malformed_retries=0,
+                                                            max_concurrency=4).model_dump(mode="json")}),
+                          encoding="utf-8")
+        assert cli.main(["judge", str(config), "--run", str(run)]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads((run / JUDGE_SUMMARY).read_text(encoding="utf-8"))
+    p, g = summary["pairwise"], summary["grade"]
+    assert (p["rows"], p["usable_rows"], p["ties"], p["unparseable_rows"]) == (16, 0, 16, 16)
+    assert p["win_rate"] is None and p["win_rate_ci95"] is None
+    assert p["problem"].startswith("no usable verdict: the judge's replies for all 16 row(s) were unparseable")
+    assert g["diff"] == {"mean": None, "ci95": None, "n": 0} and g["problem"].startswith("no usable grade")
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))["judge"]
+    assert metrics["pairwise"]["win_rate"] is None and metrics["pairwise"]["problem"] == p["problem"]
+    assert "win-rate of B" not in out and not re.search(r"\[\d", out)  # no number, no interval
+    assert f"pairwise: B wins 0, ties 16, losses 0; {p['problem']}" in out.splitlines()
+    assert f"warning: judge pairwise: {p['problem']}" in err
+    section = run_report(run).read_text(encoding="utf-8").split("### Judged comparison", 1)[1]
+    assert f"| win-rate of the fine-tuned model | {p['problem']} |" in section
+    assert "bootstrap interval" not in section and "50.0%" not in section
+
+
 def test_grades_are_parsed_and_averaged(files, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "k")
     a, b = files

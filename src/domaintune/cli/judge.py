@@ -12,6 +12,7 @@ and --max-rows are shortcuts for judge.mode and judge.max_rows. Files: see `doma
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .options import add_config_args
@@ -76,5 +77,9 @@ def cmd_judge(args: argparse.Namespace) -> int:
     summary = run_judge(cfg, a, b, out=args.out, data=args.data)
     out = Path(args.out) if args.out else b.parent
     print(format_summary(summary))
+    for block in ("pairwise", "grade"):
+        problem = (summary.get(block) or {}).get("problem")
+        if problem:
+            print(f"warning: judge {block}: {problem}", file=sys.stderr)
     print(f"wrote {out / JUDGE_SUMMARY} and {out / METRICS}[\"{METRICS_KEY}\"] (records: {out / JUDGE_RECORDS})")
     return 0

@@ -337,7 +337,8 @@ class JudgeRun:
             summary.update(self._statistics())
         summary["counts"] = self._counts()
         summary["note"] = ("pairwise: B wins a row when both orders prefer B; a tie in either order, disagreeing "
-                           "orders and unparseable replies make a tie. win_rate = (wins + ties/2) / rows. Intervals: "
+                           "orders and unparseable replies make a tie. win_rate = (wins + ties/2) / rows; null, with a "
+                           "\"problem\", when no row has a usable verdict. Intervals: "
                            "95% percentile bootstrap over rows. Tokens as the endpoint reported them, estimated "
                            "where it did not (tokens_estimated calls). http counts every request, the client's "
                            "retries included, added up over the runs of this folder.")
