@@ -333,7 +333,7 @@ VERDICT_CHANGES = {"base_url": None, "model": "another-judge", "temperature": 0.
 
 
 def test_every_verdict_setting_changed_on_a_rerun_is_refused_naming_its_key(files, monkeypatch, tmp_path):
-    from domaintune.evaluation.judge import NOT_VERDICT_KEYS
+    from domaintune.evaluation.judge_header import NOT_VERDICT_KEYS
     from domaintune.evaluation.judge_prompts import builtin_template
 
     monkeypatch.setenv(KEY_ENV, "k")
@@ -555,7 +555,7 @@ def test_report_shows_the_judged_win_rate_and_grades(files, monkeypatch):
     assert f"| difference (fine-tuned - base) | {g['diff']['mean']:.2f} |" in section
     assert "no benchmark yet: `domaintune eval --benchmark zh_general_mc --run" in section
     metrics_table = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
-    assert "judge" not in metrics_table  # the nested result is not dumped into the metrics table
+    assert "| judge |" not in metrics_table  # the nested result is not dumped into the metrics table
 
 
 def test_a_missing_base_predictions_file_says_to_predict_with_base_only(tmp_path, capsys):

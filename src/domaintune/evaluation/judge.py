@@ -9,8 +9,8 @@
 
 Files, in the output folder (default: B's folder, so a run directory gets them):
 - judge.jsonl: the working file. Its first line is a header naming what the records belong to (sha256 of A and
-  B, of the prompts, rubric and questions, and every judge setting that can change a verdict: the whole section
-  but NOT_VERDICT_KEYS); then one record per judge call, appended and fsynced as each call finishes. A killed or
+  B, of the prompts, rubric and questions, and every judge setting that can change a verdict: see
+  judge_header.py); then one record per judge call, appended and fsynced as each call finishes. A killed or
   failed run resumes when run again: what is recorded is kept, what is missing is asked. A rerun with other
   inputs or settings in the same folder is refused, naming each key that changed.
 - judge.json: the summary (status, win/tie/loss, win-rate and mean grades with 95% bootstrap intervals, per-row
@@ -41,6 +41,7 @@ from ..datagen.manifest import now
 from ..errors import UserError
 from ..jsonl import JsonlAppender, read_jsonl, repair_tail
 from . import judge_stats as S
+from .judge_header import header_changes, verdict_settings
 from .judge_prompts import Prompts, parse_grade, parse_verdict, sha256_text
 from .judge_rows import Row, file_sha256, match_rows
 from .metrics import merge_metrics
@@ -53,33 +54,6 @@ JUDGE_SUMMARY = rundir.JUDGE_SUMMARY
 METRICS_KEY = "judge"
 REASON_CHARS = 2000  # of a judge's reply kept in its record
 PROGRESS_EVERY_S = 0.5  # judge.json is rewritten at most this often while the run goes
-# Header fields that must match for the records of an earlier run to count in this one, besides the settings.
-FINGERPRINT = ("a_sha256", "b_sha256", "questions_sha256", "pairwise_template_sha256", "grade_template_sha256",
-               "rubric_sha256")
-# Keys of the judge section that cannot change a verdict, so a rerun may change them. Every other key, including
-# any added to JudgeConfig later, is recorded in the header's "settings" and must match on a rerun.
-NOT_VERDICT_KEYS = {
-    "api_key_env": "where the key is read from, not what the judge answers",
-    "max_concurrency": "how many calls are in flight at once",
-    "request_timeout": "how long one HTTP response is waited for; a timed-out call is retried, never recorded",
-    "max_retries": "HTTP retries of the client; a call that still fails stops the run and records nothing",
-    "retry_base_delay": "the pause before a malformed reply is asked again",
-    "max_rows": "which rows are judged, not how: a later run with more rows continues",
-    "bootstrap_samples": "the statistics, recomputed from the records at every run",
-    "seed": "the bootstrap's seed, likewise",
-}
-# Keys whose content, not their value, is fingerprinted (the *_sha256 fields above): a renamed rubric file with
-# the same text judges the same, and a template of a kind the mode does not use changes nothing.
-CONTENT_KEYS = {"rubric": "rubric_sha256", "pairwise_template": "pairwise_template_sha256",
-                "grade_template": "grade_template_sha256"}
-
-
-def verdict_settings(cfg: JudgeConfig) -> dict:
-    """The judge settings the verdicts depend on: the whole section less NOT_VERDICT_KEYS and CONTENT_KEYS."""
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NOT_VERDICT_KEYS
-            and k not in CONTENT_KEYS}
-
-
 @dataclass(frozen=True)
 class Task:
     """One judge call: a row's pairwise verdict in one order ("AB", "BA") or the grade of one answer ("a", "b")."""
@@ -145,8 +119,7 @@ class JudgeRun:
         if head.get("kind") != "header":
             raise UserError(f"{path}: its first line is not a judge header, so it cannot be resumed; delete it or "
                             "pass --out DIR to write elsewhere")
-        changed = self._changed_settings(head)
-        changed += [c for c in (self._change(k, head) for k in FINGERPRINT if head.get(k) != self.header[k]) if c]
+        changed = header_changes(head, self.header, type(self.cfg))
         if changed:
             raise UserError(f"{path} holds verdicts for other inputs or settings ({'; '.join(changed)}); they cannot "
                             "be mixed with these. Pass --out DIR to judge into another folder, or delete "
@@ -160,37 +133,6 @@ class JudgeRun:
         if isinstance(prev, dict):
             self._prev_http = prev
         return False
-
-    def _change(self, key: str, head: dict) -> str | None:
-        """What changed in header field `key` since the run that wrote `head`, in words; None for a template that
-        only one of the two runs used (judge.mode changed, which is said already)."""
-        old, new = head.get(key), self.header[key]
-        if key in ("a_sha256", "b_sha256"):
-            side = key[0]
-            return f"{side.upper()} {head.get(side)} -> {self.header[side]}: not the same content"
-        if key == "questions_sha256":
-            return f"the questions changed (now from {self.questions_from}, before from {head.get('questions_from')})"
-        if old is None or new is None:
-            return None
-        name = next(k for k, v in CONTENT_KEYS.items() if v == key)
-        what = "text" if name == "rubric" else "prompt template"
-        return f"judge.{name}: its {what} changed (sha256 {str(old)[:12]} -> {str(new)[:12]})"
-
-    def _changed_settings(self, head: dict) -> list[str]:
-        """The verdict settings that differ from those `head` recorded, in words. A key the settings lack (the file
-        was written before that key existed) counts as having had its default. A header without settings (written
-        before they were recorded, with only mode, model and temperature) cannot be checked: refused."""
-        old_settings = head.get("settings")
-        if not isinstance(old_settings, dict):
-            return ["it was written by an earlier domaintune that did not record every judge setting, so its "
-                    "verdicts cannot be checked against judge.max_tokens, judge.base_url and the others"]
-        fields = type(self.cfg).model_fields
-        out = []
-        for key, new in self.header["settings"].items():
-            old = old_settings.get(key, fields[key].default if key in fields else None)
-            if old != new:
-                out.append(f"judge.{key} {old!r} -> {new!r}")
-        return out
 
     # ------------------------------------------------------------------ the calls (worker threads)
     def _prompt(self, task: Task) -> str:
@@ -408,5 +350,10 @@ def run_judge(cfg: JudgeConfig, a: str | Path, b: str | Path, out: str | Path | 
     """Judge predictions file B against A with `cfg` (the `judge` config section); returns judge.json's summary.
     `out`: the output folder (default: B's folder); `data`: the test file to take the questions from (default:
     the one named in B's .meta.json sidecar, else the predictions' input). Resumable: see the module docstring."""
-    return JudgeRun(cfg, Path(a), Path(b), Path(out) if out is not None else None,
-                    Path(data) if data is not None else None).execute()
+    from .report import refresh_report
+
+    judge = JudgeRun(cfg, Path(a), Path(b), Path(out) if out is not None else None,
+                     Path(data) if data is not None else None)
+    summary = judge.execute()
+    refresh_report(judge.out)  # a run directory's report.md shows the verdicts
+    return summary
