@@ -564,4 +564,27 @@ def test_a_missing_base_predictions_file_says_to_predict_with_base_only(tmp_path
     config.write_text(yaml.safe_dump({"judge": {"model": "m"}}), encoding="utf-8")
     assert cli.main(["judge", str(config), "--run", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "predictions.base.jsonl' not found: run `domaintune predict RUN --data test.jsonl --base-only` first" in err
+    run = tmp_path / "run"
+    assert (f"predictions.base.jsonl' not found: run `domaintune predict {run} --data test.jsonl --base-only` "
+            "first") in err
+
+
+def test_the_missing_base_predictions_hint_repeats_the_test_file_and_settings_of_the_tuned_ones(tmp_path, capsys):
+    """After the quickstart (predictions.jsonl made with --max-new-tokens 64), the judge names the predict command
+    that makes base predictions alike: same test file, same settings (issue 22, 28)."""
+    from dataclasses import asdict
+
+    from domaintune.inference.params import PRESETS
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_predictions(run / "predictions.jsonl", 3, "b")
+    generation = {**asdict(PRESETS["predict"]), "max_new_tokens": 64, "repetition_penalty": 1.1}
+    meta = {"data": {"path": "/data/test.jsonl", "sha256": "0" * 64}, "generation": generation, "base_only": False}
+    (run / "predictions.jsonl.meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    config = tmp_path / "judge.yaml"
+    config.write_text(yaml.safe_dump({"judge": {"model": "m"}}), encoding="utf-8")
+    assert cli.main(["judge", str(config), "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert (f"run `domaintune predict {run} --data /data/test.jsonl --base-only --max-new-tokens 64 "
+            "--repetition-penalty 1.1` first (the test file and settings of") in err

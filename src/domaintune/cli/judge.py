@@ -68,6 +68,8 @@ def cmd_judge(args: argparse.Namespace) -> int:
     if a is None or b is None:
         raise UserError("give the two predictions files, --a A.jsonl --b B.jsonl, or --run RUN for RUN's base "
                         "(predictions.base.jsonl) and fine-tuned (predictions.jsonl) predictions")
+    if a.name == BASE_PREDICTIONS and not a.is_file():
+        raise UserError(f"predictions file '{a}' not found: {base_predict_hint(a.parent)}")
     overrides = list(args.overrides)
     if args.mode is not None:
         overrides.append(f"judge.mode={args.mode}")
@@ -83,3 +85,25 @@ def cmd_judge(args: argparse.Namespace) -> int:
             print(f"warning: judge {block}: {problem}", file=sys.stderr)
     print(f"wrote {out / JUDGE_SUMMARY} and {out / METRICS}[\"{METRICS_KEY}\"] (records: {out / JUDGE_RECORDS})")
     return 0
+
+
+def base_predict_hint(run: Path) -> str:
+    """How to make RUN's base-model predictions comparable with its predictions.jsonl: the predict command with
+    the same test file and the generation settings that differ from predict's defaults (from its .meta.json,
+    e.g. the quickstart's --max-new-tokens 64); a generic command when there is no such file."""
+    import json
+    from dataclasses import asdict
+
+    from ..inference.params import PRESETS
+    from ..rundir import PREDICTIONS, PREDICTIONS_META_SUFFIX
+
+    try:
+        meta = json.loads((run / (PREDICTIONS + PREDICTIONS_META_SUFFIX)).read_text(encoding="utf-8"))
+        data, generation = str(meta["data"]["path"]), dict(meta["generation"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"run `domaintune predict {run} --data test.jsonl --base-only` first"
+    defaults = asdict(PRESETS["predict"])
+    flags = "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in generation.items()
+                    if k in defaults and v != defaults[k] and v is not None and v is not False)
+    return (f"run `domaintune predict {run} --data {data} --base-only{flags}` first (the test file and settings "
+            f"of {run / PREDICTIONS}, so that both are made alike)")
