@@ -354,6 +354,13 @@ def test_every_verdict_setting_changed_on_a_rerun_is_refused_naming_its_key(file
             with pytest.raises(UserError, match=rf"holds verdicts for other inputs or settings \([^)]*judge\.{key}\b"):
                 run_judge(make_cfg(url, **kw), a, b)
             assert records.read_bytes() == before, key
+        # A file with a header and no verdict yet (the first calls failed) holds nothing to mix: a changed
+        # setting starts afresh.
+        elsewhere = b.parent / "fresh"
+        elsewhere.mkdir()
+        (elsewhere / JUDGE_RECORDS).write_bytes(before.splitlines(keepends=True)[0])
+        run_judge(make_cfg(srv.base_url, **{**first, "max_tokens": 200}), a, b, out=elsewhere)
+        assert json.loads((elsewhere / JUDGE_RECORDS).read_bytes().splitlines()[0])["settings"]["max_tokens"] == 200
         # The keys that cannot change a verdict may change: the same records are kept and more rows are added.
         calm = dict(max_concurrency=1, request_timeout=9.0, max_retries=0, retry_base_delay=0.5,
                     bootstrap_samples=50, seed=3, api_key_env=KEY_ENV + "_OTHER", max_rows=2)

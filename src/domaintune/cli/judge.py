@@ -68,14 +68,14 @@ def cmd_judge(args: argparse.Namespace) -> int:
     if a is None or b is None:
         raise UserError("give the two predictions files, --a A.jsonl --b B.jsonl, or --run RUN for RUN's base "
                         "(predictions.base.jsonl) and fine-tuned (predictions.jsonl) predictions")
-    if a.name == BASE_PREDICTIONS and not a.is_file():
-        raise UserError(f"predictions file '{a}' not found: {base_predict_hint(a.parent)}")
     overrides = list(args.overrides)
     if args.mode is not None:
         overrides.append(f"judge.mode={args.mode}")
     if args.max_rows is not None:
         overrides.append(f"judge.max_rows={args.max_rows}")
     cfg = load_config(args.config, overrides).judge
+    if a.name == BASE_PREDICTIONS and not a.is_file():
+        raise UserError(f"predictions file '{a}' not found: {base_predict_hint(a.parent)}")
     summary = run_judge(cfg, a, b, out=args.out, data=args.data)
     out = Path(args.out) if args.out else b.parent
     print(format_summary(summary))

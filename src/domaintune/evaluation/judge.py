@@ -119,6 +119,9 @@ class JudgeRun:
         if head.get("kind") != "header":
             raise UserError(f"{path}: its first line is not a judge header, so it cannot be resumed; delete it or "
                             "pass --out DIR to write elsewhere")
+        if len(found) == 1:  # a header and no verdict (the first call failed): nothing to mix, start afresh
+            path.unlink()
+            return True
         changed = header_changes(head, self.header, type(self.cfg))
         if changed:
             raise UserError(f"{path} holds verdicts for other inputs or settings ({'; '.join(changed)}); they cannot "
