@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING
 
 from ..data.examples import load_examples
 from ..errors import UserError
-from ..evaluation.report import refresh_report
 from ..jsonl import JsonlAppender, read_jsonl, repair_tail, write_atomic, write_jsonl_atomic
 from ..rundir import BASE_DIR, BASE_PREDICTIONS, METRICS, PREDICTIONS, PREDICTIONS_META_SUFFIX, RunDir, resolve_template
 from .params import PRESETS, GenerationParams
@@ -246,6 +245,8 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
                   loss if world_size > 1 and has_targets else None)
     if hasattr(engine, "close"):  # vLLM: its engine process and GPU memory
         engine.close()
+    from ..evaluation.report import refresh_report
+
     refresh_report(run.path)  # report.md shows the new predictions and scores (not a state before them)
     return jsonl
 
