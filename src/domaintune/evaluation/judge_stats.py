@@ -13,6 +13,7 @@ generator with the same seed, so each is reproducible on its own.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 # Which file's answer a verdict favours, by the order the answers were shown in.
 _WINNER = {"AB": {"A": "a", "B": "b", "tie": "tie"}, "BA": {"A": "b", "B": "a", "tie": "tie"}}
@@ -65,7 +66,7 @@ def pairwise_stats(outcomes: list[tuple[str, str]], first_picks: int, decided: i
     usable = n - why["unparseable"]
     # Rows whose replies were all unparseable are ties by the rule above; with no usable row at all, that rule
     # alone would make a win-rate of exactly 0.5 with a zero-width interval, a number the judge never gave.
-    block = {
+    block: dict[str, Any] = {
         "rows": n, "usable_rows": usable, "wins": counts["win"], "ties": counts["tie"], "losses": counts["loss"],
         "win_rate": _mean(scores) if usable else None,
         "win_rate_ci95": bootstrap_ci(scores, samples, seed) if usable else None,

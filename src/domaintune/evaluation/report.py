@@ -235,8 +235,8 @@ def _side_by_side(keys: list[str], base: dict, tuned: dict) -> list[str]:
              "|---|---|---|---|"]
     for k in keys + [k for k in base if k not in keys and not isinstance(base[k], dict)]:
         b, t = base.get(k), tuned.get(k)
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (b, t))
-        change = f"{round(t - b, 4):+,.6g}" if numeric and k != "num_samples" else ""
+        bn, tn = (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in (b, t))
+        change = f"{round(tn - bn, 4):+,.6g}" if bn is not None and tn is not None and k != "num_samples" else ""
         lines.append(f"| {k} | {_fmt(b) if b is not None else '-'} | {_fmt(t) if t is not None else '-'} | "
                      f"{change} |")
     if base.get("num_samples") != tuned.get("num_samples"):
