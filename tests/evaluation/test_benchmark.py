@@ -141,6 +141,11 @@ def test_benchmark_matches_lm_eval_called_directly(tiny_run_copy, offline, monke
     assert ["task", "n", "metric", "base", "tuned", "delta"] in table
     assert ["zh_general_mc", "40", "acc", f"{scores['base']['acc']:.4f}", f"{scores['tuned']['acc']:.4f}",
             f"{scores['delta']['acc']:+.4f}"] in table
+    # The run's report.md is rewritten with the table (issue 22, 27), without `domaintune report`.
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "no benchmark yet" not in md
+    base_pct, tuned_pct = 100 * scores["base"]["acc"], 100 * scores["tuned"]["acc"]
+    assert f"| zh_general_mc | 40 | acc | {base_pct:.1f}% | {tuned_pct:.1f}% |" in md
 
 
 def test_limit_scores_the_first_items_as_scored_by_hand_and_metrics_json_keeps_other_keys(tiny_run_copy, offline):

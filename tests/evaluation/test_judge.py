@@ -115,7 +115,7 @@ def test_pairwise_counts_with_order_swaps(files, monkeypatch):
     assert p["first_position_rate"] == round(6 / 9, 4)
 
     records = read_jsonl(b.parent / JUDGE_RECORDS)
-    assert records[0]["kind"] == "header" and records[0]["mode"] == "pairwise"
+    assert records[0]["kind"] == "header" and records[0]["settings"]["mode"] == "pairwise"
     body = records[1:]
     assert sorted(r["key"] for r in body) == sorted(f"{i}/pairwise/{o}" for i in range(6) for o in ("AB", "BA"))
     by_key = {r["key"]: r for r in body}
@@ -214,6 +214,39 @@ def test_malformed_replies_are_retried_then_recorded_as_unparseable(files, monke
     assert summary["rows"] == 3 and summary["progress"] == {"done": 6, "total": 6}
 
 
+def test_no_usable_verdict_gives_no_win_rate_or_interval(tmp_path, monkeypatch, capsys):
+    """16 rows whose replies all lack a VERDICT / GRADE line: judge.json, metrics.json, the terminal and report.md
+    say that no verdict was usable, not "win-rate 0.5 [0.5, 0.5]" (issue 22, 30)."""
+    from domaintune.evaluation.report import run_report
+
+    monkeypatch.setenv(KEY_ENV, "k")
+    run = tmp_path / "run"
+    run.mkdir()
+    write_predictions(run / "predictions.base.jsonl", 16, "a")
+    write_predictions(run / "predictions.jsonl", 16, "b")
+    config = tmp_path / "judge.yaml"
+    with FakeLLM(reply_fn=lambda prompt: "I cannot decide.") as srv:
+        config.write_text(yaml.safe_dump({"judge": make_cfg(srv.base_url, mode="both", malformed_retries=0,
+                                                            max_concurrency=4).model_dump(mode="json")}),
+                          encoding="utf-8")
+        assert cli.main(["judge", str(config), "--run", str(run)]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads((run / JUDGE_SUMMARY).read_text(encoding="utf-8"))
+    p, g = summary["pairwise"], summary["grade"]
+    assert (p["rows"], p["usable_rows"], p["ties"], p["unparseable_rows"]) == (16, 0, 16, 16)
+    assert p["win_rate"] is None and p["win_rate_ci95"] is None
+    assert p["problem"].startswith("no usable verdict: the judge's replies for all 16 row(s) were unparseable")
+    assert g["diff"] == {"mean": None, "ci95": None, "n": 0} and g["problem"].startswith("no usable grade")
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))["judge"]
+    assert metrics["pairwise"]["win_rate"] is None and metrics["pairwise"]["problem"] == p["problem"]
+    assert "win-rate of B" not in out and not re.search(r"\[\d", out)  # no number, no interval
+    assert f"pairwise: B wins 0, ties 16, losses 0; {p['problem']}" in out.splitlines()
+    assert f"warning: judge pairwise: {p['problem']}" in err
+    section = run_report(run).read_text(encoding="utf-8").split("### Judged comparison", 1)[1]
+    assert f"| win-rate of the fine-tuned model | {p['problem']} |" in section
+    assert "bootstrap interval" not in section and "50.0%" not in section
+
+
 def test_grades_are_parsed_and_averaged(files, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "k")
     a, b = files
@@ -289,6 +322,81 @@ def test_a_changed_input_or_mode_is_refused(files, monkeypatch):
         assert (b.parent / JUDGE_RECORDS).read_bytes() == before
         # Elsewhere it runs.
         assert run_judge(make_cfg(srv.base_url, max_rows=2), a, b, out=b.parent / "judge2")["status"] == "complete"
+
+
+# A changed value for every judge key that can change a verdict (issue 22, 25). The test below checks that this
+# table covers every key not in NOT_VERDICT_KEYS, so a key added to JudgeConfig is fingerprinted by default and
+# must get a row here.
+VERDICT_CHANGES = {"base_url": None, "model": "another-judge", "temperature": 0.7, "max_tokens": 200,
+                   "malformed_retries": 5, "language": "zh", "mode": "pairwise", "rubric": "Be strict.",
+                   "pairwise_template": "pairwise.txt", "grade_template": "grade.txt"}
+
+
+def test_every_verdict_setting_changed_on_a_rerun_is_refused_naming_its_key(files, monkeypatch, tmp_path):
+    from domaintune.evaluation.judge_header import NOT_VERDICT_KEYS
+    from domaintune.evaluation.judge_prompts import builtin_template
+
+    monkeypatch.setenv(KEY_ENV, "k")
+    assert set(VERDICT_CHANGES) | set(NOT_VERDICT_KEYS) == set(JudgeConfig.model_fields)
+    assert not set(VERDICT_CHANGES) & set(NOT_VERDICT_KEYS)
+    (tmp_path / "pairwise.txt").write_text(builtin_template("pairwise", "en") + "\nBe brief.", encoding="utf-8")
+    (tmp_path / "grade.txt").write_text(builtin_template("grade", "en") + "\nBe brief.", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    a, b = files
+    records = b.parent / JUDGE_RECORDS
+    with FakeLLM(reply_fn=reply) as srv:
+        first = dict(mode="both", max_rows=1)
+        run_judge(make_cfg(srv.base_url, **first), a, b)
+        before = records.read_bytes()
+        for key, value in VERDICT_CHANGES.items():
+            kw = {**first, key: value}
+            url = srv.base_url.replace("127.0.0.1", "localhost") if kw.pop("base_url", 0) is None else srv.base_url
+            with pytest.raises(UserError, match=rf"holds verdicts for other inputs or settings \([^)]*judge\.{key}\b"):
+                run_judge(make_cfg(url, **kw), a, b)
+            assert records.read_bytes() == before, key
+        # A file with a header and no verdict yet (the first calls failed) holds nothing to mix: a changed
+        # setting starts afresh.
+        elsewhere = b.parent / "fresh"
+        elsewhere.mkdir()
+        (elsewhere / JUDGE_RECORDS).write_bytes(before.splitlines(keepends=True)[0])
+        run_judge(make_cfg(srv.base_url, **{**first, "max_tokens": 200}), a, b, out=elsewhere)
+        assert json.loads((elsewhere / JUDGE_RECORDS).read_bytes().splitlines()[0])["settings"]["max_tokens"] == 200
+        # The keys that cannot change a verdict may change: the same records are kept and more rows are added.
+        calm = dict(max_concurrency=1, request_timeout=9.0, max_retries=0, retry_base_delay=0.5,
+                    bootstrap_samples=50, seed=3, api_key_env=KEY_ENV + "_OTHER", max_rows=2)
+        assert set(calm) == set(NOT_VERDICT_KEYS)
+        summary = run_judge(make_cfg(srv.base_url, **{**first, **calm}), a, b)
+    assert summary["status"] == "complete" and summary["rows"] == 2
+    assert records.read_bytes().startswith(before)
+    header = json.loads(before.splitlines()[0])
+    assert header["settings"]["max_tokens"] == 512 and "max_concurrency" not in header["settings"]
+
+
+def test_a_header_without_settings_is_refused_and_a_missing_key_counts_at_its_default(files, monkeypatch):
+    """judge.jsonl written before the settings were recorded (mode, model and temperature at the top level) cannot
+    be checked: refused. A key missing from recorded settings (added to JudgeConfig later) counts at its default."""
+    monkeypatch.setenv(KEY_ENV, "k")
+    a, b = files
+    records = b.parent / JUDGE_RECORDS
+    with FakeLLM(reply_fn=reply) as srv:
+        run_judge(make_cfg(srv.base_url, max_rows=1), a, b)
+        lines = records.read_text(encoding="utf-8").splitlines()
+        head = json.loads(lines[0])
+
+        def rewrite(header: dict) -> None:
+            records.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n", encoding="utf-8")
+
+        settings = head["settings"]
+        del settings["max_tokens"]
+        rewrite(head)
+        with pytest.raises(UserError, match=r"judge\.max_tokens 512 -> 200"):
+            run_judge(make_cfg(srv.base_url, max_rows=1, max_tokens=200), a, b)
+        assert run_judge(make_cfg(srv.base_url, max_rows=2), a, b)["rows"] == 2
+        lines = records.read_text(encoding="utf-8").splitlines()
+        head = {k: v for k, v in head.items() if k != "settings"}
+        rewrite({**head, **{k: settings[k] for k in ("mode", "model", "temperature")}})
+        with pytest.raises(UserError, match=r"earlier domaintune that did not record every judge setting.*--out DIR"):
+            run_judge(make_cfg(srv.base_url, max_rows=2), a, b)
 
 
 def test_questions_come_from_the_test_file(tmp_path, monkeypatch):
@@ -454,7 +562,7 @@ def test_report_shows_the_judged_win_rate_and_grades(files, monkeypatch):
     assert f"| difference (fine-tuned - base) | {g['diff']['mean']:.2f} |" in section
     assert "no benchmark yet: `domaintune eval --benchmark zh_general_mc --run" in section
     metrics_table = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
-    assert "judge" not in metrics_table  # the nested result is not dumped into the metrics table
+    assert "| judge |" not in metrics_table  # the nested result is not dumped into the metrics table
 
 
 def test_a_missing_base_predictions_file_says_to_predict_with_base_only(tmp_path, capsys):
@@ -463,4 +571,27 @@ def test_a_missing_base_predictions_file_says_to_predict_with_base_only(tmp_path
     config.write_text(yaml.safe_dump({"judge": {"model": "m"}}), encoding="utf-8")
     assert cli.main(["judge", str(config), "--run", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "predictions.base.jsonl' not found: run `domaintune predict RUN --data test.jsonl --base-only` first" in err
+    run = tmp_path / "run"
+    assert (f"predictions.base.jsonl' not found: run `domaintune predict {run} --data test.jsonl --base-only` "
+            "first") in err
+
+
+def test_the_missing_base_predictions_hint_repeats_the_test_file_and_settings_of_the_tuned_ones(tmp_path, capsys):
+    """After the quickstart (predictions.jsonl made with --max-new-tokens 64), the judge names the predict command
+    that makes base predictions alike: same test file, same settings (issue 22, 28)."""
+    from dataclasses import asdict
+
+    from domaintune.inference.params import PRESETS
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_predictions(run / "predictions.jsonl", 3, "b")
+    generation = {**asdict(PRESETS["predict"]), "max_new_tokens": 64, "repetition_penalty": 1.1}
+    meta = {"data": {"path": "/data/test.jsonl", "sha256": "0" * 64}, "generation": generation, "base_only": False}
+    (run / "predictions.jsonl.meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    config = tmp_path / "judge.yaml"
+    config.write_text(yaml.safe_dump({"judge": {"model": "m"}}), encoding="utf-8")
+    assert cli.main(["judge", str(config), "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert (f"run `domaintune predict {run} --data /data/test.jsonl --base-only --max-new-tokens 64 "
+            "--repetition-penalty 1.1` first (the test file and settings of") in err

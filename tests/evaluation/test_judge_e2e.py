@@ -66,7 +66,7 @@ def test_judge_base_vs_tuned_with_the_served_tiny_model(judge_server, tiny_run_c
 
     records = _jsonl(run / "judge.jsonl")
     head, body = records[0], records[1:]
-    assert head["kind"] == "header" and head["mode"] == "both" and head["model"] == MODEL
+    assert head["kind"] == "header" and head["settings"]["mode"] == "both" and head["settings"]["model"] == MODEL
     keys = [rec["key"] for rec in body]
     assert len(keys) == len(set(keys)) == 4 * ROWS
     assert set(keys) == {f"{i}/{k}" for i in range(ROWS) for k in ("pairwise/AB", "pairwise/BA", "grade/a", "grade/b")}

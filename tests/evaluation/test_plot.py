@@ -171,3 +171,48 @@ def test_a_preference_run_gets_a_margin_and_accuracy_panel(tmp_path):
     assert red[500:].sum() > 200 and red[:500].sum() == 0
     sft = plot.plot_records(_records(20, 10), tmp_path / "sft.png")
     assert _read_png(sft).shape[:2] == (500, 1000)  # an SFT run keeps one panel
+
+
+def _window_has(fig, ax, x, y, color, half=8) -> bool:
+    """Whether the drawn figure has pixels of `color` (a matplotlib colour) within `half` pixels of data point
+    (x, y) of `ax`."""
+    import numpy as np
+    from matplotlib.colors import to_rgb
+
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3] / 255.0
+    px, py = ax.transData.transform((x, y))
+    row, col = int(round(img.shape[0] - py)), int(round(px))
+    win = img[max(0, row - half): row + half + 1, max(0, col - half): col + half + 1]
+    return bool((np.abs(win - np.array(to_rgb(color))).max(axis=2) < 0.1).any())
+
+
+def test_a_short_preference_run_shows_its_single_logged_point_and_says_so(tmp_path):
+    """DPO with max_steps 3 < logging_steps 10 logs step 1 only: every series is one point. Each is drawn as a
+    visible marker (a line of one point draws nothing), and the figure says only 1 of 3 steps was logged
+    (issue 22, 31)."""
+    run = tmp_path / "dpo"
+    run.mkdir()
+    rec = {"step": 1, "epoch": 0.1, "loss": 0.6931, "learning_rate": 5e-6, "grad_norm": 1.0,
+           "rewards/margins": 0.0, "rewards/accuracies": 0.0, "rewards/chosen": 0.0, "time": 1.0}
+    (run / "log.jsonl").write_text(json.dumps(rec) + "\n", encoding="utf-8")
+    (run / "run_info.json").write_text(json.dumps({"train": {"global_steps": 3}}), encoding="utf-8")
+    assert _read_png(plot.plot_run(run)).shape[:2] == (1000, 1000)
+
+    fig = plot.make_figure([rec], "dpo", steps=3)
+    assert fig.get_suptitle().startswith("only 1 of 3 steps logged")
+    top, top_lr, bottom, bottom_acc = fig.axes[0], None, None, None
+    for ax in fig.axes[1:]:
+        if ax.get_ylabel() == "learning rate":
+            top_lr = ax
+        elif ax.get_ylabel() == "preference accuracy":
+            bottom_acc = ax
+        elif ax.get_ylabel().startswith("reward margin"):
+            bottom = ax
+    for ax, y, color in ((top, 0.6931, "C0"), (top_lr, 5e-6, "C2"), (bottom, 0.0, "C3"), (bottom_acc, 0.0, "C5")):
+        assert _window_has(fig, ax, 1, y, color), (ax.get_ylabel(), color)
+    # Enough points: no note; two points of three steps still make a line.
+    assert plot.make_figure(_records(20, 10), "sft", steps=20).get_suptitle() == ""
+    two = [dict(rec, step=1), dict(rec, step=2)]
+    assert plot.make_figure(two, "x", steps=3).get_suptitle() == ""
+    assert plot.make_figure(two, "x", steps=40).get_suptitle().startswith("only 2 of 40 steps logged")

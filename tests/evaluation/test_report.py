@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -206,3 +207,79 @@ def test_the_config_dump_leaves_out_sections_of_other_verbs_at_their_defaults(tm
     assert "selfinstruct" not in md and "learning_rate" in md
     (run / "config.yaml").write_text(CONFIG_YAML + "selfinstruct:\n  domain: 医疗\n", encoding="utf-8")
     assert "selfinstruct:\n  domain: 医疗" in report.run_report(run).read_text(encoding="utf-8")  # set: shown
+
+
+# ---------------------------------------------------------------- kept up to date by the verbs (issue 22, 27)
+
+def _section(md: str, title: str) -> str:
+    return md.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_eval_of_a_runs_predictions_refreshes_the_report_and_base_scores_go_beside(tmp_path, capsys):
+    """`eval RUN/predictions.jsonl` and `eval RUN/predictions.base.jsonl` rewrite RUN/report.md; the base model's
+    scores go to RUN/base/metrics.json (never over the fine-tuned ones) and the report shows both side by side."""
+    from domaintune import cli
+
+    run = _full_run(tmp_path)
+    report.run_report(run)
+    preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    _write_jsonl(run / "predictions.jsonl", [dict(p, predict=p["target"]) for p in preds])  # every answer right
+    _write_jsonl(run / "predictions.base.jsonl", preds)
+    assert cli.main(["eval", str(run / "predictions.jsonl")]) == 0
+    assert f"updated {run / 'report.md'}" in capsys.readouterr().err
+    tuned = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert tuned["exact_match"] == 100.0 and "| exact_match | 100 |" in _section(md, "Metrics")
+    assert "No base-model scores to compare with yet" in md
+
+    assert cli.main(["eval", str(run / "predictions.base.jsonl")]) == 0
+    base = json.loads((run / "base" / "metrics.json").read_text(encoding="utf-8"))
+    assert json.loads((run / "metrics.json").read_text(encoding="utf-8")) == tuned  # not replaced by the base's
+    metrics = _section((run / "report.md").read_text(encoding="utf-8"), "Metrics")
+    assert "| metric | base | fine-tuned | change |" in metrics
+    for key in ("bleu-4", "rouge-1", "rouge-l", "exact_match"):
+        change = f"{round(tuned[key] - base[key], 4):+,.6g}"
+        assert f"| {key} | {report._fmt(base[key])} | {report._fmt(tuned[key])} | {change} |" in metrics, key
+    assert "| exact_match | 0 | 100 | +100 |" in metrics
+
+
+def test_predict_and_judge_refresh_the_report(tiny_run_copy, monkeypatch, capsys):
+    """After predict --base-only, predict and judge, report.md shows both models' scores and the verdicts
+    without `domaintune report` being run."""
+    from domaintune.config import JudgeConfig
+    from domaintune.evaluation.judge import run_judge
+    from domaintune.inference.params import GenerationParams
+    from domaintune.inference.predict import run_predict
+    from fake_llm_server import FakeLLM
+
+    run, test = tiny_run_copy, Path(__file__).parents[2] / "examples" / "data" / "test.jsonl"
+    assert (run / "run_info.json").is_file() and not (run / "report.md").exists()
+    params = GenerationParams(max_new_tokens=8)
+    run_predict(run, test, base_only=True, limit=3, params=params)
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "no predictions yet" in _section(md, "Metrics")  # the base model's answers alone are not the run's
+    run_predict(run, test, limit=3, params=params)
+    md = (run / "report.md").read_text(encoding="utf-8")
+    base = json.loads((run / "base" / "metrics.json").read_text(encoding="utf-8"))
+    tuned = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    assert f"| perplexity | {report._fmt(base['perplexity'])} | {report._fmt(tuned['perplexity'])} |" in md
+    assert "not judged yet" in md
+
+    monkeypatch.setenv("DT_REPORT_TEST_KEY", "k")
+    with FakeLLM(reply_fn=lambda prompt: "B is better.\nVERDICT: B") as srv:
+        cfg = JudgeConfig(base_url=srv.base_url, model="m", api_key_env="DT_REPORT_TEST_KEY", language="en",
+                          max_retries=0, retry_base_delay=0.0, bootstrap_samples=50)
+        run_judge(cfg, run / "predictions.base.jsonl", run / "predictions.jsonl")
+    judged = _section((run / "report.md").read_text(encoding="utf-8"), "Base vs fine-tuned")
+    assert "not judged yet" not in judged
+    assert "| fine-tuned wins / ties / losses | 0 / 3 / 0 |" in judged  # "B" in both orders: a tie each row
+    assert f"updated {run / 'report.md'}" in capsys.readouterr().err
+
+
+def test_a_folder_that_is_not_a_run_gets_no_report(tmp_path):
+    (tmp_path / "model").mkdir()
+    assert report.refresh_report(tmp_path / "model") is None
+    assert not (tmp_path / "model" / "report.md").exists()
+    run = _full_run(tmp_path)
+    (run / "base").mkdir()
+    assert report.refresh_report(run / "base") == run / "report.md"  # base/ scores belong to the run

@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..errors import UserError
-    from ..evaluation.metrics import format_metrics, read_predictions, run_compare, run_eval
+    from ..evaluation.metrics import eval_dir, format_metrics, read_predictions, run_compare, run_eval
+    from ..evaluation.report import refresh_report
     from ..rundir import COMPARE
 
     if args.benchmark is not None:
@@ -88,12 +89,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("--data is used with --run RUN (loss and perplexity of RUN's model on the test file)")
     metrics = run_eval(Path(args.predictions), out_dir=Path(args.out_dir) if args.out_dir else None, extra=extra)
     print(format_metrics(metrics))
+    refresh_report(Path(args.out_dir) if args.out_dir else eval_dir(Path(args.predictions)))
     return 0
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from ..evaluation.benchmark import format_benchmark
+    from ..evaluation.report import refresh_report
     from ..inference.benchmark import run_benchmark
     from ..rundir import BENCHMARK, METRICS
 
@@ -106,6 +109,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
                            device=args.device)
     print(format_benchmark(result))
     run = Path(result["run"])
+    refresh_report(run)
     console.note(f"wrote {run / BENCHMARK} and the summary under \"benchmark\" in {run / METRICS}")
     return 0
 

@@ -74,8 +74,36 @@ def cmd_judge(args: argparse.Namespace) -> int:
     if args.max_rows is not None:
         overrides.append(f"judge.max_rows={args.max_rows}")
     cfg = load_config(args.config, overrides).judge
+    if a.name == BASE_PREDICTIONS and not a.is_file():
+        raise UserError(f"predictions file '{a}' not found: {base_predict_hint(a.parent)}")
     summary = run_judge(cfg, a, b, out=args.out, data=args.data)
     out = Path(args.out) if args.out else b.parent
     print(format_summary(summary))
+    for block in ("pairwise", "grade"):
+        problem = (summary.get(block) or {}).get("problem")
+        if problem:
+            console.warn(f"judge {block}: {problem}")
     console.note(f"wrote {out / JUDGE_SUMMARY} and {out / METRICS}[\"{METRICS_KEY}\"] (records: {out / JUDGE_RECORDS})")
     return 0
+
+
+def base_predict_hint(run: Path) -> str:
+    """How to make RUN's base-model predictions comparable with its predictions.jsonl: the predict command with
+    the same test file and the generation settings that differ from predict's defaults (from its .meta.json,
+    e.g. the quickstart's --max-new-tokens 64); a generic command when there is no such file."""
+    import json
+    from dataclasses import asdict
+
+    from ..inference.params import PRESETS
+    from ..rundir import PREDICTIONS, PREDICTIONS_META_SUFFIX
+
+    try:
+        meta = json.loads((run / (PREDICTIONS + PREDICTIONS_META_SUFFIX)).read_text(encoding="utf-8"))
+        data, generation = str(meta["data"]["path"]), dict(meta["generation"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"run `domaintune predict {run} --data test.jsonl --base-only` first"
+    defaults = asdict(PRESETS["predict"])
+    flags = "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in generation.items()
+                    if k in defaults and v != defaults[k] and v is not None and v is not False)
+    return (f"run `domaintune predict {run} --data {data} --base-only{flags}` first (the test file and settings "
+            f"of {run / PREDICTIONS}, so that both are made alike)")

@@ -9,9 +9,10 @@
 
 Files, in the output folder (default: B's folder, so a run directory gets them):
 - judge.jsonl: the working file. Its first line is a header naming what the records belong to (sha256 of A and
-  B, the mode, the judge model, temperature, prompts, rubric and questions); then one record per judge call,
-  appended and fsynced as each call finishes. A killed or failed run resumes when run again: what is recorded
-  is kept, what is missing is asked. A rerun with other inputs or settings in the same folder is refused.
+  B, of the prompts, rubric and questions, and every judge setting that can change a verdict: see
+  judge_header.py); then one record per judge call, appended and fsynced as each call finishes. A killed or
+  failed run resumes when run again: what is recorded is kept, what is missing is asked. A rerun with other
+  inputs or settings in the same folder is refused, naming each key that changed.
 - judge.json: the summary (status, win/tie/loss, win-rate and mean grades with 95% bootstrap intervals, per-row
   outcomes, calls, retries, malformed replies, tokens, HTTP statuses). Rewritten as the run goes, so a killed
   run leaves its counts.
@@ -40,6 +41,7 @@ from ..datagen.manifest import now
 from ..errors import UserError
 from ..jsonl import JsonlAppender, read_jsonl, repair_tail
 from . import judge_stats as S
+from .judge_header import header_changes, verdict_settings
 from .judge_prompts import Prompts, parse_grade, parse_verdict, sha256_text
 from .judge_rows import Row, file_sha256, match_rows
 from .metrics import merge_metrics
@@ -52,11 +54,6 @@ JUDGE_SUMMARY = rundir.JUDGE_SUMMARY
 METRICS_KEY = "judge"
 REASON_CHARS = 2000  # of a judge's reply kept in its record
 PROGRESS_EVERY_S = 0.5  # judge.json is rewritten at most this often while the run goes
-# Header fields that must match for the records of an earlier run to count in this one.
-FINGERPRINT = ("a_sha256", "b_sha256", "mode", "model", "temperature", "questions_sha256",
-               "pairwise_template_sha256", "grade_template_sha256", "rubric_sha256")
-
-
 @dataclass(frozen=True)
 class Task:
     """One judge call: a row's pairwise verdict in one order ("AB", "BA") or the grade of one answer ("a", "b")."""
@@ -90,8 +87,8 @@ class JudgeRun:
         fp = self.prompts.fingerprint()
         self.header = {
             "kind": "header", "a": str(self.a), "b": str(self.b), "a_sha256": file_sha256(self.a),
-            "b_sha256": file_sha256(self.b), "questions_from": self.questions_from, "mode": cfg.mode,
-            "model": cfg.model, "temperature": cfg.temperature,
+            "b_sha256": file_sha256(self.b), "questions_from": self.questions_from,
+            "settings": verdict_settings(cfg),
             "questions_sha256": sha256_text("\n\x00".join(f"{r.id}\x00{r.question}" for r in all_rows)),
             "pairwise_template_sha256": fp.get("pairwise_template_sha256"),
             "grade_template_sha256": fp.get("grade_template_sha256"), "rubric_sha256": fp["rubric_sha256"],
@@ -122,7 +119,10 @@ class JudgeRun:
         if head.get("kind") != "header":
             raise UserError(f"{path}: its first line is not a judge header, so it cannot be resumed; delete it or "
                             "pass --out DIR to write elsewhere")
-        changed = [self._change(k, head) for k in FINGERPRINT if head.get(k) != self.header[k]]
+        if len(found) == 1:  # a header and no verdict (the first call failed): nothing to mix, start afresh
+            path.unlink()
+            return True
+        changed = header_changes(head, self.header, type(self.cfg))
         if changed:
             raise UserError(f"{path} holds verdicts for other inputs or settings ({'; '.join(changed)}); they cannot "
                             "be mixed with these. Pass --out DIR to judge into another folder, or delete "
@@ -136,18 +136,6 @@ class JudgeRun:
         if isinstance(prev, dict):
             self._prev_http = prev
         return False
-
-    def _change(self, key: str, head: dict) -> str:
-        """What changed in header field `key` since the run that wrote `head`, in words."""
-        old, new = head.get(key), self.header[key]
-        if key in ("a_sha256", "b_sha256"):
-            side = key[0]
-            return f"{side.upper()} {head.get(side)} -> {self.header[side]}: not the same content"
-        if key == "questions_sha256":
-            return f"the questions changed (now from {self.questions_from}, before from {head.get('questions_from')})"
-        if key.endswith("_sha256"):
-            return f"the {key.removesuffix('_sha256').replace('_', ' ')} changed"
-        return f"judge.{key} {old!r} -> {new!r}"
 
     # ------------------------------------------------------------------ the calls (worker threads)
     def _prompt(self, task: Task) -> str:
@@ -294,7 +282,8 @@ class JudgeRun:
             summary.update(self._statistics())
         summary["counts"] = self._counts()
         summary["note"] = ("pairwise: B wins a row when both orders prefer B; a tie in either order, disagreeing "
-                           "orders and unparseable replies make a tie. win_rate = (wins + ties/2) / rows. Intervals: "
+                           "orders and unparseable replies make a tie. win_rate = (wins + ties/2) / rows; null, with a "
+                           "\"problem\", when no row has a usable verdict. Intervals: "
                            "95% percentile bootstrap over rows. Tokens as the endpoint reported them, estimated "
                            "where it did not (tokens_estimated calls). http counts every request, the client's "
                            "retries included, added up over the runs of this folder.")
@@ -364,5 +353,10 @@ def run_judge(cfg: JudgeConfig, a: str | Path, b: str | Path, out: str | Path | 
     """Judge predictions file B against A with `cfg` (the `judge` config section); returns judge.json's summary.
     `out`: the output folder (default: B's folder); `data`: the test file to take the questions from (default:
     the one named in B's .meta.json sidecar, else the predictions' input). Resumable: see the module docstring."""
-    return JudgeRun(cfg, Path(a), Path(b), Path(out) if out is not None else None,
-                    Path(data) if data is not None else None).execute()
+    from .report import refresh_report
+
+    judge = JudgeRun(cfg, Path(a), Path(b), Path(out) if out is not None else None,
+                     Path(data) if data is not None else None)
+    summary = judge.execute()
+    refresh_report(judge.out)  # a run directory's report.md shows the verdicts
+    return summary

@@ -13,6 +13,7 @@ generator with the same seed, so each is reproducible on its own.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 # Which file's answer a verdict favours, by the order the answers were shown in.
 _WINNER = {"AB": {"A": "a", "B": "b", "tie": "tie"}, "BA": {"A": "b", "B": "a", "tie": "tie"}}
@@ -62,13 +63,31 @@ def pairwise_stats(outcomes: list[tuple[str, str]], first_picks: int, decided: i
     counts = Counter(o for o, _ in outcomes)
     why = Counter(w for o, w in outcomes if o == "tie")
     scores = [ROW_SCORE[o] for o, _ in outcomes]
-    return {
-        "rows": n, "wins": counts["win"], "ties": counts["tie"], "losses": counts["loss"],
-        "win_rate": _mean(scores), "win_rate_ci95": bootstrap_ci(scores, samples, seed),
+    usable = n - why["unparseable"]
+    # Rows whose replies were all unparseable are ties by the rule above; with no usable row at all, that rule
+    # alone would make a win-rate of exactly 0.5 with a zero-width interval, a number the judge never gave.
+    block: dict[str, Any] = {
+        "rows": n, "usable_rows": usable, "wins": counts["win"], "ties": counts["tie"], "losses": counts["loss"],
+        "win_rate": _mean(scores) if usable else None,
+        "win_rate_ci95": bootstrap_ci(scores, samples, seed) if usable else None,
         "ties_by_cause": {k: why[k] for k in ("judge_tie", "inconsistent", "unparseable")},
         "unparseable_rows": why["unparseable"],
         "first_position_rate": round(first_picks / decided, 4) if decided else None,
     }
+    if n and not usable:
+        block["problem"] = no_usable_verdict(n)
+    return block
+
+
+def no_usable_verdict(rows: int, what: str = "verdict") -> str:
+    """The words judge.json, metrics.json, the terminal and report.md use when no reply of `rows` rows could be
+    read (`what`: "verdict" for pairwise, "grade")."""
+    if what == "verdict":
+        return (f"no usable verdict: the judge's replies for all {rows} row(s) were unparseable (no VERDICT line; "
+                "they are in judge.jsonl), so there is no win-rate; check judge.model and judge.max_tokens, or use "
+                "a stronger judge")
+    return (f"no usable grade: no row of {rows} has both answers graded (no GRADE line from 1 to 10; the replies "
+            "are in judge.jsonl), so there is no difference of grades")
 
 
 def grade_stats(grades: list[tuple[float | None, float | None]], samples: int, seed: int) -> dict:
@@ -81,6 +100,8 @@ def grade_stats(grades: list[tuple[float | None, float | None]], samples: int, s
                        "unparseable": len(grades) - len(vals)}
     diffs = [g[1] - g[0] for g in grades if g[0] is not None and g[1] is not None]
     block["diff"] = {"mean": _mean(diffs), "ci95": bootstrap_ci(diffs, samples, seed), "n": len(diffs)}
+    if grades and not diffs:
+        block["problem"] = no_usable_verdict(len(grades), "grade")
     return block
 
 
@@ -94,10 +115,15 @@ def format_summary(summary: dict) -> str:
              f"{summary['rows']} rows"]
     p = summary.get("pairwise")
     if p:
-        line = (f"pairwise: B wins {p['wins']}, ties {p['ties']}, losses {p['losses']}; win-rate of B "
-                f"{p['win_rate']:g}{_ci(p['win_rate_ci95'])} (95% bootstrap)" if p["rows"] else "pairwise: no rows")
-        if p["unparseable_rows"]:
-            line += f"; {p['unparseable_rows']} row(s) unparseable, counted as ties"
+        if not p["rows"]:
+            line = "pairwise: no rows"
+        elif p.get("win_rate") is None:  # no usable verdict (judge.json's "problem" says why)
+            line = f"pairwise: B wins {p['wins']}, ties {p['ties']}, losses {p['losses']}; {p.get('problem')}"
+        else:
+            line = (f"pairwise: B wins {p['wins']}, ties {p['ties']}, losses {p['losses']}; win-rate of B "
+                    f"{p['win_rate']:g}{_ci(p['win_rate_ci95'])} (95% bootstrap)")
+            if p["unparseable_rows"]:
+                line += f"; {p['unparseable_rows']} row(s) unparseable, counted as ties"
         lines.append(line)
     g = summary.get("grade")
     if g:
@@ -110,6 +136,8 @@ def format_summary(summary: dict) -> str:
         d = g["diff"]
         if d["mean"] is not None:
             parts.append(f"B - A {d['mean']:+g}{_ci(d['ci95'])}")
+        elif g.get("problem"):
+            parts.append(g["problem"])
         lines.append("grade 1-10: " + ", ".join(parts))
     c = summary["counts"]
     lines.append(f"calls {c['calls']} (asked again {c['retries']}, malformed replies {c['malformed']}, "

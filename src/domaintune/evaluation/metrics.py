@@ -165,7 +165,8 @@ def read_predictions(path: Path) -> list[dict]:
 def run_eval(predictions: Path, out_dir: Path | None = None, extra: dict | None = None) -> dict:
     """Score a predictions file; write metrics.json and metrics_per_sample.jsonl; return the metrics.
 
-    out_dir defaults to the predictions file's folder (the run directory). ``extra`` (e.g. "loss" and
+    out_dir defaults to the predictions file's folder (the run directory; its base/ folder for
+    predictions.base.jsonl, see eval_dir). ``extra`` (e.g. "loss" and
     "perplexity" computed by the caller from the model) is merged into metrics.json. metrics.json is
     shared with other verbs: keys this call does not compute (e.g. the loss and perplexity that `predict`
     wrote, when `eval` rescores the file) are kept, and the kept keys are named on the terminal.
@@ -175,7 +176,7 @@ def run_eval(predictions: Path, out_dir: Path | None = None, extra: dict | None 
     if not rows:
         raise UserError(f"{predictions} has no rows: nothing to score")
     summary, per_sample = compute_metrics([r["predict"] for r in rows], [r["target"] for r in rows])
-    out = Path(out_dir) if out_dir is not None else predictions.parent
+    out = Path(out_dir) if out_dir is not None else eval_dir(predictions)
     out.mkdir(parents=True, exist_ok=True)
     metrics, kept = merge_metrics(out / rundir.METRICS, {**summary, **(extra or {})})
     if kept:
@@ -184,6 +185,15 @@ def run_eval(predictions: Path, out_dir: Path | None = None, extra: dict | None 
     lines = [json.dumps({"id": r["id"], **s}, ensure_ascii=False) for r, s in zip(rows, per_sample, strict=True)]
     write_atomic(out / rundir.METRICS_PER_SAMPLE, "\n".join(lines) + "\n")
     return metrics
+
+
+def eval_dir(predictions: Path) -> Path:
+    """Where the scores of a predictions file go by default: its folder, but base/ beside a base model's
+    predictions.base.jsonl, as `predict --base-only` does, so they never replace the fine-tuned model's."""
+    predictions = Path(predictions)
+    if predictions.name == rundir.BASE_PREDICTIONS:
+        return predictions.parent / rundir.BASE_DIR
+    return predictions.parent
 
 
 def merge_metrics(path: Path, new: dict) -> tuple[dict, list[str]]:

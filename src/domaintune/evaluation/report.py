@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -188,23 +189,60 @@ def _plot_section(run: rundir.RunDir, out: Path) -> list[str]:
     return lines + [f"![loss]({rel})"]
 
 
-def _metrics_section(run: rundir.RunDir) -> list[str]:
-    lines = ["## Metrics", ""]
-    path = run.file(rundir.METRICS)
+def _read_metrics(path: Path) -> tuple[dict | None, str | None]:
+    """(metrics, None), (None, what is wrong with the file), or (None, None) when there is no file."""
     if not path.is_file():
-        if run.file(rundir.PREDICTIONS).is_file():
-            return lines + [f"no metrics yet: run `domaintune eval {run.file(rundir.PREDICTIONS)}`"]
-        return lines + [f"no predictions yet: run `domaintune predict {run.path} --data test.jsonl`"]
+        return None, None
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        return lines + [f"{path} line {e.lineno} is not valid JSON ({e.msg}): rerun `domaintune eval`."]
+        return None, f"{path} line {e.lineno} is not valid JSON ({e.msg}): rerun `domaintune eval`."
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{path} could not be read ({e.__class__.__name__}): rerun `domaintune eval`."
+    return (metrics, None) if isinstance(metrics, dict) else (None, f"{path} is not a JSON object: rerun "
+                                                              "`domaintune eval`.")
+
+
+def _metrics_section(run: rundir.RunDir) -> list[str]:
+    lines = ["## Metrics", ""]
+    path = run.file(rundir.METRICS)
+    metrics, problem = _read_metrics(path)
+    if problem:
+        return lines + [problem]
+    if metrics is None:
+        if run.file(rundir.PREDICTIONS).is_file():
+            return lines + [f"no metrics yet: run `domaintune eval {run.file(rundir.PREDICTIONS)}`"]
+        return lines + [f"no predictions yet: run `domaintune predict {run.path} --data test.jsonl`"]
+    base_path = run.path / rundir.BASE_DIR / rundir.METRICS
+    base, base_problem = _read_metrics(base_path)
     # Nested results (judge, benchmark) have their own section below.
     keys = [k for k in METRIC_ORDER if k in metrics] + [k for k in metrics if k not in METRIC_ORDER
                                                         and not isinstance(metrics[k], dict)]
-    lines += _table([(k, metrics[k]) for k in keys], ("metric", "value"))
+    if base is None:
+        lines += _table([(k, metrics[k]) for k in keys], ("metric", "value"))
+        lines += ["", base_problem or f"No base-model scores to compare with yet: `domaintune predict {run.path} "
+                  f"--data TEST --base-only` (with the settings of {rundir.PREDICTIONS}) writes them."]
+    else:
+        lines += _side_by_side(keys, base, metrics)
     return lines + ["", "BLEU-4 is character-level and ROUGE is jieba-segmented for Chinese (as in LLaMA-Factory); "
                         "scores are x100."]
+
+
+def _side_by_side(keys: list[str], base: dict, tuned: dict) -> list[str]:
+    """The base model's scores (base/metrics.json, from `predict --base-only`) next to the fine-tuned model's."""
+    lines = ["Base model (`predictions.base.jsonl`, scores in `base/metrics.json`) and fine-tuned model "
+             "(`predictions.jsonl`) on the test file:", "", "| metric | base | fine-tuned | change |",
+             "|---|---|---|---|"]
+    for k in keys + [k for k in base if k not in keys and not isinstance(base[k], dict)]:
+        b, t = base.get(k), tuned.get(k)
+        bn, tn = (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in (b, t))
+        change = f"{round(tn - bn, 4):+,.6g}" if bn is not None and tn is not None and k != "num_samples" else ""
+        lines.append(f"| {k} | {_fmt(b) if b is not None else '-'} | {_fmt(t) if t is not None else '-'} | "
+                     f"{change} |")
+    if base.get("num_samples") != tuned.get("num_samples"):
+        lines += ["", f"Note: the two were scored on different numbers of rows ({base.get('num_samples')} vs "
+                      f"{tuned.get('num_samples')}); predict both from the same test file for a fair comparison."]
+    return lines
 
 
 def _examples_section(run: rundir.RunDir, k: int = 3) -> list[str]:
@@ -235,6 +273,31 @@ def _examples_section(run: rundir.RunDir, k: int = 3) -> list[str]:
                       "", "**Input**", "", md_block(str(p["input"]), 1500), "", "**Target**", "",
                       md_block(p["target"]), "", "**Prediction**", "", md_block(p["predict"])]
     return lines
+
+
+def refresh_report(folder: str | os.PathLike) -> Path | None:
+    """Rewrite RUN/report.md after a verb added results to RUN (predict, eval, judge, eval --benchmark), so the
+    report never shows an older state. `folder` is where the results went: a run directory, or its base/
+    folder. Only a finished run (run_info.json) or one that has a report already gets one; elsewhere (a model
+    folder, a checkpoint, an arbitrary --out folder) nothing is written and None is returned. A problem
+    writing the report is a warning on stderr: the results themselves are already written."""
+    path = Path(folder)
+    if path.name == rundir.BASE_DIR and not _is_run(path):
+        path = path.parent
+    if not _is_run(path):
+        return None
+    try:
+        out = run_report(path)
+    except Exception as e:  # noqa: BLE001 - the report is a view of results already safely written
+        print(f"warning: could not update {path / rundir.REPORT} ({e}); run `domaintune report {path}`",
+              file=sys.stderr)
+        return None
+    print(f"updated {out}", file=sys.stderr)
+    return out
+
+
+def _is_run(path: Path) -> bool:
+    return (path / rundir.RUN_INFO).is_file() or (path / rundir.REPORT).is_file()
 
 
 def run_report(run_dir: Path, out: Path | None = None) -> Path:

@@ -51,10 +51,12 @@ def _judge_lines(run: rundir.RunDir) -> list[str]:
     pw = summary.get("pairwise")
     if isinstance(pw, dict):
         causes = pw.get("ties_by_cause", {})
+        rate = ([f"| win-rate of the fine-tuned model | {pw['problem']} |"] if pw.get("problem") else
+                [f"| win-rate of the fine-tuned model (wins + ties/2) | {_pct(pw.get('win_rate'))} |",
+                 f"| 95% bootstrap interval | {_ci(pw.get('win_rate_ci95'))} |"])
         lines += ["", "| pairwise (asked in both orders) | value |", "|---|---|",
                   f"| fine-tuned wins / ties / losses | {pw.get('wins')} / {pw.get('ties')} / {pw.get('losses')} |",
-                  f"| win-rate of the fine-tuned model (wins + ties/2) | {_pct(pw.get('win_rate'))} |",
-                  f"| 95% bootstrap interval | {_ci(pw.get('win_rate_ci95'))} |",
+                  *rate,
                   f"| ties: judge said tie / orders disagreed / unparseable | {causes.get('judge_tie', 0)} / "
                   f"{causes.get('inconsistent', 0)} / {causes.get('unparseable', 0)} |"]
     gr = summary.get("grade")
@@ -68,6 +70,8 @@ def _judge_lines(run: rundir.RunDir) -> list[str]:
                   f"{b.get('unparseable')} |",
                   f"| difference (fine-tuned - base) | {_num(d.get('mean'))} | {_ci(d.get('ci95'), False)} | "
                   f"{d.get('n')} | |"]
+        if gr.get("problem"):
+            lines += ["", str(gr["problem"])]
     return lines
 
 

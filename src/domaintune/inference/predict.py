@@ -255,6 +255,9 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
                   loss if world_size > 1 and has_targets else None)
     if hasattr(engine, "close"):  # vLLM: its engine process and GPU memory
         engine.close()
+    from ..evaluation.report import refresh_report
+
+    refresh_report(run.path)  # report.md shows the new predictions and scores (not a state before them)
     return jsonl
 
 
