@@ -19,6 +19,10 @@ tokens (`position_ids` from the attention mask, as `generate` computes them for 
 ALiBi reads the mask itself), and padding is masked out. Greedy answers are the ones the request gets
 alone, up to floating-point rounding of batched matrix products (the tests check fp32 equality).
 
+A failure inside a step (e.g. out of memory) fails the requests of that step; a failure anywhere else in the
+worker's loop (a bug) fails the requests the worker held with `WorkerCrash`, and the loop starts over for the
+queue: no request is ever left waiting on a worker that died.
+
 Models whose cache is not made of plain full-attention layers (sliding-window or linear-attention
 layers, e.g. Mistral or Gemma) cannot be padded and joined this way: they are decoded one request at a
 time (`Batcher.joinable` is False; the server says so when it starts).
@@ -47,6 +51,11 @@ DEFAULT_MAX_BATCH_SIZE = 16  # concurrent streams decoded together (serve --max-
 DEFAULT_MAX_QUEUE = 64  # requests a server admits beyond its batch, waiting for a place (serve --max-queue)
 PREFILL_TOKENS = 8192  # padded prompt tokens prefilled in one step (more joiners wait a step; one always goes)
 IDLE_EXIT_SECONDS = 10.0  # the worker ends after this long without work (and starts again on the next request)
+MAX_CRASHES = 3  # worker-loop failures in a row (no step completed between them) before the queue fails too
+
+
+class WorkerCrash(RuntimeError):
+    """The batcher's worker loop failed outside a decoding step (a bug): the requests it held get this error."""
 
 
 def check_batch_limits(max_batch_size: int | None, max_queue: int) -> None:
@@ -88,6 +97,7 @@ class Batcher:
         self.mask: torch.Tensor | None = None  # (rows, cache length): 1 = a real token, 0 = padding
         self.pending: torch.Tensor | None = None  # (rows,): each row's last sampled token, not yet fed
         self.thread: threading.Thread | None = None
+        self._progressed = False  # the worker completed a step since it last (re)started its loop
         self.counts = {"completed": 0, "stopped": 0, "failed": 0, "generated_tokens": 0, "steps": 0}
         self.recent: deque[float] = deque(maxlen=64)  # seconds from submission to the end, of recent requests
         self.joinable = joinable(engine.model)
@@ -117,7 +127,7 @@ class Batcher:
         req.processors = logits_processors(params)
         with self.cond:
             self.waiting.append(req)
-            if self.thread is None:
+            if self.thread is None or not self.thread.is_alive():  # none, or one that died however it did
                 self.thread = threading.Thread(target=self._loop, daemon=True, name="domaintune-batcher")
                 self.thread.start()
             self.cond.notify()
@@ -139,8 +149,24 @@ class Batcher:
 
     # ------------------------------------------------------------ the worker
     def _loop(self) -> None:
+        """The worker thread. `_work` runs until the batcher is idle; if anything in it raises outside the guarded
+        step (a bug), `_crashed` fails the requests the worker held with a `WorkerCrash` and the loop starts over
+        for the queue, so no request waits forever. After MAX_CRASHES in a row without a completed step, the
+        queued requests fail too and the worker ends (the next `submit` starts a new one)."""
+        crashes = 0
+        while True:
+            try:
+                self._work()
+                return
+            except BaseException as e:  # noqa: BLE001 - whatever it was, nobody may be left waiting
+                crashes = 1 if self._progressed else crashes + 1
+                if self._crashed(e, give_up=crashes >= MAX_CRASHES):
+                    return
+
+    def _work(self) -> None:
         lock = self.engine.lock
         while True:
+            self._progressed = False
             with self.cond:
                 while not self.waiting and not self.rows:
                     if not self.cond.wait(timeout=IDLE_EXIT_SECONDS) and not self.waiting:
@@ -153,9 +179,38 @@ class Batcher:
                     except BaseException as e:  # noqa: BLE001 - every request of the batch learns of it
                         self._fail_all(e)
                     self._flush()
+                    self._progressed = True
                     with self.cond:
                         if not self.waiting and not self.rows:
                             break
+
+    def _crashed(self, e: BaseException, give_up: bool) -> bool:
+        """The worker loop raised outside a step: fail the requests it held (the batch, the joiners, and those
+        with items not yet handed over) with a WorkerCrash naming `e`, and drop the batch's cache. With
+        `give_up`, the queued requests fail too and the worker ends (True: `_loop` returns)."""
+        error = WorkerCrash(f"the generation worker failed ({e.__class__.__name__}: {e}); this request was "
+                            "stopped and the worker restarted. This is a bug in domaintune: please report it.")
+        error.__cause__ = e
+        with self.cond:
+            undelivered, self.outbox = self.outbox, []
+            held = self.joining + self.rows + [r for r, _ in undelivered]
+            if give_up:
+                held += list(self.waiting)
+                self.waiting.clear()
+            self.rows, self.cache, self.mask, self.pending, self.joining = [], None, None, None, []
+            if give_up or not self.waiting:
+                self.thread = None  # the next submit() starts a worker
+        lost = {id(r) for r, _ in undelivered}  # their items (even an END) never reached them
+        seen: set[int] = set()
+        for r in held:
+            if id(r) in seen or (r.ended and id(r) not in lost):
+                continue
+            seen.add(id(r))
+            r.ended = True
+            with self.cond:
+                self.counts["failed"] += 1
+            _send_now(r, error)
+        return give_up or self.thread is None
 
     def _step(self) -> None:
         import torch
@@ -306,17 +361,18 @@ class Batcher:
             self.outbox.append((r, item))
 
     def _flush(self) -> None:
-        """Hand this step's items to the async consumers: one call per event loop, not one per delta."""
+        """Hand this step's items to the async consumers: one call per event loop, not one per delta. The
+        outbox is emptied only once every item is handed over (if this raises, `_crashed` sees what was lost)."""
         by_loop: dict[Any, list] = {}
         for r, item in self.outbox:
             by_loop.setdefault(r.loop, []).append((r, item))
-        self.outbox = []
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(deliver, items)
             except RuntimeError:  # the loop closed (a server shutting down): nobody reads these any more
                 for r, _ in items:
                     r.stop_event.set()
+        self.outbox = []
 
     def _drop(self, indices: list[int]) -> None:
         """Remove finished rows from the batch and its cache, then trim columns that are padding in every row."""
@@ -354,6 +410,17 @@ class Batcher:
             with self.cond:
                 self.counts["failed"] += 1
             self._put(r, e)
+
+
+def _send_now(r: _Request, item: Any) -> None:
+    """Give `item` to a request's consumer at once (not through the outbox), whatever happens to the worker."""
+    try:
+        if r.loop is None:
+            r.out.put(item)
+        else:
+            r.loop.call_soon_threadsafe(deliver, [(r, item)])
+    except RuntimeError:  # its event loop closed: nobody reads it any more
+        r.stop_event.set()
 
 
 def _free_device_memory(e: BaseException) -> None:

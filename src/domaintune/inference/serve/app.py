@@ -48,7 +48,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...errors import UserError
-from ..batching import DEFAULT_MAX_QUEUE, check_batch_limits
+from ..batching import DEFAULT_MAX_QUEUE, WorkerCrash, check_batch_limits
 from ..engine import Engine, StreamState
 from ..params import PRESETS, GenerationParams
 from ..stops import StopScanner, tokens_through_stop
@@ -205,6 +205,11 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
             return _error_response(400, "The request body could not be read: send a JSON object encoded in UTF-8.")
         return _error_response(e.status_code, str(e.detail))
 
+    @app.exception_handler(WorkerCrash)
+    async def _worker_crash(request: Request, e: WorkerCrash) -> JSONResponse:
+        # the batcher's worker failed outside a step: this request was stopped, the worker goes on (batching.py)
+        return _error_response(500, str(e), code="worker_failed")
+
     @app.exception_handler(Exception)
     async def _bug(request: Request, e: Exception) -> JSONResponse:
         # Client input is refused above with a 4xx; reaching this is a bug. The body keeps the OpenAI shape
@@ -322,6 +327,8 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
                     yield _sse(P.usage_chunk(rid, model, obj, use))
             except UserError as e:  # the status line is gone; report in-band, as OpenAI does
                 yield _sse(P.error_body(400, str(e)))
+            except WorkerCrash as e:
+                yield _sse(P.error_body(500, str(e), code="worker_failed"))
             except Exception as e:  # noqa: BLE001
                 yield _sse(P.error_body(500, f"generation failed: {e.__class__.__name__}: {e}"))
             finally:
