@@ -132,6 +132,33 @@ def test_concurrent_streams_each_equal_their_solo_answer(engines, arch, stagger,
     assert (status["running"], status["queued"]) == (0, 0)
 
 
+def test_openai_penalties_apply_per_request_in_a_batch(engines, monkeypatch):
+    """presence/frequency penalties and logit_bias are each request's own: mixed with plain requests in one batch,
+    every answer equals its solo stream, and the solo stream equals transformers' generate with the same
+    processor (greedy and seeded sampling)."""
+    from domaintune.inference.params import RequestParams
+
+    engine = engines["llama"]
+    requests = []
+    for i, (prompt, params) in enumerate(_requests(engine)[:8]):
+        extra = [{}, {"frequency_penalty": 2.0}, {"presence_penalty": 2.0, "logit_bias": ((5, 30.0), (17, -100.0))},
+                 {"frequency_penalty": -2.0, "presence_penalty": 0.5, "logit_bias": ((40 + i, 100.0),)}][i % 4]
+        requests.append((prompt, RequestParams(**{**params.__dict__, **extra})))
+    solo = [_stream(engine, p, params) for p, params in requests]
+    for (prompt, params), (text, state) in zip(requests, solo, strict=True):
+        [gen] = engine.generate([prompt], params, batch_size=1)
+        assert (text, state.token_ids) == (gen.text, gen.token_ids)
+    plain = [_stream(engine, p, GenerationParams(**{k: v for k, v in params.__dict__.items()
+                                                    if k in GenerationParams.__dataclass_fields__}))[0]
+             for p, params in requests]
+    changed = [a != b for a, b in zip(plain, [t for t, _ in solo], strict=True)]
+    assert changed[3] and changed[7] and sum(changed) >= 4, changed  # the penalties changed them
+    watch = _Watch(engine.batcher, monkeypatch)
+    together = _run_together(engine, requests, stagger=True)
+    assert [(t, s.token_ids) for t, s in together] == [(t, s.token_ids) for t, s in solo]
+    assert max(watch.sizes) >= 4
+
+
 def test_max_batch_size_bounds_the_batch_and_the_rest_wait(engines, monkeypatch):
     engine = engines["qwen2"]
     requests = _requests(engine)

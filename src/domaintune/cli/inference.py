@@ -27,9 +27,12 @@ SERVE_HELP = ("Serve a run (or an exported / any local model directory) with an 
               "whitespace around a key is dropped (HTTP cannot send it). Without a key, only requests addressed to "
               "localhost, 127.0.0.1, ::1, the --host address or an --allowed-hosts name are answered (others get "
               "403: a defence against DNS rebinding by web pages). Requests that leave sampling parameters out get "
-              "the defaults below (the 'serve' preset); temperature 0 means greedy (and so does one below 1e-5), "
-              "and max_tokens is capped by the context the prompt leaves. 'stop' strings are honoured; n must "
-              "be 1.")
+              "the defaults below (the 'serve' preset); temperature 0 means greedy (and so does one below 1e-5). "
+              "max_tokens, given or not, is capped by the context the prompt leaves: an answer cut there ends "
+              "with finish_reason 'length' (a prompt that fills the context is a 400). 'stop' strings, "
+              "presence_penalty, frequency_penalty and logit_bias are honoured; what cannot be (n > 1, logprobs, "
+              "tools, tool_choice 'required', response_format json_object/json_schema) is a 400 naming the "
+              "field, never ignored.")
 
 
 def _add_engine_option(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,8 @@ One worker thread owns the model while there is work (it holds `engine.lock`, so
    joined to the running batch's cache (left-padded to the longer one, along the batch dimension);
 2. decodes one token for every request in the batch, each with its own sampling: repetition penalty,
    temperature, top-k and top-p through transformers' own logits processors in the order `generate`
-   applies them, and a `torch.Generator` per request (seeded with the request's `seed`, so a seeded
+   applies them (and OpenAI's presence/frequency penalties and logit_bias: params.OpenAIPenalties), and a
+   `torch.Generator` per request (seeded with the request's `seed`, so a seeded
    request samples what it would alone: the same draws `generate` makes after `torch.manual_seed(seed)`);
 3. sends each request its text delta and removes the requests that finished (a stop token, a stop
    string, `max_new_tokens`) or whose client left (its `stop_event`): their cache rows are dropped at
@@ -124,7 +125,7 @@ class Batcher:
         if params.do_sample:
             req.generator = torch.Generator(device=self.engine.device)
             req.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        req.processors = logits_processors(params)
+        req.processors = logits_processors(params, start=len(prompt))
         with self.cond:
             self.waiting.append(req)
             if self.thread is None or not self.thread.is_alive():  # none, or one that died however it did

@@ -25,11 +25,15 @@ stay open), 403 a Host not answered without a key, 404 unknown model, 413 body l
 (a bug) is a 500 with the same body.
 
 Sampling: `temperature` 0 means greedy decoding; omitted parameters take the server's defaults
-(the "serve" preset of inference/params.py, or what `create_app` is given). `max_tokens` defaults to
-min(defaults.max_new_tokens, context - prompt). `stop`
-strings are honoured (the text is cut before the first match; finish_reason "stop"). `n` must be 1.
+(the "serve" preset of inference/params.py, or what `create_app` is given). `max_tokens` (given or the
+default) is capped by the context the prompt leaves: an answer cut there ends with finish_reason "length".
+`stop` strings are honoured (the text is cut before the first match; finish_reason "stop");
+`presence_penalty`, `frequency_penalty` and `logit_bias` too. What cannot be honoured (`n` > 1, logprobs,
+tools, JSON response formats...) is a 400 naming the field, never ignored (checks.py).
 Chat messages: an optional system message, then user/assistant alternating, ending with user; a
 conversation the model's own chat template refuses (e.g. one that forbids a system role) is a 400 too.
+A failure of the batcher's worker outside a decoding step (a bug) is a 500 `worker_failed` for the requests
+it held (in-band when streaming); the worker goes on for the others.
 """
 from __future__ import annotations
 
@@ -38,7 +42,6 @@ import json
 import threading
 import time
 from contextlib import aclosing
-from dataclasses import replace
 from importlib import resources
 from typing import Any, Iterable
 
@@ -53,6 +56,7 @@ from ..engine import Engine, StreamState
 from ..params import PRESETS, GenerationParams
 from ..stops import StopScanner, tokens_through_stop
 from . import protocol as P
+from .checks import chat_messages, encode_chat, refuse_unsupported, request_params, validation_message
 from .guard import Guard, accepted_hosts, normalise_api_key
 from .lifecycle import Admission, AdmittedStream, APIError, generate, watch_disconnect
 
@@ -62,98 +66,12 @@ def _error_response(status: int, message: str, param: str | None = None, code: s
     return JSONResponse(P.error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-_UNION_LABELS = ("str", "int", "float", "bool")  # pydantic names the member of a union in `loc`: not a field
-
-
-def _where(err: dict) -> list[str]:
-    return [str(x) for x in err.get("loc", ()) if x != "body" and x not in _UNION_LABELS and "[" not in str(x)]
-
-
-def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """(message, param) of a request's schema errors: the most specific one (a union reports one error per
-    member; the member the value was meant for gets deepest), with its siblings at the same place."""
-    err = max(errors, key=lambda e: len(_where(e)))
-    loc = _where(err)
-    kind, msg, ctx = err.get("type"), err.get("msg"), err.get("ctx") or {}
-    if kind == "json_invalid":
-        at = f" at character {loc[0]}" if loc else ""
-        return f"The request body is not valid JSON ({ctx.get('error', msg)}{at}): send a JSON object.", None
-    where = ctx.get("param") if kind == P.INVALID_UNICODE else ".".join(loc)
-    if not where:
-        if kind == "missing":
-            return "The request body is empty: send a JSON object.", None
-        if kind in ("model_attributes_type", "dict_type"):
-            return "The request body must be a JSON object, with the fields of the request.", None
-    msgs = list(dict.fromkeys(e.get("msg") for e in errors if _where(e) == loc and e.get("type") != P.INVALID_UNICODE))
-    return f"{where or 'request body'}: {'; or '.join(msgs) or msg}", where or None
-
-
 # ---------------------------------------------------------------- request checks
 
 def _engine(app: FastAPI) -> Engine:
     if app.state.engine is None:
         raise APIError(503, "The model is still loading; retry when GET /health returns 200.", code="model_loading")
     return app.state.engine
-
-
-def _check_common(req: P.ChatCompletionRequest | P.CompletionRequest, engine: Engine) -> None:
-    if req.model != engine.model_id:
-        raise APIError(404, f"The model '{req.model}' does not exist: this server serves '{engine.model_id}' "
-                            "(see GET /v1/models).", param="model", code="model_not_found")
-    if req.n != 1:
-        raise APIError(400, "Only n=1 is supported.", param="n")
-    if req.logprobs:
-        raise APIError(400, "logprobs are not supported by this server.", param="logprobs")
-    if len(req.stop_list()) > 4:
-        raise APIError(400, "At most 4 stop sequences are allowed.", param="stop")
-
-
-def _chat_messages(req: P.ChatCompletionRequest) -> list[dict]:
-    """The conversation as role/content dicts, checked for the shape every template can render: an optional
-    system message first, then user and assistant turns alternating, starting and ending with user."""
-    if not req.messages:
-        raise APIError(400, "'messages' must contain at least one message.", param="messages")
-    msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
-    start = 1 if msgs[0]["role"] == "system" else 0
-    for i, m in enumerate(msgs):
-        if m["role"] == "system" and i > 0:
-            raise APIError(400, f"messages[{i}]: a system message may only come first.", param=f"messages.{i}.role")
-        want = "user" if (i - start) % 2 == 0 else "assistant"
-        if i >= start and m["role"] != want:
-            raise APIError(400, f"messages[{i}]: expected role '{want}', got '{m['role']}': after an optional system "
-                                "message, user and assistant messages must alternate, starting with user.",
-                           param=f"messages.{i}.role")
-    if msgs[-1]["role"] != "user":
-        raise APIError(400, f"messages[{len(msgs) - 1}]: the last message must have role 'user'.",
-                       param=f"messages.{len(msgs) - 1}.role")
-    return msgs
-
-
-def _encode_chat(engine: Engine, msgs: list[dict]) -> list[int]:
-    """Prompt ids; a conversation the model's chat template refuses is the client's mistake (400)."""
-    try:
-        return engine.encode_messages(msgs)
-    except UserError as e:  # templates.py turns a chat_template's raise_exception into UserError
-        raise APIError(400, str(e), param="messages") from None
-
-
-def _params(req: P.ChatCompletionRequest | P.CompletionRequest, prompt_len: int, engine: Engine,
-            defaults: GenerationParams) -> GenerationParams:
-    prompt_field = "messages" if isinstance(req, P.ChatCompletionRequest) else "prompt"
-    requested = getattr(req, "max_completion_tokens", None)
-    requested = req.max_tokens if requested is None else requested
-    room = engine.context_len - prompt_len
-    if requested is not None and requested <= 0:
-        raise APIError(400, f"max_tokens must be at least 1, got {requested}.", param="max_tokens")
-    if room <= 0 or (requested is not None and requested > room):
-        raise APIError(400, f"This model's context is {engine.context_len} tokens; the prompt has {prompt_len} tokens"
-                            + (f" and max_tokens asks for {requested} more." if requested else "."),
-                       param="max_tokens" if room > 0 else prompt_field, code="context_length_exceeded")
-    params = defaults if req.temperature is None else defaults.with_temperature(req.temperature)
-    given = {"top_p": req.top_p, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty}
-    params = replace(params, max_new_tokens=requested or min(defaults.max_new_tokens, room), seed=req.seed,
-                     **{k: v for k, v in given.items() if v is not None})
-    return params.validate()  # a UserError here (bad server defaults) becomes a 400 like the others
 
 
 def _sse(obj: Any) -> str:
@@ -197,7 +115,7 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        return _error_response(400, *_validation_message(list(e.errors())))
+        return _error_response(400, *validation_message(list(e.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -244,15 +162,15 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
     @app.post("/v1/chat/completions")
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
         eng = _engine(app)
-        _check_common(req, eng)
-        prompt = _encode_chat(eng, _chat_messages(req))
-        params = _params(req, len(prompt), eng, defaults)
+        refuse_unsupported(req, eng)
+        prompt = encode_chat(eng, chat_messages(req))
+        params = request_params(req, len(prompt), eng, defaults)
         return await _respond(request, req, prompt, params, chat=True)
 
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request):
         eng = _engine(app)
-        _check_common(req, eng)
+        refuse_unsupported(req, eng)
         if req.echo or req.suffix or (req.best_of or 1) > 1:
             raise APIError(400, "echo, suffix and best_of > 1 are not supported.")
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -261,7 +179,7 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
         prompt = eng.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
         if not prompt:
             raise APIError(400, "The prompt is empty.", param="prompt")
-        params = _params(req, len(prompt), eng, defaults)
+        params = request_params(req, len(prompt), eng, defaults)
         return await _respond(request, req, prompt, params, chat=False)
 
     async def _respond(request: Request, req: P.ChatCompletionRequest | P.CompletionRequest, prompt: list[int],
