@@ -529,7 +529,8 @@ def test_unreadable_bodies_say_what_to_send(server):
     headers = {**AUTH, "Content-Type": "application/json"}
     r = httpx.post(server + "/v1/chat/completions", content=b'{"model": "\xff"}', headers=headers)
     assert r.status_code == 400
-    assert r.json() == err("The request body could not be read: send a JSON object encoded in UTF-8.")
+    assert r.json() == err("The request body is not UTF-8 (byte 0xff at position 11): send a JSON object encoded in "
+                           "UTF-8.")
     r = httpx.post(server + "/v1/chat/completions", content=b'{"model": tiny}', headers=headers)
     assert r.status_code == 400
     assert r.json() == err("The request body is not valid JSON (Expecting value at character 10): send a JSON object.")
@@ -538,6 +539,47 @@ def test_unreadable_bodies_say_what_to_send(server):
     r = httpx.post(server + "/v1/completions", content=b"[1, 2]", headers=headers)
     assert r.status_code == 400
     assert r.json() == err("The request body must be a JSON object, with the fields of the request.")
+
+
+@pytest.mark.parametrize("content_type, said", [
+    ("application/x-www-form-urlencoded", "this request says 'application/x-www-form-urlencoded'"),  # curl -d
+    ("text/plain;charset=UTF-8", "this request says 'text/plain;charset=UTF-8'"),  # fetch with a string body
+    (None, "this request has no Content-Type"),
+])
+def test_a_json_body_without_a_json_content_type_is_told_to_send_one(server, content_type, said):
+    """Regression: curl's default (a form type) was told "The request body must be a JSON object", though it was
+    one. The body must be sent as JSON (read as JSON regardless, a web page could send it without a CORS
+    preflight); the message says which header to send."""
+    body = json.dumps({"model": MODEL, "messages": MSGS, "max_tokens": 2, "temperature": 0}).encode()
+    headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
+    r = httpx.post(server + "/v1/chat/completions", content=body, headers=headers, timeout=60)
+    assert (r.status_code, r.json()) == (400, err(
+        f"Send the request body as JSON with the header 'Content-Type: application/json' ({said}; curl -d sends a "
+        "form type unless given -H 'Content-Type: application/json').", code="unsupported_content_type"))
+    for ok in ("application/json; charset=utf-8", "Application/JSON"):
+        r = httpx.post(server + "/v1/chat/completions", content=body, headers={**AUTH, "Content-Type": ok}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_huge_integer_is_too_large_naming_its_field(server):
+    """Regression: a 5000-digit integer was told "send a JSON object encoded in UTF-8"."""
+    huge = "9" * 5000
+    for path, raw, param in [
+        ("/v1/chat/completions", f'{{"model": "{MODEL}", "messages": [], "max_tokens": {huge}}}', "max_tokens"),
+        ("/v1/chat/completions", f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": -{huge}}}]}}',
+         "messages.0.content"),
+        ("/v1/completions", f'{{"model": "{MODEL}", "prompt": "x", "seed": {huge}}}', "seed"),
+        ("/v1/completions", f"[{huge}]", "0"),
+    ]:
+        r = httpx.post(server + path, content=raw.encode(), headers={**AUTH, "Content-Type": "application/json"},
+                       timeout=60)
+        assert (r.status_code, r.json()) == (400, err(
+            f"{param}: the integer has 5000 digits, far too large for any field of this API (send a number in the "
+            "field's range).", param, "number_too_large"))
+    # digits inside a string are text, not a number
+    r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "x", "user": huge, "max_tokens": 1},
+                   headers=AUTH, timeout=60)
+    assert r.status_code == 200
 
 
 def test_a_completion_prompt_longer_than_the_context_names_the_prompt(server):

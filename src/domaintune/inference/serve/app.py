@@ -3,7 +3,8 @@
 Endpoints: `GET /health` (open; 503 until the engine is set, 200 after), `GET /v1/models`,
 `POST /v1/chat/completions`, `POST /v1/completions` (streamed as server-sent events when `stream` is
 true: `data: {json}\\n\\n` chunks, the first carrying the role, then `data: [DONE]`), and `GET /`, a
-small web chat page (static/index.html, no build step).
+small web chat page (static/index.html, no build step; sent with a Content-Security-Policy that allows only
+its own inline script and style, X-Frame-Options DENY and X-Content-Type-Options nosniff).
 
 Batching: requests are decoded together by the engine's continuous batcher (inference/batching.py): a
 request joins the running batch at the next step (up to `max_batch_size` at a time; later ones wait in a
@@ -20,7 +21,8 @@ Errors use the OpenAI body `{"error": {"message", "type", "param", "code"}}`: 40
 (including schema errors and unreadable bodies; the schema, protocol.py, refuses what the model cannot
 take, so an accepted request generates), 401 missing/wrong API key (when one is set; `/health`, `/status` and `/`
 stay open), 403 a Host not answered without a key, 404 unknown model, 413 body larger than
-`max_body_bytes` (guard.py checks these three before parsing), 429 too many requests admitted
+`max_body_bytes`, 408 a body that does not arrive within `body_timeout` (guard.py checks these, two
+Authorization headers and a body that is not sent as JSON before parsing), 429 too many requests admitted
 (see Batching), 503 still loading; an unexpected exception
 (a bug) is a 500 with the same body.
 
@@ -38,7 +40,10 @@ it held (in-band when streaming); the worker goes on for the others.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import re
 import threading
 import time
 from contextlib import aclosing
@@ -56,8 +61,15 @@ from ..engine import Engine, StreamState
 from ..params import PRESETS, GenerationParams
 from ..stops import StopScanner, tokens_through_stop
 from . import protocol as P
-from .checks import chat_messages, encode_chat, refuse_unsupported, request_params, validation_message
-from .guard import Guard, accepted_hosts, normalise_api_key
+from .checks import (
+    chat_messages,
+    encode_chat,
+    refuse_unsupported,
+    unreadable_body,
+    validation_message,
+)
+from .checks import request_params as _params  # (the name tests/cli/test_options.py reaches for)
+from .guard import BODY_TIMEOUT_S, Guard, accepted_hosts, normalise_api_key
 from .lifecycle import Admission, AdmittedStream, APIError, generate, watch_disconnect
 
 
@@ -74,6 +86,22 @@ def _engine(app: FastAPI) -> Engine:
     return app.state.engine
 
 
+def _page() -> tuple[str, dict[str, str]]:
+    """The web chat page and its security headers: no framing (clickjacking), no MIME sniffing, and a Content
+    Security Policy that runs only the page's own inline script and style (by their SHA-256) and lets it talk
+    only to this server; no other script, style, frame, form target or resource loads."""
+    html = resources.files("domaintune.inference.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in bodies)
+
+    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+           "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return html, {"Content-Security-Policy": csp, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+                  "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -82,7 +110,8 @@ def _sse(obj: Any) -> str:
 
 def create_app(engine: Engine | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                defaults: GenerationParams | None = None, allowed_hosts: Iterable[str] = (),
-               max_batch_size: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
+               max_batch_size: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+               body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The FastAPI app serving `engine`. With `engine=None` the app answers 503 until `app.state.engine` is
     set (the CLI loads the model in the background after the server listens). `defaults` (in
     `app.state.defaults`) is the sampling of requests that leave a parameter out: the "serve" preset unless
@@ -90,7 +119,7 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
     `max_queue`: requests admitted beyond those, waiting for a place (more get 429).
     `api_key`: required on /v1/* when given (an empty or blank key is a UserError, not "no key").
     `allowed_hosts`: without a key, the Host names answered besides localhost, 127.0.0.1 and ::1 ("*": any);
-    see guard.py."""
+    see guard.py. `body_timeout`: seconds a request body may take to arrive (then 408, guard.py)."""
     api_key = normalise_api_key(api_key, "api_key", "pass api_key=None")
     hosts = accepted_hosts(allowed_hosts)
     app = FastAPI(title="domaintune", docs_url=None, redoc_url=None, openapi_url=None)
@@ -120,7 +149,7 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         if e.status_code == 400:  # FastAPI could not read the body (not UTF-8, nested too deep for the parser)
-            return _error_response(400, "The request body could not be read: send a JSON object encoded in UTF-8.")
+            return _error_response(400, unreadable_body(e.__cause__))
         return _error_response(e.status_code, str(e.detail))
 
     @app.exception_handler(WorkerCrash)
@@ -136,10 +165,11 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
         return _error_response(500, f"The server failed on this request ({what}). This is a bug in domaintune: "
                                     "please report it with the request that caused it.")
 
+    page, page_headers = _page()
+
     @app.get("/", include_in_schema=False)
     async def index():
-        return HTMLResponse(resources.files("domaintune.inference.serve").joinpath("static/index.html")
-                            .read_text(encoding="utf-8"))
+        return HTMLResponse(page, headers=page_headers)
 
     @app.get("/health")
     async def health():
@@ -164,7 +194,7 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
         eng = _engine(app)
         refuse_unsupported(req, eng)
         prompt = encode_chat(eng, chat_messages(req))
-        params = request_params(req, len(prompt), eng, defaults)
+        params = _params(req, len(prompt), eng, defaults)
         return await _respond(request, req, prompt, params, chat=True)
 
     @app.post("/v1/completions")
@@ -179,7 +209,7 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
         prompt = eng.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
         if not prompt:
             raise APIError(400, "The prompt is empty.", param="prompt")
-        params = request_params(req, len(prompt), eng, defaults)
+        params = _params(req, len(prompt), eng, defaults)
         return await _respond(request, req, prompt, params, chat=False)
 
     async def _respond(request: Request, req: P.ChatCompletionRequest | P.CompletionRequest, prompt: list[int],
@@ -258,5 +288,6 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
         return AdmittedStream(events(), admission, media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, hosts=hosts)  # before routing, parsing
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, hosts=hosts,  # before routing, parsing
+                       body_timeout=body_timeout)
     return app

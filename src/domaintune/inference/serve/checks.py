@@ -11,17 +11,18 @@ server cannot honour (never ignored silently), the conversation's shape, and the
 """
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ...errors import UserError
-from ..params import RequestParams
+from ..params import GenerationParams, RequestParams
 from . import protocol as P
 from .lifecycle import APIError
 
 if TYPE_CHECKING:
     from ..engine import Engine
-    from ..params import GenerationParams
 
 _UNION_LABELS = ("str", "int", "float", "bool")  # pydantic names the member of a union in `loc`: not a field
 
@@ -47,6 +48,49 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
             return "The request body must be a JSON object, with the fields of the request.", None
     msgs = list(dict.fromkeys(e.get("msg") for e in errors if _where(e) == loc and e.get("type") != P.INVALID_UNICODE))
     return f"{where or 'request body'}: {'; or '.join(msgs) or msg}", where or None
+
+
+class _Huge:
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+
+def huge_integer(body: bytes) -> tuple[str, int] | None:
+    """(dotted field path, digit count) of the first integer in a JSON body with more digits than Python's int()
+    reads (sys.get_int_max_str_digits: json.loads fails on it with a message about int conversion); None when
+    there is none or the body is not JSON."""
+    limit = sys.get_int_max_str_digits()
+
+    def parse_int(text: str) -> Any:
+        digits = len(text.lstrip("-"))
+        return _Huge(digits) if limit and digits > limit else int(text)
+
+    def find(value: Any, path: str) -> tuple[str, int] | None:
+        if isinstance(value, _Huge):
+            return path, value.digits
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            found = find(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+        return None
+
+    try:
+        return find(json.loads(body, parse_int=parse_int), "")
+    except (ValueError, RecursionError):  # not JSON (FastAPI's parser says so), or nested past Python's stack
+        return None
+
+
+def unreadable_body(cause: BaseException | None) -> str:
+    """What was wrong with a body FastAPI could not parse (`cause`: the parser's exception)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"The request body is not UTF-8 (byte 0x{cause.object[cause.start]:02x} at position {cause.start}): "
+                "send a JSON object encoded in UTF-8.")
+    if isinstance(cause, RecursionError):
+        return "The request body is nested too deeply to read: send a JSON object with the fields of the request."
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "A number in the request body has too many digits to read: send numbers in the fields' ranges."
+    return "The request body could not be read: send a JSON object encoded in UTF-8."
 
 
 # ---------------------------------------------------------------- refusals
@@ -126,9 +170,10 @@ def encode_chat(engine: Engine, msgs: list[dict]) -> list[int]:
 # ---------------------------------------------------------------- decoding settings
 
 def request_params(req: P.ChatCompletionRequest | P.CompletionRequest, prompt_len: int, engine: Engine,
-                   defaults: GenerationParams) -> RequestParams:
+                   defaults: GenerationParams) -> GenerationParams:
     """The request's decoding: the server's `defaults` with what the request sets; max_new_tokens is the
-    request's max_tokens (else the default), capped by the room the prompt leaves in the context."""
+    request's max_tokens (else the default), capped by the room the prompt leaves in the context. A RequestParams
+    when the request sets a penalty or logit_bias."""
     prompt_field = "messages" if isinstance(req, P.ChatCompletionRequest) else "prompt"
     requested = getattr(req, "max_completion_tokens", None)
     requested = req.max_tokens if requested is None else requested
@@ -141,7 +186,10 @@ def request_params(req: P.ChatCompletionRequest | P.CompletionRequest, prompt_le
     params = defaults if req.temperature is None else defaults.with_temperature(req.temperature)
     given = {"top_p": req.top_p, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty,
              "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
-    out = RequestParams(**{**asdict(params), **{k: v for k, v in given.items() if v is not None},
-                           "max_new_tokens": min(requested or defaults.max_new_tokens, room), "seed": req.seed,
-                           "logit_bias": tuple((int(k), v) for k, v in (req.logit_bias or {}).items())})
+    fields = {**asdict(params), **{k: v for k, v in given.items() if v is not None},
+              "max_new_tokens": min(requested or defaults.max_new_tokens, room), "seed": req.seed,
+              "logit_bias": tuple((int(k), v) for k, v in (req.logit_bias or {}).items())}
+    out = RequestParams(**fields)
+    if not out.penalised:  # plain settings stay a GenerationParams (what every engine takes)
+        out = GenerationParams(**{k: v for k, v in fields.items() if k in GenerationParams.__dataclass_fields__})
     return out.validate()  # a UserError here (bad server defaults) becomes a 400 like the others
