@@ -429,6 +429,43 @@ def test_cli_serve_stops_with_the_load_error(tmp_path):
         run_serve(tmp_path, port=free_port(), defaults=replace(PRESETS["serve"], top_k=-2))
 
 
+@pytest.mark.parametrize("verb, target, extra", [
+    ("serve", "domaintune.inference.serve.server.run_serve", []),
+    ("chat", "domaintune.inference.chat.run_chat", []),
+    ("predict", "domaintune.inference.predict.run_predict", ["--data", "test.jsonl"]),
+])
+def test_threads_sets_torchs_cpu_threads_for_serve_chat_and_predict(monkeypatch, capsys, verb, target, extra):
+    """Regression: serve (and predict, chat) on a CPU used every core, which made a loaded server ~4x slower than
+    one thread. --threads N sets torch's threads before the model loads; the default is $OMP_NUM_THREADS if set,
+    else the usable cores up to 4."""
+    import importlib
+
+    import torch
+
+    from domaintune import cli
+    from domaintune.cli.inference import default_threads
+
+    seen = []
+    module, name = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, lambda *a, **kw: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        assert cli.main([verb, "RUN", *extra, "--threads", "1"]) == 0
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert cli.main([verb, "RUN", *extra]) == 0
+        cores = len(os.sched_getaffinity(0))
+        assert seen == [1, min(cores, 4)]
+        assert cli.main([verb, "RUN", *extra, "--threads", "0"]) == 2
+        assert "error: --threads must be at least 1, got 0" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+    assert default_threads({"OMP_NUM_THREADS": "2"}, 16) is None  # torch reads the variable itself
+    assert [default_threads({}, n) for n in (1, 3, 4, 64)] == [1, 3, 4, 4]
+    with pytest.raises(SystemExit):
+        cli.main([verb, "--help"])
+    assert "$OMP_NUM_THREADS if set, else the usable cores up to 4" in " ".join(capsys.readouterr().out.split())
+
+
 # ---------------------------------------------------------------- input that used to answer 500
 
 def post_raw(url, path, body, **kw):
