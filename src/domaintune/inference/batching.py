@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from .kvcache import concatenative_decoding, joinable, left_pad
+from .kvcache import concatenative_decoding, join_rows, joinable, keep_rows
 from .params import logits_processors
-from .streaming import END, StreamState, TextDeltas, deliver
+from .streaming import END, StreamState, TextDeltas, deliver, send_now
 
 if TYPE_CHECKING:
     import torch
@@ -210,7 +210,7 @@ class Batcher:
             r.ended = True
             with self.cond:
                 self.counts["failed"] += 1
-            _send_now(r, error)
+            send_now(r, error)
         return give_up or self.thread is None
 
     def _step(self) -> None:
@@ -288,13 +288,7 @@ class Batcher:
             self.rows, self.cache, self.mask = list(joiners), cache, mask
             self.pending = mask.new_zeros(len(joiners))
             return
-        old, new = self.mask.shape[1], mask.shape[1]
-        width = max(old, new)
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            for name in ("keys", "values"):
-                a, b = left_pad(getattr(mine, name), width), left_pad(getattr(theirs, name), width)
-                setattr(mine, name, torch.cat([a, b], dim=0))
-        self.mask = torch.cat([left_pad(self.mask, width, dim=1), left_pad(mask, width, dim=1)], dim=0)
+        self.mask = join_rows(self.cache, self.mask, cache, mask)
         self.pending = torch.cat([self.pending, mask.new_zeros(len(joiners))])
         self.rows.extend(joiners)
 
@@ -385,13 +379,8 @@ class Batcher:
             self.cache = self.mask = self.pending = None
             return
         assert self.mask is not None and self.pending is not None
-        idx = torch.tensor(keep, device=self.mask.device)
-        self.mask, self.pending = self.mask[idx], self.pending[idx]
-        cut = int((self.mask.cumsum(-1) == 0).sum(-1).min())  # leading columns that are padding in every row
-        self.mask = self.mask[:, cut:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[idx, :, cut:]
-            layer.values = layer.values[idx, :, cut:]
+        self.pending = self.pending[torch.tensor(keep, device=self.pending.device)]
+        self.mask = keep_rows(self.cache, self.mask, keep)
 
     def _fail_all(self, e: BaseException) -> None:
         """A decoding step failed (e.g. out of memory): the requests in the batch, or joining it, get the error and
@@ -411,17 +400,6 @@ class Batcher:
             with self.cond:
                 self.counts["failed"] += 1
             self._put(r, e)
-
-
-def _send_now(r: _Request, item: Any) -> None:
-    """Give `item` to a request's consumer at once (not through the outbox), whatever happens to the worker."""
-    try:
-        if r.loop is None:
-            r.out.put(item)
-        else:
-            r.loop.call_soon_threadsafe(deliver, [(r, item)])
-    except RuntimeError:  # its event loop closed: nobody reads it any more
-        r.stop_event.set()
 
 
 def _free_device_memory(e: BaseException) -> None:
