@@ -151,7 +151,7 @@ class Batcher:
     # ------------------------------------------------------------ the worker
     def _loop(self) -> None:
         """The worker thread. `_work` runs until the batcher is idle; if anything in it raises outside the guarded
-        step (a bug), `_crashed` fails the requests the worker held with a `WorkerCrash` and the loop starts over
+        step (a bug), `_fail_all` fails the requests the worker held with a `WorkerCrash` and the loop starts over
         for the queue, so no request waits forever. After MAX_CRASHES in a row without a completed step, the
         queued requests fail too and the worker ends (the next `submit` starts a new one)."""
         crashes = 0
@@ -161,7 +161,7 @@ class Batcher:
                 return
             except BaseException as e:  # noqa: BLE001 - whatever it was, nobody may be left waiting
                 crashes = 1 if self._progressed else crashes + 1
-                if self._crashed(e, give_up=crashes >= MAX_CRASHES):
+                if self._fail_all(e, crash=True, give_up=crashes >= MAX_CRASHES):
                     return
 
     def _work(self) -> None:
@@ -184,34 +184,6 @@ class Batcher:
                     with self.cond:
                         if not self.waiting and not self.rows:
                             break
-
-    def _crashed(self, e: BaseException, give_up: bool) -> bool:
-        """The worker loop raised outside a step: fail the requests it held (the batch, the joiners, and those
-        with items not yet handed over) with a WorkerCrash naming `e`, and drop the batch's cache. With
-        `give_up`, the queued requests fail too and the worker ends (True: `_loop` returns)."""
-        error = WorkerCrash(f"the generation worker failed ({e.__class__.__name__}: {e}); this request was "
-                            "stopped and the worker restarted. This is a bug in domaintune: please report it.")
-        error.__cause__ = e
-        with self.cond:
-            undelivered, self.outbox = self.outbox, []
-            held = self.joining + self.rows + [r for r, _ in undelivered]
-            if give_up:
-                held += list(self.waiting)
-                self.waiting.clear()
-            self.rows, self.cache, self.mask, self.pending, self.joining = [], None, None, None, []
-            if give_up or not self.waiting:
-                self.thread = None  # the next submit() starts a worker
-        lost = {id(r) for r, _ in undelivered}  # their items (even an END) never reached them
-        seen: set[int] = set()
-        for r in held:
-            if id(r) in seen or (r.ended and id(r) not in lost):
-                continue
-            seen.add(id(r))
-            r.ended = True
-            with self.cond:
-                self.counts["failed"] += 1
-            send_now(r, error)
-        return give_up or self.thread is None
 
     def _step(self) -> None:
         import torch
@@ -382,24 +354,41 @@ class Batcher:
         self.pending = self.pending[torch.tensor(keep, device=self.pending.device)]
         self.mask = keep_rows(self.cache, self.mask, keep)
 
-    def _fail_all(self, e: BaseException) -> None:
-        """A decoding step failed (e.g. out of memory): the requests in the batch, or joining it, get the error and
-        the batch's cache is dropped; queued requests wait for their turn as before."""
+    def _fail_all(self, e: BaseException, crash: bool = False, give_up: bool = False) -> bool:
+        """Fail the requests the worker holds and drop the batch's cache. After a failed step (e.g. out of memory):
+        the batch and the joiners get `e`; queued requests wait for their turn as before. After a `crash` of the
+        loop outside a step (a bug): also the requests whose items were not handed over (even an END), at once,
+        with a WorkerCrash naming `e`; with `give_up` the queue too, and the worker ends. True: `_loop` returns."""
         with self.cond:
-            seen: set[int] = set()
-            everyone = self.joining + self.rows
-            victims = [r for r in everyone if not (id(r) in seen or seen.add(id(r)))]
+            undelivered, self.outbox = (self.outbox, []) if crash else ([], self.outbox)
+            held = self.joining + self.rows + [r for r, _ in undelivered] + (list(self.waiting) if give_up else [])
+            if give_up:
+                self.waiting.clear()
             self.rows, self.cache, self.mask, self.pending, self.joining = [], None, None, None, []
+            if crash and not self.waiting:
+                self.thread = None  # the next submit() starts a worker
         _free_device_memory(e)
-        for r in victims:
-            self._fail(r, e)
+        if crash:
+            cause, e = e, WorkerCrash(f"the generation worker failed ({e.__class__.__name__}: {e}); this request "
+                                      "was stopped and the worker restarted. This is a bug in domaintune: please "
+                                      "report it.")
+            e.__cause__ = cause
+        lost = {id(r) for r, _ in undelivered}  # their items never reached them
+        for r in dict.fromkeys(held):  # in order, once each
+            if id(r) in lost:
+                r.ended = False
+            self._fail(r, e, now=crash)
+        return crash and self.thread is None
 
-    def _fail(self, r: _Request, e: BaseException) -> None:
+    def _fail(self, r: _Request, e: BaseException, now: bool = False) -> None:
         if not r.ended:  # a request that already got its END keeps it
             r.ended = True
             with self.cond:
                 self.counts["failed"] += 1
-            self._put(r, e)
+            if now:  # the worker failed: not through the outbox, which may be what failed
+                send_now(r, e)
+            else:
+                self._put(r, e)
 
 
 def _free_device_memory(e: BaseException) -> None:
