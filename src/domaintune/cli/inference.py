@@ -47,12 +47,13 @@ def _add_engine_option(p: argparse.ArgumentParser) -> None:
 
 
 THREADS_CAP = 4  # the default --threads is at most this many (see THREADS_HELP)
-THREADS_HELP = ("CPU threads for the model's matrix products (torch.set_num_threads; no effect on GPU work). Default: "
-                "$OMP_NUM_THREADS if set, else the usable cores up to 4. Why not every core: decoding a small model "
-                "on a CPU is bound by memory bandwidth, so threads past about 4 gain little, while threads beyond "
-                "the cores that are free (this program's own HTTP and tokenizer work, its clients, other jobs) make "
-                "every step wait: a loaded server on a small machine ran 100 tokens in 20 s with every core and "
-                "in 5.4 s with one. Give 1 when several processes share the machine, more on a large idle one.")
+THREADS_HELP = ("CPU threads for the model's matrix products (torch.set_num_threads; no effect on GPU work). Why not "
+                "every core by default: decoding a small model on a CPU is bound by memory bandwidth, so threads "
+                "past about 4 gain little, while threads beyond the cores that are free (this program's own HTTP and "
+                "tokenizer work, its clients, other jobs) make every step wait: a loaded server on a small machine "
+                "ran 100 tokens in 20 s with every core and in 5.4 s with one. Give 1 when several processes share "
+                "the machine, more on a large idle one (default: $OMP_NUM_THREADS if set, else the usable cores "
+                "up to 4)")
 
 
 def _add_threads_option(p: argparse.ArgumentParser) -> None:
