@@ -260,6 +260,7 @@ class Batcher:
             self.rows, self.cache, self.mask = list(joiners), cache, mask
             self.pending = mask.new_zeros(len(joiners))
             return
+        assert self.mask is not None and self.pending is not None
         self.mask = join_rows(self.cache, self.mask, cache, mask)
         self.pending = torch.cat([self.pending, mask.new_zeros(len(joiners))])
         self.rows.extend(joiners)

@@ -46,7 +46,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
             return "The request body is empty: send a JSON object.", None
         if kind in ("model_attributes_type", "dict_type"):
             return "The request body must be a JSON object, with the fields of the request.", None
-    msgs = list(dict.fromkeys(e.get("msg") for e in errors if _where(e) == loc and e.get("type") != P.INVALID_UNICODE))
+    msgs = list(dict.fromkeys(str(e.get("msg")) for e in errors
+                              if _where(e) == loc and e.get("type") != P.INVALID_UNICODE))
     return f"{where or 'request body'}: {'; or '.join(msgs) or msg}", where or None
 
 
@@ -189,7 +190,8 @@ def request_params(req: P.ChatCompletionRequest | P.CompletionRequest, prompt_le
     fields = {**asdict(params), **{k: v for k, v in given.items() if v is not None},
               "max_new_tokens": min(requested or defaults.max_new_tokens, room), "seed": req.seed,
               "logit_bias": tuple((int(k), v) for k, v in (req.logit_bias or {}).items())}
-    out = RequestParams(**fields)
-    if not out.penalised:  # plain settings stay a GenerationParams (what every engine takes)
-        out = GenerationParams(**{k: v for k, v in fields.items() if k in GenerationParams.__dataclass_fields__})
+    penalised = RequestParams(**fields)
+    # plain settings stay a GenerationParams (what every engine takes)
+    out = penalised if penalised.penalised else GenerationParams(
+        **{k: v for k, v in fields.items() if k in GenerationParams.__dataclass_fields__})
     return out.validate()  # a UserError here (bad server defaults) becomes a 400 like the others
