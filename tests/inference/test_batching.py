@@ -132,6 +132,33 @@ def test_concurrent_streams_each_equal_their_solo_answer(engines, arch, stagger,
     assert (status["running"], status["queued"]) == (0, 0)
 
 
+def test_openai_penalties_apply_per_request_in_a_batch(engines, monkeypatch):
+    """presence/frequency penalties and logit_bias are each request's own: mixed with plain requests in one batch,
+    every answer equals its solo stream, and the solo stream equals transformers' generate with the same
+    processor (greedy and seeded sampling)."""
+    from domaintune.inference.params import RequestParams
+
+    engine = engines["llama"]
+    requests = []
+    for i, (prompt, params) in enumerate(_requests(engine)[:8]):
+        extra = [{}, {"frequency_penalty": 2.0}, {"presence_penalty": 2.0, "logit_bias": ((5, 30.0), (17, -100.0))},
+                 {"frequency_penalty": -2.0, "presence_penalty": 0.5, "logit_bias": ((40 + i, 100.0),)}][i % 4]
+        requests.append((prompt, RequestParams(**{**params.__dict__, **extra})))
+    solo = [_stream(engine, p, params) for p, params in requests]
+    for (prompt, params), (text, state) in zip(requests, solo, strict=True):
+        [gen] = engine.generate([prompt], params, batch_size=1)
+        assert (text, state.token_ids) == (gen.text, gen.token_ids)
+    plain = [_stream(engine, p, GenerationParams(**{k: v for k, v in params.__dict__.items()
+                                                    if k in GenerationParams.__dataclass_fields__}))[0]
+             for p, params in requests]
+    changed = [a != b for a, b in zip(plain, [t for t, _ in solo], strict=True)]
+    assert changed[3] and changed[7] and sum(changed) >= 4, changed  # the penalties changed them
+    watch = _Watch(engine.batcher, monkeypatch)
+    together = _run_together(engine, requests, stagger=True)
+    assert [(t, s.token_ids) for t, s in together] == [(t, s.token_ids) for t, s in solo]
+    assert max(watch.sizes) >= 4
+
+
 def test_max_batch_size_bounds_the_batch_and_the_rest_wait(engines, monkeypatch):
     engine = engines["qwen2"]
     requests = _requests(engine)
@@ -219,6 +246,91 @@ def test_a_failing_step_fails_its_requests_and_the_next_requests_run(engines, mo
         _stream(engine, prompt, params)
     assert _stream(engine, prompt, params)[0] == want
     assert engine.batch_status()["failed"] >= 1
+
+
+def _stream_within(engine: Engine, prompt, params, seconds: float = 30.0) -> tuple[str, StreamState | Exception]:
+    """_stream in a thread that must end within `seconds` (a request left waiting forever fails the test)."""
+    out: dict = {}
+
+    def work():
+        try:
+            out["result"] = _stream(engine, prompt, params)
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            out["result"] = ("", e)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "the request was left waiting"
+    return out["result"]
+
+
+def test_a_worker_that_fails_outside_a_step_fails_its_requests_and_the_next_ones_run(engines, monkeypatch):
+    """Regression: an exception in the worker's loop outside the guarded step (here: handing items over) killed
+    the thread; its requests and every later one waited forever, since no new worker was ever started."""
+    from domaintune.inference.batching import WorkerCrash
+
+    engine = engines["llama"]
+    prompt, params = _requests(engine)[0]
+    want = _stream(engine, prompt, params)[0]
+    batcher = engine.batcher
+    flush, calls = batcher._flush, {"n": 0}
+
+    def failing():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ValueError("injected")
+        flush()
+
+    monkeypatch.setattr(batcher, "_flush", failing)
+    failed_before = engine.batch_status()["failed"]
+    _, error = _stream_within(engine, prompt, params)
+    assert isinstance(error, WorkerCrash)
+    assert str(error).startswith("the generation worker failed (ValueError: injected); this request was stopped")
+    assert isinstance(error.__cause__, ValueError)
+    assert _stream_within(engine, prompt, params)[0] == want  # a worker serves the next request
+    status = engine.batch_status()
+    assert (status["running"], status["queued"], status["failed"]) == (0, 0, failed_before + 1)
+    deadline = time.time() + 10
+    while engine.lock.locked():  # the worker leaves the model once the batch is empty
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+
+def test_a_worker_that_keeps_failing_fails_the_queue_too_and_a_later_request_starts_a_new_one(engines, monkeypatch):
+    """A loop that fails at every step (no step completes): the running request and the queued ones all get
+    the error (none waits forever); once the fault is gone, the next request is served."""
+    from domaintune.inference.batching import WorkerCrash
+
+    engine = engines["qwen2"]
+    monkeypatch.setattr(engine, "max_batch_size", 1)
+    requests = _requests(engine)[:4]
+    want = _stream(engine, *requests[0])[0]
+    batcher = engine.batcher
+    flush = batcher._flush
+
+    def broken():
+        raise OSError("injected")
+
+    monkeypatch.setattr(batcher, "_flush", broken)
+    results: list = [None] * len(requests)
+
+    def work(i):
+        results[i] = _stream_within(engine, *requests[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(isinstance(err, WorkerCrash) and "OSError: injected" in str(err) for _, err in results)
+    deadline = time.time() + 10
+    while batcher.thread is not None:  # the worker gave up and ended
+        assert time.time() < deadline
+        time.sleep(0.01)
+    monkeypatch.setattr(batcher, "_flush", flush)
+    assert _stream_within(engine, *requests[0])[0] == want
+    assert engine.batch_status()["queued"] == 0
 
 
 def test_a_model_whose_cache_cannot_be_joined_decodes_one_request_at_a_time(engines, monkeypatch):

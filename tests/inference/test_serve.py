@@ -242,11 +242,9 @@ def test_missing_or_wrong_key_is_401(server):
      err("max_tokens must be at least 1, got 0.", "max_tokens")),
     ({"model": MODEL, "messages": MSGS, "max_tokens": -5}, 400,
      err("max_tokens must be at least 1, got -5.", "max_tokens")),
-    ({"model": MODEL, "messages": MSGS, "max_tokens": 2040}, 400, lambda n: err(
-        f"This model's context is 2048 tokens; the prompt has {n} tokens and max_tokens asks for 2040 more.",
-        "max_tokens", "context_length_exceeded")),
     ({"model": MODEL, "messages": [{"role": "user", "content": "好" * 3000}]}, 400, lambda n: err(
-        f"This model's context is 2048 tokens; the prompt has {n} tokens.", "messages", "context_length_exceeded")),
+        f"This model's context is 2048 tokens; the prompt has {n} tokens, which leaves no room for an answer.",
+        "messages", "context_length_exceeded")),
     ({"model": "gpt-4o", "messages": MSGS}, 404,
      err("The model 'gpt-4o' does not exist: this server serves 'tiny' (see GET /v1/models).", "model",
          "model_not_found")),
@@ -431,6 +429,43 @@ def test_cli_serve_stops_with_the_load_error(tmp_path):
         run_serve(tmp_path, port=free_port(), defaults=replace(PRESETS["serve"], top_k=-2))
 
 
+@pytest.mark.parametrize("verb, target, extra", [
+    ("serve", "domaintune.inference.serve.server.run_serve", []),
+    ("chat", "domaintune.inference.chat.run_chat", []),
+    ("predict", "domaintune.inference.predict.run_predict", ["--data", "test.jsonl"]),
+])
+def test_threads_sets_torchs_cpu_threads_for_serve_chat_and_predict(monkeypatch, capsys, verb, target, extra):
+    """Regression: serve (and predict, chat) on a CPU used every core, which made a loaded server ~4x slower than
+    one thread. --threads N sets torch's threads before the model loads; the default is $OMP_NUM_THREADS if set,
+    else the usable cores up to 4."""
+    import importlib
+
+    import torch
+
+    from domaintune import cli
+    from domaintune.cli.inference import default_threads
+
+    seen = []
+    module, name = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, lambda *a, **kw: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        assert cli.main([verb, "RUN", *extra, "--threads", "1"]) == 0
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert cli.main([verb, "RUN", *extra]) == 0
+        cores = len(os.sched_getaffinity(0))
+        assert seen == [1, min(cores, 4)]
+        assert cli.main([verb, "RUN", *extra, "--threads", "0"]) == 2
+        assert "error: --threads must be at least 1, got 0" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+    assert default_threads({"OMP_NUM_THREADS": "2"}, 16) is None  # torch reads the variable itself
+    assert [default_threads({}, n) for n in (1, 3, 4, 64)] == [1, 3, 4, 4]
+    with pytest.raises(SystemExit):
+        cli.main([verb, "--help"])
+    assert "$OMP_NUM_THREADS if set, else the usable cores up to 4" in " ".join(capsys.readouterr().out.split())
+
+
 # ---------------------------------------------------------------- input that used to answer 500
 
 def post_raw(url, path, body, **kw):
@@ -531,7 +566,8 @@ def test_unreadable_bodies_say_what_to_send(server):
     headers = {**AUTH, "Content-Type": "application/json"}
     r = httpx.post(server + "/v1/chat/completions", content=b'{"model": "\xff"}', headers=headers)
     assert r.status_code == 400
-    assert r.json() == err("The request body could not be read: send a JSON object encoded in UTF-8.")
+    assert r.json() == err("The request body is not UTF-8 (byte 0xff at position 11): send a JSON object encoded in "
+                           "UTF-8.")
     r = httpx.post(server + "/v1/chat/completions", content=b'{"model": tiny}', headers=headers)
     assert r.status_code == 400
     assert r.json() == err("The request body is not valid JSON (Expecting value at character 10): send a JSON object.")
@@ -540,6 +576,47 @@ def test_unreadable_bodies_say_what_to_send(server):
     r = httpx.post(server + "/v1/completions", content=b"[1, 2]", headers=headers)
     assert r.status_code == 400
     assert r.json() == err("The request body must be a JSON object, with the fields of the request.")
+
+
+@pytest.mark.parametrize("content_type, said", [
+    ("application/x-www-form-urlencoded", "this request says 'application/x-www-form-urlencoded'"),  # curl -d
+    ("text/plain;charset=UTF-8", "this request says 'text/plain;charset=UTF-8'"),  # fetch with a string body
+    (None, "this request has no Content-Type"),
+])
+def test_a_json_body_without_a_json_content_type_is_told_to_send_one(server, content_type, said):
+    """Regression: curl's default (a form type) was told "The request body must be a JSON object", though it was
+    one. The body must be sent as JSON (read as JSON regardless, a web page could send it without a CORS
+    preflight); the message says which header to send."""
+    body = json.dumps({"model": MODEL, "messages": MSGS, "max_tokens": 2, "temperature": 0}).encode()
+    headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
+    r = httpx.post(server + "/v1/chat/completions", content=body, headers=headers, timeout=60)
+    assert (r.status_code, r.json()) == (400, err(
+        f"Send the request body as JSON with the header 'Content-Type: application/json' ({said}; curl -d sends a "
+        "form type unless given -H 'Content-Type: application/json').", code="unsupported_content_type"))
+    for ok in ("application/json; charset=utf-8", "Application/JSON"):
+        r = httpx.post(server + "/v1/chat/completions", content=body, headers={**AUTH, "Content-Type": ok}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_huge_integer_is_too_large_naming_its_field(server):
+    """Regression: a 5000-digit integer was told "send a JSON object encoded in UTF-8"."""
+    huge = "9" * 5000
+    for path, raw, param in [
+        ("/v1/chat/completions", f'{{"model": "{MODEL}", "messages": [], "max_tokens": {huge}}}', "max_tokens"),
+        ("/v1/chat/completions", f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": -{huge}}}]}}',
+         "messages.0.content"),
+        ("/v1/completions", f'{{"model": "{MODEL}", "prompt": "x", "seed": {huge}}}', "seed"),
+        ("/v1/completions", f"[{huge}]", "0"),
+    ]:
+        r = httpx.post(server + path, content=raw.encode(), headers={**AUTH, "Content-Type": "application/json"},
+                       timeout=60)
+        assert (r.status_code, r.json()) == (400, err(
+            f"{param}: the integer has 5000 digits, far too large for any field of this API (send a number in the "
+            "field's range).", param, "number_too_large"))
+    # digits inside a string are text, not a number
+    r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "x", "user": huge, "max_tokens": 1},
+                   headers=AUTH, timeout=60)
+    assert r.status_code == 200
 
 
 def test_a_completion_prompt_longer_than_the_context_names_the_prompt(server):
@@ -561,3 +638,141 @@ def test_a_server_bug_still_answers_an_openai_error_body(engine):
     assert r.status_code == 500
     assert r.json() == err("The server failed on this request (RuntimeError: boom). This is a bug in domaintune: "
                            "please report it with the request that caused it.", type_="server_error")
+
+
+# ---------------------------------------------------------------- what cannot be honoured is refused, never ignored
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("kw, param, message", [
+    ({"tools": [TOOL]}, "tools", "tools are not supported by this server yet: the model answers in plain text and "
+                                 "makes no tool calls. Leave 'tools' out."),
+    ({"tool_choice": "required"}, "tool_choice", "tool_choice required cannot be honoured: this server has no tools "
+                                                 "to call (the model answers in plain text). Leave 'tool_choice' out "
+                                                 "or send \"none\"."),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice",
+     "tool_choice an object (type, function) cannot be honoured: this server has no tools to call (the model answers "
+     "in plain text). Leave 'tool_choice' out or send \"none\"."),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions",
+     "functions are not supported by this server yet: the model answers in plain text and makes no tool calls. "
+     "Leave 'functions' out."),
+    ({"function_call": {"name": "f"}}, "function_call",
+     "function_call an object (name) cannot be honoured: this server has no tools to call (the model answers in "
+     "plain text). Leave 'function_call' out or send \"none\"."),
+    ({"response_format": {"type": "json_object"}}, "response_format",
+     "response_format 'json_object' is not supported by this server: nothing constrains the answer to JSON. Leave "
+     "'response_format' out or send {\"type\": \"text\"}; ask for JSON in the prompt instead."),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format",
+     "response_format 'json_schema' is not supported by this server: nothing constrains the answer to JSON. Leave "
+     "'response_format' out or send {\"type\": \"text\"}; ask for JSON in the prompt instead."),
+    ({"top_logprobs": 2}, "top_logprobs", "top_logprobs are not supported by this server (nor logprobs)."),
+    ({"logit_bias": {"99999999": 5}}, "logit_bias.99999999",
+     "logit_bias: token id 99999999 is not in this model's vocabulary (ids 0 to {last})."),
+    ({"logit_bias": {"abc": 5}}, "logit_bias",
+     "logit_bias: Value error, keys must be token ids (non-negative integers, as strings), got 'abc'"),
+    ({"logit_bias": {"5": 101}}, "logit_bias.5", "logit_bias.5: Input should be less than or equal to 100"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "presence_penalty: Input should be less than or equal to 2"),
+    ({"frequency_penalty": -3}, "frequency_penalty",
+     "frequency_penalty: Input should be greater than or equal to -2"),
+])
+def test_what_cannot_be_honoured_is_400_naming_the_field(client, engine, kw, param, message):
+    """Regression: tools, tool_choice "required", response_format json_object, presence/frequency penalties and
+    logit_bias got a plain 200 and were ignored. Those that cannot be honoured are a 400 naming the field, through
+    the official client, streamed or not."""
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2, stream=stream, **kw)
+        e = caught.value
+        assert (e.status_code, e.param, e.body["type"]) == (400, param, "invalid_request_error")
+        assert e.body["message"] == message.replace("{last}", str(engine.vocab_size - 1))
+
+
+def test_what_needs_no_tools_or_json_is_served(client, engine):
+    """tool_choice "none" / "auto" without tools, an empty tools list and response_format text change nothing."""
+    plain = client.chat.completions.create(model=MODEL, messages=MSGS, temperature=0, max_tokens=6)
+    for kw in ({"tool_choice": "none"}, {"tool_choice": "auto"}, {"tools": []}, {"response_format": {"type": "text"}},
+               {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}):
+        r = client.chat.completions.create(model=MODEL, messages=MSGS, temperature=0, max_tokens=6, **kw)
+        assert r.choices[0].message.content == plain.choices[0].message.content, kw
+
+
+def test_logit_bias_is_applied(client, engine):
+    """+100 on one token makes greedy decoding write only it; -100 on the first greedy token makes it never come."""
+    _, plain = solo(engine, MSGS, 6)
+    token = engine.tokenizer.convert_tokens_to_ids(engine.tokenizer.tokenize("好")[0])
+    assert token not in engine.stop_ids and plain.token_ids[:6] != [token] * 6
+    for stream in (False, True):
+        r = client.chat.completions.create(model=MODEL, messages=MSGS, temperature=0, max_tokens=6, stream=stream,
+                                           logit_bias={str(token): 100}, stream_options={"include_usage": True}
+                                           if stream else None)
+        chunks = list(r) if stream else None
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) if stream else \
+            r.choices[0].message.content
+        usage = chunks[-1].usage if stream else r.usage
+        assert (text, usage.completion_tokens) == (engine.decode([token] * 6), 6)
+    first = plain.token_ids[0]
+    r = client.completions.create(model=MODEL, prompt=engine.tokenizer.decode(engine.encode_messages(MSGS)),
+                                  temperature=0, max_tokens=4, logit_bias={str(first): -100})
+    assert not r.choices[0].text.startswith(engine.decode([first]))
+
+
+def test_presence_and_frequency_penalties_are_applied_as_generate_applies_them(client, engine):
+    """The served answer with penalties (the continuous batcher's OpenAIPenalties) equals transformers' generate
+    with the same processor, and differs from the answer without them (the micro model repeats itself)."""
+    from domaintune.inference.params import RequestParams
+
+    ids, plain = solo(engine, MSGS, 16)
+    for kw in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"frequency_penalty": 1.0,
+                                                                       "presence_penalty": -0.5}):
+        want = engine.generate([ids], RequestParams(max_new_tokens=16, **kw), batch_size=1)[0]
+        r = client.chat.completions.create(model=MODEL, messages=MSGS, temperature=0, max_tokens=16, **kw)
+        assert r.choices[0].message.content == want.text, kw
+        chunks = list(client.chat.completions.create(model=MODEL, messages=MSGS, temperature=0, max_tokens=16,
+                                                     stream=True, **kw))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+    assert want.text != plain.text
+
+
+def test_openai_penalties_follow_openais_definition():
+    """logit += bias; logit -= count * frequency + (count > 0) * presence, counting generated tokens only."""
+    import torch
+
+    from domaintune.inference.params import OpenAIPenalties
+
+    proc = OpenAIPenalties(start=3, presence=0.5, frequency=2.0, bias=((1, 10.0), (4, -3.0)))
+    ids = torch.tensor([[4, 4, 2, 5, 5, 7]])  # prompt [4, 4, 2]; generated 5 twice, 7 once
+    scores = torch.zeros(1, 8)
+    out = proc(ids, scores)
+    assert out.tolist() == [[0.0, 10.0, 0.0, 0.0, -3.0, -4.5, 0.0, -2.5]]
+    assert scores.tolist() == [[0.0] * 8]  # the input is left as it was
+
+
+# ---------------------------------------------------------------- max_tokens beyond the room the prompt leaves
+
+def test_max_tokens_beyond_the_context_left_is_capped_with_finish_reason_length(server, client, engine):
+    """Regression: an explicit max_tokens larger than the room the prompt leaves was a 400, so the shipped configs
+    (gen-data's max_tokens 1024, the judge's 512) failed every call against a 2,048-token model. It is capped, and
+    an answer cut there ends with finish_reason "length", as `serve --help` says."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    shipped = [yaml.safe_load((repo / "configs" / name).read_text(encoding="utf-8"))[section]["max_tokens"]
+               for name, section in (("selfinstruct.yaml", "selfinstruct"), ("judge.yaml", "judge"))]
+    assert shipped == [1024, 512]
+    k = 2000
+    while (room := engine.context_len - len(engine.encode_messages([{"role": "user", "content": "好" * k}]))) > 5:
+        k += 1
+    msgs = [{"role": "user", "content": "好" * k}]
+    n = len(engine.encode_messages(msgs))
+    assert 0 < room <= 5
+    for max_tokens in shipped:
+        r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=max_tokens)
+        assert r.choices[0].finish_reason == "length"
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n, room)
+        chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=max_tokens,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == room
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    r = client.completions.create(model=MODEL, prompt="好" * (engine.context_len - 3), temperature=0, max_tokens=512)
+    assert r.choices[0].finish_reason == "length" and r.usage.total_tokens == engine.context_len

@@ -7,6 +7,7 @@ Real uvicorn servers on 127.0.0.1. Most need no model: an app without an engine 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -281,3 +282,58 @@ def test_cli_serve_checks_hosts_against_the_bound_address_and_allowed_hosts(tiny
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+# ---------------------------------------------------------------- hardening: duplicate headers, slow bodies, the page
+
+def test_two_authorization_headers_are_refused():
+    """Regression: with two Authorization headers the last one won (a proxy adding its own could be bypassed or
+    shadowed). Either order is a 400, on every path."""
+    with running(create_app(None, api_key="s3cret")) as url:
+        for pair in (["Bearer wrong", "Bearer s3cret"], ["Bearer s3cret", "Bearer wrong"]):
+            for path in ("/v1/models", "/health"):
+                r = httpx.get(url + path, headers=[("Authorization", v) for v in pair], timeout=10)
+                assert (r.status_code, r.json()) == (400, err("The request has 2 Authorization headers: send exactly "
+                                                              "one.", code="duplicate_header"))
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 503  # one: ok
+
+
+def test_a_body_shorter_than_its_content_length_gets_408_and_the_connection_closes():
+    """Regression: a client that declared a longer body than it sent held the connection (and the request) open
+    indefinitely. After the body timeout the server answers 408 and closes the connection."""
+    with running(create_app(None, body_timeout=0.5)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            t0 = time.monotonic()
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"model\": ")
+            data = b""
+            while chunk := s.recv(4096):  # ends when the server closes the connection
+                data += chunk
+            waited = time.monotonic() - t0
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower()
+        assert 0.4 < waited < 8
+        assert json.loads(body) == err("The request body did not arrive within 0.5 s (10 bytes came): send the whole "
+                                       "body at once, as its Content-Length says.", code="request_timeout")
+        assert health(url) == LOADING  # the server goes on
+
+
+def test_the_web_page_forbids_framing_sniffing_and_foreign_code():
+    """Regression: the page was sent without X-Frame-Options or a Content-Security-Policy (clickjacking, injected
+    scripts). Its CSP allows exactly its own inline script and style, by hash (test_web.py checks the page runs)."""
+    import base64
+    import hashlib
+    import re
+
+    with running(create_app(None)) as url:
+        r = httpx.get(url + "/", timeout=10)
+    assert r.status_code == 200
+    assert (r.headers["x-frame-options"], r.headers["x-content-type-options"]) == ("DENY", "nosniff")
+    policy = dict(p.strip().split(" ", 1) for p in r.headers["content-security-policy"].split(";"))
+    assert (policy["default-src"], policy["frame-ancestors"], policy["connect-src"]) == ("'none'", "'none'", "'self'")
+    for tag in ("script", "style"):
+        [inline] = re.findall(rf"<{tag}>(.*?)</{tag}>", r.text, flags=re.S)
+        digest = base64.b64encode(hashlib.sha256(inline.encode()).digest()).decode()
+        assert policy[f"{tag}-src"] == f"'sha256-{digest}'"
+    assert not re.search(r"<[^>]+\s(style|on[a-z]+)=", r.text)  # inline attributes the CSP would block

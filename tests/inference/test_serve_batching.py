@@ -211,3 +211,39 @@ def test_bad_limits_are_refused(engine):
         create_app(engine, max_batch_size=0)
     with pytest.raises(UserError, match="--max-queue must be at least 0"):
         create_app(engine, max_queue=-1)
+
+
+def test_a_worker_that_fails_outside_a_step_answers_500_and_the_server_goes_on(engine, monkeypatch):
+    """Regression: an exception in the batcher's loop outside its guarded step killed the worker; the request
+    and every later one waited forever. Now the request gets a 500 OpenAI error body (in-band when streamed)
+    and the next request is served."""
+    batcher = engine.batcher
+    flush, armed = batcher._flush, threading.Event()
+
+    def failing():
+        if armed.is_set():
+            armed.clear()
+            raise ValueError("injected")
+        flush()
+
+    monkeypatch.setattr(batcher, "_flush", failing)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 8}
+    with running_app(create_app(engine, api_key=KEY)) as url:
+        for stream in (False, True):
+            armed.set()
+            r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": stream}, headers=AUTH, timeout=30)
+            if stream:
+                assert r.status_code == 200  # the status line was sent before the failure: the error is in-band
+                events = r.text.removesuffix("\n\n").split("\n\n")
+                assert events[-1] == "data: [DONE]"
+                error = json.loads(events[-2][len("data: "):])["error"]
+            else:
+                assert (r.status_code, r.headers["content-type"]) == (500, "application/json")
+                error = r.json()["error"]
+            assert (error["type"], error["code"]) == ("server_error", "worker_failed")
+            assert error["message"].startswith("the generation worker failed (ValueError: injected); this request "
+                                               "was stopped and the worker restarted.")
+            r = httpx.post(url + "/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        s = wait_for(url, running=0, queued=0, admitted=0)
+    assert s["failed"] == 2

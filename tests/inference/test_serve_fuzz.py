@@ -5,7 +5,8 @@ in-band error (a request the schema accepted must generate).
 Random JSON bodies shaped like real requests (every field random: roles, contents with control characters
 and lone surrogates, stop, max_tokens, seed, temperature, n, stream, prompt as string/list/other) and random
 raw bodies, against the app in-process (Starlette's TestClient) on the conftest's micro LLaMA. The server's
-defaults generate 2 tokens and random `max_tokens` stay small (or beyond the context), so generation is quick.
+defaults generate 2 tokens and random `max_tokens` stay small (or beyond the context, which is cut to 128
+tokens here: max_tokens is capped by the room the prompt leaves), so generation is quick.
 
 Reproducible in CI: derandomize=True and no example database; about 250 examples in all.
 """
@@ -40,6 +41,7 @@ def ci(max_examples: int) -> settings:
 def client(tiny_model_dir):
     engine = Engine.from_run(tiny_model_dir("llama"), template="domain_zh")
     engine.model_id = MODEL
+    engine.context_len = 128  # a max_tokens beyond the context is capped to what the prompt leaves: a few dozen
     app = create_app(engine, defaults=replace(PRESETS["serve"], max_new_tokens=2))
     # no API key: the Host check is on, and 127.0.0.1 passes it
     with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as c:
@@ -87,7 +89,17 @@ SAMPLING = {
     "stream_options": mostly(st.none() | st.fixed_dictionaries({"include_usage": st.booleans()}),
                              st.fixed_dictionaries({"include_usage": JSON})),
     "logprobs": mostly(st.none() | st.just(False) | st.just(0), st.booleans(), st.integers(-1, 3)),
+    "presence_penalty": mostly(st.none() | st.floats(-2, 2), st.floats()),
+    "frequency_penalty": mostly(st.none() | st.floats(-2, 2), st.floats()),
+    "logit_bias": mostly(st.none() | st.dictionaries(st.integers(0, 3000).map(str), st.floats(-100, 100), max_size=3),
+                         st.dictionaries(TEXT, JSON, max_size=2)),
     "user": TEXT,
+}
+CHAT_ONLY = {  # refused unless they ask for nothing (checks.py)
+    "tools": mostly(st.none() | st.just([]), st.lists(JSON, min_size=1, max_size=2)),
+    "tool_choice": mostly(st.none() | st.sampled_from(["none", "auto"]), st.just("required")),
+    "response_format": mostly(st.none() | st.just({"type": "text"}), st.just({"type": "json_object"})),
+    "top_logprobs": mostly(st.none() | st.just(0), st.integers(-1, 5)),
 }
 ROLE = mostly(st.sampled_from(["system", "user", "assistant"]), st.sampled_from(["tool", "developer"]), TEXT)
 PART = st.fixed_dictionaries({"type": mostly(st.just("text"), st.just("image_url")), "text": mostly(TEXT)})
@@ -100,7 +112,8 @@ WELL_FORMED = st.builds(
 MODEL_NAME = mostly(st.just(MODEL), TEXT)
 STREAM = mostly(st.booleans())
 CHAT_BODY = st.fixed_dictionaries({"model": MODEL_NAME, "messages": mostly(WELL_FORMED, st.lists(MESSAGE, max_size=4)),
-                                   "stream": STREAM}, optional={**SAMPLING, "max_completion_tokens": COUNT})
+                                   "stream": STREAM},
+                                  optional={**SAMPLING, **CHAT_ONLY, "max_completion_tokens": COUNT})
 COMPLETION_BODY = st.fixed_dictionaries(
     {"model": MODEL_NAME, "prompt": mostly(TEXT | st.lists(TEXT, min_size=1, max_size=1), st.lists(TEXT, max_size=3)),
      "stream": STREAM},

@@ -134,7 +134,19 @@ def test_page_streams_a_reply_after_the_key_is_entered(server, engine, tmp_path)
     want = engine.generate([ids], GenerationParams(max_new_tokens=16))[0].text
 
     with browser(server + "/", tmp_path) as page:
-        page.wait_for("!document.getElementById('send').disabled")  # /health said ready
+        # the page runs under its Content-Security-Policy: record any violation from the first byte, then reload
+        page.call("Page.enable")
+        page.call("Page.addScriptToEvaluateOnNewDocument", source=(
+            "window.__csp = []; document.addEventListener('securitypolicyviolation',"
+            " (e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"))
+        page.call("Page.reload")
+        page.wait_for("window.__csp !== undefined && document.readyState === 'complete'"
+                      " && document.getElementById('send') !== null")
+        page.wait_for("!document.getElementById('send').disabled")  # /health said ready: the inline script runs
+        styles = page.js("[getComputedStyle(document.body).display,"
+                         " getComputedStyle(document.getElementById('temperature')).width !=="
+                         " getComputedStyle(document.getElementById('maxtokens')).width]")
+        assert styles == ["flex", True]  # the inline stylesheet applies (its own widths, from it, not attributes)
         assert "API key required" in page.js("document.getElementById('status').textContent")
         send = ("(() => { const i = document.getElementById('input'); i.value = %s;"
                 " document.getElementById('form').requestSubmit(); return true; })()")
@@ -159,10 +171,12 @@ def test_page_streams_a_reply_after_the_key_is_entered(server, engine, tmp_path)
         bubble = page.js("document.querySelector('.msg.assistant').textContent")
         finish = page.js("document.querySelector('.msg.assistant').dataset.finish")
         lengths = page.js("window.__lengths")
+        violations = page.js("window.__csp")
         # the key is kept for this tab only (sessionStorage), never in localStorage
         assert page.js("sessionStorage.getItem('domaintune.apikey')") == KEY
         assert page.js("localStorage.getItem('domaintune.apikey')") is None
 
+    assert violations == []  # the CSP blocked nothing the page uses
     assert bubble == want
     assert finish == "length"
     grown = sorted(set(x for x in lengths if 0 < x < len(want)))

@@ -6,6 +6,8 @@ Their sampling flags come from `GenerationParams` with the defaults of the verb'
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Mapping
 
 from .options import add_model_dir_options, add_sampling_options, sampling_params
 
@@ -27,9 +29,12 @@ SERVE_HELP = ("Serve a run (or an exported / any local model directory) with an 
               "whitespace around a key is dropped (HTTP cannot send it). Without a key, only requests addressed to "
               "localhost, 127.0.0.1, ::1, the --host address or an --allowed-hosts name are answered (others get "
               "403: a defence against DNS rebinding by web pages). Requests that leave sampling parameters out get "
-              "the defaults below (the 'serve' preset); temperature 0 means greedy (and so does one below 1e-5), "
-              "and max_tokens is capped by the context the prompt leaves. 'stop' strings are honoured; n must "
-              "be 1.")
+              "the defaults below (the 'serve' preset); temperature 0 means greedy (and so does one below 1e-5). "
+              "max_tokens, given or not, is capped by the context the prompt leaves: an answer cut there ends "
+              "with finish_reason 'length' (a prompt that fills the context is a 400). 'stop' strings, "
+              "presence_penalty, frequency_penalty and logit_bias are honoured; what cannot be (n > 1, logprobs, "
+              "tools, tool_choice 'required', response_format json_object/json_schema) is a 400 naming the "
+              "field, never ignored.")
 
 
 def _add_engine_option(p: argparse.ArgumentParser) -> None:
@@ -39,6 +44,42 @@ def _add_engine_option(p: argparse.ArgumentParser) -> None:
                    help="hf: transformers (CPU or GPU; serve batches concurrent requests); vllm: vLLM's engine on a "
                         "CUDA GPU, with the run's adapter and prompt template (pip install 'domaintune[vllm]') "
                         "(default: %(default)s)")
+
+
+THREADS_CAP = 4  # the default --threads is at most this many (see THREADS_HELP)
+THREADS_HELP = ("CPU threads for the model's matrix products (torch.set_num_threads; no effect on GPU work). Why not "
+                "every core by default: decoding a small model on a CPU is bound by memory bandwidth, so threads "
+                "past about 4 gain little, while threads beyond the cores that are free (this program's own HTTP and "
+                "tokenizer work, its clients, other jobs) make every step wait: a loaded server on a small machine "
+                "ran 100 tokens in 20 s with every core and in 5.4 s with one. Give 1 when several processes share "
+                "the machine, more on a large idle one (default: $OMP_NUM_THREADS if set, else the usable cores "
+                "up to 4)")
+
+
+def _add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+
+
+def default_threads(environ: Mapping[str, str], usable_cores: int) -> int | None:
+    """The thread count to set when --threads is not given: None where $OMP_NUM_THREADS already says it (torch
+    reads it itself), else min(usable cores, THREADS_CAP)."""
+    if environ.get("OMP_NUM_THREADS", "").strip():
+        return None
+    return max(1, min(usable_cores, THREADS_CAP))
+
+
+def _apply_threads(a: argparse.Namespace) -> None:
+    """Set torch's CPU threads from --threads (or the default) before any model loads."""
+    from ..errors import UserError
+
+    if a.threads is not None and a.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {a.threads}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = a.threads if a.threads is not None else default_threads(os.environ, cores)
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,12 +118,14 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
                    help="discard an existing predictions file instead of resuming it (default: off)")
     p.add_argument("--limit", type=int, default=None,
                    help="predict only the first N rows (default: %(default)s = all)")
+    _add_threads_option(p)
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
     from ..inference.predict import run_predict
 
+    _apply_threads(a)
     params = sampling_params(a, "predict", PREDICT_SAMPLING, zero_is_greedy=False)
     run_predict(a.run, a.data, out=a.out, params=params, batch_size=a.batch_size, base_only=a.base_only,
                 template=a.template, fmt=a.format, evaluate=not a.no_eval, limit=a.limit, overwrite=a.overwrite,
@@ -102,12 +145,14 @@ def _register_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, default=None,
                    help="token budget for history + answer (default: the model's context length)")
     add_model_dir_options(p, base_only="talk to the base model, without the run's adapter")
+    _add_threads_option(p)
     p.set_defaults(func=cmd_chat)
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
     from ..inference.chat import run_chat
 
+    _apply_threads(a)
     params = sampling_params(a, "chat", CHAT_SAMPLING, zero_is_greedy=True)
     return run_chat(a.run, base_only=a.base_only, template=a.template, params=params, system=a.system,
                     context_len=a.context, device=a.device, dtype=a.dtype, allow_pickle=a.allow_pickle)
@@ -147,12 +192,14 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     add_model_dir_options(p, base_only="serve the base model without the run's adapter")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default: %(default)s)")
+    _add_threads_option(p)
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from ..inference.serve.server import run_serve
 
+    _apply_threads(a)
     defaults = sampling_params(a, "serve", SERVE_SAMPLING, zero_is_greedy=True)
     allowed_hosts = [h for value in a.allowed_hosts or [] for h in value.split(",")]
     return run_serve(a.run, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,

@@ -8,7 +8,8 @@ One worker thread owns the model while there is work (it holds `engine.lock`, so
    joined to the running batch's cache (left-padded to the longer one, along the batch dimension);
 2. decodes one token for every request in the batch, each with its own sampling: repetition penalty,
    temperature, top-k and top-p through transformers' own logits processors in the order `generate`
-   applies them, and a `torch.Generator` per request (seeded with the request's `seed`, so a seeded
+   applies them (and OpenAI's presence/frequency penalties and logit_bias: params.OpenAIPenalties), and a
+   `torch.Generator` per request (seeded with the request's `seed`, so a seeded
    request samples what it would alone: the same draws `generate` makes after `torch.manual_seed(seed)`);
 3. sends each request its text delta and removes the requests that finished (a stop token, a stop
    string, `max_new_tokens`) or whose client left (its `stop_event`): their cache rows are dropped at
@@ -18,6 +19,10 @@ A request's answer does not depend on the others in its batch: positions come fr
 tokens (`position_ids` from the attention mask, as `generate` computes them for left padding; BLOOM's
 ALiBi reads the mask itself), and padding is masked out. Greedy answers are the ones the request gets
 alone, up to floating-point rounding of batched matrix products (the tests check fp32 equality).
+
+A failure inside a step (e.g. out of memory) fails the requests of that step; a failure anywhere else in the
+worker's loop (a bug) fails the requests the worker held with `WorkerCrash`, and the loop starts over for the
+queue: no request is ever left waiting on a worker that died.
 
 Models whose cache is not made of plain full-attention layers (sliding-window or linear-attention
 layers, e.g. Mistral or Gemma) cannot be padded and joined this way: they are decoded one request at a
@@ -34,9 +39,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from .kvcache import concatenative_decoding, joinable, left_pad
+from .kvcache import concatenative_decoding, join_rows, joinable, keep_rows
 from .params import logits_processors
-from .streaming import END, StreamState, TextDeltas, deliver
+from .streaming import END, StreamState, TextDeltas, deliver, send_now
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +52,11 @@ DEFAULT_MAX_BATCH_SIZE = 16  # concurrent streams decoded together (serve --max-
 DEFAULT_MAX_QUEUE = 64  # requests a server admits beyond its batch, waiting for a place (serve --max-queue)
 PREFILL_TOKENS = 8192  # padded prompt tokens prefilled in one step (more joiners wait a step; one always goes)
 IDLE_EXIT_SECONDS = 10.0  # the worker ends after this long without work (and starts again on the next request)
+MAX_CRASHES = 3  # worker-loop failures in a row (no step completed between them) before the queue fails too
+
+
+class WorkerCrash(RuntimeError):
+    """The batcher's worker loop failed outside a decoding step (a bug): the requests it held get this error."""
 
 
 def check_batch_limits(max_batch_size: int | None, max_queue: int) -> None:
@@ -88,6 +98,7 @@ class Batcher:
         self.mask: torch.Tensor | None = None  # (rows, cache length): 1 = a real token, 0 = padding
         self.pending: torch.Tensor | None = None  # (rows,): each row's last sampled token, not yet fed
         self.thread: threading.Thread | None = None
+        self._progressed = False  # the worker completed a step since it last (re)started its loop
         self.counts = {"completed": 0, "stopped": 0, "failed": 0, "generated_tokens": 0, "steps": 0}
         self.recent: deque[float] = deque(maxlen=64)  # seconds from submission to the end, of recent requests
         self.joinable = joinable(engine.model)
@@ -114,10 +125,10 @@ class Batcher:
         if params.do_sample:
             req.generator = torch.Generator(device=self.engine.device)
             req.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        req.processors = logits_processors(params)
+        req.processors = logits_processors(params, start=len(prompt))
         with self.cond:
             self.waiting.append(req)
-            if self.thread is None:
+            if self.thread is None or not self.thread.is_alive():  # none, or one that died however it did
                 self.thread = threading.Thread(target=self._loop, daemon=True, name="domaintune-batcher")
                 self.thread.start()
             self.cond.notify()
@@ -139,8 +150,24 @@ class Batcher:
 
     # ------------------------------------------------------------ the worker
     def _loop(self) -> None:
+        """The worker thread. `_work` runs until the batcher is idle; if anything in it raises outside the guarded
+        step (a bug), `_fail_all` fails the requests the worker held with a `WorkerCrash` and the loop starts over
+        for the queue, so no request waits forever. After MAX_CRASHES in a row without a completed step, the
+        queued requests fail too and the worker ends (the next `submit` starts a new one)."""
+        crashes = 0
+        while True:
+            try:
+                self._work()
+                return
+            except BaseException as e:  # noqa: BLE001 - whatever it was, nobody may be left waiting
+                crashes = 1 if self._progressed else crashes + 1
+                if self._fail_all(e, crash=True, give_up=crashes >= MAX_CRASHES):
+                    return
+
+    def _work(self) -> None:
         lock = self.engine.lock
         while True:
+            self._progressed = False
             with self.cond:
                 while not self.waiting and not self.rows:
                     if not self.cond.wait(timeout=IDLE_EXIT_SECONDS) and not self.waiting:
@@ -153,6 +180,7 @@ class Batcher:
                     except BaseException as e:  # noqa: BLE001 - every request of the batch learns of it
                         self._fail_all(e)
                     self._flush()
+                    self._progressed = True
                     with self.cond:
                         if not self.waiting and not self.rows:
                             break
@@ -232,13 +260,8 @@ class Batcher:
             self.rows, self.cache, self.mask = list(joiners), cache, mask
             self.pending = mask.new_zeros(len(joiners))
             return
-        old, new = self.mask.shape[1], mask.shape[1]
-        width = max(old, new)
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            for name in ("keys", "values"):
-                a, b = left_pad(getattr(mine, name), width), left_pad(getattr(theirs, name), width)
-                setattr(mine, name, torch.cat([a, b], dim=0))
-        self.mask = torch.cat([left_pad(self.mask, width, dim=1), left_pad(mask, width, dim=1)], dim=0)
+        assert self.mask is not None and self.pending is not None
+        self.mask = join_rows(self.cache, self.mask, cache, mask)
         self.pending = torch.cat([self.pending, mask.new_zeros(len(joiners))])
         self.rows.extend(joiners)
 
@@ -306,17 +329,18 @@ class Batcher:
             self.outbox.append((r, item))
 
     def _flush(self) -> None:
-        """Hand this step's items to the async consumers: one call per event loop, not one per delta."""
+        """Hand this step's items to the async consumers: one call per event loop, not one per delta. The
+        outbox is emptied only once every item is handed over (if this raises, `_crashed` sees what was lost)."""
         by_loop: dict[Any, list] = {}
         for r, item in self.outbox:
             by_loop.setdefault(r.loop, []).append((r, item))
-        self.outbox = []
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(deliver, items)
             except RuntimeError:  # the loop closed (a server shutting down): nobody reads these any more
                 for r, _ in items:
                     r.stop_event.set()
+        self.outbox = []
 
     def _drop(self, indices: list[int]) -> None:
         """Remove finished rows from the batch and its cache, then trim columns that are padding in every row."""
@@ -328,32 +352,44 @@ class Batcher:
             self.cache = self.mask = self.pending = None
             return
         assert self.mask is not None and self.pending is not None
-        idx = torch.tensor(keep, device=self.mask.device)
-        self.mask, self.pending = self.mask[idx], self.pending[idx]
-        cut = int((self.mask.cumsum(-1) == 0).sum(-1).min())  # leading columns that are padding in every row
-        self.mask = self.mask[:, cut:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[idx, :, cut:]
-            layer.values = layer.values[idx, :, cut:]
+        self.pending = self.pending[torch.tensor(keep, device=self.pending.device)]
+        self.mask = keep_rows(self.cache, self.mask, keep)
 
-    def _fail_all(self, e: BaseException) -> None:
-        """A decoding step failed (e.g. out of memory): the requests in the batch, or joining it, get the error and
-        the batch's cache is dropped; queued requests wait for their turn as before."""
+    def _fail_all(self, e: BaseException, crash: bool = False, give_up: bool = False) -> bool:
+        """Fail the requests the worker holds and drop the batch's cache. After a failed step (e.g. out of memory):
+        the batch and the joiners get `e`; queued requests wait for their turn as before. After a `crash` of the
+        loop outside a step (a bug): also the requests whose items were not handed over (even an END), at once,
+        with a WorkerCrash naming `e`; with `give_up` the queue too, and the worker ends. True: `_loop` returns."""
         with self.cond:
-            seen: set[int] = set()
-            everyone = self.joining + self.rows
-            victims = [r for r in everyone if not (id(r) in seen or seen.add(id(r)))]
+            undelivered, self.outbox = (self.outbox, []) if crash else ([], self.outbox)
+            held = self.joining + self.rows + [r for r, _ in undelivered] + (list(self.waiting) if give_up else [])
+            if give_up:
+                self.waiting.clear()
             self.rows, self.cache, self.mask, self.pending, self.joining = [], None, None, None, []
+            if crash and not self.waiting:
+                self.thread = None  # the next submit() starts a worker
         _free_device_memory(e)
-        for r in victims:
-            self._fail(r, e)
+        if crash:
+            cause, e = e, WorkerCrash(f"the generation worker failed ({e.__class__.__name__}: {e}); this request "
+                                      "was stopped and the worker restarted. This is a bug in domaintune: please "
+                                      "report it.")
+            e.__cause__ = cause
+        lost = {id(r) for r, _ in undelivered}  # their items never reached them
+        for r in dict.fromkeys(held):  # in order, once each
+            if id(r) in lost:
+                r.ended = False
+            self._fail(r, e, now=crash)
+        return crash and self.thread is None
 
-    def _fail(self, r: _Request, e: BaseException) -> None:
+    def _fail(self, r: _Request, e: BaseException, now: bool = False) -> None:
         if not r.ended:  # a request that already got its END keeps it
             r.ended = True
             with self.cond:
                 self.counts["failed"] += 1
-            self._put(r, e)
+            if now:  # the worker failed: not through the outbox, which may be what failed
+                send_now(r, e)
+            else:
+                self._put(r, e)
 
 
 def _free_device_memory(e: BaseException) -> None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from ..data.encode import with_system
 from ..errors import UserError
 from .batching import DEFAULT_MAX_BATCH_SIZE, Batcher
-from .params import GenerationParams
+from .params import GenerationParams, penalty_processors
 from .stops import find_stop, tokens_through_stop
 from .streaming import Stream, StreamState
 
@@ -54,6 +54,8 @@ class Generation:
 class Engine:
     """A loaded model with its tokenizer and template: batched generation, streaming and scoring."""
 
+    takes_penalties = True  # applies RequestParams' presence/frequency penalties and logit_bias (params.py)
+
     def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, template: Template, model_id: str,
                  context_len: int | None = None, default_system: str | None = None,
                  run_config: Config | None = None) -> None:
@@ -69,6 +71,8 @@ class Engine:
         self.stop_ids = template.stop_token_ids(tokenizer)
         self.stop_strings = [s for s in template.stop if s]
         self.context_len = context_len or _context_len(model, tokenizer)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.vocab_size = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)  # logits
         self.lock = threading.Lock()  # held by whoever runs the model: generate, scoring, the batcher's worker
         self.max_batch_size = DEFAULT_MAX_BATCH_SIZE  # streams decoded together (batching.py); read at every step
         self._batcher: Batcher | None = None
@@ -165,7 +169,8 @@ class Engine:
             if params.seed is not None:  # inside the lock: no other request may draw from the RNG in between
                 torch.manual_seed(params.seed)
             out = self.model.generate(input_ids=input_ids, attention_mask=attn, eos_token_id=self.stop_ids,
-                                      pad_token_id=pad, stopping_criteria=criteria, **params.hf_kwargs())
+                                      pad_token_id=pad, stopping_criteria=criteria,
+                                      logits_processor=penalty_processors(params, start=width), **params.hf_kwargs())
         results = []
         for row, p in zip(out[:, width:].tolist(), batch, strict=True):
             text, ids, reason = self._finish(row, params.max_new_tokens)

@@ -21,6 +21,33 @@ def left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def join_rows(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor) -> torch.Tensor:
+    """Append `new_cache`'s rows to `cache` (in place), left-padding the shorter of the two along the sequence;
+    the joined attention mask (rows, length: 1 = a real token, 0 = padding)."""
+    import torch
+
+    width = max(mask.shape[1], new_mask.shape[1])
+    for mine, theirs in zip(cache.layers, new_cache.layers, strict=True):
+        for name in ("keys", "values"):
+            a, b = left_pad(getattr(mine, name), width), left_pad(getattr(theirs, name), width)
+            setattr(mine, name, torch.cat([a, b], dim=0))
+    return torch.cat([left_pad(mask, width, dim=1), left_pad(new_mask, width, dim=1)], dim=0)
+
+
+def keep_rows(cache: Any, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Keep only rows `keep` of `cache` (in place) and of `mask`, then trim the leading columns that are padding in
+    every row kept; the new mask."""
+    import torch
+
+    idx = torch.tensor(keep, device=mask.device)
+    mask = mask[idx]
+    cut = int((mask.cumsum(-1) == 0).sum(-1).min())  # leading columns that are padding in every row
+    for layer in cache.layers:
+        layer.keys = layer.keys[idx, :, cut:]
+        layer.values = layer.values[idx, :, cut:]
+    return mask[:, cut:]
+
+
 def joinable(model: Any) -> bool:
     """Whether the model's cache is made of plain full-attention layers, which can be padded and joined."""
     from transformers import DynamicCache

@@ -1,6 +1,8 @@
 """Generation settings: the one home of every sampling default.
 
 `GenerationParams` holds the defaults and the rule "temperature 0 means greedy" (`with_temperature`).
+`RequestParams` adds what only a server request sets: OpenAI's `presence_penalty`, `frequency_penalty` and
+`logit_bias` (a subclass, so the settings predict records for its files stay GenerationParams' fields).
 Verbs that should decode differently by default each have one named preset in `PRESETS`; the command-line
 flags of predict, chat and serve, and the server's defaults for requests that leave a parameter out, are
 built from these (cli/options.py), so `--help` shows the same numbers the code uses.
@@ -56,10 +58,75 @@ class GenerationParams:
         return kw
 
 
-def logits_processors(params: GenerationParams) -> Any:
+@dataclass(frozen=True)
+class RequestParams(GenerationParams):
+    """GenerationParams plus OpenAI's penalties, as the server takes them from a request (see OpenAIPenalties)."""
+
+    presence_penalty: float = field(default=0.0, metadata={"help": "subtracted once from the logit of every token "
+                                                                    "already generated; -2 to 2"})
+    frequency_penalty: float = field(default=0.0, metadata={"help": "subtracted from a token's logit once per time "
+                                                                     "it was generated; -2 to 2"})
+    logit_bias: tuple[tuple[int, float], ...] = field(default=(), metadata={"help": "(token id, bias) pairs added "
+                                                                                    "to the logits; bias -100 to 100"})
+
+    def validate(self) -> RequestParams:
+        super().validate()
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise UserError(f"{name} must lie in [-2, 2], got {getattr(self, name)}")
+        for token, bias in self.logit_bias:
+            if token < 0 or not -100 <= bias <= 100:
+                raise UserError(f"logit_bias: token ids must be >= 0 and biases lie in [-100, 100], got "
+                                f"{token}: {bias}")
+        return self
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+
+class OpenAIPenalties:
+    """OpenAI's `logit_bias`, `presence_penalty` and `frequency_penalty` as a transformers logits processor:
+
+        logit[j] += bias[j];  logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty
+
+    where count[j] is how often token j was generated so far: ids from position `start` on (the prompt does not
+    count, as in OpenAI's and vLLM's definition; transformers' repetition penalty counts the prompt too, so it
+    is not this). Called by `generate` (with `start` the padded prompt width) and by the continuous batcher per
+    request (with its prompt length)."""
+
+    def __init__(self, start: int, presence: float, frequency: float, bias: tuple[tuple[int, float], ...]) -> None:
+        self.start, self.presence, self.frequency = start, presence, frequency
+        self.bias_ids = [t for t, _ in bias]
+        self.bias_values = [b for _, b in bias]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        scores = scores.clone()
+        if self.bias_ids:
+            ids = torch.tensor(self.bias_ids, device=scores.device)
+            scores[:, ids] += torch.tensor(self.bias_values, device=scores.device, dtype=scores.dtype)
+        generated = input_ids[:, self.start:]
+        if generated.shape[1] and (self.presence or self.frequency):
+            counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+            scores -= counts * self.frequency + (counts > 0).to(scores.dtype) * self.presence
+        return scores
+
+
+def penalty_processors(params: GenerationParams, start: int) -> list:
+    """[OpenAIPenalties] for a RequestParams that sets a penalty or a bias, else []."""
+    if not isinstance(params, RequestParams) or not params.penalised:
+        return []
+    return [OpenAIPenalties(start, params.presence_penalty, params.frequency_penalty, params.logit_bias)]
+
+
+def logits_processors(params: GenerationParams, start: int = 0) -> Any:
     """transformers' logits processors for these settings, in the order `generate` applies them (repetition
-    penalty; with sampling: temperature, top-k, top-p); None when there are none. The continuous batcher applies
-    them per request, so a request decodes as `generate` would decode it alone."""
+    penalty; then OpenAI's penalties (`penalty_processors`, given to `generate` as its custom `logits_processor`,
+    which it runs after its own); with sampling: temperature, top-k, top-p); None when there are none. The
+    continuous batcher applies them per request (`start`: the prompt's length), so a request decodes as
+    `generate` would decode it alone."""
     from transformers import (
         LogitsProcessorList,
         RepetitionPenaltyLogitsProcessor,
@@ -71,6 +138,7 @@ def logits_processors(params: GenerationParams) -> Any:
     procs = LogitsProcessorList()
     if params.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    procs.extend(penalty_processors(params, start))
     if params.do_sample:
         if params.temperature != 1.0:
             procs.append(TemperatureLogitsWarper(params.temperature))

@@ -78,6 +78,18 @@ def deliver(items: list[tuple[Any, Any]]) -> None:
         r.out.put_nowait(item)
 
 
+def send_now(r: Any, item: Any) -> None:
+    """Give `item` to a request's consumer at once (its queue.Queue, or its asyncio queue through its loop), not
+    through the batcher's outbox: how a failed worker still reaches every request it held."""
+    try:
+        if r.loop is None:
+            r.out.put(item)
+        else:
+            r.loop.call_soon_threadsafe(deliver, [(r, item)])
+    except RuntimeError:  # its event loop closed: nobody reads it any more
+        r.stop_event.set()
+
+
 class Stream:
     """The text deltas of one request (`Engine.stream`): an iterator (blocking) or an async iterator (for an
     asyncio server: no thread per request). The request is checked and queued on first use; `close()`, or

@@ -3,7 +3,8 @@
 Endpoints: `GET /health` (open; 503 until the engine is set, 200 after), `GET /v1/models`,
 `POST /v1/chat/completions`, `POST /v1/completions` (streamed as server-sent events when `stream` is
 true: `data: {json}\\n\\n` chunks, the first carrying the role, then `data: [DONE]`), and `GET /`, a
-small web chat page (static/index.html, no build step).
+small web chat page (static/index.html, no build step; sent with a Content-Security-Policy that allows only
+its own inline script and style, X-Frame-Options DENY and X-Content-Type-Options nosniff).
 
 Batching: requests are decoded together by the engine's continuous batcher (inference/batching.py): a
 request joins the running batch at the next step (up to `max_batch_size` at a time; later ones wait in a
@@ -20,25 +21,32 @@ Errors use the OpenAI body `{"error": {"message", "type", "param", "code"}}`: 40
 (including schema errors and unreadable bodies; the schema, protocol.py, refuses what the model cannot
 take, so an accepted request generates), 401 missing/wrong API key (when one is set; `/health`, `/status` and `/`
 stay open), 403 a Host not answered without a key, 404 unknown model, 413 body larger than
-`max_body_bytes` (guard.py checks these three before parsing), 429 too many requests admitted
+`max_body_bytes`, 408 a body that does not arrive within `body_timeout` (guard.py checks these, two
+Authorization headers and a body that is not sent as JSON before parsing), 429 too many requests admitted
 (see Batching), 503 still loading; an unexpected exception
 (a bug) is a 500 with the same body.
 
 Sampling: `temperature` 0 means greedy decoding; omitted parameters take the server's defaults
-(the "serve" preset of inference/params.py, or what `create_app` is given). `max_tokens` defaults to
-min(defaults.max_new_tokens, context - prompt). `stop`
-strings are honoured (the text is cut before the first match; finish_reason "stop"). `n` must be 1.
+(the "serve" preset of inference/params.py, or what `create_app` is given). `max_tokens` (given or the
+default) is capped by the context the prompt leaves: an answer cut there ends with finish_reason "length".
+`stop` strings are honoured (the text is cut before the first match; finish_reason "stop");
+`presence_penalty`, `frequency_penalty` and `logit_bias` too. What cannot be honoured (`n` > 1, logprobs,
+tools, JSON response formats...) is a 400 naming the field, never ignored (checks.py).
 Chat messages: an optional system message, then user/assistant alternating, ending with user; a
 conversation the model's own chat template refuses (e.g. one that forbids a system role) is a 400 too.
+A failure of the batcher's worker outside a decoding step (a bug) is a 500 `worker_failed` for the requests
+it held (in-band when streaming); the worker goes on for the others.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import re
 import threading
 import time
 from contextlib import aclosing
-from dataclasses import replace
 from importlib import resources
 from typing import Any, Iterable
 
@@ -48,44 +56,26 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...errors import UserError
-from ..batching import DEFAULT_MAX_QUEUE, check_batch_limits
+from ..batching import DEFAULT_MAX_QUEUE, WorkerCrash, check_batch_limits
 from ..engine import Engine, StreamState
 from ..params import PRESETS, GenerationParams
 from ..stops import StopScanner, tokens_through_stop
 from . import protocol as P
-from .guard import Guard, accepted_hosts, normalise_api_key
+from .checks import (
+    chat_messages,
+    encode_chat,
+    refuse_unsupported,
+    unreadable_body,
+    validation_message,
+)
+from .checks import request_params as _params  # (the name tests/cli/test_options.py reaches for)
+from .guard import BODY_TIMEOUT_S, Guard, accepted_hosts, normalise_api_key
 from .lifecycle import Admission, AdmittedStream, APIError, generate, watch_disconnect
 
 
 def _error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                     headers: dict | None = None) -> JSONResponse:
     return JSONResponse(P.error_body(status, message, param, code), status_code=status, headers=headers)
-
-
-_UNION_LABELS = ("str", "int", "float", "bool")  # pydantic names the member of a union in `loc`: not a field
-
-
-def _where(err: dict) -> list[str]:
-    return [str(x) for x in err.get("loc", ()) if x != "body" and x not in _UNION_LABELS and "[" not in str(x)]
-
-
-def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """(message, param) of a request's schema errors: the most specific one (a union reports one error per
-    member; the member the value was meant for gets deepest), with its siblings at the same place."""
-    err = max(errors, key=lambda e: len(_where(e)))
-    loc = _where(err)
-    kind, msg, ctx = err.get("type"), err.get("msg"), err.get("ctx") or {}
-    if kind == "json_invalid":
-        at = f" at character {loc[0]}" if loc else ""
-        return f"The request body is not valid JSON ({ctx.get('error', msg)}{at}): send a JSON object.", None
-    where = ctx.get("param") if kind == P.INVALID_UNICODE else ".".join(loc)
-    if not where:
-        if kind == "missing":
-            return "The request body is empty: send a JSON object.", None
-        if kind in ("model_attributes_type", "dict_type"):
-            return "The request body must be a JSON object, with the fields of the request.", None
-    msgs = list(dict.fromkeys(e.get("msg") for e in errors if _where(e) == loc and e.get("type") != P.INVALID_UNICODE))
-    return f"{where or 'request body'}: {'; or '.join(msgs) or msg}", where or None
 
 
 # ---------------------------------------------------------------- request checks
@@ -96,64 +86,20 @@ def _engine(app: FastAPI) -> Engine:
     return app.state.engine
 
 
-def _check_common(req: P.ChatCompletionRequest | P.CompletionRequest, engine: Engine) -> None:
-    if req.model != engine.model_id:
-        raise APIError(404, f"The model '{req.model}' does not exist: this server serves '{engine.model_id}' "
-                            "(see GET /v1/models).", param="model", code="model_not_found")
-    if req.n != 1:
-        raise APIError(400, "Only n=1 is supported.", param="n")
-    if req.logprobs:
-        raise APIError(400, "logprobs are not supported by this server.", param="logprobs")
-    if len(req.stop_list()) > 4:
-        raise APIError(400, "At most 4 stop sequences are allowed.", param="stop")
+def _page() -> tuple[str, dict[str, str]]:
+    """The web chat page and its security headers: no framing (clickjacking), no MIME sniffing, and a Content
+    Security Policy that runs only the page's own inline script and style (by their SHA-256) and lets it talk
+    only to this server; no other script, style, frame, form target or resource loads."""
+    html = resources.files("domaintune.inference.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
+    def hashes(tag: str) -> str:
+        bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in bodies)
 
-def _chat_messages(req: P.ChatCompletionRequest) -> list[dict]:
-    """The conversation as role/content dicts, checked for the shape every template can render: an optional
-    system message first, then user and assistant turns alternating, starting and ending with user."""
-    if not req.messages:
-        raise APIError(400, "'messages' must contain at least one message.", param="messages")
-    msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
-    start = 1 if msgs[0]["role"] == "system" else 0
-    for i, m in enumerate(msgs):
-        if m["role"] == "system" and i > 0:
-            raise APIError(400, f"messages[{i}]: a system message may only come first.", param=f"messages.{i}.role")
-        want = "user" if (i - start) % 2 == 0 else "assistant"
-        if i >= start and m["role"] != want:
-            raise APIError(400, f"messages[{i}]: expected role '{want}', got '{m['role']}': after an optional system "
-                                "message, user and assistant messages must alternate, starting with user.",
-                           param=f"messages.{i}.role")
-    if msgs[-1]["role"] != "user":
-        raise APIError(400, f"messages[{len(msgs) - 1}]: the last message must have role 'user'.",
-                       param=f"messages.{len(msgs) - 1}.role")
-    return msgs
-
-
-def _encode_chat(engine: Engine, msgs: list[dict]) -> list[int]:
-    """Prompt ids; a conversation the model's chat template refuses is the client's mistake (400)."""
-    try:
-        return engine.encode_messages(msgs)
-    except UserError as e:  # templates.py turns a chat_template's raise_exception into UserError
-        raise APIError(400, str(e), param="messages") from None
-
-
-def _params(req: P.ChatCompletionRequest | P.CompletionRequest, prompt_len: int, engine: Engine,
-            defaults: GenerationParams) -> GenerationParams:
-    prompt_field = "messages" if isinstance(req, P.ChatCompletionRequest) else "prompt"
-    requested = getattr(req, "max_completion_tokens", None)
-    requested = req.max_tokens if requested is None else requested
-    room = engine.context_len - prompt_len
-    if requested is not None and requested <= 0:
-        raise APIError(400, f"max_tokens must be at least 1, got {requested}.", param="max_tokens")
-    if room <= 0 or (requested is not None and requested > room):
-        raise APIError(400, f"This model's context is {engine.context_len} tokens; the prompt has {prompt_len} tokens"
-                            + (f" and max_tokens asks for {requested} more." if requested else "."),
-                       param="max_tokens" if room > 0 else prompt_field, code="context_length_exceeded")
-    params = defaults if req.temperature is None else defaults.with_temperature(req.temperature)
-    given = {"top_p": req.top_p, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty}
-    params = replace(params, max_new_tokens=requested or min(defaults.max_new_tokens, room), seed=req.seed,
-                     **{k: v for k, v in given.items() if v is not None})
-    return params.validate()  # a UserError here (bad server defaults) becomes a 400 like the others
+    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+           "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return html, {"Content-Security-Policy": csp, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+                  "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
 
 def _sse(obj: Any) -> str:
@@ -164,7 +110,8 @@ def _sse(obj: Any) -> str:
 
 def create_app(engine: Engine | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                defaults: GenerationParams | None = None, allowed_hosts: Iterable[str] = (),
-               max_batch_size: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
+               max_batch_size: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+               body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The FastAPI app serving `engine`. With `engine=None` the app answers 503 until `app.state.engine` is
     set (the CLI loads the model in the background after the server listens). `defaults` (in
     `app.state.defaults`) is the sampling of requests that leave a parameter out: the "serve" preset unless
@@ -172,7 +119,7 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
     `max_queue`: requests admitted beyond those, waiting for a place (more get 429).
     `api_key`: required on /v1/* when given (an empty or blank key is a UserError, not "no key").
     `allowed_hosts`: without a key, the Host names answered besides localhost, 127.0.0.1 and ::1 ("*": any);
-    see guard.py."""
+    see guard.py. `body_timeout`: seconds a request body may take to arrive (then 408, guard.py)."""
     api_key = normalise_api_key(api_key, "api_key", "pass api_key=None")
     hosts = accepted_hosts(allowed_hosts)
     app = FastAPI(title="domaintune", docs_url=None, redoc_url=None, openapi_url=None)
@@ -197,13 +144,18 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        return _error_response(400, *_validation_message(list(e.errors())))
+        return _error_response(400, *validation_message(list(e.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         if e.status_code == 400:  # FastAPI could not read the body (not UTF-8, nested too deep for the parser)
-            return _error_response(400, "The request body could not be read: send a JSON object encoded in UTF-8.")
+            return _error_response(400, unreadable_body(e.__cause__))
         return _error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(WorkerCrash)
+    async def _worker_crash(request: Request, e: WorkerCrash) -> JSONResponse:
+        # the batcher's worker failed outside a step: this request was stopped, the worker goes on (batching.py)
+        return _error_response(500, str(e), code="worker_failed")
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, e: Exception) -> JSONResponse:
@@ -213,10 +165,11 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
         return _error_response(500, f"The server failed on this request ({what}). This is a bug in domaintune: "
                                     "please report it with the request that caused it.")
 
+    page, page_headers = _page()
+
     @app.get("/", include_in_schema=False)
     async def index():
-        return HTMLResponse(resources.files("domaintune.inference.serve").joinpath("static/index.html")
-                            .read_text(encoding="utf-8"))
+        return HTMLResponse(page, headers=page_headers)
 
     @app.get("/health")
     async def health():
@@ -239,15 +192,15 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
     @app.post("/v1/chat/completions")
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
         eng = _engine(app)
-        _check_common(req, eng)
-        prompt = _encode_chat(eng, _chat_messages(req))
+        refuse_unsupported(req, eng)
+        prompt = encode_chat(eng, chat_messages(req))
         params = _params(req, len(prompt), eng, defaults)
         return await _respond(request, req, prompt, params, chat=True)
 
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request):
         eng = _engine(app)
-        _check_common(req, eng)
+        refuse_unsupported(req, eng)
         if req.echo or req.suffix or (req.best_of or 1) > 1:
             raise APIError(400, "echo, suffix and best_of > 1 are not supported.")
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -322,6 +275,8 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
                     yield _sse(P.usage_chunk(rid, model, obj, use))
             except UserError as e:  # the status line is gone; report in-band, as OpenAI does
                 yield _sse(P.error_body(400, str(e)))
+            except WorkerCrash as e:
+                yield _sse(P.error_body(500, str(e), code="worker_failed"))
             except Exception as e:  # noqa: BLE001
                 yield _sse(P.error_body(500, f"generation failed: {e.__class__.__name__}: {e}"))
             finally:
@@ -333,5 +288,6 @@ def create_app(engine: Engine | None = None, api_key: str | None = None, max_bod
         return AdmittedStream(events(), admission, media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, hosts=hosts)  # before routing, parsing
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, hosts=hosts,  # before routing, parsing
+                       body_timeout=body_timeout)
     return app

@@ -16,14 +16,27 @@ It runs before routing and body parsing, in this order:
    `normalise_api_key` refuses, when the server starts, keys no client could send: empty, only whitespace,
    or with characters other than printable ASCII (HTTP clients and browsers cannot put them in a header).
    Surrounding whitespace is not part of the key (HTTP header values cannot carry it).
-3. Body size: a Content-Length over `max_body_bytes`, or a chunked body that grows past it, gets 413.
+   A request with more than one Authorization header is refused (400 `duplicate_header`, on every path): which
+   one counts would otherwise be up to the server (Starlette takes the last).
+3. Content type: a POST under /v1/ must say `Content-Type: application/json` (or `application/*+json`): a body
+   of another type, or of none, is refused with 400 `unsupported_content_type` saying so, rather than parsed as
+   something else and answered "must be a JSON object". It is not read as JSON regardless: a web page can send
+   a form or text/plain body without the browser's CORS preflight, and this server may run without a key
+   (FastAPI refuses bodies without a JSON type for the same reason).
+4. Body size and time: a Content-Length over `max_body_bytes`, or a chunked body that grows past it, gets 413;
+   a body that does not arrive in full within `body_timeout` seconds (a client that declares more than it
+   sends) gets 408 and the connection is closed, so no client holds a connection open indefinitely.
+5. Numbers: a JSON integer too long for Python's reader (over 4300 digits) is refused with 400 naming its field
+   (`checks.huge_integer`), instead of the parser's "could not read the body".
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import re
+import sys
 from typing import TYPE_CHECKING, Iterable
 
 from ...errors import UserError
@@ -36,6 +49,7 @@ if TYPE_CHECKING:
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("", "0.0.0.0", "::")  # bind addresses that are not names a client could address
 ANY_HOST = "*"
+BODY_TIMEOUT_S = 30.0  # seconds a request body may take to arrive in full (1 MiB at ~35 KB/s)
 KEY_HINT = "python -c 'import secrets; print(secrets.token_urlsafe(24))'"
 
 _HOST = re.compile(r"(?:\[(?P<v6>[0-9a-z:.%_-]+)\]|(?P<name>[a-z0-9_.-]+))(?::(?P<port>[0-9]{1,5}))?")
@@ -116,11 +130,20 @@ def normalise_api_key(key: str | None, source: str, unset_hint: str) -> str | No
     return stripped
 
 
-async def _send_error(send: Send, status: int, message: str, code: str) -> None:
-    body = json.dumps(P.error_body(status, message, code=code), ensure_ascii=False, separators=(",", ":")).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+async def _send_error(send: Send, status: int, message: str, code: str, param: str | None = None,
+                      close: bool = False) -> None:
+    body = json.dumps(P.error_body(status, message, param, code), ensure_ascii=False, separators=(",", ":")).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:  # the rest of the request never came: this connection cannot carry another one
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def json_content_type(value: str) -> bool:
+    """application/json or application/*+json, parameters (charset) allowed."""
+    kind = value.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 class Guard:
@@ -128,9 +151,11 @@ class Guard:
     before FastAPI parses anything. `hosts`: the names answered without a key (`accepted_hosts`), None = any."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int,
-                 hosts: tuple[str, ...] | None = LOOPBACK_HOSTS) -> None:
-        self.app, self.max_body, self.hosts = app, max_body_bytes, hosts
+                 hosts: tuple[str, ...] | None = LOOPBACK_HOSTS, body_timeout: float = BODY_TIMEOUT_S) -> None:
+        self.app, self.max_body, self.hosts, self.body_timeout = app, max_body_bytes, hosts, body_timeout
         self.key = api_key.encode("ascii") if api_key else None
+        limit = sys.get_int_max_str_digits()  # the most digits int() reads (0: no limit)
+        self.long_digits = re.compile(rb"[0-9]{%d}" % (limit + 1)) if limit else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -141,6 +166,10 @@ class Guard:
                 if refusal:
                     return await _send_error(send, *refusal)
         headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
+        auth_count = sum(k.lower() == b"authorization" for k, _ in scope["headers"])
+        if auth_count > 1:
+            return await _send_error(send, 400, f"The request has {auth_count} Authorization headers: send exactly "
+                                                "one.", "duplicate_header")
         if self.key and scope["path"].startswith("/v1/"):
             scheme, _, given = headers.get("authorization", b"").partition(b" ")
             given = given.strip()
@@ -154,11 +183,23 @@ class Guard:
             return await self._too_big(send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        # Read the whole body (counting, for chunked uploads without a length), then replay it; later
-        # receive() calls go to the server, so the app still sees http.disconnect.
+        kind = headers.get("content-type", b"").decode("latin-1")
+        if scope["path"].startswith("/v1/") and not json_content_type(kind):
+            said = f"this request says '{kind[:100]}'" if kind.strip() else "this request has no Content-Type"
+            return await _send_error(send, 400, f"Send the request body as JSON with the header 'Content-Type: "
+                                                f"application/json' ({said}; curl -d sends a form type unless given "
+                                                "-H 'Content-Type: application/json').", "unsupported_content_type")
+        # Read the whole body (counting, for chunked uploads without a length; within the time limit), then replay
+        # it; later receive() calls go to the server, so the app still sees http.disconnect.
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
         while True:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                return await _send_error(send, 408, f"The request body did not arrive within {self.body_timeout:g} s "
+                                                    f"({size} bytes came): send the whole body at once, as its "
+                                                    "Content-Length says.", "request_timeout", close=True)
             if msg["type"] == "http.disconnect":
                 return
             chunks.append(msg.get("body", b""))
@@ -167,13 +208,23 @@ class Guard:
                 return await self._too_big(send)
             if not msg.get("more_body", False):
                 break
+        body = b"".join(chunks)
+        if self.long_digits and self.long_digits.search(body):  # rare: only then is the body parsed here
+            from .checks import huge_integer
+
+            found = huge_integer(body)
+            if found:
+                where, digits = found
+                return await _send_error(send, 400, f"{where or 'request body'}: the integer has {digits} digits, "
+                                                    "far too large for any field of this API (send a number in the "
+                                                    "field's range).", "number_too_large", param=where)
         replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         return await self.app(scope, replay, send)

@@ -1,9 +1,11 @@
 """OpenAI wire format: request and response schemas of the chat and text completion endpoints.
 
 Kept apart from the app (`app.py`) so the shapes can be read in one place. Unknown request fields are
-ignored, as OpenAI-compatible servers usually do (clients send fields such as `user`); fields this
-server cannot honour (`n` > 1, `logprobs`, `echo`, `suffix`, `best_of` > 1) are rejected with 400 by
-`app.py` rather than silently ignored.
+ignored, as OpenAI-compatible servers usually do (clients send fields such as `user`); the fields that would
+change the answer are all read here, and those this server cannot honour (`n` > 1, `logprobs`, `top_logprobs`,
+`echo`, `suffix`, `best_of` > 1, `tools`, `functions`, a `tool_choice` / `function_call` other than "none" or
+"auto", a `response_format` other than text) are refused with 400 by `checks.py` rather than silently ignored.
+`presence_penalty`, `frequency_penalty` and `logit_bias` are honoured (params.OpenAIPenalties).
 
 Extensions beyond OpenAI (as vLLM accepts them): `top_k` and `repetition_penalty`.
 
@@ -11,15 +13,16 @@ Values the model cannot take are refused here, so they are a 400 before anything
 text holding a lone UTF-16 surrogate (JSON `"\\ud800"` alone: not Unicode, and the tokenizer cannot encode it)
 in any string of the request (`_Request` checks every field, present and future, and names it in `param`),
 a `seed` outside what torch.manual_seed takes ([-2**63, 2**64 - 1]), NaN and infinities (Python's JSON
-parser reads `NaN` and `Infinity`), and a `repetition_penalty` outside [0.01, 100] (near 0 it divides the
-logits by zero). A `temperature` in (0, 1e-5) decodes greedily, the limit it approaches: dividing the
-logits by it would overflow them.
+parser reads `NaN` and `Infinity`), a `repetition_penalty` outside [0.01, 100] (near 0 it divides the
+logits by zero), penalties outside OpenAI's [-2, 2], and `logit_bias` keys that are not token ids or biases
+outside [-100, 100] (ids past the model's vocabulary: checks.py, which knows the model). A `temperature` in
+(0, 1e-5) decodes greedily, the limit it approaches: dividing the logits by it would overflow them.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -100,11 +103,22 @@ class _Sampling(_Request):
     top_k: Optional[int] = Field(None, ge=0)
     repetition_penalty: Optional[float] = Field(None, ge=0.01, le=100)
     seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None
     n: int = 1
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     logprobs: Union[bool, int, None] = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        for key in bias or {}:
+            if not (key.isascii() and key.isdigit() and len(key) <= 9):
+                raise ValueError(f"keys must be token ids (non-negative integers, as strings), got {key[:40]!r}")
+        return bias
 
     @field_validator("temperature")
     @classmethod
@@ -120,6 +134,13 @@ class _Sampling(_Request):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
     max_completion_tokens: Optional[int] = None  # the newer name of max_tokens
+    # read only to refuse what cannot be honoured yet (checks.py): never silently dropped
+    tools: Optional[list[Any]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    functions: Optional[list[Any]] = None  # the older name of tools
+    function_call: Union[str, dict[str, Any], None] = None  # the older name of tool_choice
+    response_format: Optional[dict[str, Any]] = None
+    top_logprobs: Optional[int] = None
 
 
 class CompletionRequest(_Sampling):
