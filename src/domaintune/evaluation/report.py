@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from .. import rundir
+from .. import console, rundir
 from ..errors import UserError
 from ..jsonl import read_jsonl, write_atomic
 from .report_compare import compare_section
@@ -289,10 +288,9 @@ def refresh_report(folder: str | os.PathLike) -> Path | None:
     try:
         out = run_report(path)
     except Exception as e:  # noqa: BLE001 - the report is a view of results already safely written
-        print(f"warning: could not update {path / rundir.REPORT} ({e}); run `domaintune report {path}`",
-              file=sys.stderr)
+        console.warn(f"could not update {path / rundir.REPORT} ({e}); run `domaintune report {path}`")
         return None
-    print(f"updated {out}", file=sys.stderr)
+    console.note(f"updated {out}")
     return out
 
 
