@@ -23,7 +23,7 @@ from domaintune.data.templates import Template
 from domaintune.errors import UserError
 from domaintune.inference.engine import Engine, StreamState
 from domaintune.inference.loading import inspect_run
-from domaintune.inference.params import PRESETS, GenerationParams
+from domaintune.inference.params import PRESETS, GenerationParams, RequestParams
 from domaintune.inference.vllm_engine import ENGINES, LoopThread, VLLMEngine, _Cutter, load_engine, require_vllm
 from domaintune.inference.vllm_plan import (
     VLLMPlan,
@@ -196,6 +196,22 @@ def test_sampling_kwargs_follow_generation_params():
     assert sampling_kwargs(PRESETS["chat"].with_temperature(0), [2], [])["temperature"] == 0.0  # greedy
     with pytest.raises(UserError, match="not by beam search"):
         sampling_kwargs(GenerationParams(num_beams=4), [2], [])
+
+
+def test_sampling_kwargs_pass_a_requests_penalties_and_logit_bias():
+    """Regression: the server's presence/frequency penalties and logit_bias (RequestParams) were not passed to vLLM,
+    so `--engine vllm` refused them; vLLM's SamplingParams takes them under the same names."""
+    pen = RequestParams(max_new_tokens=7, presence_penalty=0.5, frequency_penalty=-1.5,
+                        logit_bias=((5, 2.0), (9, -100.0)))
+    kw = sampling_kwargs(pen, [2], [])
+    assert (kw["presence_penalty"], kw["frequency_penalty"], kw["logit_bias"]) == (0.5, -1.5, {5: 2.0, 9: -100.0})
+    assert kw["max_tokens"] == 7 and kw["temperature"] == 0.0
+    bias = sampling_kwargs(RequestParams(logit_bias=((3, 1.0),)), [2], [])
+    assert (bias["presence_penalty"], bias["frequency_penalty"], bias["logit_bias"]) == (0.0, 0.0, {3: 1.0})
+    only_penalty = sampling_kwargs(RequestParams(frequency_penalty=1.0), [2], [])
+    assert (only_penalty["frequency_penalty"], only_penalty["logit_bias"]) == (1.0, None)
+    plain = sampling_kwargs(RequestParams(max_new_tokens=7), [2], [])  # nothing set: the plain arguments
+    assert plain == sampling_kwargs(GenerationParams(max_new_tokens=7), [2], [])
 
 
 def test_loss_from_prompt_logprobs_equals_the_default_engines(tiny_run, sample_data):
@@ -378,3 +394,26 @@ def test_a_client_that_leaves_aborts_its_request(bridged):
     while vengine.batch_status()["stopped"] < 1 and time.time() < deadline:
         time.sleep(0.01)
     assert replay.aborted == 1 and vengine.batch_status()["running"] == 0
+
+
+def test_the_server_passes_penalties_and_logit_bias_to_vllm(bridged):
+    """Regression: with `--engine vllm` the server refused presence/frequency penalties and logit_bias (400 "not
+    supported by this engine"). They reach vLLM's SamplingParams (here the stand-in's dict), and a logit_bias token
+    id past vLLM's vocabulary is still a 400 naming it."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from domaintune.inference.serve.app import create_app
+    from served_tiny_model import running_app
+
+    _, vengine, replay = bridged
+    body = {"model": "m", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 4, "temperature": 0,
+            "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"5": 2}}
+    with running_app(create_app(vengine)) as url:
+        for stream in (False, True):
+            r = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": stream}, timeout=60)
+            assert r.status_code == 200, r.text
+            sp = replay.seen[-1][1]
+            assert (sp["presence_penalty"], sp["frequency_penalty"], sp["logit_bias"]) == (0.5, -1.0, {5: 2.0})
+        last = vengine.vocab_size
+        r = httpx.post(f"{url}/v1/chat/completions", json={**body, "logit_bias": {str(last): 1}}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == f"logit_bias.{last}", r.text

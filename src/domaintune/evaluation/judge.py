@@ -31,7 +31,7 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import console, rundir
 from ..config.judge import JudgeConfig
@@ -95,7 +95,7 @@ class JudgeRun:
             "created_at": now()}
         self.records: dict[str, dict] = {}  # key -> record (the first one, should a key ever repeat)
         self.client: ChatClient | None = None
-        self._prev_http = {"attempts": 0, "status": {}, "no_response": 0}
+        self._prev_http: dict[str, Any] = {"attempts": 0, "status": {}, "no_response": 0}  # judge.json's, on a rerun
 
     # ------------------------------------------------------------------ files
     @property
@@ -151,7 +151,8 @@ class JudgeRun:
         assert client is not None
         prompt = self._prompt(task)
         calls = malformed = prompt_tokens = completion_tokens = 0
-        estimated, value, reason, finish = False, None, "", None
+        estimated, reason, finish = False, "", None
+        value: str | float | None = None  # a verdict ("A", "B", "tie") or a grade; None: unparseable
         for attempt in range(cfg.malformed_retries + 1):
             calls += 1
             try:
@@ -172,8 +173,9 @@ class JudgeRun:
                 time.sleep(cfg.retry_base_delay * 2 ** attempt)
         record: dict = {"kind": task.kind, "key": task.key, "id": task.row.id}
         if task.kind == "pairwise":
-            record.update(order=task.side, verdict=value if value is not None else "unparseable",
-                          winner=S.winner_of(task.side, value))
+            verdict = value if isinstance(value, str) else None  # parse_verdict's
+            record.update(order=task.side, verdict=verdict if verdict is not None else "unparseable",
+                          winner=S.winner_of(task.side, verdict))
         else:
             record.update(answer=task.side, grade=value)
         record.update(unparseable=value is None, reason=reason[:REASON_CHARS], finish_reason=finish, calls=calls,

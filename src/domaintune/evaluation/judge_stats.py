@@ -95,7 +95,7 @@ def grade_stats(grades: list[tuple[float | None, float | None]], samples: int, s
     that answer's mean; the difference B - A uses the rows where both were graded."""
     block: dict = {"rows": len(grades)}
     for side, k in (("a", 0), ("b", 1)):
-        vals = [g[k] for g in grades if g[k] is not None]
+        vals = [v for g in grades if (v := g[k]) is not None]
         block[side] = {"mean": _mean(vals), "ci95": bootstrap_ci(vals, samples, seed), "n": len(vals),
                        "unparseable": len(grades) - len(vals)}
     diffs = [g[1] - g[0] for g in grades if g[0] is not None and g[1] is not None]

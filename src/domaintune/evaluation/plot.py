@@ -27,6 +27,7 @@ from ..errors import UserError
 from ..jsonl import read_jsonl
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 WIDTH_IN, HEIGHT_IN, DPI = 10, 5, 100  # -> 1000 x 500 pixels
@@ -49,7 +50,7 @@ _warned_no_cjk = False
 def _installed_cjk_family() -> str | None:
     from matplotlib import font_manager, ft2font
 
-    by_name = {}
+    by_name: dict[str, str] = {}
     for entry in font_manager.fontManager.ttflist:
         by_name.setdefault(entry.name, entry.fname)
     extra = [n for n in by_name if "CJK" in n and n not in CJK_FAMILIES]
@@ -226,7 +227,7 @@ def make_figure(records: list[dict], title: str, steps: int | None = None) -> Fi
     return fig
 
 
-def _preference_panel(ax: object, records: list[dict], margin_x: list[float], margin_y: list[float]) -> None:
+def _preference_panel(ax: Axes, records: list[dict], margin_x: list[float], margin_y: list[float]) -> None:
     handles = ax.plot(margin_x, margin_y, color="C3", linewidth=1.5, **(_single(margin_x) or {"marker": "."}),
                       label="reward margin")
     eval_x, eval_y = _series(records, "eval_rewards/margins")

@@ -131,7 +131,8 @@ def _training_section(run: rundir.RunDir, info: dict, log: list[dict]) -> list[s
     lines = ["## Training", ""]
     train = info.get("train")
     if isinstance(train, dict):
-        rows = [("runtime", _duration(train["runtime_s"])) if "runtime_s" in train else None]
+        rows: list[tuple[str, Any] | None] = [("runtime", _duration(train["runtime_s"])) if "runtime_s" in train
+                                               else None]
         rows += [(label, train[k]) for label, k in (("global steps", "global_steps"), ("tokens seen", "tokens"),
                                                     ("throughput (tokens/s)", "tokens_per_second"),
                                                     ("final train loss", "final_loss"),
@@ -156,8 +157,8 @@ def _training_section(run: rundir.RunDir, info: dict, log: list[dict]) -> list[s
 def _preference_rows(train: dict, log: list[dict]) -> list[tuple[str, Any]]:
     """A preference stage (train.stage dpo/orpo/kto): where it started, its reference model, and how the reward
     margin and the preference accuracy moved from the first to the last logged step."""
-    path = train.get("path") if isinstance(train.get("path"), dict) else {}
-    if path.get("stage") in (None, "sft"):
+    path = train.get("path")
+    if not isinstance(path, dict) or path.get("stage") in (None, "sft"):
         return []
     rows: list[tuple[str, Any]] = [("stage", f"{path['stage']} (beta {path.get('beta')})"),
                                    ("started from", path.get("started_from")),

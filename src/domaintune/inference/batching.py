@@ -119,7 +119,7 @@ class Batcher:
 
         import torch
 
-        out = asyncio.Queue() if loop is not None else queue.Queue()
+        out: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
         req = _Request(prompt, params, stop_event, state, out, TextDeltas(self.engine, self.concatenative), loop=loop)
         state.prompt_tokens = len(prompt)
         if params.do_sample:

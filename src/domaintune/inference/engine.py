@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import threading
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ..data.encode import with_system
+from ..data.encode import decode_text, with_system
 from ..errors import UserError
 from .batching import DEFAULT_MAX_BATCH_SIZE, Batcher
 from .params import GenerationParams, penalty_processors
@@ -51,10 +52,88 @@ class Generation:
         return len(self.token_ids)
 
 
-class Engine:
-    """A loaded model with its tokenizer and template: batched generation, streaming and scoring."""
+class EngineBase(ABC):
+    """What both engines share (`Engine` below; `VLLMEngine` in vllm_engine.py): prompts built with the run's
+    template, decoding, the cut at stop tokens and strings, the context check and `generate` (one copy for both),
+    and the interface that predict, chat and serve use. A subclass sets the attributes declared here."""
 
     takes_penalties = True  # applies RequestParams' presence/frequency penalties and logit_bias (params.py)
+    tokenizer: PreTrainedTokenizerBase
+    template: Template
+    model_id: str
+    run_config: Config | None  # the run's config.yaml, None for a plain model directory
+    default_system: str | None  # the run's data.system: training added it to rows without one
+    stop_ids: list[int]
+    stop_strings: list[str]
+    context_len: int
+    vocab_size: int  # the width of the logits: a `logit_bias` token id must lie below it
+    max_batch_size: int
+    lock: threading.Lock  # held by whoever runs the model
+    device: Any  # where prompts go: a torch.device ("cuda" for vLLM)
+
+    @property
+    def cutoff_len(self) -> int:
+        """The longest sample training saw (the run's data.cutoff_len); the context length for a plain model."""
+        return self.run_config.data.cutoff_len if self.run_config is not None else self.context_len
+
+    # ------------------------------------------------------------ prompts
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation ending with a user turn, plus the assistant prefix. The run's
+        `data.system` is added when the conversation has no system message, as training did. A
+        conversation the model's chat_template refuses raises UserError (templates.py) with its message."""
+        ids, _ = self.template.encode(self.tokenizer, with_system(messages, self.default_system),
+                                      add_generation_prompt=True)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return decode_text(self.tokenizer, ids, skip_special_tokens=True)
+
+    def _finish(self, ids: list[int], max_new: int) -> tuple[str, list[int], str]:
+        """(text, token ids, finish reason) of generated ids: cut at the first stop token, then before the
+        first stop string. After a stop string the ids run up to the token that completed it."""
+        hit = False
+        for k, t in enumerate(ids):
+            if t in self.stop_ids:
+                ids, hit = ids[:k], True
+                break
+        text = self.decode(ids)
+        cut = find_stop(text, self.stop_strings)
+        if cut < 0:
+            return text, ids, "stop" if hit or len(ids) < max_new else "length"
+        return text[:cut], ids[:tokens_through_stop(ids, self.decode, self.stop_strings)], "stop"
+
+    def _check_fits(self, prompt_len: int, max_new: int) -> None:
+        if prompt_len + max_new > self.context_len:
+            raise UserError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the model's context "
+                            f"of {self.context_len} tokens")
+
+    # ------------------------------------------------------------ generation, streaming, scoring
+    def generate(self, prompts: list[list[int]], params: GenerationParams, batch_size: int = 8) -> list[Generation]:
+        """Results in the order of `prompts`."""
+        out = dict(self.generate_iter(prompts, params, batch_size))
+        return [out[i] for i in range(len(prompts))]
+
+    @abstractmethod
+    def generate_iter(self, prompts: list[list[int]], params: GenerationParams,
+                      batch_size: int = 8) -> Iterator[tuple[int, Generation]]:
+        """(index, Generation) for every prompt, in the order they finish."""
+
+    @abstractmethod
+    def stream(self, prompt: list[int], params: GenerationParams, stop_event: threading.Event | None = None,
+               state: StreamState | None = None) -> Iterator[str]:
+        """Text deltas as tokens arrive (`Engine.stream`'s contract)."""
+
+    @abstractmethod
+    def batch_status(self) -> dict:
+        """The load and counts of the requests being decoded (`Batcher.status`'s keys)."""
+
+    @abstractmethod
+    def loss_on_targets(self, examples: list[Example], reduce: Any = None) -> dict:
+        """Loss and perplexity of the model on the examples' targets (`Engine.loss_on_targets`)."""
+
+
+class Engine(EngineBase):
+    """A loaded model with its tokenizer and template: batched generation, streaming and scoring."""
 
     def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, template: Template, model_id: str,
                  context_len: int | None = None, default_system: str | None = None,
@@ -78,11 +157,6 @@ class Engine:
         self._batcher: Batcher | None = None
         self._batcher_lock = threading.Lock()
 
-    @property
-    def cutoff_len(self) -> int:
-        """The longest sample training saw (the run's data.cutoff_len); the context length for a plain model."""
-        return self.run_config.data.cutoff_len if self.run_config is not None else self.context_len
-
     # ------------------------------------------------------------ loading
     @classmethod
     def from_run(cls, path: str | Path, base_only: bool = False, template: str | None = None,
@@ -96,40 +170,7 @@ class Engine:
         name = loaded.source.path.resolve().name + ("-base" if base_only else "")
         return cls(loaded.model, loaded.tokenizer, loaded.template, name, run_config=loaded.source.config)
 
-    # ------------------------------------------------------------ prompts
-    def encode_messages(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation ending with a user turn, plus the assistant prefix. The run's
-        `data.system` is added when the conversation has no system message, as training did. A
-        conversation the model's chat_template refuses raises UserError (templates.py) with its message."""
-        ids, _ = self.template.encode(self.tokenizer, with_system(messages, self.default_system),
-                                      add_generation_prompt=True)
-        return ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _finish(self, ids: list[int], max_new: int) -> tuple[str, list[int], str]:
-        """(text, token ids, finish reason) of generated ids: cut at the first stop token, then before the
-        first stop string. After a stop string the ids run up to the token that completed it."""
-        hit = False
-        for k, t in enumerate(ids):
-            if t in self.stop_ids:
-                ids, hit = ids[:k], True
-                break
-        text = self.decode(ids)
-        cut = find_stop(text, self.stop_strings)
-        if cut < 0:
-            return text, ids, "stop" if hit or len(ids) < max_new else "length"
-        return text[:cut], ids[:tokens_through_stop(ids, self.decode, self.stop_strings)], "stop"
-
     # ------------------------------------------------------------ batched generation
-    def generate(self, prompts: list[list[int]], params: GenerationParams, batch_size: int = 8) -> list[Generation]:
-        """Results in the order of `prompts`."""
-        out: list[Generation | None] = [None] * len(prompts)
-        for idx, gen in self.generate_iter(prompts, params, batch_size):
-            out[idx] = gen
-        return out  # type: ignore[return-value]
-
     def generate_iter(self, prompts: list[list[int]], params: GenerationParams,
                       batch_size: int = 8) -> Iterator[tuple[int, Generation]]:
         """Yield (index, Generation) batch by batch, longest prompts first."""
@@ -176,11 +217,6 @@ class Engine:
             text, ids, reason = self._finish(row, params.max_new_tokens)
             results.append(Generation(text, ids, len(p), reason))
         return results
-
-    def _check_fits(self, prompt_len: int, max_new: int) -> None:
-        if prompt_len + max_new > self.context_len:
-            raise UserError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the model's context "
-                            f"of {self.context_len} tokens")
 
     # ------------------------------------------------------------ streaming
     @property

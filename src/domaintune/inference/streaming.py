@@ -112,11 +112,12 @@ class Stream:
             raise
 
     def _take(self, item: Any) -> str | None:
-        if item is END or isinstance(item, BaseException):
+        if item is END:
             self.close()
-            if item is not END:
-                raise item
             return None
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
         return item
 
     def __iter__(self) -> Stream:

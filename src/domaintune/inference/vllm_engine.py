@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Generator, Itera
 from .. import console
 from ..errors import UserError
 from .batching import DEFAULT_MAX_BATCH_SIZE, check_batch_limits
-from .engine import Engine, Generation, StreamState
+from .engine import Engine, EngineBase, Generation, StreamState
 from .kvcache import concatenative_decoding
 from .params import GenerationParams
 from .streaming import TextDeltas
@@ -152,17 +152,13 @@ class _Cutter:
 
 # ---------------------------------------------------------------- the engine
 
-class VLLMEngine:
-    """A run served by vLLM, with `Engine`'s interface (see the module docstring)."""
-
-    # Engine's prompt building, decoding, cutting and checks: the same functions, not copies. VLLMEngine has every
-    # attribute they read, but Engine types their `self` as Engine: the calls below carry `type: ignore[misc]` until
-    # a base class in engine.py holds these for both engines.
-    encode_messages, decode, _finish = Engine.encode_messages, Engine.decode, Engine._finish
-    _check_fits, generate, cutoff_len = Engine._check_fits, Engine.generate, Engine.cutoff_len
+class VLLMEngine(EngineBase):
+    """A run served by vLLM, with `Engine`'s interface (see the module docstring). Prompt building, decoding, the cut
+    at stops, the context check and `generate` are EngineBase's, the same functions as `Engine`'s."""
 
     def __init__(self, llm: Any, loop: LoopThread, tokenizer: Any, template: Any, model_id: str, context_len: int,
-                 max_num_seqs: int, sampling_params_cls: Any, lora_request: Any = None, run_config: Any = None) -> None:
+                 max_num_seqs: int, sampling_params_cls: Any, lora_request: Any = None, run_config: Any = None,
+                 vocab_size: int | None = None) -> None:
         self.llm, self.loop, self.lora_request, self.SamplingParams = llm, loop, lora_request, sampling_params_cls
         self.run_config = run_config  # the run's config.yaml, None for a plain model directory
         self.default_system = run_config.data.system if run_config is not None else None
@@ -170,6 +166,7 @@ class VLLMEngine:
         self.stop_ids = template.stop_token_ids(tokenizer)
         self.stop_strings = [s for s in template.stop if s]
         self.context_len = context_len  # vLLM's max_model_len (the run's cutoff does not limit generation)
+        self.vocab_size = vocab_size or len(tokenizer)  # vLLM's logits width (it checks logit_bias ids against it)
         self.max_num_seqs = self.max_batch_size = max_num_seqs  # the first is fixed once vLLM runs
         self.device, self.lock = "cuda", threading.Lock()  # Engine's attributes; vLLM schedules requests itself
         self.inflight = 0  # requests with vLLM and not finished (changed on the loop thread only)
@@ -224,7 +221,7 @@ class VLLMEngine:
                     "`--engine hf`." if plan.lora_path else "")
             raise UserError(f"vLLM could not start on '{src.path}': {type(e).__name__}: {e}.{hint}") from e
         return cls(llm, loop, tok, tpl, name, _max_model_len(llm, kw), max_batch_size, vllm.SamplingParams, lora,
-                   run_config=src.config)
+                   run_config=src.config, vocab_size=_vocab_size(llm))
 
     def close(self) -> None:
         """Shut vLLM down (its engine process) and stop the loop thread."""
@@ -286,7 +283,7 @@ class VLLMEngine:
         """`Engine.stream`'s contract: text deltas that concatenate to the final text (cut at the template's stop
         strings), `state` complete before the end; `stop_event`, or closing the iterator, aborts the request."""
         sp = self.SamplingParams(**sampling_kwargs(params, self.stop_ids, self.stop_strings))
-        self._check_fits(len(prompt), params.max_new_tokens)  # type: ignore[misc]  # Engine's function, see above
+        self._check_fits(len(prompt), params.max_new_tokens)
         state = state if state is not None else StreamState()
         state.prompt_tokens = len(prompt)
         cut = _Cutter(self, state)
@@ -310,11 +307,10 @@ class VLLMEngine:
         max_num_seqs when larger, to keep its batch full); `seconds` is the time since the previous result."""
         sp = self.SamplingParams(**sampling_kwargs(params, self.stop_ids, self.stop_strings))
         for p in prompts:
-            self._check_fits(len(p), params.max_new_tokens)  # type: ignore[misc]  # Engine's function, see above
+            self._check_fits(len(p), params.max_new_tokens)
         last = time.perf_counter()
         for i, out in self._run_all(prompts, sp, max(batch_size, self.max_num_seqs)):
-            text, ids, reason = self._finish(  # type: ignore[misc]  # Engine's function, see above
-                list(out.outputs[0].token_ids), params.max_new_tokens)
+            text, ids, reason = self._finish(list(out.outputs[0].token_ids), params.max_new_tokens)
             now = time.perf_counter()
             yield i, Generation(text, ids, len(prompts[i]), reason, seconds=now - last)
             last = now
@@ -331,8 +327,7 @@ class VLLMEngine:
         """`Engine.loss_on_targets` from vLLM's prompt logprobs (see the module docstring)."""
         from ..evaluation.loss import last_turn_samples
 
-        cutoff = self.cutoff_len  # type: ignore[misc]  # Engine's property, see the class's note
-        samples = last_turn_samples(examples, self.tokenizer, self.template, cutoff, self.default_system)
+        samples = last_turn_samples(examples, self.tokenizer, self.template, self.cutoff_len, self.default_system)
         if not samples and reduce is None:
             return {}
         sp = self.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
@@ -371,6 +366,16 @@ def _max_model_len(llm: Any, kw: dict) -> int:
         if isinstance(n, int) and n > 0:
             return n
     return int(kw.get("max_model_len") or 2048)
+
+
+def _vocab_size(llm: Any) -> int | None:
+    """vLLM's vocabulary size (the logits' width, against which vLLM checks `logit_bias` token ids); None if unknown."""
+    for holder in (llm, getattr(llm, "vllm_config", None), getattr(llm, "engine", None)):
+        get = getattr(getattr(holder, "model_config", None), "get_vocab_size", None)
+        n = get() if callable(get) else None
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
 
 
 def load_engine(kind: str, path: str | Path, *, base_only: bool = False, template: str | None = None,

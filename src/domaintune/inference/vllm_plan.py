@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import UserError
 from ..rundir import ADAPTER_CONFIG
-from .params import GenerationParams
+from .params import GenerationParams, RequestParams
 
 if TYPE_CHECKING:
     from .loading import RunSource
@@ -112,7 +112,9 @@ def engine_args(plan: VLLMPlan, max_num_seqs: int, dtype: str, extra: dict | Non
 
 
 def sampling_kwargs(params: GenerationParams, stop_ids: Sequence[int], stop_strings: Sequence[str]) -> dict:
-    """Keyword arguments of vLLM's `SamplingParams` (greedy: temperature 0; top_k 0 = off: -1, as vLLM reads it)."""
+    """Keyword arguments of vLLM's `SamplingParams` (greedy: temperature 0; top_k 0 = off: -1, as vLLM reads it).
+    A server request's OpenAI penalties and logit_bias (RequestParams) go to vLLM's fields of the same names, which
+    count generated tokens only, as `params.OpenAIPenalties` does for `--engine hf`."""
     if params.num_beams > 1:
         raise UserError("--engine vllm decodes greedily or by sampling, not by beam search (num_beams > 1): "
                         "use --engine hf for beam search")
@@ -121,6 +123,9 @@ def sampling_kwargs(params: GenerationParams, stop_ids: Sequence[int], stop_stri
                               seed=params.seed, skip_special_tokens=True, temperature=0.0)
     if params.do_sample:
         kw.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1)
+    if isinstance(params, RequestParams) and params.penalised:
+        kw.update(presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                  logit_bias=dict(params.logit_bias) or None)
     return kw
 
 

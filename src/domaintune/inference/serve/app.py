@@ -57,7 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...errors import UserError
 from ..batching import DEFAULT_MAX_QUEUE, WorkerCrash, check_batch_limits
-from ..engine import Engine, StreamState
+from ..engine import EngineBase, StreamState
 from ..params import PRESETS, GenerationParams
 from ..stops import StopScanner, tokens_through_stop
 from . import protocol as P
@@ -80,7 +80,7 @@ def _error_response(status: int, message: str, param: str | None = None, code: s
 
 # ---------------------------------------------------------------- request checks
 
-def _engine(app: FastAPI) -> Engine:
+def _engine(app: FastAPI) -> EngineBase:
     if app.state.engine is None:
         raise APIError(503, "The model is still loading; retry when GET /health returns 200.", code="model_loading")
     return app.state.engine
@@ -108,7 +108,7 @@ def _sse(obj: Any) -> str:
 
 # ---------------------------------------------------------------- the app
 
-def create_app(engine: Engine | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+def create_app(engine: EngineBase | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                defaults: GenerationParams | None = None, allowed_hosts: Iterable[str] = (),
                max_batch_size: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:

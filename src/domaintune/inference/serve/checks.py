@@ -22,7 +22,7 @@ from . import protocol as P
 from .lifecycle import APIError
 
 if TYPE_CHECKING:
-    from ..engine import Engine
+    from ..engine import EngineBase
 
 _UNION_LABELS = ("str", "int", "float", "bool")  # pydantic names the member of a union in `loc`: not a field
 
@@ -100,7 +100,7 @@ def _choice_name(value: Any) -> str:
     return value if isinstance(value, str) else f"an object ({', '.join(map(str, value))})"
 
 
-def refuse_unsupported(req: P.ChatCompletionRequest | P.CompletionRequest, engine: Engine) -> None:
+def refuse_unsupported(req: P.ChatCompletionRequest | P.CompletionRequest, engine: EngineBase) -> None:
     """400 naming the first field this server cannot honour (see the module docstring)."""
     if req.model != engine.model_id:
         raise APIError(404, f"The model '{req.model}' does not exist: this server serves '{engine.model_id}' "
@@ -160,7 +160,7 @@ def chat_messages(req: P.ChatCompletionRequest) -> list[dict]:
     return msgs
 
 
-def encode_chat(engine: Engine, msgs: list[dict]) -> list[int]:
+def encode_chat(engine: EngineBase, msgs: list[dict]) -> list[int]:
     """Prompt ids; a conversation the model's chat template refuses is the client's mistake (400)."""
     try:
         return engine.encode_messages(msgs)
@@ -170,7 +170,7 @@ def encode_chat(engine: Engine, msgs: list[dict]) -> list[int]:
 
 # ---------------------------------------------------------------- decoding settings
 
-def request_params(req: P.ChatCompletionRequest | P.CompletionRequest, prompt_len: int, engine: Engine,
+def request_params(req: P.ChatCompletionRequest | P.CompletionRequest, prompt_len: int, engine: EngineBase,
                    defaults: GenerationParams) -> GenerationParams:
     """The request's decoding: the server's `defaults` with what the request sets; max_new_tokens is the
     request's max_tokens (else the default), capped by the room the prompt leaves in the context. A RequestParams

@@ -162,7 +162,7 @@ class Guard:
             return await self.app(scope, receive, send)
         if self.key is None and self.hosts is not None:
             for raw in (v for k, v in scope["headers"] if k.lower() == b"host"):
-                refusal = self._refuse_host(raw.decode("latin-1"))
+                refusal = self._refuse_host(raw.decode("latin-1"), self.hosts)
                 if refusal:
                     return await _send_error(send, *refusal)
         headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
@@ -229,8 +229,9 @@ class Guard:
 
         return await self.app(scope, replay, send)
 
-    def _refuse_host(self, host: str) -> tuple[int, str, str] | None:
-        """(status, message, code) for a Host header this server does not answer; None for one it does."""
+    def _refuse_host(self, host: str, hosts: tuple[str, ...]) -> tuple[int, str, str] | None:
+        """(status, message, code) for a Host header that `hosts` (this server's names) does not hold; None for one
+        it does."""
         if not host.strip():
             return None
         name = host_name(host)
@@ -238,10 +239,10 @@ class Guard:
         if name is None:
             return (400, f"The Host header '{quoted}' is not a host name or address with an optional port (such as "
                          "localhost:8000).", "invalid_host")
-        if name in self.hosts:
+        if name in hosts:
             return None
         return (403, f"Host '{quoted}' is not allowed: without an API key this server answers only requests addressed "
-                     f"to {describe_hosts(self.hosts)} (a defence against DNS rebinding). To reach it by this name, "
+                     f"to {describe_hosts(hosts)} (a defence against DNS rebinding). To reach it by this name, "
                      f"restart it with --allowed-hosts {shown(name)}, or set an API key (--api-key or "
                      f"${ENV_KEY}).", "host_not_allowed")
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 if TYPE_CHECKING:
-    from ..engine import Engine, StreamState
+    from ..engine import EngineBase, StreamState
     from ..params import GenerationParams
 
 
@@ -25,13 +26,13 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-async def generate(engine: Engine, prompt: list[int], params: GenerationParams, stop_event: threading.Event,
-                   state: StreamState) -> AsyncIterator[str]:
+async def generate(engine: EngineBase, prompt: list[int], params: GenerationParams, stop_event: threading.Event,
+                   state: StreamState) -> AsyncGenerator[str, None]:
     """Yield text deltas of `engine.stream` (the batcher decides when the request runs): read as an async
     iterator when the engine's stream is one (Engine: deltas handed to the event loop once per step), else by a
     worker thread (an engine with a blocking iterator)."""
     stream = engine.stream(prompt, params, stop_event=stop_event, state=state)
-    if hasattr(stream, "__anext__"):
+    if isinstance(stream, AsyncIterator):
         try:
             async for delta in stream:
                 yield delta
@@ -80,7 +81,7 @@ async def watch_disconnect(request: Request, stop_event: threading.Event) -> Non
 class Admission:
     """A request's place among the `max_batch_size + max_queue` admitted at once (event-loop thread only)."""
 
-    def __init__(self, app: FastAPI, engine: Engine) -> None:
+    def __init__(self, app: FastAPI, engine: EngineBase) -> None:
         status = engine.batch_status()
         capacity = status["max_batch_size"] + app.state.max_queue
         if app.state.admitted >= capacity:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -41,6 +42,7 @@ def lone_surrogate(value: Any, path: str = "") -> tuple[str, str, int] | None:
         except UnicodeEncodeError as e:
             return path, value[e.start], e.start
         return None
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, BaseModel):
         items = ((name, getattr(value, name)) for name in type(value).model_fields)
     elif isinstance(value, dict):

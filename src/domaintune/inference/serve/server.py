@@ -64,6 +64,7 @@ def startup_notes(host: str, port: int, api_key: str | None, allowed_hosts: Iter
     if _is_loopback(host):
         return []
     hosts = accepted_hosts(([] if host in WILDCARD_BINDS or host_name(host) is None else [host]) + allowed)
+    assert hosts is not None, "None means any host: answered above"
     return [f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
             f"(set --api-key or ${ENV_KEY})",
             f"note: without an API key only requests addressed to {describe_hosts(hosts)} are answered (a defence "
