@@ -90,6 +90,7 @@ def run_export_gguf(run: str | Path, out: str | Path, quant: str = "f16", dtype:
         print(f"exported {Path(run).resolve()} -> {path} (finished the export an interruption had left without "
               f"its {MODELFILE})")
         return path
+
     def precheck(src: RunSource, tok: Any) -> None:
         _check_arch(src)
         check_tokenizer(tok)

@@ -129,7 +129,7 @@ class PreferenceRun(TrainingRun):
         self._tok = load_tokenizer(str(self.sft) if self.sft else m.required_name(), m.trust_remote_code,
                                    None if self.sft else m.revision)
         self._template = (Template.load(self.sft / TEMPLATE) if self.sft else get_template(self.cfg.data.template,
-                                                                                           self.tok))
+                                                                                            self.tok))
         self.tok.chat_template = self.template.chat_template_for(self.tok)
         if self.tok.pad_token is None:  # TRL's collators pad; a LLaMA tokenizer ships without a pad token
             self.tok.pad_token = self.tok.eos_token
@@ -141,8 +141,9 @@ class PreferenceRun(TrainingRun):
         return [{"input_ids": r["prompt_ids"] + r.get(key, []) + r.get("rejected_ids", [])} for r in self.data.train]
 
     def wrap_model(self, checkpointing: bool) -> Any:
-        if not self.sft_adapter or self.sft is None:  # sft_adapter: an SFT run's adapter, so self.sft is set
+        if not self.sft_adapter:
             return super().wrap_model(checkpointing)
+        assert self.sft is not None, "_resolve_start sets sft_adapter with sft"
         from .model import load_adapter
 
         if self.cfg.model.quantization != "none":  # as prepare_for_training does for a QLoRA SFT run
