@@ -119,6 +119,18 @@ def test_bad_rows_stop_the_run_before_any_model_loads(tiny_run, tiny_train_confi
     assert time.time() - t0 < 10 and not (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
+def test_a_preference_config_without_a_model_is_told_so(tmp_path, capsys):
+    """Regression (mypy found it: Path(None) in PreferenceRun._resolve_start): a dpo config with no
+    model.name_or_path ended in a TypeError traceback, where an sft config gets one line and exit 2."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data:\n  path: {tmp_path / 'pref.jsonl'}\n"
+                   f"train:\n  stage: dpo\n  output_dir: {tmp_path / 'out'}\n", encoding="utf-8")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.name_or_path is not set: give the base model, in the config file")
+    assert "Traceback" not in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
 def test_a_lora_sft_run_needs_lora(tiny_run, pref_data, tiny_train_config, tmp_path):
     with pytest.raises(UserError, match="is a LoRA run: a preference stage continues its adapter"):
         run_train(pref_config(tiny_train_config, tmp_path / "r", tiny_run, pref_data, "dpo", "lora.enabled=false"))

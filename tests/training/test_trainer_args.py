@@ -168,7 +168,9 @@ def test_bad_settings_stop_the_run_before_the_model_loads(tiny_train_config, tmp
     with pytest.raises(UserError) as e:
         run.setup_output()  # the stage before the tokenizer and the model
     assert said in str(e.value) and "\n" not in str(e.value)
-    assert run.base is None and run.tok is None
+    for name in ("base", "tok"):  # neither the model nor the tokenizer was loaded
+        with pytest.raises(RuntimeError, match=rf"^TrainingRun.{name} is set by setup_\w+\(\), which has not run$"):
+            getattr(run, name)
 
 
 def test_a_misspelt_optimizer_stops_run_train_in_seconds(tiny_train_config, tmp_path):

@@ -151,7 +151,7 @@ class Template:
 
         def render(msgs: list[dict], gen: bool) -> str:
             try:
-                return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=tpl)
+                return chat_text(tokenizer, msgs, tpl, add_generation_prompt=gen)
             except TemplateError as e:  # e.g. Mistral/LLaMA-2/Gemma: raise_exception('... roles must alternate ...')
                 raise UserError(f"the model's chat_template rejects this conversation ({e}); change the data "
                                 "(e.g. drop the system message) or use data.template: chatml (or another "
@@ -246,6 +246,16 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
+def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], chat_template: str,
+              add_generation_prompt: bool = False) -> str:
+    """One conversation rendered by `chat_template` as text, typed as the str it is (transformers types
+    `apply_chat_template`'s result for every mode: ids, batches, a BatchEncoding)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         chat_template=chat_template)
+    assert isinstance(text, str), "one conversation with tokenize=False renders to one string"
+    return text
+
+
 def leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The BOS id if this tokenizer adds one by itself (LLaMA does, BLOOM/Qwen do not)."""
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -260,7 +270,7 @@ def _turn_end_tokens(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> 
     `<|eot_id|>`). Training teaches the model to emit it instead of EOS, so generation must stop on it."""
     probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ANSWER"}]
     try:
-        text = tokenizer.apply_chat_template(probe, tokenize=False, chat_template=chat_template)
+        text = chat_text(tokenizer, probe, chat_template)
     except Exception as e:  # any failure (Jinja syntax, raise_exception, a missing field) means the same here
         # Not an error: the template may still render the user's own conversations (e.g. it demands a system
         # message). But without the probe the turn-end token is unknown, so generation stops at EOS only, and a
@@ -274,7 +284,9 @@ def _turn_end_tokens(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> 
     ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
     if not ids or ids[0] not in tokenizer.all_special_ids or ids[0] == tokenizer.eos_token_id:
         return []
-    return [tokenizer.convert_ids_to_tokens(ids[0])]
+    token = tokenizer.convert_ids_to_tokens(ids[0])
+    assert isinstance(token, str), "one id converts to one token"
+    return [token]
 
 
 def get_template(name_or_path: str, tokenizer: PreTrainedTokenizerBase | None = None) -> Template:
@@ -286,7 +298,7 @@ def get_template(name_or_path: str, tokenizer: PreTrainedTokenizerBase | None = 
                             "choose domain_zh, alpaca or chatml")
         return Template(name="tokenizer", kind="tokenizer", append_eos=False,
                         description="the model's own chat_template", chat_template=tpl,
-                        stop=_turn_end_tokens(tokenizer, tpl) if tpl else [])
+                        stop=_turn_end_tokens(tokenizer, tpl) if tokenizer is not None and tpl else [])
     if name_or_path in BUILTIN:
         text = (resources.files("domaintune.data.prompt_templates").joinpath(f"{name_or_path}.json")
                 .read_text(encoding="utf-8"))

@@ -220,7 +220,7 @@ def _torch_dtype(name: str, name_or_path: str, revision: str | None = None) -> t
         return resolve_dtype(name, "cpu")
     conf = base_config_dict(name_or_path, revision) or {}
     saved = conf.get("dtype") or conf.get("torch_dtype")
-    return resolve_dtype({"bfloat16": "bf16", "float16": "fp16"}.get(saved, "fp32"), "cpu")
+    return resolve_dtype({"bfloat16": "bf16", "float16": "fp16"}.get(str(saved), "fp32"), "cpu")
 
 
 def model_card(rd: RunDir, out: Path, template: str, how: str, dtype: str) -> str:

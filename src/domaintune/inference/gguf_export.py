@@ -90,8 +90,13 @@ def run_export_gguf(run: str | Path, out: str | Path, quant: str = "f16", dtype:
         print(f"exported {Path(run).resolve()} -> {path} (finished the export an interruption had left without "
               f"its {MODELFILE})")
         return path
+
+    def precheck(src: RunSource, tok: Any) -> None:
+        _check_arch(src)
+        check_tokenizer(tok)
+
     m = load_merged(run, dtype, template, allow_pickle, lambda run_path: _check_out(run_path, path, overwrite),
-                    precheck=lambda src, tok: (_check_arch(src), check_tokenizer(tok)))
+                    precheck=precheck)
     modelfile = modelfile_text(path.name, m.template, m.tokenizer)  # what it cannot hold stops us before writing
     conf = m.model.config.to_dict()
     arch = ARCHS.get((conf.get("architectures") or [""])[0]) or _arch_of(m.model)
@@ -335,7 +340,8 @@ def _tensors(model: Any, arch: str, conf: dict) -> Iterator[tuple[str, torch.Ten
     """(HF name, tensor, the reordering into llama.cpp's layout or None); all reorderings keep the shape."""
     import torch
 
-    n_head = conf.get("num_attention_heads") or conf.get("n_head")
+    # llama's and bloom's head counts (_add_hparams requires them too); no other layout reads it
+    n_head: int = conf.get("num_attention_heads") or conf.get("n_head") or 0
     n_kv = conf.get("num_key_value_heads") or n_head
     for name, t in model.state_dict().items():
         if name.endswith(".rotary_emb.inv_freq"):

@@ -43,7 +43,7 @@ class RunSource:
     @property
     def weights_source(self) -> str:
         """Where the (base) weights come from: the adapter's base model, else this directory."""
-        return self.base.name_or_path if self.adapter and self.base else str(self.path)
+        return self.base.required_name() if self.adapter and self.base else str(self.path)
 
 
 def inspect_run(path: str | Path, base_only: bool = False, allow_pickle: bool = False) -> RunSource:
@@ -107,13 +107,16 @@ def load_run(path: str | Path | RunSource, *, base_only: bool = False, template:
         update = {"allow_pickle": allow_pickle} | ({"quantization": "none"} if unquantized else {})
         base_cfg = base_cfg.model_copy(update=update)
     merged = False
+    model: Any  # a PreTrainedModel, or a PeftModel around one
     if src.adapter:
+        assert base_cfg is not None, "inspect_run gives an adapter the config of its base"
         model = loader.load_base_model(base_cfg, device=device, dtype=torch_dtype)
         if not base_only:
             model = loader.load_adapter(model, src.path)
             if merge:
                 model, merged = model.merge_and_unload(), True
     elif base_only:
+        assert base_cfg is not None, "inspect_run refuses base_only without config.yaml (its model section)"
         model = loader.load_base_model(base_cfg, device=device, dtype=torch_dtype)
     else:
         model = loader.load_plain_model(src.path, dtype=torch_dtype, device=device,

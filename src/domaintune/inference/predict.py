@@ -52,6 +52,7 @@ from .params import PRESETS, GenerationParams
 if TYPE_CHECKING:
     from ..data.examples import Example
     from .engine import Engine
+    from .vllm_engine import VLLMEngine
 
 FORMATS = ("jsonl", "json-array")
 
@@ -217,7 +218,7 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
     todo = [ex for ex in examples if ex.index not in done]
     has_targets = all(ex.prompt_and_target()[1] for ex in examples)
 
-    engine = None
+    engine: Engine | VLLMEngine | None = None
     if todo or (evaluate and has_targets):
         # vLLM schedules its own batch: up to 256 sequences (its default) rather than the server's 16
         engine = load_engine(engine_kind, run.path, base_only=base_only, template=template, allow_pickle=allow_pickle,
@@ -230,6 +231,7 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
         _write_meta(jsonl, meta)
     mine = sharded.my_rows(todo, rank, world_size)
     if mine:
+        assert engine is not None, "loaded above: there are rows to do"
         total, already = (len(mine), 0) if world_size > 1 else (len(examples), len(examples) - len(todo))
         _generate_into(engine, mine, sharded.shard_path(jsonl, rank) if world_size > 1 else jsonl, params,
                        batch_size, total=total, already=already, show=rank == 0)
@@ -239,6 +241,7 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
         _merge_shards(jsonl)
     if world_size > 1:
         if evaluate and has_targets:  # every process scores its share; the sums meet on rank 0
+            assert engine is not None, "loaded above to score the targets"
             loss = engine.loss_on_targets(sharded.my_rows(examples, rank, world_size),
                                           reduce=lambda v: sharded.sum_across(v, engine.device))
         sharded.barrier()
@@ -253,7 +256,7 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
     if evaluate:
         _evaluate(engine, run, jsonl, examples, base_only, has_targets,
                   loss if world_size > 1 and has_targets else None)
-    if hasattr(engine, "close"):  # vLLM: its engine process and GPU memory
+    if engine is not None and hasattr(engine, "close"):  # vLLM: its engine process and GPU memory
         engine.close()
     from ..evaluation.report import refresh_report
 
@@ -277,14 +280,15 @@ def _merge_shards(jsonl: Path) -> None:
         part.unlink()
 
 
-def _generate_into(engine: Engine, todo: list[Example], jsonl: Path, params: GenerationParams,
+def _generate_into(engine: Engine | VLLMEngine, todo: list[Example], jsonl: Path, params: GenerationParams,
                    batch_size: int, total: int, already: int, show: bool = True) -> None:
     from tqdm import tqdm
 
     prompts, targets = [], []
     for ex in todo:
         prompt, target = ex.prompt_and_target()
-        ids = engine.encode_messages(prompt)  # with the run's data.system, as in training
+        # with the run's data.system, as in training; VLLMEngine borrows Engine's function (vllm_engine.py's note)
+        ids = engine.encode_messages(prompt)  # type: ignore[misc]
         if len(ids) + params.max_new_tokens > engine.context_len:
             raise UserError(f"{ex.where}: the prompt has {len(ids)} tokens; "
                             f"with --max-new-tokens {params.max_new_tokens} "
@@ -322,7 +326,7 @@ def _finish_file(jsonl: Path, examples: list[Example]) -> list[dict]:
     return ordered
 
 
-def _evaluate(engine: Engine | None, run: RunDir, jsonl: Path, examples: list[Example], base_only: bool,
+def _evaluate(engine: Engine | VLLMEngine | None, run: RunDir, jsonl: Path, examples: list[Example], base_only: bool,
               has_targets: bool, loss: dict | None = None) -> None:
     from ..evaluation.metrics import format_metrics, run_eval
 
@@ -332,7 +336,9 @@ def _evaluate(engine: Engine | None, run: RunDir, jsonl: Path, examples: list[Ex
     out_dir = jsonl.parent
     if base_only and out_dir.resolve() == run.path.resolve():
         out_dir = run.path / BASE_DIR  # keep the fine-tuned model's metrics.json in RUN
-    loss = loss if loss is not None else engine.loss_on_targets(examples)
+    if loss is None:
+        assert engine is not None, "run_predict loads the engine when it scores rows with targets"
+        loss = engine.loss_on_targets(examples)
     metrics = run_eval(jsonl, out_dir=out_dir, extra={k: loss[k] for k in ("loss", "perplexity") if k in loss})
     print(format_metrics(metrics))
     console.note(f"wrote {out_dir / METRICS}")

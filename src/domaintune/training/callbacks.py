@@ -84,6 +84,7 @@ def make_callbacks(run: RunDir, resume_step: int, template: Template, config_yam
 
         def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
             if state.is_world_process_zero:
+                assert args.output_dir is not None, "TrainingArguments sets output_dir (trainer_output by default)"
                 ckpt = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
                 if ckpt.is_dir():
                     _drop_peft_card(ckpt)

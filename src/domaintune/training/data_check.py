@@ -38,7 +38,6 @@ def _preference_check(cfg: Config, example: int, color: bool) -> dict:
     check_preference_files(cfg.data, cfg.train.stage)  # before the tokenizer (and transformers) loads
     run = PreferenceRun(cfg)
     run.setup_data()
-    assert run.data is not None and run.template is not None and run.tok is not None, "setup_data sets them"
     row = run.data.train[min(example, len(run.data.train) - 1)]
     print(f"\nexample {example} (template {run.template.name}; train.stage {cfg.train.stage}; the tokens in the "
           f"preference loss {'in green' if color else 'marked «like this»'}):")

@@ -165,7 +165,7 @@ def load_base_model(model_cfg: ModelConfig, device: str | None = None,
     try:
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
-        raise _load_error(model_cfg.name_or_path, e) from None
+        raise _load_error(model_cfg.required_name(), e) from None
     return model
 
 
@@ -187,7 +187,8 @@ def prepare_for_training(model: PreTrainedModel, lora_cfg: LoraConfig, quantizat
     from peft import LoraConfig, get_peft_model
 
     targets = lora_cfg.target_modules
-    pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+    # peft annotates lora_alpha as int, but only divides by it (alpha / r): a fractional alpha scales as meant.
+    pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,  # type: ignore[arg-type]
                       target_modules=targets if targets == "all-linear" else list(targets),
                       bias="none", task_type="CAUSAL_LM")
     try:

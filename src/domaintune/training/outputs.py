@@ -185,7 +185,7 @@ def check_resume_world(ckpt: Path, world_size: int, distributed: str) -> None:
 def saved_config(cfg: Config) -> Config:
     """The config as the run directory records it: a local base-model path becomes absolute, so later
     verbs (predict, chat, serve, export) find the base model from any working directory."""
-    local = Path(cfg.model.name_or_path).expanduser()
+    local = Path(cfg.model.required_name()).expanduser()
     if not local.is_dir():
         return cfg
     model = cfg.model.model_copy(update={"name_or_path": str(local.resolve())})
@@ -295,11 +295,11 @@ def write_run_files(cfg: Config, run: RunDir, tok: PreTrainedTokenizerBase, temp
     final_eval = eval_metrics.get("eval_loss", next((r["eval_loss"] for r in reversed(logs) if "eval_loss" in r
                                                       and r.get("step") == trainer.state.global_step), None))
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
-    license_ = model_license(saved.model.name_or_path, cfg.model.revision)
+    license_ = model_license(saved.model.required_name(), cfg.model.revision)
     method = "full" if not cfg.lora.enabled else ("qlora" if cfg.model.quantization != "none" else "lora")
     # PEFT's save_pretrained left its empty card ("[More Information Needed]", base_model: an absolute path of
     # this machine) here; the run's own card replaces it.
-    write_atomic(run.file(MODEL_CARD), run_model_card(run, saved.model.name_or_path, license_, method, template.name,
+    write_atomic(run.file(MODEL_CARD), run_model_card(run, saved.model.required_name(), license_, method, template.name,
                                                       trainer.state.global_step, final_eval))
     run.write_json(RUN_INFO, {
         "base_model": saved.model.name_or_path,

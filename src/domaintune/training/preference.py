@@ -30,12 +30,17 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ..errors import UserError
 from ..rundir import TEMPLATE, RunDir, base_model_config, paths_overlap
 from .run import TrainingRun
 from .trl_contract import INSTALL_HINT, check_kto_trainer, check_trl_internals
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+    from ..data.preferences import PreferenceData
 
 REF_ADAPTER = "ref"  # the name TRL gives the frozen copy of a pretrained adapter
 
@@ -49,8 +54,10 @@ class PreferenceRun(TrainingRun):
         self.sft: Path | None = None  # the SFT run this stage starts from
         self.sft_adapter = False
         self.requested_model = cfg.model.name_or_path
+        self._prefs: PreferenceData | None = None  # the preference rows (setup_data), read as `data`
         if cfg.train.per_device_batch_size == "auto":
             raise UserError(f"train.per_device_batch_size: auto is for train.stage sft; give a number for {self.stage}")
+        self.per_device = cfg.train.per_device_batch_size  # a number (TRL's trainers have no auto batch)
         if self.stage == "kto" and cfg.train.per_device_batch_size < 2:
             raise UserError("train.stage kto estimates its KL term from the other rows of a micro-batch: set "
                             "train.per_device_batch_size to 2 or more")
@@ -61,7 +68,8 @@ class PreferenceRun(TrainingRun):
         exported model (template.json, no config.yaml): its template; the model itself is the base."""
         from ..config import load_config
 
-        src = Path(self.cfg.model.name_or_path).expanduser()
+        # required_name: a preference config without a model is told so, here in __init__, before setup_output
+        src = Path(self.cfg.model.required_name()).expanduser()
         run = RunDir(src)
         if not (src.is_dir() and run.template_path.is_file()):
             return  # a base model (or a plain model folder)
@@ -84,6 +92,12 @@ class PreferenceRun(TrainingRun):
         if self.cfg.data.system is None and sft_cfg.data.system:
             updates["data"] = self.cfg.data.model_copy(update={"system": sft_cfg.data.system})
         self.cfg = self.cfg.model_copy(update=updates)
+
+    @property
+    def data(self) -> PreferenceData:
+        if self._prefs is None:
+            raise RuntimeError("PreferenceRun.data is set by setup_data(), which has not run")
+        return self._prefs
 
     # ------------------------------------------------------------ stages
     def check_data(self) -> None:
@@ -112,14 +126,14 @@ class PreferenceRun(TrainingRun):
         from .model import load_tokenizer
 
         m = self.cfg.model
-        self.tok = load_tokenizer(str(self.sft) if self.sft else m.name_or_path, m.trust_remote_code,
-                                  None if self.sft else m.revision)
-        self.template = (Template.load(self.sft / TEMPLATE) if self.sft else get_template(self.cfg.data.template,
-                                                                                           self.tok))
+        self._tok = load_tokenizer(str(self.sft) if self.sft else m.required_name(), m.trust_remote_code,
+                                   None if self.sft else m.revision)
+        self._template = (Template.load(self.sft / TEMPLATE) if self.sft else get_template(self.cfg.data.template,
+                                                                                            self.tok))
         self.tok.chat_template = self.template.chat_template_for(self.tok)
         if self.tok.pad_token is None:  # TRL's collators pad; a LLaMA tokenizer ships without a pad token
             self.tok.pad_token = self.tok.eos_token
-        self.data = build_preference_data(self.cfg.data, self.tok, self.template, self.stage, self.cfg.train.seed)
+        self._prefs = build_preference_data(self.cfg.data, self.tok, self.template, self.stage, self.cfg.train.seed)
         self._say("\n".join(self.data.report.summary_lines()))
 
     def sized_rows(self) -> list[dict]:
@@ -129,12 +143,13 @@ class PreferenceRun(TrainingRun):
     def wrap_model(self, checkpointing: bool) -> Any:
         if not self.sft_adapter:
             return super().wrap_model(checkpointing)
+        assert self.sft is not None, "_resolve_start sets sft_adapter with sft"
         from .model import load_adapter
 
         if self.cfg.model.quantization != "none":  # as prepare_for_training does for a QLoRA SFT run
             from peft import prepare_model_for_kbit_training
 
-            self.base = prepare_model_for_kbit_training(self.base, use_gradient_checkpointing=checkpointing)
+            self._base = prepare_model_for_kbit_training(self.base, use_gradient_checkpointing=checkpointing)
         elif checkpointing:
             self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.base.enable_input_require_grads()
@@ -144,7 +159,6 @@ class PreferenceRun(TrainingRun):
         from datasets import Dataset
 
         t = self.cfg.train
-        self.per_device = t.per_device_batch_size
         self.loss_kind, self.batching = f"{self.stage} (TRL)", "pad"
         base, config_class, extra = _trl_classes(self.stage)
         args, callbacks = self.arguments_and_callbacks(
@@ -157,7 +171,7 @@ class PreferenceRun(TrainingRun):
             random.Random(t.seed).shuffle(rows)
         train = Dataset.from_list(rows)
         ev = Dataset.from_list(self.data.eval) if self.data.eval else None
-        self.trainer = preference_trainer_class(base, self.stage)(
+        self._trainer = preference_trainer_class(base, self.stage)(
             model=self.model, args=args, train_dataset=train, eval_dataset=ev, processing_class=self.tok,
             callbacks=callbacks)
         if self.stage == "kto":
@@ -210,7 +224,14 @@ def preference_trainer_class(base: type, stage: str) -> type:
 
     check_trl_internals(stage, base)  # also here, for any caller that builds the class directly
 
-    class PreferenceTrainer(trainer_class(base)):
+    # TRL's trainer for the stage with hf_trainer.py's behaviour on top, chosen at run time: mypy checks the
+    # subclass against transformers' Trainer, which every TRL trainer extends.
+    if TYPE_CHECKING:
+        parent: TypeAlias = Trainer
+    else:
+        parent = trainer_class(base)
+
+    class PreferenceTrainer(parent):
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             if stage == "kto" and getattr(self, KTO_CALCULATE_KL):  # set by KTOTrainer.__init__ before this call
                 # TRL's KL term pairs each prompt with another row's completion, rotated within each batch.
@@ -232,7 +253,8 @@ def preference_trainer_class(base: type, stage: str) -> type:
             return out
 
         def concatenated_forward(self, model: Any, batch: dict) -> tuple:
-            out = super().concatenated_forward(model, batch)
+            # ORPOTrainer defines it (trl_contract.py checks it; no other stage calls it); mypy sees only Trainer.
+            out = super().concatenated_forward(model, batch)  # type: ignore[misc]
             if stage != "orpo":
                 return out
             # TRL's ORPO puts the prompt tokens into its NLL term too (labels = every attended token); here it is
@@ -247,7 +269,9 @@ def preference_trainer_class(base: type, stage: str) -> type:
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             super()._save(output_dir, state_dict=state_dict)
             if self.args.should_save:  # the frozen reference adapter is the SFT run's: not saved again
-                shutil.rmtree(Path(output_dir or self.args.output_dir) / REF_ADAPTER, ignore_errors=True)
+                folder = output_dir or self.args.output_dir
+                assert folder is not None, "TrainingArguments sets output_dir (trainer_output by default)"
+                shutil.rmtree(Path(folder) / REF_ADAPTER, ignore_errors=True)
 
     return PreferenceTrainer
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .. import console
 from ..errors import UserError
@@ -72,8 +72,26 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
     from ..config import Config
-    from ..data.encode import Datasets
+    from ..data.encode import DataReport
     from ..data.templates import Template
+
+T = TypeVar("T")
+
+
+class RunData(Protocol):
+    """A stage's encoded data as the run uses it: data/encode.py's Datasets (sft), data/preferences.py's
+    PreferenceData (dpo, orpo, kto)."""
+
+    train: list[dict]
+    eval: list[dict]
+    report: DataReport
+
+
+def _set_by(stage: str, name: str, value: T | None) -> T:
+    """`value`, which the stage `stage` sets: None means a caller skipped that stage (a bug, not a user mistake)."""
+    if value is None:
+        raise RuntimeError(f"TrainingRun.{name} is set by {stage}(), which has not run")
+    return value
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -108,19 +126,44 @@ class TrainingRun:
         self.out = Path(cfg.train.output_dir)
         self.run = RunDir(self.out)
         self.ckpt: Path | None = None
-        self.tok: PreTrainedTokenizerBase | None = None
-        self.template: Template | None = None
-        self.data: Datasets | None = None
+        # Set by the stages, read through the properties below (a RuntimeError names a stage that was skipped).
+        self._tok: PreTrainedTokenizerBase | None = None
+        self._template: Template | None = None
+        self._data: RunData | None = None
         self.device = "cpu"
-        self.precision: tuple[torch.dtype, bool, bool] | None = None  # load dtype, bf16 autocast, fp16 autocast
-        self.base: PreTrainedModel | None = None
+        self._precision: tuple[torch.dtype, bool, bool] | None = None  # load dtype, bf16 autocast, fp16 autocast
+        self._base: PreTrainedModel | None = None
         self.model: Any = None  # the base, or a PeftModel around it
-        self.trainer: Trainer | None = None
+        self._trainer: Trainer | None = None
         self.lean: Any = None  # loss.LeanLoss when the chunked loss is used
         self.loss_kind = self.batching = ""
         self.per_device = 0
         self.checkpointing = False
         self.use_cache: bool | None = None
+
+    @property
+    def tok(self) -> PreTrainedTokenizerBase:
+        return _set_by("setup_data", "tok", self._tok)
+
+    @property
+    def template(self) -> Template:
+        return _set_by("setup_data", "template", self._template)
+
+    @property
+    def data(self) -> RunData:
+        return _set_by("setup_data", "data", self._data)
+
+    @property
+    def precision(self) -> tuple[torch.dtype, bool, bool]:
+        return _set_by("setup_model", "precision", self._precision)
+
+    @property
+    def base(self) -> PreTrainedModel:
+        return _set_by("setup_model", "base", self._base)
+
+    @property
+    def trainer(self) -> Trainer:
+        return _set_by("setup_trainer", "trainer", self._trainer)
 
     def _say(self, text: str) -> None:
         if self.is_main:
@@ -137,17 +180,17 @@ class TrainingRun:
         from .model import check_model_source
 
         cfg = self.cfg
-        cfg.model.required_name()
+        name = cfg.model.required_name()
         check_trackers(cfg.train.report_to)
-        self.ckpt = prepare_output_dir(self.out, self.resume, self.overwrite, self.is_main, cfg.model.name_or_path)
+        self.ckpt = prepare_output_dir(self.out, self.resume, self.overwrite, self.is_main, name)
         if self.ckpt is not None:
             check_resume_world(self.ckpt, self.world_size, cfg.train.distributed)
         # Bad data and a missing model fail here, in about a second, not after the seconds torch + transformers
         # take to import: the data files are read and validated without a tokenizer.
         self.check_data()
-        check_model_source(cfg.model.name_or_path, (MODEL_CONFIG, *TOKENIZER_FILES))
+        check_model_source(name, (MODEL_CONFIG, *TOKENIZER_FILES))
         if cfg.lora.enabled:  # a rank above the model's hidden size fails here, not in the allocation
-            check_lora_rank(cfg.lora, cfg.model.name_or_path, cfg.model.revision)
+            check_lora_rank(cfg.lora, name, cfg.model.revision)
         if cfg.train.trainer_args:  # a wrong key fails here, not after the model has loaded
             self.check_trainer_args()
         engine_arguments(cfg.train)  # so does a missing deepspeed or a bad train.distributed_config
@@ -160,12 +203,12 @@ class TrainingRun:
         from .model import load_tokenizer
 
         m = self.cfg.model
-        self.tok = load_tokenizer(m.name_or_path, m.trust_remote_code, m.revision)
-        self.template = get_template(self.cfg.data.template, self.tok)
+        self._tok = load_tokenizer(m.required_name(), m.trust_remote_code, m.revision)
+        self._template = get_template(self.cfg.data.template, self.tok)
         # Saved tokenizers (run dir, checkpoints) carry the training prompt as their chat_template, so plain
         # transformers' apply_chat_template renders what the model was trained on.
         self.tok.chat_template = self.template.chat_template_for(self.tok)
-        self.data = build_datasets(self.cfg.data, self.tok, self.template, self.cfg.train.seed)
+        self._data = build_datasets(self.cfg.data, self.tok, self.template, self.cfg.train.seed)
         self._say("\n".join(self.data.report.summary_lines()))
 
     def setup_model(self) -> None:
@@ -177,17 +220,17 @@ class TrainingRun:
         cfg = self.cfg
         self.device = resolve_device()
         dtype = resolve_dtype(cfg.model.dtype, self.device)
-        self.precision = training_precision(cfg.lora.enabled, cfg.model.quantization, dtype, self.device)
-        load_dtype, bf16, fp16 = self.precision
-        self.base = loader.load_base_model(cfg.model, device=self.device, dtype=load_dtype,
-                                           sharded=cfg.train.distributed == "fsdp")
+        self._precision = training_precision(cfg.lora.enabled, cfg.model.quantization, dtype, self.device)
+        load_dtype, bf16, fp16 = self._precision
+        self._base = loader.load_base_model(cfg.model, device=self.device, dtype=load_dtype,
+                                            sharded=cfg.train.distributed == "fsdp")
         # No KV cache in training: it is useless there, and with a cache transformers does not detect packed rows
         # (masking_utils looks for them only without one). Restored before saving (save()).
         self.use_cache = getattr(self.base.config, "use_cache", None)
         self.base.config.use_cache = False
         t = cfg.train
-        auto_batch = t.per_device_batch_size == "auto"
-        guess = max(1, t.batch_size // self.world_size) if auto_batch else t.per_device_batch_size
+        per_device = t.per_device_batch_size
+        guess = max(1, t.batch_size // self.world_size) if per_device == "auto" else per_device
         checkpointing, why = speed.wants_checkpointing(t.gradient_checkpointing, self.base, self.sized_rows(), guess,
                                                        self.device)
         if why:
@@ -243,7 +286,7 @@ class TrainingRun:
         group = t.group_by_length if t.group_by_length is not None else self.batching == "pad"
         args, callbacks = self.arguments_and_callbacks(group_by_length=group, liger=self.loss_kind == "liger",
                                                        extra=count)
-        self.trainer = trainer_class()(model=self.model, args=args, data_collator=collator,
+        self._trainer = trainer_class()(model=self.model, args=args, data_collator=collator,
                                        train_dataset=_ListDataset(self.data.train),
                                        eval_dataset=_ListDataset(self.data.eval) if has_eval else None,
                                        processing_class=self.tok, callbacks=callbacks, compute_loss_func=self.lean)
@@ -355,6 +398,6 @@ class TrainingRun:
                     self.lean.close()  # the model computes its logits again
             self.save(*result)
         except KeyboardInterrupt:  # Ctrl-C in training, the last eval or the final save
-            step = self.trainer.state.global_step if self.trainer is not None else 0
+            step = self._trainer.state.global_step if self._trainer is not None else 0
             raise TrainingInterrupted(self._interrupted(step), quiet=not self.is_main) from None
         return self.out

@@ -93,8 +93,8 @@ def activation_bytes(model: Any, tokens: int) -> int:
     (Korthikanti et al. 2022: about 34 x hidden bytes per token and layer in 16-bit, without attention scores,
     which SDPA does not keep)."""
     cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embed", 0)
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
+    hidden: int = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embed", None) or 0
+    layers: int = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or 0
     return 34 * hidden * layers * tokens
 
 
