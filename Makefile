@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make quickstart   builds .venv with the runtime only, a tiny offline model, LoRA-trains it on the sample data
 #                     (CPU, a few minutes)
-#   make test         adds the test extra to .venv (and compiles llama-cpp-python once), runs ruff (make lint),
+#   make test         adds the test extra to .venv (and compiles llama-cpp-python once), runs ruff and mypy (make lint),
 #                     then the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -47,8 +47,10 @@ $(STAMP): $(RUNTIME_STAMP)
 quickstart: $(RUNTIME_STAMP)
 	$(VENV)/bin/domaintune quickstart configs/quickstart.yaml
 
+# ruff, then mypy over src/domaintune (the package ships py.typed; settings in pyproject.toml's [tool.mypy]).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
 
 test: lint
 	$(PY) -m pytest -q

@@ -288,7 +288,7 @@ def _generate_into(engine: Engine | VLLMEngine, todo: list[Example], jsonl: Path
     for ex in todo:
         prompt, target = ex.prompt_and_target()
         # with the run's data.system, as in training; VLLMEngine borrows Engine's function (vllm_engine.py's note)
-        ids = engine.encode_messages(prompt)  # type: ignore[misc]
+        ids = engine.encode_messages(prompt)
         if len(ids) + params.max_new_tokens > engine.context_len:
             raise UserError(f"{ex.where}: the prompt has {len(ids)} tokens; "
                             f"with --max-new-tokens {params.max_new_tokens} "
