@@ -152,13 +152,13 @@ def domaintune_trainer(job: dict):
            "train": {"output_dir": job["out"], "batch_size": job["batch"], "per_device_batch_size": job["batch"],
                      "num_epochs": 1, "learning_rate": LR, "seed": SEED, "save_steps": 10**9}}
     run = TrainingRun(build_config(raw, source="bench"))
-    said = io.StringIO()  # what domaintune says about its choices (loss, batching, precision, ...)
-    with contextlib.redirect_stdout(said):
+    said = io.StringIO()  # what domaintune says about its choices (loss, batching, precision, ...): notes, on stderr
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
         run.setup_output()
         run.setup_data()
         run.setup_model()
         run.setup_trainer()
-    print(said.getvalue(), end="", flush=True)
+    print(said.getvalue(), end="", file=sys.stderr, flush=True)
     run.trainer.bench_said = [line for line in said.getvalue().splitlines() if line.strip()]
     return run.trainer
 
