@@ -205,7 +205,8 @@ class TrainConfig(Section):
     )
     group_by_length: bool | None = Field(
         None, description="Batch samples of similar length together (less padding); None = on when batches are "
-                          "padded (see batching).",
+                          "padded (see batching). The order depends only on seed, epoch and the global batch: "
+                          "the same rows per step at any process count, and exact on --resume.",
     )
     batching: Literal["auto", "pack", "pad"] = Field(
         "auto", description="auto = pack the rows of a micro-batch into one sequence without padding (position_ids, "
