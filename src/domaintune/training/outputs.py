@@ -320,3 +320,31 @@ def write_run_files(cfg: Config, run: RunDir, tok: PreTrainedTokenizerBase, temp
             **({"path": path} if path else {}),
         },
     })
+
+
+def last_good(out: Path) -> str:
+    """The sentence a stopped run's message gives about its newest complete checkpoint."""
+    ckpt = latest_checkpoint(out)
+    return f"The last complete checkpoint, {ckpt.name}, is intact." if ckpt else "No checkpoint was complete yet."
+
+
+def write_error(out: Path, e: BaseException) -> UserError | None:
+    """A full disk (or a read-only folder) while writing a checkpoint or the final files into the run `out`, as one
+    clear message; None for anything else (shown as it is). torch.save reports a full disk as a RuntimeError."""
+    why = write_failure(e)
+    if why is None:
+        return None
+    free = free_space(out)
+    return UserError(f"writing into '{out}' failed: {why}. {last_good(out)} Free some space"
+                     f"{f' ({free} now)' if free else ''} or fix the folder, then run the same command with --resume")
+
+
+def interrupted_message(out: Path, step: int, save_steps: int) -> str:
+    """What Ctrl-C at optimizer step `step` says: the checkpoint `--resume` continues from (the CLI adds the
+    command)."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return (f"interrupted at step {step}, before the first checkpoint (train.save_steps {save_steps}): --resume "
+                "starts from the beginning")
+    return (f"interrupted at step {step}. The last complete checkpoint is {ckpt} (step "
+            f"{checkpoint_progress(ckpt)[0]}); --resume continues from it")

@@ -39,10 +39,8 @@ from ..rundir import (
     MODEL_CONFIG,
     TOKENIZER_FILES,
     RunDir,
-    checkpoint_progress,
     checkpoint_step,
     checkpoint_tokens,
-    latest_checkpoint,
 )
 from . import speed
 from .arguments import (
@@ -59,11 +57,12 @@ from .outputs import (
     AlreadyComplete,
     check_resume_world,
     check_writable,
-    free_space,
+    interrupted_message,
+    last_good,
     prepare_output_dir,
     saved_config,
     share_safetensors,
-    write_failure,
+    write_error,
     write_run_files,
 )
 
@@ -317,10 +316,10 @@ class TrainingRun:
             pass  # resumed at the last step: the checkpoint's weights are loaded, the final files come next
         except NonFiniteTraining as e:
             raise UserError(f"training diverged: {e} (learning rate {self.cfg.train.learning_rate:g}); stopped "
-                            f"before that step was applied. {self._last_good()} Lower train.learning_rate (or "
+                            f"before that step was applied. {last_good(self.out)} Lower train.learning_rate (or "
                             "keep train.max_grad_norm > 0) and train again") from None
         except (OSError, RuntimeError) as e:
-            if (err := self._write_error(e)) is None:
+            if (err := write_error(self.out, e)) is None:
                 raise
             raise err from None
         logged_eval_at_end = any(r.get("step") == trainer.state.global_step and "eval_loss" in r
@@ -328,35 +327,11 @@ class TrainingRun:
         eval_metrics = trainer.evaluate() if self.data.eval and not logged_eval_at_end else {}
         return eval_metrics, time.time() - t0, tokens_at_start
 
-    def _last_good(self) -> str:
-        ckpt = latest_checkpoint(self.out)
-        return (f"The last complete checkpoint, {ckpt.name}, is intact." if ckpt else
-                "No checkpoint was complete yet.")
-
-    def _write_error(self, e: BaseException) -> UserError | None:
-        """A full disk (or a read-only folder) while writing a checkpoint or the final files, as one clear message;
-        None for anything else (shown as it is). torch.save reports a full disk as a RuntimeError, not OSError."""
-        why = write_failure(e)
-        if why is None:
-            return None
-        free = free_space(self.out)
-        return UserError(f"writing into '{self.out}' failed: {why}. {self._last_good()} Free some space"
-                         f"{f' ({free} now)' if free else ''} or fix the folder, then run the same command with "
-                         "--resume")
-
-    def _interrupted(self, step: int) -> str:
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is None:
-            return (f"interrupted at step {step}, before the first checkpoint (train.save_steps "
-                    f"{self.cfg.train.save_steps}): --resume starts from the beginning")
-        return (f"interrupted at step {step}. The last complete checkpoint is {ckpt} (step "
-                f"{checkpoint_progress(ckpt)[0]}); --resume continues from it")
-
     def save(self, eval_metrics: dict, runtime: float, tokens_at_start: int) -> None:
         try:
             self._save(eval_metrics, runtime, tokens_at_start)
         except (OSError, RuntimeError) as e:  # a full disk here: the last checkpoint holds the trained weights
-            if (err := self._write_error(e)) is None:
+            if (err := write_error(self.out, e)) is None:
                 raise
             raise err from None
 
@@ -399,5 +374,6 @@ class TrainingRun:
             self.save(*result)
         except KeyboardInterrupt:  # Ctrl-C in training, the last eval or the final save
             step = self._trainer.state.global_step if self._trainer is not None else 0
-            raise TrainingInterrupted(self._interrupted(step), quiet=not self.is_main) from None
+            said = interrupted_message(self.out, step, self.cfg.train.save_steps)
+            raise TrainingInterrupted(said, quiet=not self.is_main) from None
         return self.out
