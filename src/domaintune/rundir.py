@@ -267,3 +267,18 @@ def checkpoint_progress(ckpt: Path) -> tuple[int, int]:
     not recorded)."""
     state = checkpoint_state(ckpt)
     return int(state.get("global_step") or checkpoint_step(ckpt)), int(state.get("max_steps") or 0)
+
+
+def new_file_mode() -> int:
+    """The mode this process's umask gives a new file (0644 under umask 022), for files a library writes with a
+    mode of its own (safetensors: 0600). The umask is read where Linux tells it without changing it (os.umask can
+    only read it by setting it, which other threads would see for a moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask

@@ -36,6 +36,7 @@ from ..rundir import (
     MODEL_WEIGHTS_GLOB,
     TEMPLATE,
     RunDir,
+    new_file_mode,
     paths_overlap,
 )
 from ..training.precision import DTYPES
@@ -137,7 +138,7 @@ def _write_export(m: Merged, folder: Path, out: Path, max_shard_size: str) -> No
     m.tokenizer.save_pretrained(folder)
     (folder / MODEL_CARD).write_text(model_card(m.run, out, m.template.name, m.how,
                                                 str(m.dtype).replace("torch.", "")), encoding="utf-8")
-    mode = folder.stat().st_mode & 0o666  # mkdir applied the umask: 0755 -> 0644
+    mode = new_file_mode()
     for f in folder.iterdir():
         f.chmod(mode)
         fsync_path(f)

@@ -22,6 +22,7 @@ from ..rundir import (
     checkpoint_progress,
     latest_checkpoint,
     list_checkpoints,
+    new_file_mode,
 )
 
 PROBE_BYTES = 1 << 20  # written and removed before training: a full disk shows here
@@ -225,25 +226,11 @@ def run_model_card(run: RunDir, base_model: str, license_: str | None, method: s
     return "\n".join(lines)
 
 
-def _umask() -> int:
-    """This process's umask, read without changing it where Linux tells it (os.umask can only read it by setting
-    it, which other threads would see for a moment)."""
-    try:
-        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def share_safetensors(folder: Path) -> None:
     """Give the .safetensors files in `folder` the mode every other file of the run gets (0644 under umask 022):
     the safetensors library writes them with 0600, so another user (a server account, a teammate) could read
     the run's config and tokenizer but not its weights."""
-    mode = 0o666 & ~_umask()
+    mode = new_file_mode()
     for f in folder.glob("*.safetensors"):
         if f.is_file() and f.stat().st_mode & 0o777 != mode:
             os.chmod(f, mode)
