@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..data.encode import IGNORE_INDEX
+from ..families import model_types
 
 if TYPE_CHECKING:
     import torch
@@ -40,9 +41,9 @@ def chunk_size(vocab: int) -> int:
     return max(16, LOGITS_BUDGET // (4 * max(vocab, 1)))
 
 
-# model_type values whose CausalLM forward computes logits = lm_head(final hidden states) and nothing else.
-PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "bloom", "phi3", "internlm2",
-                     "yi", "baichuan", "deepseek_v2", "deepseek_v3", "olmo", "olmo2", "stablelm", "starcoder2"}
+# model_type values whose CausalLM forward computes logits = lm_head(final hidden states) and nothing else
+# (families.py: `plain_head`).
+PLAIN_HEAD_MODELS = model_types("plain_head")
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -20,6 +20,7 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+from ..families import model_types
 from .loss import supports_lean_loss
 
 if TYPE_CHECKING:
@@ -27,11 +28,10 @@ if TYPE_CHECKING:
 
     from ..config import TrainConfig
 
-# model_type values whose decoder builds its attention mask from position_ids (packed sequences detected).
-PACKABLE_MODELS = {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"}
-# model_type values liger-kernel patches (its fused linear cross-entropy among them).
-LIGER_MODELS = {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3", "phi3",
-                "mixtral", "olmo2", "granite"}
+# model_type values whose decoder builds its attention mask from position_ids (packed sequences detected), and
+# those liger-kernel patches (its fused linear cross-entropy among them): families.py holds both facts.
+PACKABLE_MODELS = model_types("packable")
+LIGER_MODELS = model_types("liger")
 CPU_MAX_PER_DEVICE = 8
 
 
