@@ -198,7 +198,12 @@ class Template:
         jinja = self.to_jinja()
         if self.kind == "format" and leading_bos(tokenizer) is not None:
             jinja = "{{ bos_token }}" + jinja
-        return jinja
+        # The training kwargs become the template's defaults (a caller may still pass them), so tools that render
+        # it (transformers, vLLM, llama.cpp) send the training prompt: e.g. enable_thinking=false for data.thinking
+        # drop. At the top level of a Jinja template, a `set` inside an `if` sets the template's variable.
+        defaults = "".join(f"{{%- if {k} is not defined %}}{{%- set {k} = {json.dumps(v)} %}}{{%- endif %}}"
+                           for k, v in self.chat_template_kwargs.items())
+        return defaults + jinja
 
     def to_jinja(self) -> str:
         """A Jinja chat_template equivalent to this template (for export, so other tools render the same prompt)."""
