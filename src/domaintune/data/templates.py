@@ -178,6 +178,19 @@ class Template:
         return chat_segments(tokenizer, tpl, msgs, {**self.chat_template_kwargs, **(kwargs or {})}, self.close_turn,
                              generation) or [[]]
 
+    def with_thinking(self, on: bool | None, flag: str = "--thinking") -> Template:
+        """This template with `enable_thinking` set to `on` (None: as trained), for predict and chat. Off also drops
+        reasoning from the conversation (data.thinking drop), as training with enable_thinking=false did. A
+        template without the switch is a UserError naming `flag`."""
+        if on is None:
+            return self
+        if not has_switch(self.chat_template if self.kind == "tokenizer" else None):
+            raise UserError(f"{flag} {'on' if on else 'off'}: the template '{self.name}' has no thinking switch (only "
+                            "a chat_template that reads enable_thinking has one: Qwen3, Qwen3.5, GLM-4); leave "
+                            f"{flag} out")
+        return replace(self, chat_template_kwargs={**self.chat_template_kwargs, SWITCH: on},
+                       thinking=self.thinking if on else "drop")
+
     def check_kwargs(self, kwargs: object, where: str = "chat_template_kwargs") -> dict:
         """`kwargs` for `encode` (a request's chat_template_kwargs, a --thinking flag), checked: only
         `enable_thinking` (true/false), and only for a chat_template with that switch. UserError naming `where`."""
