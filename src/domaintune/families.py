@@ -83,10 +83,11 @@ class TinyRecipe:
     """How `make-tiny-model --arch NAME` builds a tiny model of a family (training/tiny.py reads it).
 
     - `config`: the transformers config class; `config_kwargs`: its family-specific settings (layer types,
-      experts, head sizes) on top of the sizes of `tiny.SIZES`.
+      experts, window) on top of the sizes of `tiny.SIZES` (head_dim = hidden / heads; a `layer_types` pattern is
+      repeated to the number of layers).
     - `tokenizer`: "bytelevel" (byte-level BPE: GPT-2, Qwen, Llama 3, GLM, BLOOM) or "spm" (SentencePiece-style BPE
       with byte fallback and "▁" for spaces: LLaMA-2, Mistral, Gemma, Phi-3). `pre`: the byte-level split regex
-      ("qwen2", "llama3", "bloom"); `space_prefix`: an SPM tokenizer prepends "▁" to the text (Gemma's does not).
+      ("gpt2": GPT-2's own, the original tiny models; "qwen2"; "llama3": Qwen2's with digits in groups of three); `space_prefix`: an SPM tokenizer prepends "▁" to the text (Gemma's does not).
     - `bos`, `eos`, `pad`, `unk`: the special tokens; `add_bos`: the tokenizer adds BOS by itself;
       `specials`: the other special tokens (chat markers); `added`: added tokens that are not special (Qwen3's
       `<think>`: decoding with skip_special_tokens keeps them); `extra_eos`: more tokens generation stops on
@@ -121,20 +122,20 @@ _QWEN3 = dict(tokenizer="bytelevel", pre="qwen2", eos="<|im_end|>", pad="<|endof
               specials=("<|endoftext|>", *_CHATML), added=("<think>", "</think>"), extra_eos=("<|endoftext|>",))
 TINY: dict[str, TinyRecipe] = {r.arch: r for r in (
     # The original tiny models: domaintune's ChatML template, a shared set of special tokens.
-    TinyRecipe("qwen2", "qwen2", "Qwen2 / Qwen2.5", "Qwen2Config", bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
-               specials=_CHATML, config_kwargs={"tie_word_embeddings": True}),
-    TinyRecipe("llama", "llama", "LLaMA (LLaMA-2-style tokenizer with BOS)", "LlamaConfig", bos="<s>", eos="</s>",
-               unk="<unk>", add_bos=True, specials=_CHATML, config_kwargs={"tie_word_embeddings": False}),
-    TinyRecipe("bloom", "bloom", "BLOOM / BLOOMZ", "BloomConfig", bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
-               pre="bloom", specials=_CHATML),
+    TinyRecipe("qwen2", "qwen2", "Qwen2 / Qwen2.5", "Qwen2Config", pre="gpt2", bos="<s>", eos="</s>", pad="<pad>",
+               unk="<unk>", specials=_CHATML, config_kwargs={"tie_word_embeddings": True}),
+    TinyRecipe("llama", "llama", "LLaMA (LLaMA-2-style tokenizer with BOS)", "LlamaConfig", pre="gpt2", bos="<s>",
+               eos="</s>", unk="<unk>", add_bos=True, specials=_CHATML, config_kwargs={"tie_word_embeddings": False}),
+    TinyRecipe("bloom", "bloom", "BLOOM / BLOOMZ", "BloomConfig", pre="gpt2", bos="<s>", eos="</s>", pad="<pad>",
+               unk="<unk>", specials=_CHATML),
     # The families users pick now, each with its official chat template.
     TinyRecipe("qwen3", "qwen3", "Qwen3", "Qwen3Config", template="trl:qwen3",
-               config_kwargs={"tie_word_embeddings": True, "head_dim": 16}, **_QWEN3),
+               config_kwargs={"tie_word_embeddings": True}, **_QWEN3),
     TinyRecipe("qwen3_moe", "qwen3_moe", "Qwen3-MoE", "Qwen3MoeConfig", template="trl:qwen3",
-               config_kwargs={"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+               config_kwargs={"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                               "decoder_sparse_step": 1, "norm_topk_prob": True}, **_QWEN3),
     TinyRecipe("qwen3_5", "qwen3_5", "Qwen3.5", "Qwen3_5TextConfig", template="trl:qwen3_5_think",
-               config_kwargs={"head_dim": 16, "tie_word_embeddings": True, "layer_types":
+               config_kwargs={"tie_word_embeddings": True, "layer_types":
                               ["linear_attention", "full_attention"], "linear_num_key_heads": 2,
                               "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16},
                **_QWEN3),
@@ -145,8 +146,7 @@ TINY: dict[str, TinyRecipe] = {r.arch: r for r in (
     TinyRecipe("gemma3", "gemma3", "Gemma 3", "Gemma3TextConfig", tokenizer="spm", space_prefix=False, bos="<bos>",
                eos="<eos>", pad="<pad>", unk="<unk>", add_bos=True, template="trl:gemma3",
                specials=("<start_of_turn>", "<end_of_turn>"), extra_eos=("<end_of_turn>",),
-               config_kwargs={"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
-                              "layer_types": ["sliding_attention", "full_attention"]}),
+               config_kwargs={"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}),
     TinyRecipe("mistral", "mistral", "Mistral", "MistralConfig", tokenizer="spm", bos="<s>", eos="</s>",
                unk="<unk>", add_bos=True, template="llama_cpp:MISTRAL_INSTRUCT_CHAT_TEMPLATE",
                config_kwargs={"tie_word_embeddings": False, "sliding_window": None}),
@@ -158,6 +158,6 @@ TINY: dict[str, TinyRecipe] = {r.arch: r for r in (
                template="trl:glm4moe",
                specials=("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
                added=("<think>", "</think>"),
-               extra_eos=("<|user|>", "<|observation|>"), config_kwargs={"head_dim": 16, "partial_rotary_factor": 0.5}),
+               extra_eos=("<|user|>", "<|observation|>"), config_kwargs={"partial_rotary_factor": 0.5}),
 )}
 ARCHS = tuple(TINY)

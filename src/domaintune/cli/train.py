@@ -29,9 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("make-tiny-model", help="build a tiny random model + tokenizer offline (for tests and the "
                                                "quickstart)",
-                       description="Build a small randomly initialised causal LM and a byte-level BPE tokenizer "
-                                   "trained on the bundled sample data, saved in Hugging Face format. No network "
-                                   "access.")
+                       description="Build a small randomly initialised causal LM of one family and a tokenizer "
+                                   "of the family's kind (its special tokens and official chat template) trained on "
+                                   "the bundled sample data, saved in Hugging Face format. No network access.")
     p.add_argument("out", help="output directory (required)")
     p.add_argument("--arch", choices=ARCHS, default="qwen2", help="model family (default: %(default)s)")
     p.add_argument("--size", choices=list(SIZES), default="small",
