@@ -87,7 +87,8 @@ class TinyRecipe:
       repeated to the number of layers).
     - `tokenizer`: "bytelevel" (byte-level BPE: GPT-2, Qwen, Llama 3, GLM, BLOOM) or "spm" (SentencePiece-style BPE
       with byte fallback and "▁" for spaces: LLaMA-2, Mistral, Gemma, Phi-3). `pre`: the byte-level split regex
-      ("gpt2": GPT-2's own, the original tiny models; "qwen2"; "llama3": Qwen2's with digits in groups of three); `space_prefix`: an SPM tokenizer prepends "▁" to the text (Gemma's does not).
+      ("gpt2": GPT-2's own, the original tiny models; "qwen2"; "llama3": Qwen2's with digits in groups of three);
+      `space_prefix`: an SPM tokenizer prepends "▁" to the text (Gemma's does not).
     - `bos`, `eos`, `pad`, `unk`: the special tokens; `add_bos`: the tokenizer adds BOS by itself;
       `specials`: the other special tokens (chat markers); `added`: added tokens that are not special (Qwen3's
       `<think>`: decoding with skip_special_tokens keeps them); `extra_eos`: more tokens generation stops on

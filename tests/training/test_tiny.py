@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from domaintune.errors import UserError
-from domaintune.training.model import model_license
 from domaintune.families import TINY, family_of
+from domaintune.training.model import model_license
 from domaintune.training.tiny import ARCHS, SIZES, make_tiny_model
 
 CHATML_PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
