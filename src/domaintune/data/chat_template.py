@@ -24,9 +24,9 @@ ends it, and GLM ships `<|user|>` among its generation EOS ids. For such a templ
 token is trained: where the next turn follows in the same sample, its first token (the role token) is trained;
 where a sample ends, the token is appended and trained. `Template.stop` holds it, so generation stops on it.
 
-Segments are tokenized one by one (templates.py, "segment boundaries"); a prompt for inference is built by the
-same walk (`chat_segments(..., generation=True)`: the last sample, up to its generation prompt), so it is
-token-for-token the prompt of the sample that trained that turn.
+A sample is tokenized as one string, masks following its characters (templates.py `_tokenize`). A prompt for
+inference is built by the same walk (`chat_segments(..., generation=True)`: the last sample, up to its generation
+prompt), so it is token-for-token the prompt of the sample that trained that turn, and apply_chat_template's.
 """
 from __future__ import annotations
 

@@ -29,12 +29,14 @@ whole rendered string, in practice. SentencePiece / Metaspace tokenizers (LLaMA-
 may not: each segment gets its own word-start marker ("▁") and merges never cross a boundary. Training and
 inference inside domaintune are unaffected (both use `encode()`), but a chat_template exported for other
 tools (`to_jinja`, tokenized as one string) can yield different ids at those boundaries, i.e. once there
-is a system message or an earlier turn.
+is a system message or an earlier turn. The kind `tokenizer` has no such limitation: a sample is tokenized as
+one string and its masks follow the characters (`_tokenize`), so its ids are `apply_chat_template`'s.
 """
 from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_right
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -260,10 +262,33 @@ class Template:
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, segments: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
-    ids: list[int] = []
-    mask: list[bool] = []
-    for text, trainable in segments:
-        piece = _token_ids(tokenizer, text)
+    """A chat_template's sample as `tokenizer(text)` of its whole text (what `apply_chat_template(tokenize=True)`,
+    vLLM and llama.cpp give), each token trainable when it starts in a trainable segment. Tokenizing segment by
+    segment would differ for SentencePiece-style tokenizers (Mistral, Phi-3: every piece would start with "▁").
+    A token that straddles a boundary between trained and untrained text (rare: the template joins them with
+    special tokens or newlines), or a tokenizer without offsets (not a fast one), falls back to segment by segment."""
+    text = "".join(t for t, _ in segments)
+    starts, flags, pos = [], [], 0
+    for t, trainable in segments:
+        starts.append(pos)
+        flags.append(trainable)
+        pos += len(t)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    except NotImplementedError:  # a slow tokenizer has no offsets
+        enc = None
+    if enc is not None and text:
+        ids, mask = list(enc["input_ids"]), []
+        for a, b in enc["offset_mapping"]:
+            first, last = bisect_right(starts, a) - 1, bisect_right(starts, max(a, b - 1)) - 1
+            if any(flags[k] != flags[first] for k in range(first, last + 1)):
+                break
+            mask.append(flags[first])
+        else:
+            return ids, mask
+    ids, mask = [], []
+    for t, trainable in segments:
+        piece = _token_ids(tokenizer, t) if t else []
         ids.extend(piece)
         mask.extend([trainable] * len(piece))
     return ids, mask
