@@ -308,3 +308,27 @@ def test_exported_chat_template_defaults_to_the_training_switch(fam_tok):
     assert official(tok, q, gen=True) == tpl.encode(tok, q, add_generation_prompt=True)[0]
     assert tok.decode(official(tok, q, gen=True)).endswith("<think>\n\n</think>\n\n")
     assert not tok.decode(official(tok, q, gen=True, enable_thinking=True)).endswith("</think>\n\n")
+
+
+def test_data_check_shows_every_sample_of_a_multi_turn_thinking_row(tiny_model_dir, tmp_path, capsys):
+    """data-check on the tiny Qwen3 with a multi-turn reasoning row: the row's two samples, each with its prompt
+    (the second without the first turn's reasoning) and its trained part marked."""
+    from domaintune import cli
+
+    row = {"messages": [*REASONED, {"role": "user", "content": Q2},
+                        {"role": "assistant", "content": "<think>第二次</think>" + A2}]}
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(row, ensure_ascii=False) + "\n" + json.dumps({"messages": CASES["single"]},
+                                                                             ensure_ascii=False) + "\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model:\n  name_or_path: {tiny_model_dir('qwen3')}\n"
+                   f"data:\n  path: {data}\n  template: tokenizer\n  val_size: 0\n")
+    assert cli.main(["data-check", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (f"data: {data}: 2 rows, 3 samples (1 row(s) give one sample per assistant turn: "
+                                   "the chat_template rewrites earlier turns) -> train 3, validation 0 samples")
+    assert f"example 0 ({data} line 1; template tokenizer; 2 sample(s), one per assistant turn" in out
+    first, second = out.split("\nsample 2 of 2")
+    assert f"<|im_start|>assistant\n«<think>\n想一想\n</think>\n\n{A1}<|im_end|>\n»" in first
+    assert (f"<|im_start|>assistant\n{A1}<|im_end|>\n<|im_start|>user\n{Q2}<|im_end|>\n<|im_start|>assistant\n"
+            f"«<think>\n第二次\n</think>\n\n{A2}<|im_end|>\n»") in second
