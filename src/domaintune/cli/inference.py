@@ -9,7 +9,13 @@ import argparse
 import os
 from typing import Mapping
 
-from .options import add_model_dir_options, add_sampling_options, sampling_params
+from .options import (
+    add_model_dir_options,
+    add_sampling_options,
+    add_thinking_option,
+    sampling_params,
+    thinking_flag,
+)
 
 PREDICT_SAMPLING = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_p", "top_k",
                     "repetition_penalty", "seed")
@@ -118,6 +124,7 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
                    help="discard an existing predictions file instead of resuming it (default: off)")
     p.add_argument("--limit", type=int, default=None,
                    help="predict only the first N rows (default: %(default)s = all)")
+    add_thinking_option(p)
     _add_threads_option(p)
     p.set_defaults(func=cmd_predict)
 
@@ -129,7 +136,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     params = sampling_params(a, "predict", PREDICT_SAMPLING, zero_is_greedy=False)
     run_predict(a.run, a.data, out=a.out, params=params, batch_size=a.batch_size, base_only=a.base_only,
                 template=a.template, fmt=a.format, evaluate=not a.no_eval, limit=a.limit, overwrite=a.overwrite,
-                allow_pickle=a.allow_pickle, engine_kind=a.engine)
+                allow_pickle=a.allow_pickle, engine_kind=a.engine, thinking=thinking_flag(a))
     return 0
 
 
@@ -145,6 +152,7 @@ def _register_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, default=None,
                    help="token budget for history + answer (default: the model's context length)")
     add_model_dir_options(p, base_only="talk to the base model, without the run's adapter")
+    add_thinking_option(p)
     _add_threads_option(p)
     p.set_defaults(func=cmd_chat)
 
@@ -155,7 +163,8 @@ def cmd_chat(a: argparse.Namespace) -> int:
     _apply_threads(a)
     params = sampling_params(a, "chat", CHAT_SAMPLING, zero_is_greedy=True)
     return run_chat(a.run, base_only=a.base_only, template=a.template, params=params, system=a.system,
-                    context_len=a.context, device=a.device, dtype=a.dtype, allow_pickle=a.allow_pickle)
+                    context_len=a.context, device=a.device, dtype=a.dtype, allow_pickle=a.allow_pickle,
+                    thinking=thinking_flag(a))
 
 
 def _register_serve(sub: argparse._SubParsersAction) -> None:

@@ -6,6 +6,7 @@
   `--help` shows exactly the defaults the code uses.
 - `add_model_dir_options`: how a run or model directory is loaded (--base-only, --template, --device,
   --dtype).
+- `add_thinking_option` / `thinking_flag`: --thinking on|off, the enable_thinking of a Qwen3-style chat_template.
 
 Only light modules are imported here: `domaintune --help` must not pull in torch or transformers.
 """
@@ -80,3 +81,16 @@ def add_model_dir_options(p: argparse.ArgumentParser, base_only: str | None = No
         p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
         p.add_argument("--dtype", choices=DTYPES, default="auto",
                        help="weight dtype; auto = bf16/fp16 on GPU, fp32 on CPU (default: %(default)s)")
+
+
+def add_thinking_option(p: argparse.ArgumentParser) -> None:
+    """--thinking on|off: the chat_template's enable_thinking (Qwen3, Qwen3.5, GLM-4); default: as trained."""
+    p.add_argument("--thinking", choices=("on", "off"), default=None,
+                   help="the enable_thinking switch of a Qwen3-style chat_template: off sends its non-thinking "
+                        "prompt (an empty think block), on lets the model reason first; a template without the "
+                        "switch refuses it (default: as the run was trained, data.thinking)")
+
+
+def thinking_flag(args: argparse.Namespace) -> bool | None:
+    """True / False for --thinking on / off; None when not given."""
+    return None if args.thinking is None else args.thinking == "on"

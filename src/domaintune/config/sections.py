@@ -136,6 +136,15 @@ class DataConfig(Section):
         "truncate", description="What to do with samples longer than cutoff_len (always counted and reported)."
     )
     train_on_inputs: bool = Field(False, description="Also compute the loss on prompts (default: responses only).")
+    thinking: Literal["keep", "drop", "empty"] = Field(
+        "keep",
+        description="Reasoning in answers (reasoning_content, or <think>...</think> before the answer): keep = "
+                    "train it (templates that render reasoning_content, Qwen3-style, get it as that field and "
+                    "enable_thinking=true; other templates get <think>\\n...\\n</think>\\n\\n before the answer); "
+                    "drop = remove it (templates with enable_thinking get enable_thinking=false: the empty think "
+                    "block is in the prompt); empty = train an empty think block before every answer. The "
+                    "enable_thinking used is saved with the run, so predict, chat and serve send the same prompt.",
+    )
     val_size: Union[int, float] = Field(
         0.1, ge=0,
         description="Validation split taken from the training file: a row count (int; at most 20% of the rows, "

@@ -1,7 +1,10 @@
 """Tokenising and masking: conversations -> input_ids, attention_mask, labels under the over-length policy.
 
 Every assistant turn is trained; prompts are masked (label -100) unless `train_on_inputs`. EOS follows
-each answer so the model learns to stop (the template's `encode`, templates.py).
+each answer so the model learns to stop (the template's `encode`, templates.py). A row is one sample, except with
+a chat_template that rewrites earlier turns (Qwen3, Qwen3.5, GLM-4; chat_template.py): such a row gives one
+sample per assistant turn, each trained in the context inference sends. The report counts rows and samples and
+names the rows that gave several.
 
 Over-length samples (more than `cutoff_len` tokens) follow `overlength`: `truncate` keeps the first
 `cutoff_len` tokens, `drop` skips the sample, `error` stops. A sample left with no trainable token is
@@ -39,8 +42,10 @@ class DataReport:
 
     path: str = ""
     rows: int = 0
-    train_rows: int = 0
+    train_rows: int = 0  # samples kept for training (one per row, except rows expanded into several)
     eval_rows: int = 0
+    samples: int = 0  # samples encoded (kept or not), train and validation: `rows` unless rows were expanded
+    expanded_rows: list[str] = field(default_factory=list)  # "file line N: K samples", one per expanded row
     overlength_policy: str = "truncate"
     overlength: int = 0  # samples longer than cutoff_len (truncated, dropped or rejected per policy)
     truncated: int = 0
@@ -65,12 +70,17 @@ class DataReport:
                                "dropped": self.dropped_overlength},
                 "dropped_no_target": self.dropped_no_target, "token_lengths": self.token_lengths(),
                 "overlength_rows": _capped(self.overlength_rows),
-                "dropped_no_target_rows": _capped(self.no_target_rows), "notes": list(self.notes)}
+                "dropped_no_target_rows": _capped(self.no_target_rows), "samples": self.samples,
+                "expanded_rows": _capped(self.expanded_rows), "notes": list(self.notes)}
 
     def summary_lines(self) -> list[str]:
         tl = self.token_lengths()
         lines = [
-            f"data: {self.path}: {self.rows} rows -> train {self.train_rows}, validation {self.eval_rows}",
+            f"data: {self.path}: {self.rows} rows -> train {self.train_rows}, validation {self.eval_rows}"
+            if not self.expanded_rows else
+            f"data: {self.path}: {self.rows} rows, {self.samples} samples ({len(self.expanded_rows)} row(s) give one "
+            "sample per assistant turn: the chat_template rewrites earlier turns) -> train "
+            f"{self.train_rows}, validation {self.eval_rows} samples",
             "tokens per sample: " + ", ".join(f"{k} {v}" for k, v in tl.items()),
             f"over cutoff_len: {self.overlength} (policy {self.overlength_policy}: truncated {self.truncated}, "
             f"dropped {self.dropped_overlength}); dropped with nothing to train on: {self.dropped_no_target}",
@@ -78,6 +88,9 @@ class DataReport:
         if self.overlength_rows:
             lines.append(f"rows over cutoff_len (policy {self.overlength_policy}):")
             lines += [f"  {r}" for r in _capped(self.overlength_rows)]
+        if self.expanded_rows:
+            lines.append("rows expanded into one sample per assistant turn:")
+            lines += [f"  {r}" for r in _capped(self.expanded_rows)]
         if self.no_target_rows:
             lines.append("rows dropped with nothing to train on (no answer token within cutoff_len; "
                          "raise data.cutoff_len or shorten them):")
@@ -105,8 +118,9 @@ class DataReport:
 
     def add(self, other: DataReport) -> None:
         """Add the counts, lengths and rows of `other` (e.g. the validation file's) to this report."""
-        for k in ("overlength", "truncated", "dropped_overlength", "dropped_no_target"):
+        for k in ("overlength", "truncated", "dropped_overlength", "dropped_no_target", "samples"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.expanded_rows += other.expanded_rows
         self.lengths += other.lengths
         self.overlength_rows += other.overlength_rows
         self.no_target_rows += other.no_target_rows
@@ -126,36 +140,56 @@ def with_system(messages: list[dict], system: str | None) -> list[dict]:
     return messages
 
 
+def encode_samples(ex: Example, tokenizer: PreTrainedTokenizerBase, template: Template, cutoff_len: int,
+                   train_on_inputs: bool = False, system: str | None = None) -> list[tuple[dict | None, int]]:
+    """(sample or None, untruncated length) for every sample of a row (`Template.encode_samples`: one, or one per
+    assistant turn). A sample holds input_ids, attention_mask and labels; None when nothing trainable is left
+    within `cutoff_len`."""
+    out: list[tuple[dict | None, int]] = []
+    for ids, trainable in template.encode_samples(tokenizer, with_system(ex.messages, system)):
+        full_len = len(ids)
+        ids, trainable = ids[:cutoff_len], trainable[:cutoff_len]
+        if not any(trainable):
+            out.append((None, full_len))
+            continue
+        labels = list(ids) if train_on_inputs else [t if m else IGNORE_INDEX
+                                                    for t, m in zip(ids, trainable, strict=True)]
+        out.append(({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, full_len))
+    return out
+
+
 def encode_example(ex: Example, tokenizer: PreTrainedTokenizerBase, template: Template, cutoff_len: int,
                    train_on_inputs: bool = False, system: str | None = None) -> tuple[dict | None, int]:
-    """(sample or None, untruncated length). The sample holds input_ids, attention_mask and labels."""
-    ids, trainable = template.encode(tokenizer, with_system(ex.messages, system), add_generation_prompt=False)
-    full_len = len(ids)
-    ids, trainable = ids[:cutoff_len], trainable[:cutoff_len]
-    if not any(trainable):
-        return None, full_len
-    labels = list(ids) if train_on_inputs else [t if m else IGNORE_INDEX for t, m in zip(ids, trainable, strict=True)]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, full_len
+    """(sample or None, untruncated length) of the row's last sample: the one that trains its last assistant turn
+    (the only one, unless the chat_template rewrites earlier turns)."""
+    return encode_samples(ex, tokenizer, template, cutoff_len, train_on_inputs, system)[-1]
 
 
 def encode_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: Template, cfg: DataConfig,
                     report: DataReport) -> list[dict]:
-    """Tokenize and mask under the over-length policy, counting everything into `report`."""
+    """Tokenize and mask under the over-length policy, counting everything into `report`. A row that gives several
+    samples is named once in `report.expanded_rows`; its samples are counted (and named, "file line N sample K")
+    one by one."""
     out: list[dict] = []
     too_long: list[str] = []
     for ex in examples:
         try:
-            sample, n = encode_example(ex, tokenizer, template, cfg.cutoff_len, cfg.train_on_inputs, cfg.system)
+            samples = encode_samples(ex, tokenizer, template, cfg.cutoff_len, cfg.train_on_inputs, cfg.system)
         except UserError as e:  # e.g. a chat_template that rejects this conversation: say which row
             raise UserError(f"{ex.where}: {e}") from None
-        if report.count_length(ex.where, n, cfg, too_long):
-            continue
-        if n > cfg.cutoff_len and cfg.overlength == "truncate" and sample is not None:
-            report.truncated += 1
-        if sample is None:
-            report.drop_no_target(ex.where)
-            continue
-        out.append(sample)
+        report.samples += len(samples)
+        if len(samples) > 1:
+            report.expanded_rows.append(f"{ex.where}: {len(samples)} samples")
+        for k, (sample, n) in enumerate(samples):
+            where = ex.where if len(samples) == 1 else f"{ex.where} sample {k + 1} of {len(samples)}"
+            if report.count_length(where, n, cfg, too_long):
+                continue
+            if n > cfg.cutoff_len and cfg.overlength == "truncate" and sample is not None:
+                report.truncated += 1
+            if sample is None:
+                report.drop_no_target(where)
+                continue
+            out.append(sample)
     check_overlength(too_long, cfg, "sample(s)")
     return out
 

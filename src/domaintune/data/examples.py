@@ -5,6 +5,11 @@ Two row formats, detected per row:
 - instruction/input/output: `{"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}`
 - messages: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (multi-turn)
 
+An answer may carry its reasoning (thinking.py): an assistant message's `"reasoning_content": str`, or a
+`<think>...</think>` block at the start of the answer (`"content"`, `"output"` or a `"history"` answer). Both
+become the message's `reasoning_content`, and the answer the text after the block; data.thinking decides what is
+trained. An unclosed `<think>`, or reasoning given both ways, is an error naming the field.
+
 A row in both formats ("messages" and "instruction"/"input"/"output") is refused rather than half read.
 Both become a list of OpenAI-style messages (`Example.messages`). Every problem of a row is reported in one
 message (up to `MAX_PROBLEMS_SHOWN`, then "and N more"), and all bad rows of a file (up to `MAX_ERRORS_SHOWN`)
@@ -23,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from ..errors import UserError
 from .reader import read_records
 from .templates import Template, get_template
+from .thinking import CLOSE, OPEN, split_think
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -126,6 +132,11 @@ def _parse_fields(obj: dict, problems: list[str], require_answer: bool, template
         problems.append('"instruction" is blank')
     inp = _text(obj, "input", problems) or ""
     output = _text(obj, "output", problems)
+    reasoning = None
+    if output is not None:
+        reasoning, output, bad = split_think(output)
+        if bad:
+            problems.append(f'"output" {bad}')
     if require_answer and obj.get("output") is None:
         problems.append('missing "output"')
     elif require_answer and output is not None and not output.strip():
@@ -143,16 +154,25 @@ def _parse_fields(obj: dict, problems: list[str], require_answer: bool, template
             problems.append(f'"history"[{k}] has a blank question or answer')
         elif bad := [f'"history"[{k}][{j}] {b}' for j, x in enumerate(pair) if (b := _not_unicode(x))]:
             problems += bad
+        elif (think := split_think(pair[1]))[2]:
+            problems.append(f'"history"[{k}][1] {think[2]}')
         else:
-            turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+            turns += [{"role": "user", "content": pair[0]}, _answer(think[1], think[0])]
     if problems or instruction is None:  # (instruction is valid text when nothing was found wrong)
         return []
     msgs = [{"role": "system", "content": system}] if system else []
     user = template.join_instruction(instruction, inp) if template is not None else instruction + inp
     msgs += turns + [{"role": "user", "content": user}]
     if output is not None and output.strip():
-        msgs.append({"role": "assistant", "content": output})
+        msgs.append(_answer(output, reasoning))
     return msgs
+
+
+def _answer(content: str, reasoning: str | None) -> dict:
+    m = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        m["reasoning_content"] = reasoning
+    return m
 
 
 def _parse_messages(msgs: Any, problems: list[str], require_answer: bool) -> list[dict]:
@@ -177,7 +197,7 @@ def _parse_messages(msgs: Any, problems: list[str], require_answer: bool) -> lis
             problems.append(f"messages[{k}].content {bad}")
         if role == "system" and k != 0:
             problems.append(f"messages[{k}]: a system message may only come first")
-        out.append({"role": role, "content": content})
+        out.append(_reasoning(m, k, problems))
     if problems:
         return []
     turns = [m["role"] for m in out if m["role"] != "system"]
@@ -190,6 +210,34 @@ def _parse_messages(msgs: Any, problems: list[str], require_answer: bool) -> lis
         problems.append('"messages" has no user turn')
     elif require_answer and turns[-1] != "assistant":
         problems.append("the last message must be an assistant answer to train on")
+    return out
+
+
+def _reasoning(m: dict, k: int, problems: list[str]) -> dict:
+    """messages[k] as a message, its reasoning (`reasoning_content`, or a leading `<think>` block of an
+    assistant's content) read into `reasoning_content`; problems go to `problems`."""
+    out = {"role": m.get("role"), "content": m.get("content")}
+    reasoning = m.get("reasoning_content")
+    if "reasoning_content" in m and reasoning is not None:
+        if m.get("role") != "assistant":
+            problems.append(f"messages[{k}].reasoning_content: only an assistant message carries reasoning")
+        elif not isinstance(reasoning, str):
+            problems.append(f"messages[{k}].reasoning_content must be a string, got {_type_name(reasoning)}")
+        elif bad := _not_unicode(reasoning):
+            problems.append(f"messages[{k}].reasoning_content {bad}")
+        else:
+            out["reasoning_content"] = reasoning.strip()
+    if m.get("role") == "assistant" and isinstance(out["content"], str):
+        think, answer, bad = split_think(out["content"])
+        if bad:
+            problems.append(f"messages[{k}].content {bad}")
+        elif think is not None and "reasoning_content" in out:
+            problems.append(f"messages[{k}] gives its reasoning twice (reasoning_content and a {OPEN}...{CLOSE} "
+                            "block in content): keep one")
+        elif think is not None:
+            if not answer.strip():
+                problems.append(f"messages[{k}].content has no answer after its {CLOSE}")
+            out.update(content=answer, reasoning_content=think)
     return out
 
 

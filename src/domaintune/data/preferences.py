@@ -16,7 +16,8 @@ completion of its prompt, as TRL's KTO does with paired data).
 
 Encoding uses the run's template through `Template.encode`, exactly as SFT: the prompt is the conversation up
 to the assistant prefix (with `data.system` for rows without a system message), a completion is the
-assistant turn's text, its closing tokens and EOS. Only completion tokens enter the preference loss (the
+assistant turn's text, its closing tokens and EOS (with a chat_template that rewrites earlier turns, the
+sample of the last turn: its prompt is what inference sends). Only completion tokens enter the preference loss (the
 `completion_ids`); `encode_preference` checks that the prompt tokens are a prefix of prompt + completion.
 Over-length rows (prompt + longer completion > `data.cutoff_len`) follow `data.overlength`: truncate cuts the
 completions (a row whose prompt alone fills the cutoff is dropped), drop drops, error stops; all counted.
@@ -174,6 +175,7 @@ def encode_preferences(examples: list[PreferenceExample], tok: PreTrainedTokeniz
     too_long: list[str] = []
     for ex in examples:
         prompt_ids, completions = encode_preference(ex, tok, template, cfg.system)
+        report.samples += 1  # a preference row is one sample: its prompt ends with the one turn it trains
         n = len(prompt_ids) + max(len(c) for c, _ in completions)
         if report.count_length(ex.where, n, cfg, too_long):
             continue

@@ -10,10 +10,18 @@ token ids with a per-token "trainable" flag. Training (loss masking) and inferen
 serve) both call `encode()`, so the prompt the model sees at inference is token-for-token the prompt it
 was trained on. The template used in training is saved as `template.json` in the run directory.
 
-The special kind `tokenizer` uses the model's own `chat_template` (Jinja) instead; trainable spans are
-found by rendering growing prefixes of the conversation and taking the differences. A chat_template that
-rejects a conversation (`raise_exception(...)`, as Mistral's, LLaMA-2's and Gemma's do for a system
-message or non-alternating roles) becomes a UserError carrying the template's message.
+The special kind `tokenizer` uses the model's own `chat_template` (Jinja) instead: each assistant turn is
+trained after exactly the generation prompt the template gives its history, and a template that rewrites
+earlier turns (Qwen3, Qwen3.5, GLM-4) gives one sample per assistant turn (chat_template.py says how and
+why). `encode()` returns the last sample (the one holding the last turn, or the generation prompt), and
+`encode_samples()` all of them. A chat_template that rejects a conversation (`raise_exception(...)`, as
+Mistral's, LLaMA-2's and Gemma's do for a system message or non-alternating roles) becomes a UserError
+carrying the template's message.
+
+Reasoning: `thinking` (data.thinking: keep / drop / empty, thinking.py) says what `encode()` does with an
+assistant turn's `reasoning_content`, in training and at inference alike; `chat_template_kwargs` (e.g.
+`{"enable_thinking": false}`, set by data.thinking: drop for templates with that switch) are passed to the
+chat_template. Both are saved in template.json, so predict, chat, serve and export send the training prompt.
 
 Known limitation (segment boundaries): `encode()` tokenizes each segment on its own and concatenates the
 ids. Byte-level BPE tokenizers (Qwen, BLOOM, LLaMA-3, GPT-2 style) give the same ids as tokenizing the
@@ -21,19 +29,23 @@ whole rendered string, in practice. SentencePiece / Metaspace tokenizers (LLaMA-
 may not: each segment gets its own word-start marker ("▁") and merges never cross a boundary. Training and
 inference inside domaintune are unaffected (both use `encode()`), but a chat_template exported for other
 tools (`to_jinja`, tokenized as one string) can yield different ids at those boundaries, i.e. once there
-is a system message or an earlier turn.
+is a system message or an earlier turn. The kind `tokenizer` has no such limitation: a sample is tokenized as
+one string and its masks follow the characters (`_tokenize`), so its ids are `apply_chat_template`'s.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from bisect import bisect_right
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import console
 from ..errors import UserError
+from .chat_template import chat_segments, check_kwargs, close_turn_token, renders_reasoning
+from .thinking import SWITCH, THINKING_MODES, apply_thinking, has_switch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -57,6 +69,9 @@ class Template:
     append_eos: bool = True
     stop: list[str] = field(default_factory=list)
     chat_template: str | None = None  # kind == "tokenizer": the Jinja template used in training
+    thinking: str = "keep"  # data.thinking: what encode() does with reasoning_content (thinking.py)
+    chat_template_kwargs: dict = field(default_factory=dict)  # passed to chat_template, e.g. enable_thinking
+    close_turn: str = ""  # kind == "tokenizer": the token trained after an answer its template leaves open (GLM)
 
     # ------------------------------------------------------------ (de)serialisation
     @classmethod
@@ -70,6 +85,10 @@ class Template:
         t = cls(**d)
         if t.kind == "format" and "{content}" not in t.user_format:
             raise UserError(f"{source}: user_format must contain {{content}}")
+        if t.thinking not in THINKING_MODES:
+            raise UserError(f"{source}: thinking must be one of {', '.join(THINKING_MODES)}, got {t.thinking!r}")
+        if not isinstance(t.chat_template_kwargs, dict):
+            raise UserError(f"{source}: chat_template_kwargs must be an object")
         return t
 
     def to_dict(self) -> dict:
@@ -120,18 +139,21 @@ class Template:
                     segs.append((EOS, True))
         return [(s, t) for s, t in segs if s is EOS or s]
 
-    def encode(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict],
-               add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
-        """Token ids and per-token trainable flags for `messages` (see `segments`)."""
+    def encode(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False,
+               chat_template_kwargs: dict | None = None) -> tuple[list[int], list[bool]]:
+        """Token ids and per-token trainable flags for `messages` (see `segments`): the last of
+        `encode_samples`, or with `add_generation_prompt` the prompt of the sample that trains the next answer.
+        `chat_template_kwargs` add to (and override) the template's own (`check_kwargs` them first)."""
         if self.kind == "tokenizer":
-            return self._encode_chat_template(tokenizer, messages, add_generation_prompt)
+            segs = self._chat_segments(tokenizer, messages, add_generation_prompt, chat_template_kwargs)[-1]
+            return _tokenize(tokenizer, segs)
         ids: list[int] = []
         mask: list[bool] = []
         bos = leading_bos(tokenizer)
         if bos is not None:
             ids.append(bos)
             mask.append(False)
-        for text, trainable in self.segments(messages, add_generation_prompt):
+        for text, trainable in self.segments(apply_thinking(messages, self.thinking, False), add_generation_prompt):
             if text is EOS:
                 piece = [] if ids and ids[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]
             else:
@@ -140,46 +162,41 @@ class Template:
             mask.extend([trainable] * len(piece))
         return ids, mask
 
-    def _encode_chat_template(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict],
-                              add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
+    def encode_samples(self, tokenizer: PreTrainedTokenizerBase,
+                       messages: list[dict]) -> list[tuple[list[int], list[bool]]]:
+        """Every sample a conversation trains: one for format templates and templates that keep earlier turns
+        fixed, one per assistant turn for templates that rewrite them (chat_template.py)."""
+        if self.kind != "tokenizer":
+            return [self.encode(tokenizer, messages)]
+        return [_tokenize(tokenizer, s) for s in self._chat_segments(tokenizer, messages, False, None)]
+
+    def _chat_segments(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation: bool,
+                       kwargs: dict | None) -> list[list[tuple[str, bool]]]:
         tpl = self.chat_template or tokenizer.chat_template
         if not tpl:
             raise UserError("template 'tokenizer' needs a tokenizer with a chat_template; "
                             "choose domain_zh, alpaca or chatml")
+        msgs = apply_thinking(messages, self.thinking, renders_reasoning(tokenizer, tpl))
+        return chat_segments(tokenizer, tpl, msgs, {**self.chat_template_kwargs, **(kwargs or {})}, self.close_turn,
+                             generation) or [[]]
 
-        from jinja2 import TemplateError
+    def with_thinking(self, on: bool | None, flag: str = "--thinking") -> Template:
+        """This template with `enable_thinking` set to `on` (None: as trained), for predict and chat. Off also drops
+        reasoning from the conversation (data.thinking drop), as training with enable_thinking=false did. A
+        template without the switch is a UserError naming `flag`."""
+        if on is None:
+            return self
+        if not has_switch(self.chat_template if self.kind == "tokenizer" else None):
+            raise UserError(f"{flag} {'on' if on else 'off'}: the template '{self.name}' has no thinking switch (only "
+                            "a chat_template that reads enable_thinking has one: Qwen3, Qwen3.5, GLM-4); leave "
+                            f"{flag} out")
+        return replace(self, chat_template_kwargs={**self.chat_template_kwargs, SWITCH: on},
+                       thinking=self.thinking if on else "drop")
 
-        def render(msgs: list[dict], gen: bool) -> str:
-            try:
-                return chat_text(tokenizer, msgs, tpl, add_generation_prompt=gen)
-            except TemplateError as e:  # e.g. Mistral/LLaMA-2/Gemma: raise_exception('... roles must alternate ...')
-                raise UserError(f"the model's chat_template rejects this conversation ({e}); change the data "
-                                "(e.g. drop the system message) or use data.template: chatml (or another "
-                                "format template)") from None
-
-        ids: list[int] = []
-        mask: list[bool] = []
-        done = ""
-        for k, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prefix = render(messages[:k], True)
-            full = render(messages[: k + 1], False)
-            if not (prefix.startswith(done) and full.startswith(prefix)):
-                raise UserError("the model's chat_template rewrites earlier turns, "
-                                "so the trainable spans cannot be found; "
-                                "use data.template: chatml (or another format template) instead")
-            for text, trainable in ((prefix[len(done):], False), (full[len(prefix):], True)):
-                piece = _token_ids(tokenizer, text) if text else []
-                ids.extend(piece)
-                mask.extend([trainable] * len(piece))
-            done = full
-        if add_generation_prompt:
-            tail = render(messages, True)[len(done):]
-            piece = _token_ids(tokenizer, tail) if tail else []
-            ids.extend(piece)
-            mask.extend([False] * len(piece))
-        return ids, mask
+    def check_kwargs(self, kwargs: object, where: str = "chat_template_kwargs") -> dict:
+        """`kwargs` for `encode` (a request's chat_template_kwargs, a --thinking flag), checked: only
+        `enable_thinking` (true/false), and only for a chat_template with that switch. UserError naming `where`."""
+        return check_kwargs(kwargs, self.chat_template if self.kind == "tokenizer" else None, where)
 
     def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         """EOS plus every stop string that is a single token."""
@@ -196,7 +213,12 @@ class Template:
         jinja = self.to_jinja()
         if self.kind == "format" and leading_bos(tokenizer) is not None:
             jinja = "{{ bos_token }}" + jinja
-        return jinja
+        # The training kwargs become the template's defaults (a caller may still pass them), so tools that render
+        # it (transformers, vLLM, llama.cpp) send the training prompt: e.g. enable_thinking=false for data.thinking
+        # drop. At the top level of a Jinja template, a `set` inside an `if` sets the template's variable.
+        defaults = "".join(f"{{%- if {k} is not defined %}}{{%- set {k} = {json.dumps(v)} %}}{{%- endif %}}"
+                           for k, v in self.chat_template_kwargs.items())
+        return defaults + jinja
 
     def to_jinja(self) -> str:
         """A Jinja chat_template equivalent to this template (for export, so other tools render the same prompt)."""
@@ -239,21 +261,44 @@ class Template:
         return "".join(parts)
 
 
+def _tokenize(tokenizer: PreTrainedTokenizerBase, segments: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """A chat_template's sample as `tokenizer(text)` of its whole text (what `apply_chat_template(tokenize=True)`,
+    vLLM and llama.cpp give), each token trainable when it starts in a trainable segment. Tokenizing segment by
+    segment would differ for SentencePiece-style tokenizers (Mistral, Phi-3: every piece would start with "▁").
+    A token that straddles a boundary between trained and untrained text (rare: the template joins them with
+    special tokens or newlines), or a tokenizer without offsets (not a fast one), falls back to segment by segment."""
+    text = "".join(t for t, _ in segments)
+    starts, flags, pos = [], [], 0
+    for t, trainable in segments:
+        starts.append(pos)
+        flags.append(trainable)
+        pos += len(t)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    except NotImplementedError:  # a slow tokenizer has no offsets
+        enc = None
+    if enc is not None and text:
+        ids, mask = list(enc["input_ids"]), []
+        for a, b in enc["offset_mapping"]:
+            first, last = bisect_right(starts, a) - 1, bisect_right(starts, max(a, b - 1)) - 1
+            if any(flags[k] != flags[first] for k in range(first, last + 1)):
+                break
+            mask.append(flags[first])
+        else:
+            return ids, mask
+    ids, mask = [], []
+    for t, trainable in segments:
+        piece = _token_ids(tokenizer, t) if t else []
+        ids.extend(piece)
+        mask.extend([trainable] * len(piece))
+    return ids, mask
+
+
 def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of `text`, no special tokens added. `verbose=False` silences transformers' "Token indices sequence
     length is longer than the specified maximum sequence length for this model" warning, which misleads here:
     samples longer than data.cutoff_len are cut or dropped (encode.py), never fed to the model whole."""
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-
-def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], chat_template: str,
-              add_generation_prompt: bool = False) -> str:
-    """One conversation rendered by `chat_template` as text, typed as the str it is (transformers types
-    `apply_chat_template`'s result for every mode: ids, batches, a BatchEncoding)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=chat_template)
-    assert isinstance(text, str), "one conversation with tokenize=False renders to one string"
-    return text
 
 
 def leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -270,7 +315,8 @@ def _turn_end_tokens(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> 
     `<|eot_id|>`). Training teaches the model to emit it instead of EOS, so generation must stop on it."""
     probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ANSWER"}]
     try:
-        text = chat_text(tokenizer, probe, chat_template)
+        text = tokenizer.apply_chat_template(probe, tokenize=False, chat_template=chat_template)
+        assert isinstance(text, str), "one conversation with tokenize=False renders to one string"
     except Exception as e:  # any failure (Jinja syntax, raise_exception, a missing field) means the same here
         # Not an error: the template may still render the user's own conversations (e.g. it demands a system
         # message). But without the probe the turn-end token is unknown, so generation stops at EOS only, and a
@@ -289,22 +335,28 @@ def _turn_end_tokens(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> 
     return [token]
 
 
-def get_template(name_or_path: str, tokenizer: PreTrainedTokenizerBase | None = None) -> Template:
-    """A built-in template by name, a template JSON by path, or `tokenizer` (the model's chat_template)."""
+def get_template(name_or_path: str, tokenizer: PreTrainedTokenizerBase | None = None,
+                 thinking: str = "keep") -> Template:
+    """A built-in template by name, a template JSON by path, or `tokenizer` (the model's chat_template), with
+    data.thinking `thinking` (thinking.py); for a chat_template with a thinking switch, `enable_thinking` is set
+    to what that mode trains (false for drop, true otherwise)."""
     if name_or_path == "tokenizer":
         tpl = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
         if tokenizer is not None and not tpl:
             raise UserError("data.template 'tokenizer': this model's tokenizer has no chat_template; "
                             "choose domain_zh, alpaca or chatml")
+        close = close_turn_token(tokenizer, tpl) if tokenizer is not None and tpl else ""
+        stop = _turn_end_tokens(tokenizer, tpl) if tokenizer is not None and tpl else []
         return Template(name="tokenizer", kind="tokenizer", append_eos=False,
                         description="the model's own chat_template", chat_template=tpl,
-                        stop=_turn_end_tokens(tokenizer, tpl) if tokenizer is not None and tpl else [])
+                        stop=stop or ([close] if close else []), close_turn=close, thinking=thinking,
+                        chat_template_kwargs={SWITCH: thinking != "drop"} if has_switch(tpl) else {})
     if name_or_path in BUILTIN:
         text = (resources.files("domaintune.data.prompt_templates").joinpath(f"{name_or_path}.json")
                 .read_text(encoding="utf-8"))
-        return Template.from_dict(json.loads(text), name_or_path)
+        return replace(Template.from_dict(json.loads(text), name_or_path), thinking=thinking)
     p = Path(name_or_path)
     if p.suffix == ".json" and p.is_file():
-        return Template.load(p)
+        return replace(Template.load(p), thinking=thinking)
     raise UserError(f"unknown template '{name_or_path}': use one of {', '.join(BUILTIN)} "
                     "or a path to a template .json file")

@@ -131,9 +131,9 @@ class ChatSession:
 def run_chat(run: str | Path, base_only: bool = False, template: str | None = None,
              params: GenerationParams | None = None, system: str | None = None, context_len: int | None = None,
              device: str | None = None, dtype: str = "auto", input_fn: Callable[[str], str] = input,
-             out: TextIO | None = None, allow_pickle: bool = False) -> int:
+             out: TextIO | None = None, allow_pickle: bool = False, thinking: bool | None = None) -> int:
     """Load the run (or model directory) and chat until /exit or end of input. `params` default to the
-    "chat" preset."""
+    "chat" preset; `thinking`: the chat_template's enable_thinking (None: as the run was trained)."""
     from .engine import Engine
 
     out = out or sys.stdout
@@ -142,6 +142,7 @@ def run_chat(run: str | Path, base_only: bool = False, template: str | None = No
     out.flush()
     engine = Engine.from_run(run, base_only=base_only, template=template, device=device, dtype=dtype,
                              allow_pickle=allow_pickle)
+    engine.template = engine.template.with_thinking(thinking)
     session = ChatSession(engine, params, system=system, context_len=context_len, out=out)
     mode = "greedy" if not params.do_sample else f"temperature {params.temperature}, top_p {params.top_p}"
     session.say(f"model {engine.model_id} (template {engine.template.name}; {mode}). "

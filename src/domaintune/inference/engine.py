@@ -77,12 +77,14 @@ class EngineBase(ABC):
         return self.run_config.data.cutoff_len if self.run_config is not None else self.context_len
 
     # ------------------------------------------------------------ prompts
-    def encode_messages(self, messages: list[dict]) -> list[int]:
+    def encode_messages(self, messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
         """Token ids of a conversation ending with a user turn, plus the assistant prefix. The run's
         `data.system` is added when the conversation has no system message, as training did. A
-        conversation the model's chat_template refuses raises UserError (templates.py) with its message."""
+        conversation the model's chat_template refuses raises UserError (templates.py) with its message.
+        `chat_template_kwargs` (checked by `template.check_kwargs`, e.g. a request's {"enable_thinking": false})
+        override the run's own for this prompt."""
         ids, _ = self.template.encode(self.tokenizer, with_system(messages, self.default_system),
-                                      add_generation_prompt=True)
+                                      add_generation_prompt=True, chat_template_kwargs=chat_template_kwargs)
         return ids
 
     def decode(self, ids: list[int]) -> str:

@@ -90,7 +90,7 @@ def _differences(old: dict, new: dict) -> list[str]:
     diffs = []
     if old.get("data", {}).get("sha256") != new["data"]["sha256"]:
         diffs.append(f"test file {old.get('data', {}).get('path')} -> {new['data']['path']} (content differs)")
-    for key in ("base_only", "template", "engine"):  # "engine" is only written for --engine vllm
+    for key in ("base_only", "template", "engine", "thinking"):  # "engine", "thinking" only written when given
         if old.get(key) != new.get(key):
             diffs.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
     old_gen = old.get("generation", {})
@@ -181,13 +181,13 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
                 params: GenerationParams | None = None, batch_size: int = 8, base_only: bool = False,
                 template: str | None = None, fmt: str = "jsonl",
                 evaluate: bool = True, limit: int | None = None, overwrite: bool = False,
-                allow_pickle: bool = False, engine_kind: str = "hf") -> Path:
+                allow_pickle: bool = False, engine_kind: str = "hf", thinking: bool | None = None) -> Path:
     """Predict every row of `data` (the first `limit` rows) with RUN's model; returns the predictions.jsonl path.
 
     Resumable (see the module docstring). With `evaluate`, scores the file (metrics.run_eval) with the
     model's loss and perplexity on the targets added, and prints the metrics. `engine_kind`: "hf" (the default
     Engine) or "vllm" (vllm_engine.py, one process on a CUDA GPU; a file started by one engine is not resumed by
-    the other).
+    the other). `thinking`: the chat_template's enable_thinking (`Template.with_thinking`); None = as trained.
     """
     from . import sharded
     from .vllm_engine import check_engine, load_engine
@@ -213,6 +213,8 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
             "template": template, "run": str(run.path.resolve())}
     if engine_kind != "hf":  # files written before --engine existed have no key: the default engine
         meta["engine"] = engine_kind
+    if thinking is not None:  # the prompt differs: a file written with another switch is not resumed
+        meta["thinking"] = thinking
     # Rank 0 checks (or, with --overwrite, empties) the output and tells every rank what is done.
     done = set(sharded.agree(rank, lambda: sorted(_prepare_output(jsonl, meta, overwrite))))
     todo = [ex for ex in examples if ex.index not in done]
@@ -224,6 +226,7 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
         engine = load_engine(engine_kind, run.path, base_only=base_only, template=template, allow_pickle=allow_pickle,
                              device=sharded.device_for(local_rank) if world_size > 1 else None,
                              max_batch_size=max(batch_size, 256) if engine_kind == "vllm" else None)
+        engine.template = engine.template.with_thinking(thinking)
         if engine.template.instruction_input_format != light.instruction_input_format:
             examples = load_examples(data, require_answer=False, template=engine.template)[:limit]
             todo = [ex for ex in examples if ex.index not in done]

@@ -193,7 +193,7 @@ def create_app(engine: EngineBase | None = None, api_key: str | None = None, max
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
         eng = _engine(app)
         refuse_unsupported(req, eng)
-        prompt = encode_chat(eng, chat_messages(req))
+        prompt = encode_chat(eng, chat_messages(req), req.chat_template_kwargs)
         params = _params(req, len(prompt), eng, defaults)
         return await _respond(request, req, prompt, params, chat=True)
 

@@ -160,10 +160,17 @@ def chat_messages(req: P.ChatCompletionRequest) -> list[dict]:
     return msgs
 
 
-def encode_chat(engine: EngineBase, msgs: list[dict]) -> list[int]:
-    """Prompt ids; a conversation the model's chat template refuses is the client's mistake (400)."""
+def encode_chat(engine: EngineBase, msgs: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
+    """Prompt ids; a conversation the model's chat template refuses is the client's mistake (400), and so are
+    `chat_template_kwargs` (vLLM's request field, e.g. {"enable_thinking": false}) the template does not read."""
+    kw = {}
+    if chat_template_kwargs is not None:
+        try:
+            kw["chat_template_kwargs"] = engine.template.check_kwargs(chat_template_kwargs, "chat_template_kwargs")
+        except UserError as e:
+            raise APIError(400, str(e), param="chat_template_kwargs") from None
     try:
-        return engine.encode_messages(msgs)
+        return engine.encode_messages(msgs, **kw)
     except UserError as e:  # templates.py turns a chat_template's raise_exception into UserError
         raise APIError(400, str(e), param="messages") from None
 

@@ -7,7 +7,9 @@ change the answer are all read here, and those this server cannot honour (`n` > 
 "auto", a `response_format` other than text) are refused with 400 by `checks.py` rather than silently ignored.
 `presence_penalty`, `frequency_penalty` and `logit_bias` are honoured (params.OpenAIPenalties).
 
-Extensions beyond OpenAI (as vLLM accepts them): `top_k` and `repetition_penalty`.
+Extensions beyond OpenAI (as vLLM accepts them): `top_k`, `repetition_penalty`, and on chat completions
+`chat_template_kwargs` (e.g. `{"enable_thinking": false}` for a Qwen3-style template; checks.py refuses keys and
+values the template does not read with 400).
 
 Values the model cannot take are refused here, so they are a 400 before anything generates or streams:
 text holding a lone UTF-16 surrogate (JSON `"\\ud800"` alone: not Unicode, and the tokenizer cannot encode it)
@@ -143,6 +145,7 @@ class ChatCompletionRequest(_Sampling):
     function_call: Union[str, dict[str, Any], None] = None  # the older name of tool_choice
     response_format: Optional[dict[str, Any]] = None
     top_logprobs: Optional[int] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM's extension: variables for the chat template
 
 
 class CompletionRequest(_Sampling):
