@@ -128,8 +128,8 @@ class PreferenceRun(TrainingRun):
         m = self.cfg.model
         self._tok = load_tokenizer(str(self.sft) if self.sft else m.required_name(), m.trust_remote_code,
                                    None if self.sft else m.revision)
-        self._template = (Template.load(self.sft / TEMPLATE) if self.sft else get_template(self.cfg.data.template,
-                                                                                            self.tok))
+        self._template = (Template.load(self.sft / TEMPLATE) if self.sft else
+                          get_template(self.cfg.data.template, self.tok, self.cfg.data.thinking))
         self.tok.chat_template = self.template.chat_template_for(self.tok)
         if self.tok.pad_token is None:  # TRL's collators pad; a LLaMA tokenizer ships without a pad token
             self.tok.pad_token = self.tok.eos_token
