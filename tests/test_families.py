@@ -152,17 +152,33 @@ def test_data_check(arch, family_config, capsys):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_thinking(arch, engines, tiny_model_dir):
-    """Reasoning rows train; the prompt inference sends is the official generation prompt (both ways of the
-    thinking switch where the template has one)."""
+def test_thinking(arch, engines, family_config, tiny_model_dir):
+    """Reasoning rows (a `reasoning_content` field, a leading <think> block) train their reasoning; the prompt
+    inference sends is the official generation prompt, both ways of the thinking switch where the template has
+    one (and the run's own setting by default)."""
     from transformers import AutoTokenizer
+
+    from domaintune.data.encode import IGNORE_INDEX, build_datasets
+    from domaintune.data.templates import get_template
 
     engine = engines(arch)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir(arch))
-    for messages in prompts_for(arch):
-        want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        assert engine.encode_messages(messages) == list(want)
     assert ("enable_thinking" in tok.chat_template) == TINY[arch].thinking
+    switches = [{"enable_thinking": True}, {"enable_thinking": False}] if TINY[arch].thinking else [{}]
+    for messages in prompts_for(arch):
+        for kw in switches:
+            want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                           **kw)
+            assert engine.encode_messages(messages, chat_template_kwargs=kw or None) == list(want), kw
+        # by default, the run's setting (data.thinking: keep = thinking on)
+        want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                       **switches[0])
+        assert engine.encode_messages(messages) == list(want)
+    cfg = family_config(arch)
+    ds = build_datasets(cfg.data, tok, get_template("tokenizer", tok, "keep"), seed=0)
+    trained = [tok.decode([t for t in s["labels"] if t != IGNORE_INDEX]) for s in ds.train]
+    for reasoning in ("The parent asks for a definition; give the threshold.", "家长想知道定义。"):
+        assert any(reasoning in t for t in trained), (reasoning, trained)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
