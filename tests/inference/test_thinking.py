@@ -188,3 +188,29 @@ def test_serve_chat_template_kwargs_send_the_prompt_predict_sends(qwen3_engine):
             "model": "chatml", "messages": q, "max_tokens": 2, "chat_template_kwargs": {"enable_thinking": False}})
     assert r.status_code == 400 and r.json()["error"]["message"].startswith(
         "chat_template_kwargs.enable_thinking: this model's template has no thinking switch")
+
+
+def test_predict_keeps_the_reasoning_apart_and_scores_the_answer(qwen3_dir, tmp_path, monkeypatch):
+    """A generated `<think>…</think>` block goes to "reasoning"; "predict" (what eval scores) is the answer alone;
+    a block left open is all reasoning and an empty answer; an answer without a block is kept whole."""
+    from domaintune.data.thinking import split_generated
+    from domaintune.inference.engine import Engine, Generation
+    from domaintune.inference.params import GenerationParams
+    from domaintune.inference.predict import run_predict
+
+    texts = ["<think>\n先想一想。\n</think>\n\n多喝水。", "<think>\n还在想", "直接回答。"]
+    assert [split_generated(t) for t in texts] == [("先想一想。", "多喝水。"), ("还在想", ""), (None, "直接回答。")]
+
+    def fake(self, prompts, params, batch_size=8):
+        for i in range(len(prompts)):
+            yield i, Generation(texts[i], [1, 2], len(prompts[i]), "stop")
+
+    monkeypatch.setattr(Engine, "generate_iter", fake)
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"问题{i}", "output": "多喝水。"}, ensure_ascii=False) + "\n"
+                            for i in range(3)), encoding="utf-8")
+    out = run_predict(qwen3_dir, data, out=tmp_path / "pred.jsonl", params=GenerationParams(**GREEDY),
+                      evaluate=False)
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [(r.get("reasoning"), r["predict"]) for r in rows] == [("先想一想。", "多喝水。"), ("还在想", ""),
+                                                                  (None, "直接回答。")]

@@ -41,6 +41,15 @@ def split_think(content: str) -> tuple[str | None, str, str | None]:
     return text[len(OPEN):end].strip(), text[end + len(CLOSE):].lstrip(), None
 
 
+def split_generated(text: str) -> tuple[str | None, str]:
+    """(reasoning or None, answer) of a generated text: a model trained with reasoning writes `<think>…</think>`
+    before its answer. A block left open (generation stopped while reasoning) is all reasoning and no answer."""
+    reasoning, answer, problem = split_think(text)
+    if problem:
+        return text.lstrip()[len(OPEN):].strip(), ""
+    return reasoning, answer
+
+
 def think_block(reasoning: str) -> str:
     """The reasoning as Qwen3's template writes it before an answer (an empty block for "")."""
     return f"{OPEN}\n{reasoning.strip()}\n{CLOSE}\n\n"

@@ -4,7 +4,10 @@
 
 Each row's prompt is everything before its last assistant turn (an instruction row: its instruction and
 input), rendered by the run's template exactly as in training (`Engine.encode_messages`, plus the run's
-`data.system`); its target is that last turn (or "" when the row has none).
+`data.system`); its target is that last turn (or "" when the row has none). A model trained with reasoning
+writes `<think>…</think>` before its answer: the block goes to the row's "reasoning" field and "predict" holds the
+answer alone, which is what gets scored (a block still open when generation stopped: all reasoning, an empty
+answer).
 
 predictions.jsonl is written as it goes, one line per example as soon as its batch finishes, flushed and
 fsynced per batch, so a run that is killed keeps what it made. Running the same command again resumes:
@@ -37,6 +40,7 @@ from typing import TYPE_CHECKING
 
 from .. import console
 from ..data.examples import load_examples
+from ..data.thinking import split_generated
 from ..errors import UserError
 from ..jsonl import (
     JsonlAppender,
@@ -306,8 +310,10 @@ def _generate_into(engine: Engine | VLLMEngine, todo: list[Example], jsonl: Path
               disable=not show or not console.progress_enabled()) as bar, \
             JsonlAppender(jsonl) as f:
         for k, gen in engine.generate_iter(prompts, params, batch_size):
+            reasoning, answer = split_generated(gen.text)  # a <think> block is kept apart: the answer is scored
             batch.append({"id": todo[k].index, "input": engine.tokenizer.decode(prompts[k]), "target": targets[k],
-                          "predict": gen.text, "num_tokens": gen.completion_tokens, "time": round(gen.seconds, 4)})
+                          "predict": answer, **({"reasoning": reasoning} if reasoning is not None else {}),
+                          "num_tokens": gen.completion_tokens, "time": round(gen.seconds, 4)})
             written += 1
             bar.update(1)
             if len(batch) == batch_size or written == len(todo):  # the end of a batch: write and fsync it
