@@ -63,7 +63,8 @@ def check(conf: dict) -> str:
     fam = family_of(conf.get("model_type"))
     arch = fam.gguf
     if arch is None or arch not in RULES:
-        why = fam.gguf_refusal or f"model type {conf.get('model_type')!r} has no GGUF conversion here"
+        why = fam.gguf_refusal or (f"{arch_cls or 'this model'} (model type {conf.get('model_type')!r}) has no GGUF "
+                                   "conversion here")
         raise UserError(f"--format gguf: {why} (domaintune writes GGUF for {supported()}); {WAY_OUT}")
     if arch_cls and arch_cls not in RULES[arch].classes:
         raise UserError(f"--format gguf: {arch_cls} is not converted (for the {fam.name} family domaintune writes "
@@ -137,6 +138,8 @@ def _check_qwen35(conf: dict) -> None:
     if _interval(types) is None:
         raise _refuse("qwen35", f"its layer_types {types} are not linear attention with full attention on every "
                                 "n-th layer")
+    if _interval(types) == 1:  # llama.cpp's hybrid memory fails without a recurrent layer (GGML_ASSERT(buffer))
+        raise _refuse("qwen35", "it has no linear-attention layer")
 
 
 def _interval(types: list[str]) -> int | None:
