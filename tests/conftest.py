@@ -5,8 +5,10 @@ Fixture names are stable; other test files rely on them.
 - ``sample_data`` (session): Path of the bundled sample data folder ``examples/data`` (train.jsonl,
   test.jsonl, chat.jsonl, seeds.jsonl).
 - ``tiny_model_dir`` (session): a factory, ``tiny_model_dir(arch="qwen2") -> Path``, returning the folder of a
-  micro (~0.2M parameters) randomly initialised model + tokenizer of family ``arch`` ("qwen2", "llama" or
-  "bloom"), built by ``domaintune.training.tiny.make_tiny_model(..., size="micro", seed=0)`` on the first request
+  micro (~0.2M parameters) randomly initialised model + tokenizer of family ``arch`` (one of
+  ``domaintune.families.ARCHS``: "qwen2", "llama", "bloom" with ChatML; "qwen3", "qwen3_moe", "qwen3_5", "llama3",
+  "gemma3", "mistral", "phi3", "glm4" with their official chat templates), built by
+  ``domaintune.training.tiny.make_tiny_model(..., size="micro", seed=0)`` on the first request
   and reused afterwards. Treat it as read-only. Requesting it also sets ``torch.set_num_threads(1)`` for
   the session (tiny matrices gain nothing from threads; a subprocess should get ``OMP_NUM_THREADS=1``).
 - ``tiny_train_config`` (session): a factory, ``tiny_train_config(output_dir, arch="qwen2", *overrides) ->

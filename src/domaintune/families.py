@@ -30,6 +30,7 @@ class Family:
     gguf: str | None = None  # llama.cpp's architecture name (`general.architecture`); None: GGUF export refused
     gguf_refusal: str = ""  # why GGUF is refused, when `gguf` is None
     vllm: bool = False  # vLLM serves this architecture (and applies LoRA adapters to it)
+    batched: bool = True  # serve's continuous batcher joins requests (full-attention KV caches only)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -45,9 +46,9 @@ FAMILIES: tuple[Family, ...] = (
            vllm=True),
     # Qwen3.5: linear-attention (Gated DeltaNet) layers between full-attention ones; its cache cannot be padded
     # and joined, and packed rows would leak state through the linear-attention recurrence.
-    Family("qwen3_5", ("qwen3_5", "qwen3_5_text"), plain_head=True, gguf="qwen35", vllm=True),
+    Family("qwen3_5", ("qwen3_5", "qwen3_5_text"), plain_head=True, gguf="qwen35", vllm=True, batched=False),
     # Gemma 3 scales its embeddings and may soft-cap its logits: the model's own loss.
-    Family("gemma3", ("gemma3_text", "gemma3"), liger=True, gguf="gemma3", vllm=True),
+    Family("gemma3", ("gemma3_text", "gemma3"), liger=True, gguf="gemma3", vllm=True, batched=False),
     Family("gemma", ("gemma", "gemma2"), liger=True, vllm=True,
            gguf_refusal="gemma and gemma2 have no tested GGUF conversion here"),
     Family("phi3", ("phi3",), packable=True, plain_head=True, liger=True, gguf="phi3", vllm=True),
@@ -83,10 +84,12 @@ class TinyRecipe:
     """How `make-tiny-model --arch NAME` builds a tiny model of a family (training/tiny.py reads it).
 
     - `config`: the transformers config class; `config_kwargs`: its family-specific settings (layer types,
-      experts, head sizes) on top of the sizes of `tiny.SIZES`.
+      experts, window) on top of the sizes of `tiny.SIZES` (head_dim = hidden / heads; a `layer_types` pattern is
+      repeated to the number of layers).
     - `tokenizer`: "bytelevel" (byte-level BPE: GPT-2, Qwen, Llama 3, GLM, BLOOM) or "spm" (SentencePiece-style BPE
       with byte fallback and "▁" for spaces: LLaMA-2, Mistral, Gemma, Phi-3). `pre`: the byte-level split regex
-      ("qwen2", "llama3", "bloom"); `space_prefix`: an SPM tokenizer prepends "▁" to the text (Gemma's does not).
+      ("gpt2": GPT-2's own, the original tiny models; "qwen2"; "llama3": Qwen2's with digits in groups of three);
+      `space_prefix`: an SPM tokenizer prepends "▁" to the text (Gemma's does not).
     - `bos`, `eos`, `pad`, `unk`: the special tokens; `add_bos`: the tokenizer adds BOS by itself;
       `specials`: the other special tokens (chat markers); `added`: added tokens that are not special (Qwen3's
       `<think>`: decoding with skip_special_tokens keeps them); `extra_eos`: more tokens generation stops on
@@ -115,26 +118,33 @@ class TinyRecipe:
     template: str = "chatml"
     config_kwargs: dict = field(default_factory=dict)
 
+    @property
+    def thinking(self) -> bool:
+        """The official template has Qwen3's `enable_thinking` switch (known without reading the template: the
+        table needs no package)."""
+        return self.template in THINKING_TEMPLATES
 
+
+THINKING_TEMPLATES = {"trl:qwen3", "trl:qwen3_5_think", "trl:glm4moe"}
 _CHATML = ("<|im_start|>", "<|im_end|>")
 _QWEN3 = dict(tokenizer="bytelevel", pre="qwen2", eos="<|im_end|>", pad="<|endoftext|>",
               specials=("<|endoftext|>", *_CHATML), added=("<think>", "</think>"), extra_eos=("<|endoftext|>",))
 TINY: dict[str, TinyRecipe] = {r.arch: r for r in (
     # The original tiny models: domaintune's ChatML template, a shared set of special tokens.
-    TinyRecipe("qwen2", "qwen2", "Qwen2 / Qwen2.5", "Qwen2Config", bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
-               specials=_CHATML, config_kwargs={"tie_word_embeddings": True}),
-    TinyRecipe("llama", "llama", "LLaMA (LLaMA-2-style tokenizer with BOS)", "LlamaConfig", bos="<s>", eos="</s>",
-               unk="<unk>", add_bos=True, specials=_CHATML, config_kwargs={"tie_word_embeddings": False}),
-    TinyRecipe("bloom", "bloom", "BLOOM / BLOOMZ", "BloomConfig", bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
-               pre="bloom", specials=_CHATML),
+    TinyRecipe("qwen2", "qwen2", "Qwen2 / Qwen2.5", "Qwen2Config", pre="gpt2", bos="<s>", eos="</s>", pad="<pad>",
+               unk="<unk>", specials=_CHATML, config_kwargs={"tie_word_embeddings": True}),
+    TinyRecipe("llama", "llama", "LLaMA (LLaMA-2-style tokenizer with BOS)", "LlamaConfig", pre="gpt2", bos="<s>",
+               eos="</s>", unk="<unk>", add_bos=True, specials=_CHATML, config_kwargs={"tie_word_embeddings": False}),
+    TinyRecipe("bloom", "bloom", "BLOOM / BLOOMZ", "BloomConfig", pre="gpt2", bos="<s>", eos="</s>", pad="<pad>",
+               unk="<unk>", specials=_CHATML),
     # The families users pick now, each with its official chat template.
     TinyRecipe("qwen3", "qwen3", "Qwen3", "Qwen3Config", template="trl:qwen3",
-               config_kwargs={"tie_word_embeddings": True, "head_dim": 16}, **_QWEN3),
+               config_kwargs={"tie_word_embeddings": True}, **_QWEN3),
     TinyRecipe("qwen3_moe", "qwen3_moe", "Qwen3-MoE", "Qwen3MoeConfig", template="trl:qwen3",
-               config_kwargs={"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+               config_kwargs={"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                               "decoder_sparse_step": 1, "norm_topk_prob": True}, **_QWEN3),
     TinyRecipe("qwen3_5", "qwen3_5", "Qwen3.5", "Qwen3_5TextConfig", template="trl:qwen3_5_think",
-               config_kwargs={"head_dim": 16, "tie_word_embeddings": True, "layer_types":
+               config_kwargs={"tie_word_embeddings": True, "layer_types":
                               ["linear_attention", "full_attention"], "linear_num_key_heads": 2,
                               "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16},
                **_QWEN3),
@@ -145,8 +155,7 @@ TINY: dict[str, TinyRecipe] = {r.arch: r for r in (
     TinyRecipe("gemma3", "gemma3", "Gemma 3", "Gemma3TextConfig", tokenizer="spm", space_prefix=False, bos="<bos>",
                eos="<eos>", pad="<pad>", unk="<unk>", add_bos=True, template="trl:gemma3",
                specials=("<start_of_turn>", "<end_of_turn>"), extra_eos=("<end_of_turn>",),
-               config_kwargs={"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
-                              "layer_types": ["sliding_attention", "full_attention"]}),
+               config_kwargs={"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}),
     TinyRecipe("mistral", "mistral", "Mistral", "MistralConfig", tokenizer="spm", bos="<s>", eos="</s>",
                unk="<unk>", add_bos=True, template="llama_cpp:MISTRAL_INSTRUCT_CHAT_TEMPLATE",
                config_kwargs={"tie_word_embeddings": False, "sliding_window": None}),
@@ -158,6 +167,51 @@ TINY: dict[str, TinyRecipe] = {r.arch: r for r in (
                template="trl:glm4moe",
                specials=("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
                added=("<think>", "</think>"),
-               extra_eos=("<|user|>", "<|observation|>"), config_kwargs={"head_dim": 16, "partial_rotary_factor": 0.5}),
+               extra_eos=("<|user|>", "<|observation|>"), config_kwargs={"partial_rotary_factor": 0.5}),
 )}
 ARCHS = tuple(TINY)
+
+
+# ------------------------------------------------------------------ the supported-models table
+# Each row is what tests/test_families.py proves on the tiny model of `arch` (one parametrised test per column;
+# tests/test_families.py::test_table_claims_only_what_the_matrix_proves keeps the two in step). A cell either
+# holds what was proven or starts with "refused:" and the reason, which the matrix test checks as a clear error.
+COLUMNS = ("template", "train", "thinking", "predict", "serve", "export", "gguf")
+COLUMN_TITLES = {"template": "chat template", "train": "train", "thinking": "reasoning data", "predict": "predict",
+                 "serve": "serve", "export": "export", "gguf": "GGUF"}
+
+
+def support(arch: str) -> dict[str, str]:
+    """The table row of a tiny arch: column -> what is proven (or "refused: why")."""
+    r = TINY[arch]
+    f = next(f for f in FAMILIES if f.name == r.family)
+    package, _, name = r.template.partition(":")
+    template = ("domaintune's ChatML" if r.template == "chatml" else f"{name}.jinja (trl)" if package == "trl"
+                else f"{name} (llama-cpp-python)")
+    return {
+        "template": template,
+        "train": "✓ multi-turn; the template refuses a system role" if r.arch == "mistral"
+        else "✓ multi-turn + system",
+        "thinking": "✓ enable_thinking switch" if r.thinking else "✓ inline <think> block",
+        "predict": "✓",
+        "serve": "✓ batched" if f.batched else "✓ one request at a time",
+        "export": "✓ safetensors",
+        "gguf": f"✓ {f.gguf}" if f.gguf else f"refused: {f.gguf_refusal}",
+    }
+
+
+def render_table(markdown: bool = True) -> str:
+    """The supported-models table (README and `domaintune models`)."""
+    head = ["family", "--arch", *(COLUMN_TITLES[c] for c in COLUMNS)]
+    rows = [[TINY[a].title, a, *(support(a)[c] for c in COLUMNS)] for a in ARCHS]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [head, *rows]) + "\n"
+
+
+TABLE_NOTE = ("Each ✓ is proven on the family's tiny model (`domaintune make-tiny-model --arch ARCH`) by "
+              "tests/test_families.py, one parametrised test per column. vLLM (`--engine vllm`) is mapped for every "
+              "family above and needs a CUDA GPU; it is not run by the CPU suite.")

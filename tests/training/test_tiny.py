@@ -6,10 +6,14 @@ from pathlib import Path
 import pytest
 
 from domaintune.errors import UserError
+from domaintune.families import TINY, family_of
 from domaintune.training.model import model_license
 from domaintune.training.tiny import ARCHS, SIZES, make_tiny_model
 
 CHATML_PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+ORIGINAL = ("qwen2", "llama", "bloom")  # domaintune's ChatML template, the shared ChatML special tokens
 
 
 @pytest.fixture(scope="module")
@@ -18,20 +22,39 @@ def micro(tiny_model_dir):
     return {arch: tiny_model_dir(arch) for arch in ARCHS}
 
 
+def official_template(source: str) -> str:
+    """The template a recipe names, read here straight from the package's files (not through tiny.py)."""
+    import importlib.util
+
+    package, _, name = source.partition(":")
+    if package == "trl":
+        root = Path(importlib.util.find_spec("trl").origin).parent
+        return (root / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
+    from llama_cpp import llama_chat_format
+
+    return getattr(llama_chat_format, name)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_micro_model_loads_with_plain_auto_classes(micro, arch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    recipe = TINY[arch]
     out = micro[arch]
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     hidden, layers, *_ = SIZES["micro"]
-    assert model.config.model_type == arch
+    assert family_of(model.config.model_type).name == recipe.family
+    assert type(model).__name__ == recipe.config.replace("TextConfig", "ForCausalLM").replace("Config", "ForCausalLM")
     assert model.config.hidden_size == hidden
     assert model.config.num_hidden_layers == layers
     assert model.config.vocab_size % 8 == 0 and len(tok) <= model.config.vocab_size < len(tok) + 8
-    assert model.config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("</s>")
+    assert model.config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids(recipe.eos)
+    # Generation stops on every token the family ships in generation_config (e.g. Qwen3's <|endoftext|>).
+    stops = model.generation_config.eos_token_id
+    stops = stops if isinstance(stops, list) else [stops]
+    assert stops == [tok.eos_token_id, *(tok.convert_tokens_to_ids(t) for t in recipe.extra_eos)]
     # Weights are safetensors only.
     assert (out / "model.safetensors").is_file()
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
@@ -42,26 +65,40 @@ def test_micro_model_loads_with_plain_auto_classes(micro, arch):
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
     assert torch.isfinite(logits).all()
 
-    # The ChatML markers are single special tokens, and the chat_template renders ChatML.
-    assert len(tok("<|im_end|>", add_special_tokens=False)["input_ids"]) == 1
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True) == CHATML_PROMPT
+    # Chat markers are single special tokens; the chat_template is the official one, byte for byte.
+    for t in recipe.specials + recipe.added:
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1, t
+    if arch in ORIGINAL:
+        assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                       add_generation_prompt=True) == CHATML_PROMPT
+    else:
+        assert tok.chat_template == official_template(recipe.template)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tokenizer_mimics_its_family(micro, arch):
     from transformers import AutoTokenizer
 
+    recipe = TINY[arch]
     tok = AutoTokenizer.from_pretrained(micro[arch])
     with_special = tok("abc")["input_ids"]
     without = tok("abc", add_special_tokens=False)["input_ids"]
-    if arch == "llama":  # adds BOS, ships without a pad token
-        assert with_special == [tok.bos_token_id] + without
-        assert tok.pad_token is None
-    else:  # BLOOM / Qwen2 add no BOS and have a pad token
+    if recipe.add_bos:  # LLaMA, Llama 3, Mistral, Gemma add BOS
+        assert with_special == [tok.convert_tokens_to_ids(recipe.bos)] + without
+    else:  # BLOOM, Qwen, Phi-3, GLM add none
         assert with_special == without
-        assert tok.pad_token == "<pad>" and tok.pad_token_id != tok.eos_token_id
+    assert tok.pad_token == recipe.pad
+    if recipe.pad and arch in ORIGINAL:
+        assert tok.pad_token_id != tok.eos_token_id
     assert tok.decode(without) == "abc"
+    # Text outside the trained vocabulary (an emoji, a rare character) still round-trips: byte-level BPE covers
+    # every byte; SentencePiece-style tokenizers fall back to the byte tokens <0xF0>...
+    text = "罕见字 𠀋 and 😀, 123456"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    if recipe.tokenizer == "spm":
+        assert tok.convert_tokens_to_ids("<0xF0>") in ids
+        assert tok.convert_ids_to_tokens(ids[0]).startswith("▁") == recipe.space_prefix
 
 
 def test_small_size_has_a_few_million_parameters(tmp_path):
@@ -95,7 +132,7 @@ def test_model_card_license_is_read_by_model_license(micro):
 
 
 def test_unknown_arch_or_size_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="--arch 'gpt2': choose one of bloom, qwen2, llama"):
+    with pytest.raises(UserError, match="--arch 'gpt2': choose one of qwen2, llama, bloom, qwen3"):
         make_tiny_model(tmp_path / "x", "gpt2")
     with pytest.raises(UserError, match="--size 'huge': choose one of micro, small"):
         make_tiny_model(tmp_path / "x", "qwen2", size="huge")
