@@ -4,11 +4,13 @@ llama.cpp's "llama" (SentencePiece) tokenizer, token for token.
 llama.cpp's "llama" tokenizer is SentencePiece's BPE: from the characters of a text fragment it repeatedly joins
 the adjacent pair whose joined text is a vocabulary token with the highest score (the leftmost on a tie), and a
 character outside the vocabulary becomes its UTF-8 bytes as <0xXX> tokens. A tokenizer.json BPE model joins the
-pairs its merge list names, lowest rank first. The two agree when the merge list is a SentencePiece model's, as
-transformers' converter writes it (`generate_merges`): every split of a token into two tokens is a merge, a
-token's merges sit next to each other, in the order of the tokens' scores. Then minus the rank of a token's first
-merge is a score that gives llama.cpp the tokenizer's own order. A merge list that skips splits (a BPE trainer's
-own list) would make llama.cpp join pairs the tokenizer never joins, so `check_spm` refuses it, naming a pair.
+pairs its merge list names, lowest rank first. The score written for a token is minus the rank of its first merge,
+so llama.cpp joins in the merge list's order. The two then agree exactly when the merge list is a SentencePiece
+model's, as transformers' converter writes it (`generate_merges`: every split of a token into two tokens is a
+merge, a token's merges next to each other). A BPE trainer's own list skips splits, and llama.cpp would join such
+a pair where the tokenizer cannot: `check_spm` runs both rules on the text of every vocabulary token and refuses
+the tokenizer, naming the token, where they split it differently (a trainer's merges pass: the trainer made each
+token from the pieces that merge order produces).
 
 The `gguf` package's `LlamaHfVocab` reads the same tokenizer.json but gives every token the score -1000, with
 which llama.cpp joins the leftmost pair first instead of in merge order; so the scores are computed here, and the
@@ -68,8 +70,8 @@ def space_rule(tj: dict) -> str:
 
 
 def check_spm(tj: dict) -> dict[str, float]:
-    """The llama.cpp score of every token that a merge makes, or UserError when llama.cpp's tokenizer would
-    split text differently from this one (see the module docstring)."""
+    """The llama.cpp score of every plain token, or UserError when llama.cpp's tokenizer would split text
+    differently from this one (see the module docstring)."""
     model = tj["model"]
     if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise UserError("--format gguf: this BPE tokenizer uses dropout or word prefixes/suffixes, which "
@@ -81,25 +83,50 @@ def check_spm(tj: dict) -> dict[str, float]:
         raise UserError(f"--format gguf: this byte-fallback tokenizer lacks the byte tokens {', '.join(missing[:4])}"
                         f"{' ...' if len(missing) > 4 else ''}, which llama.cpp's tokenizer needs. {WAY_OUT}")
     added = {a["content"] for a in tj.get("added_tokens", [])}
-    scores: dict[str, float] = {}
-    seen = set()
-    last = None
-    for rank, (left, right) in enumerate(_merges(model)):
-        tok = left + right
-        if tok != last and tok in seen:  # this token's merges are not next to each other: no score orders them
-            raise _split_differently(f"the merges making {tok!r} are not next to each other in the merge list")
-        seen.add(tok)
-        scores.setdefault(tok, -float(rank))
-        last = tok
-    merges = set(_merges(model))
     plain = {t for t in vocab if t not in added and not BYTE.fullmatch(t)}
-    for tok in plain:
-        for i in range(1, len(tok)):
-            pair = (tok[:i], tok[i:])
-            if pair[0] in plain and pair[1] in plain and pair not in merges:
-                raise _split_differently(f"{pair[0]!r} + {pair[1]!r} makes the token {tok!r}, but the merge list "
-                                         "has no such merge")
+    merges = _merges(model)
+    ranks: dict[tuple[str, str], int] = {}
+    scores: dict[str, float] = {}
+    for rank, pair in enumerate(merges):
+        ranks.setdefault(pair, rank)
+        scores.setdefault(pair[0] + pair[1], -float(rank))
+    never = -float(len(merges) + 1)  # a token no merge makes: llama.cpp may still join it, last
+    scores = {t: scores.get(t, never) for t in plain}
+    if all((t[:i], t[i:]) in ranks for t in plain for i in range(1, len(t)) if t[:i] in plain and t[i:] in plain):
+        return scores  # a SentencePiece model's merge list: the same splits by construction
+    for tok in sorted(plain, key=vocab.__getitem__):
+        ours, theirs = _bpe(tok, ranks), _sentencepiece(tok, scores)
+        if ours != theirs:
+            raise _split_differently(f"the text of the token {tok!r} is {ours} for the tokenizer and {theirs} for "
+                                     "llama.cpp")
     return scores
+
+
+def _bpe(text: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """tokenizers' BPE on one word: join the adjacent pair of lowest merge rank, the leftmost on a tie."""
+    syms = list(text)
+    while len(syms) > 1:
+        best = min(((ranks[p], i) for i, p in enumerate(zip(syms, syms[1:], strict=False)) if p in ranks), default=None)
+        if best is None:
+            break
+        i = best[1]
+        syms[i:i + 2] = [syms[i] + syms[i + 1]]
+    return syms
+
+
+def _sentencepiece(text: str, scores: dict[str, float]) -> list[str]:
+    """llama.cpp's llm_tokenizer_spm: join the adjacent pair whose text is a token of the highest score, the
+    leftmost on a tie."""
+    syms = list(text)
+    while len(syms) > 1:
+        best = max(((scores[a + b], -i) for i, (a, b) in enumerate(zip(syms, syms[1:], strict=False))
+                    if a + b in scores),
+                   default=None)
+        if best is None:
+            break
+        i = -best[1]
+        syms[i:i + 2] = [syms[i] + syms[i + 1]]
+    return syms
 
 
 def _split_differently(why: str) -> UserError:
