@@ -10,9 +10,8 @@ template (`data.template: tokenizer`), exported to f32 GGUF and loaded by llama.
 - its embedded chat template, rendered by llama-cpp-python for a conversation, sends the training prompt's ids;
 - what stays unsupported is refused with the reason and the way out.
 
-The original three families (llama, qwen2, bloom) are tested in test_gguf.py. Gemma 3: llama.cpp fixes its layer
-layout (every 6th layer full attention); the tiny recipe alternates sliding and full layers, which is refused
-(tested below), so the run here is on the tiny model with Gemma 3's own layout (the same weights).
+The original three families (llama, qwen2, bloom) are tested in test_gguf.py. Exported files are shared by the
+module; the runs train on single-turn rows (multi-turn training with these templates is issue 23 item 2).
 """
 from __future__ import annotations
 
@@ -47,14 +46,11 @@ MULTI = [{"role": "user", "content": "孩子不睡觉怎么办"},
 MAX_NEW = 16
 
 
-def gemma3_layout(src, dst):
-    """The tiny Gemma 3 with Gemma 3's real layer layout (5 sliding layers, then a full one), which llama.cpp
-    fixes."""
+def with_layers(src, dst, layer_types: list[str]):
+    """A copy of a tiny model with another layer layout (the same weights)."""
     shutil.copytree(src, dst)
     conf = json.loads((dst / "config.json").read_text(encoding="utf-8"))
-    conf["layer_types"] = ["sliding_attention" if i % 6 < 5 else "full_attention"
-                           for i in range(conf["num_hidden_layers"])]
-    (dst / "config.json").write_text(json.dumps(conf, indent=2), encoding="utf-8")
+    (dst / "config.json").write_text(json.dumps({**conf, "layer_types": layer_types}, indent=2), encoding="utf-8")
     return dst
 
 
@@ -76,14 +72,10 @@ def runs(tiny_model_dir, tiny_train_config, tmp_path_factory):
     data = root / "rows.jsonl"
     data.write_text("".join(json.dumps({"instruction": q, "output": a}, ensure_ascii=False) + "\n" for q, a in ROWS),
                     encoding="utf-8")
-    out = {}
-    for arch in FAMILIES:
-        extra = [f"model.name_or_path={gemma3_layout(tiny_model_dir(arch), root / 'gemma3-base')}"] \
-            if arch == "gemma3" else []
-        out[arch] = run_train(tiny_train_config(root / arch / "run", arch, "data.template=tokenizer",
-                                                f"data.path={data}", "data.val_size=0", "train.max_steps=2",
-                                                "train.eval_steps=2", "train.save_steps=2", *extra))
-    return out
+    return {arch: run_train(tiny_train_config(root / arch, arch, "data.template=tokenizer", f"data.path={data}",
+                                              "data.val_size=0", "train.max_steps=2", "train.eval_steps=2",
+                                              "train.save_steps=2"))
+            for arch in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +129,11 @@ def test_llama_cpp_gives_predicts_greedy_tokens(arch, runs, f32, engines, tmp_pa
     ours = np.asarray(llm.scores[: len(seq)])
     with torch.no_grad():
         theirs = engine.model(torch.tensor([seq])).logits[0].float().numpy()
-    # 1e-3 (2e-3 for the MoE, whose expert outputs are summed in another order); measured: 1e-4 to 1.7e-3.
-    assert np.abs(ours - theirs).max() < (2e-3 if arch == "qwen3_moe" else 1e-3)
+    # f32 sums in another order: measured 1e-4 to 1.7e-3 (MoE, Gemma 3); each wrong rule met while writing
+    # gguf_arch.py was 1e-2 or more (M-RoPE sections 1e-2, value-head order 1e-1, Gemma 3's layer layout 0.5).
+    diff = np.abs(ours - theirs).max()
+    print(f"{arch}: logits within {diff:.1e} of transformers' (largest {np.abs(theirs).max():.1f})")
+    assert diff < 2e-3
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -219,9 +214,10 @@ def config_of(arch: str, tiny_model_dir, **changes) -> dict:
 
 def test_gemma3_layout_llama_cpp_cannot_express_is_refused(tiny_model_dir, tmp_path, capsys):
     """llama.cpp's Gemma 3 makes every 6th layer full attention; other layouts would compute other answers past
-    the sliding window (measured: logits off by 0.5 on this tiny model), so they are refused before any weights
-    load, in one line on stderr."""
-    code = main(["export", str(tiny_model_dir("gemma3")), "--out", str(tmp_path / "out"), "--format", "gguf"])
+    the sliding window (measured: logits off by 0.5 on the tiny model with a full second layer), so they are
+    refused before any weights load, in one line on stderr."""
+    model = with_layers(tiny_model_dir("gemma3"), tmp_path / "model", ["sliding_attention", "full_attention"])
+    code = main(["export", str(model), "--out", str(tmp_path / "out"), "--format", "gguf"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
@@ -239,10 +235,9 @@ def test_gemma3_layout_llama_cpp_cannot_express_is_refused(tiny_model_dir, tmp_p
      r"GPTNeoXForCausalLM \(model type 'gpt_neox'\) has no GGUF conversion here"),
     ("gemma3", {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]},
      "Gemma3ForConditionalGeneration is not converted .*text models only"),
-    ("gemma3", {"query_pre_attn_scalar": 32, "layer_types": ["sliding_attention"] * 2},
+    ("gemma3", {"query_pre_attn_scalar": 32},
      "query_pre_attn_scalar is 32, where llama.cpp's Gemma 3 of 2 layers scales queries by 16"),
-    ("gemma3", {"layer_types": ["sliding_attention"] * 2,
-                "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 5e4}}},
      "sliding layers' rope_theta is 50000.0"),
     ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob is false"),
@@ -261,8 +256,6 @@ def test_unsupported_configs_are_refused_with_the_reason(arch, changes, reason, 
 def test_supported_configs_pass(tiny_model_dir):
     for arch in FAMILIES:
         conf = config_of(arch, tiny_model_dir)
-        if arch == "gemma3":
-            conf["layer_types"] = ["sliding_attention"] * conf["num_hidden_layers"]
         assert gguf_arch.check(conf) == family_of(conf["model_type"]).gguf
 
 
