@@ -5,17 +5,17 @@ an Ollama `Modelfile` beside it.
   its tensors are written one at a time, so memory stays at one model plus one tensor.
 - Built on `gguf`, llama.cpp's own Python package: `GGUFWriter`, the architecture and key constants, the
   HF-to-GGUF tensor-name maps (`get_tensor_name_map`) and the quantisers (`gguf.quants`). What the package
-  does not hold is llama.cpp's converter script (convert_hf_to_gguf.py, not on PyPI from llama.cpp); the few
-  architecture rules taken from it are written here with a comment each: LLaMA's q/k row permutation, BLOOM's
-  fused query_key_value reordering, Llama 3's rope-frequency tensor, and which tensors stay F32.
-- Architectures: llama, qwen2 and bloom (`ARCHS`); others are refused with the list. Tokenizers: byte-level
-  BPE (GPT-2, Qwen2, Llama 3, BLOOM pre-tokenizers; `gguf_vocab.py`); SentencePiece-style tokenizers
-  (LLaMA-2, Mistral) are refused with the way out (llama.cpp's converter on a safetensors export).
-- `--quant`: f32, f16 (default), bf16, q8_0. Norms, biases and other 1-D tensors stay F32, as llama.cpp's
-  converter keeps them; a matrix whose rows do not split into q8_0 blocks of 32 falls back to f16 (counted
-  and reported). k-quants (Q4_K_M and friends): the `gguf` package cannot make them; run llama.cpp's
-  `llama-quantize FILE-f16.gguf FILE-Q4_K_M.gguf Q4_K_M` on the f16 export.
-- The GGUF carries the tokenizer (tokens, types, merges, pre-tokenizer), BOS/EOS/UNK/PAD ids, the template's
+  does not hold is llama.cpp's converter script (convert_hf_to_gguf.py, not on PyPI from llama.cpp); the
+  architecture rules taken from it live in `gguf_arch.py`, one comment each, driven by the family record
+  (`families.Family.gguf`): llama (and Mistral), qwen2, bloom, qwen3, qwen3moe, qwen35, gemma3, phi3, glm4.
+  Others, and what llama.cpp would compute differently, are refused with the reason before any weights load.
+- Tokenizers (`gguf_vocab.py`): byte-level BPE as llama.cpp's "gpt2" tokenizer; SentencePiece-style BPE with
+  byte fallback (Mistral, Gemma, Phi-3) as its "llama" tokenizer (`gguf_spm.py`).
+- `--quant`: f32, f16 (default), bf16, q8_0. Norms, biases and other 1-D tensors, MoE routers and the linear
+  attention's convolution stay F32, as llama.cpp's converter keeps them; a matrix whose rows do not split into
+  q8_0 blocks of 32 falls back to f16 (counted and reported). k-quants (Q4_K_M and friends): the `gguf` package
+  cannot make them; run llama.cpp's `llama-quantize FILE-f16.gguf FILE-Q4_K_M.gguf Q4_K_M` on the f16 export.
+- The GGUF carries the tokenizer (tokens, types, merges and pre-tokenizer or scores), BOS/EOS/UNK/PAD ids, the template's
   turn-end token as EOT (so llama.cpp stops on it), whether BOS is added, `tokenizer.chat_template` = the run's
   template as Jinja (exactly what `Template.encode` renders, BOS included where the tokenizer adds one), and
   the chat sampling defaults (`general.sampling.*`, from `params.PRESETS["chat"]`).
