@@ -15,10 +15,10 @@ an Ollama `Modelfile` beside it.
   attention's convolution stay F32, as llama.cpp's converter keeps them; a matrix whose rows do not split into
   q8_0 blocks of 32 falls back to f16 (counted and reported). k-quants (Q4_K_M and friends): the `gguf` package
   cannot make them; run llama.cpp's `llama-quantize FILE-f16.gguf FILE-Q4_K_M.gguf Q4_K_M` on the f16 export.
-- The GGUF carries the tokenizer (tokens, types, merges and pre-tokenizer or scores), BOS/EOS/UNK/PAD ids, the template's
-  turn-end token as EOT (so llama.cpp stops on it), whether BOS is added, `tokenizer.chat_template` = the run's
-  template as Jinja (exactly what `Template.encode` renders, BOS included where the tokenizer adds one), and
-  the chat sampling defaults (`general.sampling.*`, from `params.PRESETS["chat"]`).
+- The GGUF carries the tokenizer (tokens, types, merges and pre-tokenizer, or scores), BOS/EOS/UNK/PAD ids, the
+  template's turn-end token as EOT (so llama.cpp stops on it), whether BOS is added, `tokenizer.chat_template` =
+  the run's template as Jinja (exactly what `Template.encode` renders, BOS included where the tokenizer adds
+  one), and the chat sampling defaults (`general.sampling.*`, from `params.PRESETS["chat"]`).
 - `--out` is a folder (the file is `RUN-QUANT.gguf` in it) or a file name ending in `.gguf`; the Modelfile goes
   beside the file. Nothing else in the folder is touched, and an existing GGUF or Modelfile is replaced only
   with `--overwrite`. Both are written whole under temporary names (`NAME.gguf.partial`, `Modelfile.partial`),
