@@ -94,7 +94,7 @@ def _check_rope(arch: str, conf: dict) -> None:
     kind = rope(conf)["rope_type"] if arch != "bloom" else "default"
     # As the converter's TextModel.set_gguf_parameters: linear and yarn scaling have GGUF keys; llama3 (Llama 3.1+)
     # is llama's rope_freqs tensor (LlamaModel.generate_extra_tensors). Phi-3's longrope factors are not tested.
-    ok = ("default", "linear", "yarn", "llama3") if arch == "llama" else ("default", "linear", "yarn")
+    ok: tuple[str, ...] = ("default", "linear", "yarn", "llama3") if arch == "llama" else ("default", "linear", "yarn")
     if arch in ("phi3", "qwen35"):
         ok = ("default",)
     if kind not in ok:

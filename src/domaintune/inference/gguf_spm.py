@@ -40,7 +40,9 @@ WAY_OUT = ("Export safetensors and run llama.cpp's convert_hf_to_gguf.py on it (
 
 
 def _merges(model: dict) -> list[tuple[str, str]]:
-    return [tuple(m.split(" ", 1)) if isinstance(m, str) else (m[0], m[1]) for m in model.get("merges", [])]
+    """The merge list as pairs (tokenizer.json writes "a b" strings or, since tokenizers 0.20, [a, b] lists)."""
+    pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
+    return [(a, b) for a, b in pairs]
 
 
 def _steps(part: dict | None, kind: str) -> list[dict]:
