@@ -155,7 +155,9 @@ TINY: dict[str, TinyRecipe] = {r.arch: r for r in (
     TinyRecipe("gemma3", "gemma3", "Gemma 3", "Gemma3TextConfig", tokenizer="spm", space_prefix=False, bos="<bos>",
                eos="<eos>", pad="<pad>", unk="<unk>", add_bos=True, template="trl:gemma3",
                specials=("<start_of_turn>", "<end_of_turn>"), extra_eos=("<end_of_turn>",),
-               config_kwargs={"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}),
+               # Gemma 3's own layout, 5 sliding layers then a full one (llama.cpp's gemma3 fixes it; the GGUF
+               # export refuses another): the micro model's 2 layers are both sliding.
+               config_kwargs={"sliding_window": 8, "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}),
     TinyRecipe("mistral", "mistral", "Mistral", "MistralConfig", tokenizer="spm", bos="<s>", eos="</s>",
                unk="<unk>", add_bos=True, template="llama_cpp:MISTRAL_INSTRUCT_CHAT_TEMPLATE",
                config_kwargs={"tie_word_embeddings": False, "sliding_window": None}),

@@ -23,7 +23,7 @@ from domaintune.cli import main
 from domaintune.data.encode import with_system
 from domaintune.data.templates import EOS, get_template
 from domaintune.errors import UserError
-from domaintune.inference import gguf_export
+from domaintune.inference import gguf_arch, gguf_export
 from domaintune.inference.engine import Engine
 from domaintune.inference.gguf_export import run_export_gguf
 from domaintune.inference.gguf_vocab import PRE_TOKENIZERS, pre_tokenizer_name
@@ -383,8 +383,9 @@ def test_refusals(runs, f32, tmp_path, capsys):
 
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
-    with pytest.raises(UserError, match=r"architecture GPT2LMHeadModel is not supported; domaintune writes GGUF "
-                                        r"for bloom, llama, qwen2"):
+    with pytest.raises(UserError, match=r"GPT2LMHeadModel \(model type 'gpt2'\) has no GGUF conversion here "
+                                        r"\(domaintune writes GGUF for bloom, llama, mistral, qwen2, qwen3, .*\); "
+                                        r"export safetensors"):
         run_export_gguf(gpt2, tmp_path / "g")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -542,7 +543,7 @@ def test_llama3_rope_factors_match_transformers():
     cfg = LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_parameters=rope)
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     plain = 1.0 / (500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
-    got = torch.tensor(gguf_export._llama3_rope_factors(cfg.to_dict()))
+    got = torch.tensor(gguf_arch.llama3_rope_factors(cfg.to_dict()))
     assert torch.allclose(plain / scaled, got, rtol=1e-4)
     assert got.min() == 1.0 and got.max() == 32.0
 

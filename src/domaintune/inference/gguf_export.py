@@ -5,20 +5,20 @@ an Ollama `Modelfile` beside it.
   its tensors are written one at a time, so memory stays at one model plus one tensor.
 - Built on `gguf`, llama.cpp's own Python package: `GGUFWriter`, the architecture and key constants, the
   HF-to-GGUF tensor-name maps (`get_tensor_name_map`) and the quantisers (`gguf.quants`). What the package
-  does not hold is llama.cpp's converter script (convert_hf_to_gguf.py, not on PyPI from llama.cpp); the few
-  architecture rules taken from it are written here with a comment each: LLaMA's q/k row permutation, BLOOM's
-  fused query_key_value reordering, Llama 3's rope-frequency tensor, and which tensors stay F32.
-- Architectures: llama, qwen2 and bloom (`ARCHS`); others are refused with the list. Tokenizers: byte-level
-  BPE (GPT-2, Qwen2, Llama 3, BLOOM pre-tokenizers; `gguf_vocab.py`); SentencePiece-style tokenizers
-  (LLaMA-2, Mistral) are refused with the way out (llama.cpp's converter on a safetensors export).
-- `--quant`: f32, f16 (default), bf16, q8_0. Norms, biases and other 1-D tensors stay F32, as llama.cpp's
-  converter keeps them; a matrix whose rows do not split into q8_0 blocks of 32 falls back to f16 (counted
-  and reported). k-quants (Q4_K_M and friends): the `gguf` package cannot make them; run llama.cpp's
-  `llama-quantize FILE-f16.gguf FILE-Q4_K_M.gguf Q4_K_M` on the f16 export.
-- The GGUF carries the tokenizer (tokens, types, merges, pre-tokenizer), BOS/EOS/UNK/PAD ids, the template's
-  turn-end token as EOT (so llama.cpp stops on it), whether BOS is added, `tokenizer.chat_template` = the run's
-  template as Jinja (exactly what `Template.encode` renders, BOS included where the tokenizer adds one), and
-  the chat sampling defaults (`general.sampling.*`, from `params.PRESETS["chat"]`).
+  does not hold is llama.cpp's converter script (convert_hf_to_gguf.py, not on PyPI from llama.cpp); the
+  architecture rules taken from it live in `gguf_arch.py`, one comment each, driven by the family record
+  (`families.Family.gguf`): llama (and Mistral), qwen2, bloom, qwen3, qwen3moe, qwen35, gemma3, phi3, glm4.
+  Others, and what llama.cpp would compute differently, are refused with the reason before any weights load.
+- Tokenizers (`gguf_vocab.py`): byte-level BPE as llama.cpp's "gpt2" tokenizer; SentencePiece-style BPE with
+  byte fallback (Mistral, Gemma, Phi-3) as its "llama" tokenizer (`gguf_spm.py`).
+- `--quant`: f32, f16 (default), bf16, q8_0. Norms, biases and other 1-D tensors, MoE routers and the linear
+  attention's convolution stay F32, as llama.cpp's converter keeps them; a matrix whose rows do not split into
+  q8_0 blocks of 32 falls back to f16 (counted and reported). k-quants (Q4_K_M and friends): the `gguf` package
+  cannot make them; run llama.cpp's `llama-quantize FILE-f16.gguf FILE-Q4_K_M.gguf Q4_K_M` on the f16 export.
+- The GGUF carries the tokenizer (tokens, types, merges and pre-tokenizer, or scores), BOS/EOS/UNK/PAD ids, the
+  template's turn-end token as EOT (so llama.cpp stops on it), whether BOS is added, `tokenizer.chat_template` =
+  the run's template as Jinja (exactly what `Template.encode` renders, BOS included where the tokenizer adds
+  one), and the chat sampling defaults (`general.sampling.*`, from `params.PRESETS["chat"]`).
 - `--out` is a folder (the file is `RUN-QUANT.gguf` in it) or a file name ending in `.gguf`; the Modelfile goes
   beside the file. Nothing else in the folder is touched, and an existing GGUF or Modelfile is replaced only
   with `--overwrite`. Both are written whole under temporary names (`NAME.gguf.partial`, `Modelfile.partial`),
@@ -28,19 +28,19 @@ an Ollama `Modelfile` beside it.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import console
 from ..errors import UserError
 from ..jsonl import disk_error, fsync_path
 from ..rundir import paths_overlap
+from . import gguf_arch
 from .export import load_merged
-from .gguf_vocab import add_tokenizer, check_tokenizer
+from .gguf_vocab import add_tokenizer, check_tokenizer, general_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from .loading import RunSource
 
 QUANTS = ("f32", "f16", "bf16", "q8_0")
-ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "BloomForCausalLM": "bloom"}
 MODELFILE = "Modelfile"
 PARTIAL = ".partial"  # NAME.gguf.partial and Modelfile.partial: written whole, then renamed into place
 
@@ -99,7 +98,8 @@ def run_export_gguf(run: str | Path, out: str | Path, quant: str = "f16", dtype:
                     precheck=precheck)
     modelfile = modelfile_text(path.name, m.template, m.tokenizer)  # what it cannot hold stops us before writing
     conf = m.model.config.to_dict()
-    arch = ARCHS.get((conf.get("architectures") or [""])[0]) or _arch_of(m.model)
+    conf["architectures"] = [type(m.model).__name__]  # the class that was loaded, whatever config.json said
+    arch = gguf_arch.check(conf)
     partial, journal = path.with_name(path.name + PARTIAL), path.parent / (MODELFILE + PARTIAL)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,20 +169,9 @@ def _check_arch(src: RunSource) -> None:
     """Refuse an unsupported architecture before loading any weights (the run's or its base's config.json)."""
     from ..training.model import base_config_dict
 
-    conf = base_config_dict(src.weights_source, src.base.revision if src.adapter and src.base else None) or {}
-    found = (conf.get("architectures") or [None])[0]
-    if found is not None and found not in ARCHS:
-        raise UserError(f"--format gguf: architecture {found} is not supported; domaintune writes GGUF for "
-                        f"{', '.join(sorted(set(ARCHS.values())))} ({', '.join(ARCHS)}). For others, export "
-                        "safetensors (--format safetensors) and run llama.cpp's convert_hf_to_gguf.py on it")
-
-
-def _arch_of(model: Any) -> str:
-    cls = type(model).__name__
-    if cls not in ARCHS:
-        raise UserError(f"--format gguf: architecture {cls} is not supported; choose a run on "
-                        f"{', '.join(sorted(set(ARCHS.values())))}")
-    return ARCHS[cls]
+    conf = base_config_dict(src.weights_source, src.base.revision if src.adapter and src.base else None)
+    if conf:
+        gguf_arch.check(conf)
 
 
 def _write(gguf: Any, path: Path, m: Any, arch: str, conf: dict, quant: str, name: str) -> list[str]:
@@ -190,7 +179,7 @@ def _write(gguf: Any, path: Path, m: Any, arch: str, conf: dict, quant: str, nam
     from tqdm import tqdm
 
     w = gguf.GGUFWriter(path, arch)
-    w.add_name(name)
+    w.add_name(general_name(m.tokenizer, name))
     w.add_type(gguf.GGUFType.MODEL)
     license_ = m.run.run_info().get("license")
     if license_:
@@ -199,7 +188,7 @@ def _write(gguf: Any, path: Path, m: Any, arch: str, conf: dict, quant: str, nam
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_hparams(gguf, w, arch, conf, m.tokenizer)
+    gguf_arch.add_hparams(gguf, w, arch, conf, m.tokenizer)
     add_tokenizer(gguf, w, m.tokenizer, m.template, conf["vocab_size"])
     _add_sampling(w)
 
@@ -237,60 +226,7 @@ def _encode(gguf: Any, arr: np.ndarray, qtype: Any) -> np.ndarray:
     return gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
 
 
-# ------------------------------------------------------------------ hyperparameters
-def _rope(conf: dict) -> dict:
-    """The rope settings of a config, transformers 5 (`rope_parameters`) or 4 (`rope_theta`, `rope_scaling`)."""
-    params = dict(conf.get("rope_parameters") or conf.get("rope_scaling") or {})
-    params.setdefault("rope_theta", conf.get("rope_theta", 10000.0))
-    params.setdefault("rope_type", params.get("type") or "default")
-    return params
-
-
-def _add_hparams(gguf: Any, w: Any, arch: str, conf: dict, tok: Any) -> None:
-    if arch == "bloom":
-        n_embd, n_head = conf["hidden_size"], conf["n_head"]
-        # BLOOM's config states no context length; ALiBi has no trained maximum, 2048 is what BLOOM trained on.
-        max_len = getattr(tok, "model_max_length", 0)
-        w.add_context_length(int(conf.get("seq_length") or (max_len if 0 < max_len < 1_000_000 else 2048)))
-        w.add_embedding_length(n_embd)
-        w.add_feed_forward_length(4 * n_embd)
-        w.add_block_count(conf["n_layer"])
-        w.add_head_count(n_head)
-        w.add_head_count_kv(n_head)
-        w.add_layer_norm_eps(conf["layer_norm_epsilon"])
-        w.add_vocab_size(conf["vocab_size"])
-        return
-    n_head = conf["num_attention_heads"]
-    head_dim = conf.get("head_dim") or conf["hidden_size"] // n_head
-    w.add_context_length(conf["max_position_embeddings"])
-    w.add_embedding_length(conf["hidden_size"])
-    w.add_feed_forward_length(conf["intermediate_size"])
-    w.add_block_count(conf["num_hidden_layers"])
-    w.add_head_count(n_head)
-    w.add_head_count_kv(conf.get("num_key_value_heads") or n_head)
-    w.add_layer_norm_rms_eps(conf["rms_norm_eps"])
-    w.add_vocab_size(conf["vocab_size"])
-    if head_dim != conf["hidden_size"] // n_head:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    rope = _rope(conf)
-    w.add_rope_freq_base(float(rope["rope_theta"]))
-    kind = rope["rope_type"]
-    if kind == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rope["factor"]))
-    elif kind == "yarn":
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(float(rope["factor"]))
-        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-    elif kind == "llama3" and arch == "llama":
-        pass  # a rope_freqs tensor (see _llama3_rope_factors)
-    elif kind != "default":
-        raise UserError(f"--format gguf: rope scaling {kind!r} of this {arch} model is not supported "
-                        "(default, linear, yarn and, for llama, llama3 are)")
-
-
+# ------------------------------------------------------------------ metadata
 def _add_sampling(w: Any) -> None:
     """llama.cpp reads `general.sampling.*` as the model's default sampling; they come from the one home of
     sampling defaults, the chat preset (the Modelfile carries the same numbers)."""
@@ -308,22 +244,13 @@ def _add_sampling(w: Any) -> None:
 def _plan(gguf: Any, model: Any, arch: str, conf: dict, quant: str) -> tuple[list[Planned], list[str]]:
     T = gguf.GGMLQuantizationType
     want = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[quant]
-    n_blocks = conf["n_layer"] if arch == "bloom" else conf["num_hidden_layers"]
-    tmap = gguf.get_tensor_name_map({"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
-                                     "bloom": gguf.MODEL_ARCH.BLOOM}[arch], n_blocks)
-    tied = arch == "bloom" or conf.get("tie_word_embeddings", False)
     planned, fallbacks = [], []
-    for hf_name, tensor, layout in _tensors(model, arch, conf):
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp uses token_embd for the output when there is no output tensor
-        key = hf_name.removeprefix("transformer.") if arch == "bloom" else hf_name
-        name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise UserError(f"--format gguf: no GGUF name for tensor {hf_name!r} of this {arch} model; "
-                            "this model differs from the stock architecture")
-        shape = tuple(tensor.shape)
-        # As llama.cpp's converter: 1-D tensors (norms, biases) and the rope factors stay F32.
-        qtype = T.F32 if len(shape) == 1 else want
+    for name, tensor, layout in gguf_arch.tensors(gguf, model, arch, conf):
+        shape = tuple(layout(tensor.to("meta")).shape if layout else tensor.shape)
+        # As llama.cpp's converter (prepare_tensors): 1-D tensors (norms, biases, rope factors), the MoE router
+        # and the linear-attention convolution stay F32.
+        keep = len(shape) == 1 or name.endswith(("ffn_gate_inp.weight", "ssm_conv1d.weight"))
+        qtype = T.F32 if keep else want
         if qtype == T.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0]:
             qtype = T.F16
             fallbacks.append(name)
@@ -333,64 +260,4 @@ def _plan(gguf: Any, model: Any, arch: str, conf: dict, quant: str) -> tuple[lis
 
 def _as_numpy(t: torch.Tensor, layout: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[], np.ndarray]:
     """The tensor's float32 data, reordered when it is written (no reordered copy waits in memory)."""
-    return lambda: (layout(t) if layout else t).detach().to("cpu").float().numpy()
-
-
-def _tensors(model: Any, arch: str, conf: dict) -> Iterator[tuple[str, torch.Tensor, Callable | None]]:
-    """(HF name, tensor, the reordering into llama.cpp's layout or None); all reorderings keep the shape."""
-    import torch
-
-    # llama's and bloom's head counts (_add_hparams requires them too); no other layout reads it
-    n_head: int = conf.get("num_attention_heads") or conf.get("n_head") or 0
-    n_kv = conf.get("num_key_value_heads") or n_head
-    for name, t in model.state_dict().items():
-        if name.endswith(".rotary_emb.inv_freq"):
-            continue
-        layout = None
-        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            layout = functools.partial(_permute, n_head=n_head)
-        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            layout = functools.partial(_permute, n_head=n_kv)
-        elif arch == "bloom" and name.endswith(("query_key_value.weight", "query_key_value.bias")):
-            layout = functools.partial(_bloom_qkv, n_head=n_head)
-        yield name, t, layout
-    if arch == "llama" and _rope(conf)["rope_type"] == "llama3":
-        yield "rope_freqs.weight", torch.tensor(_llama3_rope_factors(conf), dtype=torch.float32), None
-
-
-def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF LLaMA checkpoints rotate halves (rotate_half); llama.cpp's llama rope rotates adjacent pairs. The
-    rows of q and k are reordered per head so both compute the same thing (llama.cpp's converter, `permute`)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
-
-
-def _bloom_qkv(t: torch.Tensor, n_head: int) -> torch.Tensor:
-    """BLOOM interleaves q, k and v per head in query_key_value; llama.cpp wants all q rows, then k, then v."""
-    import torch
-
-    rest = t.shape[1:]
-    per_head = t.reshape(n_head, 3, t.shape[0] // n_head // 3, *rest)
-    return torch.cat([per_head[:, i].reshape(-1, *rest) for i in range(3)], dim=0)
-
-
-def _llama3_rope_factors(conf: dict) -> list[float]:
-    """Llama 3.1+'s frequency-dependent rope scaling as llama.cpp's `rope_freqs` tensor (its converter's
-    formula, from Meta's reference code)."""
-    rope = _rope(conf)
-    dim = conf.get("head_dim") or conf["hidden_size"] // conf["num_attention_heads"]
-    base, factor = float(rope["rope_theta"]), float(rope.get("factor", 8.0))
-    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
-    old_ctx = float(rope.get("original_max_position_embeddings", 8192))
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    out = []
-    for i in range(0, dim, 2):
-        wavelen = 2 * math.pi * base ** (i / dim)
-        if wavelen < high_wavelen:
-            out.append(1.0)
-        elif wavelen > low_wavelen:
-            out.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return out
+    return lambda: (layout(t) if layout else t).detach().to("cpu").float().contiguous().numpy()
