@@ -155,13 +155,13 @@ def add_spm(gguf: Any, w: Any, tj: dict, tok: Any, tpl: Any, tokens: list[str], 
 
 
 def _space_prefix(tj: dict, tok: Any, tpl: Any) -> bool:
-    from ..data.templates import chat_text
+    from ..data.chat_template import render
 
     rule = space_rule(tj)
     if rule != "first":
         return rule == "always"
     probe = [{"role": "user", "content": "hi"}]
-    text = chat_text(tok, probe, tpl.chat_template_for(tok), add_generation_prompt=True)
+    text = render(tok, tpl.chat_template_for(tok), probe, True)
     starts_special = any(text.startswith(a["content"]) for a in tj.get("added_tokens", []) if a.get("special"))
     console.note("the tokenizer puts \"▁\" only before text at the very start of the input, which llama.cpp cannot "
                  "express: the GGUF tokenizes the chat template's prompts exactly"
