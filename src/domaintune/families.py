@@ -127,8 +127,15 @@ class TinyRecipe:
 
 THINKING_TEMPLATES = {"trl:qwen3", "trl:qwen3_5_think", "trl:glm4moe"}
 _CHATML = ("<|im_start|>", "<|im_end|>")
-_QWEN3 = dict(tokenizer="bytelevel", pre="qwen2", eos="<|im_end|>", pad="<|endoftext|>",
-              specials=("<|endoftext|>", *_CHATML), added=("<think>", "</think>"), extra_eos=("<|endoftext|>",))
+
+
+def _qwen3(arch: str, family: str, title: str, config: str, template: str, config_kwargs: dict) -> TinyRecipe:
+    """Qwen3, Qwen3-MoE and Qwen3.5 share a tokenizer: byte-level, <|im_end|> ends a turn, <think> is not special."""
+    return TinyRecipe(arch, family, title, config, pre="qwen2", eos="<|im_end|>", pad="<|endoftext|>",
+                      specials=("<|endoftext|>", *_CHATML), added=("<think>", "</think>"),
+                      extra_eos=("<|endoftext|>",), template=template, config_kwargs=config_kwargs)
+
+
 TINY: dict[str, TinyRecipe] = {r.arch: r for r in (
     # The original tiny models: domaintune's ChatML template, a shared set of special tokens.
     TinyRecipe("qwen2", "qwen2", "Qwen2 / Qwen2.5", "Qwen2Config", pre="gpt2", bos="<s>", eos="</s>", pad="<pad>",
@@ -138,16 +145,14 @@ TINY: dict[str, TinyRecipe] = {r.arch: r for r in (
     TinyRecipe("bloom", "bloom", "BLOOM / BLOOMZ", "BloomConfig", pre="gpt2", bos="<s>", eos="</s>", pad="<pad>",
                unk="<unk>", specials=_CHATML),
     # The families users pick now, each with its official chat template.
-    TinyRecipe("qwen3", "qwen3", "Qwen3", "Qwen3Config", template="trl:qwen3",
-               config_kwargs={"tie_word_embeddings": True}, **_QWEN3),
-    TinyRecipe("qwen3_moe", "qwen3_moe", "Qwen3-MoE", "Qwen3MoeConfig", template="trl:qwen3",
-               config_kwargs={"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                              "decoder_sparse_step": 1, "norm_topk_prob": True}, **_QWEN3),
-    TinyRecipe("qwen3_5", "qwen3_5", "Qwen3.5", "Qwen3_5TextConfig", template="trl:qwen3_5_think",
-               config_kwargs={"tie_word_embeddings": True, "layer_types":
-                              ["linear_attention", "full_attention"], "linear_num_key_heads": 2,
-                              "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16},
-               **_QWEN3),
+    _qwen3("qwen3", "qwen3", "Qwen3", "Qwen3Config", "trl:qwen3", {"tie_word_embeddings": True}),
+    _qwen3("qwen3_moe", "qwen3_moe", "Qwen3-MoE", "Qwen3MoeConfig", "trl:qwen3",
+           {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
+            "norm_topk_prob": True}),
+    _qwen3("qwen3_5", "qwen3_5", "Qwen3.5", "Qwen3_5TextConfig", "trl:qwen3_5_think",
+           {"tie_word_embeddings": True, "layer_types": ["linear_attention", "full_attention"],
+            "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16}),
     TinyRecipe("llama3", "llama", "Llama 3", "LlamaConfig", pre="llama3", bos="<|begin_of_text|>",
                eos="<|eot_id|>", add_bos=True, template="trl:llama3",
                specials=("<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"),

@@ -152,8 +152,8 @@ def _parse_fields(obj: dict, problems: list[str], require_answer: bool, template
             problems.append(f'"history"[{k}] must be a [question, answer] pair of strings')
         elif not pair[0].strip() or not pair[1].strip():
             problems.append(f'"history"[{k}] has a blank question or answer')
-        elif bad := [f'"history"[{k}][{j}] {b}' for j, x in enumerate(pair) if (b := _not_unicode(x))]:
-            problems += bad
+        elif not_text := [f'"history"[{k}][{j}] {b}' for j, x in enumerate(pair) if (b := _not_unicode(x))]:
+            problems += not_text
         elif (think := split_think(pair[1]))[2]:
             problems.append(f'"history"[{k}][1] {think[2]}')
         else:

@@ -80,4 +80,4 @@ def apply_thinking(messages: list[dict], mode: str, renders_reasoning: bool) -> 
 
 def has_switch(chat_template: str | None) -> bool:
     """The chat_template reads `enable_thinking` (Qwen3, Qwen3.5, GLM-4's templates)."""
-    return bool(chat_template) and SWITCH in chat_template
+    return chat_template is not None and SWITCH in chat_template

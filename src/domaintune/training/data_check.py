@@ -38,13 +38,13 @@ def run_data_check(cfg: Config, example: int = 0, color: bool = False) -> dict:
     # A row the chat_template trains one assistant turn at a time (it rewrites earlier turns): every sample.
     print(f"\nexample {example} ({row.where}; template {template.name}; {len(samples)} sample(s), one per assistant "
           f"turn, each with the prompt inference sends for its history; trained part {marked}):")
-    for k, (sample, n) in enumerate(samples):
-        if sample is None:
+    for k, (one, n) in enumerate(samples):
+        if one is None:
             print(f"\nsample {k + 1} of {len(samples)} ({n} tokens): nothing to train within data.cutoff_len")
             continue
-        n_train = sum(1 for x in sample["labels"] if x != -100)
-        print(f"\nsample {k + 1} of {len(samples)} ({len(sample['input_ids'])} tokens, {n_train} trained):")
-        print(render_masked(tok, sample, color=color))
+        n_train = sum(1 for x in one["labels"] if x != -100)
+        print(f"\nsample {k + 1} of {len(samples)} ({len(one['input_ids'])} tokens, {n_train} trained):")
+        print(render_masked(tok, one, color=color))
     return ds.report.to_dict()
 
 

@@ -204,7 +204,7 @@ def chat_template(source: str) -> str:
     if package == "trl":
         from importlib import resources
 
-        return resources.files("trl").joinpath("chat_templates", f"{name}.jinja").read_text(encoding="utf-8")
+        return resources.files("trl").joinpath("chat_templates").joinpath(f"{name}.jinja").read_text(encoding="utf-8")
     if package == "llama_cpp":
         try:
             from llama_cpp import llama_chat_format
