@@ -160,6 +160,7 @@ def _sentencepiece_like(texts: list[str], r: TinyRecipe, specials: list[str], vo
     """A tokenizer.json shaped like a converted SentencePiece model (LLaMA-2, Mistral, Gemma, Phi-3): BPE over
     "▁"-for-space text, the 256 byte tokens <0x00>..<0xFF> right after the special tokens, byte fallback for
     any character outside the vocabulary."""
+    import collections
     import json
 
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -172,8 +173,12 @@ def _sentencepiece_like(texts: list[str], r: TinyRecipe, specials: list[str], vo
 
     base = Tokenizer(models.BPE(unk_token=r.unk, byte_fallback=True, fuse_unk=True))
     pipeline(base)
+    # The 400 most frequent characters (ties by code point) as the whole alphabet: the trainer's own pick breaks ties
+    # in hash order, which made two builds differ. Rarer characters fall back to the byte tokens.
+    counts = collections.Counter(ch for t in texts for ch in t.replace(" ", "▁"))
+    alphabet = sorted(counts, key=lambda ch: (-counts[ch], ch))[:400]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False,
-                                  limit_alphabet=400)
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet))
     base.train_from_iterator(texts, trainer)
     trained = json.loads(base.to_str())["model"]
     vocab: dict[str, int] = {t: i for i, t in enumerate(specials)}
