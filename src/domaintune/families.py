@@ -46,8 +46,9 @@ FAMILIES: tuple[Family, ...] = (
     # Qwen3.5: linear-attention (Gated DeltaNet) layers between full-attention ones; its cache cannot be padded
     # and joined, and packed rows would leak state through the linear-attention recurrence.
     Family("qwen3_5", ("qwen3_5", "qwen3_5_text"), plain_head=True, gguf="qwen35", vllm=True),
-    # Gemma 3 scales its embeddings and may soft-cap its logits: the model's own loss.
-    Family("gemma3", ("gemma3_text", "gemma3"), liger=True, gguf="gemma3", vllm=True),
+    # Gemma 3 may soft-cap its logits (final_logit_softcapping): the model's own loss. Its sliding-window layers
+    # pack: transformers masks the window within each packed row (tests/training/test_family_facts.py).
+    Family("gemma3", ("gemma3_text", "gemma3"), packable=True, liger=True, gguf="gemma3", vllm=True),
     Family("gemma", ("gemma", "gemma2"), liger=True, vllm=True,
            gguf_refusal="gemma and gemma2 have no tested GGUF conversion here"),
     Family("phi3", ("phi3",), packable=True, plain_head=True, liger=True, gguf="phi3", vllm=True),
