@@ -5,7 +5,7 @@ Layers, top to bottom (a module may import its own layer or a lower one; cli/ is
   1. cli (and __main__)
   2. the stage packages: training, inference, evaluation, datagen, and quickstart
   3. data, rundir, config
-  4. jsonl, errors, bundled, console (and the package root, which holds only the version)
+  4. jsonl, errors, bundled, console, families (and the package root, which holds only the version)
 
 Every import counts, including imports inside functions (the lazy ones) and under TYPE_CHECKING.
 """
@@ -22,7 +22,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "domaintune"
 LAYERS = {"cli": 1, "__main__": 1, "training": 2, "inference": 2, "evaluation": 2, "datagen": 2, "quickstart": 2,
-          "data": 3, "rundir": 3, "config": 3, "jsonl": 4, "errors": 4, "bundled": 4, "console": 4, "": 4}
+          "data": 3, "rundir": 3, "config": 3, "jsonl": 4, "errors": 4, "bundled": 4, "console": 4, "families": 4,
+          "": 4}
 MAX_LINES = 400
 
 

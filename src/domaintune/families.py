@@ -30,6 +30,7 @@ class Family:
     gguf: str | None = None  # llama.cpp's architecture name (`general.architecture`); None: GGUF export refused
     gguf_refusal: str = ""  # why GGUF is refused, when `gguf` is None
     vllm: bool = False  # vLLM serves this architecture (and applies LoRA adapters to it)
+    batched: bool = True  # serve's continuous batcher joins requests (full-attention KV caches only)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -45,10 +46,10 @@ FAMILIES: tuple[Family, ...] = (
            vllm=True),
     # Qwen3.5: linear-attention (Gated DeltaNet) layers between full-attention ones; its cache cannot be padded
     # and joined, and packed rows would leak state through the linear-attention recurrence.
-    Family("qwen3_5", ("qwen3_5", "qwen3_5_text"), plain_head=True, gguf="qwen35", vllm=True),
+    Family("qwen3_5", ("qwen3_5", "qwen3_5_text"), plain_head=True, gguf="qwen35", vllm=True, batched=False),
     # Gemma 3 may soft-cap its logits (final_logit_softcapping): the model's own loss. Its sliding-window layers
     # pack: transformers masks the window within each packed row (tests/training/test_family_facts.py).
-    Family("gemma3", ("gemma3_text", "gemma3"), packable=True, liger=True, gguf="gemma3", vllm=True),
+    Family("gemma3", ("gemma3_text", "gemma3"), packable=True, liger=True, gguf="gemma3", vllm=True, batched=False),
     Family("gemma", ("gemma", "gemma2"), liger=True, vllm=True,
            gguf_refusal="gemma and gemma2 have no tested GGUF conversion here"),
     Family("phi3", ("phi3",), packable=True, plain_head=True, liger=True, gguf="phi3", vllm=True),
@@ -118,7 +119,14 @@ class TinyRecipe:
     template: str = "chatml"
     config_kwargs: dict = field(default_factory=dict)
 
+    @property
+    def thinking(self) -> bool:
+        """The official template has Qwen3's `enable_thinking` switch (known without reading the template: the
+        table needs no package)."""
+        return self.template in THINKING_TEMPLATES
 
+
+THINKING_TEMPLATES = {"trl:qwen3", "trl:qwen3_5_think", "trl:glm4moe"}
 _CHATML = ("<|im_start|>", "<|im_end|>")
 _QWEN3 = dict(tokenizer="bytelevel", pre="qwen2", eos="<|im_end|>", pad="<|endoftext|>",
               specials=("<|endoftext|>", *_CHATML), added=("<think>", "</think>"), extra_eos=("<|endoftext|>",))
@@ -163,3 +171,48 @@ TINY: dict[str, TinyRecipe] = {r.arch: r for r in (
                extra_eos=("<|user|>", "<|observation|>"), config_kwargs={"partial_rotary_factor": 0.5}),
 )}
 ARCHS = tuple(TINY)
+
+
+# ------------------------------------------------------------------ the supported-models table
+# Each row is what tests/test_families.py proves on the tiny model of `arch` (one parametrised test per column;
+# tests/test_families.py::test_table_claims_only_what_the_matrix_proves keeps the two in step). A cell either
+# holds what was proven or starts with "refused:" and the reason, which the matrix test checks as a clear error.
+COLUMNS = ("template", "train", "thinking", "predict", "serve", "export", "gguf")
+COLUMN_TITLES = {"template": "chat template", "train": "train", "thinking": "reasoning data", "predict": "predict",
+                 "serve": "serve", "export": "export", "gguf": "GGUF"}
+
+
+def support(arch: str) -> dict[str, str]:
+    """The table row of a tiny arch: column -> what is proven (or "refused: why")."""
+    r = TINY[arch]
+    f = next(f for f in FAMILIES if f.name == r.family)
+    package, _, name = r.template.partition(":")
+    template = ("domaintune's ChatML" if r.template == "chatml" else f"{name}.jinja (trl)" if package == "trl"
+                else f"{name} (llama-cpp-python)")
+    return {
+        "template": template,
+        "train": "✓ multi-turn; the template refuses a system role" if r.arch == "mistral"
+        else "✓ multi-turn + system",
+        "thinking": "✓ enable_thinking switch" if r.thinking else "✓ inline <think> block",
+        "predict": "✓",
+        "serve": "✓ batched" if f.batched else "✓ one request at a time",
+        "export": "✓ safetensors",
+        "gguf": f"✓ {f.gguf}" if f.gguf else f"refused: {f.gguf_refusal}",
+    }
+
+
+def render_table(markdown: bool = True) -> str:
+    """The supported-models table (README and `domaintune models`)."""
+    head = ["family", "--arch", *(COLUMN_TITLES[c] for c in COLUMNS)]
+    rows = [[TINY[a].title, a, *(support(a)[c] for c in COLUMNS)] for a in ARCHS]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [head, *rows]) + "\n"
+
+
+TABLE_NOTE = ("Each ✓ is proven on the family's tiny model (`domaintune make-tiny-model --arch ARCH`) by "
+              "tests/test_families.py, one parametrised test per column. vLLM (`--engine vllm`) is mapped for every "
+              "family above and needs a CUDA GPU; it is not run by the CPU suite.")

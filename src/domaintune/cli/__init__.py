@@ -4,7 +4,7 @@
 |---|---|
 | `configure.py` | init, config, data-check |
 | `datagen.py` | gen-data |
-| `train.py` | train, make-tiny-model, quickstart |
+| `train.py` | train, make-tiny-model, models, quickstart |
 | `inference.py` | predict, chat, serve, export |
 | `evaluate.py` | eval, plot, report |
 | `judge.py` | judge |
@@ -26,6 +26,7 @@ installed here). The result of each verb:
 | gen-data | the file written and its row count (--preview: the pairs) |
 | config | the YAML (or the field list of --explain; `wrote FILE` with --out) |
 | data-check | the data counts and the example |
+| models | the supported-models table |
 | train | `run directory: PATH` (the Trainer's log lines, progress, go to stderr) |
 | quickstart | the closing summary |
 | chat | the conversation |

@@ -42,6 +42,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default: %(default)s)")
     p.set_defaults(func=cmd_make_tiny_model)
 
+    p = sub.add_parser("models", help="the supported model families: what is proven for each, and by which test",
+                       description="Print the supported-models table: each family users pick, its tiny-model "
+                                   "--arch, its chat template and, per verb, what the test suite proves on it "
+                                   "(tests/test_families.py). Any Hugging Face causal LM may still be trained; "
+                                   "families outside the table train with padded batches and their own loss.")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the table as Markdown, as README.md holds it (default: aligned plain text)")
+    p.set_defaults(func=cmd_models)
+
     p = sub.add_parser("quickstart", help="build a tiny offline model, train, predict, score, plot and report "
                                           "(CPU, minutes)",
                        description="Run the whole loop on the bundled sample data: builds the tiny model if "
@@ -93,6 +102,14 @@ def cmd_make_tiny_model(a: argparse.Namespace) -> int:
     from ..training.tiny import make_tiny_model
 
     print(make_tiny_model(a.out, a.arch, a.size, a.corpus, a.seed))
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from ..families import TABLE_NOTE, render_table
+
+    console.result(render_table(markdown=a.markdown).rstrip("\n"))
+    console.note(TABLE_NOTE)
     return 0
 
 
