@@ -29,7 +29,7 @@ class Family:
     moe: bool = False  # mixture of experts: the router's auxiliary loss joins the loss when the config asks for it
     gguf: str | None = None  # llama.cpp's architecture name (`general.architecture`); None: GGUF export refused
     gguf_refusal: str = ""  # why GGUF is refused, when `gguf` is None
-    vllm: bool = False  # vLLM serves this architecture (and applies LoRA adapters to it)
+    vllm: bool = False  # vLLM serves this architecture (and applies LoRA to it unless vllm_plan.NO_LORA names it)
     batched: bool = True  # serve's continuous batcher joins requests (full-attention KV caches only)
 
 
@@ -56,9 +56,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("glm4", ("glm4",), packable=True, plain_head=True, gguf="glm4", vllm=True),
     # Known to the chunked loss and liger only (no tiny model, no GGUF conversion here).
     Family("mixtral", ("mixtral",), liger=True, moe=True, vllm=True),
-    Family("internlm2", ("internlm2",), plain_head=True),
+    # vLLM serves InternLM2 and Baichuan natively, LoRA included (its supported-models list).
+    Family("internlm2", ("internlm2",), plain_head=True, vllm=True),
     Family("yi", ("yi",), plain_head=True),
-    Family("baichuan", ("baichuan",), plain_head=True),
+    Family("baichuan", ("baichuan",), plain_head=True, vllm=True),
     Family("deepseek", ("deepseek_v2", "deepseek_v3"), plain_head=True, moe=True, vllm=True),
     Family("olmo", ("olmo", "olmo2"), plain_head=True, liger=True, vllm=True),
     Family("stablelm", ("stablelm",), plain_head=True, vllm=True),
