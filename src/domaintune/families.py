@@ -29,7 +29,7 @@ class Family:
     moe: bool = False  # mixture of experts: the router's auxiliary loss joins the loss when the config asks for it
     gguf: str | None = None  # llama.cpp's architecture name (`general.architecture`); None: GGUF export refused
     gguf_refusal: str = ""  # why GGUF is refused, when `gguf` is None
-    vllm: bool = False  # vLLM serves this architecture (and applies LoRA adapters to it)
+    vllm: bool = False  # vLLM serves this architecture (and applies LoRA to it unless vllm_plan.NO_LORA names it)
     batched: bool = True  # serve's continuous batcher joins requests (full-attention KV caches only)
 
 
@@ -47,17 +47,19 @@ FAMILIES: tuple[Family, ...] = (
     # Qwen3.5: linear-attention (Gated DeltaNet) layers between full-attention ones; its cache cannot be padded
     # and joined, and packed rows would leak state through the linear-attention recurrence.
     Family("qwen3_5", ("qwen3_5", "qwen3_5_text"), plain_head=True, gguf="qwen35", vllm=True, batched=False),
-    # Gemma 3 scales its embeddings and may soft-cap its logits: the model's own loss.
-    Family("gemma3", ("gemma3_text", "gemma3"), liger=True, gguf="gemma3", vllm=True, batched=False),
+    # Gemma 3 may soft-cap its logits (final_logit_softcapping): the model's own loss. Its sliding-window layers
+    # pack: transformers masks the window within each packed row (tests/training/test_family_facts.py).
+    Family("gemma3", ("gemma3_text", "gemma3"), packable=True, liger=True, gguf="gemma3", vllm=True, batched=False),
     Family("gemma", ("gemma", "gemma2"), liger=True, vllm=True,
            gguf_refusal="gemma and gemma2 have no tested GGUF conversion here"),
     Family("phi3", ("phi3",), packable=True, plain_head=True, liger=True, gguf="phi3", vllm=True),
     Family("glm4", ("glm4",), packable=True, plain_head=True, gguf="glm4", vllm=True),
     # Known to the chunked loss and liger only (no tiny model, no GGUF conversion here).
     Family("mixtral", ("mixtral",), liger=True, moe=True, vllm=True),
-    Family("internlm2", ("internlm2",), plain_head=True),
+    # vLLM serves InternLM2 and Baichuan natively, LoRA included (its supported-models list).
+    Family("internlm2", ("internlm2",), plain_head=True, vllm=True),
     Family("yi", ("yi",), plain_head=True),
-    Family("baichuan", ("baichuan",), plain_head=True),
+    Family("baichuan", ("baichuan",), plain_head=True, vllm=True),
     Family("deepseek", ("deepseek_v2", "deepseek_v3"), plain_head=True, moe=True, vllm=True),
     Family("olmo", ("olmo", "olmo2"), plain_head=True, liger=True, vllm=True),
     Family("stablelm", ("stablelm",), plain_head=True, vllm=True),

@@ -21,15 +21,18 @@ import pytest
 
 from domaintune.data.templates import Template
 from domaintune.errors import UserError
+from domaintune.families import ARCHS, TINY, family_of
 from domaintune.inference.engine import Engine, StreamState
 from domaintune.inference.loading import inspect_run
 from domaintune.inference.params import PRESETS, GenerationParams, RequestParams
 from domaintune.inference.vllm_engine import ENGINES, LoopThread, VLLMEngine, _Cutter, load_engine, require_vllm
 from domaintune.inference.vllm_plan import (
+    NO_LORA,
     VLLMPlan,
     engine_args,
     loss_summary,
     max_lora_rank,
+    model_type_of,
     plan_load,
     sampling_kwargs,
     target_nll,
@@ -84,15 +87,16 @@ def test_load_engine_kinds(tiny_model_dir):
 # ---------------------------------------------------------------- what is loaded
 
 def _run_dir(tmp_path: Path, tiny_train_config, *overrides: str, adapter: dict | None = None, full: bool = False,
-             config: bool = True) -> Path:
-    """A run directory with only the files the planning reads: config.yaml, adapter_config.json and (empty) weights."""
+             config: bool = True, arch: str = "qwen2", model_config: dict | None = None) -> Path:
+    """A run directory with only the files the planning reads: config.yaml, adapter_config.json and (empty) weights;
+    a full run's config.json is `model_config` ({} by default)."""
     run = tmp_path / "run"
     run.mkdir(parents=True)
-    cfg = tiny_train_config(run, "qwen2", *overrides)
+    cfg = tiny_train_config(run, arch, *overrides)
     if config:
         (run / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     if full:
-        (run / "config.json").write_text("{}", encoding="utf-8")
+        (run / "config.json").write_text(json.dumps(model_config or {}), encoding="utf-8")
         (run / "model.safetensors").write_bytes(b"")
     else:
         base = {"base_model_name_or_path": cfg.model.name_or_path, "r": 8}
@@ -162,6 +166,75 @@ def test_pickle_only_base_is_refused_unless_allowed(tmp_path, tiny_train_config)
         plan_load(inspect_run(run))
     plan = plan_load(inspect_run(run), allow_pickle=True)
     assert plan.allow_pickle and "load_format" not in engine_args(plan, 16, "bfloat16")
+
+
+# ---------------------------------------------------------------- what vLLM serves, per family
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_plan_for_every_tiny_family(tmp_path, tiny_train_config, tiny_model_dir, arch):
+    """Every tiny family is one vLLM serves: its model directory and its full runs as they are; its LoRA runs with
+    the adapter, except where vLLM has no LoRA for the family (BLOOM), which is refused before anything loads."""
+    model = tiny_model_dir(arch)
+    kind = model_type_of(str(model))
+    family = family_of(kind)
+    assert kind == json.loads((model / "config.json").read_text(encoding="utf-8"))["model_type"]
+    assert family.name == TINY[arch].family and family.vllm
+    assert plan_load(inspect_run(model)).model == str(model)
+    full = _run_dir(tmp_path / "full", tiny_train_config, "lora.enabled=false", full=True, arch=arch,
+                    model_config={"model_type": kind})
+    assert plan_load(inspect_run(full)).model == str(full)
+    run = _run_dir(tmp_path / "lora", tiny_train_config, arch=arch)
+    base = plan_load(inspect_run(run, base_only=True), base_only=True)
+    assert (base.model, base.lora_path) == (str(model.resolve()), None)  # the base alone: served as any model
+    if family.name in NO_LORA:
+        with pytest.raises(UserError) as e:
+            plan_load(inspect_run(run))
+        assert str(e.value) == (f"'{run}' is a LoRA adapter on a bloom model, and vLLM's BLOOM (BloomForCausalLM) has "
+                                f"no LoRA support: merge it (`domaintune export {run}`) and serve the exported folder "
+                                "with --engine vllm, or use `--engine hf`")
+    else:
+        plan = plan_load(inspect_run(run))
+        assert (plan.model, plan.lora_path, plan.max_lora_rank) == (str(model.resolve()), str(run.resolve()), 8)
+        assert engine_args(plan, 16, "float32")["enable_lora"] is True
+
+
+def test_a_family_vllm_does_not_serve_is_refused_before_anything_loads(tmp_path, tiny_train_config, monkeypatch):
+    """A full run or model directory of such a family, and a LoRA run on one: refused by the plan, with the way out
+    (`--engine hf`); `VLLMEngine.from_run` plans before vLLM starts. A model_type no family lists is left to vLLM."""
+    full = _run_dir(tmp_path / "full", tiny_train_config, "lora.enabled=false", full=True,
+                    model_config={"model_type": "yi"})
+    assert not family_of("yi").vllm
+    with pytest.raises(UserError) as e:
+        plan_load(inspect_run(full))
+    assert str(e.value) == (f"'{full}' is a yi model (model_type yi), which vLLM does not serve: use `--engine hf` "
+                            "(the default engine)")
+    base = tmp_path / "yi-base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "yi"}), encoding="utf-8")
+    (base / "model.safetensors").write_bytes(b"")
+    run = _run_dir(tmp_path / "lora", tiny_train_config, f"model.name_or_path={base}")
+    with pytest.raises(UserError, match="is a yi model .*which vLLM does not serve: use `--engine hf`"):
+        plan_load(inspect_run(run))
+    other = _run_dir(tmp_path / "other", tiny_train_config, "lora.enabled=false", full=True,
+                     model_config={"model_type": "falcon"})  # not in families.py: vLLM decides
+    assert plan_load(inspect_run(other)).model == str(other)
+
+    import torch
+
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # a vLLM and a GPU that must not be reached
+    monkeypatch.setitem(sys.modules, "vllm.engine.arg_utils", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UserError, match="which vLLM does not serve"):
+        VLLMEngine.from_run(full)
+
+
+def test_model_type_of_reads_config_json_only(tmp_path):
+    assert model_type_of(str(tmp_path)) is None  # no config.json
+    (tmp_path / "config.json").write_text("not json", encoding="utf-8")
+    assert model_type_of(str(tmp_path)) is None
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}), encoding="utf-8")
+    assert model_type_of(str(tmp_path)) == "gemma3_text" and family_of("gemma3_text").name == "gemma3"
+    assert model_type_of("no-such-org/no-such-model") is None  # a hub id not in the local cache: nothing known
 
 
 # ---------------------------------------------------------------- vLLM's arguments

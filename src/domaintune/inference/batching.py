@@ -24,9 +24,10 @@ A failure inside a step (e.g. out of memory) fails the requests of that step; a 
 worker's loop (a bug) fails the requests the worker held with `WorkerCrash`, and the loop starts over for the
 queue: no request is ever left waiting on a worker that died.
 
-Models whose cache is not made of plain full-attention layers (sliding-window or linear-attention
-layers, e.g. Mistral or Gemma) cannot be padded and joined this way: they are decoded one request at a
-time (`Batcher.joinable` is False; the server says so when it starts).
+Models whose cache is not made of plain full-attention layers (Gemma 3's sliding-window layers, Qwen3.5's
+linear attention, Mistral v0.1's sliding window) cannot be padded and joined this way: they are decoded one
+request at a time (`Batcher.joinable` is False; the server says so when it starts). Every tiny family is
+checked both ways in tests/inference/test_batching_families.py.
 """
 from __future__ import annotations
 
@@ -200,17 +201,17 @@ class Batcher:
                     break
                 joiners.append(self.waiting.popleft())
             self.joining = joiners  # neither queued nor in the batch until they are joined
-        try:
-            for r in gone:
-                self._end(r, cancelled=True)
-            with torch.inference_mode():
-                if joiners:
-                    self._prefill(joiners)
-                elif self.rows:
-                    self._decode()
-        finally:
-            with self.cond:
-                self.joining = []
+        for r in gone:
+            self._end(r, cancelled=True)
+        with torch.inference_mode():
+            if joiners:
+                self._prefill(joiners)
+            elif self.rows:
+                self._decode()
+        # Only once the step succeeded: if it raised (e.g. out of memory while joining the caches), `_fail_all`
+        # must still find the joiners here, or they would wait forever, neither queued nor in the batch.
+        with self.cond:
+            self.joining = []
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
         """Logits of each row's last position, in fp32."""

@@ -49,7 +49,10 @@ def keep_rows(cache: Any, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
 
 
 def joinable(model: Any) -> bool:
-    """Whether the model's cache is made of plain full-attention layers, which can be padded and joined."""
+    """Whether the model's cache is made of plain full-attention layers, which can be padded and joined. Read from
+    the cache the config makes (not the family's name): Mistral joins without a sliding window and not with one;
+    a sliding-window layer keeps only the window (Gemma 3) and a linear-attention layer a recurrent state
+    (Qwen3.5), neither of which lines up with a left-padded mask."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 

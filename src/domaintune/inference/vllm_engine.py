@@ -183,16 +183,16 @@ class VLLMEngine(EngineBase):
         import dataclasses
 
         vllm = require_vllm()
+        from .loading import inspect_run
+
+        check_batch_limits(max_batch_size, 0)
+        src = inspect_run(path, base_only, allow_pickle)
+        plan = plan_load(src, base_only, allow_pickle)  # refuses what vLLM cannot serve before anything of it loads
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.lora.request import LoRARequest
 
         from ..rundir import resolve_template
         from ..training.model import load_tokenizer
-        from .loading import inspect_run
-
-        check_batch_limits(max_batch_size, 0)
-        src = inspect_run(path, base_only, allow_pickle)
-        plan = plan_load(src, base_only, allow_pickle)
         if plan.quantization:
             try:
                 import bitsandbytes  # noqa: F401
@@ -216,9 +216,10 @@ class VLLMEngine(EngineBase):
             loop.close()
             # vLLM V1 loads the model in its engine process: the parent often sees only "Engine core
             # initialization failed", so the way out is given for every adapter run that fails to start
-            hint = (" If vLLM cannot apply this adapter (its architecture or target modules have no LoRA support in "
-                    "vLLM, e.g. BLOOM), merge it (`domaintune export RUN`) and serve the exported folder, or use "
-                    "`--engine hf`." if plan.lora_path else "")
+            # (families vLLM serves without LoRA are refused before this, in vllm_plan.check_family)
+            hint = (" If vLLM cannot apply this adapter (its target modules have no LoRA support in vLLM), merge "
+                    "it (`domaintune export RUN`) and serve the exported folder, or use `--engine hf`."
+                    if plan.lora_path else "")
             raise UserError(f"vLLM could not start on '{src.path}': {type(e).__name__}: {e}.{hint}") from e
         return cls(llm, loop, tok, tpl, name, _max_model_len(llm, kw), max_batch_size, vllm.SamplingParams, lora,
                    run_config=src.config, vocab_size=_vocab_size(llm))

@@ -8,6 +8,10 @@
   examples/offline_inference/lora_with_quantization_inference.py), so the adapter runs on a 4-bit base as in
   training and under `--engine hf`. `8bit` is refused (vLLM quantizes in flight to 4 bits only): `domaintune
   export` merges the adapter into the unquantized base, and the export is served as a plain model.
+- The model's family (config.json's `model_type`, read without loading anything; families.py) decides before
+  vLLM starts: a family whose record says vLLM does not serve it is refused with `--engine hf` as the way out,
+  and a LoRA run on a family vLLM serves without LoRA support (`NO_LORA`) is refused with the export as the way
+  out. A model_type no family lists is left to vLLM (it serves many more architectures than domaintune lists).
 - `engine_args`, `sampling_kwargs`: vLLM's `AsyncEngineArgs` and `SamplingParams` keyword arguments.
 - `target_nll`, `loss_summary`: the teacher-forced loss from vLLM's prompt logprobs, reported as
   evaluation/loss.py reports it.
@@ -21,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import UserError
-from ..rundir import ADAPTER_CONFIG
+from ..families import UNKNOWN, family_of
+from ..rundir import ADAPTER_CONFIG, MODEL_CONFIG
 from .params import GenerationParams, RequestParams
 
 if TYPE_CHECKING:
@@ -29,6 +34,10 @@ if TYPE_CHECKING:
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 512)  # max_lora_rank values vLLM accepts (512 in recent versions only)
 VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Families vLLM serves but cannot apply a LoRA adapter to (no LoRA mark in vLLM's supported-models list,
+# docs/models/supported_models.md), by family name, with the reason shown.
+NO_LORA = {"bloom": "vLLM's BLOOM (BloomForCausalLM) has no LoRA support",
+           "stablelm": "vLLM's StableLM (StableLmForCausalLM) has no LoRA support"}
 
 
 @dataclass(frozen=True)
@@ -62,11 +71,51 @@ def max_lora_rank(run_dir: str | Path) -> int:
     return next(b for b in LORA_RANKS if r <= b)
 
 
+def model_type_of(name: str, revision: str | None = None) -> str | None:
+    """config.json's `model_type` of a local model directory or of a hub model in the local cache, read without
+    loading anything; None when there is no such file here or it names none."""
+    path = Path(name).expanduser() / MODEL_CONFIG
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(name, MODEL_CONFIG, revision=revision)
+        except Exception:  # noqa: BLE001 - not a hub id, or no cache: nothing known here
+            hit = None
+        if not isinstance(hit, str):
+            return None
+        path = Path(hit)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def check_family(model: str, where: str | Path, lora: bool, revision: str | None = None) -> None:
+    """UserError, before anything loads, when vLLM does not serve the family of `model` (the directory or hub id vLLM
+    would load for the run at `where`), or cannot apply a LoRA adapter to it (`lora`: the run's adapter goes with
+    every request). A model_type no family lists passes: vLLM decides."""
+    kind = model_type_of(model, revision)
+    family = family_of(kind)
+    if family is UNKNOWN:
+        return
+    if not family.vllm:
+        raise UserError(f"'{where}' is a {family.name} model (model_type {kind}), which vLLM does not serve: use "
+                        "`--engine hf` (the default engine)")
+    if lora and family.name in NO_LORA:
+        raise UserError(f"'{where}' is a LoRA adapter on a {family.name} model, and {NO_LORA[family.name]}: merge it "
+                        f"(`domaintune export {where}`) and serve the exported folder with --engine vllm, or use "
+                        "`--engine hf`")
+
+
 def plan_load(src: RunSource, base_only: bool = False, allow_pickle: bool = False) -> VLLMPlan:
     """What vLLM loads for `src` (see the module docstring); UserError for what it cannot serve."""
     from ..training.model import check_model_source, check_no_pickle_only
 
     if not (src.adapter or base_only) or src.base is None:
+        check_family(str(src.path), src.path, lora=False)
         return VLLMPlan(str(src.path), str(src.path), None, None, None, src.trust_remote_code, None, allow_pickle)
     base, pickles = src.base, allow_pickle or src.base.allow_pickle
     if base.quantization == "8bit":
@@ -75,6 +124,7 @@ def plan_load(src: RunSource, base_only: bool = False, allow_pickle: bool = Fals
                         "--engine vllm, or use `--engine hf`")
     name = check_model_source(base.required_name())
     check_no_pickle_only(name, pickles)
+    check_family(name, src.path, lora=not base_only, revision=base.revision)
     lora = None if base_only else str(src.path.resolve())
     return VLLMPlan(name, str(src.path), lora, None if base_only else max_lora_rank(src.path),
                     "bitsandbytes" if base.quantization == "4bit" else None, src.trust_remote_code, base.revision,

@@ -21,6 +21,11 @@ micro-batches and processes), so the step's loss is the mean over its target tok
 
 Only for architectures whose logits are exactly `lm_head(hidden)` (`PLAIN_HEAD_MODELS`): models that scale or
 soft-cap their logits would be trained on the wrong values, so they keep their own loss.
+
+Mixture-of-experts models (Qwen3-MoE, Qwen2-MoE, Mixtral) whose config asks for the router's load-balancing loss
+(`output_router_logits: true`) return it as `outputs.aux_loss`; their own loss is then the cross-entropy plus
+`router_aux_loss_coef` times it, and `LeanLoss` adds the same term, so the Trainer optimises what the model's own
+loss would be, in value and gradient (tests/training/test_family_facts.py).
 """
 from __future__ import annotations
 
@@ -189,6 +194,9 @@ class LeanLoss:
 
     def __init__(self, model: Any) -> None:
         self.head = model.get_output_embeddings()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # the weight of the router's auxiliary loss, as the model's own forward adds it (0: no such loss)
+        self.aux_coef = float(getattr(getattr(base, "config", None), "router_aux_loss_coef", 0.0) or 0.0)
         self.hidden: torch.Tensor | None = None
         self._handle = self.head.register_forward_pre_hook(self._grab)
 
@@ -202,7 +210,11 @@ class LeanLoss:
             raise RuntimeError("the lean loss saw no hidden states: the model did not call its output embedding")
         total, n = causal_lm_loss_sum(hidden, self.head, labels.to(hidden.device))
         count = num_items_in_batch if num_items_in_batch is not None else max(n, 1)
-        return total / count
+        loss = total / count
+        aux = getattr(outputs, "aux_loss", None)  # set only when the config asks for it (output_router_logits)
+        if aux is not None and self.aux_coef:
+            loss = loss + self.aux_coef * (aux.to(loss.device) if hasattr(aux, "to") else aux)
+        return loss
 
     def close(self) -> None:
         self._handle.remove()

@@ -5,9 +5,10 @@
   architecture's logits are plain `lm_head(hidden)`; else the model's own loss.
 - **batching** (`train.batching`): the rows of a micro-batch packed into one sequence, with position_ids that
   restart per row and no attention across rows, where the architecture builds its attention mask from
-  position_ids (LLaMA, Mistral, Qwen2/3: transformers' masking utilities detect packed sequences); elsewhere
-  (BLOOM's ALiBi) padded, length-grouped micro-batches. Either way a micro-batch holds the same rows, so
-  `train.batch_size` keeps its meaning (rows per optimizer step).
+  position_ids (families.py `packable`: LLaMA, Mistral, Qwen2/3, Phi-3, GLM-4, and Gemma 3, whose sliding window
+  transformers' masking utilities apply within each packed row); elsewhere (BLOOM's ALiBi, Qwen3.5's
+  linear-attention recurrence, which would carry state across rows) padded, length-grouped micro-batches.
+  Either way a micro-batch holds the same rows, so `train.batch_size` keeps its meaning (rows per optimizer step).
 - **gradient checkpointing** (`auto`): only on a GPU, and only when the longest micro-batch's activations
   would not fit the free memory.
 - **per-device batch** (`auto`): the largest divisor of batch_size / processes that fits: probed on a GPU with
