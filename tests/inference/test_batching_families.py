@@ -41,12 +41,11 @@ def _requests(engine: Engine) -> list[tuple[list[int], GenerationParams]]:
 
 
 def _stream(engine: Engine, prompt, params) -> tuple[str, list[int]]:
-    """(final text, token ids) of a streamed request. Its deltas add up to the final text where decoding
-    concatenates (byte-level tokenizers); with SentencePiece byte fallback they may not (see the xfail below)."""
+    """(final text, token ids) of a streamed request, whose deltas add up to the final text (with SentencePiece
+    byte fallback too: test_streamed_deltas_add_up_to_the_final_text_with_byte_fallback)."""
     state = StreamState()
     text = "".join(engine.stream(prompt, params, state=state))
-    if engine.batcher.concatenative:
-        assert text == state.text
+    assert text == state.text
     return state.text, state.token_ids
 
 
@@ -169,10 +168,6 @@ def test_the_table_of_joined_families_is_the_family_records():
     assert {a for a in ARCHS if family_of(TINY[a].family).batched} == JOINED
 
 
-@pytest.mark.xfail(strict=True, reason="streaming.TextDeltas sends a byte-fallback token's text before the next "
-                   "byte token can turn the whole byte run into U+FFFD (an invalid UTF-8 run): the deltas then differ "
-                   "from the final text (SentencePiece tokenizers: Mistral, Phi-3, Gemma 3, LLaMA-2); streaming.py "
-                   "is not this module's to fix")
 def test_streamed_deltas_add_up_to_the_final_text_with_byte_fallback(tiny_model_dir):
     from domaintune.inference.streaming import TextDeltas
 
@@ -184,3 +179,10 @@ def test_streamed_deltas_add_up_to_the_final_text_with_byte_fallback(tiny_model_
     sent = deltas.feed(ids[:1]) + deltas.feed(ids)
     sent += deltas.finish(ids, 10, state)
     assert sent == state.text
+    # A token that is not a byte closes the run: its text is sent then, never changed later.
+    word = tok("hello", add_special_tokens=False)["input_ids"]
+    ids2 = ids + word
+    deltas, state = TextDeltas(engine, engine.batcher.concatenative), StreamState()
+    early = [deltas.feed(ids2[:k]) for k in range(1, len(ids2) + 1)]
+    assert early[:2] == ["", ""] and "".join(early) == engine.decode(ids2)
+    assert "".join(early) + deltas.finish(ids2, 10, state) == state.text

@@ -4,6 +4,7 @@ fed by the continuous batcher (batching.py)."""
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,18 @@ class StreamState:
     text: str = ""
 
 
+_BYTE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def byte_token_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids of a SentencePiece-style tokenizer's byte-fallback tokens <0x00>..<0xFF> (none for byte-level BPE),
+    looked up once per tokenizer."""
+    if tokenizer not in _BYTE_IDS:
+        vocab = tokenizer.get_vocab()
+        _BYTE_IDS[tokenizer] = frozenset(i for b in range(256) if (i := vocab.get(f"<0x{b:02X}>")) is not None)
+    return _BYTE_IDS[tokenizer]
+
+
 class TextDeltas:
     """One answer's text as its tokens arrive: deltas whose concatenation, with `finish`'s tail, is the final
     text (`engine._finish`: cut at the template's stop tokens and strings; a possible partial match of a stop
@@ -34,13 +47,18 @@ class TextDeltas:
 
     `concatenative` (kvcache.concatenative_decoding): decoding concatenates wherever the text so far does not end
     in an incomplete character (U+FFFD), so only the ids after the last such point are decoded again and a step
-    costs the same at the 2000th token as at the 20th; otherwise every step decodes the whole answer."""
+    costs the same at the 2000th token as at the 20th; otherwise every step decodes the whole answer.
+
+    Byte-fallback tokens (<0xNN>, SentencePiece-style tokenizers) decode as a run: one invalid byte turns the whole
+    run, the valid bytes before it included, into U+FFFD. So a trailing run of byte tokens is held back until a
+    token that is not a byte ends it (or the answer ends): what is sent is never changed by a later token."""
 
     def __init__(self, engine: Any, concatenative: bool) -> None:
         self.engine, self.concatenative = engine, concatenative
         self.scanner = StopScanner(engine.stop_strings)
         self.decoded = self.sent = ""  # text decoded so far / text sent so far
         self.stable, self.stable_text = 0, ""  # ids whose text is `stable_text`, ending on a whole character
+        self.byte_ids = byte_token_ids(engine.tokenizer)
 
     @property
     def hit(self) -> bool:
@@ -49,7 +67,10 @@ class TextDeltas:
 
     def feed(self, ids: list[int]) -> str:
         """The new text of the answer's ids so far (without a stop token); "" while nothing new is decided."""
-        text = self._text(ids)
+        end = len(ids)
+        while end and ids[end - 1] in self.byte_ids:  # an open run of byte tokens: its text is not decided yet
+            end -= 1
+        text = self._text(ids[:end])
         if text.endswith("\ufffd") or len(text) <= len(self.decoded) or not text.startswith(self.decoded):
             return ""
         delta = self.scanner.feed(text[len(self.decoded):])
