@@ -29,12 +29,13 @@ class Family:
     moe: bool = False  # mixture of experts: the router's auxiliary loss joins the loss when the config asks for it
     gguf: str | None = None  # llama.cpp's architecture name (`general.architecture`); None: GGUF export refused
     gguf_refusal: str = ""  # why GGUF is refused, when `gguf` is None
-    vllm: bool = False  # vLLM serves this architecture (and applies LoRA to it unless vllm_plan.NO_LORA names it)
+    vllm: bool = False  # vLLM serves this architecture
+    vllm_lora: bool = True  # ... and applies LoRA adapters to it (no LoRA mark in vLLM's supported-models list: False)
     batched: bool = True  # serve's continuous batcher joins requests (full-attention KV caches only)
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("bloom", ("bloom",), plain_head=True, gguf="bloom", vllm=True),
+    Family("bloom", ("bloom",), plain_head=True, gguf="bloom", vllm=True, vllm_lora=False),
     Family("llama", ("llama",), packable=True, plain_head=True, liger=True, gguf="llama", vllm=True),
     # llama.cpp converts Mistral checkpoints as its llama architecture (convert_hf_to_gguf.py: MistralModel).
     Family("mistral", ("mistral",), packable=True, plain_head=True, liger=True, gguf="llama", vllm=True),
@@ -47,9 +48,11 @@ FAMILIES: tuple[Family, ...] = (
     # Qwen3.5: linear-attention (Gated DeltaNet) layers between full-attention ones; its cache cannot be padded
     # and joined, and packed rows would leak state through the linear-attention recurrence.
     Family("qwen3_5", ("qwen3_5", "qwen3_5_text"), plain_head=True, gguf="qwen35", vllm=True, batched=False),
-    # Gemma 3 may soft-cap its logits (final_logit_softcapping): the model's own loss. Its sliding-window layers
-    # pack: transformers masks the window within each packed row (tests/training/test_family_facts.py).
-    Family("gemma3", ("gemma3_text", "gemma3"), packable=True, liger=True, gguf="gemma3", vllm=True, batched=False),
+    # Gemma 3's logits are lm_head(hidden) unless its config soft-caps them (final_logit_softcapping, null in the
+    # released checkpoints): loss.supports_lean_loss checks that. Its sliding-window layers pack: transformers
+    # masks the window within each packed row (tests/training/test_family_facts.py).
+    Family("gemma3", ("gemma3_text", "gemma3"), packable=True, plain_head=True, liger=True, gguf="gemma3", vllm=True,
+           batched=False),
     Family("gemma", ("gemma", "gemma2"), liger=True, vllm=True,
            gguf_refusal="gemma and gemma2 have no tested GGUF conversion here"),
     Family("phi3", ("phi3",), packable=True, plain_head=True, liger=True, gguf="phi3", vllm=True),
@@ -62,7 +65,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("baichuan", ("baichuan",), plain_head=True, vllm=True),
     Family("deepseek", ("deepseek_v2", "deepseek_v3"), plain_head=True, moe=True, vllm=True),
     Family("olmo", ("olmo", "olmo2"), plain_head=True, liger=True, vllm=True),
-    Family("stablelm", ("stablelm",), plain_head=True, vllm=True),
+    Family("stablelm", ("stablelm",), plain_head=True, vllm=True, vllm_lora=False),
     Family("starcoder2", ("starcoder2",), plain_head=True, vllm=True),
     Family("granite", ("granite",), liger=True, vllm=True),
 )

@@ -27,7 +27,6 @@ from domaintune.inference.loading import inspect_run
 from domaintune.inference.params import PRESETS, GenerationParams, RequestParams
 from domaintune.inference.vllm_engine import ENGINES, LoopThread, VLLMEngine, _Cutter, load_engine, require_vllm
 from domaintune.inference.vllm_plan import (
-    NO_LORA,
     VLLMPlan,
     engine_args,
     loss_summary,
@@ -186,12 +185,12 @@ def test_the_plan_for_every_tiny_family(tmp_path, tiny_train_config, tiny_model_
     run = _run_dir(tmp_path / "lora", tiny_train_config, arch=arch)
     base = plan_load(inspect_run(run, base_only=True), base_only=True)
     assert (base.model, base.lora_path) == (str(model.resolve()), None)  # the base alone: served as any model
-    if family.name in NO_LORA:
+    if not family.vllm_lora:
         with pytest.raises(UserError) as e:
             plan_load(inspect_run(run))
-        assert str(e.value) == (f"'{run}' is a LoRA adapter on a bloom model, and vLLM's BLOOM (BloomForCausalLM) has "
-                                f"no LoRA support: merge it (`domaintune export {run}`) and serve the exported folder "
-                                "with --engine vllm, or use `--engine hf`")
+        assert str(e.value) == (f"'{run}' is a LoRA adapter on a bloom model, and vLLM has no LoRA support for bloom "
+                                f"(its supported-models list): merge it (`domaintune export {run}`) and serve the "
+                                "exported folder with --engine vllm, or use `--engine hf`")
     else:
         plan = plan_load(inspect_run(run))
         assert (plan.model, plan.lora_path, plan.max_lora_rank) == (str(model.resolve()), str(run.resolve()), 8)

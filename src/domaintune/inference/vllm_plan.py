@@ -10,8 +10,8 @@
   export` merges the adapter into the unquantized base, and the export is served as a plain model.
 - The model's family (config.json's `model_type`, read without loading anything; families.py) decides before
   vLLM starts: a family whose record says vLLM does not serve it is refused with `--engine hf` as the way out,
-  and a LoRA run on a family vLLM serves without LoRA support (`NO_LORA`) is refused with the export as the way
-  out. A model_type no family lists is left to vLLM (it serves many more architectures than domaintune lists).
+  and a LoRA run on a family vLLM serves without LoRA support (the record's `vllm_lora`) is refused with the
+  export as the way out. A model_type no family lists is left to vLLM (it serves many more architectures than domaintune lists).
 - `engine_args`, `sampling_kwargs`: vLLM's `AsyncEngineArgs` and `SamplingParams` keyword arguments.
 - `target_nll`, `loss_summary`: the teacher-forced loss from vLLM's prompt logprobs, reported as
   evaluation/loss.py reports it.
@@ -34,12 +34,6 @@ if TYPE_CHECKING:
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 512)  # max_lora_rank values vLLM accepts (512 in recent versions only)
 VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# Families vLLM serves but cannot apply a LoRA adapter to (no LoRA mark in vLLM's supported-models list,
-# docs/models/supported_models.md), by family name, with the reason shown.
-NO_LORA = {"bloom": "vLLM's BLOOM (BloomForCausalLM) has no LoRA support",
-           "stablelm": "vLLM's StableLM (StableLmForCausalLM) has no LoRA support"}
-
-
 @dataclass(frozen=True)
 class VLLMPlan:
     """What vLLM loads: `model` (the adapter's base, or the directory), `tokenizer` (the run's), `lora_path` (the
@@ -104,8 +98,9 @@ def check_family(model: str, where: str | Path, lora: bool, revision: str | None
     if not family.vllm:
         raise UserError(f"'{where}' is a {family.name} model (model_type {kind}), which vLLM does not serve: use "
                         "`--engine hf` (the default engine)")
-    if lora and family.name in NO_LORA:
-        raise UserError(f"'{where}' is a LoRA adapter on a {family.name} model, and {NO_LORA[family.name]}: merge it "
+    if lora and not family.vllm_lora:
+        raise UserError(f"'{where}' is a LoRA adapter on a {family.name} model, and vLLM has no LoRA support for "
+                        f"{family.name} (its supported-models list): merge it "
                         f"(`domaintune export {where}`) and serve the exported folder with --engine vllm, or use "
                         "`--engine hf`")
 

@@ -180,10 +180,12 @@ def causal_lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torc
 
 
 def supports_lean_loss(model: Any) -> bool:
-    """Whether `model` (a CausalLM, or a PeftModel around one) computes its logits as `lm_head(hidden)` only."""
+    """Whether `model` (a CausalLM, or a PeftModel around one) computes its logits as `lm_head(hidden)` only: its
+    family says so and its config does not soft-cap the logits (Gemma's `final_logit_softcapping`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
-    return getattr(config, "model_type", None) in PLAIN_HEAD_MODELS and base.get_output_embeddings() is not None
+    return (getattr(config, "model_type", None) in PLAIN_HEAD_MODELS
+            and getattr(config, "final_logit_softcapping", None) is None and base.get_output_embeddings() is not None)
 
 
 class LeanLoss:
