@@ -11,7 +11,8 @@
 - The model's family (config.json's `model_type`, read without loading anything; families.py) decides before
   vLLM starts: a family whose record says vLLM does not serve it is refused with `--engine hf` as the way out,
   and a LoRA run on a family vLLM serves without LoRA support (the record's `vllm_lora`) is refused with the
-  export as the way out. A model_type no family lists is left to vLLM (it serves many more architectures than domaintune lists).
+  export as the way out. A model_type no family lists is left to vLLM (it serves many more architectures than
+  domaintune lists).
 - `engine_args`, `sampling_kwargs`: vLLM's `AsyncEngineArgs` and `SamplingParams` keyword arguments.
 - `target_nll`, `loss_summary`: the teacher-forced loss from vLLM's prompt logprobs, reported as
   evaluation/loss.py reports it.
