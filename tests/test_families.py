@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from domaintune.errors import UserError
-from domaintune.families import ARCHS, COLUMNS, TINY, family_of, render_table, support
+from domaintune.families import ARCHS, COLUMNS, TABLE_NOTE, TINY, family_of, render_table, support
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "你是一位耐心的儿科医生。"
@@ -297,7 +297,8 @@ def test_table_claims_only_what_the_matrix_proves():
         marks = [m for m in getattr(test, "pytestmark", []) if m.name == "parametrize"]
         assert marks and list(marks[0].args[1]) == list(ARCHS), column
         assert inspect.signature(test).parameters["arch"]
-    assert render_table() in (REPO / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert render_table() in readme and TABLE_NOTE in readme
 
 
 def test_models_verb_prints_the_table(capsys):

@@ -225,5 +225,7 @@ def render_table(markdown: bool = True) -> str:
 
 
 TABLE_NOTE = ("Each ✓ is proven on the family's tiny model (`domaintune make-tiny-model --arch ARCH`) by "
-              "tests/test_families.py, one parametrised test per column. vLLM (`--engine vllm`) is mapped for every "
-              "family above and needs a CUDA GPU; it is not run by the CPU suite.")
+              "tests/test_families.py, one parametrised test per column. `--engine vllm` takes every family above ("
+              + ", ".join(sorted({r.family for r in TINY.values()
+                                  if not next(f for f in FAMILIES if f.name == r.family).vllm_lora}))
+              + ": a merged export, not a LoRA run); it needs a CUDA GPU and is not run by the CPU suite.")
