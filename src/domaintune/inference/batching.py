@@ -9,8 +9,8 @@ One worker thread owns the model while there is work (it holds `engine.lock`, so
 2. decodes one token for every request in the batch, each with its own sampling: repetition penalty,
    temperature, top-k and top-p through transformers' own logits processors in the order `generate`
    applies them (and OpenAI's presence/frequency penalties and logit_bias: params.OpenAIPenalties), and a
-   `torch.Generator` per request (seeded with the request's `seed`, so a seeded
-   request samples what it would alone: the same draws `generate` makes after `torch.manual_seed(seed)`);
+   `torch.Generator` per request (seeded with the request's `seed`, so a seeded request samples what it would
+   alone: the same draws `generate` makes after `torch.manual_seed(seed)`);
 3. sends each request its text delta and removes the requests that finished (a stop token, a stop
    string, `max_new_tokens`) or whose client left (its `stop_event`): their cache rows are dropped at
    once, and columns that only held padding are trimmed.
