@@ -24,10 +24,9 @@ A failure inside a step (e.g. out of memory) fails the requests of that step; a 
 worker's loop (a bug) fails the requests the worker held with `WorkerCrash`, and the loop starts over for the
 queue: no request is ever left waiting on a worker that died.
 
-Models whose cache is not made of plain full-attention layers (Gemma 3's sliding-window layers, Qwen3.5's
-linear attention, Mistral v0.1's sliding window) cannot be padded and joined this way: they are decoded one
-request at a time (`Batcher.joinable` is False; the server says so when it starts). Every tiny family is
-checked both ways in tests/inference/test_batching_families.py.
+Models whose cache is not made of plain full-attention layers (Gemma 3's sliding window, Qwen3.5's linear
+attention, Mistral v0.1's window) cannot be padded and joined this way: they are decoded one request at a time
+(`Batcher.joinable` False; the server says so). tests/inference/test_batching_families.py checks every family.
 """
 from __future__ import annotations
 
