@@ -8,7 +8,8 @@ Everything else goes through this module, on stderr:
 - ``warn(text)``: ``warning: text``; shown even with ``--quiet``.
 - ``error(text)``: ``error: text``; always shown.
 - ``debug(text)``: shown only with ``-v``.
-- ``progress_enabled()``: whether a progress bar may be drawn (not with ``--quiet``).
+- ``progress_enabled()``: whether a progress bar may be drawn (not with ``--quiet``); ``stderr_is_terminal()``:
+  whether a bar would redraw in place (in a log file, verbs print progress lines instead).
 
 The CLI sets the level from ``-q`` / ``-v`` with ``set_verbosity``; library callers get ``NORMAL``. Python
 ``logging`` records of other libraries reach the same stream through ``LogHandler``, which the CLI installs.
@@ -70,6 +71,12 @@ def debug(text: str) -> None:
 def progress_enabled() -> bool:
     """Whether a progress bar may be drawn (on stderr); --quiet turns them off."""
     return _level >= NORMAL
+
+
+def stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal, where a progress bar redraws itself; in a log file it would be one long line."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def result(text: str) -> None:

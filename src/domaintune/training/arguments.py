@@ -102,7 +102,7 @@ PROTECTED: dict[str, str] = {
     "remove_unused_columns": "nothing: the collators need every column",
     "label_names": "nothing: the training stage sets it",
     "prediction_loss_only": "nothing: the chunked loss returns no logits",
-    "disable_tqdm": "nothing: only rank 0 shows progress bars",
+    "disable_tqdm": "nothing: only rank 0 shows progress bars, on a terminal",
     "use_cpu": "nothing: the device is detected (CUDA_VISIBLE_DEVICES= hides GPUs)",
     "ddp_backend": "nothing: gloo on CPU, NCCL on GPUs", "resume_from_checkpoint": "--resume",
     "fsdp": "train.distributed: fsdp", "fsdp_config": "train.distributed_config",
@@ -349,7 +349,9 @@ def _common_arguments(out: Path, kwargs: dict, t: TrainConfig, world_size: int, 
         remove_unused_columns=False,
         label_names=["labels"],
         prediction_loss_only=True,  # evaluation needs the loss only (the chunked loss returns no logits)
-        disable_tqdm=not is_main or not console.progress_enabled(),
+        # a bar only on a terminal: in a log file (nohup, CI) its carriage returns make one unreadable line, and the
+        # Trainer's log lines (one per logging step) are the progress there
+        disable_tqdm=not is_main or not console.progress_enabled() or not console.stderr_is_terminal(),
         # the machine
         bf16=bf16,
         fp16=fp16,
