@@ -22,8 +22,9 @@ import contextlib
 import io
 import logging
 import sys
+import time
 from collections.abc import Iterator
-from typing import TextIO
+from typing import Any, TextIO
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 _level = NORMAL
@@ -125,3 +126,70 @@ class LogHandler(logging.Handler):
             warn(text)
         else:
             debug(f"{record.name}: {text}")
+
+
+PROGRESS_INTERVAL_S = 30.0
+
+
+class Progress:
+    """Progress of long work on stderr: a tqdm bar on a terminal, plain lines everywhere else.
+
+    A bar redraws itself with carriage returns, which a log file (nohup, CI, `| tee`) shows as one ever-growing
+    line or not at all, so a long run there looked dead. Without a terminal, a line such as
+    `gen-data answers: 12/50 (kept 12, dropped 3: judge_unclear 3) 45s` (`LABEL DESC: ...`) is written at the
+    start, every `every` items (a twentieth of the total by default) or `interval` seconds, whichever comes first,
+    and at the end. Nothing with --quiet."""
+
+    def __init__(self, desc: str, total: int, initial: int = 0, unit: str = "it", stream: TextIO | None = None,
+                 every: int | None = None, interval: float = PROGRESS_INTERVAL_S, label: str = "",
+                 enabled: bool = True) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled and progress_enabled()  # off: neither a bar nor lines (--quiet, other ranks)
+        self.label = f"{label} " if label else ""
+        self.desc, self.total, self.n = desc, total, min(initial, total)
+        self.every = every or max(1, total // 20)
+        self.interval = interval
+        self.started = self.last_time = time.monotonic()
+        self.last_n = self.n
+        self.note = self.last_note = ""
+        isatty = getattr(self.stream, "isatty", None)
+        self.bar = None
+        if self.enabled and isatty is not None and isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=self.n, desc=desc, unit=unit, file=self.stream)
+        elif self.enabled:
+            self._line()
+
+    def update(self, n: int = 1, note: dict[str, Any] | None = None) -> None:
+        """`n` more items done; `note` (e.g. {"kept": 3, "dropped": "judge_unclear 2"}) is shown with the count."""
+        self.n += n
+        if note is not None:
+            self.note = ", ".join(f"{k} {v}" for k, v in note.items())
+        if self.bar is not None:
+            self.bar.update(n)
+            if note is not None:
+                self.bar.set_postfix(note, refresh=False)
+            return
+        now = time.monotonic()
+        if self.n - self.last_n >= self.every or now - self.last_time >= self.interval:
+            self._line()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif (self.n, self.note) != (self.last_n, self.last_note):  # the end, unless the last line said it all
+            self._line()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _line(self) -> None:
+        self.last_n, self.last_note, self.last_time = self.n, self.note, time.monotonic()
+        note = f" ({self.note})" if self.note else ""
+        if self.enabled:
+            print(f"{self.label}{self.desc}: {self.n}/{self.total}{note} {self.last_time - self.started:.0f}s",
+                  file=self.stream, flush=True)

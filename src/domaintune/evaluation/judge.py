@@ -25,13 +25,12 @@ means, and counted in the summary).
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import console, rundir
 from ..config.judge import JudgeConfig
@@ -45,9 +44,6 @@ from .judge_header import header_changes, verdict_settings
 from .judge_prompts import Prompts, parse_grade, parse_verdict, sha256_text
 from .judge_rows import Row, file_sha256, match_rows
 from .metrics import merge_metrics
-
-if TYPE_CHECKING:
-    from tqdm import tqdm
 
 JUDGE_RECORDS = rundir.JUDGE_RECORDS
 JUDGE_SUMMARY = rundir.JUDGE_SUMMARY
@@ -192,14 +188,12 @@ class JudgeRun:
         need_header = self._load()
         todo = [t for t in self.tasks if t.key not in self.records]
         if todo:
-            from tqdm import tqdm
-
             self.client = ChatClient(cfg, section="judge")
             writer = JsonlAppender(self.records_path)
             if need_header:
                 writer.write(self.header)
-            bar = tqdm(total=len(self.tasks), initial=len(self.tasks) - len(todo), desc="judge", unit="call",
-                       disable=None if console.progress_enabled() else True, file=sys.stderr)
+            bar = console.Progress("calls", len(self.tasks), initial=len(self.tasks) - len(todo), unit="call",
+                                   label="judge")
             try:
                 self._run_pool(todo, writer, bar)
             except UserError as e:
@@ -215,7 +209,7 @@ class JudgeRun:
         rundir.RunDir(self.out).write_json(rundir.METRICS, metrics)
         return summary
 
-    def _run_pool(self, todo: list[Task], writer: JsonlAppender, bar: tqdm) -> None:
+    def _run_pool(self, todo: list[Task], writer: JsonlAppender, bar: console.Progress) -> None:
         """Keep max_concurrency calls in flight; write each record as it comes. After an error, stop asking but
         keep the answers of the calls already in flight, then raise it."""
         pool = ThreadPoolExecutor(max_workers=self.cfg.max_concurrency, thread_name_prefix="judge")

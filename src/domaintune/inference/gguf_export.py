@@ -176,8 +176,6 @@ def _check_arch(src: RunSource) -> None:
 
 def _write(gguf: Any, path: Path, m: Any, arch: str, conf: dict, quant: str, name: str) -> list[str]:
     """The whole file: metadata, then tensor infos, then each tensor's data. Returns the f16 fallbacks."""
-    from tqdm import tqdm
-
     w = gguf.GGUFWriter(path, arch)
     w.add_name(general_name(m.tokenizer, name))
     w.add_type(gguf.GGUFType.MODEL)
@@ -198,9 +196,11 @@ def _write(gguf: Any, path: Path, m: Any, arch: str, conf: dict, quant: str, nam
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for t in tqdm(planned, desc=f"writing {path.name.removesuffix('.partial')}", unit="tensor",
-                  disable=not console.progress_enabled()):
-        w.write_tensor_data(_encode(gguf, t.data(), t.qtype))
+    with console.Progress(f"writing {path.name.removesuffix('.partial')}", len(planned), unit="tensor",
+                          label="export") as bar:
+        for t in planned:
+            w.write_tensor_data(_encode(gguf, t.data(), t.qtype))
+            bar.update()
     w.close()
     return fallbacks
 

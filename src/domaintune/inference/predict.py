@@ -289,8 +289,6 @@ def _merge_shards(jsonl: Path) -> None:
 
 def _generate_into(engine: Engine | VLLMEngine, todo: list[Example], jsonl: Path, params: GenerationParams,
                    batch_size: int, total: int, already: int, show: bool = True) -> None:
-    from tqdm import tqdm
-
     prompts, targets = [], []
     for ex in todo:
         prompt, target = ex.prompt_and_target()
@@ -306,8 +304,7 @@ def _generate_into(engine: Engine | VLLMEngine, todo: list[Example], jsonl: Path
     written = 0
     batch: list[dict] = []
     # closed on an error too, so a message (a full disk) starts on a line of its own
-    with tqdm(total=total, initial=already, desc="predict", unit="row",
-              disable=not show or not console.progress_enabled()) as bar, \
+    with console.Progress("rows", total, initial=already, unit="row", label="predict", enabled=show) as bar, \
             JsonlAppender(jsonl) as f:
         for k, gen in engine.generate_iter(prompts, params, batch_size):
             reasoning, answer = split_generated(gen.text)  # a <think> block is kept apart: the answer is scored
