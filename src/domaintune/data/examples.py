@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..errors import UserError
-from .formats import TOOLS, Label, openai_label, parse_tool_calls, parse_tools, sharegpt_label, sharegpt_messages
+from .formats import (TOOLS, Label, openai_label, parse_tool_calls, parse_tools, sharegpt_label, sharegpt_messages,
+                      uses_tools)
 from .reader import read_records
 from .templates import Template, get_template
 from .thinking import CLOSE, OPEN, split_think
@@ -338,7 +339,11 @@ def check_data_files(cfg: DataConfig) -> int:
     Imports neither torch nor transformers: call it before loading the tokenizer.
     """
     template = get_template(cfg.template, None)
-    rows = len(load_examples(cfg.path, template=template))
-    if cfg.eval_path:
-        load_examples(cfg.eval_path, template=template)
-    return rows
+    examples = load_examples(cfg.path, template=template)
+    for ex in examples + (load_examples(cfg.eval_path, template=template) if cfg.eval_path else []):
+        if template.kind == "format" and uses_tools(ex.messages):
+            try:
+                template.segments(ex.messages, False)  # refuses the row, saying what to do
+            except UserError as e:
+                raise UserError(f"{ex.where}: {e}") from None
+    return len(examples)
