@@ -42,7 +42,7 @@ Segments = list[tuple[str, bool]]  # (text, trainable)
 
 
 def render(tokenizer: PreTrainedTokenizerBase, chat_template: str, messages: list[dict], generation: bool,
-           kwargs: dict | None = None, tools: list[dict] | None = None) -> str:
+           kwargs: dict | None = None, tools: list | None = None) -> str:
     """One conversation rendered as text; a template that rejects it (`raise_exception`, as Mistral's does for a
     system message) becomes a UserError carrying the template's message."""
     from jinja2 import TemplateError
@@ -93,7 +93,7 @@ def renders_tools(tokenizer: PreTrainedTokenizerBase, chat_template: str | None)
         tools = [{"type": "function", "function": {"name": name, "description": "d",
                                                    "parameters": {"type": "object", "properties": {}}}}]
         call = {"type": "function", "id": "c1", "function": {"name": name, "arguments": {"x": arg}}}
-        msgs = [*_PROBE, {"role": "assistant", "content": "", "tool_calls": [call]},
+        msgs: list[dict] = [*_PROBE, {"role": "assistant", "content": "", "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": "c1", "content": result}, {"role": "assistant", "content": "a"}]
         try:
             text = render(tokenizer, chat_template, msgs, False, tools=tools)

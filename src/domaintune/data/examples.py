@@ -30,8 +30,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..errors import UserError
-from .formats import (TOOLS, Label, openai_label, parse_tool_calls, parse_tools, sharegpt_label, sharegpt_messages,
-                      uses_tools)
+from .formats import (
+    TOOLS,
+    Label,
+    openai_label,
+    parse_tool_calls,
+    parse_tools,
+    sharegpt_label,
+    sharegpt_messages,
+    uses_tools,
+)
 from .reader import read_records
 from .templates import Template, get_template
 from .thinking import CLOSE, OPEN, split_think
@@ -248,6 +256,7 @@ def _check_order(out: list[dict], problems: list[str], require_answer: bool) -> 
     turns = [m for m in out if m["role"] != "system"]
     for k, m in enumerate(turns):
         prev = turns[k - 1] if k else None
+        expected: tuple[str, ...]
         if prev is None:
             expected = ("user",)
         elif prev["role"] == "user":
