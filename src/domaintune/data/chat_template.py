@@ -24,6 +24,12 @@ ends it, and GLM ships `<|user|>` among its generation EOS ids. For such a templ
 token is trained: where the next turn follows in the same sample, its first token (the role token) is trained;
 where a sample ends, the token is appended and trained. `Template.stop` holds it, so generation stops on it.
 
+**Tools and weights.** A row's tools (formats.py) go to every rendering as `tools=`; an assistant turn that calls
+tools is a turn like any other (its trained span is the call as the template writes it) and a `tool` result is part
+of the next turn's prompt, so never trained. A turn marked untrained (`"weight": 0`, data.train_on_turns: last)
+stays in the prompt of later turns with its span untrained. A template that drops tools (`renders_tools`, a probe)
+is refused by `Template` rather than trained on calls the model never sees.
+
 A sample is tokenized as one string, masks following its characters (templates.py `_tokenize`). A prompt for
 inference is built by the same walk (`chat_segments(..., generation=True)`: the last sample, up to its generation
 prompt), so it is token-for-token the prompt of the sample that trained that turn, and apply_chat_template's.
