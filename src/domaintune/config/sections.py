@@ -145,6 +145,13 @@ class DataConfig(Section):
                     "block is in the prompt); empty = train an empty think block before every answer. The "
                     "enable_thinking used is saved with the run, so predict, chat and serve send the same prompt.",
     )
+    train_on_turns: Literal["all", "last"] = Field(
+        "all",
+        description="Which assistant turns of a multi-turn row train: all (default) or last (only the row's last "
+                    "assistant turn; the earlier ones stay in its prompt, untrained). An assistant message with "
+                    "\"weight\": 0 (OpenAI's fine-tuning format) is never trained, whichever is set; one that calls "
+                    "tools trains its call, and tool results are never trained.",
+    )
     val_size: Union[int, float] = Field(
         0.1, ge=0,
         description="Validation split taken from the training file: a row count (int; at most 20% of the rows, "

@@ -24,6 +24,12 @@ ends it, and GLM ships `<|user|>` among its generation EOS ids. For such a templ
 token is trained: where the next turn follows in the same sample, its first token (the role token) is trained;
 where a sample ends, the token is appended and trained. `Template.stop` holds it, so generation stops on it.
 
+**Tools and weights.** A row's tools (formats.py) go to every rendering as `tools=`; an assistant turn that calls
+tools is a turn like any other (its trained span is the call as the template writes it) and a `tool` result is part
+of the next turn's prompt, so never trained. A turn marked untrained (`"weight": 0`, data.train_on_turns: last)
+stays in the prompt of later turns with its span untrained. A template that drops tools (`renders_tools`, a probe)
+is refused by `Template` rather than trained on calls the model never sees.
+
 A sample is tokenized as one string, masks following its characters (templates.py `_tokenize`). A prompt for
 inference is built by the same walk (`chat_segments(..., generation=True)`: the last sample, up to its generation
 prompt), so it is token-for-token the prompt of the sample that trained that turn, and apply_chat_template's.
@@ -42,14 +48,14 @@ Segments = list[tuple[str, bool]]  # (text, trainable)
 
 
 def render(tokenizer: PreTrainedTokenizerBase, chat_template: str, messages: list[dict], generation: bool,
-           kwargs: dict | None = None) -> str:
+           kwargs: dict | None = None, tools: list | None = None) -> str:
     """One conversation rendered as text; a template that rejects it (`raise_exception`, as Mistral's does for a
     system message) becomes a UserError carrying the template's message."""
     from jinja2 import TemplateError
 
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
-                                             chat_template=chat_template, **(kwargs or {}))
+                                             chat_template=chat_template, tools=tools, **(kwargs or {}))
     except TemplateError as e:
         raise UserError(f"the model's chat_template rejects this conversation ({e}); change the data "
                         "(e.g. drop the system message) or use data.template: chatml (or another "
@@ -76,6 +82,32 @@ def renders_reasoning(tokenizer: PreTrainedTokenizerBase, chat_template: str | N
         except Exception:  # a template that cannot render the probe renders no reasoning we could rely on
             _REASONING[chat_template] = False
     return _REASONING[chat_template]
+
+
+_TOOLS: dict[str, bool] = {}  # chat_template -> renders tools, tool calls and tool results (a probe)
+_TOOL_PROBE = ("PROBE\u2063TOOL", "PROBE\u2063ARG", "PROBE\u2063RESULT")  # no word any template writes
+
+
+def renders_tools(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> bool:
+    """The chat_template writes the `tools` it is given, an assistant message's `tool_calls` (name and arguments)
+    and a `tool` message's content (Qwen2.5, Qwen3, Llama 3.1 do; ChatML-only templates drop them silently, which
+    would train the model on answers to calls it never sees)."""
+    if not chat_template:
+        return False
+    if chat_template not in _TOOLS:
+        name, arg, result = _TOOL_PROBE
+        tools = [{"type": "function", "function": {"name": name, "description": "d",
+                                                   "parameters": {"type": "object", "properties": {}}}}]
+        call = {"type": "function", "id": "c1", "function": {"name": name, "arguments": {"x": arg}}}
+        msgs: list[dict] = [*_PROBE, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": result}, {"role": "assistant", "content": "a"}]
+        try:
+            text = render(tokenizer, chat_template, msgs, False, tools=tools)
+            # the schema, the call and the result: the name appears twice (schema and call)
+            _TOOLS[chat_template] = text.count(name) >= 2 and arg in text and result in text
+        except Exception:  # a template that fails on the probe renders no tools we could rely on
+            _TOOLS[chat_template] = False
+    return _TOOLS[chat_template]
 
 
 def close_turn_token(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> str:
@@ -114,28 +146,34 @@ def _kept(full: str, cont: str, atoms: list[str]) -> int:
 
 
 def chat_segments(tokenizer: PreTrainedTokenizerBase, chat_template: str, messages: list[dict],
-                  kwargs: dict | None = None, close_turn: str = "", generation: bool = False) -> list[Segments]:
+                  kwargs: dict | None = None, close_turn: str = "", generation: bool = False,
+                  tools: list[dict] | None = None, trains: list[bool] | None = None) -> list[Segments]:
     """The samples of a conversation (see the module docstring), each as (text, trainable) segments. With
     `generation`, only the last sample, ending with the generation prompt for `messages` (which end with a user
-    turn): the prompt inference sends (the earlier answers in it still marked trainable)."""
+    turn): the prompt inference sends (the earlier answers in it still marked trainable). `tools` go to the
+    template with every rendering; `trains[k]` (default: every assistant turn) says whether assistant turn k is
+    trained: an untrained one (weight 0, data.train_on_turns: last) stays in the prompt of the turns after it.
+    An assistant turn that calls tools is trained like any other (its call text); a tool result is never trained,
+    being part of the next assistant turn's prompt."""
     atoms = sorted({*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values())},
                    key=len, reverse=True)
     samples: list[Segments] = []
     cur: Segments | None = None
     done = ""  # the text of `cur` that stays when the conversation goes on
     tail = ""  # what the last turn of `cur` adds only where the conversation ends (Phi-3's EOS)
+    trained = True  # the last assistant turn of `cur` is trained
 
     def close(segs: Segments) -> None:
-        segs.append((tail, True))
+        segs.append((tail, trained))
         if close_turn:
-            segs.append((close_turn, True))
+            segs.append((close_turn, trained))
 
     def start_turn(prompt: str) -> None:
         nonlocal cur
         if cur is not None and prompt.startswith(done):
             cont = prompt[len(done):]
             if close_turn and cont.startswith(close_turn):
-                cur.append((close_turn, True))
+                cur.append((close_turn, trained))
                 cont = cont[len(close_turn):]
             cur.append((cont, False))
             return
@@ -147,20 +185,21 @@ def chat_segments(tokenizer: PreTrainedTokenizerBase, chat_template: str, messag
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = render(tokenizer, chat_template, messages[:k], True, kwargs)
-        full = render(tokenizer, chat_template, messages[: k + 1], False, kwargs)
+        prompt = render(tokenizer, chat_template, messages[:k], True, kwargs, tools)
+        full = render(tokenizer, chat_template, messages[: k + 1], False, kwargs, tools)
         if not full.startswith(prompt):
             raise UserError(f"the model's chat_template renders assistant turn {k} differently from its own generation "
                             f"prompt{_kwargs_note(kwargs)}, so the answer to train cannot be found; "
                             "change data.thinking, or use data.template: chatml (or another format template)")
         start_turn(prompt)
         assert cur is not None
-        goes_on = render(tokenizer, chat_template, messages[: k + 1], True, kwargs)
+        goes_on = render(tokenizer, chat_template, messages[: k + 1], True, kwargs, tools)
         n = max(_kept(full, goes_on, atoms), len(prompt))
-        cur.append((full[len(prompt):n], True))
+        trained = trains is None or trains[k]
+        cur.append((full[len(prompt):n], trained))
         done, tail = full[:n], full[n:]
     if generation:
-        start_turn(render(tokenizer, chat_template, messages, True, kwargs))
+        start_turn(render(tokenizer, chat_template, messages, True, kwargs, tools))
         assert cur is not None
         return [[(t, f) for t, f in cur if t]]
     if cur is not None:

@@ -1,9 +1,13 @@
 """Validating rows (with line numbers) and turning them into conversations.
 
-Two row formats, detected per row:
+Row formats, detected per row from its keys:
 
-- instruction/input/output: `{"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}`
-- messages: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (multi-turn)
+- instruction/input/output (alpaca): `{"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}`
+- messages: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (multi-turn), with the
+  OpenAI chat fine-tuning extensions: `tool_calls`, `tool` messages, per-row `tools`, per-message `weight`
+- ShareGPT: `{"conversations": [{"from": "human"|"gpt"|..., "value": str}, ...], "system"?, "tools"?}`
+
+formats.py reads the last two (and says where a row's tools are kept).
 
 An answer may carry its reasoning (thinking.py): an assistant message's `"reasoning_content": str`, or a
 `<think>...</think>` block at the start of the answer (`"content"`, `"output"` or a `"history"` answer). Both
@@ -26,6 +30,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..errors import UserError
+from .formats import (
+    TOOLS,
+    Label,
+    openai_label,
+    parse_tool_calls,
+    parse_tools,
+    sharegpt_label,
+    sharegpt_messages,
+    uses_tools,
+)
 from .reader import read_records
 from .templates import Template, get_template
 from .thinking import CLOSE, OPEN, split_think
@@ -34,7 +48,7 @@ if TYPE_CHECKING:
     from ..config import DataConfig
 
 T = TypeVar("T")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_ERRORS_SHOWN = 10  # rows per file error
 MAX_PROBLEMS_SHOWN = 5  # problems per row
 _SURROGATE = "half of a UTF-16 surrogate pair (not valid Unicode)"
@@ -47,6 +61,11 @@ class Example:
     where: str  # "file line N"
     messages: list[dict]
     index: int = 0  # row index within its file
+
+    @property
+    def tools(self) -> list[dict] | None:
+        """The row's tool schemas (OpenAI form), kept on its first user message (formats.py)."""
+        return next((m[TOOLS] for m in self.messages if TOOLS in m), None)
 
     def prompt_and_target(self) -> tuple[list[dict], str]:
         """For prediction: everything before the last assistant turn, and that turn's text."""
@@ -96,10 +115,21 @@ def parse_example(obj: Any, where: str, require_answer: bool = True, template: T
         fields = " and ".join(f'"{k}"' for k in both)
         problems.append(f'"messages" and {fields} in one row: use one format per row, "messages" or '
                         '"instruction"/"input"/"output"')
-    if "messages" in obj:
+    if "conversations" in obj and (both := [k for k in ("messages", "instruction", "output") if k in obj]):
+        problems.append(f'"conversations" and {" and ".join(repr(k) for k in both)} in one row: use one format per row')
+    if "conversations" in obj:
+        raw, index = sharegpt_messages(obj, problems)
+        tools = parse_tools(obj.get("tools"), '"tools"', problems)
+        msgs = _parse_messages(raw, problems, require_answer, sharegpt_label(index)) if raw else []
+    elif "messages" in obj:
+        tools = parse_tools(obj.get("tools"), '"tools"', problems)
         msgs = _parse_messages(obj["messages"], problems, require_answer)
     else:
+        tools = None
         msgs = _parse_fields(obj, problems, require_answer, template)
+    if tools and not problems:
+        first_user = next(k for k, m in enumerate(msgs) if m["role"] == "user")
+        msgs[first_user] = {**msgs[first_user], TOOLS: tools}
     if problems:
         raise UserError(f"{where}: {_joined(problems)}")
     return Example(where, msgs)
@@ -175,9 +205,9 @@ def _answer(content: str, reasoning: str | None) -> dict:
     return m
 
 
-def _parse_messages(msgs: Any, problems: list[str], require_answer: bool) -> list[dict]:
-    """The messages format; every bad message goes to `problems`, then (if none) the first problem of the order
-    of turns."""
+def _parse_messages(msgs: Any, problems: list[str], require_answer: bool, label: Label = openai_label) -> list[dict]:
+    """The messages format (OpenAI's, tool calls and weights included); every bad message goes to `problems`, then
+    (if none) the first problem of the order of turns. `label(k, field)` names a field as the row has it."""
     if not isinstance(msgs, list) or not msgs:
         problems.append('"messages" must be a non-empty list of {"role", "content"} objects')
         return []
@@ -187,30 +217,68 @@ def _parse_messages(msgs: Any, problems: list[str], require_answer: bool) -> lis
             problems.append(f"messages[{k}] must be an object, got {_type_name(m)}")
             continue
         role, content = m.get("role"), m.get("content")
+        calls = m.get("tool_calls")
         if role not in ROLES:
-            problems.append(f'messages[{k}].role {_short(role)} is not one of {"/".join(ROLES)}')
-        if not isinstance(content, str):
-            problems.append(f"messages[{k}].content must be a string, got {_type_name(content)}")
-        elif not content.strip() and role != "system":
-            problems.append(f"messages[{k}].content is blank")
+            problems.append(f'{label(k, "role")} {_short(role)} is not one of {"/".join(ROLES[:3])}')
+        if calls is not None and role != "assistant":
+            problems.append(f"{label(k, 'tool_calls')}: only an assistant message calls tools")
+        if role == "assistant" and calls is not None and content in (None, ""):
+            content = ""  # a tool call without words
+        elif not isinstance(content, str):
+            problems.append(f"{label(k, 'content')} must be a string, got {_type_name(content)}")
+        elif not content.strip() and role not in ("system", "tool"):
+            problems.append(f"{label(k, 'content')} is blank")
         elif bad := _not_unicode(content):
-            problems.append(f"messages[{k}].content {bad}")
+            problems.append(f"{label(k, 'content')} {bad}")
         if role == "system" and k != 0:
-            problems.append(f"messages[{k}]: a system message may only come first")
-        out.append(_reasoning(m, k, problems))
+            problems.append(f"{label(k, 'role').rsplit('.', 1)[0]}: a system message may only come first")
+        weight = m.get("weight")
+        if "weight" in m and (role != "assistant" or isinstance(weight, bool) or weight not in (0, 1)):
+            problems.append(f"{label(k, 'weight')} must be 0 or 1, on an assistant message (got {_short(weight)} on "
+                            f"{_short(role)})")
+        msg = _reasoning({**m, "content": content}, k, problems)
+        if calls is not None and role == "assistant":
+            msg["tool_calls"] = parse_tool_calls(calls, label(k, "tool_calls"), problems)
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
+        if "weight" in m:
+            msg["weight"] = weight
+        out.append(msg)
     if problems:
         return []
-    turns = [m["role"] for m in out if m["role"] != "system"]
-    for k, role in enumerate(turns):
-        expected = "user" if k % 2 == 0 else "assistant"
-        if role != expected:
-            problems.append(f"turns must alternate user/assistant starting with user; turn {k + 1} is {role!r}")
-            return []
+    _check_order(out, problems, require_answer)
+    return [] if problems else out
+
+
+def _check_order(out: list[dict], problems: list[str], require_answer: bool) -> None:
+    """User and assistant turns alternate, starting with user; an assistant turn with tool_calls is followed by its
+    tool results, then by the assistant's next turn."""
+    turns = [m for m in out if m["role"] != "system"]
+    for k, m in enumerate(turns):
+        prev = turns[k - 1] if k else None
+        expected: tuple[str, ...]
+        if prev is None:
+            expected = ("user",)
+        elif prev["role"] == "user":
+            expected = ("assistant",)
+        elif prev["role"] == "tool" or "tool_calls" in prev:
+            expected = ("tool", "assistant") if prev["role"] == "tool" else ("tool",)
+        else:
+            expected = ("user",)
+        if m["role"] not in expected:
+            if m["role"] == "tool" or (prev is not None and (prev["role"] == "tool" or "tool_calls" in prev)):
+                problems.append(f"turn {k + 1} is {m['role']!r}: a tool result must follow an assistant message with "
+                                "tool_calls, and the assistant answers after the results")
+            else:
+                problems.append(f"turns must alternate user/assistant starting with user; turn {k + 1} is "
+                                f"{m['role']!r}")
+            return
     if not turns:
         problems.append('"messages" has no user turn')
-    elif require_answer and turns[-1] != "assistant":
+    elif require_answer and turns[-1]["role"] != "assistant":
         problems.append("the last message must be an assistant answer to train on")
-    return out
+    elif require_answer and all(m.get("weight", 1) == 0 for m in turns if m["role"] == "assistant"):
+        problems.append("every assistant message has weight 0: nothing to train in this row")
 
 
 def _reasoning(m: dict, k: int, problems: list[str]) -> dict:
@@ -280,7 +348,11 @@ def check_data_files(cfg: DataConfig) -> int:
     Imports neither torch nor transformers: call it before loading the tokenizer.
     """
     template = get_template(cfg.template, None)
-    rows = len(load_examples(cfg.path, template=template))
-    if cfg.eval_path:
-        load_examples(cfg.eval_path, template=template)
-    return rows
+    examples = load_examples(cfg.path, template=template)
+    for ex in examples + (load_examples(cfg.eval_path, template=template) if cfg.eval_path else []):
+        if template.kind == "format" and uses_tools(ex.messages):
+            try:
+                template.segments(ex.messages, False)  # refuses the row, saying what to do
+            except UserError as e:
+                raise UserError(f"{ex.where}: {e}") from None
+    return len(examples)

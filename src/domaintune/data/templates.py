@@ -44,13 +44,15 @@ from typing import TYPE_CHECKING, Any
 
 from .. import console
 from ..errors import UserError
-from .chat_template import chat_segments, check_kwargs, close_turn_token, renders_reasoning
+from .chat_template import chat_segments, check_kwargs, close_turn_token, renders_reasoning, renders_tools
+from .formats import split_row, uses_tools
 from .thinking import SWITCH, THINKING_MODES, apply_thinking, has_switch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 BUILTIN = ("domain_zh", "alpaca", "chatml", "tokenizer")
+TRAIN_ON_TURNS = ("all", "last")
 _JOIN_FIELDS = re.compile(r"\{(instruction|input)\}")
 EOS = object()  # marker for "the tokenizer's EOS token id" inside a segment list
 
@@ -72,6 +74,7 @@ class Template:
     thinking: str = "keep"  # data.thinking: what encode() does with reasoning_content (thinking.py)
     chat_template_kwargs: dict = field(default_factory=dict)  # passed to chat_template, e.g. enable_thinking
     close_turn: str = ""  # kind == "tokenizer": the token trained after an answer its template leaves open (GLM)
+    train_on_turns: str = "all"  # data.train_on_turns: every assistant turn of a row trains, or the last one only
 
     # ------------------------------------------------------------ (de)serialisation
     @classmethod
@@ -87,6 +90,8 @@ class Template:
             raise UserError(f"{source}: user_format must contain {{content}}")
         if t.thinking not in THINKING_MODES:
             raise UserError(f"{source}: thinking must be one of {', '.join(THINKING_MODES)}, got {t.thinking!r}")
+        if t.train_on_turns not in TRAIN_ON_TURNS:
+            raise UserError(f"{source}: train_on_turns must be one of {', '.join(TRAIN_ON_TURNS)}")
         if not isinstance(t.chat_template_kwargs, dict):
             raise UserError(f"{source}: chat_template_kwargs must be an object")
         return t
@@ -122,10 +127,15 @@ class Template:
         assistant prefix.
         """
         segs: list[tuple[Any, bool]] = []
-        msgs = list(messages)
+        if uses_tools(messages):
+            raise UserError(f"the template '{self.name}' cannot render tools, tool calls or tool results; use "
+                            "data.template: tokenizer with a model whose chat_template renders tools (Qwen2.5, "
+                            "Qwen3, Llama 3.1), or drop the tool rows")
+        msgs, _, trains = split_row(messages, self.train_on_turns == "last")
         system = self.default_system
         if msgs and msgs[0]["role"] == "system":
-            system = msgs.pop(0)["content"]
+            system = msgs[0]["content"]
+            msgs, trains = msgs[1:], trains[1:]
         if system:
             segs.append((self.system_format.replace("{content}", system), False))
         for i, m in enumerate(msgs):
@@ -134,9 +144,9 @@ class Template:
                     segs.append((self.turn_separator, False))
                 segs.append((self.user_format.replace("{content}", m["content"]), False))
             else:
-                segs.append((self.assistant_format.replace("{content}", m["content"]), True))
+                segs.append((self.assistant_format.replace("{content}", m["content"]), trains[i]))
                 if self.append_eos:
-                    segs.append((EOS, True))
+                    segs.append((EOS, trains[i]))
         return [(s, t) for s, t in segs if s is EOS or s]
 
     def encode(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False,
@@ -168,7 +178,11 @@ class Template:
         fixed, one per assistant turn for templates that rewrite them (chat_template.py)."""
         if self.kind != "tokenizer":
             return [self.encode(tokenizer, messages)]
-        return [_tokenize(tokenizer, s) for s in self._chat_segments(tokenizer, messages, False, None)]
+        samples = self._chat_segments(tokenizer, messages, False, None)
+        # A sample whose turns are all untrained (weight 0, train_on_turns: last) teaches nothing: left out, but a
+        # row keeps its last sample so that it is counted (as having nothing to train) rather than vanishing.
+        kept = [s for s in samples if any(t for _, t in s)] or samples[-1:]
+        return [_tokenize(tokenizer, s) for s in kept]
 
     def _chat_segments(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation: bool,
                        kwargs: dict | None) -> list[list[tuple[str, bool]]]:
@@ -176,9 +190,14 @@ class Template:
         if not tpl:
             raise UserError("template 'tokenizer' needs a tokenizer with a chat_template; "
                             "choose domain_zh, alpaca or chatml")
-        msgs = apply_thinking(messages, self.thinking, renders_reasoning(tokenizer, tpl))
+        msgs, tools, trains = split_row(apply_thinking(messages, self.thinking, renders_reasoning(tokenizer, tpl)),
+                                        self.train_on_turns == "last")
+        if uses_tools(messages) and not renders_tools(tokenizer, tpl):
+            raise UserError("this model's chat_template does not render tools, tool calls or tool results (a probe "
+                            "with them renders without them); use a model whose chat_template does (Qwen2.5, Qwen3, "
+                            "Llama 3.1), or drop the tool rows")
         return chat_segments(tokenizer, tpl, msgs, {**self.chat_template_kwargs, **(kwargs or {})}, self.close_turn,
-                             generation) or [[]]
+                             generation, tools, trains) or [[]]
 
     def with_thinking(self, on: bool | None, flag: str = "--thinking") -> Template:
         """This template with `enable_thinking` set to `on` (None: as trained), for predict and chat. Off also drops
@@ -336,7 +355,7 @@ def _turn_end_tokens(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> 
 
 
 def get_template(name_or_path: str, tokenizer: PreTrainedTokenizerBase | None = None,
-                 thinking: str = "keep") -> Template:
+                 thinking: str = "keep", train_on_turns: str = "all") -> Template:
     """A built-in template by name, a template JSON by path, or `tokenizer` (the model's chat_template), with
     data.thinking `thinking` (thinking.py); for a chat_template with a thinking switch, `enable_thinking` is set
     to what that mode trains (false for drop, true otherwise)."""
@@ -350,13 +369,15 @@ def get_template(name_or_path: str, tokenizer: PreTrainedTokenizerBase | None = 
         return Template(name="tokenizer", kind="tokenizer", append_eos=False,
                         description="the model's own chat_template", chat_template=tpl,
                         stop=stop or ([close] if close else []), close_turn=close, thinking=thinking,
-                        chat_template_kwargs={SWITCH: thinking != "drop"} if has_switch(tpl) else {})
+                        chat_template_kwargs={SWITCH: thinking != "drop"} if has_switch(tpl) else {},
+                        train_on_turns=train_on_turns)
     if name_or_path in BUILTIN:
         text = (resources.files("domaintune.data.prompt_templates").joinpath(f"{name_or_path}.json")
                 .read_text(encoding="utf-8"))
-        return replace(Template.from_dict(json.loads(text), name_or_path), thinking=thinking)
+        return replace(Template.from_dict(json.loads(text), name_or_path), thinking=thinking,
+                       train_on_turns=train_on_turns)
     p = Path(name_or_path)
     if p.suffix == ".json" and p.is_file():
-        return replace(Template.load(p), thinking=thinking)
+        return replace(Template.load(p), thinking=thinking, train_on_turns=train_on_turns)
     raise UserError(f"unknown template '{name_or_path}': use one of {', '.join(BUILTIN)} "
                     "or a path to a template .json file")

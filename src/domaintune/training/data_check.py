@@ -18,7 +18,7 @@ def run_data_check(cfg: Config, example: int = 0, color: bool = False) -> dict:
 
     check_data_files(cfg.data)  # bad data is named before the tokenizer (and transformers) loads
     tok = load_tokenizer(cfg.model.required_name(), cfg.model.trust_remote_code, cfg.model.revision)
-    template = get_template(cfg.data.template, tok, cfg.data.thinking)
+    template = get_template(cfg.data.template, tok, cfg.data.thinking, cfg.data.train_on_turns)
     ds = build_datasets(cfg.data, tok, template, cfg.train.seed)
     print("\n".join(ds.report.summary_lines()))
     marked = "in green" if color else "marked «like this»"
