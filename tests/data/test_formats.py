@@ -238,3 +238,27 @@ def test_data_check_shows_the_masks_of_a_tool_row(tmp_path, tiny_model_dir, caps
     assert cli.main(["data-check", cfg, "--example", "0", "data.train_on_turns=last"]) == 0
     out = capsys.readouterr().out
     assert "<tool_call>" in out and out.count("«") == 2  # the header's «like this» and the one trained answer
+
+
+def test_training_reads_train_on_turns(tiny_train_config, tmp_path):
+    """Regression: `data.train_on_turns` reached data-check but not the training run's template; the run trains
+    (and saves in template.json) what the setting says."""
+    import json
+
+    from domaintune.data.encode import IGNORE_INDEX
+    from domaintune.training.run import TrainingRun
+
+    rows = [{"messages": [{"role": "user", "content": "一"}, {"role": "assistant", "content": "甲"},
+                          {"role": "user", "content": "二"}, {"role": "assistant", "content": "乙"}]}] * 4
+    data = tmp_path / "multi.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    trained = {}
+    for turns in ("all", "last"):
+        cfg = tiny_train_config(tmp_path / turns, "qwen2", "data.template=chatml", f"data.path={data}",
+                                "data.val_size=0", f"data.train_on_turns={turns}")
+        run = TrainingRun(cfg)
+        run.setup_data()
+        assert run.template.train_on_turns == turns
+        sample = run.data.train[0]
+        trained[turns] = sum(1 for x in sample["labels"] if x != IGNORE_INDEX)
+    assert 0 < trained["last"] < trained["all"]

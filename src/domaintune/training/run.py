@@ -203,7 +203,8 @@ class TrainingRun:
 
         m = self.cfg.model
         self._tok = load_tokenizer(m.required_name(), m.trust_remote_code, m.revision)
-        self._template = get_template(self.cfg.data.template, self.tok, self.cfg.data.thinking)
+        self._template = get_template(self.cfg.data.template, self.tok, self.cfg.data.thinking,
+                                      self.cfg.data.train_on_turns)
         # Saved tokenizers (run dir, checkpoints) carry the training prompt as their chat_template, so plain
         # transformers' apply_chat_template renders what the model was trained on.
         self.tok.chat_template = self.template.chat_template_for(self.tok)
