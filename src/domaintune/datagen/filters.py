@@ -6,6 +6,11 @@ lower-casing are word tokens (word level for English, exactly the tokenisation o
 tokenizer without stemming); everything else (punctuation, spaces) is dropped. Text is NFKC-normalised
 first so full-width letters and digits count as their ASCII forms.
 
+Scale: exact duplicates are a set lookup; near-duplicates are scored against every pool entry up to
+`EXACT_POOL` entries, and past that only against the candidates of a MinHash LSH index (neardup.py), with the
+same exact ROUGE-L: every drop is still a real match, but a match that LSH does not propose is missed (recall
+just under 1, at the edge of the threshold: see neardup.py and bench/results/dedup_scale.md).
+
 The LCS is our own bit-parallel one (Hyyrö 2004): ``rouge_score`` computes the same value with a pure-Python
 O(n·m) table, which is too slow for pool x candidates comparisons; the tests check our scores against
 ``rouge_score`` (English) and against ``rouge_score`` with a character tokenizer and ``rouge-chinese``
@@ -102,30 +107,53 @@ class _Entry:
     text: str
     n: int
     masks: dict[str, int] = field(repr=False)
+    tokens: list[str] = field(repr=False)
+
+
+# Pools up to this size are scanned in full (exact); larger ones are searched through MinHash LSH candidates
+# (neardup.py: recall below 1 at the edge of the threshold, measured by bench/dedup_scale.py). A gen-data run of a
+# few thousand questions never leaves the exact scan for most of its questions.
+EXACT_POOL = 2000
 
 
 class NearDupIndex:
-    """The pool of questions; `most_similar` finds the first pool entry at or above the threshold."""
+    """The pool of questions; `most_similar` finds the first pool entry at or above the threshold.
 
-    def __init__(self, threshold: float):
-        self.threshold = threshold
+    Up to `exact_pool` entries every entry is scored; past that, only the candidates that MinHash LSH proposes
+    (`neardup.MinHashCandidates`, built on the first add past `exact_pool`), in pool order, with the same score.
+    """
+
+    def __init__(self, threshold: float, exact_pool: int = EXACT_POOL):
+        self.threshold, self.exact_pool = threshold, exact_pool
         self._entries: list[_Entry] = []
+        self._lsh = None  # neardup.MinHashCandidates once the pool outgrows exact_pool
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def add(self, text: str) -> None:
         toks = tokenize(text)
-        if toks:
-            self._entries.append(_Entry(text, len(toks), _masks(toks)))
+        if not toks:
+            return
+        self._entries.append(_Entry(text, len(toks), _masks(toks), toks))
+        if self._lsh is not None:
+            self._lsh.add(toks)
+        elif len(self._entries) > self.exact_pool:
+            from .neardup import MinHashCandidates  # datasketch only for pools that need it
+
+            self._lsh = MinHashCandidates()
+            for e in self._entries:
+                self._lsh.add(e.tokens)
 
     def most_similar(self, text: str) -> tuple[float, str | None]:
-        """(score, entry) of the first entry with ROUGE-L >= threshold, else (best score, None)."""
+        """(score, entry) of the first entry with ROUGE-L >= threshold, else (best score, None); with LSH, the
+        first and best among the candidates."""
         toks = tokenize(text)
         m, best = len(toks), 0.0
         if not m:
             return 0.0, None
-        for e in self._entries:
+        entries = self._entries if self._lsh is None else [self._entries[i] for i in self._lsh.candidates(toks)]
+        for e in entries:
             # F1 <= 2*min(n, m)/(n + m): skip entries whose length alone rules them out.
             if 2 * min(e.n, m) / (e.n + m) < self.threshold:
                 continue
@@ -161,11 +189,12 @@ class QuestionFilter:
     `check` does not change the pool; `add` puts a kept question (or a seed) into it.
     """
 
-    def __init__(self, *, min_chars: int, max_chars: int, blocklist: list[str], threshold: float):
+    def __init__(self, *, min_chars: int, max_chars: int, blocklist: list[str], threshold: float,
+                 exact_pool: int = EXACT_POOL):
         self.min_chars, self.max_chars = min_chars, max_chars
         self._blocked = _keyword_matcher(tuple(blocklist))
         self._keys: set[str] = set()
-        self.index = NearDupIndex(threshold)
+        self.index = NearDupIndex(threshold, exact_pool)
 
     def __contains__(self, question: str) -> bool:
         """Whether an exact duplicate of `question` is in the pool."""
