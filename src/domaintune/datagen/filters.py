@@ -22,7 +22,10 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .neardup import MinHashCandidates
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _TOKEN_RE = re.compile(rf"[{_CJK}]|[a-z0-9]+")
@@ -126,7 +129,7 @@ class NearDupIndex:
     def __init__(self, threshold: float, exact_pool: int = EXACT_POOL):
         self.threshold, self.exact_pool = threshold, exact_pool
         self._entries: list[_Entry] = []
-        self._lsh = None  # neardup.MinHashCandidates once the pool outgrows exact_pool
+        self._lsh: MinHashCandidates | None = None  # once the pool outgrows exact_pool
 
     def __len__(self) -> int:
         return len(self._entries)
