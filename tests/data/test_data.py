@@ -186,7 +186,7 @@ def test_missing_and_blank_output(tmp_path):
     ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]},
      "messages[0].content must be a string, got a number"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
-     "messages[1].role 'bot' is not one of system/user/assistant"),
+     "messages[1].role 'bot' is not one of system/user/assistant/tool"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
      "messages[1].content is blank"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},

@@ -68,7 +68,7 @@ def test_every_bad_message_is_named(tmp_path):
                         {"role": "user", "content": " "}, "hi"]}
     p = _jsonl(tmp_path, [row])
     assert _errors(p) == [f"{p} line 1: messages[0].content must be a string, got a number; "
-                          "messages[1].role 'bot' is not one of system/user/assistant; messages[2].content is blank; "
+                          "messages[1].role 'bot' is not one of system/user/assistant/tool; messages[2].content is blank; "
                           "messages[3] must be an object, got a string"]
 
 

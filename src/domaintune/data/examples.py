@@ -219,7 +219,7 @@ def _parse_messages(msgs: Any, problems: list[str], require_answer: bool, label:
         role, content = m.get("role"), m.get("content")
         calls = m.get("tool_calls")
         if role not in ROLES:
-            problems.append(f'{label(k, "role")} {_short(role)} is not one of {"/".join(ROLES[:3])}')
+            problems.append(f'{label(k, "role")} {_short(role)} is not one of {"/".join(ROLES)}')
         if calls is not None and role != "assistant":
             problems.append(f"{label(k, 'tool_calls')}: only an assistant message calls tools")
         if role == "assistant" and calls is not None and content in (None, ""):
