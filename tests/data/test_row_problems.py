@@ -68,8 +68,8 @@ def test_every_bad_message_is_named(tmp_path):
                         {"role": "user", "content": " "}, "hi"]}
     p = _jsonl(tmp_path, [row])
     assert _errors(p) == [f"{p} line 1: messages[0].content must be a string, got a number; "
-                          "messages[1].role 'bot' is not one of system/user/assistant/tool; messages[2].content is blank; "
-                          "messages[3] must be an object, got a string"]
+                          "messages[1].role 'bot' is not one of system/user/assistant/tool; "
+                          "messages[2].content is blank; messages[3] must be an object, got a string"]
 
 
 def test_many_problems_in_one_row_are_capped(tmp_path):
