@@ -79,6 +79,11 @@ def family_of(model_type: str | None) -> Family:
     return _BY_TYPE.get(model_type or "", UNKNOWN)
 
 
+def family_named(name: str) -> Family:
+    """The record called `name` (a `TinyRecipe.family`)."""
+    return next(f for f in FAMILIES if f.name == name)
+
+
 def model_types(pred: str) -> set[str]:
     """The model_type values whose family has the boolean feature `pred` ("packable", "plain_head", ...)."""
     return {t for f in FAMILIES if getattr(f, pred) for t in f.model_types}
@@ -129,6 +134,16 @@ class TinyRecipe:
         table needs no package)."""
         return self.template in THINKING_TEMPLATES
 
+
+# The byte-level split regexes (tokenizer.json's Split step before a ByteLevel(use_regex=false) step), the
+# originals from the families' tokenizer.json files as llama.cpp's llama-vocab.cpp quotes them. The tiny
+# tokenizers are built with them (TinyRecipe.pre), and the GGUF writer maps them to llama.cpp's pre-tokenizer
+# names; "gpt2" is ByteLevel's own regex (no Split step).
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLITS = {"qwen2": _QWEN2_SPLIT,
+          "llama3": _QWEN2_SPLIT.replace(r"\p{N}|", r"\p{N}{1,3}|"),  # Llama 3: digits in groups of up to three
+          "bloom": " ?[^(\\s|[.,!?…。，、।۔،])]+"}
 
 THINKING_TEMPLATES = {"trl:qwen3", "trl:qwen3_5_think", "trl:glm4moe"}
 _CHATML = ("<|im_start|>", "<|im_end|>")
@@ -196,7 +211,7 @@ COLUMN_TITLES = {"template": "chat template", "train": "train", "thinking": "rea
 def support(arch: str) -> dict[str, str]:
     """The table row of a tiny arch: column -> what is proven (or "refused: why")."""
     r = TINY[arch]
-    f = next(f for f in FAMILIES if f.name == r.family)
+    f = family_named(r.family)
     package, _, name = r.template.partition(":")
     template = ("domaintune's ChatML" if r.template == "chatml" else f"{name}.jinja (trl)" if package == "trl"
                 else f"{name} (llama-cpp-python)")
@@ -227,5 +242,5 @@ def render_table(markdown: bool = True) -> str:
 TABLE_NOTE = ("Each ✓ is proven on the family's tiny model (`domaintune make-tiny-model --arch ARCH`) by "
               "tests/test_families.py, one parametrised test per column. `--engine vllm` takes every family above ("
               + ", ".join(sorted({r.family for r in TINY.values()
-                                  if not next(f for f in FAMILIES if f.name == r.family).vllm_lora}))
+                                  if not family_named(r.family).vllm_lora}))
               + ": a merged export, not a LoRA run); it needs a CUDA GPU and is not run by the CPU suite.")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from domaintune.families import ARCHS, TINY, family_of
+from domaintune.families import ARCHS, TINY, family_named, family_of
 from domaintune.inference.engine import Engine, StreamState
 from domaintune.inference.kvcache import joinable
 from domaintune.inference.params import GenerationParams
@@ -165,7 +165,7 @@ def test_a_failure_while_joining_the_caches_fails_the_joiners_too(tiny_model_dir
 
 def test_the_table_of_joined_families_is_the_family_records():
     assert JOINED <= set(ARCHS)
-    assert {a for a in ARCHS if family_of(TINY[a].family).batched} == JOINED
+    assert {a for a in ARCHS if family_named(TINY[a].family).batched} == JOINED
 
 
 def test_streamed_deltas_add_up_to_the_final_text_with_byte_fallback(tiny_model_dir):

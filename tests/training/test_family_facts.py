@@ -22,7 +22,7 @@ import torch
 
 from domaintune.config import ModelConfig
 from domaintune.errors import UserError
-from domaintune.families import ARCHS, TINY, family_of
+from domaintune.families import ARCHS, TINY, family_named, family_of
 from domaintune.rundir import RunDir
 from domaintune.training import model as loader
 from domaintune.training.loss import LeanLoss
@@ -96,7 +96,7 @@ def _row_logits(model, rows, batching: str) -> list[torch.Tensor]:
 def test_the_family_records_say_what_was_proven():
     assert set(PROVEN) == set(ARCHS) == set(PINNED)
     for arch, (packable, plain_head, moe) in PROVEN.items():
-        fam = family_of(TINY[arch].family)
+        fam = family_named(TINY[arch].family)
         assert fam.name == TINY[arch].family
         assert (fam.packable, fam.plain_head, fam.moe) == (packable, plain_head, moe), arch
 

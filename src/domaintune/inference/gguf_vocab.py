@@ -16,18 +16,11 @@ import re
 from typing import Any
 
 from ..errors import UserError
+from ..families import SPLITS
 
 # tokenizer.json pre-tokenizer -> llama.cpp's `tokenizer.ggml.pre` name. The key is the Split regex in front of
-# a ByteLevel(use_regex=false) step, or "" for a bare ByteLevel(use_regex=true) (GPT-2's own regex). The regexes
-# are the originals from the families' tokenizer.json files (llama.cpp's llama-vocab.cpp quotes them).
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS = {
-    "": "gpt-2",
-    _QWEN2_SPLIT: "qwen2",
-    _QWEN2_SPLIT.replace(r"\p{N}|", r"\p{N}{1,3}|"): "llama-bpe",  # Llama 3: digits in groups of up to three
-    " ?[^(\\s|[.,!?…。，、।۔،])]+": "bloom",
-}
+# a ByteLevel(use_regex=false) step (families.SPLITS), or "" for a bare ByteLevel(use_regex=true) (GPT-2's own).
+PRE_TOKENIZERS = {"": "gpt-2", SPLITS["qwen2"]: "qwen2", SPLITS["llama3"]: "llama-bpe", SPLITS["bloom"]: "bloom"}
 
 
 def _tokenizer_json(tok: Any) -> dict:

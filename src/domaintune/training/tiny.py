@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from ..families import ARCHS, TINY, TinyRecipe
+from ..families import ARCHS, SPLITS, TINY, TinyRecipe
 from ..rundir import MODEL_CARD
 
 if TYPE_CHECKING:
@@ -81,11 +81,6 @@ def _strings(obj: Any) -> list[str]:
     return []
 
 
-# The byte-level split regexes (tokenizer.json's Split step before ByteLevel), from the families' tokenizer.json
-# files as llama.cpp's llama-vocab.cpp quotes them; "gpt2" is ByteLevel's own regex (no Split step).
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-SPLITS = {"qwen2": _QWEN2_SPLIT, "llama3": _QWEN2_SPLIT.replace(r"\p{N}|", r"\p{N}{1,3}|")}
 # Template markers of the built-in templates go into the corpus so they are short token sequences.
 _MARKERS = ["用户:", "助手:", "### Instruction:", "### Response:", "### Input:"] * 20
 
@@ -147,13 +142,17 @@ def _byte_level(texts: list[str], r: TinyRecipe, specials: list[str], vocab_size
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    if r.add_bos:
-        bos = r.bos or ""
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, tok.token_to_id(bos))])
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.post_processor = _bos_processor(tok, r) if r.add_bos else processors.ByteLevel(trim_offsets=False)
     return tok
+
+
+def _bos_processor(tok: Any, r: TinyRecipe) -> Any:
+    """The post-processor of a tokenizer that adds BOS by itself (LLaMA, Llama 3, Mistral, Gemma)."""
+    from tokenizers import processors
+
+    bos = r.bos or ""
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                         special_tokens=[(bos, tok.token_to_id(bos))])
 
 
 def _sentencepiece_like(texts: list[str], r: TinyRecipe, specials: list[str], vocab_size: int) -> Any:
@@ -163,7 +162,7 @@ def _sentencepiece_like(texts: list[str], r: TinyRecipe, specials: list[str], vo
     import collections
     import json
 
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     def pipeline(tok: Any) -> None:
         if r.space_prefix:  # LLaMA-2 / Mistral / Phi-3: "▁" before the text and for every space
@@ -195,9 +194,7 @@ def _sentencepiece_like(texts: list[str], r: TinyRecipe, specials: list[str], vo
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     tok.decoder = decoders.Sequence(steps)
     if r.add_bos:
-        bos = r.bos or ""
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, vocab[bos])])
+        tok.post_processor = _bos_processor(tok, r)
     return tok
 
 
