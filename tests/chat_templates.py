@@ -1,5 +1,21 @@
-"""Chat templates that refuse conversations, the way Mistral / LLaMA-2 / Gemma templates do
-(`raise_exception`), shared by the tests of every layer that must turn that into a clear error."""
+"""Shared by the template tests of every layer: chat templates that refuse conversations, the way Mistral /
+LLaMA-2 / Gemma templates do (`raise_exception`), which must become a clear error; and `spans`, an encoding's
+trained and untrained runs as text."""
+
+
+def spans(tok, ids, mask):
+    """[(trainable, decoded text), ...] for each run of equal mask values."""
+    out, cur, flag = [], [], None
+    for i, m in zip(ids, mask, strict=True):
+        if cur and m != flag:
+            out.append((flag, tok.decode(cur)))
+            cur = []
+        cur.append(i)
+        flag = m
+    if cur:
+        out.append((flag, tok.decode(cur)))
+    return out
+
 
 # [INST] layout: refuses a system role and roles that do not alternate user/assistant.
 STRICT_INST = (

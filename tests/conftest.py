@@ -20,7 +20,8 @@ Fixture names are stable; other test files rely on them.
   outside it.
 - ``tiny_run_copy`` (function): a fresh copy of ``tiny_run`` in the test's tmp_path, free to modify.
 - ``qwen_tok``, ``llama_tok``, ``bloom_tok`` (session): the tiny tokenizers alone (trained on the sample data,
-  about a second each, no model), for template and data tests. Treat them as read-only.
+  about a second each, no model), for template and data tests; ``family_tok(arch)`` the same for any family.
+  Treat them as read-only.
 
 The micro models' outputs are nonsense (random weights): tests compare exact values between code paths,
 never quality.
@@ -121,3 +122,19 @@ def bloom_tok(tiny_corpus):
     from domaintune.training.tiny import train_tokenizer
 
     return train_tokenizer(tiny_corpus, "bloom")
+
+
+@pytest.fixture(scope="session")
+def family_tok(tiny_corpus):
+    """A factory, ``family_tok(arch) -> tokenizer``: the tiny tokenizer of any family of
+    ``domaintune.families.ARCHS`` (with its official chat template), trained once per session, no model."""
+    from domaintune.training.tiny import train_tokenizer
+
+    built: dict = {}
+
+    def get(arch: str):
+        if arch not in built:
+            built[arch] = train_tokenizer(tiny_corpus, arch)
+        return built[arch]
+
+    return get

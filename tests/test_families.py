@@ -257,20 +257,15 @@ def test_gguf(arch, runs, engines, tmp_path):
         with pytest.raises(UserError, match=fam.gguf_refusal.split(";")[0]):
             run_export_gguf(runs(arch), tmp_path / "out", quant="f32")
         return
-    import llama_cpp
+    from llama_cpp_run import llama, llama_greedy
 
     path = run_export_gguf(runs(arch), tmp_path / "out", quant="f32")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=1, seed=0, verbose=False)
+    llm = llama(path, n_ctx=512)
     assert llm.metadata["general.architecture"] == fam.gguf
     engine = engines(arch)
     for messages in prompts_for(arch):
         ids, want = greedy(engine, messages)
-        got = []
-        for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
-            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t) or len(got) == MAX_NEW:
-                break
-            got.append(t)
-        llm.reset()
+        got = llama_greedy(llm, ids, MAX_NEW)
         assert got == want.token_ids[: len(got)] and len(got) >= min(len(want.token_ids), 1), (got, want.token_ids)
 
 

@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+from chat_templates import spans
 from domaintune.config import build_config
 from domaintune.data.encode import DataReport, encode_examples
 from domaintune.data.examples import load_examples, parse_example
@@ -23,19 +24,6 @@ from domaintune.families import ARCHS
 
 FAMILIES = [a for a in ARCHS if a not in ("qwen2", "llama", "bloom")]  # the official templates
 THINKING = ("qwen3", "qwen3_5", "glm4")  # templates that render reasoning_content and read enable_thinking
-_TOKS: dict[str, object] = {}
-
-
-@pytest.fixture
-def fam_tok(tiny_corpus):
-    from domaintune.training.tiny import train_tokenizer
-
-    def get(arch: str):
-        if arch not in _TOKS:
-            _TOKS[arch] = train_tokenizer(tiny_corpus, arch)
-        return _TOKS[arch]
-
-    return get
 
 
 SYS = "你是一位耐心的儿科医生。"
@@ -64,12 +52,12 @@ def runs(mask: list[bool], start: int) -> int:
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_trained_spans_are_the_official_assistant_spans(fam_tok, arch, case):
+def test_trained_spans_are_the_official_assistant_spans(family_tok, arch, case):
     """Every assistant turn is trained exactly once, in a sample that starts with the official generation prompt of
     its history; its trained tokens are `full_k` minus `prompt_k`. A sample is the official rendering of its last
     turn's conversation (plus GLM-4's closing `<|user|>`). Only end-of-conversation tokens (Phi-3's EOS after
     `<|end|>\\n`) are left out of a turn that the same sample continues."""
-    tok, messages = fam_tok(arch), CASES[case]
+    tok, messages = family_tok(arch), CASES[case]
     tpl = get_template("tokenizer", tok)
     if arch == "mistral" and case == "system":
         with pytest.raises(UserError, match=r"rejects this conversation \(Conversation roles must alternate"):
@@ -108,10 +96,10 @@ def test_trained_spans_are_the_official_assistant_spans(fam_tok, arch, case):
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_stop_tokens_hold_the_token_that_ends_an_answer(fam_tok, arch):
+def test_stop_tokens_hold_the_token_that_ends_an_answer(family_tok, arch):
     """Generation stops on what training teaches the model to emit after an answer: the template's end-of-turn
     token, or GLM-4's next-turn `<|user|>` (which GLM ships among its EOS ids)."""
-    tok = fam_tok(arch)
+    tok = family_tok(arch)
     tpl = get_template("tokenizer", tok)
     expected = {"qwen3": "<|im_end|>", "qwen3_moe": "<|im_end|>", "qwen3_5": "<|im_end|>", "llama3": "<|eot_id|>",
                 "gemma3": "<end_of_turn>", "phi3": "<|end|>", "glm4": "<|user|>", "mistral": None}[arch]
@@ -143,29 +131,16 @@ SPANS = {
 }
 
 
-def _text_spans(tok, ids, mask):
-    out, cur, flag = [], [], None
-    for i, m in zip(ids, mask, strict=True):
-        if cur and m != flag:
-            out.append((flag, tok.decode(cur)))
-            cur = []
-        cur.append(i)
-        flag = m
-    if cur:
-        out.append((flag, tok.decode(cur)))
-    return out
-
-
 @pytest.mark.parametrize("mode", ["keep", "drop", "empty"])
 @pytest.mark.parametrize("arch", THINKING)
-def test_thinking_templates_train_the_documented_spans(fam_tok, arch, mode):
+def test_thinking_templates_train_the_documented_spans(family_tok, arch, mode):
     """The spans of `SPANS` (see there for each template's documented behaviour); and the generation prompt of
     the same history, with the enable_thinking data.thinking implies, is the official one."""
-    tok = fam_tok(arch)
+    tok = family_tok(arch)
     tpl = get_template("tokenizer", tok, thinking=mode)
     assert tpl.chat_template_kwargs == {"enable_thinking": mode != "drop"}
     (ids, mask), = tpl.encode_samples(tok, REASONED)
-    (_, prompt_tail), (_, target) = _text_spans(tok, ids, mask)
+    (_, prompt_tail), (_, target) = spans(tok, ids, mask)
     want_prompt, want_target = SPANS[arch, mode]
     assert prompt_tail.endswith(want_prompt) and target == want_target
     prompt = official(tok, REASONED[:1], gen=True, enable_thinking=mode != "drop")
@@ -173,10 +148,10 @@ def test_thinking_templates_train_the_documented_spans(fam_tok, arch, mode):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_5"])
-def test_qwen3_multi_turn_reasoning_gives_a_sample_per_turn_without_earlier_reasoning(fam_tok, arch):
+def test_qwen3_multi_turn_reasoning_gives_a_sample_per_turn_without_earlier_reasoning(family_tok, arch):
     """Qwen3's template drops reasoning from turns before the last user message, so turn 2 is trained after the
     history inference sends (turn 1 without its reasoning), never after a history with it."""
-    tok = fam_tok(arch)
+    tok = family_tok(arch)
     tpl = get_template("tokenizer", tok)
     messages = [*REASONED, {"role": "user", "content": Q2},
                 {"role": "assistant", "content": A2, "reasoning_content": "第二次"}]
@@ -192,8 +167,8 @@ def test_qwen3_multi_turn_reasoning_gives_a_sample_per_turn_without_earlier_reas
 @pytest.mark.parametrize("mode, block", [("keep", "<think>\n想一想\n</think>\n\n"), ("drop", ""),
                                          ("empty", "<think>\n\n</think>\n\n")])
 @pytest.mark.parametrize("arch", ["llama3", "gemma3", "phi3", "mistral"])
-def test_templates_without_a_thinking_block_get_it_before_the_answer(fam_tok, arch, mode, block):
-    tok = fam_tok(arch)
+def test_templates_without_a_thinking_block_get_it_before_the_answer(family_tok, arch, mode, block):
+    tok = family_tok(arch)
     tpl = get_template("tokenizer", tok, thinking=mode)
     assert tpl.chat_template_kwargs == {}
     (ids, mask), = tpl.encode_samples(tok, REASONED)
@@ -213,7 +188,7 @@ def test_format_templates_get_the_block_before_the_answer(qwen_tok, mode, block)
     assert qwen_tok.decode([i for i, m in zip(ids, mask, strict=True) if m]).startswith(block + A1)
 
 
-def test_reasoning_in_both_shapes_reads_the_same(tmp_path, fam_tok):
+def test_reasoning_in_both_shapes_reads_the_same(tmp_path, family_tok):
     """`reasoning_content` and a leading `<think>` block (messages, output, history) become the same message."""
     rows = [{"messages": REASONED},
             {"messages": [REASONED[0], {"role": "assistant", "content": "<think>\n想一想\n</think>\n\n" + A1}]},
@@ -224,7 +199,7 @@ def test_reasoning_in_both_shapes_reads_the_same(tmp_path, fam_tok):
     assert [e.messages for e in exs] == [REASONED] * 3
     ex = parse_example({"instruction": Q2, "output": A2, "history": [[Q1, "<think>想一想</think>" + A1]]}, "x")
     assert ex.messages[:2] == REASONED
-    tok = fam_tok("qwen3")
+    tok = family_tok("qwen3")
     tpl = get_template("tokenizer", tok)
     assert len({json.dumps(tpl.encode_samples(tok, e.messages)) for e in exs}) == 1
 
@@ -251,8 +226,8 @@ def test_bad_reasoning_names_file_line_and_field(tmp_path, assistant, problem):
 
 # ---------------------------------------------------------------- rows and samples in the report
 
-def test_report_counts_rows_and_samples_and_names_expanded_rows(tmp_path, fam_tok):
-    tok = fam_tok("qwen3")
+def test_report_counts_rows_and_samples_and_names_expanded_rows(tmp_path, family_tok):
+    tok = family_tok("qwen3")
     tpl = get_template("tokenizer", tok)
     rows = [{"messages": CASES["multi"]}, {"messages": CASES["single"]}]
     p = tmp_path / "t.jsonl"
@@ -286,22 +261,22 @@ def test_prefix_preserving_templates_keep_one_sample_per_row(qwen_tok, tmp_path)
 
 # ---------------------------------------------------------------- saved with the run, exported
 
-def test_thinking_and_kwargs_survive_template_json(tmp_path, fam_tok):
-    tok = fam_tok("qwen3")
+def test_thinking_and_kwargs_survive_template_json(tmp_path, family_tok):
+    tok = family_tok("qwen3")
     tpl = get_template("tokenizer", tok, thinking="drop")
     tpl.save(tmp_path / "template.json")
     back = Template.load(tmp_path / "template.json")
     assert back == tpl and back.chat_template_kwargs == {"enable_thinking": False} and back.thinking == "drop"
     with pytest.raises(UserError, match="thinking must be one of keep, drop, empty"):
         Template.from_dict({**tpl.to_dict(), "thinking": "maybe"})
-    glm = get_template("tokenizer", fam_tok("glm4"))
+    glm = get_template("tokenizer", family_tok("glm4"))
     assert Template.from_dict(json.loads(json.dumps(glm.to_dict()))).close_turn == "<|user|>"
 
 
-def test_exported_chat_template_defaults_to_the_training_switch(fam_tok):
+def test_exported_chat_template_defaults_to_the_training_switch(family_tok):
     """The template a run's tokenizer (and an export, a GGUF) carries renders the training prompt by default:
     data.thinking drop trains with enable_thinking=false, so plain apply_chat_template sends the empty block."""
-    tok = copy.deepcopy(fam_tok("qwen3"))
+    tok = copy.deepcopy(family_tok("qwen3"))
     tpl = get_template("tokenizer", tok, thinking="drop")
     tok.chat_template = tpl.chat_template_for(tok)
     q = [{"role": "user", "content": Q1}]

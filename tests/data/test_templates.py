@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from chat_templates import spans
 from domaintune.data.examples import parse_example
 from domaintune.data.templates import BUILTIN, Template, get_template
 from domaintune.errors import UserError
@@ -17,20 +18,6 @@ from domaintune.training.tiny import CHATML_JINJA, train_tokenizer
 @pytest.fixture(params=["bloom", "qwen2", "llama"])
 def tok(request):
     return request.getfixturevalue({"bloom": "bloom_tok", "qwen2": "qwen_tok", "llama": "llama_tok"}[request.param])
-
-
-def spans(tok, ids, mask):
-    """[(trainable, decoded text), ...] for each run of equal mask values."""
-    out, cur, flag = [], [], None
-    for i, m in zip(ids, mask, strict=True):
-        if cur and m != flag:
-            out.append((flag, tok.decode(cur)))
-            cur = []
-        cur.append(i)
-        flag = m
-    if cur:
-        out.append((flag, tok.decode(cur)))
-    return out
 
 
 # ---------------------------------------------------------------- the expected layouts, written out by hand

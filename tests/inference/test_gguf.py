@@ -13,12 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 import pytest
 import torch
 from llama_cpp import Llama
 
+import llama_cpp_run
 from domaintune.cli import main
 from domaintune.data.encode import with_system
 from domaintune.data.templates import EOS, get_template
@@ -30,6 +30,7 @@ from domaintune.inference.gguf_vocab import PRE_TOKENIZERS, pre_tokenizer_name
 from domaintune.inference.params import PRESETS, GenerationParams
 from domaintune.inference.predict import run_predict
 from domaintune.training.trainer import run_train
+from llama_cpp_run import llama_logits
 
 PROMPTS = ["孩子不爱吃饭怎么办", "How do I help my child sleep?", "怎样培养阅读习惯",
            "孩子总是拖延写作业，我该怎么做？", "Is screen time before bed harmful?"]
@@ -58,17 +59,11 @@ def f32(runs, tmp_path_factory):
 
 
 def llama(path, **kw) -> Llama:
-    return Llama(model_path=str(path), n_ctx=1024, n_threads=2, seed=0, verbose=False, **kw)
+    return llama_cpp_run.llama(path, n_threads=2, **kw)
 
 
 def llama_greedy(llm: Llama, prompt: list[int], n: int = MAX_NEW) -> list[int]:
-    """Greedy tokens from llama.cpp, stopping at an end-of-generation token (not returned) or after n."""
-    out = []
-    for t in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
-        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t) or len(out) == n:
-            break
-        out.append(t)
-    return out
+    return llama_cpp_run.llama_greedy(llm, prompt, n)
 
 
 @pytest.mark.parametrize("arch", list(ARCH_TEMPLATE))
@@ -96,9 +91,7 @@ def test_llama_cpp_gives_predicts_greedy_tokens(arch, runs, f32, tmp_path):
 
     # The logits themselves, over prompt + answer: the f32 file computes what transformers computes.
     seq = prompts[0] + want[0]
-    llm.reset()
-    llm.eval(seq)
-    ours = np.asarray(llm.scores[: len(seq)])
+    ours = llama_logits(llm, seq)
     with torch.no_grad():
         theirs = engine.model(torch.tensor([seq])).logits[0].float().numpy()
     n_vocab = theirs.shape[1]
@@ -109,9 +102,7 @@ def test_llama_cpp_gives_predicts_greedy_tokens(arch, runs, f32, tmp_path):
 def top1(llm: Llama, seqs: list[list[int]]) -> list[np.ndarray]:
     out = []
     for seq in seqs:
-        llm.reset()
-        llm.eval(seq)
-        out.append(np.asarray(llm.scores[: len(seq)]).argmax(axis=1))
+        out.append(llama_logits(llm, seq).argmax(axis=1))
     return out
 
 

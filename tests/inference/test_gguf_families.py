@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import shutil
 
-import llama_cpp
 import numpy as np
 import pytest
 import torch
 from llama_cpp import Llama
 
+import llama_cpp_run
 from domaintune.cli import main
 from domaintune.errors import UserError
 from domaintune.families import TINY, family_of
@@ -33,6 +33,7 @@ from domaintune.inference.gguf_export import run_export_gguf
 from domaintune.inference.params import GenerationParams
 from domaintune.inference.predict import run_predict
 from domaintune.training.trainer import run_train
+from llama_cpp_run import llama, llama_logits
 
 FAMILIES = ("qwen3", "qwen3_moe", "qwen3_5", "llama3", "gemma3", "mistral", "phi3", "glm4")
 PROMPTS = ["孩子不爱吃饭怎么办", "How do I help my child sleep?", "怎样培养阅读习惯",
@@ -89,19 +90,8 @@ def engines(runs):
     return {arch: Engine.from_run(run, device="cpu") for arch, run in runs.items()}
 
 
-def llama(path, **kw) -> Llama:
-    return Llama(model_path=str(path), n_ctx=1024, n_threads=1, seed=0, verbose=False, **kw)
-
-
 def llama_greedy(llm: Llama, prompt: list[int], n: int = MAX_NEW) -> list[int]:
-    """Greedy tokens from llama.cpp, stopping at an end-of-generation token (not returned) or after n."""
-    out = []
-    llm.reset()
-    for t in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
-        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t) or len(out) == n:
-            break
-        out.append(t)
-    return out
+    return llama_cpp_run.llama_greedy(llm, prompt, n)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -124,9 +114,7 @@ def test_llama_cpp_gives_predicts_greedy_tokens(arch, runs, f32, engines, tmp_pa
 
     # The logits over prompt + answer: the f32 file computes what transformers computes.
     seq = prompts[1] + want[1]
-    llm.reset()
-    llm.eval(seq)
-    ours = np.asarray(llm.scores[: len(seq)])
+    ours = llama_logits(llm, seq)
     with torch.no_grad():
         theirs = engine.model(torch.tensor([seq])).logits[0].float().numpy()
     # f32 sums in another order: measured 1e-4 to 1.7e-3 (MoE, Gemma 3); each wrong rule met while writing
@@ -220,9 +208,7 @@ def test_q8_0_of_experts_and_linear_attention(arch, runs, f32, engines, tmp_path
     seq = engines[arch].encode_messages([{"role": "user", "content": PROMPTS[1]}])
     logits = []
     for p in (path, f32[arch]):
-        llm = llama(p, logits_all=True)
-        llm.eval(seq)
-        logits.append(np.asarray(llm.scores[: len(seq)]))
+        logits.append(llama_logits(llama(p, logits_all=True), seq))
     assert np.abs(logits[0] - logits[1]).max() < 0.1
     assert (logits[0].argmax(1) == logits[1].argmax(1)).mean() >= 0.9
 

@@ -23,19 +23,6 @@ PROMPTS = {
     "system": [{"role": "system", "content": SYS}, {"role": "user", "content": "How do I take a temperature?"}],
     "history": [*HISTORY, {"role": "user", "content": "要去医院吗？"}],
 }
-_TOKS: dict[str, object] = {}
-
-
-@pytest.fixture
-def fam_tok(tiny_corpus):
-    from domaintune.training.tiny import train_tokenizer
-
-    def get(arch: str):
-        if arch not in _TOKS:
-            _TOKS[arch] = train_tokenizer(tiny_corpus, arch)
-        return _TOKS[arch]
-
-    return get
 
 
 def official(tok, messages, **kw) -> list[int]:
@@ -50,8 +37,8 @@ def prompt_ids(tok, template, messages, kwargs=None) -> list[int]:
 
 @pytest.mark.parametrize("case", list(PROMPTS))
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_inference_prompt_is_the_official_generation_prompt(fam_tok, arch, case):
-    tok, messages = fam_tok(arch), PROMPTS[case]
+def test_inference_prompt_is_the_official_generation_prompt(family_tok, arch, case):
+    tok, messages = family_tok(arch), PROMPTS[case]
     if arch == "mistral" and case == "system":
         return  # refused with the template's message (tests/data/test_template_families.py)
     for mode in ("keep", "drop", "empty"):
@@ -84,9 +71,9 @@ def test_inference_prompt_is_the_official_generation_prompt(fam_tok, arch, case)
     ({"thinking_budget": 5}, "chat_template_kwargs: unknown key(s) ['thinking_budget']; supported: enable_thinking"),
     ([1], "chat_template_kwargs must be an object"),
 ])
-def test_bad_kwargs_are_named(fam_tok, kwargs, message):
+def test_bad_kwargs_are_named(family_tok, kwargs, message):
     with pytest.raises(UserError) as e:
-        get_template("tokenizer", fam_tok("qwen3")).check_kwargs(kwargs)
+        get_template("tokenizer", family_tok("qwen3")).check_kwargs(kwargs)
     assert str(e.value).startswith(message)
 
 
