@@ -307,3 +307,39 @@ def test_data_check_shows_every_sample_of_a_multi_turn_thinking_row(tiny_model_d
     assert f"<|im_start|>assistant\n«<think>\n想一想\n</think>\n\n{A1}<|im_end|>\n»" in first
     assert (f"<|im_start|>assistant\n{A1}<|im_end|>\n<|im_start|>user\n{Q2}<|im_end|>\n<|im_start|>assistant\n"
             f"«<think>\n第二次\n</think>\n\n{A2}<|im_end|>\n»") in second
+
+
+def test_every_process_expands_rows_into_the_same_samples(tiny_model_dir, tmp_path):
+    """N processes (torchrun) each encode the data themselves and must agree sample for sample, or the sampler's
+    shared order would give them different rows: rows expanded into one sample per turn (Qwen3, reasoning) and
+    masks by character offsets come out the same in processes with different hash seeds."""
+    import os
+    import subprocess
+    import sys
+
+    rows = [{"messages": [{"role": "system", "content": "你是医生。"}, {"role": "user", "content": "发烧怎么办？"},
+                          {"role": "assistant", "content": "<think>先问体温。</think>量体温。"},
+                          {"role": "user", "content": "要去医院吗？"},
+                          {"role": "assistant", "content": "超过三天去。", "reasoning_content": "看时长。"}]},
+            {"instruction": "什么是积食？", "output": "吃多了。"}] * 3
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    script = (
+        "import hashlib, json, sys\n"
+        "from transformers import AutoTokenizer\n"
+        "from domaintune.config import build_config\n"
+        "from domaintune.data.encode import build_datasets\n"
+        "from domaintune.data.templates import get_template\n"
+        "cfg = build_config({'model': {'name_or_path': sys.argv[1]}, 'data': {'path': sys.argv[2], "
+        "'template': 'tokenizer', 'val_size': 0}}, 'x')\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "ds = build_datasets(cfg.data, tok, get_template('tokenizer', tok), 0)\n"
+        "print(len(ds.train), hashlib.sha256(json.dumps(ds.train).encode()).hexdigest())\n")
+    out = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        r = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir("qwen3")), str(data)], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out.append(r.stdout.split())
+    assert out[0] == out[1] and int(out[0][0]) == 9  # 3 two-turn rows expanded into 2 samples each, 3 single
