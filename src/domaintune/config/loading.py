@@ -210,7 +210,8 @@ def explain(model_cls: type[BaseModel] = Config, prefix: str = "") -> list[str]:
             lines.extend(explain(ann, prefix + name + "."))
             continue
         default = f.get_default(call_default_factory=True)
-        if isinstance(default, float) and math.isfinite(default) and default.is_integer():
-            default = default
         lines.append(f"{prefix}{name} = {json.dumps(default, ensure_ascii=False)}  # {f.description or ''}")
+        if name == "path" and model_cls.__name__ == "DataConfig":  # the keys of a source mapping
+            from .sources import SourceConfig
+            lines.extend(explain(SourceConfig, prefix + "path[]."))
     return lines

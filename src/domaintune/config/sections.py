@@ -15,6 +15,7 @@ from ..errors import UserError
 from .base import Section
 from .judge import JudgeConfig
 from .selfinstruct import SelfInstructConfig
+from .sources import SourceConfig, as_sources
 
 # transformers' set_seed also seeds numpy, whose seeds are 32-bit unsigned: -1 or 2**32 failed only after the
 # model had loaded.
@@ -116,12 +117,15 @@ class LoraConfig(Section):
 
 
 class DataConfig(Section):
-    path: str = Field(
+    path: Union[str, SourceConfig, list[Union[str, SourceConfig]]] = Field(
         "examples/data/train.jsonl",
-        description="Training file: JSON lines or a JSON array (alpaca or messages format).",
+        description="Training data: one source or a list, mixed. A source is a file (JSON lines, JSON array, CSV, "
+                    "TSV, Parquet, Arrow), a folder, a glob or a save_to_disk folder, or a mapping {path | hub, "
+                    "format, columns, weight | rows | fraction, subset, split, revision, name} (data.path[].*).",
     )
-    eval_path: str | None = Field(
-        None, description="Validation file; when unset, val_size rows are split off the training file."
+    eval_path: Union[str, SourceConfig, list[Union[str, SourceConfig]], None] = Field(
+        None, description="Validation data, in the same forms as path; when unset, val_size rows are split off "
+                          "the training mix."
     )
     template: str = Field(
         "domain_zh",
@@ -158,8 +162,69 @@ class DataConfig(Section):
                     "said when capped) or a fraction in (0, 1); at least one row always stays for training.",
     )
     val_max_rows: int | None = Field(None, ge=0, description="Upper bound on the validation split's row count.")
+    dedup: Literal["off", "exact", "near"] = Field(
+        "off",
+        description="Drop duplicate training rows (counted per source): exact = the same text after normalising case, "
+                    "spaces and punctuation; near = also rows whose ROUGE-L with a kept row is >= near_threshold "
+                    "(MinHash LSH candidates, as gen-data). The first occurrence, in source order, is kept.",
+    )
+    exclude: Union[str, list[str], None] = Field(
+        None,
+        description="Test file(s) to decontaminate against: training rows whose prompt equals (or, with dedup: near, "
+                    "nearly equals) a prompt of these files are dropped and counted.",
+    )
+    near_threshold: float = Field(0.7, gt=0, le=1, description="ROUGE-L at or above which two texts are near "
+                                                                 "duplicates (dedup: near, exclude).")
+    streaming: bool = Field(
+        False,
+        description="Stream rows from the sources instead of preparing them all first (data larger than memory or "
+                    "disk): needs train.max_steps; sources mix by interleaving with their weights as probabilities; "
+                    "validation only from eval_path.",
+    )
+    num_proc: Union[int, Literal["auto"]] = Field(
+        "auto", description="Worker processes for tokenising; auto = 1 under 20,000 rows, else up to 8 (the CPUs)."
+    )
+    cache: bool = Field(
+        True,
+        description="Keep the prepared (read, mixed, tokenised) data in cache_dir, keyed by the data, tokenizer, "
+                    "template and settings: a second run with the same inputs starts without tokenising.",
+    )
+    cache_dir: str | None = Field(
+        None, description="Where prepared data is cached; None = $DOMAINTUNE_CACHE, else ~/.cache/domaintune/data."
+    )
 
-    _paths = field_validator("path", "eval_path")(usable_path)
+    _paths = field_validator("cache_dir")(usable_path)
+
+    @field_validator("path", "eval_path", "exclude")
+    @classmethod
+    def _source_paths(cls, v: Any) -> Any:
+        for s in v if isinstance(v, list) else [v]:
+            usable_path(s if isinstance(s, str) else s.path if isinstance(s, SourceConfig) else None)
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list names no data; give at least one source")
+        return v
+
+    @field_validator("num_proc")
+    @classmethod
+    def _num_proc(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1, or auto")
+        return v
+
+    @property
+    def sources(self) -> list[SourceConfig]:
+        """data.path as a list of sources."""
+        return as_sources(self.path)
+
+    @property
+    def eval_sources(self) -> list[SourceConfig]:
+        """data.eval_path as a list of sources (empty when unset)."""
+        return as_sources(self.eval_path)
+
+    @property
+    def path_label(self) -> str:
+        """data.path in one line, for summaries and messages: the path, or the sources' names joined by " + "."""
+        return " + ".join(s.label for s in self.sources)
 
     @field_validator("val_size")
     @classmethod
