@@ -116,7 +116,8 @@ def test_csv_bom_blank_lines_and_line_numbers(tmp_path):
 def test_ragged_csv_rows_name_their_line(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("instruction,output\nq1,a1\nq2,a2,extra\nq3\nq4,a4\n", encoding="utf-8")
-    msg = f"{p} line 3: 3 values, but the header has 2 columns; quote a value that holds the delimiter ',' or a line end"
+    msg = (f"{p} line 3: 3 values, but the header has 2 columns; quote a value that holds the delimiter ',' or a "
+           "line end")
     assert error(str(p)) == msg
     bad: list[tuple[str, str]] = []
     got = rows(str(p), bad=bad)
@@ -151,8 +152,8 @@ def test_columns_mapping_json_and_missing_column(tables, tmp_path):
     src = SourceConfig(path=str(p), columns={"instruction": "question", "output": "answer"})
     bad: list[tuple[str, str]] = []
     assert rows(src, bad=bad) == [(f"{p} line {i + 1}", r) for i, r in enumerate(ALPACA[:2])]
-    assert bad == [(f"{p} line 3", f"{p} line 3: no column 'answer' (data.path[].columns maps to it); the row has "
-                                   "keys question")]
+    assert bad == [(f"{p} line 3", f"{p} line 3: data.path[].columns maps output to 'answer', but the row has no "
+                                   "such key; it has keys question")]
     t = tables / "rows.parquet"
     src = SourceConfig(path=str(t), columns={"output": "reply"})
     assert error(src) == (f"{t}: data.path '{t}' columns maps output to 'reply', but the source has no such "

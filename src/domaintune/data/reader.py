@@ -199,6 +199,6 @@ def iter_csv(path: str | Path, delimiter: str = ",",
                 _broken(bad, start, f"{p} line {start}: {len(record)} values, but the header has {len(header)} "
                                     f"columns; quote a value that holds the delimiter {delimiter!r} or a line end")
                 continue
-            yield start, dict(zip(header, record))
+            yield start, dict(zip(header, record, strict=True))
     if header is None:
         raise UserError(f"{p}: the file is empty; a CSV/TSV file needs a header row and at least one row")

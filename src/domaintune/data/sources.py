@@ -141,9 +141,9 @@ def _file_rows(f: Path, src: SourceConfig, check_format: bool,
             _move(lines, f, bad)
             where = f"{f} line {line}"
             if src.columns and isinstance(obj, dict):
-                if missing := [c for c in src.columns.values() if c not in obj]:
-                    _bad(bad, where, f"{where}: no column {', '.join(map(repr, missing))} (data.path[].columns maps "
-                                     f"to it); the row has keys {_keys(obj)}")
+                if missing := [f"{ours} to '{c}'" for ours, c in src.columns.items() if c not in obj]:
+                    _bad(bad, where, f"{where}: data.path[].columns maps {', '.join(missing)}, but the row has no "
+                                     f"such key; it has keys {_keys(obj)}")
                     continue
                 obj = _rename(obj, src.columns)
             yield where, obj
@@ -236,8 +236,8 @@ def _format_problem(row: Any, src: SourceConfig) -> str | None:
 
 
 def _arrow_rows(f: Path, src: SourceConfig, check_format: bool) -> Iterator[dict]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]  # no py.typed in pyarrow
+    import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 
     try:
         if f.suffix.lower() == ".parquet":
@@ -261,7 +261,7 @@ def _arrow_rows(f: Path, src: SourceConfig, check_format: bool) -> Iterator[dict
 
 def _open_ipc(f: Path) -> Any:
     """An Arrow IPC reader: the file format (.arrow, Feather v2) or the stream format (datasets' own .arrow)."""
-    import pyarrow as pa
+    import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]  # no py.typed in pyarrow
 
     try:
         return pa.ipc.open_file(pa.memory_map(str(f)))
@@ -336,8 +336,8 @@ def count_hint(src: SourceConfig) -> int | None:
 
 
 def _file_count(f: Path, src: SourceConfig) -> int | None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]  # no py.typed in pyarrow
+    import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 
     ext = f.suffix.lower()
     try:
@@ -373,14 +373,14 @@ def fingerprint(src: SourceConfig) -> str:
             str(getattr(ds, "_fingerprint", "")).encode())
         return h.hexdigest()
     files = source_files(src)
+    top = Path(_expand(src))
+    base = top if top.is_dir() else Path(os.path.commonpath([p.parent for p in files]))
     for f in files:
         if _is_disk(f):
             add(b"disk", src.split.encode())
-            members = sorted((m for m in f.rglob("*") if m.is_file()), key=_key)
-            for m in members:
+            for m in sorted((m for m in f.rglob("*") if m.is_file()), key=_key):
                 _add_file(h, add, m.relative_to(f).as_posix(), m)
         else:
-            base = Path(os.path.commonpath([p.parent for p in files])) if len(files) > 1 else f.parent
             _add_file(h, add, f.relative_to(base).as_posix(), f)
     return h.hexdigest()
 
