@@ -146,6 +146,24 @@ def test_parquet_and_arrow_rows_by_index(tables, name):
     assert count_hint(SourceConfig(path=str(p))) == (None if name == "stream.arrow" else 3)
 
 
+def test_arrow_nulls_of_absent_keys_are_dropped(tmp_path):
+    """Regression: Arrow gives every message of a messages column every key, as null where a message lacked it
+    ("weight": null on a user message), and parse_example refused every OpenAI-format Parquet or hub row."""
+    import datasets
+
+    jsonl = [json.loads(line) for line in (FIX / "openai_tools.jsonl").read_text(encoding="utf-8").splitlines()]
+    jsonl.append({"messages": MSG_ROW})
+    p = tmp_path / "tools.parquet"
+    pq.write_table(pa.Table.from_pylist(jsonl), p)
+    assert pq.read_table(p).to_pylist()[1]["messages"][0]["weight"] is None  # what Arrow hands back
+    got = rows(str(p))
+    assert got == [(f"{p} index 0", jsonl[0]), (f"{p} index 1", jsonl[1])]
+    parses(got)
+    d = tmp_path / "ds"
+    datasets.Dataset.from_list(jsonl).save_to_disk(str(d))
+    assert rows(str(d)) == [(f"{d} index 0", jsonl[0]), (f"{d} index 1", jsonl[1])]
+
+
 def test_columns_mapping_json_and_missing_column(tables, tmp_path):
     p = tmp_path / "qa.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]) + '{"question": "q"}\n', encoding="utf-8")

@@ -9,7 +9,8 @@ A caller that reports every bad row of a file at once (`examples.read_valid_rows
 that are not valid JSON go there, with their line, and reading goes on (a JSON array stops at its first broken
 row, where the next row cannot be found), so a file's broken JSON and its invalid rows are named in one run.
 
-`iter_records` and `iter_csv` read lazily (line by line), for data sources larger than memory (sources.py).
+`iter_records` and `iter_csv` read lazily (line by line), and `open_table` Parquet and Arrow files batch by batch,
+for data sources larger than memory (sources.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+
+BATCH = 1024  # rows per Arrow batch read at a time
 
 
 def read_records(path: str | Path, bad: list[tuple[int, str]] | None = None) -> list[tuple[int, Any]]:
@@ -202,3 +205,78 @@ def iter_csv(path: str | Path, delimiter: str = ",",
             yield start, dict(zip(header, record, strict=True))
     if header is None:
         raise UserError(f"{p}: the file is empty; a CSV/TSV file needs a header row and at least one row")
+
+
+def open_table(path: str | Path) -> tuple[list[str], Iterator[list[dict]]]:
+    """The column names of a Parquet or Arrow IPC file (file or stream format: .arrow, .feather v2) and its rows,
+    batch by batch, with nulls dropped (`no_nulls`). A file pyarrow cannot read raises UserError naming it."""
+    import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]  # pyarrow ships no py.typed
+
+    p = Path(path)
+    try:
+        if p.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
+
+            pf = pq.ParquetFile(p)
+            names, batches = pf.schema_arrow.names, pf.iter_batches(batch_size=BATCH)
+        else:
+            reader = _open_ipc(p)
+            names = reader.schema.names
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) \
+                if isinstance(reader, pa.ipc.RecordBatchFileReader) else iter(reader)
+    except (pa.ArrowException, OSError) as e:
+        raise _unreadable(p, e) from None
+
+    def rows() -> Iterator[list[dict]]:
+        try:
+            for batch in batches:
+                yield [no_nulls(row) for row in batch.to_pylist()]
+        except (pa.ArrowException, OSError) as e:
+            raise _unreadable(p, e) from None
+
+    return list(names), rows()
+
+
+def table_rows(path: str | Path) -> int | None:
+    """The row count of a Parquet file (its metadata) or an Arrow IPC file-format file (its batches' lengths);
+    None for an Arrow stream (only reading it counts it) and for a file pyarrow cannot read."""
+    import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
+
+    p = Path(path)
+    try:
+        if p.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
+
+            return int(pq.ParquetFile(p).metadata.num_rows)
+        r = _open_ipc(p)
+        if isinstance(r, pa.ipc.RecordBatchFileReader):
+            return sum(r.get_batch(i).num_rows for i in range(r.num_record_batches))
+    except (pa.ArrowException, OSError):
+        pass  # reading the rows reports the damaged file
+    return None
+
+
+def no_nulls(v: Any) -> Any:
+    """`v` without null-valued keys in its objects, at any depth (list items stay). Arrow has no "absent": a field
+    that a row's JSON lacked reads back as null (every message of a messages column gets every message's keys)."""
+    if isinstance(v, dict):
+        return {k: no_nulls(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list):
+        return [no_nulls(x) for x in v]
+    return v
+
+
+def _open_ipc(p: Path) -> Any:
+    """An Arrow IPC reader: the file format (.arrow, Feather v2) or the stream format (datasets' own .arrow)."""
+    import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
+
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(p)))
+    except pa.ArrowInvalid:
+        return pa.ipc.open_stream(pa.memory_map(str(p)))
+
+
+def _unreadable(p: Path, e: Exception) -> UserError:
+    kind = "Parquet" if p.suffix.lower() == ".parquet" else "Arrow IPC (file or stream)"
+    return UserError(f"{p}: not a readable {kind} file ({e}); re-export it (e.g. pandas' to_parquet / to_feather, "
+                     "or datasets' to_parquet)")

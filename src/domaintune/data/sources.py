@@ -13,6 +13,9 @@ folders written by datasets' `save_to_disk`, and hub data sets.
 - CSV/TSV values are strings, except that a cell of `JSON_COLUMNS` holding JSON is parsed, so a messages-format
   CSV works. `src.columns` renames the source's columns to ours ({our_field: source_column}); a mapped column a
   tabular file lacks is an error checked once per file. With `src.format` named, each row must have its keys.
+- Arrow has no "absent": a column or struct field that a row lacks reads as null (a messages column of mixed
+  messages gives every message every key). Rows from Parquet, Arrow, save_to_disk and the hub therefore drop
+  null-valued keys (at any depth), so a row reads as the JSON it was written from.
 - Bad rows (broken JSON, a ragged CSV record, a row without the format's keys) raise UserError, or with a `bad`
   list go there as (where, message) and reading goes on, so a caller can report them all. A problem of a whole
   file (missing, unknown type, corrupt, a mapped column it lacks) always raises.
@@ -29,7 +32,7 @@ from typing import Any
 
 from ..config.sources import SourceConfig
 from ..errors import UserError
-from .reader import iter_csv, iter_records
+from .reader import BATCH, iter_csv, iter_records, no_nulls, open_table, table_rows
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".feather")
 TABULAR = (".csv", ".tsv", ".parquet", ".arrow", ".feather")
@@ -37,7 +40,6 @@ JSON_COLUMNS = ("messages", "conversations", "tools", "history")  # CSV cells pa
 REQUIRED = {"alpaca": ("instruction", "output"), "messages": ("messages",), "openai": ("messages",),
             "sharegpt": ("conversations",)}
 DISK_MARKERS = ("state.json", "dataset_dict.json")  # written by Dataset / DatasetDict.save_to_disk
-BATCH = 1024
 SUPPORTED = ("data.path takes .jsonl, .json, .csv, .tsv, .parquet and .arrow/.feather files, a folder of them, a "
              "glob, a folder written by datasets' save_to_disk, or a hub id (hub: org/name)")
 _hub_cache: dict[tuple[str, str | None, str, str | None], Any] = {}
@@ -236,37 +238,11 @@ def _format_problem(row: Any, src: SourceConfig) -> str | None:
 
 
 def _arrow_rows(f: Path, src: SourceConfig, check_format: bool) -> Iterator[dict]:
-    import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]  # no py.typed in pyarrow
-    import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
-
-    try:
-        if f.suffix.lower() == ".parquet":
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            batches: Iterator[Any] = pf.iter_batches(batch_size=BATCH)
-        else:
-            reader = _open_ipc(f)
-            names = reader.schema.names
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) \
-                if isinstance(reader, pa.ipc.RecordBatchFileReader) else iter(reader)
-        _check_columns(f, names, src, check_format)
-        for batch in batches:
-            for row in batch.to_pylist():
-                yield _rename(row, src.columns)
-    except (pa.ArrowException, OSError) as e:
-        kind = "Parquet" if f.suffix.lower() == ".parquet" else "Arrow IPC (file or stream)"
-        raise UserError(f"{f}: not a readable {kind} file ({e}); re-export it (e.g. pandas' to_parquet / "
-                        "to_feather, or datasets' to_parquet)") from None
-
-
-def _open_ipc(f: Path) -> Any:
-    """An Arrow IPC reader: the file format (.arrow, Feather v2) or the stream format (datasets' own .arrow)."""
-    import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]  # no py.typed in pyarrow
-
-    try:
-        return pa.ipc.open_file(pa.memory_map(str(f)))
-    except pa.ArrowInvalid:
-        return pa.ipc.open_stream(pa.memory_map(str(f)))
+    names, batches = open_table(f)
+    _check_columns(f, names, src, check_format)
+    for batch in batches:
+        for row in batch:
+            yield _rename(row, src.columns)
 
 
 def _disk_label(f: Path, src: SourceConfig) -> str:
@@ -316,7 +292,7 @@ def _dataset_rows(ds: Any, label: str, src: SourceConfig, check_format: bool) ->
     i = 0
     for batch in ds.with_format("arrow").iter(batch_size=BATCH):
         for row in batch.to_pylist():
-            yield f"{label} index {i}", _rename(row, src.columns)
+            yield f"{label} index {i}", _rename(no_nulls(row), src.columns)
             i += 1
 
 
@@ -336,22 +312,9 @@ def count_hint(src: SourceConfig) -> int | None:
 
 
 def _file_count(f: Path, src: SourceConfig) -> int | None:
-    import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]  # no py.typed in pyarrow
-    import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
-
-    ext = f.suffix.lower()
-    try:
-        if _is_disk(f):
-            return len(_load_disk(f, src))
-        if ext == ".parquet":
-            return int(pq.ParquetFile(f).metadata.num_rows)
-        if ext in (".arrow", ".feather"):
-            r = _open_ipc(f)
-            if isinstance(r, pa.ipc.RecordBatchFileReader):
-                return sum(r.get_batch(i).num_rows for i in range(r.num_record_batches))
-    except (pa.ArrowException, OSError):
-        return None  # iter_rows reports the damaged file
-    return None
+    if _is_disk(f):
+        return len(_load_disk(f, src))
+    return table_rows(f) if f.suffix.lower() in (".parquet", ".arrow", ".feather") else None
 
 
 def fingerprint(src: SourceConfig) -> str:
