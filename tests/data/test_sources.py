@@ -233,6 +233,8 @@ def test_tilde_and_relative_paths(tmp_path, monkeypatch):
     assert source_files(SourceConfig(path="~/s.jsonl")) == [tmp_path / "s.jsonl"]
     monkeypatch.chdir(tmp_path)
     assert [w for w, _ in rows("s.jsonl")] == ["s.jsonl line 1", "s.jsonl line 2"]
+    shutil.copy(FIX / "sharegpt.jsonl", tmp_path / "s[1].jsonl")  # glob characters in a real name
+    assert source_files(SourceConfig(path="s[1].jsonl")) == [Path("s[1].jsonl")]
 
 
 def test_broken_files_are_named(tmp_path):

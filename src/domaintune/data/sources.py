@@ -61,7 +61,7 @@ def source_files(src: SourceConfig) -> list[Path]:
     if src.hub is not None:
         return []
     raw = _expand(src)
-    if glob.has_magic(raw):
+    if glob.has_magic(raw) and not Path(raw).exists():  # a file named data[1].jsonl is that file
         files = sorted((Path(f) for f in glob.glob(raw, recursive=True) if Path(f).is_file()), key=_key)
         if not files:
             raise UserError(f"data.path '{src.path}': the glob matches no files; check the pattern and the current "
