@@ -35,7 +35,6 @@ from ..errors import UserError
 from .reader import BATCH, iter_csv, iter_records, no_nulls, open_table, table_rows
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".feather")
-TABULAR = (".csv", ".tsv", ".parquet", ".arrow", ".feather")
 JSON_COLUMNS = ("messages", "conversations", "tools", "history")  # CSV cells parsed as JSON
 REQUIRED = {"alpaca": ("instruction", "output"), "messages": ("messages",), "openai": ("messages",),
             "sharegpt": ("conversations",)}
@@ -276,7 +275,8 @@ def _hub_dataset(src: SourceConfig) -> Any:
         ds = datasets.load_dataset(src.hub, src.subset, split=src.split, revision=src.revision)
     except Exception as e:  # noqa: BLE001 - no network, unknown id, unknown subset/split: all told the same way
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        args = ", ".join(repr(a) for a in (src.hub, src.subset) if a is not None) + f", split={src.split!r}"
+        args = ", ".join(repr(a) for a in (src.hub, src.subset) if a is not None) + f", split={src.split!r}" \
+            + (f", revision={src.revision!r}" if src.revision else "")
         raise UserError(
             f"data.path hub '{src.hub}'" + (f" subset '{src.subset}'" if src.subset else "")
             + f" split '{src.split}': could not load it ({type(e).__name__}: {detail}). Check the id, subset, split "
