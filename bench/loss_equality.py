@@ -78,7 +78,7 @@ def compare(want: tuple[float, list], got: tuple[float, list]) -> dict:
 
 def check_arch(arch: str, device: str, work: Path) -> dict:
     from domaintune.config import build_config
-    from domaintune.data.encode import build_datasets
+    from domaintune.data.prepare import build_datasets
     from domaintune.data.templates import get_template
     from domaintune.training import model as loader
     from domaintune.training.speed import LIGER_MODELS, make_collator

@@ -28,12 +28,19 @@ never quality.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Prepared training data (data/prepare.py) is cached per session, in a folder of its own, not in the user's
+# ~/.cache: tests that prepare the same data on the same tiny model share one entry, and nothing outlives the run.
+# Subprocesses (the CLI, torchrun ranks) inherit it.
+_DATA_CACHE = tempfile.TemporaryDirectory(prefix="domaintune-test-cache-")
+os.environ["DOMAINTUNE_CACHE"] = _DATA_CACHE.name
 SAMPLE_DATA = REPO / "examples" / "data"
 
 TINY_TRAIN = {

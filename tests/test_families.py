@@ -158,7 +158,8 @@ def test_thinking(arch, engines, family_config, tiny_model_dir):
     one (and the run's own setting by default)."""
     from transformers import AutoTokenizer
 
-    from domaintune.data.encode import IGNORE_INDEX, build_datasets
+    from domaintune.data.encode import IGNORE_INDEX
+    from domaintune.data.prepare import build_datasets
     from domaintune.data.templates import get_template
 
     engine = engines(arch)

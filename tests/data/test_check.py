@@ -10,7 +10,8 @@ import textwrap
 import pytest
 
 from domaintune.config import build_config
-from domaintune.data.examples import check_data_files, load_examples
+from domaintune.data.examples import load_examples
+from domaintune.data.load import check_data_files
 from domaintune.data.templates import BUILTIN, get_template
 from domaintune.errors import UserError
 
@@ -77,7 +78,7 @@ def test_runs_without_torch_or_transformers(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         from domaintune.config import build_config
-        from domaintune.data.examples import check_data_files
+        from domaintune.data.load import check_data_files
         from domaintune.errors import UserError
         print(check_data_files(build_config({{"data": {{"path": {str(good)!r}, "template": "tokenizer"}}}}).data))
         try:

@@ -13,7 +13,6 @@ from domaintune.config import build_config
 from domaintune.data.encode import (
     IGNORE_INDEX,
     DataReport,
-    build_datasets,
     encode_example,
     encode_examples,
     render_masked,
@@ -21,6 +20,7 @@ from domaintune.data.encode import (
     validation_rows,
 )
 from domaintune.data.examples import MAX_ERRORS_SHOWN, Example, load_examples, parse_example
+from domaintune.data.prepare import build_datasets
 from domaintune.data.reader import read_records
 from domaintune.data.templates import get_template
 from domaintune.errors import UserError
@@ -438,7 +438,7 @@ def test_build_datasets_split_and_report(tmp_path, qwen_tok, lens):
     # the same seed gives the same split; train and validation are disjoint and cover the file
     again = build_datasets(cfg, qwen_tok, lens["tpl"], seed=1)
     assert [e.index for e in again.train_examples] == [e.index for e in ds.train_examples]
-    texts = {qwen_tok.decode(s["input_ids"]) for s in ds.train + ds.eval}
+    texts = {qwen_tok.decode(s["input_ids"]) for s in [*ds.train, *ds.eval]}
     assert len(texts) == 10
 
 

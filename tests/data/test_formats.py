@@ -12,7 +12,8 @@ import pytest
 
 from domaintune import cli
 from domaintune.config import build_config
-from domaintune.data.examples import check_data_files, load_examples, parse_example
+from domaintune.data.examples import load_examples, parse_example
+from domaintune.data.load import check_data_files
 from domaintune.data.templates import get_template
 from domaintune.errors import UserError
 

@@ -249,8 +249,8 @@ def test_broken_files_are_named(tmp_path):
     t = tmp_path / "d.txt"
     t.write_text("x")
     assert error(str(t)) == f"{t}: unsupported data file type '.txt'; {sources.SUPPORTED}"
-    assert error(str(tmp_path / "nope.jsonl")) == (f"data.path '{tmp_path / 'nope.jsonl'}': no such file or folder "
-                                                   f"(looked in {tmp_path / 'nope.jsonl'})")
+    assert error(str(tmp_path / "nope.jsonl")) == (f"data file '{tmp_path / 'nope.jsonl'}' not found (no such file "
+                                                   f"or folder; looked in {tmp_path / 'nope.jsonl'})")
     j = tmp_path / "d.jsonl"
     j.write_text('{"instruction": "q", "output": "a"}\n{"instruction": \n', encoding="utf-8")
     bad: list[tuple[str, str]] = []

@@ -328,13 +328,13 @@ def test_every_process_expands_rows_into_the_same_samples(tiny_model_dir, tmp_pa
         "import hashlib, json, sys\n"
         "from transformers import AutoTokenizer\n"
         "from domaintune.config import build_config\n"
-        "from domaintune.data.encode import build_datasets\n"
+        "from domaintune.data.prepare import build_datasets\n"
         "from domaintune.data.templates import get_template\n"
         "cfg = build_config({'model': {'name_or_path': sys.argv[1]}, 'data': {'path': sys.argv[2], "
-        "'template': 'tokenizer', 'val_size': 0}}, 'x')\n"
+        "'template': 'tokenizer', 'val_size': 0, 'cache': False}}, 'x')\n"
         "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
         "ds = build_datasets(cfg.data, tok, get_template('tokenizer', tok), 0)\n"
-        "print(len(ds.train), hashlib.sha256(json.dumps(ds.train).encode()).hexdigest())\n")
+        "print(len(ds.train), hashlib.sha256(json.dumps(list(ds.train)).encode()).hexdigest())\n")
     out = []
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}

@@ -39,7 +39,7 @@ def test_world_reads_the_launcher_environment(monkeypatch):
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path, tiny_model_dir):
-    from domaintune.data.encode import build_datasets
+    from domaintune.data.prepare import build_datasets
     from domaintune.data.templates import get_template
     from domaintune.training.model import load_tokenizer
 
@@ -141,7 +141,7 @@ def _token_steps(records):
 
 
 def _row_lengths(model, data, cutoff_len, seed):
-    from domaintune.data.encode import build_datasets
+    from domaintune.data.prepare import build_datasets
     from domaintune.data.templates import get_template
     from domaintune.training.model import load_tokenizer
 

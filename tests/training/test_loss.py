@@ -12,7 +12,8 @@ import torch
 
 from domaintune import families
 from domaintune.config import LoraConfig, ModelConfig, build_config
-from domaintune.data.encode import IGNORE_INDEX, build_datasets
+from domaintune.data.encode import IGNORE_INDEX
+from domaintune.data.prepare import build_datasets
 from domaintune.data.templates import get_template
 from domaintune.rundir import RunDir
 from domaintune.training import model as loader

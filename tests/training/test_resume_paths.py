@@ -80,7 +80,7 @@ def reference(tiny_model_dir, data24, tmp_path_factory):
 
 def expected_tokens_per_step(cfg) -> list[int]:
     """Non-padding tokens of the rows each step must train, from the length-grouped order of each epoch."""
-    from domaintune.data.encode import build_datasets
+    from domaintune.data.prepare import build_datasets
     from domaintune.data.templates import get_template
     from domaintune.training.model import load_tokenizer
 
@@ -122,3 +122,55 @@ def test_packed_run_resumes_exactly_in_its_second_epoch(tmp_path, reference):
     out, ckpt = killed_then_resumed(tmp_path, cfg, "step:9")
     assert ckpt.name == "checkpoint-8"
     assert step_records(out) == step_records(ref)
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory, data24) -> list[dict]:
+    """The 24 rows as JSON lines (weight 2) and the next 16 as messages in Parquet (weight 1): a mix of 24 + 12."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(x) for x in SAMPLE.read_text(encoding="utf-8").splitlines()[ROWS:ROWS + 16]]
+    msgs = [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+            for r in rows]
+    p = tmp_path_factory.mktemp("mixed") / "more.parquet"
+    pq.write_table(pa.table({"messages": msgs}), p)
+    return [{"path": str(data24), "weight": 2}, {"path": str(p), "weight": 1}]
+
+
+def mixed_cfg(model, sources, out, **data):
+    cfg = make_cfg(model, "unused", out, num_epochs=1)
+    return build_config({**cfg.model_dump(mode="json"),
+                         "data": {**cfg.data.model_dump(mode="json"), "path": sources, **data}}, "test")
+
+
+def test_mixed_cached_data_resumes_exactly(tmp_path, tiny_model_dir, two_sources):
+    """Two sources mixed by weight, prepared once and cached: the killed run and its resume both read the cache,
+    and the steps equal the uninterrupted run's."""
+    ref = run_train(mixed_cfg(tiny_model_dir("qwen2"), two_sources, tmp_path / "ref"))
+    info = RunDir(ref).run_info()["data"]
+    assert [(s["read"], s["sampled"]) for s in info["sources"]] == [(24, 24), (16, 12)]
+    ref_steps = step_records(ref)
+    assert [s[0] for s in ref_steps] == list(range(1, 10))  # 36 rows, 4 per step
+    cfg = mixed_cfg(tiny_model_dir("qwen2"), two_sources, tmp_path / "run")
+    out, ckpt = killed_then_resumed(tmp_path, cfg, "step:7")
+    assert ckpt.name == "checkpoint-6"
+    assert RunDir(out).run_info()["data"]["prepared"].startswith("from the cache, nothing read or tokenised")
+    assert step_records(out) == ref_steps
+
+
+def test_streaming_run_resumes_exactly_across_its_epochs(tmp_path, tiny_model_dir, two_sources):
+    """data.streaming with two sources interleaved by weight, 12 steps (more than one pass over the stream): killed
+    after step 9 (checkpoint-8, in the stream's second pass), resumed, the same per-step losses and tokens."""
+    cfg = mixed_cfg(tiny_model_dir("qwen2"), two_sources, tmp_path / "ref", streaming=True)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 12})})
+    ref = run_train(cfg)
+    ref_steps = step_records(ref)
+    assert [s[0] for s in ref_steps] == list(range(1, 13))
+    assert RunDir(ref).run_info()["data"]["streaming"] is True
+    run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": str(tmp_path / "run")})})
+    out, ckpt = killed_then_resumed(tmp_path, run_cfg, "step:9")
+    assert ckpt.name == "checkpoint-8"
+    assert step_records(out) == ref_steps

@@ -88,7 +88,7 @@ def test_run_directory_contract(trained, models, arch, method):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from domaintune.data.encode import build_datasets
+    from domaintune.data.prepare import build_datasets
     from domaintune.data.templates import Template, get_template
     from domaintune.training.model import load_tokenizer
 
@@ -176,7 +176,7 @@ def _pads_with_eos(models, dest: Path) -> Path:
 def test_every_token_of_every_row_is_counted_when_the_pad_token_is_eos(models, data12, tmp_path, batching):
     """Regression (issue 22, defect 6): packed, with pad == EOS, the count left out every EOS (the Trainer counted
     tokens that are not the pad id, and a packed batch has no attention mask), so 414 tokens were counted of 418."""
-    from domaintune.data.encode import build_datasets
+    from domaintune.data.prepare import build_datasets
     from domaintune.data.templates import get_template
     from domaintune.training.model import load_tokenizer
 
@@ -198,7 +198,7 @@ def test_every_token_of_every_row_is_counted_when_the_pad_token_is_eos(models, d
 def test_llama_run_pads_with_unk_and_keeps_eos_trainable(trained, models):
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
-    from domaintune.data.encode import build_datasets
+    from domaintune.data.prepare import build_datasets
     from domaintune.data.templates import get_template
 
     cfg, run, _ = trained("llama", "lora")

@@ -21,15 +21,19 @@ from __future__ import annotations
 import random
 import statistics
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from .examples import MAX_ERRORS_SHOWN, Example, load_examples
+from .examples import MAX_ERRORS_SHOWN, Example
+from .mix import SourceCount
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from transformers import PreTrainedTokenizerBase
 
     from ..config import DataConfig
+    from .arrow import Samples
     from .templates import Template
 
 IGNORE_INDEX = -100
@@ -55,6 +59,9 @@ class DataReport:
     overlength_rows: list[str] = field(default_factory=list)  # "file line N: T tokens", one per over-length sample
     no_target_rows: list[str] = field(default_factory=list)  # "file line N", one per sample dropped with no target
     notes: list[str] = field(default_factory=list)  # one line each, e.g. how the validation split was capped
+    sources: list[SourceCount] = field(default_factory=list)  # what each source of data.path gave (mix.py)
+    streaming: bool = False  # data.streaming: the training rows are not counted in advance
+    prepared: str = ""  # where the prepared data came from: "read and tokenised, cached in DIR" or "from the cache"
 
     def token_lengths(self) -> dict:
         if not self.lengths:
@@ -71,10 +78,15 @@ class DataReport:
                 "dropped_no_target": self.dropped_no_target, "token_lengths": self.token_lengths(),
                 "overlength_rows": _capped(self.overlength_rows),
                 "dropped_no_target_rows": _capped(self.no_target_rows), "samples": self.samples,
-                "expanded_rows": _capped(self.expanded_rows), "notes": list(self.notes)}
+                "expanded_rows": _capped(self.expanded_rows), "notes": list(self.notes),
+                "sources": [c.to_dict() for c in self.sources], "prepared": self.prepared,
+                "streaming": self.streaming}
 
     def summary_lines(self) -> list[str]:
         tl = self.token_lengths()
+        if self.streaming:  # no counts in advance (stream.py); the validation set's, when there is one
+            return [f"data: {self.path}: streamed" + (f"; validation {self.eval_rows} samples" if self.eval_rows
+                                                      else "; no validation (set data.eval_path)"), *self.notes]
         lines = [
             f"data: {self.path}: {self.rows} rows -> train {self.train_rows}, validation {self.eval_rows}"
             if not self.expanded_rows else
@@ -84,7 +96,10 @@ class DataReport:
             "tokens per sample: " + ", ".join(f"{k} {v}" for k, v in tl.items()),
             f"over cutoff_len: {self.overlength} (policy {self.overlength_policy}: truncated {self.truncated}, "
             f"dropped {self.dropped_overlength}); dropped with nothing to train on: {self.dropped_no_target}",
-        ]
+        ] + ([f"prepared data: {self.prepared}"] if self.prepared else [])
+        if len(self.sources) > 1 or any(c.dropped or c.sampled != c.read for c in self.sources):
+            lines.append("sources:")
+            lines += [c.line() for c in self.sources]
         if self.overlength_rows:
             lines.append(f"rows over cutoff_len (policy {self.overlength_policy}):")
             lines += [f"  {r}" for r in _capped(self.overlength_rows)]
@@ -260,28 +275,13 @@ def split_validation(examples: list, val_size: int | float, val_max_rows: int | 
 
 @dataclass
 class Datasets:
-    train: list[dict]
-    eval: list[dict]
+    """The prepared data: samples (arrow.Samples: a sequence of dicts of input_ids, attention_mask, labels, with
+    their `lengths`), the report, and the training rows as Examples (read on demand)."""
+
+    train: Samples | Any  # arrow.Samples; with data.streaming a stream (stream.py)
+    eval: Samples
     report: DataReport
-    train_examples: list[Example]
-
-
-def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, template: Template, seed: int) -> Datasets:
-    """Read, validate, split and encode the data of the `data` config section."""
-    examples = load_examples(cfg.path, template=template)
-    report = DataReport(path=str(cfg.path), rows=len(examples), overlength_policy=cfg.overlength)
-    if cfg.eval_path:
-        train_ex, eval_ex = examples, load_examples(cfg.eval_path, template=template)
-    else:
-        train_ex, eval_ex = split_validation(examples, cfg.val_size, cfg.val_max_rows, seed, report)
-    train = encode_examples(train_ex, tokenizer, template, cfg, report)
-    eval_report = DataReport(overlength_policy=cfg.overlength)
-    ev = encode_examples(eval_ex, tokenizer, template, cfg, eval_report) if eval_ex else []
-    report.add(eval_report)
-    report.train_rows, report.eval_rows = len(train), len(ev)
-    if not train:
-        raise UserError(f"{cfg.path}: no trainable sample left (see the counts above); raise data.cutoff_len")
-    return Datasets(train, ev, report, train_ex)
+    train_examples: Sequence[Example]
 
 
 def render_masked(tokenizer: PreTrainedTokenizerBase, sample: dict, color: bool = False) -> str:

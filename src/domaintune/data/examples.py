@@ -38,14 +38,13 @@ from .formats import (
     parse_tools,
     sharegpt_label,
     sharegpt_messages,
-    uses_tools,
 )
 from .reader import read_records
-from .templates import Template, get_template
+from .templates import Template
 from .thinking import CLOSE, OPEN, split_think
 
 if TYPE_CHECKING:
-    from ..config import DataConfig
+    pass
 
 T = TypeVar("T")
 ROLES = ("system", "user", "assistant", "tool")
@@ -336,23 +335,3 @@ def load_examples(path: str | Path, require_answer: bool = True, template: Templ
     for idx, ex in enumerate(examples):
         ex.index = idx
     return examples
-
-
-def check_data_files(cfg: DataConfig) -> int:
-    """Validate `cfg.path` (and `cfg.eval_path` when set) as training does, without a tokenizer; the training
-    file's row count.
-
-    Raises the UserError `load_examples` raises (missing file, invalid UTF-8 or JSON, bad rows; file and line
-    named), or `get_template`'s for an unknown or broken `cfg.template`. Instruction and input are joined with
-    the template's format, as in training (`get_template(name, None)` works for every template, `tokenizer` too).
-    Imports neither torch nor transformers: call it before loading the tokenizer.
-    """
-    template = get_template(cfg.template, None)
-    examples = load_examples(cfg.path, template=template)
-    for ex in examples + (load_examples(cfg.eval_path, template=template) if cfg.eval_path else []):
-        if template.kind == "format" and uses_tools(ex.messages):
-            try:
-                template.segments(ex.messages, False)  # refuses the row, saying what to do
-            except UserError as e:
-                raise UserError(f"{ex.where}: {e}") from None
-    return len(examples)

@@ -31,12 +31,15 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UserError
 from .encode import DataReport, check_overlength, split_validation, with_system
 from .examples import _joined, _not_unicode, _type_name, parse_example, read_valid_rows
+from .load import load_sources
+from .mix import SourceCount
 from .templates import Template, get_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from ..config import DataConfig
+    from ..config.sources import SourceConfig
 
 PAIRWISE_STAGES = ("dpo", "orpo")
 
@@ -139,12 +142,19 @@ def load_preferences(path: str | Path, stage: str, template: Template | None) ->
     return rows
 
 
-def check_preference_files(cfg: DataConfig, stage: str) -> int:
-    """Validate the data files without a tokenizer (before torch loads); the training file's row count."""
+def load_preference_sources(srcs: list[SourceConfig], stage: str, template: Template | None,
+                            seed: int) -> tuple[list[PreferenceExample], list[SourceCount]]:
+    """The preference rows of `srcs` (data.path or data.eval_path), validated and mixed (mix.py)."""
+    return load_sources(srcs, lambda obj, where: parse_preference(obj, where, stage, template), seed,
+                        "preference row(s)")
+
+
+def check_preference_files(cfg: DataConfig, stage: str, seed: int = 0) -> int:
+    """Validate the data files without a tokenizer (before torch loads); the training mix's row count."""
     template = get_template(cfg.template, None)
-    n = len(load_preferences(cfg.path, stage, template))
-    if cfg.eval_path:
-        load_preferences(cfg.eval_path, stage, template)
+    n = len(load_preference_sources(cfg.sources, stage, template, seed)[0])
+    if cfg.eval_sources:
+        load_preference_sources(cfg.eval_sources, stage, template, seed)
     return n
 
 
@@ -205,10 +215,10 @@ class PreferenceData:
 def build_preference_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, template: Template, stage: str,
                           seed: int) -> PreferenceData:
     """Read, validate, split (as SFT data) and encode the preference data of the `data` section."""
-    examples = load_preferences(cfg.path, stage, template)
-    report = DataReport(path=str(cfg.path), rows=len(examples), overlength_policy=cfg.overlength)
-    if cfg.eval_path:
-        train_ex, eval_ex = examples, load_preferences(cfg.eval_path, stage, template)
+    examples, counts = load_preference_sources(cfg.sources, stage, template, seed)
+    report = DataReport(path=cfg.path_label, rows=len(examples), overlength_policy=cfg.overlength, sources=counts)
+    if cfg.eval_sources:
+        train_ex, eval_ex = examples, load_preference_sources(cfg.eval_sources, stage, template, seed)[0]
     else:
         train_ex, eval_ex = split_validation(examples, cfg.val_size, cfg.val_max_rows, seed, report)
     kto = stage == "kto"
@@ -218,10 +228,10 @@ def build_preference_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, templat
     report.add(eval_report)
     report.train_rows, report.eval_rows = len(train), len(ev)
     if not train:
-        raise UserError(f"{cfg.path}: no preference row left to train on (see the counts above); "
+        raise UserError(f"{cfg.path_label}: no preference row left to train on (see the counts above); "
                         "raise data.cutoff_len")
     if kto and len({r["label"] for r in train}) < 2:
-        raise UserError(f"{cfg.path}: kto needs good and bad completions (label true and false); "
+        raise UserError(f"{cfg.path_label}: kto needs good and bad completions (label true and false); "
                         f"all {len(train)} are {'good' if train[0]['label'] else 'bad'}")
     return PreferenceData(train, ev, report)
 

@@ -11,7 +11,8 @@ folders written by datasets' `save_to_disk`, and hub data sets.
   line the record starts on; the header is line 1), "FILE index N" for Parquet and Arrow files and "LABEL index N"
   for `save_to_disk` folders and hub data sets (0-based, as pandas and datasets number rows).
 - CSV/TSV values are strings, except that a cell of `JSON_COLUMNS` holding JSON is parsed, so a messages-format
-  CSV works. `src.columns` renames the source's columns to ours ({our_field: source_column}); a mapped column a
+  CSV works; the same holds for text cells of those columns in Parquet, Arrow and datasets (messages stored as
+  JSON text). `src.columns` renames the source's columns to ours ({our_field: source_column}); a mapped column a
   tabular file lacks is an error checked once per file. With `src.format` named, each row must have its keys.
 - Arrow has no "absent": a column or struct field that a row lacks reads as null (a messages column of mixed
   messages gives every message every key). Rows from Parquet, Arrow, save_to_disk and the hub therefore drop
@@ -35,7 +36,7 @@ from ..errors import UserError
 from .reader import BATCH, iter_csv, iter_records, no_nulls, open_table, table_rows
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".feather")
-JSON_COLUMNS = ("messages", "conversations", "tools", "history")  # CSV cells parsed as JSON
+JSON_COLUMNS = ("messages", "conversations", "tools", "history")  # text cells of tables parsed as JSON
 REQUIRED = {"alpaca": ("instruction", "output"), "messages": ("messages",), "openai": ("messages",),
             "sharegpt": ("conversations",)}
 DISK_MARKERS = ("state.json", "dataset_dict.json")  # written by Dataset / DatasetDict.save_to_disk
@@ -86,7 +87,7 @@ def source_files(src: SourceConfig) -> list[Path]:
             raise UserError(f"data.path '{src.path}': the folder holds no data files; {SUPPORTED}")
         return files
     if not p.is_file():
-        raise UserError(f"data.path '{src.path}': no such file or folder (looked in {p.absolute()})")
+        raise UserError(f"data file '{src.path}' not found (no such file or folder; looked in {p.absolute()})")
     _check_ext(p, "")
     return [p]
 
@@ -111,7 +112,7 @@ def iter_rows(src: SourceConfig, *, check_format: bool = True,
     n = 0
     if src.hub is not None:
         ds = _hub_dataset(src)
-        rows = _dataset_rows(ds, src.label, src, check_format)
+        rows = _dataset_rows(ds, src.label, src, check_format, bad)
     else:
         rows = (r for f in source_files(src) for r in _file_rows(f, src, check_format, bad))
     for where, row in rows:
@@ -133,7 +134,7 @@ def _bad(bad: list[tuple[str, str]] | None, where: str, message: str) -> None:
 def _file_rows(f: Path, src: SourceConfig, check_format: bool,
                bad: list[tuple[str, str]] | None) -> Iterator[tuple[str, Any]]:
     if _is_disk(f):
-        yield from _dataset_rows(_load_disk(f, src), _disk_label(f, src), src, check_format)
+        yield from _dataset_rows(_load_disk(f, src), _disk_label(f, src), src, check_format, bad)
         return
     ext = f.suffix.lower()
     if ext in (".json", ".jsonl"):
@@ -167,7 +168,11 @@ def _file_rows(f: Path, src: SourceConfig, check_format: bool,
         _move(lines, f, bad)
     else:
         for i, row in enumerate(_arrow_rows(f, src, check_format)):
-            yield f"{f} index {i}", row
+            where = f"{f} index {i}"
+            if problem := _json_cells(row):
+                _bad(bad, where, f"{where}: {problem}")
+                continue
+            yield where, row
 
 
 def _move(lines: list[tuple[int, str]] | None, f: Path, bad: list[tuple[str, str]] | None) -> None:
@@ -205,7 +210,7 @@ def _json_cells(row: dict) -> str | None:
             try:
                 row[k] = json.loads(v)
             except (ValueError, RecursionError) as e:
-                return f"column '{k}' holds broken JSON ({e}); write the whole value as JSON, quoted as a CSV value"
+                return f"column '{k}' holds broken JSON ({e}); write the whole value as JSON (in a CSV, quoted)"
         elif k == "history" and isinstance(v, str) and not v.strip():
             row[k] = None  # an empty cell is no history
     return None
@@ -287,13 +292,18 @@ def _hub_dataset(src: SourceConfig) -> Any:
     return ds
 
 
-def _dataset_rows(ds: Any, label: str, src: SourceConfig, check_format: bool) -> Iterator[tuple[str, Any]]:
+def _dataset_rows(ds: Any, label: str, src: SourceConfig, check_format: bool,
+                  bad: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, Any]]:
     _check_columns(label, list(ds.column_names), src, check_format)
     i = 0
     for batch in ds.with_format("arrow").iter(batch_size=BATCH):
         for row in batch.to_pylist():
-            yield f"{label} index {i}", _rename(no_nulls(row), src.columns)
+            where, row = f"{label} index {i}", _rename(no_nulls(row), src.columns)
             i += 1
+            if problem := _json_cells(row):
+                _bad(bad, where, f"{where}: {problem}")
+                continue
+            yield where, row
 
 
 def count_hint(src: SourceConfig) -> int | None:

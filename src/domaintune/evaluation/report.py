@@ -118,7 +118,18 @@ def _data_section(info: dict) -> list[str]:
                      " / ".join(_fmt(lengths.get(k)) for k in ("min", "mean", "median", "p95", "max"))))
     if data.get("dropped_no_target"):
         rows.append(("dropped with nothing to train on", data["dropped_no_target"]))
+    if data.get("prepared"):
+        rows.append(("prepared", data["prepared"]))
     lines += _table(rows, ("item", "value"))
+    srcs = data.get("sources")
+    if isinstance(srcs, list) and srcs and all(isinstance(x, dict) for x in srcs):
+        head = ("source", "amount", "read", "dropped", "sampled", "validation", "training samples", "tokens")
+        lines += ["", "Sources:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for x in srcs:
+            dropped = ", ".join(f"{v} {k}" for k, v in (x.get("dropped") or {}).items()) or "-"
+            cells = (x.get("name"), x.get("amount"), x.get("read"), dropped, x.get("sampled"), x.get("validation"),
+                     x.get("train_samples"), x.get("tokens"))
+            lines.append("| " + " | ".join("-" if c is None else _fmt(c) for c in cells) + " |")
     for title, key in (("Rows over cutoff_len", "overlength_rows"),
                        ("Rows dropped with nothing to train on", "dropped_no_target_rows"), ("Notes", "notes")):
         items = data.get(key)

@@ -11,12 +11,13 @@ def run_data_check(cfg: Config, example: int = 0, color: bool = False) -> dict:
     """Validate + tokenize like training; print a summary and one masked example; return the report dict."""
     if cfg.train.stage != "sft":
         return _preference_check(cfg, example, color)
-    from ..data.encode import build_datasets, encode_samples, render_masked
-    from ..data.examples import check_data_files
+    from ..data.encode import encode_samples, render_masked
+    from ..data.load import check_data_files
+    from ..data.prepare import build_datasets
     from ..data.templates import get_template
     from .model import load_tokenizer
 
-    check_data_files(cfg.data)  # bad data is named before the tokenizer (and transformers) loads
+    check_data_files(cfg.data, cfg.train.seed)  # bad data is named before the tokenizer (and transformers) loads
     tok = load_tokenizer(cfg.model.required_name(), cfg.model.trust_remote_code, cfg.model.revision)
     template = get_template(cfg.data.template, tok, cfg.data.thinking, cfg.data.train_on_turns)
     ds = build_datasets(cfg.data, tok, template, cfg.train.seed)
@@ -54,7 +55,7 @@ def _preference_check(cfg: Config, example: int, color: bool) -> dict:
     from ..data.preferences import check_preference_files, render_preference
     from .preference import PreferenceRun
 
-    check_preference_files(cfg.data, cfg.train.stage)  # before the tokenizer (and transformers) loads
+    check_preference_files(cfg.data, cfg.train.stage, cfg.train.seed)  # before the tokenizer (and transformers) loads
     run = PreferenceRun(cfg)
     run.setup_data()
     row = run.data.train[min(example, len(run.data.train) - 1)]

@@ -115,8 +115,10 @@ def trainer_class(base: type[Trainer] | None = None) -> type[Trainer]:
             # A list of rows or a datasets.Dataset: sized and indexable by row (torch's Dataset type promises neither).
             dataset: Any = train_dataset if train_dataset is not None else self.train_dataset
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            self._length_order = LengthGroupedOrder([len(dataset[i]["input_ids"]) for i in range(len(dataset))],
-                                                    global_batch(self.args), seed)
+            lengths = getattr(dataset, "lengths", None)  # arrow.Samples: read from a column, no row decoded
+            if lengths is None:
+                lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+            self._length_order = LengthGroupedOrder(lengths, global_batch(self.args), seed)
             return self._length_order
 
         def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:

@@ -103,7 +103,7 @@ class PreferenceRun(TrainingRun):
     def check_data(self) -> None:
         from ..data.preferences import check_preference_files
 
-        check_preference_files(self.cfg.data, self.stage)
+        check_preference_files(self.cfg.data, self.stage, self.cfg.train.seed)
 
     def check_trainer_args(self) -> None:
         from .arguments import check_trainer_args

@@ -30,6 +30,7 @@ Ctrl-C names the checkpoint `--resume` would continue from (the CLI adds the com
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -81,8 +82,8 @@ class RunData(Protocol):
     """A stage's encoded data as the run uses it: data/encode.py's Datasets (sft), data/preferences.py's
     PreferenceData (dpo, orpo, kto)."""
 
-    train: list[dict]
-    eval: list[dict]
+    train: Any  # a sequence of samples (arrow.Samples, or a list), or with data.streaming a stream
+    eval: Any
     report: DataReport
 
 
@@ -100,19 +101,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, quiet: bool = False) -> None:
         super().__init__(message)
         self.message, self.quiet = message, quiet
-
-
-class _ListDataset:
-    """Encoded samples as the map-style dataset the Trainer takes."""
-
-    def __init__(self, rows: list[dict]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
 
 
 class TrainingRun:
@@ -171,9 +159,13 @@ class TrainingRun:
     # ------------------------------------------------------------ stages
     def check_data(self) -> None:
         """Validate the data files without a tokenizer (stages with other rows override it)."""
-        from ..data.examples import check_data_files
+        from ..data.load import check_data_files
 
-        check_data_files(self.cfg.data)
+        if self.cfg.data.streaming:
+            from ..data.stream import check_streaming
+
+            check_streaming(self.cfg.data, self.cfg.train.max_steps)
+        check_data_files(self.cfg.data, self.cfg.train.seed)
 
     def setup_output(self) -> None:
         from .model import check_model_source
@@ -197,7 +189,7 @@ class TrainingRun:
             check_writable(self.out)
 
     def setup_data(self) -> None:
-        from ..data.encode import build_datasets
+        from ..data.prepare import build_datasets
         from ..data.templates import get_template
         from .model import load_tokenizer
 
@@ -251,7 +243,7 @@ class TrainingRun:
 
         check_trainer_args(self.cfg.train.trainer_args)
 
-    def sized_rows(self) -> list[dict]:
+    def sized_rows(self) -> Sequence[dict]:
         """Training rows with their full `input_ids` (what the gradient-checkpointing estimate measures)."""
         return self.data.train
 
@@ -283,12 +275,13 @@ class TrainingRun:
         else:
             self.per_device = t.per_device_batch_size
         self._say(f"{why_loss}; {why_batching}")
-        group = t.group_by_length if t.group_by_length is not None else self.batching == "pad"
+        streaming = self.cfg.data.streaming  # a stream is read in order: no length grouping (stream.py)
+        group = not streaming and (t.group_by_length if t.group_by_length is not None else self.batching == "pad")
         args, callbacks = self.arguments_and_callbacks(group_by_length=group, liger=self.loss_kind == "liger",
                                                        extra=count)
         self._trainer = trainer_class()(model=self.model, args=args, data_collator=collator,
-                                       train_dataset=_ListDataset(self.data.train),
-                                       eval_dataset=_ListDataset(self.data.eval) if has_eval else None,
+                                       train_dataset=self.data.train.ds if streaming else self.data.train,
+                                       eval_dataset=self.data.eval if has_eval else None,
                                        processing_class=self.tok, callbacks=callbacks, compute_loss_func=self.lean)
 
     def arguments_and_callbacks(self, **stage: Any) -> tuple[Any, list]:

@@ -18,6 +18,7 @@ GPU-only choices fall back to the CPU path where the library or the device is mi
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
@@ -85,7 +86,9 @@ def make_collator(batching: str, tok: PreTrainedTokenizerBase, device: str) -> A
                                   pad_to_multiple_of=8 if device == "cuda" else None)
 
 
-def _longest(samples: list[dict], n: int) -> list[dict]:
+def _longest(samples: Sequence[dict], n: int) -> list[dict]:
+    if hasattr(samples, "longest"):  # arrow.Samples: by its lengths column, without decoding every row
+        return samples.longest(n)
     return sorted(samples, key=lambda s: -len(s["input_ids"]))[:n]
 
 
@@ -99,7 +102,7 @@ def activation_bytes(model: Any, tokens: int) -> int:
     return 34 * hidden * layers * tokens
 
 
-def wants_checkpointing(setting: bool | str, model: Any, samples: list[dict], per_device: int,
+def wants_checkpointing(setting: bool | str, model: Any, samples: Sequence[dict], per_device: int,
                         device: str) -> tuple[bool, str | None]:
     """(gradient checkpointing on?, a line when auto decided) for `train.gradient_checkpointing`."""
     if setting != "auto":
@@ -133,7 +136,7 @@ def auto_per_device(tcfg: TrainConfig, world_size: int, device: str, probe: Any)
                     "data.cutoff_len, use QLoRA (model.quantization: 4bit) or a smaller model")
 
 
-def oom_probe(model: Any, collator: Any, samples: list[dict], loss_fn: Any, device: str) -> Any:
+def oom_probe(model: Any, collator: Any, samples: Sequence[dict], loss_fn: Any, device: str) -> Any:
     """A `probe(b)` for `auto_per_device`: one forward and backward pass on the b longest samples."""
     import torch
 
