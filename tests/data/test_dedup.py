@@ -6,8 +6,10 @@ import time
 
 import pytest
 
+from domaintune.data import similarity
 from domaintune.data.dedup import EXACT_POOL, contaminated, duplicates, text_key
-from domaintune.datagen.filters import rouge_l
+from domaintune.data.similarity import rouge_l
+from domaintune.datagen import filters
 
 
 def test_text_key_removes_case_space_and_punctuation_only():
@@ -162,3 +164,13 @@ def test_scale_20000_texts():
         if d is not None:
             assert d < i and near[d] is None
             assert text_key(texts[d]) == text_key(texts[i]) or rouge_l(texts[d], texts[i]) >= 0.7
+
+
+def test_similarity_agrees_with_gen_data_filters():
+    # data/similarity.py and datagen/filters.py hold the same tokeniser and scorer: one measure for both verbs.
+    texts = _synthetic(400, 1) + NEAR_ROWS + EXACT_ROWS
+    texts += ["Ｆｕｌｌ　ｗｉｄｔｈ ＡＢＣ１２３", "", "!!", "Ünïcödé wörds"]
+    for a, b in zip(texts, texts[1:] + texts[:1], strict=True):
+        assert similarity.tokenize(a) == filters.tokenize(a)
+        assert similarity.dedup_key(a) == filters.dedup_key(a)
+        assert similarity.rouge_l(a, b) == filters.rouge_l(a, b)

@@ -12,9 +12,9 @@ Two measures, the same as gen-data's question filters so that `gen-data` and `tr
   never merge ("a b" and "ab" differ: a space between two words is one separator; CJK characters, which need none,
   are separated one by one). A text with no letter, digit or symbol at all keeps gen-data's `dedup_key` (spaces
   collapsed, punctuation kept): "???" and "!!!" are not one text.
-- near: ROUGE-L F1 >= threshold with `datagen.filters`' tokens and scorer (CJK characters one by one, ASCII words;
-  the self-instruct measure gen-data uses for questions). Up to `EXACT_POOL` (200) kept texts every one is
-  scored; past that only the candidates of a MinHash LSH index (`datagen.neardup.MinHashCandidates`), which is what
+- near: ROUGE-L F1 >= threshold with gen-data's tokens and scorer (data/similarity.py: CJK characters one by one,
+  ASCII words; the self-instruct measure gen-data uses for questions). Up to `EXACT_POOL` (200) kept texts every
+  one is scored; past that only the candidates of a MinHash LSH index (`similarity.MinHashCandidates`), which is what
   keeps a million texts tractable. Recall is just under 1 at the edge of the threshold (bench/results/
   dedup_scale.md); every reported match is a real ROUGE-L >= threshold match, and the one reported is the earliest
   kept text that matches among those scored, as in gen-data.
@@ -22,9 +22,11 @@ Two measures, the same as gen-data's question filters so that `gen-data` and `tr
 Memory at scale: only the first EXACT_POOL kept texts keep their tokens; past them a candidate is tokenised again
 from `texts` when scored (a few candidates per text), so the cost per kept text is the LSH index's.
 
-Contamination, near: `datagen.decontam.Decontaminator`'s exact set-similarity join (prefix filtering; no match is
-missed) with its n-gram rule off; of the test prompts at or above the threshold the best-scoring one is reported
-(the first on ties).
+Contamination (`contaminated`): the test prompts are the pool, indexed once, and every training prompt is looked
+up: `text_key` equal, else (near) ROUGE-L >= threshold with a MinHash LSH candidate, always through LSH (a scan of
+even a few hundred test prompts per training prompt is too slow for a million rows; the same recall just under 1).
+gen-data's own decontamination (datagen/decontam.py) also drops questions sharing an 8-gram with a test answer;
+training rows are checked on their prompts only, as `data.exclude` says.
 """
 from __future__ import annotations
 
@@ -35,12 +37,12 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
-from ..datagen.filters import _f1, _lcs_from_masks, _masks, dedup_key, tokenize
+from .similarity import dedup_key, f1, lcs_from_masks, masks_of, tokenize
 
 if TYPE_CHECKING:
     from datasketch import MinHash
 
-    from ..datagen.neardup import MinHashCandidates
+    from .similarity import MinHashCandidates
 
 # Scripts written without spaces between words: each character is one unit of the key (so a comma between two of
 # them, which removing punctuation leaves as a separator, changes nothing).
@@ -90,17 +92,18 @@ def text_key(text: str) -> str:
 
 
 class _NearPool:
-    """Kept texts for the near-duplicate check: the first EXACT_POOL with their tokens (scanned in full), the rest
+    """Texts for the near-duplicate check: the first `exact_pool` with their tokens (scanned in full), the rest
     through MinHash LSH candidates, re-tokenised from `texts` when scored."""
 
-    def __init__(self, texts: Sequence[str], threshold: float) -> None:
-        self.texts, self.threshold = texts, threshold
+    def __init__(self, texts: Sequence[str], threshold: float, exact_pool: int = EXACT_POOL) -> None:
+        self.texts, self.threshold, self.exact_pool = texts, threshold, exact_pool
         self._small: list[tuple[int, list[str]]] = []  # (index into texts, tokens)
         self._lsh: MinHashCandidates | None = None
         self._keys: list[int] = []  # LSH entry -> index into texts
         self._sig: tuple[list[str], MinHash] | None = None  # the last query's signature, reused by add()
 
     def add(self, i: int, toks: list[str]) -> None:
+        """Put texts[i] (its tokens `toks`) into the pool; indices must grow."""
         if not toks:
             return
         self._keys.append(i)
@@ -109,8 +112,8 @@ class _NearPool:
             self._lsh.add(toks, sig)
             return
         self._small.append((i, toks))
-        if len(self._small) > EXACT_POOL:
-            from ..datagen.neardup import MinHashCandidates  # datasketch only where a pool needs it
+        if len(self._small) > self.exact_pool:
+            from .similarity import MinHashCandidates  # datasketch only where a pool needs it
 
             self._lsh = MinHashCandidates()
             for _, t in self._small:
@@ -118,11 +121,11 @@ class _NearPool:
             self._small = []
 
     def first_match(self, toks: list[str]) -> int | None:
-        """The index of the earliest scored kept text with ROUGE-L >= threshold, else None."""
+        """The index of the earliest scored pool text with ROUGE-L >= threshold, else None."""
         m = len(toks)
         if not m:
             return None
-        masks = _masks(toks)  # LCS is symmetric: the query's masks, the candidates' tokens
+        masks = masks_of(toks)  # LCS is symmetric: the query's masks, the candidates' tokens
         if self._lsh is None:
             pool = iter(self._small)
         else:
@@ -134,7 +137,7 @@ class _NearPool:
             # F1 <= 2*min(n, m)/(n + m): lengths alone rule most pairs out.
             if 2 * min(n, m) / (n + m) < self.threshold:
                 continue
-            if _f1(_lcs_from_masks(masks, m, other), n, m) >= self.threshold:
+            if f1(lcs_from_masks(masks, m, other), n, m) >= self.threshold:
                 return i
         return None
 
@@ -169,25 +172,19 @@ def duplicates(texts: Sequence[str], mode: Literal["exact", "near"], threshold: 
 
 def contaminated(prompts: Sequence[str], test_prompts: Sequence[str], near: bool,
                  threshold: float = 0.7) -> list[int | None]:
-    """For each training prompt, the index of a test prompt it equals (`text_key`, the first such test prompt) or,
-    with `near`, has ROUGE-L >= threshold with (the best-scoring one, the first on ties); None when clean."""
+    """For each training prompt, the index of a test prompt it equals (`text_key`; the first such test prompt) or,
+    with `near`, has ROUGE-L >= threshold with (the first such among the MinHash LSH candidates); None when clean."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     keys: dict[str, int] = {}
+    pool = _NearPool(test_prompts, threshold, exact_pool=0) if near else None
     for j, t in enumerate(test_prompts):
-        keys.setdefault(text_key(t), j)
-    index = None
-    if near and test_prompts:
-        from ..datagen.decontam import Decontaminator, ExcludedText
-
-        # ngram larger than any text: the n-gram rule never fires, only exact and ROUGE-L.
-        index = Decontaminator([ExcludedText(t, str(j)) for j, t in enumerate(test_prompts)],
-                               ngram=sys.maxsize, rouge_threshold=threshold)
+        if keys.setdefault(text_key(t), j) == j and pool is not None:
+            pool.add(j, tokenize(t))
     out: list[int | None] = []
     for p in prompts:
         hit = keys.get(text_key(p))
-        if hit is None and index is not None:
-            rej = index.check(p)
-            hit = None if rej is None else int(rej.detail["excluded"])
+        if hit is None and pool is not None:
+            hit = pool.first_match(tokenize(p))
         out.append(hit)
     return out
