@@ -248,7 +248,7 @@ def main() -> None:
              f"- data: {a.rows:,} synthetic rows written in {write_s:.1f} s (" +
              ", ".join(f"{k} {v:,.0f} MiB" for k, v in sizes.items()) + f"); prepared: {cold['train']:,} training "
              f"and {cold['eval']:,} validation samples, {cold['tokens']:,} training tokens (cutoff_len {a.cutoff})"]
-    for name, r in (("run 1 (cold cache)", cold), ("run 2 (from the cache)", warm)):
+    for name, r in (("run 1 (cold cache)", cold), ("run 2 (same inputs)", warm)):
         lines.append(f"- {name}: **{r['wall_s']:.1f} s** wall, process start to exit ({r['setup_s']:.1f} s imports, "
                      f"config and tokenizer; {r['build_s']:.1f} s build_datasets), {r['rows'] / r['wall_s']:,.0f} "
                      f"rows/s; peak RSS **{r['peak_rss_mib']:,.0f} MiB** (process and workers sampled together; "
