@@ -12,7 +12,7 @@ source). The tokenizer is a tiny qwen2 one (`training.tiny.make_tiny_model`, tra
 template is its chat template (data.template: tokenizer).
 
 Each run is a fresh process (`bench/data_scale.py --child CONFIG`) that loads the config, the tokenizer and the
-template and calls `data.encode.build_datasets` exactly as `train` does (training/run.py setup_data); the parent
+template and calls `data.prepare.build_datasets` exactly as `train` does (training/run.py setup_data); the parent
 times it from start to exit and samples the resident memory of it and its worker processes (num_proc) every
 0.05 s: peak RSS is the largest sum seen (the child's own ru_maxrss and that of its largest worker are printed
 too). Run 1 starts with an empty data.cache_dir; run 2 has the same inputs and must come from the cache.
@@ -134,7 +134,7 @@ def child(config: str) -> None:
     """One preparation, as training/run.py setup_data does it; prints one JSON line of counts and times."""
     t0 = time.perf_counter()
     from domaintune.config import load_config
-    from domaintune.data.encode import build_datasets
+    from domaintune.data.prepare import build_datasets
     from domaintune.data.templates import get_template
     from domaintune.training.model import load_tokenizer
 

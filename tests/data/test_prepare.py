@@ -174,3 +174,27 @@ def test_bad_rows_in_any_source_are_named_together(tmp_path, qwen_tok):
     assert msg.startswith("2 invalid row(s)") and f"{bad} line 3" in msg and f"{bad} line 4" in msg
     assert not any(p.name.endswith(tuple("0123456789abcdef")) and ".building-" in p.name
                    for p in (tmp_path / "c").iterdir())  # nothing half-built left behind
+
+
+def test_a_stream_gives_the_prepared_samples_and_refuses_what_it_cannot_do(qwen_tok, tmp_path):
+    """One pass over a one-source stream holds exactly the prepared samples (in buffer-shuffled order), epoch
+    after epoch (each reshuffled); the settings a stream cannot honour are refused with the reason."""
+    from itertools import islice
+
+    from domaintune.data.stream import check_streaming
+
+    template = get_template("chatml", qwen_tok)
+    prepared = build_datasets(data_cfg(str(SAMPLE), tmp_path, val_size=0), qwen_tok, template, seed=2)
+    streamed = build_datasets(data_cfg(str(SAMPLE), tmp_path, val_size=0, streaming=True), qwen_tok, template, seed=2)
+    assert streamed.report.streaming and "streamed" in streamed.report.summary_lines()[0]
+    two = [(tuple(s["input_ids"]), tuple(s["labels"])) for s in islice(iter(streamed.train.ds), 128)]
+    assert sorted(two[:64]) == sorted(rows_of(prepared.train)) == sorted(two[64:])
+    assert two[:64] != two[64:]  # the second epoch is reshuffled
+    again = build_datasets(data_cfg(str(SAMPLE), tmp_path, val_size=0, streaming=True), qwen_tok, template, seed=2)
+    assert [tuple(s["input_ids"]) for s in islice(iter(again.train.ds), 128)] == [t[0] for t in two]
+    with pytest.raises(UserError, match="needs train.max_steps"):
+        check_streaming(data_cfg(str(SAMPLE), tmp_path, streaming=True), -1)
+    with pytest.raises(UserError, match="give a weight"):
+        check_streaming(data_cfg([{"path": str(SAMPLE), "rows": 10}], tmp_path, streaming=True), 5)
+    with pytest.raises(UserError, match="set data.streaming: false"):
+        check_streaming(data_cfg(str(SAMPLE), tmp_path, streaming=True, dedup="exact"), 5)
