@@ -198,3 +198,50 @@ def test_a_stream_gives_the_prepared_samples_and_refuses_what_it_cannot_do(qwen_
         check_streaming(data_cfg([{"path": str(SAMPLE), "rows": 10}], tmp_path, streaming=True), 5)
     with pytest.raises(UserError, match="set data.streaming: false"):
         check_streaming(data_cfg(str(SAMPLE), tmp_path, streaming=True, dedup="exact"), 5)
+
+
+def test_save_to_disk_and_eval_sources_give_the_jsonl_samples(qwen_tok, tmp_path):
+    """The sample rows as a save_to_disk folder (messages), with the validation set from a list of two eval
+    sources (a Parquet file and a glob): the same samples as the JSON lines."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(x) for x in SAMPLE.read_text(encoding="utf-8").splitlines() if x.strip()]
+    template = get_template("chatml", qwen_tok)
+    msgs = [ex.messages for ex in load_examples(SAMPLE, template=template)]  # history rows too
+    datasets.Dataset.from_dict({"messages": msgs[:40]}).save_to_disk(str(tmp_path / "saved"))
+    pq.write_table(pa.table({"messages": msgs[40:50]}), tmp_path / "ev.parquet")
+    (tmp_path / "ev").mkdir()
+    for k, r in enumerate(rows[50:]):
+        (tmp_path / "ev" / f"{k:02d}.jsonl").write_text(json.dumps(r, ensure_ascii=False) + "\n", encoding="utf-8")
+    ds = build_datasets(data_cfg(str(tmp_path / "saved"), tmp_path / "c",
+                                 eval_path=[str(tmp_path / "ev.parquet"), str(tmp_path / "ev" / "*.jsonl")]),
+                        qwen_tok, template, seed=0)
+    ref = encode_examples(load_examples(SAMPLE, template=template), qwen_tok, template, data_cfg(str(SAMPLE), tmp_path),
+                          DataReport())
+    assert rows_of(ds.train) == rows_of(ref[:40]) and rows_of(ds.eval) == rows_of(ref[40:])
+    assert ds.train_examples[3].where == f"{tmp_path / 'saved'} index 3"
+
+
+def test_dedup_and_exclude_drop_rows_counted_per_source(qwen_tok, tmp_path):
+    rows = [json.loads(x) for x in SAMPLE.read_text(encoding="utf-8").splitlines() if x.strip()][:10]
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    b = tmp_path / "b.jsonl"  # rows 0-2 again, one with other case and punctuation; and a new row
+    again = [dict(rows[0]), dict(rows[1]), {**rows[2], "output": rows[2]["output"].upper() + "!!"},
+             {"instruction": "Is this new?", "output": "Yes."}]
+    b.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in again), encoding="utf-8")
+    test = tmp_path / "test.jsonl"  # rows 5 and 6's questions are in the test set
+    test.write_text("".join(json.dumps({"instruction": rows[k]["instruction"], "output": "x"}, ensure_ascii=False)
+                            + "\n" for k in (5, 6)), encoding="utf-8")
+    template = get_template("chatml", qwen_tok)
+    ds = build_datasets(data_cfg([str(a), str(b)], tmp_path / "c", dedup="exact", exclude=str(test), val_size=0),
+                        qwen_tok, template, seed=0)
+    counts = [c.to_dict() for c in ds.report.sources]
+    assert counts[0]["dropped"] == {"duplicate": 0, "contaminated": 2} and counts[0]["kept"] == 8
+    assert counts[1]["dropped"] == {"duplicate": 3, "contaminated": 0} and counts[1]["kept"] == 1
+    assert len(ds.train) == 9
+    kept = {ds.train_examples[i].where for i in range(9)}
+    assert f"{b} line 4" in kept and f"{a} line 6" not in kept and f"{b} line 1" not in kept
+    assert f"{a} (all rows): read 10, dropped 2 contaminated, sampled 8 ->" in "\n".join(ds.report.summary_lines())

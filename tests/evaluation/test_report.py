@@ -283,3 +283,21 @@ def test_a_folder_that_is_not_a_run_gets_no_report(tmp_path):
     run = _full_run(tmp_path)
     (run / "base").mkdir()
     assert report.refresh_report(run / "base") == run / "report.md"  # base/ scores belong to the run
+
+
+def test_the_data_section_lists_each_source(tmp_path):
+    run = _full_run(tmp_path)
+    info = json.loads((run / "run_info.json").read_text(encoding="utf-8"))
+    info["data"].update({"prepared": "from the cache, nothing read or tokenised: /c/1f", "sources": [
+        {"name": "a.jsonl", "amount": "weight 2", "read": 100, "dropped": {"duplicate": 3}, "kept": 97,
+         "sampled": 97, "validation": 9, "train_samples": 88, "tokens": 12345},
+        {"name": "b.parquet", "amount": "500 rows", "read": 40, "dropped": {}, "kept": 40, "sampled": 500,
+         "validation": 0, "train_samples": None, "tokens": None}]})
+    (run / "run_info.json").write_text(json.dumps(info), encoding="utf-8")
+    md = report.run_report(run).read_text(encoding="utf-8")
+    data = md.split("## Data", 1)[1].split("\n## ", 1)[0]
+    assert "| prepared | from the cache, nothing read or tokenised: /c/1f |" in data
+    assert ("| source | amount | read | dropped | sampled | validation | training samples | tokens |\n"
+            "|---|---|---|---|---|---|---|---|\n"
+            "| a.jsonl | weight 2 | 100 | 3 duplicate | 97 | 9 | 88 | 12,345 |\n"
+            "| b.parquet | 500 rows | 40 | - | 500 | 0 | - | - |") in data
