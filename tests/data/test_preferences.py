@@ -156,3 +156,21 @@ def test_render_marks_both_completions(qwen_tok):
     prompt_ids, ((c, _), (r, _)) = encode_preference(ex, qwen_tok, tpl, None)
     text = render_preference(qwen_tok, {"prompt_ids": prompt_ids, "chosen_ids": c, "rejected_ids": r})
     assert f"用户:{Q}\n\n助手:«{GOOD}</s>»" in text and f"«{BAD}</s>»" in text
+
+
+def test_preference_sources_mix_like_sft_data(tmp_path, qwen_tok):
+    """Preference pairs from two sources (JSON lines, and CSV with its columns mapped), mixed by row count: the counts
+    per source, and a bad row named by its file and line."""
+    from domaintune.data.preferences import build_preference_data
+
+    a = write(tmp_path, [{"prompt": f"{Q}{k}", "chosen": GOOD, "rejected": BAD} for k in range(6)])
+    (tmp_path / "b.csv").write_text("question,good,bad\n" + "".join(f"q{k},{GOOD},{BAD}\n" for k in range(4)),
+                                    encoding="utf-8")
+    srcs = [{"path": str(a), "rows": 3},
+            {"path": str(tmp_path / "b.csv"), "columns": {"prompt": "question", "chosen": "good", "rejected": "bad"}}]
+    cfg = build_config({"data": {"path": srcs, "template": "domain_zh", "val_size": 0}}, "x").data
+    data = build_preference_data(cfg, qwen_tok, get_template("domain_zh", qwen_tok), "dpo", seed=0)
+    assert [(c.read, c.sampled) for c in data.report.sources] == [(6, 3), (4, 4)] and len(data.train) == 7
+    (tmp_path / "b.csv").write_text(f"question,good,bad\nq,{GOOD},{GOOD}\n", encoding="utf-8")
+    with pytest.raises(UserError, match=f"{tmp_path / 'b.csv'} line 2: .*identical"):
+        build_preference_data(cfg, qwen_tok, get_template("domain_zh", qwen_tok), "dpo", seed=0)

@@ -245,3 +245,34 @@ def test_dedup_and_exclude_drop_rows_counted_per_source(qwen_tok, tmp_path):
     kept = {ds.train_examples[i].where for i in range(9)}
     assert f"{b} line 4" in kept and f"{a} line 6" not in kept and f"{b} line 1" not in kept
     assert f"{a} (all rows): read 10, dropped 2 contaminated, sampled 8 ->" in "\n".join(ds.report.summary_lines())
+
+
+def test_an_upsampled_row_never_trains_and_validates_both(qwen_tok, tmp_path):
+    rows = SAMPLE.read_text(encoding="utf-8").splitlines()[:10]
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    ds = build_datasets(data_cfg([{"path": str(small), "rows": 30}], tmp_path / "c", val_size=2), qwen_tok,
+                        get_template("chatml", qwen_tok), seed=0)
+    assert len(ds.eval) == 2 and len(ds.train) == 24  # 8 rows x 3 copies train, 2 distinct rows validate
+    assert not set(rows_of(ds.eval)) & set(rows_of(ds.train))
+    assert ds.report.sources[0].validation == 2 and ds.report.sources[0].sampled == 30
+
+
+def test_a_stream_counts_what_it_drops(qwen_tok, tmp_path):
+    """Over one pass, a stream counts the over-length samples it drops as the prepared data does, and names them."""
+    from itertools import islice
+
+    template = get_template("chatml", qwen_tok)
+    cfg = data_cfg(str(SAMPLE), tmp_path, val_size=0, cutoff_len=100, overlength="drop")
+    prepared = build_datasets(cfg, qwen_tok, template, seed=2).report
+    streamed = build_datasets(cfg.model_copy(update={"streaming": True}), qwen_tok, template, seed=2)
+    n = 64 - prepared.dropped_overlength
+    it = iter(streamed.train.ds)
+    kept = list(islice(it, n))  # every kept sample of the first pass
+    r = streamed.report
+    assert len(kept) == r.train_rows == n and r.samples == r.train_rows + r.dropped_overlength
+    assert set(r.overlength_rows) <= set(prepared.overlength_rows)
+    assert f"samples read: {n} trained, over cutoff_len {r.overlength}" in r.summary_lines()[0]
+    next(it)  # into the second pass: the first is wholly counted
+    assert r.samples > 64 and set(r.overlength_rows) == set(prepared.overlength_rows)
+    assert r.dropped_overlength >= prepared.dropped_overlength > 0 and r.overlength == r.dropped_overlength

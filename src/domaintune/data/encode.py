@@ -84,9 +84,12 @@ class DataReport:
 
     def summary_lines(self) -> list[str]:
         tl = self.token_lengths()
-        if self.streaming:  # no counts in advance (stream.py); the validation set's, when there is one
-            return [f"data: {self.path}: streamed" + (f"; validation {self.eval_rows} samples" if self.eval_rows
-                                                      else "; no validation (set data.eval_path)"), *self.notes]
+        if self.streaming:  # no counts in advance (stream.py): those of the samples read so far, when any
+            read = (f"; {self.samples} samples read: {self.train_rows} trained, over cutoff_len {self.overlength} "
+                    f"(truncated {self.truncated}, dropped {self.dropped_overlength}), dropped with nothing to train "
+                    f"on {self.dropped_no_target}") if self.samples else ""
+            return [f"data: {self.path}: streamed" + read + (f"; validation {self.eval_rows} samples" if self.eval_rows
+                                                             else "; no validation (set data.eval_path)"), *self.notes]
         lines = [
             f"data: {self.path}: {self.rows} rows -> train {self.train_rows}, validation {self.eval_rows}"
             if not self.expanded_rows else

@@ -209,11 +209,11 @@ def _drops(cfg: DataConfig, ranges: list[range], counts: list[SourceCount], text
                 dropped[j] = "duplicate"
     if prompts is not None:
         from .dedup import contaminated
-        from .examples import load_examples
+        from .load import load_sources
 
-        test = [m["content"] for p in _exclude_paths(cfg)
-                for ex in load_examples(p, require_answer=False, template=template)
-                for m in ex.messages if m["role"] == "user"]
+        parse = lambda obj, where: parse_example(obj, where, False, template)  # noqa: E731
+        tests = load_sources([_as_source(p) for p in _exclude_paths(cfg)], parse, 0, "test row(s)")[0]
+        test = [m["content"] for ex in tests for m in ex.messages if m["role"] == "user"]
         for j, hit in enumerate(contaminated(prompts, test, cfg.dedup == "near", cfg.near_threshold)):
             if hit is not None and j not in dropped:
                 dropped[j] = "contaminated"
@@ -254,14 +254,17 @@ def _build(cfg: DataConfig, tok: PreTrainedTokenizerBase, template: Template, se
         ev_taken = mix(ev_srcs, [list(r) for r in ev_ranges], seed)
         train_rows, eval_rows = rows.select(mixed), ev_rows.select([j for t in ev_taken for j in t])
     else:
-        k, note = validation_rows(len(mixed), cfg.val_size, cfg.val_max_rows)
+        # Split over the mix's distinct rows, so a row that upsampling repeats never trains and validates both.
+        # Without repeats this is split_validation's split: the first k of a seeded shuffle of the rows.
+        distinct = list(dict.fromkeys(mixed))
+        k, note = validation_rows(len(distinct), cfg.val_size, cfg.val_max_rows)
         if note:
             report.notes.append(note)
-        order = list(range(len(mixed)))
-        random.Random(seed).shuffle(order)  # the validation rows: the first k of a seeded shuffle (as split_validation)
-        val = set(order[:k])
-        train_idx = [j for i, j in enumerate(mixed) if i not in val]
-        eval_idx = [j for i, j in enumerate(mixed) if i in val]
+        order = list(range(len(distinct)))
+        random.Random(seed).shuffle(order)
+        val = {distinct[i] for i in order[:k]}
+        train_idx = [j for j in mixed if j not in val]
+        eval_idx = [j for j in distinct if j in val]
         train_rows, eval_rows = rows.select(train_idx), rows.select(eval_idx)
         for s in rows_source(rows, eval_idx):
             counts[s].validation += 1
