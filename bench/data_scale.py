@@ -29,6 +29,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -197,6 +198,11 @@ def measured_run(config: Path) -> dict:
     return got
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (of an odd count; the lower middle of an even one)."""
+    return sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
+
+
 def verdict(value: float, goal: float, unit: str) -> str:
     if value < goal:
         return f"met ({value:,.1f} {unit} against {goal:,.0f}: {goal / value:.1f}x under)"
@@ -211,6 +217,9 @@ def main() -> None:
     ap.add_argument("--cutoff", type=int, default=512, help="data.cutoff_len (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", help="build in this folder and keep it (default: a temporary folder, removed)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="cold + cached pairs, interleaved; each cold run starts from an empty cache; medians are "
+                         "reported (default: %(default)s)")
     ap.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results/")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -229,36 +238,43 @@ def main() -> None:
                  .stat().st_size / 2**20 for s in sources}
         print(f"wrote {a.rows:,} rows in {write_s:.1f} s: " + ", ".join(f"{k} {v:,.0f} MiB" for k, v in sizes.items()),
               file=sys.stderr)
-        runs = []
-        for i in (1, 2):
-            r = measured_run(config)
-            runs.append(r)
-            if i == 1:  # what run 1 left for run 2 to start from
-                cache_mib = sum(f.stat().st_size for f in (folder / "cache").rglob("*") if f.is_file()) / 2**20
-            print(f"run {i}: {r['rows']:,} rows in {r['wall_s']:.1f} s ({r['rows'] / r['wall_s']:,.0f} rows/s), "
-                  f"peak RSS {r['peak_rss_mib']:,.0f} MiB", file=sys.stderr)
-    cold, warm = runs
-    if (cold["train"], cold["eval"], cold["tokens"]) != (warm["train"], warm["eval"], warm["tokens"]):
-        raise SystemExit(f"run 2 prepared different data: {cold} vs {warm}")
+        colds, warms = [], []
+        for k in range(a.repeat):
+            shutil.rmtree(folder / "cache", ignore_errors=True)
+            for arm, runs in (("cold", colds), ("cached", warms)):
+                r = measured_run(config)
+                runs.append(r)
+                if arm == "cold":  # what the cold run left for the cached one to start from
+                    cache_mib = sum(f.stat().st_size for f in (folder / "cache").rglob("*") if f.is_file()) / 2**20
+                print(f"pair {k + 1}, {arm}: {r['rows']:,} rows in {r['wall_s']:.1f} s ({r['rows'] / r['wall_s']:,.0f} "
+                      f"rows/s), peak RSS {r['peak_rss_mib']:,.0f} MiB", file=sys.stderr)
+    for r in colds + warms:
+        if (r["train"], r["eval"], r["tokens"]) != (colds[0]["train"], colds[0]["eval"], colds[0]["tokens"]):
+            raise SystemExit(f"a run prepared different data: {colds[0]} vs {r}")
+    cold, warm = _median_run(colds), _median_run(warms)
     prov = provenance(load_start, git=git, extra_versions=("datasets", "pyarrow"))
     fmts = "JSON lines + Parquet + CSV, weights 0.4/0.3/0.3" if a.sources == 3 else "JSON lines alone"
     lines = [f"## {prov['date'][:10]}: {a.rows:,} rows, {fmts}", "",
              f"`.venv/bin/python bench/data_scale.py --rows {a.rows} --sources {a.sources} --cutoff {a.cutoff} "
-             f"--seed {a.seed}`", "", describe(prov), "",
+             f"--seed {a.seed} --repeat {a.repeat}`", "", describe(prov), "",
              f"- data: {a.rows:,} synthetic rows written in {write_s:.1f} s (" +
              ", ".join(f"{k} {v:,.0f} MiB" for k, v in sizes.items()) + f"); prepared: {cold['train']:,} training "
              f"and {cold['eval']:,} validation samples, {cold['tokens']:,} training tokens (cutoff_len {a.cutoff})"]
-    for name, r in (("run 1 (cold cache)", cold), ("run 2 (same inputs)", warm)):
-        lines.append(f"- {name}: **{r['wall_s']:.1f} s** wall, process start to exit ({r['setup_s']:.1f} s imports, "
-                     f"config and tokenizer; {r['build_s']:.1f} s build_datasets), {r['rows'] / r['wall_s']:,.0f} "
-                     f"rows/s; peak RSS **{r['peak_rss_mib']:,.0f} MiB** (process and workers sampled together; "
-                     f"ru_maxrss {r['maxrss_self_mib']:,.0f} MiB, largest worker {r['maxrss_workers_mib']:,.0f} MiB)")
-    lines.append(f"- data.cache_dir after run 1: {cache_mib:,.0f} MiB" + (
-        "" if cache_mib else " (empty: this pipeline keeps no cache, so run 2 prepared everything again)"))
-    lines += [f"- goals: run 1 under {GOAL_COLD_S / 60:.0f} min: " + verdict(cold["wall_s"], GOAL_COLD_S, "s")
-              + f"; peak RSS under {GOAL_RSS_MIB / 1024:.0f} GiB: "
-              + verdict(max(cold["peak_rss_mib"], warm["peak_rss_mib"]), GOAL_RSS_MIB, "MiB")
-              + f"; run 2 under {GOAL_WARM_S:.0f} s: " + verdict(warm["wall_s"], GOAL_WARM_S, "s"), ""]
+    for name, r, runs in (("cold (empty cache)", cold, colds), ("cached (the same inputs)", warm, warms)):
+        lines.append(f"- {name}, median of {len(runs)}: **{r['wall_s']:.1f} s** wall, process start to exit "
+                     f"({r['setup_s']:.1f} s imports, config and tokenizer; {r['build_s']:.1f} s build_datasets), "
+                     f"{r['rows'] / r['wall_s']:,.0f} rows/s; runs: "
+                     + ", ".join(f"{x['wall_s']:.1f}" for x in runs) + " s; peak RSS, the largest of the runs: "
+                     f"**{max(x['peak_rss_mib'] for x in runs):,.0f} MiB** (process and workers sampled together, "
+                     "forked workers' shared pages counted in each; ru_maxrss "
+                     f"{max(x['maxrss_self_mib'] for x in runs):,.0f} MiB, largest worker "
+                     f"{max(x['maxrss_workers_mib'] for x in runs):,.0f} MiB)")
+    lines.append(f"- data.cache_dir after a cold run: {cache_mib:,.0f} MiB" + (
+        "" if cache_mib else " (empty: this pipeline keeps no cache, so the second run prepared everything again)"))
+    rss = max(x["peak_rss_mib"] for x in colds + warms)
+    lines += [f"- goals: cold under {GOAL_COLD_S / 60:.0f} min: " + verdict(cold["wall_s"], GOAL_COLD_S, "s")
+              + f"; peak RSS under {GOAL_RSS_MIB / 1024:.0f} GiB: " + verdict(rss, GOAL_RSS_MIB, "MiB")
+              + f"; cached under {GOAL_WARM_S:.0f} s: " + verdict(warm["wall_s"], GOAL_WARM_S, "s"), ""]
     print("\n".join(lines))
     if not a.no_save:
         if not RESULT.exists():
