@@ -244,7 +244,8 @@ def test_dedup_and_exclude_drop_rows_counted_per_source(qwen_tok, tmp_path):
     assert len(ds.train) == 9
     kept = {ds.train_examples[i].where for i in range(9)}
     assert f"{b} line 4" in kept and f"{a} line 6" not in kept and f"{b} line 1" not in kept
-    assert f"{a} (all rows): read 10, dropped 2 contaminated, sampled 8 ->" in "\n".join(ds.report.summary_lines())
+    assert f"{a} (all rows): read 10, dropped 0 duplicate, 2 contaminated, sampled 8 ->" in "\n".join(
+        ds.report.summary_lines())
 
 
 def test_an_upsampled_row_never_trains_and_validates_both(qwen_tok, tmp_path):

@@ -52,7 +52,7 @@ class SourceCount:
                    sampled=d["sampled"], validation=d["validation"], samples=d["train_samples"], tokens=d["tokens"])
 
     def line(self) -> str:
-        drops = ", ".join(f"{v} {k}" for k, v in self.dropped.items() if v)
+        drops = ", ".join(f"{v} {k}" for k, v in self.dropped.items())  # a check that ran says so, 0 or not
         return (f"  {self.name} ({self.amount}): read {self.read}"
                 + (f", dropped {drops}" if drops else "")
                 + f", sampled {self.sampled}"
