@@ -40,6 +40,10 @@ def _leaf_fields(cls=Config, prefix=""):
             yield from _leaf_fields(ann, prefix + name + ".")
         else:
             yield prefix + name, f
+            if cls.__name__ == "DataConfig" and name == "path":  # the keys of a source mapping (data.path[].*)
+                from domaintune.config.sources import SourceConfig
+
+                yield from _leaf_fields(SourceConfig, prefix + "path[].")
 
 
 # ---------------------------------------------------------------- unknown keys and types

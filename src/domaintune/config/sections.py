@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..errors import UserError
 from .base import Section
 from .judge import JudgeConfig
 from .selfinstruct import SelfInstructConfig
-from .sources import SourceConfig, as_sources
+from .sources import SourceConfig, as_sources, validate_sources
 
 # transformers' set_seed also seeds numpy, whose seeds are 32-bit unsigned: -1 or 2**32 failed only after the
 # model had loaded.
@@ -116,15 +116,6 @@ class LoraConfig(Section):
                     return
 
 
-def _source_problem(e: Any) -> str:
-    """One pydantic error of a data source mapping, in words."""
-    where = ".".join(str(x) for x in e["loc"])
-    if e["type"] == "extra_forbidden":
-        return f"unknown key '{where}' (a source takes {', '.join(SourceConfig.model_fields)})"
-    msg = str(e["msg"]).removeprefix("Value error, ")
-    return f"{where}: {msg}" if where else msg
-
-
 class DataConfig(Section):
     path: Union[str, SourceConfig, list[Union[str, SourceConfig]]] = Field(
         "examples/data/train.jsonl",
@@ -207,23 +198,7 @@ class DataConfig(Section):
     @field_validator("path", "eval_path", mode="before")
     @classmethod
     def _sources(cls, v: Any) -> Any:
-        """Each mapping of a source list validated here, so a mistake is named by its place in the list, not
-        drowned in the alternatives of the union type."""
-        items = v if isinstance(v, list) else [v]
-        out, problems = [], []
-        for k, s in enumerate(items):
-            place = f"source {k + 1} of the list: " if isinstance(v, list) else ""
-            if isinstance(s, dict):
-                try:
-                    s = SourceConfig.model_validate(s)
-                except ValidationError as e:
-                    problems.append(place + "; ".join(_source_problem(x) for x in e.errors()))
-            elif s is not None and not isinstance(s, (str, SourceConfig)):
-                problems.append(f"{place}expected a path (text) or a mapping with path or hub, got {type(s).__name__}")
-            out.append(s)
-        if problems:
-            raise ValueError(" | ".join(problems))
-        return out if isinstance(v, list) else out[0]
+        return validate_sources(v)
 
     @field_validator("path", "eval_path", "exclude")
     @classmethod
