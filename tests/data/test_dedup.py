@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -147,19 +146,16 @@ def _synthetic(n: int, seed: int) -> list[str]:
     return out
 
 
-def test_scale_20000_texts():
-    texts = _synthetic(20_000, 0)
-    text_key("warm")  # the Unicode tables, built once per process
-    t0 = time.perf_counter()
+def test_past_the_scanned_pool_every_drop_is_a_real_duplicate():
+    """3,000 texts: well past EXACT_POOL, so most candidates come from MinHash LSH. (Speed is bench/dedup_scale.py's
+    to measure, not a timed test's.)"""
+    texts = _synthetic(3_000, 0)
     exact = duplicates(texts, "exact")
-    t_exact = time.perf_counter() - t0
-    t0 = time.perf_counter()
     near = duplicates(texts, "near")
-    t_near = time.perf_counter() - t0
-    assert t_exact < 3 and t_near < 10, (t_exact, t_near)
     # Every exact drop is a drop in near mode too, pointing at a kept text with the same key or a near one.
     n_exact, n_near = sum(d is not None for d in exact), sum(d is not None for d in near)
     assert 0.15 * len(texts) < n_exact < n_near
+    assert all(near[i] is not None for i, d in enumerate(exact) if d is not None)
     for i, d in enumerate(near):
         if d is not None:
             assert d < i and near[d] is None
