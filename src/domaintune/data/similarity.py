@@ -5,8 +5,8 @@ that both can use the one implementation.
 ROUGE-L (`tokenize`, `rouge_l`): each CJK character is one token (character level for Chinese); runs of
 ``[a-z0-9]`` after NFKC and lower-casing are word tokens (word level for English, exactly the tokenisation of
 ``rouge_score``'s default tokenizer without stemming); everything else (punctuation, spaces) is dropped. The LCS is
-bit-parallel (Hyyroe 2004). datagen/filters.py holds the same functions (the one gen-data's tests check against
-``rouge_score`` and ``rouge-chinese``); tests/data/test_dedup.py checks that the two agree text for text.
+bit-parallel (Hyyroe 2004). datagen/filters.py re-exports these functions (gen-data's tests check them against
+``rouge_score`` and ``rouge-chinese``).
 
 MinHash LSH (`MinHashCandidates`, moved here from datagen/neardup.py, which re-exports it): candidate search for the
 ROUGE-L near-duplicate filter at scale: MinHash LSH (datasketch) over token multisets.

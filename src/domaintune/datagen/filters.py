@@ -11,24 +11,29 @@ Scale: exact duplicates are a set lookup; near-duplicates are scored against eve
 same exact ROUGE-L: every drop is still a real match, but a match that LSH does not propose is missed (recall
 just under 1, at the edge of the threshold: see neardup.py and bench/results/dedup_scale.md).
 
-The LCS is our own bit-parallel one (Hyyrö 2004): ``rouge_score`` computes the same value with a pure-Python
-O(n·m) table, which is too slow for pool x candidates comparisons; the tests check our scores against
-``rouge_score`` (English) and against ``rouge_score`` with a character tokenizer and ``rouge-chinese``
-(Chinese).
+The tokeniser, the key and the scorer are data/similarity.py's (one implementation for gen-data and the training
+data's dedup), re-exported here. The LCS is our own bit-parallel one (Hyyrö 2004): ``rouge_score`` computes the
+same value with a pure-Python O(n·m) table, which is too slow for pool x candidates comparisons; the tests check our
+scores against ``rouge_score`` (English) and against ``rouge_score`` with a character tokenizer and
+``rouge-chinese`` (Chinese).
 """
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from ..data.similarity import dedup_key, rouge_l, tokenize
+from ..data.similarity import f1 as _f1
+from ..data.similarity import lcs_from_masks as _lcs_from_masks
+from ..data.similarity import masks_of as _masks
+
 if TYPE_CHECKING:
     from .neardup import MinHashCandidates
 
-_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_TOKEN_RE = re.compile(rf"[{_CJK}]|[a-z0-9]+")
+__all__ = ["dedup_key", "lcs_length", "rouge_l", "tokenize"]  # the ROUGE-L functions gen-data's callers import here
+
 # "1. q", "1) q", "1、q", "(1) q", "第1题：q", "- q": the markers models put in front of list items.
 _ITEM_RE = re.compile(r"^\s*(?:[-*•]\s+|[(（]?\d{1,3}\s*[.)、:：）．]\s*|"
                       r"第\s*\d{1,3}\s*[题个]?\s*[.、:：]\s*)(?P<q>.+)$")
@@ -57,52 +62,11 @@ def control_chars(text: str) -> dict | None:
     return {"control_chars": sorted({f"\\u{ord(c):04x}" for c in found}), "at": first.start()}
 
 
-def tokenize(text: str) -> list[str]:
-    """ROUGE tokens: CJK characters one by one, ASCII letters/digits as lower-cased words."""
-    return _TOKEN_RE.findall(unicodedata.normalize("NFKC", text).lower())
-
-
-def dedup_key(text: str) -> str:
-    """The identity of a question for exact-duplicate checks: NFKC, case-folded, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def _masks(tokens: list[str]) -> dict[str, int]:
-    masks: dict[str, int] = {}
-    for i, tok in enumerate(tokens):
-        masks[tok] = masks.get(tok, 0) | (1 << i)
-    return masks
-
-
-def _lcs_from_masks(masks: dict[str, int], n: int, other: list[str]) -> int:
-    # Bit-parallel LCS: v starts as all ones (Python's -1); every zero bit in the low n bits of the final
-    # v is one matched position, so LCS = n - popcount(v & (2**n - 1)).
-    v = -1
-    for tok in other:
-        u = v & masks.get(tok, 0)
-        v = (v + u) | (v - u)
-    return n - bin(v & ((1 << n) - 1)).count("1")
-
-
 def lcs_length(a: list[str], b: list[str]) -> int:
     """Length of the longest common subsequence of two token lists."""
     if not a or not b:
         return 0
     return _lcs_from_masks(_masks(a), len(a), b)
-
-
-def _f1(lcs: int, n_target: int, n_prediction: int) -> float:
-    # Same arithmetic (and so the same float) as rouge_score's _score_lcs + scoring.fmeasure.
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / n_prediction, lcs / n_target
-    return 2 * precision * recall / (precision + recall)
-
-
-def rouge_l(target: str, prediction: str) -> float:
-    """ROUGE-L F1 of two texts with this module's tokenisation."""
-    t, p = tokenize(target), tokenize(prediction)
-    return _f1(lcs_length(t, p), len(t), len(p))
 
 
 @dataclass
