@@ -21,7 +21,7 @@ import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ..config import DataConfig
     from .templates import Template
 
+T = TypeVar("T")
 # data settings that change neither rows nor tokens: left out of the cache key
 _NOT_IN_KEY = ("cache", "cache_dir", "num_proc")
 
@@ -82,14 +83,14 @@ def install(built: Path, final: Path) -> Path:
     return final
 
 
-class Samples(Sequence[dict]):
-    """Encoded samples (input_ids, labels) in a memory-mapped Arrow data set, as the Trainer takes them: each row
-    a dict of lists with its attention_mask (all ones: samples are stored unpadded, so it is not stored).
-    `lengths` are the token counts (what length grouping and the memory estimate read, without decoding rows)."""
+class ArrowRows(Sequence[T]):
+    """A data set on disk as a sequence: each row read on demand and made into a `T` by `make` (slices give lists)."""
 
     def __init__(self, ds: Any) -> None:
         self.ds = ds
-        self.lengths: list[int] = ds.data.column("length").to_pylist() if len(ds) else []
+
+    def make(self, row: dict) -> T:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -97,12 +98,24 @@ class Samples(Sequence[dict]):
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        row = self.ds[int(i)]
-        return {"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"]), "labels": row["labels"]}
+        return self.make(self.ds[int(i)])
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[T]:
         for i in range(len(self)):
             yield self[i]
+
+
+class Samples(ArrowRows[dict]):
+    """Encoded samples (input_ids, labels) in a memory-mapped Arrow data set, as the Trainer takes them: each row
+    a dict of lists with its attention_mask (all ones: samples are stored unpadded, so it is not stored).
+    `lengths` are the token counts (what length grouping and the memory estimate read, without decoding rows)."""
+
+    def __init__(self, ds: Any) -> None:
+        super().__init__(ds)
+        self.lengths: list[int] = ds.data.column("length").to_pylist() if len(ds) else []
+
+    def make(self, row: dict) -> dict:
+        return {"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"]), "labels": row["labels"]}
 
     def longest(self, n: int) -> list[dict]:
         """The `n` longest samples, longest first (ties: the earlier one)."""

@@ -24,11 +24,11 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+from .arrow import ArrowRows
 from .encode import DataReport, check_overlength, validation_rows
 from .examples import Example, parse_example
 from .load import bad_rows
@@ -119,19 +119,10 @@ def _load(folder: Path) -> Datasets:
     return Datasets(train, ev, report, _RowView(datasets.load_from_disk(str(folder / "train_rows"))))
 
 
-class _RowView(Sequence[Example]):
+class _RowView(ArrowRows[Example]):
     """The training rows as Examples, read from Arrow on demand (data-check shows one)."""
 
-    def __init__(self, ds: Any) -> None:
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        row = self.ds[int(i)]
+    def make(self, row: dict) -> Example:
         return Example(row["where"], json.loads(row["messages"]))
 
 
