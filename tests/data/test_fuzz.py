@@ -33,7 +33,9 @@ TEXT = st.one_of(st.sampled_from(SPECIAL), st.text(st.characters(exclude_categor
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), TEXT)
 JSON = st.recursive(SCALARS, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(TEXT, kids, max_size=4),
                     max_leaves=10)
-GOOD_TEXT = st.text(st.characters(codec="utf-8"), min_size=1, max_size=12).filter(str.strip)
+# Valid text: not blank, and no think tags (an answer starting with an unclosed <think> is an error by design).
+GOOD_TEXT = st.text(st.characters(codec="utf-8"), min_size=1, max_size=12).filter(
+    lambda t: t.strip() and "<think>" not in t and "</think>" not in t)
 FIELD = st.one_of(st.none(), TEXT, GOOD_TEXT, JSON)
 
 INSTRUCTION_ROW = st.fixed_dictionaries({}, optional={

@@ -319,14 +319,23 @@ def read_valid_rows(path: str | Path, parse: Callable[[Any, str], T], what: str 
             rows.append(parse(obj, f"{path} line {line}"))
         except UserError as e:
             errors.append((line, str(e)))
-    if len(broken) == 1 and not errors:
-        raise UserError(broken[0][1])
     if broken or errors:
-        errors = sorted(broken + errors, key=lambda e: e[0])
-        more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
-        raise UserError(f"{len(errors)} invalid {what}; fix them and run again:\n  "
-                        + "\n  ".join(msg for _, msg in errors[:MAX_ERRORS_SHOWN]) + more)
+        # each message names its row already: the reader's as Path(path) does, parse's as `path` was given
+        bad = [(m, m) for _, m in sorted(broken + errors, key=lambda e: e[0])]
+        raise bad_rows(bad, what, unreadable_alone=not errors)
     return rows
+
+
+def bad_rows(bad: list[tuple[str, str]], what: str = "row(s)", unreadable_alone: bool = False) -> UserError:
+    """One error naming a source's bad rows (where, message), the first MAX_ERRORS_SHOWN of them. A source whose
+    only problem is one row that could not be read (`unreadable_alone`: broken JSON, a ragged CSV line) gets the
+    reader's message alone."""
+    if unreadable_alone and len(bad) == 1:
+        where, m = bad[0]
+        return UserError(m if m.startswith(where) else f"{where}: {m}")
+    more = f"\n  ... and {len(bad) - MAX_ERRORS_SHOWN} more" if len(bad) > MAX_ERRORS_SHOWN else ""
+    return UserError(f"{len(bad)} invalid {what}; fix them and run again:\n  "
+                     + "\n  ".join(m if m.startswith(w) else f"{w}: {m}" for w, m in bad[:MAX_ERRORS_SHOWN]) + more)
 
 
 def load_examples(path: str | Path, require_answer: bool = True, template: Template | None = None) -> list[Example]:

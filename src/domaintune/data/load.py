@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..errors import UserError
-from .examples import MAX_ERRORS_SHOWN, parse_example
+from .examples import bad_rows, parse_example
 from .formats import uses_tools
 from .mix import SourceCount, mix
 from .templates import get_template
@@ -47,18 +47,6 @@ def load_sources(srcs: list[SourceConfig], parse: Callable[[Any, str], T], seed:
     for c, t in zip(counts, taken, strict=True):
         c.sampled = len(t)
     return [p[j] for p, t in zip(parsed, taken, strict=True) for j in t], counts
-
-
-def bad_rows(bad: list[tuple[str, str]], what: str = "row(s)", unreadable_alone: bool = False) -> UserError:
-    """One error naming a source's bad rows (where, message), the first MAX_ERRORS_SHOWN of them. A source whose
-    only problem is one row that could not be read (`unreadable_alone`: broken JSON, a ragged CSV line) gets the
-    reader's message alone."""
-    if unreadable_alone and len(bad) == 1:
-        where, m = bad[0]
-        return UserError(m if m.startswith(where) else f"{where}: {m}")
-    more = f"\n  ... and {len(bad) - MAX_ERRORS_SHOWN} more" if len(bad) > MAX_ERRORS_SHOWN else ""
-    return UserError(f"{len(bad)} invalid {what}; fix them and run again:\n  "
-                     + "\n  ".join(m if m.startswith(w) else f"{w}: {m}" for w, m in bad[:MAX_ERRORS_SHOWN]) + more)
 
 
 CHECK_ALL_BYTES = 64 * 2**20  # check_data_files reads every row of local sources up to this size in all

@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UserError
 from .arrow import ArrowRows
 from .encode import DataReport, check_overlength, validation_rows
-from .examples import Example, parse_example
-from .load import bad_rows
+from .examples import Example, bad_rows, parse_example
 from .mix import SourceCount, mix
 
 if TYPE_CHECKING:
