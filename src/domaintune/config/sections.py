@@ -182,7 +182,8 @@ class DataConfig(Section):
                     "validation only from eval_path.",
     )
     num_proc: Union[int, Literal["auto"]] = Field(
-        "auto", description="Worker processes for tokenising; auto = 1 under 20,000 rows, else up to 8 (the CPUs)."
+        "auto", description="Worker processes for tokenising; auto = 1 under 20,000 rows, else up to 8 (the CPUs); "
+                           "never more than one per 32 rows."
     )
     cache: bool = Field(
         True,

@@ -125,10 +125,14 @@ class _RowView(ArrowRows[Example]):
         return Example(row["where"], json.loads(row["messages"]))
 
 
+ROWS_PER_WORKER = 32  # a worker process costs about a second to start: never more workers than this many rows each
+
+
 def _num_proc(cfg: DataConfig, rows: int) -> int:
-    if cfg.num_proc != "auto":
-        return int(cfg.num_proc)
-    return 1 if rows < 20_000 else max(1, min(8, os.cpu_count() or 1))
+    """Tokenising processes: data.num_proc (auto: 1 under 20,000 rows, else up to 8, the CPUs), and never more than
+    one per ROWS_PER_WORKER rows (a stray num_proc: 64 on a small file would spend its time starting processes)."""
+    asked = int(cfg.num_proc) if cfg.num_proc != "auto" else 1 if rows < 20_000 else min(8, os.cpu_count() or 1)
+    return max(1, min(asked, rows // ROWS_PER_WORKER))
 
 
 def read_rows(srcs: list[SourceConfig], template: Template, path: Path, counts: list[SourceCount],
