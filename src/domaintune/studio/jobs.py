@@ -85,7 +85,8 @@ class Jobs:
               command: list[str] | None = None) -> dict:
         """Start `python -m domaintune *argv` as a job; return its record. `kind` (lowercase letters, digits,
         "_") names the verb in the id; `run` is the run directory's relpath the job works on; `extra` keys are
-        added to the record. `command` replaces the whole child command line: for tests only."""
+        added to the record. The job runs in ROOT (relative paths in argv are read from there). `command`
+        replaces the whole child command line: for tests only."""
         if not isinstance(kind, str) or not _KIND.fullmatch(kind):
             raise UserError(f"job kind {kind!r}: use lowercase letters, digits and '_' (e.g. train, predict)")
         clash = sorted(set(extra or {}) & set(CORE_KEYS))
