@@ -52,6 +52,21 @@ TINY_TRAIN = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A verb called in-process (predict, chat, serve: their --threads) sets torch's thread count for the process;
+    put it back after each test, so no test's float summation order depends on which tests ran before it in the
+    same worker (the exact-resume tests compare losses bit for bit against an in-process run)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
     return SAMPLE_DATA

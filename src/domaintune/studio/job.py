@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from .. import console
 from ..jsonl import write_atomic
 
 PID_WAIT_S = 30.0  # how long to wait for the studio to record this process's pid (it does so right after spawning)
@@ -26,8 +27,7 @@ PID_WAIT_S = 30.0  # how long to wait for the studio to record this process's pi
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m domaintune.studio.job RECORD.json (the studio starts this; not for use by hand)",
-              file=sys.stderr)
+        console.error("usage: python -m domaintune.studio.job RECORD.json (the studio starts it, not a person)")
         return 2
     record_path = Path(argv[0])
     record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
         child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         code = child.wait()
     except OSError as e:
-        print(f"studio job: cannot start {command[0]}: {e}", file=sys.stderr, flush=True)
+        console.error(f"studio job: cannot start {command[0]}: {e}")
         code = 127
     if code < 0:
         code = 128 - code
