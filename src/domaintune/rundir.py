@@ -6,7 +6,7 @@ and nowhere else.
 
 | file | written by | what |
 |---|---|---|
-| config.yaml | train | the resolved config, every default filled in |
+| config.yaml | train | the resolved config, every default filled in (written when training starts) |
 | template.json | train | the prompt template used in training (see data/templates.py) |
 | adapter_config.json, adapter_model.safetensors | train (LoRA) | final adapter |
 | model.safetensors / model-*.safetensors, config.json | train (full) | final full model |

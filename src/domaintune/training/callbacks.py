@@ -48,6 +48,9 @@ def make_callbacks(run: RunDir, resume_step: int, template: Template, config_yam
             if not state.is_world_process_zero:
                 return
             run.path.mkdir(parents=True, exist_ok=True)
+            # The config now, not only with the final files: whoever watches a run (the studio's table, a person)
+            # sees its model and data while it trains, and a run that dies keeps what it was.
+            write_atomic(run.config_path, config_yaml)
             kept = [r for r in read_jsonl(run.log_path) if r.get("step", 0) <= resume_step] if resume_step else []
             self.offset = max((r.get("time", 0.0) for r in kept), default=0.0)
             write_jsonl_atomic(run.log_path, kept)
