@@ -1,0 +1,1 @@
+"""domaintune studio: the web app over a project folder."""
