@@ -18,12 +18,13 @@ Each POST answers {"job": record} (201).
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
 import socket
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import httpx
 from fastapi import APIRouter, HTTPException, Request
@@ -174,12 +175,14 @@ def chat_start(run_id: str, request: Request) -> JSONResponse:
     return _start(st, "serve", argv, path, {"port": port, "key": key})
 
 
-async def _health(port: int) -> bool:
+async def _health(port: int) -> dict | None:
+    """The chat server's /health body once it answers 200 (the model loaded), else None."""
     try:
         async with httpx.AsyncClient(timeout=2.0) as client:
-            return (await client.get(f"http://127.0.0.1:{port}/health")).status_code == 200
-    except httpx.HTTPError:
-        return False
+            r = await client.get(f"http://127.0.0.1:{port}/health")
+            return r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
 
 
 @router.get("/api/runs/{run_id:path}/chat")
@@ -188,27 +191,39 @@ async def chat_status(run_id: str, request: Request) -> dict:
     path = st.run_dir(run_id)
     job = _chat_job(st, st.run_id(path))
     if job is None:
-        return {"job": None, "state": None, "ready": False}
-    return {"job": public_job(st, job), "state": "running", "ready": await _health(int(job["port"]))}
+        return {"job": None, "state": None, "ready": False, "model": None}
+    health = await _health(int(job["port"]))
+    return {"job": public_job(st, job), "state": "running", "ready": health is not None,
+            "model": health.get("model") if health else None}
 
 
 @router.post("/api/runs/{run_id:path}/chat/completions")
 async def chat(run_id: str, request: Request) -> StreamingResponse:
+    """The page's chat request, sent on to the run's serve job with its key; the model field is set to the
+    served model's id (the page need not know it)."""
     st = studio(request)
     path = st.run_dir(run_id)
     job = _chat_job(st, st.run_id(path))
     if job is None:
         raise HTTPException(409, "no chat server for this run: press Chat to start one")
-    body = await request.body()
+    try:
+        payload = json.loads(await request.body())
+    except ValueError:
+        raise HTTPException(400, "send the chat request as a JSON object") from None
+    health = await _health(int(job["port"]))
+    if not isinstance(payload, dict) or health is None:
+        raise HTTPException(400 if health else 503, "send the chat request as a JSON object" if health else
+                            "the chat server is still loading the model: try again in a few seconds")
+    payload["model"] = health.get("model")
     client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
-    upstream = client.build_request("POST", f"http://127.0.0.1:{job['port']}/v1/chat/completions", content=body,
-                                    headers={"Authorization": f"Bearer {job['key']}",
-                                             "Content-Type": "application/json"})
+    upstream = client.build_request("POST", f"http://127.0.0.1:{job['port']}/v1/chat/completions", json=payload,
+                                    headers={"Authorization": f"Bearer {job['key']}"})
     try:
         response = await client.send(upstream, stream=True)
     except httpx.HTTPError as e:
         await client.aclose()
-        raise HTTPException(502, f"the chat server did not answer ({e.__class__.__name__}): is it still loading?")
+        raise HTTPException(502, f"the chat server did not answer ({e.__class__.__name__}): is it still running?") \
+            from None
 
     async def relay() -> AsyncIterator[bytes]:
         try:

@@ -8,6 +8,7 @@
 - POST /api/config/save {"values", "name", "launch"}: forms.save_config writes ROOT/configs/NAME.yaml; with
   launch, a job runs `train ROOT/configs/NAME.yaml`. train.output_dir defaults to ROOT/runs/NAME.
   {"config": REL, "run": REL, "job": record or None}; 400 {"errors"} when a field is refused.
+- POST /api/models/tiny {"arch"}: a job building that family's tiny offline model (forms.model_choices' argv).
 - GET /api/files?folder=data|documents|configs: project.list_files.
 - POST /api/upload/{data|documents}?filename=NAME: the raw body (the file's bytes, any type) streamed to
   project.save_upload, which refuses names that leave the folder and stops at the upload limit (413, nothing
@@ -45,6 +46,10 @@ class SaveBody(BaseModel):
     values: dict[str, str] = Field(default_factory=dict)
     name: str
     launch: bool = True
+
+
+class TinyBody(BaseModel):
+    arch: str
 
 
 class GenBody(BaseModel):
@@ -99,6 +104,18 @@ def save(body: SaveBody, request: Request) -> JSONResponse:
         job = public_job(st, st.jobs.start("train", ["train", str(config)], run=run,
                                            extra={"config": st.run_id(config)}))
     return JSONResponse({"config": st.run_id(config), "run": run, "job": job}, status_code=201)
+
+
+@router.post("/api/models/tiny")
+def make_tiny(body: TinyBody, request: Request) -> JSONResponse:
+    """Build a family's tiny offline model into ROOT/models/tiny-ARCH: the model picker's `tiny_argv`."""
+    st = studio(request)
+    choice = next((m for m in forms.model_choices(st.project) if m.get("kind") == "family" and m.get("arch") == body.arch),
+                  None)
+    if choice is None:
+        raise HTTPException(400, f"no model family with the tiny arch '{body.arch}'")
+    job = st.jobs.start("make-tiny-model", list(choice["tiny_argv"]), extra={"model": choice["tiny"]})
+    return JSONResponse({"job": public_job(st, job)}, status_code=201)
 
 
 @router.get("/api/files")
