@@ -269,8 +269,8 @@ def _rates(log: list[dict]) -> tuple[float | None, float | None]:
 
 def _max_steps(path: Path, train: dict) -> int | None:
     ckpt = rundir.latest_checkpoint(path)
-    if ckpt is not None and (steps := rundir.checkpoint_progress(ckpt)[1]):
-        return steps
+    if ckpt is not None and (planned := rundir.checkpoint_progress(ckpt)[1]):
+        return planned
     steps = _int(train.get("max_steps"))
     return steps if steps and steps > 0 else None
 
