@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from .. import rundir
+from ..errors import UserError
 from . import runs
 from .api_runs import export_dir
 from .context import Studio, public_job, studio
@@ -66,9 +67,9 @@ def _start(st: Studio, kind: str, argv: list[str], run: Path | None, extra: dict
 
 
 def _running(st: Studio, run_id: str, kind: str) -> dict | None:
-    """The newest running job of `kind` on this run."""
-    mine = [j for j in st.jobs.list() if j.get("run") == run_id and j.get("kind") == kind]
-    return next((j for j in reversed(mine) if st.jobs.state(j) == "running"), None)
+    """The newest running job of `kind` on this run (Jobs.list gives the newest first)."""
+    return next((j for j in st.jobs.list() if j.get("run") == run_id and j.get("kind") == kind
+                 and j.get("state") == "running"), None)
 
 
 @router.post("/api/runs/{run_id:path}/stop")
@@ -94,7 +95,7 @@ def resume(run_id: str, request: Request) -> JSONResponse:
     if _running(st, st.run_id(path), "train") or runs.run_status(path).get("state") == "running":
         raise HTTPException(409, f"run {run_id} is already training")
     started = [j for j in st.jobs.list() if j.get("run") == st.run_id(path) and j.get("kind") == "train"]
-    config = next((j.get("config") for j in reversed(started) if j.get("config")), None)
+    config = next((j.get("config") for j in started if j.get("config")), None)
     config_path = st.project.confine(config) if config else path / rundir.CONFIG
     if not Path(config_path).is_file():
         raise HTTPException(409, f"run {run_id} has no config.yaml to resume from")
@@ -238,6 +239,13 @@ async def chat(run_id: str, request: Request) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _job(st: Studio, job_id: str) -> dict:
+    try:
+        return st.jobs.get(job_id)
+    except UserError as e:
+        raise HTTPException(404, str(e)) from None
+
+
 @router.get("/api/jobs")
 def jobs(request: Request) -> dict:
     st = studio(request)
@@ -247,17 +255,14 @@ def jobs(request: Request) -> dict:
 @router.get("/api/jobs/{job_id}")
 def job(job_id: str, request: Request) -> dict:
     st = studio(request)
-    record = st.jobs.get(job_id)
-    if record is None:
-        raise HTTPException(404, f"no job '{job_id}'")
+    record = _job(st, job_id)
     return {"job": public_job(st, record), "log": st.jobs.log_tail(job_id, LOG_TAIL_BYTES)}
 
 
 @router.post("/api/jobs/{job_id}/stop")
 def job_stop(job_id: str, request: Request) -> dict:
     st = studio(request)
-    if st.jobs.get(job_id) is None:
-        raise HTTPException(404, f"no job '{job_id}'")
+    _job(st, job_id)
     st.jobs.stop(job_id)
     return {"stopped": job_id}
 

@@ -110,11 +110,11 @@ def save(body: SaveBody, request: Request) -> JSONResponse:
 def make_tiny(body: TinyBody, request: Request) -> JSONResponse:
     """Build a family's tiny offline model into ROOT/models/tiny-ARCH: the model picker's `tiny_argv`."""
     st = studio(request)
-    choice = next((m for m in forms.model_choices(st.project) if m.get("kind") == "family" and m.get("arch") == body.arch),
-                  None)
+    families = [m for m in forms.model_choices(st.project) if m.get("kind") == "family"]
+    choice = next((m for m in families if m.get("arch") == body.arch), None)
     if choice is None:
         raise HTTPException(400, f"no model family with the tiny arch '{body.arch}'")
-    job = st.jobs.start("make-tiny-model", list(choice["tiny_argv"]), extra={"model": choice["tiny"]})
+    job = st.jobs.start("make_tiny_model", list(choice["tiny_argv"]), extra={"model": choice["tiny"]})
     return JSONResponse({"job": public_job(st, job)}, status_code=201)
 
 
@@ -163,14 +163,14 @@ def _config(st: Studio, rel: str) -> Path:
 def documents_preview(body: GenBody, request: Request) -> JSONResponse:
     st = studio(request)
     argv = ["gen-data", str(_config(st, body.config)), "--preview", str(body.n)]
-    return JSONResponse({"job": public_job(st, st.jobs.start("gen-data-preview", argv))}, status_code=201)
+    return JSONResponse({"job": public_job(st, st.jobs.start("gen_data_preview", argv))}, status_code=201)
 
 
 @router.post("/api/documents/generate")
 def documents_generate(body: GenBody, request: Request) -> JSONResponse:
     st = studio(request)
     argv = ["gen-data", str(_config(st, body.config))]
-    return JSONResponse({"job": public_job(st, st.jobs.start("gen-data", argv))}, status_code=201)
+    return JSONResponse({"job": public_job(st, st.jobs.start("gen_data", argv))}, status_code=201)
 
 
 @router.get("/api/documents/rejected")

@@ -70,13 +70,14 @@ def predictions_page(run_dir: str | Path, q: str = "", offset: int = 0, limit: i
     for i in matched[offset:offset + limit]:
         question, reference, answer, base_answer = text(i)
         outcome = outcomes.get(i, {})
+        judged = bool(outcome) or i in calls
         rows.append({
             "id": i, "input": question, "reference": reference,
             "tuned": answer if i in tuned else None, "base": base_answer if i in base else None,
             "scores": {k: v for k, v in scores.get(i, {}).items() if k != "id"} or None,
             "base_scores": {k: v for k, v in base_scores.get(i, {}).items() if k != "id"} or None,
             "judge": {"outcome": outcome.get("pairwise"), "why": outcome.get("why"), "grade_a": outcome.get("grade_a"),
-                      "grade_b": outcome.get("grade_b"), "calls": calls.get(i, [])} if (outcome or i in calls) else None,
+                      "grade_b": outcome.get("grade_b"), "calls": calls.get(i, [])} if judged else None,
         })
     return {"total": len(ids), "matched": len(matched), "offset": offset, "limit": limit, "has_base": bool(base),
             "has_judge": bool(outcomes or calls), "rows": rows}

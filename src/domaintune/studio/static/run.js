@@ -99,7 +99,7 @@ async function loadDetail() {
     showExports(d.exports);
     const tbody = $("jobs").tBodies[0];
     tbody.textContent = "";
-    for (const j of d.jobs.slice().reverse()) tbody.appendChild(jobRow(j));
+    for (const j of d.jobs) tbody.appendChild(jobRow(j));
     if (d.has_report) {
       const r = await api(RUN_API + "/report");
       const box = $("report");
