@@ -18,17 +18,19 @@ from .judge import JudgeConfig
 from .loading import (
     apply_overrides,
     build_config,
+    check_config,
     explain,
     format_validation_error,
     load_config,
     parse_override,
     read_yaml,
+    validation_problems,
 )
 from .sections import Config, DataConfig, LoraConfig, ModelConfig, TrainConfig
 from .selfinstruct import Persona, SelfInstructConfig
 
 __all__ = [
     "Config", "DataConfig", "JudgeConfig", "LoraConfig", "ModelConfig", "Persona", "SelfInstructConfig", "TrainConfig",
-    "apply_overrides", "build_config", "config_from_flat", "explain", "format_validation_error", "load_config",
-    "parse_override", "read_json_file", "read_yaml",
+    "apply_overrides", "build_config", "check_config", "config_from_flat", "explain", "format_validation_error",
+    "load_config", "parse_override", "read_json_file", "read_yaml", "validation_problems",
 ]

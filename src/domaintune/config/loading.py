@@ -90,12 +90,10 @@ def _blame(dotted: str, overrides: dict[tuple[str, ...], str]) -> str | None:
     return hits[-1] if hits else None
 
 
-def format_validation_error(err: ValidationError, source: str,
-                            overrides: dict[tuple[str, ...], str] | None = None) -> str:
-    """One line per problem: unknown keys with the closest valid key, wrong types with the expected type.
-    A problem that a command-line override caused names that override, not the file (`overrides`: the
-    dotted key of each override -> the override as typed)."""
-    overrides = overrides or {}
+def validation_problems(err: ValidationError) -> list[tuple[str, str]]:
+    """(dotted field, text) per problem, worded as `format_validation_error` prints them (without the override
+    that caused one): unknown keys with the closest valid key, wrong types with the expected type. A check across
+    fields (a model validator) has the field "" and its message as the text."""
     problems: list[tuple[str, str]] = []  # (dotted field, text)
     expected: dict[str, tuple[Any, list[str]]] = {}  # field -> (input, what it must be); a union gives several
     for e in err.errors():
@@ -120,8 +118,16 @@ def format_validation_error(err: ValidationError, source: str,
     for dotted, (value, words) in expected.items():
         problems.append((dotted, f"'{dotted}' must be {' or '.join(dict.fromkeys(words))}, "
                                  f"got {_shown(repr(value), 200)}"))
+    return problems
+
+
+def format_validation_error(err: ValidationError, source: str,
+                            overrides: dict[tuple[str, ...], str] | None = None) -> str:
+    """One line per problem (`validation_problems`). A problem that a command-line override caused names that
+    override, not the file (`overrides`: the dotted key of each override -> the override as typed)."""
+    overrides = overrides or {}
     lines, from_file = [], False
-    for dotted, text in problems:
+    for dotted, text in validation_problems(err):
         item = _blame(dotted, overrides)
         from_file = from_file or item is None
         lines.append(f"override '{_shown(item)}': {text}" if item else text)
@@ -191,6 +197,15 @@ def build_config(raw: dict, source: str = "config", overrides: list[str] | tuple
     except ValidationError as e:
         blamed = {tuple(parse_override(item)[0]): item for item in overrides}
         raise UserError(format_validation_error(e, source, blamed)) from None
+
+
+def check_config(raw: dict) -> tuple[Config | None, list[tuple[str, str]]]:
+    """`build_config` that reports instead of raising: (the Config, []) or (None, `validation_problems`), for a
+    caller that shows each problem at its field (the studio's form)."""
+    try:
+        return Config.model_validate(raw), []
+    except ValidationError as e:
+        return None, validation_problems(e)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

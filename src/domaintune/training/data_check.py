@@ -1,17 +1,37 @@
-"""`domaintune data-check`: the data exactly as training would see it, without loading a model."""
+"""`domaintune data-check`: the data exactly as training would see it, without loading a model.
+
+Its pieces serve the studio's preview too (studio/preview.py), so the page and the command show the same thing:
+`prepare_check` (validate, tokenizer, template, encoded data), `example_samples` (one row's samples) and
+`masked_segments` (a sample's decoded text in trained / untrained runs).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..data.encode import IGNORE_INDEX
+
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from ..config import Config
+    from ..data.encode import Datasets
+    from ..data.examples import Example
+    from ..data.templates import Template
 
 
-def run_data_check(cfg: Config, example: int = 0, color: bool = False) -> dict:
-    """Validate + tokenize like training; print a summary and one masked example; return the report dict."""
-    if cfg.train.stage != "sft":
-        return _preference_check(cfg, example, color)
-    from ..data.encode import encode_samples, render_masked
+@dataclass
+class CheckedData:
+    """The data of an sft config as training encodes it: its tokenizer, template and prepared data sets."""
+
+    tok: PreTrainedTokenizerBase
+    template: Template
+    ds: Datasets
+
+
+def prepare_check(cfg: Config) -> CheckedData:
+    """Validate, load the tokenizer (no model) and prepare the data as training does (train.stage sft). Raises the
+    UserError training would raise."""
     from ..data.load import check_data_files
     from ..data.prepare import build_datasets
     from ..data.templates import get_template
@@ -20,22 +40,73 @@ def run_data_check(cfg: Config, example: int = 0, color: bool = False) -> dict:
     check_data_files(cfg.data, cfg.train.seed)  # bad data is named before the tokenizer (and transformers) loads
     tok = load_tokenizer(cfg.model.required_name(), cfg.model.trust_remote_code, cfg.model.revision)
     template = get_template(cfg.data.template, tok, cfg.data.thinking, cfg.data.train_on_turns)
-    ds = build_datasets(cfg.data, tok, template, cfg.train.seed)
-    print("\n".join(ds.report.summary_lines()))
-    marked = "in green" if color else "marked «like this»"
-    rows = ds.train_examples
-    if not rows:  # every row went to validation
-        return ds.report.to_dict()
+    return CheckedData(tok, template, build_datasets(cfg.data, tok, template, cfg.train.seed))
+
+
+Samples = list[tuple["dict | None", int]]  # encode_samples: (sample or None, untruncated length) each
+
+
+def example_samples(cfg: Config, checked: CheckedData, example: int) -> tuple[Example, Samples] | None:
+    """The training row `example` (the last one when past the end) and its encoded samples (`encode_samples`: one,
+    or one per assistant turn where the chat_template rewrites earlier turns); None when every row went to
+    validation."""
+    from ..data.encode import encode_samples
+
+    rows = checked.ds.train_examples
+    if not rows:
+        return None
     row = rows[min(example, len(rows) - 1)]
     d = cfg.data
-    samples = encode_samples(row, tok, template, d.cutoff_len, d.train_on_inputs, d.system)
+    return row, encode_samples(row, checked.tok, checked.template, d.cutoff_len, d.train_on_inputs, d.system)
+
+
+def masked_segments(tok: PreTrainedTokenizerBase, sample: dict) -> list[tuple[bool, str]]:
+    """A sample's text as (trained, text) runs: consecutive tokens with the same mask decoded together."""
+    from ..data.encode import decode_text
+
+    out: list[tuple[bool, str]] = []
+    cur: list[int] = []
+    cur_train = False
+    for tid, lab in zip(sample["input_ids"], sample["labels"], strict=True):
+        train = lab != IGNORE_INDEX
+        if cur and train != cur_train:
+            out.append((cur_train, decode_text(tok, cur)))
+            cur = []
+        cur.append(tid)
+        cur_train = train
+    if cur:
+        out.append((cur_train, decode_text(tok, cur)))
+    return out
+
+
+def trained_count(sample: dict) -> int:
+    """Tokens of `sample` in the loss."""
+    return sum(1 for x in sample["labels"] if x != IGNORE_INDEX)
+
+
+def _marked(tok: PreTrainedTokenizerBase, sample: dict, color: bool) -> str:
+    open_, close = ("\x1b[32m", "\x1b[0m") if color else ("«", "»")
+    return "".join(f"{open_}{t}{close}" if train else t for train, t in masked_segments(tok, sample))
+
+
+def run_data_check(cfg: Config, example: int = 0, color: bool = False) -> dict:
+    """Validate + tokenize like training; print a summary and one masked example; return the report dict."""
+    if cfg.train.stage != "sft":
+        return _preference_check(cfg, example, color)
+    checked = prepare_check(cfg)
+    template, report = checked.template, checked.ds.report
+    print("\n".join(report.summary_lines()))
+    marked = "in green" if color else "marked «like this»"
+    found = example_samples(cfg, checked, example)
+    if found is None:  # every row went to validation
+        return report.to_dict()
+    row, samples = found
     if len(samples) == 1 and samples[0][0] is not None:
         sample = samples[0][0]
-        n_train = sum(1 for x in sample["labels"] if x != -100)
-        print(f"\nexample {example} (template {template.name}; {len(sample['input_ids'])} tokens, {n_train} trained; "
-              f"trained part {marked}):")
-        print(render_masked(tok, sample, color=color))
-        return ds.report.to_dict()
+        print(f"\nexample {example} (template {template.name}; {len(sample['input_ids'])} tokens, "
+              f"{trained_count(sample)} trained; trained part {marked}):")
+        print(_marked(checked.tok, sample, color))
+        return report.to_dict()
     # A row the chat_template trains one assistant turn at a time (it rewrites earlier turns): every sample.
     print(f"\nexample {example} ({row.where}; template {template.name}; {len(samples)} sample(s), one per assistant "
           f"turn, each with the prompt inference sends for its history; trained part {marked}):")
@@ -43,10 +114,9 @@ def run_data_check(cfg: Config, example: int = 0, color: bool = False) -> dict:
         if one is None:
             print(f"\nsample {k + 1} of {len(samples)} ({n} tokens): nothing to train within data.cutoff_len")
             continue
-        n_train = sum(1 for x in one["labels"] if x != -100)
-        print(f"\nsample {k + 1} of {len(samples)} ({len(one['input_ids'])} tokens, {n_train} trained):")
-        print(render_masked(tok, one, color=color))
-    return ds.report.to_dict()
+        print(f"\nsample {k + 1} of {len(samples)} ({len(one['input_ids'])} tokens, {trained_count(one)} trained):")
+        print(_marked(checked.tok, one, color))
+    return report.to_dict()
 
 
 def _preference_check(cfg: Config, example: int, color: bool) -> dict:
