@@ -152,8 +152,9 @@ def test_report_is_rendered_with_every_text_escaped(root):
 
 def test_markdown_converter_blocks():
     html = to_html("## Data\n\n- one <b>\n- two\n\n1. first\n\n```\nx < y\n```\nplain & text\nnext line")
-    assert html.split("\n") == ["<h2>Data</h2>", "<ul><li>one &lt;b&gt;</li><li>two</li></ul>", "<ol><li>first</li></ol>",
-                                "<pre><code>x &lt; y</code></pre>", "<p>plain &amp; text<br>next line</p>"]
+    assert html.split("\n") == ["<h2>Data</h2>", "<ul><li>one &lt;b&gt;</li><li>two</li></ul>",
+                                "<ol><li>first</li></ol>", "<pre><code>x &lt; y</code></pre>",
+                                "<p>plain &amp; text<br>next line</p>"]
 
 
 def read_events(lines, until, timeout: float = 20.0) -> list[tuple[str, object]]:
@@ -238,3 +239,47 @@ def test_upload_lands_in_data_and_is_listed(root):
     assert (root / "data/train.jsonl").read_bytes() == body
     assert [f["relpath"] for f in files] == ["data/train.jsonl"]
     assert wrong.status_code == 400
+
+
+def form_project(root: Path) -> dict[str, str]:
+    """A data file and a model folder as far as the checks before loading read it; the form's values for them."""
+    (root / "data").mkdir()
+    (root / "data/train.jsonl").write_text(json.dumps({"instruction": "孩子发烧怎么办？", "output": "多喝水。"},
+                                                      ensure_ascii=False) + "\n", encoding="utf-8")
+    model = root / "models/fake"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64}))
+    (model / "tokenizer.json").write_text("{}")
+    return {"model.name_or_path": "models/fake", "data.path": "data/train.jsonl", "train.learning_rate": "1e-4"}
+
+
+def test_form_fields_errors_at_the_field_and_save(root):
+    from domaintune.studio.forms import config_from_form, form_fields
+    from domaintune.studio.project import Project
+
+    good = form_project(root)
+    bad = {**good, "train.learning_rate": "-0.001"}
+    no_model = {**good, "model.name_or_path": "models/missing"}
+    with serving(root) as (url, _):
+        form = httpx.get(f"{url}/api/form").json()
+        ok = httpx.post(f"{url}/api/config/check", json={"values": {**good, "name": "first"}}).json()
+        refused = httpx.post(f"{url}/api/config/check", json={"values": bad}).json()
+        missing = httpx.post(f"{url}/api/config/check", json={"values": no_model}).json()
+        not_saved = httpx.post(f"{url}/api/config/save", json={"values": bad, "name": "first", "launch": True})
+        bad_name = httpx.post(f"{url}/api/config/save", json={"values": good, "name": "../x", "launch": False})
+        saved = httpx.post(f"{url}/api/config/save", json={"values": good, "name": "first", "launch": False})
+    assert form["fields"] == json.loads(json.dumps(form_fields()))
+    assert any(m["kind"] == "local" and m["path"] == "models/fake" for m in form["models"])
+    assert ok == {"ok": True, "errors": {}}
+    expected = config_from_form(bad, Project(root))[1]
+    assert refused["ok"] is False and refused["errors"] == expected
+    assert expected == {"train.learning_rate": "'train.learning_rate': Input should be greater than 0 (got -0.001)"}
+    assert list(missing["errors"]) == ["model.name_or_path"]
+    assert missing["errors"] == config_from_form(no_model, Project(root))[1]
+    assert not_saved.status_code == 400 and not_saved.json()["errors"] == expected
+    assert bad_name.status_code == 400 and "name" in bad_name.json()["errors"]
+    assert saved.status_code == 201
+    assert saved.json() == {"config": "configs/first.yaml", "run": "runs/first", "job": None}
+    text = (root / "configs/first.yaml").read_text()
+    assert text.startswith("# domaintune train ") and f"output_dir: {root.resolve()}/runs/first" in text
+    assert not (root / ".studio").exists()  # nothing launched

@@ -1,21 +1,22 @@
 """The JSON API of the new-run form, the project's files and uploads, and data from documents.
 
 - GET /api/form: {"fields": forms.form_fields(), "models": forms.model_choices(project)}.
-- POST /api/config/check {"values": {"section.field": "text"}}: {"ok", "errors": {field: message}} from
-  forms.config_from_form, the CLI's own validation (the messages are the CLI's).
+- POST /api/config/check {"values": {"section.field": "text", "name": run name}}: {"ok", "errors": {field:
+  message}} from forms.config_from_form, the CLI's own validation (the messages are the CLI's).
 - POST /api/config/preview {"values", "example"}: preview.trained_spans of one example (the data-check), or the
   field errors (400).
 - POST /api/config/save {"values", "name", "launch"}: forms.save_config writes ROOT/configs/NAME.yaml; with
-  launch, a job runs `train ROOT/configs/NAME.yaml`. train.output_dir defaults to ROOT/runs/NAME.
+  launch, a job runs `train ROOT/configs/NAME.yaml`. train.output_dir defaults to ROOT/runs/NAME (forms).
   {"config": REL, "run": REL, "job": record or None}; 400 {"errors"} when a field is refused.
 - POST /api/models/tiny {"arch"}: a job building that family's tiny offline model (forms.model_choices' argv).
 - GET /api/files?folder=data|documents|configs: project.list_files.
 - POST /api/upload/{data|documents}?filename=NAME: the raw body (the file's bytes, any type) streamed to
   project.save_upload, which refuses names that leave the folder and stops at the upload limit (413, nothing
   left behind).
-- POST /api/documents/preview {"config": REL, "n": N}: a `gen-data CONFIG --preview N` job (its printed triples
-  are in the job's log); POST /api/documents/generate {"config": REL}: a `gen-data CONFIG` job;
-  GET /api/documents/rejected?path=REL: preview.rejected of a gen-data output folder.
+- POST /api/documents/preview {"config": REL, "n": N}: a `gen-data CONFIG --preview N` job; POST
+  /api/documents/generate {"config": REL}: a `gen-data CONFIG` job; both answer {"job", "out": the config's
+  output folder relative to ROOT}. GET /api/documents/pairs?path=OUT&n=: preview.preview_pairs (question, answer,
+  source); GET /api/documents/rejected?path=OUT: preview.rejected (what was dropped and why).
 """
 from __future__ import annotations
 
@@ -62,26 +63,17 @@ def form(request: Request) -> dict:
     return {"fields": forms.form_fields(), "models": forms.model_choices(studio(request).project)}
 
 
-def _with_output_dir(st: Studio, values: dict[str, str], name: str | None) -> dict[str, str]:
-    """The form's values with train.output_dir filled in: ROOT/runs/NAME (absolute: the config works from any
-    folder) when the field was left empty."""
-    values = dict(values)
-    if name and not values.get("train.output_dir", "").strip():
-        values["train.output_dir"] = str(st.root / "runs" / name)
-    return values
-
-
 @router.post("/api/config/check")
 def check(body: FormBody, request: Request) -> dict:
     st = studio(request)
-    raw, errors = forms.config_from_form(_with_output_dir(st, body.values, "check"), st.project)
+    raw, errors = forms.config_from_form(body.values, st.project)
     return {"ok": raw is not None, "errors": errors}
 
 
 @router.post("/api/config/preview")
 def data_preview(body: FormBody, request: Request) -> JSONResponse:
     st = studio(request)
-    raw, errors = forms.config_from_form(_with_output_dir(st, body.values, "preview"), st.project)
+    raw, errors = forms.config_from_form(body.values, st.project)
     if raw is None:
         return JSONResponse({"errors": errors}, status_code=400)
     return JSONResponse(preview.trained_spans(raw, body.example))
@@ -93,7 +85,7 @@ def save(body: SaveBody, request: Request) -> JSONResponse:
     if not NAME.match(body.name):
         return JSONResponse({"errors": {"name": "use letters, digits, '.', '_' or '-' (up to 64), starting with a "
                                                 "letter or digit"}}, status_code=400)
-    raw, errors = forms.config_from_form(_with_output_dir(st, body.values, body.name), st.project)
+    raw, errors = forms.config_from_form({**body.values, "name": body.name}, st.project)
     if raw is None:
         return JSONResponse({"errors": errors}, status_code=400)
     config = Path(forms.save_config(raw, st.project, body.name))
@@ -159,24 +151,49 @@ def _config(st: Studio, rel: str) -> Path:
     return path
 
 
+def _gen_output(st: Studio, config: Path) -> str | None:
+    """The config's selfinstruct.output_dir relative to ROOT (a job runs in ROOT), None when it is not inside."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        out = (raw.get("selfinstruct") or {}).get("output_dir")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    if not isinstance(out, str) or not out:
+        return None
+    path = (st.root / out).resolve()
+    return path.relative_to(st.root.resolve()).as_posix() if path.is_relative_to(st.root.resolve()) else None
+
+
 @router.post("/api/documents/preview")
 def documents_preview(body: GenBody, request: Request) -> JSONResponse:
     st = studio(request)
-    argv = ["gen-data", str(_config(st, body.config)), "--preview", str(body.n)]
-    return JSONResponse({"job": public_job(st, st.jobs.start("gen_data_preview", argv))}, status_code=201)
+    config = _config(st, body.config)
+    job = st.jobs.start("gen_data_preview", ["gen-data", str(config), "--preview", str(body.n)])
+    return JSONResponse({"job": public_job(st, job), "out": _gen_output(st, config)}, status_code=201)
 
 
 @router.post("/api/documents/generate")
 def documents_generate(body: GenBody, request: Request) -> JSONResponse:
     st = studio(request)
-    argv = ["gen-data", str(_config(st, body.config))]
-    return JSONResponse({"job": public_job(st, st.jobs.start("gen_data", argv))}, status_code=201)
+    config = _config(st, body.config)
+    job = st.jobs.start("gen_data", ["gen-data", str(config)])
+    return JSONResponse({"job": public_job(st, job), "out": _gen_output(st, config)}, status_code=201)
+
+
+def _gen_folder(st: Studio, path: str) -> Path:
+    folder = st.project.confine(path)
+    if not folder.is_dir():
+        raise HTTPException(404, f"no folder '{path}' in the project folder (gen-data writes it when it starts)")
+    return folder
+
+
+@router.get("/api/documents/pairs")
+def documents_pairs(path: str, request: Request, n: int | None = None) -> dict:
+    return preview.preview_pairs(_gen_folder(studio(request), path), n)
 
 
 @router.get("/api/documents/rejected")
 def documents_rejected(path: str, request: Request) -> dict:
-    st = studio(request)
-    folder = st.project.confine(path)
-    if not folder.is_dir():
-        raise HTTPException(404, f"no folder '{path}'")
-    return {"rejected": preview.rejected(folder)}
+    return preview.rejected(_gen_folder(studio(request), path))

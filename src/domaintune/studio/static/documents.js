@@ -37,13 +37,32 @@ async function follow() {
   $("gen-log").textContent = body.log;
   $("gen-log").scrollTop = $("gen-log").scrollHeight;
   if (body.job.state === "running") setTimeout(follow, 1500);
+  else if ($("gen-out").value.trim()) pairs();
 }
 
 async function start(path) {
   try {
     const body = await api(path, { method: "POST", json: { config: $("gen-config").value, n: parseInt($("gen-n").value, 10) || 3 } });
     genJob = body.job.id;
+    if (body.out) $("gen-out").value = body.out;
     follow();
+  } catch (e) {
+    notice(e.message, true);
+  }
+}
+
+async function pairs() {
+  const tbody = $("pairs").tBodies[0];
+  tbody.textContent = "";
+  try {
+    const body = await api("/api/documents/pairs?path=" + encodeURIComponent($("gen-out").value.trim()));
+    $("gen-summary").textContent = (body.status || "") + (body.message ? ": " + body.message : "") +
+      " · " + body.pairs.length + " pairs" + (body.target ? " of " + body.target : "");
+    for (const p of body.pairs) {
+      tbody.appendChild(el("tr", { class: "pair-row" }, el("td", { text: p.question || "" }),
+        el("td", { text: p.answer || "" }),
+        el("td", {}, el("div", { text: p.where || "" }), el("div", { class: "reason", text: (p.source && p.source.passage) || "" }))));
+    }
   } catch (e) {
     notice(e.message, true);
   }
@@ -53,12 +72,16 @@ async function rejected() {
   const tbody = $("rejected").tBodies[0];
   tbody.textContent = "";
   try {
-    const body = await api("/api/documents/rejected?path=" + encodeURIComponent($("rejected-path").value.trim()));
-    const rows = Array.isArray(body.rejected) ? body.rejected : (body.rejected && body.rejected.rows) || [];
-    if (!rows.length) tbody.appendChild(el("tr", {}, el("td", { class: "muted", text: "nothing rejected" })));
-    for (const r of rows) {
-      tbody.appendChild(el("tr", { class: "rejected-row" }, Object.entries(r).map(([k, v]) =>
-        el("td", {}, el("b", { text: k + ": " }), typeof v === "object" ? JSON.stringify(v) : String(v)))));
+    const body = await api("/api/documents/rejected?path=" + encodeURIComponent($("gen-out").value.trim()));
+    $("gen-summary").textContent = body.total + " rejected: " + Object.entries(body.counts).map(([k, v]) => k + " " + v).join(", ");
+    for (const p of body.problems) {
+      tbody.appendChild(el("tr", { class: "rejected-row" }, el("td", { text: "document" }), el("td", { text: p.reason || "" }),
+        el("td", { text: p.file || "" }), el("td", { text: p.detail ? JSON.stringify(p.detail) : "" })));
+    }
+    for (const r of body.rows) {
+      tbody.appendChild(el("tr", { class: "rejected-row" }, el("td", { text: r.stage || "" }), el("td", { text: r.reason || "" }),
+        el("td", { text: r.question || "" }),
+        el("td", {}, el("div", { text: r.hint || "" }), el("div", { class: "reason", text: JSON.stringify(r.detail) }))));
     }
   } catch (e) {
     notice(e.message, true);
@@ -70,4 +93,5 @@ $("doc-upload").addEventListener("click", uploadDocs);
 $("btn-gen-preview").addEventListener("click", () => start("/api/documents/preview"));
 $("btn-gen").addEventListener("click", () => start("/api/documents/generate"));
 $("btn-rejected").addEventListener("click", rejected);
+$("btn-pairs").addEventListener("click", pairs);
 loadDocs().catch((e) => notice(e.message, true));

@@ -46,7 +46,7 @@ function renderFields() {
 function input(name) { return document.getElementById("f-" + name); }
 
 function values() {
-  const out = {};
+  const out = { name: $("run-name").value.trim() };
   for (const f of FIELDS) {
     const node = input(f.name);
     if (!node) continue;
