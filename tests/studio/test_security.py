@@ -114,7 +114,8 @@ def test_upload_over_the_limit_is_413_and_leaves_nothing(root):
 
 
 ROUTES = [("GET", "/"), ("GET", "/new"), ("GET", "/documents"), ("GET", "/run/runs/alpha"),
-          ("GET", "/static/studio.js"), ("GET", "/api/runs"), ("GET", "/api/runs/runs/alpha"), ("GET", "/api/runs/runs/alpha/events"),
+          ("GET", "/static/studio.js"), ("GET", "/api/runs"), ("GET", "/api/runs/runs/alpha"),
+          ("GET", "/api/runs/runs/alpha/events"),
           ("GET", "/api/runs/runs/alpha/log"), ("GET", "/api/runs/runs/alpha/predictions"), ("GET", "/api/jobs"),
           ("GET", "/api/form"), ("GET", "/api/files?folder=data"), ("GET", "/api/download?path=runs/alpha/log.jsonl"),
           ("POST", "/api/runs/runs/alpha/stop"), ("POST", "/api/runs/runs/alpha/export"),
