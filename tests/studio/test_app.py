@@ -210,6 +210,8 @@ def test_actions_run_the_cli_as_jobs(root):
         bad_data = httpx.post(f"{url}/api/runs/runs/alpha/predict", json={"data": "data/none.jsonl"})
         bad_format = httpx.post(f"{url}/api/runs/runs/alpha/export", json={"format": "zip"})
         not_training = httpx.post(f"{url}/api/runs/runs/beta/stop")
+        no_chat = httpx.get(f"{url}/api/runs/runs/alpha/chat")
+        chat_first = httpx.post(f"{url}/api/runs/runs/alpha/chat/completions", json={"messages": []})
         job = export.json()["job"]
         deadline = time.time() + 120
         while (seen := httpx.get(f"{url}/api/jobs/{job['id']}").json())["job"]["state"] == "running":
@@ -226,6 +228,8 @@ def test_actions_run_the_cli_as_jobs(root):
     assert bad_data.status_code == 400 and "data/none.jsonl" in bad_data.json()["error"]["message"]
     assert bad_format.status_code == 400
     assert not_training.status_code == 409 and "not training" in not_training.json()["error"]["message"]
+    assert no_chat.json() == {"job": None, "state": None, "ready": False, "model": None}
+    assert chat_first.status_code == 409 and "press Chat" in chat_first.json()["error"]["message"]
 
 
 def test_upload_lands_in_data_and_is_listed(root):

@@ -35,6 +35,8 @@ from .context import Studio, public_job, studio
 from .markdown_html import to_html
 
 router = APIRouter()
+# GET /api/runs/{id} matches every longer path too: app.py includes this router after all the others
+detail_router = APIRouter()
 EVENT_INTERVAL_S = 0.5
 KEEPALIVE_S = 15.0
 EXPORTS = "exports"
@@ -162,7 +164,7 @@ async def run_events(run_id: str, request: Request) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.get("/api/runs/{run_id:path}")
+@detail_router.get("/api/runs/{run_id:path}")
 def run_detail(run_id: str, request: Request) -> dict:
     st = studio(request)
     path = st.run_dir(run_id)

@@ -106,6 +106,7 @@ def create_app(project: Project | str | Path, token: str | None = None, host: st
     app.include_router(api_runs.router)
     app.include_router(api_actions.router)
     app.include_router(api_new.router)
+    app.include_router(api_runs.detail_router)  # last: its path matches the longer run paths above
     app.add_middleware(StudioGuard, token=token, hosts=studio_hosts(host), upload_limit=upload_limit)
     return app
 
