@@ -287,3 +287,25 @@ def test_form_fields_errors_at_the_field_and_save(root):
     text = (root / "configs/first.yaml").read_text()
     assert text.startswith("# domaintune train ") and f"output_dir: {root.resolve()}/runs/first" in text
     assert not (root / ".studio").exists()  # nothing launched
+
+
+def test_a_launched_run_is_listed_and_streams_before_its_folder_exists(root):
+    import sys
+
+    sleeper = [sys.executable, "-c", "import sys, time; print('loading the model'); sys.stdout.flush(); time.sleep(60)"]
+    with serving(root) as (url, studio):
+        job = studio.jobs.start("train", ["train", "configs/new.yaml"], run="runs/new", command=sleeper)
+        listed = {r["id"]: r for r in httpx.get(f"{url}/api/runs").json()["runs"]}
+        with httpx.stream("GET", f"{url}/api/runs/runs/new/events", timeout=30) as r:
+            status = read_events(r.iter_lines(), lambda ev: any(e == "status" for e, _ in ev))[-1][1]
+        stopped = httpx.post(f"{url}/api/runs/runs/new/stop").json()
+        deadline = time.time() + 30
+        while (after := httpx.get(f"{url}/api/runs/runs/new").json()["summary"])["status"] == "running":
+            assert time.time() < deadline
+            time.sleep(0.2)
+        never = httpx.get(f"{url}/api/runs/runs/other")
+    assert listed["runs/new"]["status"] == "running" and listed["runs/new"]["message"].startswith("starting")
+    assert status["id"] == "runs/new" and status["status"] == "running"
+    assert stopped == {"stopped": "job", "job": job["id"]}
+    assert after["status"] == "stopped" and not (root / "runs/new").exists()  # SIGINT: exit 130
+    assert never.status_code == 404

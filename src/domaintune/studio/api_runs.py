@@ -44,9 +44,7 @@ TEXT_VIEW_LIMIT = 2 << 20  # bytes of a file shown as text
 
 
 def run_summary(st: Studio, path: Path) -> dict:
-    s = dict(runs.summary(path, st.root))
-    s.setdefault("id", st.run_id(path))
-    return s
+    return st.summary(path)
 
 
 def export_dir(st: Studio, run_id: str) -> Path:
@@ -57,7 +55,12 @@ def export_dir(st: Studio, run_id: str) -> Path:
 @router.get("/api/runs")
 def list_runs(request: Request) -> dict:
     st = studio(request)
-    found = [run_summary(st, p) for p in runs.find_runs(st.root)]
+    paths = runs.find_runs(st.root)
+    ids = {st.run_id(p) for p in paths}
+    # a run the studio just launched has no folder until training writes it: listed from its job meanwhile
+    starting = {j["run"] for j in st.jobs.list() if j.get("kind") == "train" and j.get("state") == "running"
+                and isinstance(j.get("run"), str) and j["run"] not in ids}
+    found = [run_summary(st, p) for p in paths] + [run_summary(st, st.project.confine(r)) for r in sorted(starting)]
     found.sort(key=lambda s: s.get("started") or "", reverse=True)
     return {"runs": found}
 

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import HTTPException, Request
 
 from ..rundir import RunDir
+from . import runs
 from .jobs import Jobs
 from .project import Project
 
@@ -27,14 +28,36 @@ class Studio:
 
     def run_dir(self, run_id: str) -> Path:
         """The run directory a URL names (its path relative to ROOT); 403 for a path leaving ROOT (Forbidden,
-        turned into 403 by the app), 404 for a folder that is not a run."""
+        turned into 403 by the app), 404 for a folder that is not a run. A run a studio job trains counts before
+        its folder exists (training writes it after loading the model), so its page can open at once."""
         path = self.project.confine(run_id)
-        if not path.is_dir() or not RunDir(path).looks_like_run():
-            raise HTTPException(404, f"no run '{run_id}' under the project folder")
-        return path
+        if path.is_dir() and RunDir(path).looks_like_run():
+            return path
+        if path != self.root.resolve() and self.train_job(self.run_id(path)) is not None:
+            return path
+        raise HTTPException(404, f"no run '{run_id}' under the project folder")
+
+    def train_job(self, run_id: str) -> dict | None:
+        """The newest train job of a run (Jobs.list gives the newest first), None when the studio started none."""
+        return next((j for j in self.jobs.list() if j.get("run") == run_id and j.get("kind") == "train"), None)
 
     def run_id(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+
+    def summary(self, path: Path) -> dict:
+        """runs.summary, with what only the studio's jobs know: a train job still starting (no status.json yet)
+        is running, and one that ended before training wrote a status failed, with the last line of its log."""
+        s = dict(runs.summary(path, self.root))
+        s.setdefault("id", self.run_id(path))
+        if runs.read_status(path) is not None:
+            return s
+        job = self.train_job(s["id"])
+        if job is not None and job.get("state") == "running":
+            s.update(status="running", message=s.get("message") or "starting: loading the model and the data")
+        elif job is not None and job.get("state") == "failed" and not RunDir(path).is_finished():
+            lines = [line for line in self.jobs.log_tail(job["id"], 4096).splitlines() if line.strip()]
+            s.update(status="failed", message=lines[-1] if lines else f"job {job['id']} failed")
+        return s
 
 
 def studio(request: Request) -> Studio:

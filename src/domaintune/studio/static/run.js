@@ -51,7 +51,11 @@ function connect() {
     lossChart.seriesNamed("eval loss"); lrChart.seriesNamed("learning rate"); notice("live"); });
   source.addEventListener("log", (ev) => addRecords(JSON.parse(ev.data)));
   source.addEventListener("status", (ev) => showStatus(JSON.parse(ev.data)));
-  source.addEventListener("error", () => notice("event stream interrupted, reconnecting…", true));
+  source.addEventListener("error", () => {
+    notice("event stream interrupted, reconnecting…", true);
+    // the browser retries by itself unless the server refused (a non-200 closes the source for good)
+    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 3000);
+  });
 }
 
 function jobRow(j) {
