@@ -264,14 +264,15 @@ def test_form_fields_errors_at_the_field_and_save(root):
     good = form_project(root)
     bad = {**good, "train.learning_rate": "-0.001"}
     no_model = {**good, "model.name_or_path": "models/missing"}
-    with serving(root) as (url, _):
-        form = httpx.get(f"{url}/api/form").json()
-        ok = httpx.post(f"{url}/api/config/check", json={"values": {**good, "name": "first"}}).json()
-        refused = httpx.post(f"{url}/api/config/check", json={"values": bad}).json()
-        missing = httpx.post(f"{url}/api/config/check", json={"values": no_model}).json()
-        not_saved = httpx.post(f"{url}/api/config/save", json={"values": bad, "name": "first", "launch": True})
-        bad_name = httpx.post(f"{url}/api/config/save", json={"values": good, "name": "../x", "launch": False})
-        saved = httpx.post(f"{url}/api/config/save", json={"values": good, "name": "first", "launch": False})
+    # the first check imports what training's pre-flight checks use (transformers): seconds on a busy machine
+    with serving(root) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        form = client.get("/api/form").json()
+        ok = client.post("/api/config/check", json={"values": {**good, "name": "first"}}).json()
+        refused = client.post("/api/config/check", json={"values": bad}).json()
+        missing = client.post("/api/config/check", json={"values": no_model}).json()
+        not_saved = client.post("/api/config/save", json={"values": bad, "name": "first", "launch": True})
+        bad_name = client.post("/api/config/save", json={"values": good, "name": "../x", "launch": False})
+        saved = client.post("/api/config/save", json={"values": good, "name": "first", "launch": False})
     assert form["fields"] == json.loads(json.dumps(form_fields()))
     assert any(m["kind"] == "local" and m["path"] == "models/fake" for m in form["models"])
     assert ok == {"ok": True, "errors": {}}
