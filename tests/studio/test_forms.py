@@ -205,3 +205,8 @@ def test_model_choices(project):
     assert qwen2["tiny_argv"] == ["make-tiny-model", str(project.root / "models" / "tiny-qwen2"), "--arch", "qwen2"]
     assert [c for c in choices if c["kind"] == "local"] == \
         [{"kind": "local", "path": "models/fake", "title": "models/fake", "model_type": "qwen2"}]
+
+
+def test_a_nested_key_is_set_like_a_dotted_override(project):
+    raw, errors = config_from_form(good(**{"train.trainer_args.adam_beta2": "0.95"}), project)
+    assert errors == {} and raw is not None and raw["train"]["trainer_args"] == {"adam_beta2": 0.95}

@@ -176,9 +176,14 @@ def config_from_form(values: dict[str, str], project: ProjectLike) -> tuple[dict
         if dotted == "name" or text is None or not str(text).strip():
             continue
         text = str(text).strip()
-        section, _, key = dotted.partition(".")
+        *sections, key = dotted.split(".")
+        node = raw
         try:
-            raw.setdefault(section, {})[key] = _value(fields.get(dotted), dotted, text, project)
+            for part in sections:  # nested like a dotted override (`train.trainer_args.adam_beta2`)
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise UserError(f"'{part}' is not a section")
+            node[key] = _value(fields.get(dotted), dotted, text, project)
         except UserError as e:
             errors[dotted] = str(e)
     if "output_dir" not in raw.get("train", {}) and "train.output_dir" not in errors:
