@@ -3,9 +3,10 @@ and `domaintune --help` stays fast.
 
 Layers, top to bottom (a module may import its own layer or a lower one; cli/ is imported by nothing else):
   1. cli (and __main__)
-  2. the stage packages: training, inference, evaluation, datagen, and quickstart
-  3. data, rundir, config
-  4. jsonl, errors, bundled, console, families (and the package root, which holds only the version)
+  2. studio (the web app: it runs the stages' code, and nothing but cli imports it)
+  3. the stage packages: training, inference, evaluation, datagen, and quickstart
+  4. data, rundir, config
+  5. jsonl, errors, bundled, console, families (and the package root, which holds only the version)
 
 Every import counts, including imports inside functions (the lazy ones) and under TYPE_CHECKING.
 """
@@ -21,9 +22,9 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "domaintune"
-LAYERS = {"cli": 1, "__main__": 1, "training": 2, "inference": 2, "evaluation": 2, "datagen": 2, "quickstart": 2,
-          "data": 3, "rundir": 3, "config": 3, "jsonl": 4, "errors": 4, "bundled": 4, "console": 4, "families": 4,
-          "": 4}
+LAYERS = {"cli": 1, "__main__": 1, "studio": 2, "training": 3, "inference": 3, "evaluation": 3, "datagen": 3,
+          "quickstart": 3, "data": 4, "rundir": 4, "config": 4, "jsonl": 5, "errors": 5, "bundled": 5, "console": 5,
+          "families": 5, "": 5}
 MAX_LINES = 400
 
 

@@ -13,6 +13,7 @@ and nowhere else.
 | tokenizer files, generation_config.json | train | with the right EOS/pad |
 | checkpoint-*/ | train | resumable checkpoints; only complete ones count |
 | log.jsonl | train | one JSON object per logged step |
+| status.json | train | running / finished / stopped / failed, the process, the step (training/status.py) |
 | run_info.json | train | base model, license, data statistics, runtime, throughput |
 | README.md | train | the model card: base model (a hub id, never a path of this machine), license, method |
 | loss.png | plot / train | loss and learning-rate curves |
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 CONFIG = "config.yaml"
 TEMPLATE = "template.json"
 LOG = "log.jsonl"
+STATUS = "status.json"  # training/status.py: the run's state, for the studio and scripts
 RUN_INFO = "run_info.json"
 LOSS_PNG = "loss.png"
 PREDICTIONS = "predictions.jsonl"

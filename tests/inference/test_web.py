@@ -4,29 +4,19 @@ Needs Debian's `chromium` (/usr/bin/chromium) and the `websockets` package; skip
 when either is missing, except under CI (CI=true), where .ci/run installs Chromium and a missing one fails."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
-import shutil
 import socket
-import subprocess
 import threading
 import time
 
-import httpx
 import pytest
 
+from cdp import browser, require_chromium
 from domaintune.inference.engine import Engine
 from domaintune.inference.params import GenerationParams
 from domaintune.inference.serve.app import create_app
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-if not CHROMIUM and os.environ.get("CI") == "true":
-    pytest.fail("CI=true but headless Chromium is missing: .ci/run should have installed it", pytrace=False)
-if not CHROMIUM:
-    pytest.skip("headless Chromium not installed (apt-get install -y chromium)", allow_module_level=True)
-ws_client = pytest.importorskip("websockets.sync.client", reason="the websockets package is needed to drive Chromium")
+require_chromium()
 uvicorn = pytest.importorskip("uvicorn")
 
 KEY = "web-key"
@@ -59,73 +49,6 @@ def server(engine):
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(10)
-
-
-class CDP:
-    """A minimal Chrome DevTools protocol session on one page target."""
-
-    def __init__(self, ws):
-        self.ws = ws
-        self.next_id = 0
-
-    def call(self, method: str, **params):
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv(timeout=60))
-            if msg.get("id") == self.next_id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg["result"]
-
-    def js(self, expression: str):
-        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in r:
-            raise RuntimeError(f"{expression}: {r['exceptionDetails']}")
-        return r["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float = 60):
-        """Poll until `expression` is truthy (an exception, e.g. while the page still loads, counts as false)."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            value = self.js(f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return false; }} }})()")
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for: {expression}")
-
-
-@contextlib.contextmanager
-def browser(url: str, tmp_path):
-    proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                             "--no-first-run", "--no-default-browser-check", f"--user-data-dir={tmp_path}",
-                             "--remote-debugging-port=0", url],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        port = None
-        deadline = time.time() + 60
-        while port is None:
-            assert time.time() < deadline and proc.poll() is None, "chromium did not start"
-            m = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", proc.stderr.readline())
-            port = m and int(m.group(1))
-        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining its log
-        while True:
-            pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if t["type"] == "page"]
-            if pages and pages[0]["url"].startswith(url):
-                break
-            assert time.time() < deadline, "no page target"
-            time.sleep(0.1)
-        with ws_client.connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
-            cdp = CDP(ws)
-            cdp.wait_for("document.readyState === 'complete' && document.getElementById('send') !== null")
-            yield cdp
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_page_streams_a_reply_after_the_key_is_entered(server, engine, tmp_path):

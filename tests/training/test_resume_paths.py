@@ -37,15 +37,18 @@ def step_records(run: Path) -> list[tuple]:
     return [(r["step"], r["loss"], r["learning_rate"], r["tokens"]) for r in RunDir(run).read_log() if "loss" in r]
 
 
-def killed_then_resumed(tmp_path: Path, cfg, kill_at: str) -> Path:
+def killed_then_resumed(tmp_path: Path, cfg, kill_at: str, returncode: int = -9,
+                        on_stop=None) -> tuple[Path, Path | None]:
     cfg_path = tmp_path / f"{kill_at.replace(':', '-')}.yaml"
     cfg_path.write_text(cfg.to_yaml(), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DOMAINTUNE_TEST_KILL_AT": kill_at}
     r = subprocess.run([sys.executable, str(WRAPPER), "train", str(cfg_path)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == -9, (r.returncode, r.stderr[-3000:])  # killed where asked, not finished
+    assert r.returncode == returncode, (r.returncode, r.stderr[-3000:])  # stopped where asked, not finished
     out = Path(cfg.train.output_dir)
     assert not (out / "run_info.json").exists()
+    if on_stop is not None:
+        on_stop(out, r.stderr)
     ckpt = latest_checkpoint(out)
     env.pop("DOMAINTUNE_TEST_KILL_AT")
     r = subprocess.run([sys.executable, "-m", "domaintune", "train", str(cfg_path), "--resume"], cwd=tmp_path,
@@ -113,6 +116,31 @@ def test_padded_length_grouped_run_resumes_exactly(tmp_path, reference, kill_at)
     # Both train each row once per epoch, in the order's steps (counted by their tokens).
     tokens = [s[3] for s in ref_steps]
     assert [b - a for a, b in zip([0, *tokens[:-1]], tokens, strict=True)] == expected_tokens_per_step(ref_cfg)
+
+
+def test_ctrl_c_saves_the_step_it_stopped_at_and_resume_continues_exactly(tmp_path, reference):
+    """Ctrl-C (SIGINT) at step 5, between the checkpoints of train.save_steps 2: the run finishes step 5, saves
+    checkpoint-5, says so, exits 130 and marks itself stopped in status.json; --resume continues from step 5 (no
+    step lost or repeated) to the uninterrupted run's per-step records, bit for bit, and status.json "finished".
+    The padded, length-grouped path (BLOOM); the stop is the Trainer's own save at a step's end, the same on the
+    packed path, whose resume the test above covers."""
+    ref_cfg, ref = reference("bloom")
+    cfg = ref_cfg.model_copy(update={"train": ref_cfg.train.model_copy(update={"output_dir": str(tmp_path / "run")})})
+
+    def stopped(out: Path, stderr: str) -> None:
+        assert "stopping after this step, with a checkpoint" in stderr
+        assert f"The last complete checkpoint is {out / 'checkpoint-5'} (step 5); --resume continues from it" in stderr
+        status = RunDir(out).read_json("status.json")
+        assert (status["state"], status["step"], status["max_steps"]) == ("stopped", 5, 12)
+        assert "checkpoint-5" in status["message"]
+        assert [r["step"] for r in RunDir(out).read_log() if "loss" in r] == [1, 2, 3, 4, 5]
+
+    out, ckpt = killed_then_resumed(tmp_path, cfg, "sigint:5", returncode=130, on_stop=stopped)
+    assert ckpt.name == "checkpoint-5"
+    assert step_records(out) == step_records(ref)
+    status = RunDir(out).read_json("status.json")
+    assert (status["state"], status["step"], status["message"]) == ("finished", 12, "")
+    assert all(r["memory_mib"] > 0 for r in RunDir(out).read_log())
 
 
 def test_packed_run_resumes_exactly_in_its_second_epoch(tmp_path, reference):

@@ -50,8 +50,7 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
 
 def read_status(run_dir: str | os.PathLike) -> dict | None:
     """The run's status.json as written by `train`, or None when missing or unreadable."""
-    # rundir.STATUS once the lead's training change lands
-    return _object(_read_json(Path(run_dir) / "status.json"))
+    return _object(_read_json(Path(run_dir) / rundir.STATUS))
 
 
 def run_status(run_dir: str | os.PathLike) -> dict:

@@ -13,6 +13,7 @@ from .. import console
 from ..jsonl import JsonlAppender, read_jsonl, write_atomic, write_jsonl_atomic
 from ..rundir import CHECKPOINT_PREFIX, CHECKPOINT_WORLD, CONFIG, LOSS_PNG, MODEL_CARD, TEMPLATE, RunDir
 from .outputs import share_safetensors
+from .status import peak_memory_mib
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -64,6 +65,7 @@ def make_callbacks(run: RunDir, resume_step: int, template: Template, config_yam
             if "num_input_tokens_seen" in logs:
                 rec["tokens"] = int(logs["num_input_tokens_seen"])
             rec["time"] = round(self.offset + time.time() - self.t0, 3)
+            rec["memory_mib"] = peak_memory_mib()
             with JsonlAppender(run.log_path) as f:  # the project's one kill-safe JSONL writer
                 f.write(rec)
 

@@ -25,7 +25,9 @@ written, which the Trainer does last), restoring optimizer, scheduler, RNG and d
 is cut back to that step so no step is logged twice. It says which checkpoint it starts from. A finished run
 (final weights and run_info.json written) is already complete: said, and nothing is touched. A checkpoint of
 the last step (a kill while the final files were written) trains nothing more and writes the final files.
-Ctrl-C names the checkpoint `--resume` would continue from (the CLI adds the command).
+Ctrl-C (one process) finishes the current step, saves a checkpoint of it and stops; a second Ctrl-C stops at
+once. Either way the message names the checkpoint `--resume` continues from (the CLI adds the command).
+status.json says whether the run is running, finished, stopped or failed (status.py).
 """
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ from .outputs import (
     write_error,
     write_run_files,
 )
+from .status import FAILED, FINISHED, STOPPED, RunStatus, StopRequest
 
 if TYPE_CHECKING:
     import torch
@@ -127,6 +130,8 @@ class TrainingRun:
         self.per_device = 0
         self.checkpointing = False
         self.use_cache: bool | None = None
+        self.status = RunStatus(self.run, cfg.train.stage, self.is_main)
+        self.stop = StopRequest()
 
     @property
     def tok(self) -> PreTrainedTokenizerBase:
@@ -295,7 +300,7 @@ class TrainingRun:
         self._say(batch_line(args))
         callbacks = make_callbacks(self.run, checkpoint_step(self.ckpt), self.template,
                                    saved_config(self.cfg).to_yaml(omit_default_sections=True), t.distributed)
-        return args, callbacks
+        return args, [*callbacks, self.status.callback(), self.stop.callback()]
 
     def train(self) -> tuple[dict, float, int]:
         """Train (resuming when asked); returns (final eval metrics, seconds, tokens already seen at the start)."""
@@ -305,7 +310,8 @@ class TrainingRun:
         tokens_at_start = checkpoint_tokens(self.ckpt)  # read now: checkpoint rotation may delete it during training
         t0 = time.time()
         try:
-            trainer.train(resume_from_checkpoint=str(self.ckpt) if self.ckpt else None)
+            with self.stop.installed(self.world_size == 1):
+                trainer.train(resume_from_checkpoint=str(self.ckpt) if self.ckpt else None)
         except NothingLeftToTrain:
             pass  # resumed at the last step: the checkpoint's weights are loaded, the final files come next
         except NonFiniteTraining as e:
@@ -316,6 +322,8 @@ class TrainingRun:
             if (err := write_error(self.out, e)) is None:
                 raise
             raise err from None
+        if self.stop.requested:  # Ctrl-C: the checkpoint of this step is saved; no final eval, no final files
+            raise KeyboardInterrupt
         logged_eval_at_end = any(r.get("step") == trainer.state.global_step and "eval_loss" in r
                                  for r in trainer.state.log_history)  # same on every rank
         eval_metrics = trainer.evaluate() if self.data.eval and not logged_eval_at_end else {}
@@ -359,15 +367,21 @@ class TrainingRun:
         self.setup_data()
         self.setup_model()
         self.setup_trainer()
+        step = 0
         try:
             try:
                 result = self.train()
             finally:
                 if self.lean is not None:
                     self.lean.close()  # the model computes its logits again
+                step = self.trainer.state.global_step
             self.save(*result)
         except KeyboardInterrupt:  # Ctrl-C in training, the last eval or the final save
-            step = self._trainer.state.global_step if self._trainer is not None else 0
             said = interrupted_message(self.out, step, self.cfg.train.save_steps)
+            self.status.set(state=STOPPED, step=step, message=said)
             raise TrainingInterrupted(said, quiet=not self.is_main) from None
+        except Exception as e:
+            self.status.set(state=FAILED, step=step, message=str(e) or type(e).__name__)
+            raise
+        self.status.set(state=FINISHED, step=step, message="")
         return self.out
