@@ -310,3 +310,28 @@ def test_a_launched_run_is_listed_and_streams_before_its_folder_exists(root):
     assert stopped == {"stopped": "job", "job": job["id"]}
     assert after["status"] == "stopped" and not (root / "runs/new").exists()  # SIGINT: exit 130
     assert never.status_code == 404
+
+
+def test_a_run_is_running_while_its_train_job_lives_whatever_status_json_says(root):
+    import sys
+
+    from domaintune.studio.context import Studio
+    from domaintune.studio.jobs import Jobs
+    from domaintune.studio.project import Project
+
+    project = Project(root)
+    st = Studio(project, Jobs(project))
+    run = root / "runs/alpha"
+    job = st.jobs.start("train", ["train", "x", "--resume"], run="runs/alpha",
+                        command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        status = json.loads((run / "status.json").read_text())
+        (run / "status.json").write_text(json.dumps({**status, "state": "stopped",
+                                                     "started": "2026-01-01T00:00:00+00:00"}))
+        starting = st.summary(run)  # a resume whose training has not rewritten the old status yet
+        (run / "status.json").write_text(json.dumps({**status, "state": "stopped", "started": "2999-01-01T00:00:00"}))
+        ending = st.summary(run)  # training wrote "stopped" and is still exiting
+    finally:
+        st.jobs.stop(job["id"])
+    assert (starting["status"], starting["message"]) == ("running", "starting: loading the model and the data")
+    assert ending["status"] == "running" and ending["message"].startswith("ending (stopped)")

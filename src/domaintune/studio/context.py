@@ -3,6 +3,7 @@ lookups that turn a URL's run id or path into a confined path (404/403 as JSON, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +46,34 @@ class Studio:
         return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
 
     def summary(self, path: Path) -> dict:
-        """runs.summary, with what only the studio's jobs know: a train job still starting (no status.json yet)
-        is running, and one that ended before training wrote a status failed, with the last line of its log."""
+        """runs.summary, with what only the studio's jobs know. While the run's newest train job is alive the run
+        is running, whatever status.json says: before training rewrites it ("starting", e.g. a resume of a
+        stopped run) and after training wrote its last state but is still exiting ("ending"), so Resume is offered
+        only once the process is gone. A train job that ended before training wrote any status is failed, with
+        the last line of its log."""
         s = dict(runs.summary(path, self.root))
         s.setdefault("id", self.run_id(path))
-        if runs.read_status(path) is not None:
-            return s
         job = self.train_job(s["id"])
-        if job is not None and job.get("state") == "running":
-            s.update(status="running", message=s.get("message") or "starting: loading the model and the data")
-        elif job is not None and job.get("state") == "failed" and not RunDir(path).is_finished():
+        if job is None or s["status"] == "running":
+            return s
+        status = runs.read_status(path)
+        if job.get("state") == "running":
+            fresh = status is None or _time(status.get("started")) < _time(job.get("started"))
+            s.update(status="running", message="starting: loading the model and the data" if fresh else
+                     f"ending ({s['status']}): the training process is saving and exiting")
+        elif status is None and job.get("state") == "failed" and not RunDir(path).is_finished():
             lines = [line for line in self.jobs.log_tail(job["id"], 4096).splitlines() if line.strip()]
             s.update(status="failed", message=lines[-1] if lines else f"job {job['id']} failed")
         return s
+
+
+def _time(text: Any) -> datetime:
+    """An ISO-8601 time (naive ones taken as UTC); the earliest time when unreadable."""
+    try:
+        t = datetime.fromisoformat(str(text))
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def studio(request: Request) -> Studio:
