@@ -2,6 +2,7 @@
 lookups that turn a URL's run id or path into a confined path (404/403 as JSON, never a file outside ROOT)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +54,10 @@ class Studio:
         the last line of its log."""
         s = dict(runs.summary(path, self.root))
         s.setdefault("id", self.run_id(path))
+        root = f"{self.root.resolve()}{os.sep}"
+        for key in ("model", "data"):  # paths the form saved absolute: shown from ROOT
+            if isinstance(s.get(key), str) and s[key].startswith(root):
+                s[key] = s[key][len(root):]
         job = self.train_job(s["id"])
         if job is None or s["status"] == "running":
             return s
