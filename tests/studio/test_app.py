@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from domaintune import rundir
+from domaintune.errors import UserError
 from domaintune.studio.app import studio_server
 from domaintune.studio.markdown_html import to_html
 
@@ -335,3 +336,30 @@ def test_a_run_is_running_while_its_train_job_lives_whatever_status_json_says(ro
         st.jobs.stop(job["id"])
     assert (starting["status"], starting["message"]) == ("running", "starting: loading the model and the data")
     assert ending["status"] == "running" and ending["message"].startswith("ending (stopped)")
+
+
+def test_documents_pairs_and_rejected_of_a_gen_data_folder(root):
+    out = root / "data/generated"
+    out.mkdir(parents=True)
+    jsonl(out / "answers.jsonl", [{"question": "What is a fever?", "answer": "A raised temperature.",
+                                   "source": {"file": "manual.pdf", "page": 3, "heading": "Fever", "passage": "..."}}])
+    jsonl(out / "rejected.jsonl", [{"stage": "question", "reason": "duplicate", "question": "What's a fever?",
+                                    "similar_to": "What is a fever?"}])
+    (root / "configs").mkdir()
+    (root / "configs/gen.yaml").write_text("selfinstruct:\n  output_dir: data/generated\n")
+    with serving(root) as (url, studio):
+        pairs = httpx.get(f"{url}/api/documents/pairs", params={"path": "data/generated"}).json()
+        rejected = httpx.get(f"{url}/api/documents/rejected", params={"path": "data/generated"}).json()
+        missing = httpx.get(f"{url}/api/documents/rejected", params={"path": "data/none"})
+        escape = httpx.get(f"{url}/api/documents/pairs", params={"path": "../.."})
+        started = httpx.post(f"{url}/api/documents/preview", json={"config": "configs/gen.yaml", "n": 2}).json()
+        with contextlib.suppress(UserError):  # (it fails at once without a teacher API; stop it if not yet)
+            studio.jobs.stop(started["job"]["id"])
+    assert [(p["question"], p["answer"], p["source"]["file"]) for p in pairs["pairs"]] == \
+        [("What is a fever?", "A raised temperature.", "manual.pdf")]
+    assert [(r["stage"], r["reason"], r["question"]) for r in rejected["rows"]] == \
+        [("question", "duplicate", "What's a fever?")]
+    assert rejected["total"] == 1 and rejected["counts"] == {"duplicate": 1}
+    assert missing.status_code == 404 and escape.status_code == 403
+    assert started["out"] == "data/generated"
+    assert started["job"]["argv"] == ["gen-data", str(root.resolve() / "configs/gen.yaml"), "--preview", "2"]
