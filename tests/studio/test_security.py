@@ -69,6 +69,17 @@ def test_file_views_and_downloads_stay_inside_root(root, path):
         assert "the secret" not in r.text
 
 
+def test_hidden_files_are_not_served(root):
+    (root / ".studio/jobs").mkdir(parents=True)
+    (root / ".studio/jobs/serve-20261207-000000-abcd.json").write_text('{"key": "chat-key"}')
+    with serving(root) as (url, _, _st):
+        answers = [httpx.get(f"{url}/api/download", params={"path": ".studio/jobs/serve-20261207-000000-abcd.json"}),
+                   httpx.get(f"{url}/api/download", params={"path": "runs/./.studio/../log"}),
+                   httpx.get(f"{url}/api/runs/runs/alpha/file", params={"path": ".hidden"})]
+    assert [r.status_code for r in answers] == [403] * 3
+    assert all("chat-key" not in r.text for r in answers)
+
+
 def test_run_ids_stay_inside_root(root):
     with serving(root) as (url, _, _st):
         escaped = httpx.get(f"{url}/api/runs/outside/events")  # a symlink to the folder above ROOT

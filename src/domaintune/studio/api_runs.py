@@ -98,8 +98,11 @@ def run_predictions(run_id: str, request: Request, q: str = "", offset: int = 0,
 
 def _inside(st: Studio, base: Path, rel: str) -> Path:
     """`rel` under `base` (itself under ROOT), through project.confine: 403 for `..`, absolute paths and symlinks
-    leaving ROOT; 403 too for a path that stays in ROOT but leaves `base`."""
+    leaving ROOT, for hidden names, and for a path that stays in ROOT but leaves `base`."""
     base_rel = st.run_id(base) if base.resolve() != st.root.resolve() else ""
+    if any(part.startswith(".") and part not in (".", "..") for part in rel.replace("\\", "/").split("/")):
+        # hidden files stay private: .studio/ holds the job records, a chat server's key among them
+        raise HTTPException(403, f"'{rel}': hidden files and folders are not served")
     path = st.project.confine(f"{base_rel}/{rel}" if base_rel else rel)
     if rel.startswith(("/", "\\")) or not path.resolve().is_relative_to(base.resolve()):
         raise HTTPException(403, f"'{rel}' is outside {base_rel or 'the project folder'}")

@@ -65,9 +65,21 @@ function jobRow(j) {
     $("job-log").hidden = false;
     $("job-log").textContent = body.log || "(empty)";
   });
+  let stopButton = null;
+  if (j.state === "running") {  // e.g. the chat server, or a predict that takes too long
+    stopButton = el("button", { type: "button", text: "stop", class: "job-stop-button" });
+    stopButton.addEventListener("click", async () => {
+      stopButton.disabled = true;
+      try { await api("/api/jobs/" + encodeURIComponent(j.id) + "/stop", { method: "POST", json: {} }); }
+      catch (e) { notice(e.message, true); }
+      loadDetail();
+      if (j.kind === "serve") chatPoll();
+    });
+  }
   return el("tr", { class: "job-row", dataset: { jobId: j.id, kind: j.kind, state: j.state } },
     el("td", { text: j.id }), el("td", { text: j.kind }), el("td", {}, statusBadge(j.state)),
-    el("td", { class: "muted", text: (j.started || "").replace("T", " ").slice(0, 19) }), el("td", {}, logButton));
+    el("td", { class: "muted", text: (j.started || "").replace("T", " ").slice(0, 19) }),
+    el("td", {}, logButton, " ", stopButton));
 }
 
 function showExports(files) {
