@@ -363,3 +363,24 @@ def test_documents_pairs_and_rejected_of_a_gen_data_folder(root):
     assert missing.status_code == 404 and escape.status_code == 403
     assert started["out"] == "data/generated"
     assert started["job"]["argv"] == ["gen-data", str(root.resolve() / "configs/gen.yaml"), "--preview", "2"]
+
+
+def test_the_event_stream_stops_reading_when_the_client_goes(root, monkeypatch):
+    from domaintune.studio import runs
+
+    reads: list[float] = []
+
+    class CountingTail(runs.LogTail):
+        def read_new(self) -> list[dict]:
+            reads.append(time.monotonic())
+            return super().read_new()
+
+    monkeypatch.setattr(runs, "LogTail", CountingTail)
+    with serving(root) as (url, _):
+        with httpx.stream("GET", f"{url}/api/runs/runs/alpha/events", timeout=30) as r:
+            read_events(r.iter_lines(), lambda ev: len(ev) >= 2)
+            time.sleep(1.2)
+        gone = time.monotonic()
+        time.sleep(2.0)
+    assert len([t for t in reads if t < gone]) >= 2  # it polled every 0.5 s while the client listened
+    assert len([t for t in reads if t > gone + 1.0]) == 0  # and stopped within a second of the disconnect
