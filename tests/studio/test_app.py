@@ -62,8 +62,8 @@ def make_run(root: Path, name: str = "alpha", state: str = "finished") -> Path:
     (run / rundir.RUN_INFO).write_text(json.dumps({"data": {"rows": 40, "overlength": {"count": 3, "dropped": 1}}}))
     questions = ["What is a fever?", "How long does a cold last?", "When should a child see a doctor?",
                  "Is a rash contagious?", "What helps a cough?"]
-    jsonl(run / rundir.PREDICTIONS, [{"id": i, "input": f"用户:{q}\n\n助手:", "target": f"ref {i}",
-                                      "predict": f"tuned answer {i}"} for i, q in enumerate(questions)])
+    jsonl(run / rundir.PREDICTIONS, [{"id": i, "input": f"用户:{q}\n\n助手:", "target": f"ref {i}",  # as written
+                                      "predict": f"tuned answer {i}"} for i, q in reversed(list(enumerate(questions)))])
     jsonl(run / rundir.BASE_PREDICTIONS, [{"id": i, "input": f"用户:{q}\n\n助手:", "target": f"ref {i}",
                                            "predict": f"base answer {i}"} for i, q in enumerate(questions)])
     jsonl(run / rundir.METRICS_PER_SAMPLE, [{"id": i, "bleu-4": 10.0 + i, "rouge-l": 20.0 + i} for i in range(5)])

@@ -57,6 +57,8 @@ def predictions_page(run_dir: str | Path, q: str = "", offset: int = 0, limit: i
     base_scores = _by_id(run.path / rundir.BASE_DIR / rundir.METRICS_PER_SAMPLE)
     outcomes, calls = _judge(run)
     ids = list(tuned) + [i for i in base if i not in tuned]
+    if all(isinstance(i, int) for i in ids):  # test-file order (a running predict writes in its batching order)
+        ids.sort()
     needle = q.strip().casefold()
 
     def text(i: Any) -> tuple[str, str, str, str]:
