@@ -68,7 +68,7 @@ function showErrors(errors) {
       const box = slot.closest(".field");
       if (box) box.classList.add("invalid");
       if (box && box.closest("details")) box.closest("details").open = true;
-    } else rest.push(name + ": " + message);
+    } else rest.push(name ? name + ": " + message : message);
   }
   $("form-message").textContent = rest.join("\n");
   const first = document.querySelector(".field.invalid");

@@ -221,7 +221,7 @@ $("btn-export").addEventListener("click", () => act($("btn-export"), "/export",
 
 navigation("");
 connect();
-loadDetail();
+loadDetail().then(() => { document.body.dataset.ready = "1"; });
 setInterval(loadDetail, 5000);
 fillSelect($("predict-data"), "data", (f) => /\.(jsonl|json)$/.test(f.name)).catch((e) => notice(e.message, true));
 fillSelect($("judge-config"), "configs", (f) => /\.ya?ml$/.test(f.name)).catch((e) => notice(e.message, true));

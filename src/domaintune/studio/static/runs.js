@@ -70,5 +70,5 @@ async function compare() {
 
 navigation("/");
 $("compare-button").addEventListener("click", () => compare().catch((e) => notice(e.message, true)));
-refresh();
+refresh().then(() => { document.body.dataset.ready = "1"; });
 setInterval(refresh, 5000);
