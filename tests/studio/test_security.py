@@ -1,0 +1,206 @@
+"""The studio's defences, against a real uvicorn: paths confined to ROOT (uploads and file views; `..`, absolute
+paths, symlinks), the token on a non-loopback host (every route 401 without it; a wrong one on the event stream),
+Host and Origin checks, and the upload size limit (413, nothing left behind)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from domaintune import rundir
+from domaintune.errors import UserError
+from domaintune.studio.app import studio_server
+from domaintune.studio.security import COOKIE, is_loopback, studio_token
+
+TOKEN = "s3cret-token"
+
+
+@contextlib.contextmanager
+def serving(root: Path, host: str = "127.0.0.1", **kwargs):
+    """The studio over `root` on a free port (bound to `host`), in a thread: yields (http://127.0.0.1:PORT, the
+    URL it would print, the app's Studio)."""
+    server, printed = studio_server(root, host, 0, **kwargs)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the studio did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}", printed, server.config.app.state.studio
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def root(tmp_path):
+    """ROOT with one run, a secret beside ROOT, and symlinks inside ROOT that point at it."""
+    root = tmp_path / "project"
+    run = root / "runs" / "alpha"
+    run.mkdir(parents=True)
+    (run / rundir.CONFIG).write_text("model:\n  name_or_path: x\n")
+    (run / rundir.LOG).write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    (tmp_path / "secret.txt").write_text("the secret")
+    (run / "leak.txt").symlink_to(tmp_path / "secret.txt")
+    (root / "data").mkdir()
+    (root / "data" / "link.jsonl").symlink_to(tmp_path / "secret.txt")
+    (root / "outside").symlink_to(tmp_path, target_is_directory=True)
+    return root
+
+
+ESCAPES = ["../../../secret.txt", "/etc/passwd", str(Path("/etc/passwd")), "leak.txt", "../alpha/../../../secret.txt",
+           "..", "a\0b"]
+
+
+@pytest.mark.parametrize("path", ESCAPES)
+def test_file_views_and_downloads_stay_inside_root(root, path):
+    with serving(root) as (url, _, _st):
+        answers = [httpx.get(f"{url}/api/runs/runs/alpha/file", params={"path": path}),
+                   httpx.get(f"{url}/api/runs/runs/alpha/download", params={"path": path}),
+                   httpx.get(f"{url}/api/download", params={"path": path.replace("leak.txt", "outside/secret.txt")})]
+    for r in answers:
+        assert r.status_code == 403, (path, r.status_code, r.text)
+        assert "the secret" not in r.text
+
+
+def test_hidden_files_are_not_served(root):
+    (root / ".studio/jobs").mkdir(parents=True)
+    (root / ".studio/jobs/serve-20261207-000000-abcd.json").write_text('{"key": "chat-key"}')
+    with serving(root) as (url, _, _st):
+        answers = [httpx.get(f"{url}/api/download", params={"path": ".studio/jobs/serve-20261207-000000-abcd.json"}),
+                   httpx.get(f"{url}/api/download", params={"path": "runs/./.studio/../log"}),
+                   httpx.get(f"{url}/api/runs/runs/alpha/file", params={"path": ".hidden"})]
+    assert [r.status_code for r in answers] == [403] * 3
+    assert all("chat-key" not in r.text for r in answers)
+
+
+def test_run_ids_stay_inside_root(root):
+    with serving(root) as (url, _, _st):
+        escaped = httpx.get(f"{url}/api/runs/outside/events")  # a symlink to the folder above ROOT
+        dotted = httpx.get(f"{url}/api/runs/runs/%2E%2E/%2E%2E/%2E%2E/log")
+        inside = httpx.get(f"{url}/api/runs/runs/alpha/file", params={"path": "config.yaml"})
+    assert escaped.status_code == 403 and "outside the project folder" in escaped.json()["error"]["message"]
+    assert dotted.status_code in (403, 404)
+    assert inside.status_code == 200 and inside.json()["text"] == "model:\n  name_or_path: x\n"
+
+
+@pytest.mark.parametrize("name,saved", [("../../evil.jsonl", "evil.jsonl"), ("/etc/evil.jsonl", "evil.jsonl"),
+                                        ("..\\..\\evil.jsonl", "evil.jsonl")])
+def test_upload_names_are_reduced_to_a_file_in_the_folder(root, tmp_path, name, saved):
+    with serving(root) as (url, _, _st):
+        r = httpx.post(f"{url}/api/upload/data", params={"filename": name}, content=b"{}\n")
+    assert r.status_code == 201 and r.json()["path"] == f"data/{saved}"
+    assert (root / "data" / saved).read_bytes() == b"{}\n"
+    assert not (tmp_path / "evil.jsonl").exists() and not Path("/etc/evil.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["..", ".hidden", "", "link.jsonl"])
+def test_uploads_refused_without_writing_outside(root, tmp_path, name):
+    with serving(root) as (url, _, _st):
+        r = httpx.post(f"{url}/api/upload/data", params={"filename": name}, content=b"overwritten")
+    assert r.status_code == 403, r.text
+    assert (tmp_path / "secret.txt").read_text() == "the secret"  # link.jsonl points at it: not written through
+    assert sorted(p.name for p in (root / "data").iterdir()) == ["link.jsonl"]
+
+
+def test_upload_over_the_limit_is_413_and_leaves_nothing(root):
+    def chunks():  # no Content-Length: the body is counted as it streams
+        for _ in range(10):
+            yield b"x" * 1000
+
+    with serving(root, upload_limit=4096) as (url, _, _st):
+        declared = httpx.post(f"{url}/api/upload/data", params={"filename": "big.jsonl"}, content=b"x" * 5000)
+        streamed = httpx.post(f"{url}/api/upload/data", params={"filename": "big.jsonl"}, content=chunks())
+        fits = httpx.post(f"{url}/api/upload/data", params={"filename": "ok.jsonl"}, content=b"x" * 4096)
+    assert declared.status_code == 413 and "4096" in declared.json()["error"]["message"]
+    assert streamed.status_code == 413 and "nothing was saved" in streamed.json()["error"]["message"]
+    assert fits.status_code == 201
+    assert sorted(p.name for p in (root / "data").iterdir()) == ["link.jsonl", "ok.jsonl"]  # no partial, hidden or not
+
+
+ROUTES = [("GET", "/"), ("GET", "/new"), ("GET", "/documents"), ("GET", "/run/runs/alpha"),
+          ("GET", "/static/studio.js"), ("GET", "/api/runs"), ("GET", "/api/runs/runs/alpha"),
+          ("GET", "/api/runs/runs/alpha/events"),
+          ("GET", "/api/runs/runs/alpha/log"), ("GET", "/api/runs/runs/alpha/predictions"), ("GET", "/api/jobs"),
+          ("GET", "/api/form"), ("GET", "/api/files?folder=data"), ("GET", "/api/download?path=runs/alpha/log.jsonl"),
+          ("POST", "/api/runs/runs/alpha/stop"), ("POST", "/api/runs/runs/alpha/export"),
+          ("POST", "/api/upload/data?filename=x.jsonl"), ("POST", "/api/config/save"), ("GET", "/no/such/route")]
+
+
+def test_a_non_loopback_studio_without_a_token_gets_one_and_every_route_needs_it(root):
+    with serving(root, host="0.0.0.0") as (url, printed, st):
+        token = st.token
+        refused = {path: httpx.request(method, url + path, json={}) for method, path in ROUTES}
+        with_header = httpx.get(f"{url}/api/runs", headers={"Authorization": f"Bearer {token}"})
+        with_query = httpx.get(f"{url}/api/runs/runs/alpha/log", params={"token": token})
+        opened = httpx.get(printed.replace("127.0.0.1", "127.0.0.1", 1), follow_redirects=False)
+        cookie = opened.cookies.get(COOKIE)
+        page = httpx.get(f"{url}/", cookies={COOKIE: cookie or ""})
+        api = httpx.get(f"{url}/api/runs", cookies={COOKIE: cookie or ""})
+    assert token and len(token) >= 24 and printed.endswith(f"/?token={token}")
+    for path, r in refused.items():
+        assert r.status_code == 401, (path, r.status_code)
+        assert r.json()["error"]["code"] == "unauthorized" and "alpha" not in r.text
+    assert with_header.status_code == 200 and [x["id"] for x in with_header.json()["runs"]] == ["runs/alpha"]
+    assert with_query.status_code == 200
+    assert opened.status_code == 303 and opened.headers["location"] == "/" and cookie == token
+    set_cookie = opened.headers["set-cookie"]
+    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
+    assert page.status_code == 200 and 'id="runs-table"' in page.text and api.status_code == 200
+
+
+def test_a_wrong_token_is_refused_on_the_event_stream(root):
+    with serving(root, token=TOKEN) as (url, printed, _st):
+        events = f"{url}/api/runs/runs/alpha/events"
+        answers = [httpx.get(events, params={"token": "wrong"}),
+                   httpx.get(events, headers={"Authorization": "Bearer wrong"}),
+                   httpx.get(events, cookies={COOKIE: "wrong"}),
+                   httpx.get(events, params={"token": TOKEN[:-1]}),
+                   httpx.get(events)]
+        with httpx.stream("GET", events, params={"token": TOKEN}, timeout=20) as ok:
+            status, first = ok.status_code, next(ok.iter_lines())
+    assert [r.status_code for r in answers] == [401] * 5
+    assert printed.endswith(f"?token={TOKEN}")
+    assert status == 200 and first == "event: log"
+
+
+def test_a_foreign_origin_is_refused(root):
+    with serving(root) as (url, _, _st):
+        port = url.rsplit(":", 1)[1]
+        foreign = [httpx.get(f"{url}/api/runs", headers={"Origin": "http://evil.example"}),
+                   httpx.post(f"{url}/api/runs/runs/alpha/report", headers={"Origin": "http://evil.example"}),
+                   httpx.get(f"{url}/api/runs/runs/alpha/events", headers={"Origin": "null"}),
+                   httpx.get(f"{url}/api/runs", headers={"Origin": f"http://127.0.0.1:{int(port) + 1}"}),
+                   httpx.get(f"{url}/api/runs", headers={"Origin": f"http://localhost:{port}"})]
+        same = httpx.get(f"{url}/api/runs", headers={"Origin": f"http://127.0.0.1:{port}"})
+    assert [r.status_code for r in foreign] == [403] * 5
+    assert foreign[1].json()["error"]["code"] == "origin_not_allowed"
+    assert not list(root.glob(".studio/jobs/*.json"))  # the refused POST started no job
+    assert same.status_code == 200
+
+
+def test_a_foreign_host_is_refused_without_a_token(root):
+    with serving(root) as (url, _, _st):
+        rebound = httpx.get(f"{url}/api/runs", headers={"Host": "evil.example"})
+        local = httpx.get(f"{url}/api/runs", headers={"Host": "localhost"})
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+    assert local.status_code == 200
+
+
+def test_token_rules():
+    assert studio_token("127.0.0.1", None) is None and studio_token("localhost", None) is None
+    assert studio_token("::1", None) is None and studio_token("127.0.0.2", None) is None
+    assert studio_token("0.0.0.0", None) and studio_token("192.168.1.5", None) != studio_token("192.168.1.5", None)
+    assert studio_token("0.0.0.0", "  given  ") == "given"
+    assert [is_loopback(h) for h in ("127.0.0.1", "localhost", "[::1]", "0.0.0.0", "::", "myhost.lan")] == \
+        [True, True, True, False, False, False]
+    for bad in ("", "   ", "caf\u00e9"):
+        with pytest.raises(UserError, match="--token"):
+            studio_token("0.0.0.0", bad)
+
