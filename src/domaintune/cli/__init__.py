@@ -8,6 +8,7 @@
 | `inference.py` | predict, chat, serve, export |
 | `evaluate.py` | eval, plot, report |
 | `judge.py` | judge |
+| `studio.py` | studio |
 | `options.py` | flags shared by several verbs (config + overrides, sampling, model directory) |
 
 Each verb module has `register(sub)` and one `cmd_<verb>(args) -> int` per verb. Heavy imports happen
@@ -31,6 +32,7 @@ installed here). The result of each verb:
 | quickstart | the closing summary |
 | chat | the conversation |
 | serve | uvicorn's access log, one line per request (its other logs: stderr) |
+| studio | the URL to open (with the token, when one is needed) |
 
 `-q/--quiet` hides notes and progress bars (warnings and errors stay); `-v/--verbose` adds debug notes and
 transformers' own output (its info logs, its "Loading weights" bars, its FutureWarnings), which are hidden
@@ -47,10 +49,10 @@ from collections.abc import Iterator
 
 from .. import __version__, console
 from ..errors import UserError
-from . import configure, datagen, evaluate, inference, judge, train
+from . import configure, datagen, evaluate, inference, judge, studio, train
 
 # Verb groups, in the order `domaintune --help` lists them.
-VERB_MODULES = (configure, datagen, train, inference, evaluate, judge)
+VERB_MODULES = (configure, datagen, train, inference, evaluate, judge, studio)
 
 # Verbs that load a model or tokenizer through transformers (eval and gen-data only with --run): only they pay the
 # seconds of importing it to set its output up.
