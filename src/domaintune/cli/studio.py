@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
+from .. import console
 from ..errors import UserError
 
 DEFAULT_PORT = 7860
@@ -45,6 +47,10 @@ def cmd_studio(a: argparse.Namespace) -> int:
 
     if a.max_upload_mib < 1:
         raise UserError(f"--max-upload-mib must be at least 1 (got {a.max_upload_mib})")
+    root = Path(a.root).expanduser()
+    if not root.exists():
+        root.mkdir(parents=True)
+        console.note(f"created the project folder {root.resolve()}")
     token = a.token if a.token is not None else os.environ.get(ENV_TOKEN)
-    serve_studio(a.root, host=a.host, port=a.port, token=token, upload_limit=a.max_upload_mib << 20)
+    serve_studio(root, host=a.host, port=a.port, token=token, upload_limit=a.max_upload_mib << 20)
     return 0

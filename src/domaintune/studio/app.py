@@ -133,10 +133,23 @@ def studio_server(root: str | Path, host: str = "127.0.0.1", port: int = 7860, t
     return server, studio_url(host, port, app.state.studio.token)
 
 
+def _check_port(host: str, port: int) -> None:
+    """A port another program (another studio) holds is said before anything starts, with what to do; uvicorn
+    would log a bare errno and exit."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}): another program (another studio?) "
+                            "holds it; give another --port") from None
+
+
 def serve_studio(root: str | Path, host: str = "127.0.0.1", port: int = 7860, token: str | None = None,
                  upload_limit: int = DEFAULT_UPLOAD_LIMIT) -> None:
     """Serve the studio until Ctrl-C, printing the URL to open (with the token, generated when the host is not a
     loopback address and none was given). Jobs it started go on after it exits."""
+    _check_port(host, port)
     server, url = studio_server(root, host, port, token, upload_limit)
     note = "" if is_loopback(host) else " (the token is required: share this URL only with whom may use the studio)"
     print(f"domaintune studio over {Path(root).resolve()}: open {url}{note}", flush=True)
