@@ -6,7 +6,7 @@ Layers, top to bottom (a module may import its own layer or a lower one; cli/ is
   2. studio (the web app: it runs the stages' code, and nothing but cli imports it)
   3. the stage packages: training, inference, evaluation, datagen, and quickstart
   4. data, rundir, config
-  5. jsonl, errors, bundled, console, families (and the package root, which holds only the version)
+  5. jsonl, errors, bundled, console, families, processes (and the package root, which holds only the version)
 
 Every import counts, including imports inside functions (the lazy ones) and under TYPE_CHECKING.
 """
@@ -24,7 +24,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "domaintune"
 LAYERS = {"cli": 1, "__main__": 1, "studio": 2, "training": 3, "inference": 3, "evaluation": 3, "datagen": 3,
           "quickstart": 3, "data": 4, "rundir": 4, "config": 4, "jsonl": 5, "errors": 5, "bundled": 5, "console": 5,
-          "families": 5, "": 5}
+          "families": 5, "processes": 5, "": 5}
 MAX_LINES = 400
 
 

@@ -150,6 +150,14 @@ def test_paths_stay_inside_root(project):
         assert raw is None and "outside the project folder" in errors["data.path"]
     _, errors = config_from_form(good(**{"train.output_dir": "../runs"}), project)
     assert "outside the project folder" in errors["train.output_dir"]
+    # a template file and the data cache are paths too (a built-in template name is not)
+    for field, where in (("data.template", "/tmp/elsewhere/tpl.json"), ("data.template", "../tpl.json"),
+                         ("data.cache_dir", "/tmp/elsewhere-cache")):
+        raw, errors = config_from_form(good(**{field: where}), project)
+        assert raw is None and list(errors) == [field] and "outside the project folder" in errors[field]
+    raw, errors = config_from_form(good(**{"data.template": "alpaca", "data.cache_dir": "cache"}), project)
+    assert errors == {} and raw["data"]["template"] == "alpaca"
+    assert raw["data"]["cache_dir"] == str(project.root / "cache")
 
 
 def test_several_data_files_one_per_line_and_an_absolute_path_inside_root(project):

@@ -116,6 +116,18 @@ def test_a_running_status_whose_process_is_gone_is_failed(run):
     assert run_status(run)["state"] == "failed"
 
 
+def test_a_pid_handed_to_another_process_is_not_the_run(run):
+    """status.json's pid_start (written by training) tells the run's process from a later one given its pid."""
+    from domaintune.processes import start_time
+
+    mine = start_time(os.getpid())
+    assert isinstance(mine, int)
+    write_status(run, pid_start=mine)
+    assert run_status(run)["state"] == "running"
+    write_status(run, pid_start=mine - 1)  # the run's process started earlier: this pid is someone else's now
+    assert (run_status(run)["state"], run_status(run)["message"]) == ("failed", DIED)
+
+
 def test_another_hosts_status_is_trusted_until_it_is_stale(run):
     write_status(run, host="elsewhere", pid=1)
     assert run_status(run)["state"] == "running"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -78,6 +79,22 @@ def test_hidden_files_are_not_served(root):
                    httpx.get(f"{url}/api/runs/runs/alpha/file", params={"path": ".hidden"})]
     assert [r.status_code for r in answers] == [403] * 3
     assert all("chat-key" not in r.text for r in answers)
+
+
+def test_a_symlink_to_a_hidden_file_is_not_served_nor_listed(root):
+    (root / ".studio/jobs").mkdir(parents=True)
+    (root / ".studio/jobs/serve-20261207-000000-abcd.json").write_text('{"key": "chat-key"}')
+    (root / "data").mkdir(exist_ok=True)
+    (root / "data/s.json").symlink_to(root / ".studio/jobs/serve-20261207-000000-abcd.json")
+    (root / "runs/alpha/k.json").symlink_to(root / ".studio/jobs/serve-20261207-000000-abcd.json")
+    with serving(root) as (url, _, _st):
+        answers = [httpx.get(f"{url}/api/download", params={"path": "data/s.json"}),
+                   httpx.get(f"{url}/api/runs/runs/alpha/download", params={"path": "k.json"}),
+                   httpx.get(f"{url}/api/runs/runs/alpha/file", params={"path": "k.json"})]
+        listed = httpx.get(f"{url}/api/files", params={"folder": "data"}).json()["files"]
+    assert [r.status_code for r in answers] == [403] * 3
+    assert all("chat-key" not in r.text for r in answers)
+    assert [f["relpath"] for f in listed if f["name"] == "s.json"] == []
 
 
 def test_run_ids_stay_inside_root(root):
@@ -204,3 +221,33 @@ def test_token_rules():
         with pytest.raises(UserError, match="--token"):
             studio_token("0.0.0.0", bad)
 
+
+
+def test_opening_any_path_with_the_token_redirects_to_that_path_on_this_studio(root):
+    """The ?token= redirect keeps the path as sent (percent-encoded: a non-Latin-1 character is no 500) and never
+    turns "//host/x" into another site's address."""
+    with serving(root, host="0.0.0.0") as (url, _printed, st):
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+            s.sendall(f"GET //evil.example/x?token={st.token} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      "Connection: close\r\n\r\n".encode())
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        euro = httpx.get(f"{url}/%E2%82%AC", params={"token": st.token, "page": "2"}, follow_redirects=False)
+    head = raw.decode("latin-1").split("\r\n\r\n", 1)[0].lower()
+    assert head.startswith("http/1.1 303") and "\r\nlocation: /evil.example/x\r\n" in head + "\r\n"
+    assert euro.status_code == 303 and euro.headers["location"] == "/%E2%82%AC?page=2"
+
+
+def test_a_chunked_json_body_past_the_limit_is_413_before_it_is_parsed(root):
+    def chunks():
+        for _ in range(3):
+            yield b" " * (1 << 20)  # 3 MiB of JSON whitespace, no Content-Length
+        yield b"{}"
+
+    with serving(root) as (url, _, _st):
+        r = httpx.post(f"{url}/api/config/check", content=chunks(), headers={"Content-Type": "application/json"})
+        small = httpx.post(f"{url}/api/config/check", content=iter([b'{"values": ', b'{"name": "x"}}']),
+                           headers={"Content-Type": "application/json"}, timeout=120)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+    assert small.status_code == 200 and small.json()["ok"] is False  # a small chunked body still reaches the app

@@ -132,6 +132,7 @@ def test_ctrl_c_saves_the_step_it_stopped_at_and_resume_continues_exactly(tmp_pa
         assert f"The last complete checkpoint is {out / 'checkpoint-5'} (step 5); --resume continues from it" in stderr
         status = RunDir(out).read_json("status.json")
         assert (status["state"], status["step"], status["max_steps"]) == ("stopped", 5, 12)
+        assert isinstance(status["pid_start"], int) and status["host"]
         assert "checkpoint-5" in status["message"]
         assert [r["step"] for r in RunDir(out).read_log() if "loss" in r] == [1, 2, 3, 4, 5]
 

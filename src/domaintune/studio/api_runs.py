@@ -106,7 +106,14 @@ def _inside(st: Studio, base: Path, rel: str) -> Path:
     path = st.project.confine(f"{base_rel}/{rel}" if base_rel else rel)
     if rel.startswith(("/", "\\")) or not path.resolve().is_relative_to(base.resolve()):
         raise HTTPException(403, f"'{rel}' is outside {base_rel or 'the project folder'}")
+    if hidden(path.resolve().relative_to(st.root.resolve())):  # a symlink in a visible folder to a hidden one
+        raise HTTPException(403, f"'{rel}': hidden files and folders are not served")
     return path
+
+
+def hidden(rel: Path) -> bool:
+    """Whether a path relative to ROOT lies in (or is) a hidden file or folder."""
+    return any(part.startswith(".") for part in rel.parts)
 
 
 @router.get("/api/runs/{run_id:path}/file")
@@ -154,6 +161,8 @@ async def run_events(run_id: str, request: Request) -> StreamingResponse:
         quiet_since = time.monotonic()
         while not await request.is_disconnected():
             records = await asyncio.to_thread(tail.read_new)
+            if tail.restarted:  # log.jsonl was rewritten (a resume cuts it back): the page starts its curves afresh
+                yield _sse("reset", {})
             if records:
                 yield _sse("log", records)
                 quiet_since = time.monotonic()

@@ -28,7 +28,8 @@ BASIC = ("model.name_or_path", "model.quantization", "lora.enabled", "lora.r", "
          "data.cutoff_len", "data.val_size", "train.num_epochs", "train.max_steps", "train.learning_rate",
          "train.batch_size")
 # Paths the form takes relative to ROOT (one per line for the list fields) and saves absolute.
-PATH_FIELDS = ("data.path", "data.eval_path", "data.exclude", "train.output_dir", "train.distributed_config")
+PATH_FIELDS = ("data.path", "data.eval_path", "data.exclude", "data.cache_dir", "train.output_dir",
+               "train.distributed_config")
 LIST_PATH_FIELDS = ("data.path", "data.eval_path", "data.exclude")
 # A real checkpoint per tiny arch, for the model picker (families.py holds no hub ids).
 REAL_MODELS = {
@@ -143,6 +144,8 @@ def _value(field: dict | None, dotted: str, text: str, project: ProjectLike) -> 
     kind, choices = (field["type"], field["choices"]) if field else ("yaml", [])
     if dotted == "model.name_or_path":
         return text if _hub_id(project, text) else _under_root(project, text)
+    if dotted == "data.template" and (text.endswith(".json") or "/" in text or "\\" in text):
+        return _under_root(project, text)  # a template file (the built-in names are plain words)
     if dotted in LIST_PATH_FIELDS:
         paths = [_under_root(project, t) for t in _items(text)]
         return paths[0] if len(paths) == 1 else paths

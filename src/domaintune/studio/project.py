@@ -127,8 +127,9 @@ class Project:
                     st = real.stat()
                 except OSError:  # a dangling symlink, or a file deleted while listing
                     continue
-                if not real.is_relative_to(self.root) or not real.is_file():
-                    continue
+                if not real.is_relative_to(self.root) or not real.is_file() or \
+                        any(part.startswith(".") for part in real.relative_to(self.root).parts):
+                    continue  # outside ROOT, or a link to a hidden file (.studio/ holds a chat server's key)
                 out.append({"name": name, "relpath": path.relative_to(self.root).as_posix(), "size": st.st_size,
                             "mtime": st.st_mtime})
         return sorted(out, key=lambda f: f["relpath"])

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .. import rundir
+from .. import processes, rundir
 from ..rundir import RunDir
 
 FIND_DEPTH = 4  # ROOT/runs/group/name/...: deep enough for grouped runs, shallow enough to scan data folders quickly
@@ -69,7 +69,7 @@ def run_status(run_dir: str | os.PathLike) -> dict:
            "message": status.get("message") if isinstance(status.get("message"), str) else "",
            "pid": _int(status.get("pid")), "host": _str(status.get("host")), "started": _str(status.get("started")),
            "updated": _str(status.get("updated")), "step": _int(status.get("step")),
-           "max_steps": _int(status.get("max_steps"))}
+           "max_steps": _int(status.get("max_steps")), "pid_start": _int(status.get("pid_start"))}
     if out["state"] == "running" and not _still_running(out):
         out.update(state="failed", message=DIED)
     return out
@@ -79,6 +79,8 @@ def _still_running(status: dict) -> bool:
     if status["host"] not in (None, socket.gethostname()):
         updated = _parse_time(status["updated"])
         return updated is not None and (datetime.now(timezone.utc) - updated).total_seconds() < STALE_S
+    if status["pid_start"] is not None and processes.start_time(status["pid"]) not in (None, status["pid_start"]):
+        return False  # the pid now belongs to a process that started later: the run's own process is gone
     return pid_alive(status["pid"])
 
 

@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..inference.serve.guard import LOOPBACK_HOSTS, WILDCARD_BINDS, accepted_hosts, host_name, normalise_api_key
 
 if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Receive, Scope, Send
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 COOKIE = "domaintune_studio"
 DEFAULT_UPLOAD_LIMIT = 256 << 20  # bytes of one uploaded file (a flag of the CLI)
@@ -145,13 +145,38 @@ class StudioGuard:
                                                    "(…/?token=T), or send 'Authorization: Bearer T'.", "unauthorized")
             if "token" in query and scope["method"] == "GET" and not scope["path"].startswith("/api/"):
                 return await self._set_cookie(scope, send, query)
-        limit = self.upload_limit if scope["path"].startswith(UPLOAD_PREFIXES) else JSON_BODY_LIMIT
+        upload = scope["path"].startswith(UPLOAD_PREFIXES)
+        limit = self.upload_limit if upload else JSON_BODY_LIMIT
         length = headers.get("content-length", "")
+        too_large = (f"Request body too large: the limit is {limit} bytes"
+                     + (" (studio --max-upload-mib)" if upload else "") + ".")
         if length.isdigit() and int(length) > limit:
-            return await send_error(send, 413, f"Request body too large: the limit is {limit} bytes"
-                                               + (" (studio --upload-limit)" if limit == self.upload_limit else "")
-                                               + ".", "too_large", [(b"connection", b"close")])
-        return await self.app(scope, receive, send)
+            return await send_error(send, 413, too_large, "too_large", [(b"connection", b"close")])
+        if upload or scope["method"] in ("GET", "HEAD"):  # an upload is counted as it is written (save_upload)
+            return await self.app(scope, receive, send)
+        # A JSON body without a Content-Length (chunked) is read here, counting, and replayed to the app: one
+        # that grows past the limit is refused before anything parses it.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # the client left
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await send_error(send, 413, too_large, "too_large", [(b"connection", b"close")])
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later calls go to the server: the app still sees http.disconnect
+
+        return await self.app(scope, replay, send)
 
     def _authorised(self, headers: dict[str, str], query: dict[str, str]) -> bool:
         assert self.token is not None
@@ -175,7 +200,10 @@ class StudioGuard:
         """303 to the same page without ?token=, setting the cookie that authenticates the page's own requests."""
         assert self.token is not None
         rest = urlencode([(k, v) for k, v in query.items() if k != "token"])
-        location = scope["path"] + (f"?{rest}" if rest else "")
+        # The path as the client sent it (percent-encoded, so any character fits a header), with exactly one
+        # leading slash: "//host/..." would be another site's address.
+        raw = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
+        location = "/" + raw.decode("latin-1").lstrip("/") + (f"?{rest}" if rest else "")
         cookie = f"{COOKIE}={quote(self.token.decode(), safe='')}; Path=/; HttpOnly; SameSite=Strict"
         await send({"type": "http.response.start", "status": 303,
                     "headers": [(b"location", location.encode("latin-1")), (b"set-cookie", cookie.encode()),

@@ -2,14 +2,16 @@
 
 **status.json** (rundir.STATUS), written atomically by the main process of `train`, whoever started it:
 
-    {"state": "running" | "finished" | "stopped" | "failed", "pid": 1234, "host": "name",
+    {"state": "running" | "finished" | "stopped" | "failed", "pid": 1234, "pid_start": 98765, "host": "name",
      "started": "2026-12-07T04:30:00+00:00", "updated": "...", "step": 12, "max_steps": 40,
      "stage": "sft", "message": ""}
 
 "running" is written when the Trainer starts and refreshed (step, updated) at each logged step; "finished" once
 the final files are written; "stopped" after Ctrl-C (message: the checkpoint `--resume` continues from);
 "failed" on an error (message: the error). A process killed outright (SIGKILL, out of memory, power) writes
-nothing: a reader that finds "running" with no live `pid` on this `host` knows it died (studio/runs.py).
+nothing: a reader that finds "running" with no live `pid` on this `host`, or a `pid` whose process started at
+another time than `pid_start` (the pid was handed to another process since; processes.py), knows it died
+(studio/runs.py).
 
 **Ctrl-C** (SIGINT) during training, in a single process: the first one lets the current optimizer step finish,
 saves a checkpoint of that step and stops (exit code 130, "stopped"); `--resume` continues from exactly there,
@@ -29,7 +31,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from .. import console
+from .. import console, processes
 from ..rundir import STATUS, RunDir
 
 if TYPE_CHECKING:
@@ -81,7 +83,8 @@ class RunStatus:
         class Status(TrainerCallback):
             def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 status.started = True
-                status.set(state=RUNNING, step=state.global_step, max_steps=state.max_steps, pid=os.getpid())
+                status.set(state=RUNNING, step=state.global_step, max_steps=state.max_steps, pid=os.getpid(),
+                           pid_start=processes.start_time(os.getpid()))
 
             def on_log(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 status.set(step=state.global_step)

@@ -49,6 +49,8 @@ function connect() {
   // the server sends the whole log first on every (re)connection: start the curves afresh
   source.addEventListener("open", () => { lossChart.clear(); lrChart.clear(); lossChart.seriesNamed("loss");
     lossChart.seriesNamed("eval loss"); lrChart.seriesNamed("learning rate"); notice("live"); });
+  source.addEventListener("reset", () => { lossChart.clear(); lrChart.clear(); lossChart.seriesNamed("loss");
+    lossChart.seriesNamed("eval loss"); lrChart.seriesNamed("learning rate"); });
   source.addEventListener("log", (ev) => addRecords(JSON.parse(ev.data)));
   source.addEventListener("status", (ev) => showStatus(JSON.parse(ev.data)));
   source.addEventListener("error", () => {
