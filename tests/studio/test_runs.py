@@ -235,3 +235,40 @@ def test_log_tail_restarts_on_a_shrunk_or_replaced_file(tmp_path):
     tmp.write_text("".join(json.dumps({"step": s, "resumed": True}) + "\n" for s in range(1, 4)))
     os.replace(tmp, path)
     assert [r["step"] for r in tail.read_new()] == [1, 2, 3] and tail.restarted
+
+
+def test_summaries_of_a_growing_then_rewritten_log_equal_a_full_read(tmp_path):
+    """The summary keeps a digest of each log and reads only new lines: after appends and after a rewrite (a
+    resume) its figures equal those of the whole file read afresh."""
+    from domaintune.studio import runs
+
+    run = tmp_path / "growing"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {name_or_path: m}\ntrain: {max_steps: 500}\n")
+    write_status(run, step=None, max_steps=None)
+
+    def rec(s):
+        out = {"step": s, "time": 1.5 * s + (s % 7) * 0.1, "tokens": 100 * s + s * s, "memory_mib": 300 + (s * 37) % 50}
+        if s % 3:
+            out["loss"] = 2.0 / s
+        if s % 25 == 0:
+            out["eval_loss"] = 1.0 / s
+        return out
+
+    def check(records):
+        s = summary(run)
+        per_step, tokens_per_s = runs._rates(records)
+        assert (s["step"], s["loss"], s["eval_loss"]) == (records[-1]["step"], runs._last(records, "loss"),
+                                                          runs._last(records, "eval_loss"))
+        assert s["tokens_per_s"] == tokens_per_s and s["memory_mib"] == max(r["memory_mib"] for r in records)
+        assert s["eta_s"] == round((500 - records[-1]["step"]) * per_step, 1)
+
+    records = [rec(s) for s in range(1, 121)]
+    log_lines(run, records)
+    check(records)
+    more = [rec(s) for s in range(121, 160)]
+    with open(run / "log.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in more)
+    check(records + more)
+    log_lines(run, records[:40])  # rewritten shorter: resumed from step 40
+    check(records[:40])

@@ -153,7 +153,7 @@ def _sse(event: str, data: Any) -> str:
 @router.get("/api/runs/{run_id:path}/events")
 async def run_events(run_id: str, request: Request) -> StreamingResponse:
     st = studio(request)
-    path = st.run_dir(run_id)
+    path = await asyncio.to_thread(st.run_dir, run_id)  # reads job records and /proc: off the event loop
     tail = runs.LogTail(path / rundir.LOG)
 
     async def events() -> AsyncIterator[str]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -207,8 +209,47 @@ def _read_config(path: Path) -> dict:
         return {}
 
 
+class _LogDigest:
+    """What the summary reads of a log, kept up to date from a LogTail: the last record with each of step, loss and
+    eval_loss, the last RATE_WINDOW timed records and the record of peak memory, in file order. The runs table and
+    every open run page ask for summaries every few seconds: a long run's log is read once, then only its new
+    lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.tail = LogTail(path)
+        self.n = 0
+        self.last: dict[str, tuple[int, dict]] = {}
+        self.window: deque[tuple[int, dict]] = deque(maxlen=RATE_WINDOW)
+        self.peak: tuple[int, dict] | None = None
+
+    def records(self) -> list[dict]:
+        new = self.tail.read_new()
+        if self.tail.restarted:  # rewritten (a resume): start over from what the tail read again
+            self.n, self.last, self.peak = 0, {}, None
+            self.window.clear()
+        for rec in new:
+            i, self.n = self.n, self.n + 1
+            for key in ("step", "loss", "eval_loss"):
+                if _num(rec.get(key)) is not None:
+                    self.last[key] = (i, rec)
+            if _num(rec.get("time")) is not None and _num(rec.get("step")) is not None:
+                self.window.append((i, rec))
+            memory = _num(rec.get("memory_mib"))
+            if memory is not None and (self.peak is None or memory > self.peak[1]["memory_mib"]):
+                self.peak = (i, rec)
+        kept = dict([*self.last.values(), *self.window, *([self.peak] if self.peak else [])])
+        return [kept[i] for i in sorted(kept)]
+
+
+_DIGESTS: dict[Path, _LogDigest] = {}
+_DIGESTS_LOCK = threading.Lock()  # routes run in a thread pool: one reader per log at a time
+
+
 def _read_log(path: Path) -> list[dict]:
-    return LogTail(path).read_new()
+    key = path.resolve()
+    with _DIGESTS_LOCK:
+        digest = _DIGESTS.setdefault(key, _LogDigest(key))
+        return digest.records()
 
 
 def _object(value: Any) -> dict | None:
