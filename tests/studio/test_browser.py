@@ -10,7 +10,7 @@
 7. Export GGUF through the button and download the file (it is a GGUF file, with an Ollama Modelfile beside it);
 8. chat with the run (a `serve` job the studio proxies): the answer streams into the page.
 
-Screenshots of the runs table, the live run and the predictions browser are taken on the way; with
+Screenshots of the new-run form, the runs table, the live run and the predictions browser are taken on the way; with
 DOMAINTUNE_SCREENSHOTS=DIR they are also written there (README's come from `DOMAINTUNE_SCREENSHOTS=docs/images
 .venv/bin/python -m pytest tests/studio/test_browser.py`)."""
 from __future__ import annotations
@@ -123,6 +123,8 @@ def test_a_new_user_goes_from_an_empty_folder_to_a_chat(studio, tmp_path, sample
         trained = page.js("[...document.querySelectorAll('#preview .seg.trained')].map((s) => s.textContent).join('')")
         first = json.loads((sample_data / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])
         assert trained.strip() and trained.strip()[:8] in first["output"]  # the answer is what trains
+        page.js("document.getElementById('preview').scrollIntoView({block: 'center'})")
+        shot(page, tmp_path, "studio-new.png")
         click(page, "btn-launch")
         page.wait_for("location.pathname === '/run/runs/first' && document.body.dataset.ready === '1'", timeout=60)
 

@@ -68,7 +68,11 @@ def test_trained_spans_are_the_tokens_in_the_loss(tmp_path, tiny_model_dir, row,
     capsys.readouterr()
     run_data_check(build_config(raw))
     marked = "".join(f"«{s['text']}»" if s["trained"] else s["text"] for s in got["segments"])
-    assert f"\n{marked}\n" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"\n{marked}\n" in printed
+    # the page's summary is data-check's own (but for the cache line: data-check found the preview's cache)
+    shown = [line for line in got["summary"] if not line.startswith("prepared data:")]
+    assert printed.startswith("\n".join(shown) + "\n") and len(shown) >= 3
 
 
 def test_train_on_inputs_trains_everything(tmp_path, tiny_model_dir):

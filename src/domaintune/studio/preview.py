@@ -25,7 +25,8 @@ from ..errors import UserError
 
 def trained_spans(config_raw: dict, example: int = 0) -> dict:
     """The data-check of training for the training row `example` (the last row when past the end): {"report":
-    DataReport.to_dict() (counts, token lengths, over-length, sources, notes), "segments": [{"text": str,
+    DataReport.to_dict() (counts, token lengths, over-length, sources, notes), "summary": the lines
+    `domaintune data-check` prints for it, "segments": [{"text": str,
     "trained": bool}, ...] (the sample's decoded text; "trained" parts are in the loss), "tokens": n, "trained":
     n, "example": the row shown, "rows": training rows, "where": "file line N", "template": its name, "samples":
     how many samples the row gives (several where the chat_template rewrites earlier turns: the last one, which
@@ -39,7 +40,8 @@ def trained_spans(config_raw: dict, example: int = 0) -> dict:
         raise UserError(f"the trained-part preview is for train.stage sft; for {cfg.train.stage}, run "
                         "`domaintune data-check CONFIG`")
     checked = prepare_check(cfg)
-    out: dict[str, Any] = {"report": checked.ds.report.to_dict(), "segments": [], "tokens": 0, "trained": 0,
+    out: dict[str, Any] = {"report": checked.ds.report.to_dict(), "summary": checked.ds.report.summary_lines(),
+                           "segments": [], "tokens": 0, "trained": 0,
                            "example": None, "rows": len(checked.ds.train_examples), "where": None,
                            "template": checked.template.name, "samples": 0, "note": None}
     found = example_samples(cfg, checked, example)

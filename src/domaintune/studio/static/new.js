@@ -96,8 +96,9 @@ async function preview() {
   const body = await post("/api/config/preview", { values: values(), example: parseInt($("preview-example").value, 10) || 0 });
   if (!body) return;
   showErrors({});
-  $("preview-report").textContent = Object.entries(body.report || {}).map(([k, v]) => k + ": " + (typeof v === "object" ? JSON.stringify(v) : v)).join(" · ")
-    + " · tokens " + body.tokens + ", trained " + body.trained;
+  // the lines `domaintune data-check` prints (rows, lengths, over-length, dropped), then this example's counts
+  $("preview-report").textContent = (body.summary || []).join("\n") + "\nexample " + body.example + " ("
+    + (body.where || "") + "): " + body.tokens + " tokens, " + body.trained + " trained (highlighted)";
   const box = $("preview");
   box.hidden = false;
   box.textContent = "";
