@@ -2,27 +2,36 @@
 studio/jobs.py), so the studio holds no second copy of any verb and a job outlives the page and the studio.
 
 - POST /api/runs/{id}/stop: SIGINT to the run's training (as Ctrl-C: it saves a checkpoint and exits 130); the
-  studio's train job when it has one, else the pid in status.json when it runs on this host (a CLI run).
-- POST /api/runs/{id}/resume: `train CONFIG --resume` (the config the run was started from, else RUN/config.yaml).
+  studio's train job when it has one, else the pid in status.json when it runs on this host (a CLI run). Once
+  only: a second SIGINT stops training at once without its checkpoint, so a second stop is a 409 while the
+  job runs (its record's stop_requested; the job shows "stopping": true), and for 60 s for a CLI run.
+- POST /api/runs/{id}/resume: `train RUN/config.yaml train.output_dir=RUN --resume`: the run's own resolved
+  config (training writes it when it starts; configs/NAME.yaml may since have been saved over, for another
+  folder), with the folder pinned. 409 when the run is training or never started (no config.yaml).
 - POST /api/runs/{id}/predict {"data": REL, "base": bool}: `predict RUN --data FILE [--base-only]`.
 - POST /api/runs/{id}/judge {"config": REL}: `judge CONFIG --run RUN` (a YAML with a judge section).
-- POST /api/runs/{id}/benchmark {"tasks": [...], "limit": N}: `eval --benchmark TASK... --run RUN`.
+- POST /api/runs/{id}/benchmark {"tasks": [...], "limit": N}: `eval --benchmark TASK... --run RUN`; a task name
+  is letters, digits and `_.:/-`, never starting with '-' (it would be read as a flag).
 - POST /api/runs/{id}/report: `report RUN`.
 - POST /api/runs/{id}/export {"format": "gguf"|"safetensors", "quant": ...}: `export RUN --format F --out
   ROOT/exports/<run>/...`; the files are listed in GET /api/runs/{id} and downloaded with GET /api/download.
-- POST /api/runs/{id}/chat/start: `serve RUN --port P --api-key K` on a free local port with a generated key;
+- POST /api/runs/{id}/chat/start: `serve RUN --port P` on a free local port with a generated key, given in
+  $DOMAINTUNE_API_KEY (not --api-key: a command line is readable by every local user);
   GET /api/runs/{id}/chat: {"job", "state", "ready"}; POST /api/runs/{id}/chat/completions: the OpenAI chat
   request, proxied (streaming) to that server with its key, so the key never reaches the page.
 - GET /api/jobs, GET /api/jobs/{id} (with the tail of its log), POST /api/jobs/{id}/stop.
-Each POST answers {"job": record} (201).
+Each POST answers {"job": record} (201). Every value a request gives that reaches a command line is a path
+confined to ROOT (absolute once resolved), a fixed choice, a number, or a checked name: none can start with '-'.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -33,12 +42,17 @@ from pydantic import BaseModel, Field
 
 from .. import rundir
 from ..errors import UserError
+from ..inference.serve import ENV_KEY
 from . import runs
 from .api_runs import export_dir
 from .context import Studio, public_job, studio
+from .jobs import AlreadyStopping
 
 router = APIRouter()
 LOG_TAIL_BYTES = 16 << 10
+TASK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$")
+PID_STOP_HOLD_S = 60.0  # how long a second stop of a CLI-started run is refused (no record says it is stopping)
+STOPPING = "already stopping: the run is saving a checkpoint of its current step"
 
 
 class PredictBody(BaseModel):
@@ -61,8 +75,9 @@ class ExportBody(BaseModel):
     quant: str | None = Field(None, pattern="^(f32|f16|bf16|q8_0)$")
 
 
-def _start(st: Studio, kind: str, argv: list[str], run: Path | None, extra: dict | None = None) -> JSONResponse:
-    job = st.jobs.start(kind, argv, run=st.run_id(run) if run else None, extra=extra)
+def _start(st: Studio, kind: str, argv: list[str], run: Path | None, extra: dict | None = None,
+           env: dict[str, str] | None = None) -> JSONResponse:
+    job = st.jobs.start(kind, argv, run=st.run_id(run) if run else None, extra=extra, env=env)
     return JSONResponse({"job": public_job(st, job)}, status_code=201)
 
 
@@ -76,14 +91,23 @@ def _running(st: Studio, run_id: str, kind: str) -> dict | None:
 def stop(run_id: str, request: Request) -> dict:
     st = studio(request)
     path = st.run_dir(run_id)
-    job = _running(st, st.run_id(path), "train")
+    rel = st.run_id(path)
+    job = _running(st, rel, "train")
     if job is not None:
-        st.jobs.stop(job["id"])
+        try:
+            st.jobs.stop(job["id"])
+        except AlreadyStopping:
+            raise HTTPException(409, f"{STOPPING} (stop asked at {job.get('stop_requested')})") from None
         return {"stopped": "job", "job": job["id"]}
     status = runs.run_status(path)
     pid = status.get("pid")
     if status.get("state") == "running" and isinstance(pid, int) and status.get("host") == socket.gethostname():
-        os.kill(pid, signal.SIGINT)  # the training process itself (started by the CLI): it saves and exits
+        with st.launch_lock:  # two stops at once send one SIGINT
+            sent_pid, sent_at = st.pid_stops.get(rel, (None, 0.0))
+            if sent_pid == pid and time.monotonic() - sent_at < PID_STOP_HOLD_S:
+                raise HTTPException(409, STOPPING)
+            os.kill(pid, signal.SIGINT)  # the training process itself (started by the CLI): it saves and exits
+            st.pid_stops[rel] = (pid, time.monotonic())
         return {"stopped": "pid", "pid": pid}
     raise HTTPException(409, f"run {run_id} is not training (status: {status.get('state')})")
 
@@ -92,15 +116,17 @@ def stop(run_id: str, request: Request) -> dict:
 def resume(run_id: str, request: Request) -> JSONResponse:
     st = studio(request)
     path = st.run_dir(run_id)
-    if _running(st, st.run_id(path), "train") or runs.run_status(path).get("state") == "running":
-        raise HTTPException(409, f"run {run_id} is already training")
-    started = [j for j in st.jobs.list() if j.get("run") == st.run_id(path) and j.get("kind") == "train"]
-    config = next((j.get("config") for j in started if j.get("config")), None)
-    config_path = st.project.confine(config) if config else path / rundir.CONFIG
-    if not Path(config_path).is_file():
-        raise HTTPException(409, f"run {run_id} has no config.yaml to resume from")
-    return _start(st, "train", ["train", str(config_path), "--resume"], path,
-                  {"config": st.run_id(Path(config_path))})
+    rel = st.run_id(path)
+    config = st.project.confine(f"{rel}/{rundir.CONFIG}")  # a config.yaml linking out of ROOT is refused (403)
+    with st.launch_lock:
+        busy = st.training(path)
+        if busy:
+            raise HTTPException(409, busy)
+        if not config.is_file():
+            raise HTTPException(409, f"run {rel} never started training (it has no {rundir.CONFIG}): nothing to "
+                                     "resume; launch it from New run")
+        argv = ["train", str(config), f"train.output_dir={path}", "--resume"]
+        return _start(st, "train", argv, path, {"config": st.run_id(config)})
 
 
 @router.post("/api/runs/{run_id:path}/predict")
@@ -129,6 +155,10 @@ def judge(run_id: str, body: JudgeBody, request: Request) -> JSONResponse:
 def benchmark(run_id: str, body: BenchmarkBody, request: Request) -> JSONResponse:
     st = studio(request)
     path = st.run_dir(run_id)
+    bad = next((t for t in body.tasks if not TASK.match(t)), None)
+    if bad is not None:
+        raise HTTPException(400, f"benchmark task {bad!r}: a task name is letters, digits and '_.:/-', starting "
+                                 "with a letter or digit (e.g. mmlu, cmmlu)")
     argv = ["eval", "--benchmark", *body.tasks, "--run", str(path)]
     argv += ["--limit", str(body.limit)] if body.limit else []
     return _start(st, "benchmark", argv, path)
@@ -171,9 +201,11 @@ def chat_start(run_id: str, request: Request) -> JSONResponse:
     if job is not None:
         return JSONResponse({"job": public_job(st, job)}, status_code=200)
     port, key = _free_port(), secrets.token_urlsafe(24)
-    # the key is the one argument the job's record keeps that the page never sees; the server binds 127.0.0.1
-    argv = ["serve", str(path), "--host", "127.0.0.1", "--port", str(port), "--api-key", key]
-    return _start(st, "serve", argv, path, {"port": port, "key": key})
+    # the key reaches the server in its environment (a command line is readable by every local user); the record
+    # (in ROOT/.studio/jobs, private, never served: public_job drops it) keeps it for the proxy, also after the
+    # studio restarts and finds the job again. The server binds 127.0.0.1.
+    argv = ["serve", str(path), "--host", "127.0.0.1", "--port", str(port)]
+    return _start(st, "serve", argv, path, {"port": port, "key": key}, env={ENV_KEY: key})
 
 
 async def _health(port: int) -> dict | None:
@@ -262,7 +294,11 @@ def job(job_id: str, request: Request) -> dict:
 @router.post("/api/jobs/{job_id}/stop")
 def job_stop(job_id: str, request: Request) -> dict:
     st = studio(request)
-    _job(st, job_id)
-    st.jobs.stop(job_id)
+    record = _job(st, job_id)
+    try:
+        st.jobs.stop(job_id)
+    except AlreadyStopping as e:
+        raise HTTPException(409, f"{STOPPING} (stop asked at {record.get('stop_requested')})"
+                            if record.get("kind") == "train" else str(e)) from None
     return {"stopped": job_id}
 

@@ -7,7 +7,8 @@
   field errors (400).
 - POST /api/config/save {"values", "name", "launch"}: forms.save_config writes ROOT/configs/NAME.yaml; with
   launch, a job runs `train ROOT/configs/NAME.yaml`. train.output_dir defaults to ROOT/runs/NAME (forms).
-  {"config": REL, "run": REL, "job": record or None}; 400 {"errors"} when a field is refused.
+  {"config": REL, "run": REL, "job": record or None}; 400 {"errors"} when a field is refused; with launch, 409
+  (and nothing written) while that run is training: one run folder never gets two trainers.
 - POST /api/models/tiny {"arch"}: a job building that family's tiny offline model (forms.model_choices' argv).
 - GET /api/files?folder=data|documents|configs: project.list_files.
 - POST /api/upload/{data|documents}?filename=NAME: the raw body (the file's bytes, any type) streamed to
@@ -88,11 +89,16 @@ def save(body: SaveBody, request: Request) -> JSONResponse:
     raw, errors = forms.config_from_form({**body.values, "name": body.name}, st.project)
     if raw is None:
         return JSONResponse({"errors": errors}, status_code=400)
-    config = Path(forms.save_config(raw, st.project, body.name))
     out = Path(raw["train"]["output_dir"])
     run = st.run_id(out) if out.resolve().is_relative_to(st.root.resolve()) else None
-    job = None
-    if body.launch:
+    if not body.launch:
+        config = Path(forms.save_config(raw, st.project, body.name))
+        return JSONResponse({"config": st.run_id(config), "run": run, "job": None}, status_code=201)
+    with st.launch_lock:  # the check and the start at once: two launches never both pass the check
+        busy = st.training(out)
+        if busy:
+            raise HTTPException(409, busy)
+        config = Path(forms.save_config(raw, st.project, body.name))
         job = public_job(st, st.jobs.start("train", ["train", str(config)], run=run,
                                            extra={"config": st.run_id(config)}))
     return JSONResponse({"config": st.run_id(config), "run": run, "job": job}, status_code=201)

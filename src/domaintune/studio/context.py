@@ -3,6 +3,7 @@ lookups that turn a URL's run id or path into a confined path (404/403 as JSON, 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +24,11 @@ class Studio:
     token: str | None = None
     upload_limit: int = 0
     chats: dict[str, Any] = field(default_factory=dict)  # run id -> the serve job that chat goes to
+    # held around "is this run training? no: start its training" (launch, resume): two requests at once can
+    # never start two trainers writing one run folder
+    launch_lock: threading.Lock = field(default_factory=threading.Lock)
+    # run id -> (pid, time.monotonic()) of the SIGINT sent to a CLI-started training (no job record to mark)
+    pid_stops: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
@@ -42,6 +48,27 @@ class Studio:
     def train_job(self, run_id: str) -> dict | None:
         """The newest train job of a run (Jobs.list gives the newest first), None when the studio started none."""
         return next((j for j in self.jobs.list() if j.get("run") == run_id and j.get("kind") == "train"), None)
+
+    def running_train_job(self, run_id: str) -> dict | None:
+        """The newest train job of a run that is still running, None when none is."""
+        return next((j for j in self.jobs.list() if j.get("run") == run_id and j.get("kind") == "train"
+                     and j.get("state") == "running"), None)
+
+    def training(self, path: Path) -> str | None:
+        """Why the run at `path` cannot be launched or resumed now (a message for a 409), None when nothing trains
+        it: a studio train job of it is running, or its status.json says a process (the CLI's) trains it. Call it
+        holding launch_lock, and start the training before releasing it."""
+        path = Path(path).resolve()
+        rel = self.run_id(path) if path.is_relative_to(self.root.resolve()) else str(path)
+        job = self.running_train_job(rel)
+        if job is not None:
+            return (f"run {rel} is already training (job {job['id']}): stop it first (Stop on its page) and wait "
+                    "for it to end")
+        status = runs.run_status(path) if path.is_dir() else {}
+        if status.get("state") == "running":
+            return (f"run {rel} is already training (process {status.get('pid')} on {status.get('host')}): stop "
+                    "it first and wait for it to end")
+        return None
 
     def run_id(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
@@ -86,9 +113,12 @@ def studio(request: Request) -> Studio:
 
 
 def public_job(st: Studio, job: dict) -> dict[str, Any]:
-    """A job record as a page sees it: its state added, a chat server's key left out (of the record and argv)."""
+    """A job record as a page sees it: its state added, "stopping" (it was sent SIGINT and is still saving and
+    exiting), a chat server's key left out (of the record and argv)."""
     key = job.get("key")
-    out = {k: v for k, v in job.items() if k != "key"} | {"state": st.jobs.state(job)}
+    state = st.jobs.state(job)
+    stopping = state == "running" and bool(job.get("stop_requested"))
+    out = {k: v for k, v in job.items() if k != "key"} | {"state": state, "stopping": stopping}
     if key:
         out["argv"] = ["***" if a == key else a for a in job.get("argv", [])]
     return out

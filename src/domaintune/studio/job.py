@@ -7,10 +7,14 @@ signal are written as the shell does: 128 + the signal number.
 Signals: the studio stops a job with SIGINT to the job's process group. This process catches SIGINT with a
 Python handler that does nothing (not SIG_IGN: an ignored signal would stay ignored in the child across exec, and
 the child must get its KeyboardInterrupt to save a checkpoint and exit 130), so it lives on to record the code.
-SIGTERM is forwarded to the child. Linux and macOS; the studio's liveness checks are Linux only.
+SIGTERM is forwarded to the child. The child inherits this process's environment, which is how the studio hands
+a job a secret (the chat server's key) without putting it on a command line. Linux and macOS; the studio's
+liveness checks are Linux only.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import signal
 import subprocess
@@ -18,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Iterator
 
 from .. import console
 from ..jsonl import write_atomic
@@ -55,9 +60,22 @@ def main(argv: list[str]) -> int:
     return code
 
 
+@contextlib.contextmanager
+def locked(record_path: Path) -> Iterator[None]:
+    """Hold the record's lock (an flock on RECORD.lock beside it) for a read-modify-write of the record: this
+    process writing the exit code and the studio writing a later field (a stop request) never lose each other's
+    fields. The lock is on a file of its own because every write replaces the record's file (a new inode)."""
+    with open(record_path.with_suffix(".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def finish(record_path: Path, code: int) -> None:
-    """Write exit_code and ended into the record, once the studio has written the pid there (its second and last
-    write), so neither write loses the other's fields."""
+    """Write exit_code and ended into the record, once the studio has written the pid there (its second write;
+    later ones, such as a stop request, take the record's lock as this does), so no write loses another's fields."""
     from .jobs import now_iso
 
     deadline = time.monotonic() + PID_WAIT_S
@@ -66,8 +84,10 @@ def finish(record_path: Path, code: int) -> None:
         if record.get("pid") is not None or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    record.update(exit_code=code, ended=now_iso())
-    write_atomic(record_path, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
+    with locked(record_path):
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        record.update(exit_code=code, ended=now_iso())
+        write_atomic(record_path, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,15 @@ from /dev/null and stdout+stderr into ROOT/.studio/jobs/ID.log (files, never pip
 the studio ends, SIGKILL included). ROOT/.studio/jobs/ID.json is the job's record:
 
     {id, kind, argv, run (relpath or None), pid, start_time, started, log, exit_code, ended, **extra}
+    (+ env: the names of the variables the job was given, never their values; + stop_requested: when the
+    studio first sent it SIGINT)
 
 `pid` is the job process (job.py, also its process group), `start_time` its start in clock ticks since boot
 from /proc/PID/stat: a pid alone could be a later process that got the same number. The studio writes the
-record at the start; job.py writes exit_code and ended when its child ends. A studio started later over the
-same folder reads the records back, so a running job is found again (reattached) by its pid and start time.
+record at the start; job.py writes exit_code and ended when its child ends; later writes (stop_requested) take
+the record's lock (job.locked) as job.py does. A studio started later over the same folder reads the records
+back, so a running job is found again (reattached) by its pid and start time. ROOT/.studio/jobs is private to
+its owner (0700): a record may hold a chat server's key.
 
 Linux only: liveness and the start time come from /proc.
 """
@@ -28,11 +32,13 @@ from typing import Any
 
 from ..errors import UserError
 from ..jsonl import write_atomic
+from .job import locked
 from .project import Project
 
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _ID = re.compile(r"[a-z][a-z0-9_]{0,31}-\d{8}-\d{6}-[0-9a-f]{4}")
-CORE_KEYS = ("id", "kind", "argv", "run", "pid", "start_time", "started", "log", "exit_code", "ended", "command")
+CORE_KEYS = ("id", "kind", "argv", "run", "pid", "start_time", "started", "log", "exit_code", "ended", "command",
+             "env", "stop_requested")
 STOPPED_CODE = 130  # the shell's code for Ctrl-C: what `train` exits with after saving a checkpoint on SIGINT
 
 
@@ -82,17 +88,22 @@ class Jobs:
         self._procs: dict[str, subprocess.Popen] = {}  # jobs this process started: polled so they are reaped
 
     def start(self, kind: str, argv: list[str], run: str | None = None, extra: dict | None = None,
-              command: list[str] | None = None) -> dict:
+              command: list[str] | None = None, env: dict[str, str] | None = None) -> dict:
         """Start `python -m domaintune *argv` as a job; return its record. `kind` (lowercase letters, digits,
         "_") names the verb in the id; `run` is the run directory's relpath the job works on; `extra` keys are
-        added to the record. The job runs in ROOT (relative paths in argv are read from there). `command`
+        added to the record. `env`: variables set for the job's processes (a secret such as the chat server's
+        key goes here, not in argv, which any local user can read in /proc/PID/cmdline); the record keeps
+        only their names. The job runs in ROOT (relative paths in argv are read from there). `command`
         replaces the whole child command line: for tests only."""
         if not isinstance(kind, str) or not _KIND.fullmatch(kind):
             raise UserError(f"job kind {kind!r}: use lowercase letters, digits and '_' (e.g. train, predict)")
         clash = sorted(set(extra or {}) & set(CORE_KEYS))
         if clash:
             raise ValueError(f"extra keys {clash} would replace the record's own fields")
+        if env is not None and not all(isinstance(k, str) and k and isinstance(v, str) for k, v in env.items()):
+            raise ValueError("env maps variable names to text values")
         jobs_dir = self.project.jobs_dir
+        jobs_dir.chmod(0o700)  # records and logs are the owner's alone (a record may hold a chat server's key)
         job_id = f"{kind}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
         while (jobs_dir / f"{job_id}.json").exists():  # same kind, same second, same 4 hex digits
             job_id = f"{job_id[:-4]}{secrets.token_hex(2)}"
@@ -103,12 +114,15 @@ class Jobs:
             "ended": None, **(extra or {})}
         if command is not None:
             record["command"] = [str(a) for a in command]
+        if env:
+            record["env"] = sorted(env)
         _write(record_path, record)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log shows progress as it happens
+        # job.py's child inherits this environment; PYTHONUNBUFFERED: the log shows progress as it happens
+        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(log_path, "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "domaintune.studio.job", str(record_path)],
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=self.project.root, env=env, start_new_session=True)
+                                    cwd=self.project.root, env=child_env, start_new_session=True)
         # job.py waits for this write (the pid in the record) before it records the exit code, so the two never
         # overwrite each other.
         record.update(pid=proc.pid, start_time=proc_start_time(proc.pid))
@@ -140,10 +154,20 @@ class Jobs:
 
     def stop(self, job_id: str) -> dict:
         """Send SIGINT to a running job's process group (what Ctrl-C does: training saves a checkpoint and exits
-        130); return the record. UserError when the job is not running."""
-        job = self.get(job_id)
-        if job["state"] != "running":
-            raise UserError(f"job '{job_id}' is {job['state']}, not running: nothing to stop")
+        130) and record the time in "stop_requested"; return the record. UserError when the job is not running;
+        AlreadyStopping when it was sent SIGINT before: a second Ctrl-C makes training stop at once, without
+        the checkpoint of its current step, so it is never sent twice."""
+        record_path = self._record_path(job_id)
+        self.get(job_id)  # an unknown id is refused before its lock file is made
+        with locked(record_path):  # check and mark at once: two stops at the same moment send one SIGINT
+            job = self.get(job_id)
+            if job["state"] != "running":
+                raise UserError(f"job '{job_id}' is {job['state']}, not running: nothing to stop")
+            if job.get("stop_requested"):
+                raise AlreadyStopping(f"job '{job_id}' is already stopping (asked at {job['stop_requested']}): "
+                                      "wait for it to end")
+            job["stop_requested"] = now_iso()
+            _write(record_path, {k: v for k, v in job.items() if k != "state"})
         try:
             os.killpg(job["pid"], signal.SIGINT)  # job.py leads its own session: its group holds the whole job
         except ProcessLookupError:
@@ -168,6 +192,10 @@ class Jobs:
         if not isinstance(job_id, str) or not _ID.fullmatch(job_id):
             raise UserError(f"'{job_id}' is not a job id (KIND-YYYYMMDD-HHMMSS-XXXX)")
         return self.project.jobs_dir / f"{job_id}.json"
+
+
+class AlreadyStopping(UserError):
+    """A stop of a job that was already sent SIGINT and is still running (it is saving and exiting)."""
 
 
 def _read(path: Path) -> dict | None:

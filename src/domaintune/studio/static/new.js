@@ -105,12 +105,22 @@ async function preview() {
   for (const s of body.segments) box.appendChild(el("span", { class: "seg" + (s.trained ? " trained" : ""), text: s.text }));
 }
 
+// Save and Launch stay disabled while a save is pending: a double click must not launch one run twice (the server
+// refuses a second launch of a training run as well, with 409).
 async function save(launch) {
-  const body = await post("/api/config/save", { values: values(), name: $("run-name").value.trim(), launch });
-  if (!body) return;
-  showErrors({});
-  if (launch && body.run) { location.href = "/run/" + runPath(body.run); return; }
-  notice("saved " + body.config);
+  const buttons = [$("btn-save"), $("btn-launch")];
+  if (buttons.some((b) => b.disabled)) return;
+  buttons.forEach((b) => { b.disabled = true; });
+  let leaving = false;
+  try {
+    const body = await post("/api/config/save", { values: values(), name: $("run-name").value.trim(), launch });
+    if (!body) return;
+    showErrors({});
+    if (launch && body.run) { leaving = true; location.href = "/run/" + runPath(body.run); return; }
+    notice("saved " + body.config);
+  } finally {
+    if (!leaving) buttons.forEach((b) => { b.disabled = false; });
+  }
 }
 
 async function loadFiles(selectValue) {
