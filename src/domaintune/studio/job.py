@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 from typing import Iterator
@@ -60,6 +61,10 @@ def main(argv: list[str]) -> int:
     return code
 
 
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 @contextlib.contextmanager
 def locked(record_path: Path) -> Iterator[None]:
     """Hold the record's lock (an flock on RECORD.lock beside it) for a read-modify-write of the record: this
@@ -76,8 +81,6 @@ def locked(record_path: Path) -> Iterator[None]:
 def finish(record_path: Path, code: int) -> None:
     """Write exit_code and ended into the record, once the studio has written the pid there (its second write;
     later ones, such as a stop request, take the record's lock as this does), so no write loses another's fields."""
-    from .jobs import now_iso
-
     deadline = time.monotonic() + PID_WAIT_S
     while True:
         record = json.loads(record_path.read_text(encoding="utf-8"))

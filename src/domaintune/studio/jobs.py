@@ -30,9 +30,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .. import processes
 from ..errors import UserError
 from ..jsonl import write_atomic
-from .job import locked
+from .job import locked, now_iso
 from .project import Project
 
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -42,27 +43,7 @@ CORE_KEYS = ("id", "kind", "argv", "run", "pid", "start_time", "started", "log",
 STOPPED_CODE = 130  # the shell's code for Ctrl-C: what `train` exits with after saving a checkpoint on SIGINT
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def proc_start_time(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of a live process, None when there is none with this pid or it
-    has ended (a zombie not yet reaped counts as ended)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    # The command name (2nd field) is in parentheses and may hold spaces or ')': split after the last ')'.
-    fields = stat[stat.rfind(")") + 2:].split()
-    if not fields or fields[0] in ("Z", "X"):
-        return None
-    try:
-        return int(fields[19])  # field 22 of the file; fields[0] is field 3 (the state)
-    except (IndexError, ValueError):
-        return None
+proc_start_time = processes.start_time  # the start time of a live process (None: none, or ended); processes.py
 
 
 def job_state(job: dict) -> str:

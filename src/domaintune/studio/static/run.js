@@ -8,6 +8,7 @@ const lrChart = new LineChart($("lr-chart"), { yLabel: "learning rate", xLabel: 
 lossChart.seriesNamed("loss"); lossChart.seriesNamed("eval loss");  // the loss first: data-points counts it
 lrChart.seriesNamed("learning rate");
 let lastState = null;
+let stopping = false;  // Stop was pressed and the run is saving a checkpoint of its step: no second SIGINT
 let endedJobs = 0;  // jobs of this run that ended: when one more ends, its predictions or verdicts may be new
 
 function addRecords(records) {
@@ -38,7 +39,7 @@ function showStatus(s) {
   $("run-data").textContent = "data: " + (s.data || "–");
   $("run-method").textContent = [s.method, s.stage].filter(Boolean).join(" ");
   $("run-metrics").textContent = metricsText(s);
-  $("btn-stop").disabled = s.status !== "running";
+  $("btn-stop").disabled = s.status !== "running" || stopping;
   $("btn-resume").disabled = s.status === "running" || s.status === "finished";
   if (lastState !== null && lastState !== s.status) loadDetail();
   lastState = s.status;
@@ -118,6 +119,8 @@ async function loadDetail() {
     const tbody = $("jobs").tBodies[0];
     tbody.textContent = "";
     for (const j of d.jobs) tbody.appendChild(jobRow(j));
+    stopping = d.jobs.some((j) => j.kind === "train" && j.stopping);
+    if (stopping) $("btn-stop").disabled = true;
     if (d.has_report) {
       const r = await api(RUN_API + "/report");
       const box = $("report");
@@ -207,7 +210,12 @@ $("pred-prev").addEventListener("click", () => { pred.offset = Math.max(0, pred.
 $("pred-next").addEventListener("click", () => { pred.offset += pred.limit; loadPredictions(); });
 
 // ---- actions
-$("btn-stop").addEventListener("click", () => act($("btn-stop"), "/stop"));
+$("btn-stop").addEventListener("click", async () => {
+  stopping = true;
+  await act($("btn-stop"), "/stop");
+  $("btn-stop").disabled = true;
+  notice("stopping: the run finishes its step and saves a checkpoint of it");
+});
 $("btn-resume").addEventListener("click", () => act($("btn-resume"), "/resume"));
 $("btn-report").addEventListener("click", () => act($("btn-report"), "/report"));
 $("btn-predict").addEventListener("click", () => act($("btn-predict"), "/predict",
