@@ -82,6 +82,8 @@ def test_a_built_wheel_carries_the_sample_data_and_configs_and_runs_the_quicksta
         shipped = zipfile.ZipFile(wheel).read(f"domaintune/sample_data/{f}")
         assert shipped == (REPO / "examples" / "data" / f).read_bytes()
     assert "domaintune/configs/quickstart.yaml" in names and "domaintune/inference/serve/static/index.html" in names
+    studio = {n.rsplit("/", 1)[1] for n in names if n.startswith("domaintune/studio/static/")}
+    assert studio == {p.name for p in (Path(__file__).parents[1] / "src/domaintune/studio/static").iterdir()}
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     work = tmp_path / "elsewhere"
