@@ -243,6 +243,21 @@ def test_eval_of_a_runs_predictions_refreshes_the_report_and_base_scores_go_besi
     assert "| exact_match | 0 | 100 | +100 |" in metrics
 
 
+def test_predictions_written_outside_the_run_leave_its_report_alone(tiny_run_copy, tmp_path):
+    """predict --out elsewhere changes nothing in the run directory (it wrote a report.md into the shared test run,
+    found when the suite ran in another order)."""
+    from domaintune.inference.params import GenerationParams
+    from domaintune.inference.predict import run_predict
+
+    run, test = tiny_run_copy, Path(__file__).parents[2] / "examples" / "data" / "test.jsonl"
+    before = sorted(p.name for p in run.iterdir())
+    assert "report.md" not in before
+    run_predict(run, test, out=tmp_path / "elsewhere" / "p.jsonl", params=GenerationParams(max_new_tokens=4), limit=2)
+    assert sorted(p.name for p in run.iterdir()) == before
+    run_predict(run, test, params=GenerationParams(max_new_tokens=4), limit=2)  # into the run: the report follows
+    assert (run / "report.md").is_file()
+
+
 def test_predict_and_judge_refresh_the_report(tiny_run_copy, monkeypatch, capsys):
     """After predict --base-only, predict and judge, report.md shows both models' scores and the verdicts
     without `domaintune report` being run."""

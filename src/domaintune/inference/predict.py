@@ -267,7 +267,9 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
         engine.close()
     from ..evaluation.report import refresh_report
 
-    refresh_report(run.path)  # report.md shows the new predictions and scores (not a state before them)
+    # report.md shows the new predictions and scores (not a state before them); predictions written elsewhere
+    # (--out outside the run) leave the run directory as it was
+    refresh_report(jsonl.parent)
     return jsonl
 
 
