@@ -105,12 +105,23 @@ def tiny_train_config(tiny_model_dir):
     return make
 
 
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tiny_train_config, tmp_path_factory) -> Path:
+def tiny_run(tiny_train_config, tmp_path_factory):
     from domaintune.training.trainer import run_train
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
-    return Path(run_train(tiny_train_config(out)))
+    run = Path(run_train(tiny_train_config(out)))
+    before = _files(run)
+    yield run
+    # Read-only: a test that wrote into it would make others depend on the order the tests ran in.
+    after = _files(run)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test changed the shared tiny_run (use tiny_run_copy): {changed}"
 
 
 @pytest.fixture
