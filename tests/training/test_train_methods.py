@@ -138,6 +138,8 @@ def test_loraplus_gives_b_matrices_ratio_times_the_learning_rate(tiny_train_conf
     assert greedy(Engine.from_run(exported, device="cpu")) == greedy(Engine.from_run(ref, device="cpu"))
     with pytest.raises(UserError, match="needs train.distributed: ddp"):
         check_loraplus(cfg.train.model_copy(update={"distributed": "fsdp"}))
+    with pytest.raises(UserError, match="built for the sft stage"):
+        check_loraplus(cfg.train.model_copy(update={"stage": "dpo"}))
 
 
 def test_neftune_noises_training_embeddings_only(tiny_train_config, tmp_path, grab):

@@ -1,15 +1,16 @@
 """LoRA+ (`train.loraplus_lr_ratio`): the adapter's B matrices learn `ratio` times faster than its A matrices.
 
 Built by PEFT's `create_loraplus_optimizer` from the optimizer class and settings the Trainer would use
-(`train.optim`, betas, eps ... of `Trainer.get_optimizer_cls_and_kwargs`), with `train.weight_decay` on the
-decayed groups (PEFT's own default is none). The param groups are always the same four, in the same order
-(A; LoRA embeddings; B with decay; B and 1-d parameters without decay), built from the model alone, so a resumed
-run's optimizer has the groups of the checkpoint's `optimizer.pt` and its state loads into them.
+(`train.optim`, betas, eps ... of `Trainer.get_optimizer_cls_and_kwargs`), with `train.weight_decay` on every
+group but the no-decay B group (PEFT's own default is no decay). The param groups are always the same four, in the
+same order (A; LoRA embeddings; B with decay; B and 1-d parameters without decay), built from the model alone, so a
+resumed run's optimizer has the groups of the checkpoint's `optimizer.pt` and its state loads into them.
 
 The Trainer subclass calls `loraplus_optimizer` from `create_optimizer` (hf_trainer.py).
 
-Not with DeepSpeed or FSDP (`check_loraplus`, before the model loads): DeepSpeed builds its own optimizer when its
-config names one and ZeRO-3 empties the parameters that PEFT sorts by shape; FSDP1 flattens them under new names.
+Only for the sft stage, and not with DeepSpeed or FSDP (`check_loraplus`, before the model loads): DeepSpeed
+builds its own optimizer when its config names one and ZeRO-3 empties the parameters that PEFT sorts by shape;
+FSDP1 flattens them under new names.
 """
 from __future__ import annotations
 
@@ -25,7 +26,11 @@ if TYPE_CHECKING:
 
 
 def check_loraplus(t: TrainConfig) -> None:
-    """A UserError when `train.loraplus_lr_ratio` is combined with a sharding engine that it cannot work with."""
+    """A UserError when `train.loraplus_lr_ratio` is combined with what it cannot work with: a sharding engine, or a
+    preference stage (whose TRL trainer is built without it)."""
+    if t.loraplus_lr_ratio is not None and t.stage != "sft":
+        raise UserError(f"train.loraplus_lr_ratio is built for the sft stage; the {t.stage} stage (TRL's trainer) "
+                        "does not take it yet: leave it out for this stage")
     if t.loraplus_lr_ratio is not None and t.distributed != "ddp":
         raise UserError(f"train.loraplus_lr_ratio needs train.distributed: ddp (it is {t.distributed}): LoRA+ sorts "
                         "the adapter's parameters by name and shape, which DeepSpeed and FSDP repartition. Use ddp "
