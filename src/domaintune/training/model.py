@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-    from ..config import LoraConfig, ModelConfig
+    from ..config import FreezeConfig, LoraConfig, ModelConfig
 
 
 def _looks_local(name: str) -> bool:
@@ -170,8 +170,9 @@ def load_base_model(model_cfg: ModelConfig, device: str | None = None,
 
 
 def prepare_for_training(model: PreTrainedModel, lora_cfg: LoraConfig, quantization: str = "none",
-                         gradient_checkpointing: bool = False) -> PreTrainedModel | PeftModel:
-    """Wrap with LoRA (or leave all weights trainable for full fine-tuning)."""
+                         gradient_checkpointing: bool = False,
+                         freeze: FreezeConfig | None = None) -> PreTrainedModel | PeftModel:
+    """Wrap with LoRA, or leave all weights trainable for full fine-tuning, or only some (`freeze`: freeze.py)."""
     if quantization != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -183,6 +184,10 @@ def prepare_for_training(model: PreTrainedModel, lora_cfg: LoraConfig, quantizat
     if gradient_checkpointing:
         model.config.use_cache = False
     if not lora_cfg.enabled:
+        if freeze is not None and freeze.enabled:
+            from .freeze import freeze_except
+
+            freeze_except(model, freeze)
         return model
     from peft import LoraConfig, get_peft_model
 

@@ -239,7 +239,8 @@ class TrainingRun:
         self.model = self.wrap_model(checkpointing)
         trainable, total = loader.count_parameters(self.model)
         autocast = " + bf16 autocast" if bf16 else " + fp16 autocast" if fp16 else ""
-        self._say(f"model: {cfg.model.name_or_path} ({'LoRA' if cfg.lora.enabled else 'full'}; "
+        method = "LoRA" if cfg.lora.enabled else "freeze" if cfg.freeze.enabled else "full"
+        self._say(f"model: {cfg.model.name_or_path} ({method}; "
                   f"{trainable:,} trainable of {total:,} parameters; {str(load_dtype).replace('torch.', '')}"
                   f"{autocast} on {self.device})")
 
@@ -256,7 +257,8 @@ class TrainingRun:
         """The model to train: the base with new LoRA weights, or the base itself for full fine-tuning."""
         from .model import prepare_for_training
 
-        return prepare_for_training(self.base, self.cfg.lora, self.cfg.model.quantization, checkpointing)
+        return prepare_for_training(self.base, self.cfg.lora, self.cfg.model.quantization, checkpointing,
+                                    freeze=self.cfg.freeze)
 
     def setup_trainer(self) -> None:
         from .hf_trainer import trainer_class
@@ -284,10 +286,11 @@ class TrainingRun:
         group = not streaming and (t.group_by_length if t.group_by_length is not None else self.batching == "pad")
         args, callbacks = self.arguments_and_callbacks(group_by_length=group, liger=self.loss_kind == "liger",
                                                        extra=count)
-        self._trainer = trainer_class()(model=self.model, args=args, data_collator=collator,
-                                       train_dataset=self.data.train.ds if streaming else self.data.train,
-                                       eval_dataset=self.data.eval if has_eval else None,
-                                       processing_class=self.tok, callbacks=callbacks, compute_loss_func=self.lean)
+        cls = trainer_class(loraplus_lr_ratio=t.loraplus_lr_ratio)  # LoRA+: hf_trainer.create_optimizer
+        self._trainer = cls(model=self.model, args=args, data_collator=collator,
+                            train_dataset=self.data.train.ds if streaming else self.data.train,
+                            eval_dataset=self.data.eval if has_eval else None,
+                            processing_class=self.tok, callbacks=callbacks, compute_loss_func=self.lean)
 
     def arguments_and_callbacks(self, **stage: Any) -> tuple[Any, list]:
         """The run's TrainingArguments (its resolved batch printed) and callbacks; `stage`: the stage's own
