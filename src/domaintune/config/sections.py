@@ -233,7 +233,8 @@ class TrainConfig(Section):
                                 "evaluation (transformers' neftune_noise_alpha; 5 is usual); None = off.")
     beta: float = Field(
         0.1, gt=0, description="Preference stages: dpo/kto beta (how far from the reference model the policy may "
-                               "move; smaller = further); orpo: the weight of the odds-ratio term (TRL's beta).",
+                               "move; smaller = further); orpo: the weight of the odds-ratio term (TRL's beta); "
+                               "simpo: the reward scale (the SimPO paper uses 2 to 2.5).",
     )
     batch_size: int = Field(
         8, gt=0, description="Global batch size = per_device_batch_size x gradient accumulation x processes."

@@ -83,7 +83,7 @@ T = TypeVar("T")
 
 class RunData(Protocol):
     """A stage's encoded data as the run uses it: data/encode.py's Datasets (sft), data/preferences.py's
-    PreferenceData (dpo, orpo, kto)."""
+    PreferenceData (dpo, orpo, kto, simpo)."""
 
     train: Any  # a sequence of samples (arrow.Samples, or a list), or with data.streaming a stream
     eval: Any
