@@ -187,6 +187,9 @@ def test_pissa_starts_as_the_base_and_its_converted_adapter_gives_the_trained_mo
     assert torch.allclose(_logits(converted, ids), trained_out, atol=1e-4)
     from_checkpoint = load_run(run / "checkpoint-4", dtype="fp32").model
     assert torch.allclose(_logits(from_checkpoint, ids), trained_out, atol=1e-4)
+    assert max_lora_rank(run) == 16  # vLLM serves the converted adapter as plain LoRA, not the checkpoint's
+    with pytest.raises(UserError, match="checkpoint of a lora.init pissa run"):
+        max_lora_rank(run / "checkpoint-4")
 
 
 @pytest.mark.parametrize("overrides, says", [
@@ -194,6 +197,7 @@ def test_pissa_starts_as_the_base_and_its_converted_adapter_gives_the_trained_mo
     (("lora.init=pissa", "lora.use_dora=true"), "DoRA's magnitudes"),
     (("lora.init=olora", "train.stage=dpo", f"data.path={TEST_DATA.parent / 'preferences.jsonl'}"),
      "reference model"),
+    (("lora.init=pissa", "train.distributed=fsdp"), "converted for the original base at the end in one process"),
 ])
 def test_refused_choices_say_why(overrides, says, tiny_train_config, tmp_path):
     if "loftq" in overrides[0] and torch.cuda.is_available():

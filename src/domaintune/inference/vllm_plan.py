@@ -64,6 +64,10 @@ def max_lora_rank(run_dir: str | Path) -> int:
     if cfg.get("use_dora"):
         raise UserError(f"{path}: a DoRA adapter (lora.use_dora), which vLLM cannot apply (it serves plain LoRA "
                         f"only): {merge}")
+    if str(cfg.get("init_lora_weights")).lower().startswith(("pissa", "olora")):  # training/lora_methods.py
+        raise UserError(f"{path}: a checkpoint of a lora.init {cfg['init_lora_weights']} run, whose adapter applies "
+                        "to the base with its principal directions taken out, which vLLM does not do: serve the "
+                        f"finished run (its adapter is converted for the original base), or {merge}")
     if cfg.get("modules_to_save"):
         raise UserError(f"{path}: an adapter with fully trained modules (lora.modules_to_save "
                         f"{cfg['modules_to_save']}), which vLLM cannot apply: {merge}")

@@ -57,6 +57,10 @@ def check_lora_choices(cfg: Config) -> None:
                             "takes its directions out of the base weights, and a quantized residual no longer adds up "
                             "to the base (PEFT warns the converted adapter then misses); set model.quantization: none, "
                             "or use lora.init: loftq for a quantized base")
+        if cfg.train.distributed != "ddp":
+            raise UserError(f"lora.init {lora.init} with train.distributed {cfg.train.distributed}: the adapter is "
+                            "converted for the original base at the end in one process, from the whole adapter, "
+                            "which a sharded model does not hold; use train.distributed: ddp (or lora.init: default)")
         if cfg.train.stage != "sft":
             raise UserError(f"lora.init {lora.init} with train.stage {cfg.train.stage}: the preference stages take "
                             "the reference model as the model with its adapters off, which here is the residual base, "
