@@ -59,8 +59,18 @@ def max_lora_rank(run_dir: str | Path) -> int:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: cannot read the adapter's rank r ({e}); is the run directory complete?") from None
     merge = f"merge it (`domaintune export {run_dir}`) and serve the exported folder, or use `--engine hf`"
+    # vLLM's own check (vllm/lora/peft_helper.py, PEFTHelper._validate_features) refuses both, but only when the
+    # first request arrives, after the engine has started: said here, before anything loads.
     if cfg.get("use_dora"):
-        raise UserError(f"{path}: a DoRA adapter, which vLLM cannot apply: {merge}")
+        raise UserError(f"{path}: a DoRA adapter (lora.use_dora), which vLLM cannot apply (it serves plain LoRA "
+                        f"only): {merge}")
+    if str(cfg.get("init_lora_weights")).lower().startswith(("pissa", "olora")):  # training/lora_methods.py
+        raise UserError(f"{path}: a checkpoint of a lora.init {cfg['init_lora_weights']} run, whose adapter applies "
+                        "to the base with its principal directions taken out, which vLLM does not do: serve the "
+                        f"finished run (its adapter is converted for the original base), or {merge}")
+    if cfg.get("modules_to_save"):
+        raise UserError(f"{path}: an adapter with fully trained modules (lora.modules_to_save "
+                        f"{cfg['modules_to_save']}), which vLLM cannot apply: {merge}")
     if r > LORA_RANKS[-1]:
         raise UserError(f"{path}: LoRA rank {r} is above vLLM's largest max_lora_rank ({LORA_RANKS[-1]}): {merge}")
     return next(b for b in LORA_RANKS if r <= b)

@@ -189,18 +189,9 @@ def prepare_for_training(model: PreTrainedModel, lora_cfg: LoraConfig, quantizat
 
             freeze_except(model, freeze)
         return model
-    from peft import LoraConfig, get_peft_model
+    from .lora_methods import build_peft_model  # DoRA, rsLoRA, the initialisations, modules_to_save, layers
 
-    targets = lora_cfg.target_modules
-    # peft annotates lora_alpha as int, but only divides by it (alpha / r): a fractional alpha scales as meant.
-    pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,  # type: ignore[arg-type]
-                      target_modules=targets if targets == "all-linear" else list(targets),
-                      bias="none", task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, pcfg)
-    except ValueError as e:
-        names = sorted({n.split(".")[-1] for n, m in model.named_modules() if m.__class__.__name__.endswith("Linear")})
-        raise UserError(f"lora.target_modules {targets}: {e}. Linear modules of this model: {names}") from None
+    return build_peft_model(model, lora_cfg)
 
 
 def load_adapter(base: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:

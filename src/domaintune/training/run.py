@@ -56,6 +56,7 @@ from .arguments import (
     world,
 )
 from .callbacks import NothingLeftToTrain, make_callbacks, refresh_plot
+from .lora_methods import check_lora_choices, save_final_adapter, save_initial_adapter
 from .outputs import (
     AlreadyComplete,
     check_resume_world,
@@ -187,6 +188,7 @@ class TrainingRun:
         check_model_source(name, (MODEL_CONFIG, *TOKENIZER_FILES))
         if cfg.lora.enabled:  # a rank above the model's hidden size fails here, not in the allocation
             check_lora_rank(cfg.lora, name, cfg.model.revision)
+            check_lora_choices(cfg)
         if cfg.train.trainer_args:  # a wrong key fails here, not after the model has loaded
             self.check_trainer_args()
         engine_arguments(cfg.train)  # so does a missing deepspeed or a bad train.distributed_config
@@ -237,6 +239,7 @@ class TrainingRun:
         set_seed(cfg.train.seed)
         self.checkpointing = checkpointing
         self.model = self.wrap_model(checkpointing)
+        save_initial_adapter(self.model, self.out, cfg.lora, self.is_main)  # PiSSA/OLoRA: converted against it
         trainable, total = loader.count_parameters(self.model)
         autocast = " + bf16 autocast" if bf16 else " + fp16 autocast" if fp16 else ""
         method = "LoRA" if cfg.lora.enabled else "freeze" if cfg.freeze.enabled else "full"
@@ -346,6 +349,7 @@ class TrainingRun:
         self.trainer.save_model(str(self.out))  # every rank calls it (needed for sharded setups); rank 0 writes
         if not self.trainer.is_world_process_zero():
             return
+        save_final_adapter(self.model, self.out, self.cfg.lora)  # PiSSA/OLoRA: for the original base
         share_safetensors(self.out)
         path = {"loss": self.loss_kind, "batching": self.batching, "per_device_batch_size": self.per_device,
                 "gradient_accumulation_steps": self.trainer.args.gradient_accumulation_steps,
