@@ -275,3 +275,12 @@ def test_scaling_over_other_configs():
     assert conf["max_position_embeddings"] == context_length(conf) == 2048 and context_length(gemma) == 1024
     with pytest.raises(UserError, match="no rotary position embedding to scale"):
         apply(BloomConfig(), LINEAR, "'bloom'")
+
+
+def test_full_fine_tuning_saves_the_scaled_config(base, data, tmp_path):
+    """A full run saves the model itself: its config.json carries the scaling, and predict's engine holds 256."""
+    cfg = make_cfg(base, data, tmp_path / "full", max_steps=1)
+    full = run_train(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"enabled": False})}))
+    conf = json.loads((Path(full) / "config.json").read_text(encoding="utf-8"))
+    assert conf["rope_parameters"] == {**LINEAR, "rope_theta": 10000.0}
+    assert Engine.from_run(full, device="cpu").context_len == NATIVE * FACTOR
