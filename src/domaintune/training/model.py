@@ -159,6 +159,10 @@ def load_base_model(model_cfg: ModelConfig, device: str | None = None,
                   use_safetensors=None if model_cfg.allow_pickle else True)
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if model_cfg.rope_scaling:  # long context: the run's RoPE scaling over the base's (rope.py)
+        from .rope import scaled_config
+
+        kwargs["config"] = scaled_config(src, model_cfg.rope_scaling, model_cfg.trust_remote_code, model_cfg.revision)
     if model_cfg.quantization != "none":
         kwargs["quantization_config"] = _quant_config(model_cfg.quantization, dtype, sharded)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
