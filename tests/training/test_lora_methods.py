@@ -3,12 +3,13 @@ OLoRA, modules_to_save + layers. Each runs the whole loop once: train (loss goes
 export merged (greedy tokens = the unmerged run's, and predict on the export = predict on the run), GGUF (llama.cpp's
 greedy tokens = the run's), the vLLM plan.
 
-SIGKILL + --resume (exact per-step losses) runs for PiSSA and for modules_to_save + layers only:
+SIGKILL + --resume (exact per-step losses) runs for DoRA, PiSSA and modules_to_save + layers:
 - PiSSA stands for OLoRA: both resume by building the adapter again on the original base (SVD for PiSSA, QR for
   OLoRA; both deterministic) and loading the checkpoint's A and B into it, the one path the residual inits add;
-- modules_to_save + layers is the one whose checkpoint holds more than A and B (the full copies of the modules);
-- DoRA's magnitudes and rsLoRA's scale go through the plain LoRA resume path that tests/training/test_resume_paths.py
-  covers (DoRA's magnitude is one more adapter tensor in the same file; rsLoRA changes a constant).
+- modules_to_save + layers and DoRA are the ones whose checkpoints hold more than A and B (full copies of modules;
+  DoRA's magnitude vectors);
+- rsLoRA changes a constant (the scale) and nothing in the checkpoint: the plain LoRA resume path, which
+  tests/training/test_resume_paths.py covers on the packed and the padded path.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ PROMPTS = ["宝宝发烧怎么办？", "How should I store breast milk?"]
 MAX_NEW = 12
 STEPS = ("train.max_steps=6", "train.save_steps=2", "train.eval_steps=6", "train.learning_rate=0.02")
 METHODS = {
-    "dora": (("lora.use_dora=true",), False),
+    "dora": (("lora.use_dora=true",), True),
     "rslora": (("lora.use_rslora=true",), False),
     "pissa": (("lora.init=pissa",), True),
     "olora": (("lora.init=olora",), False),
