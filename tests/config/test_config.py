@@ -61,7 +61,8 @@ def test_unknown_section_suggests_section(tmp_path):
     cfg = _write(tmp_path / "cfg.yaml", "trian:\n  learning_rate: 0.001\n")
     with pytest.raises(UserError) as e:
         load_config(cfg)
-    assert ("unknown key 'trian'. Did you mean 'train'? Valid keys here: model, lora, data, train, selfinstruct, judge"
+    assert ("unknown key 'trian'. Did you mean 'train'? Valid keys here: model, lora, freeze, data, train, "
+            "selfinstruct, judge"
             in str(e.value))
 
 
@@ -235,7 +236,7 @@ def test_cli_config_prints_resolved_config_with_defaults(tmp_path, capsys):
     expected["data"]["cutoff_len"] = 1024
     expected["train"]["num_epochs"] = 1.0
     assert printed == expected
-    assert list(printed) == ["model", "lora", "data", "train", "selfinstruct", "judge"]
+    assert list(printed) == ["model", "lora", "freeze", "data", "train", "selfinstruct", "judge"]
     assert Config.model_validate(printed) == load_config(cfg_path, ["train.num_epochs=1"])
 
 
@@ -402,9 +403,9 @@ def test_the_model_is_required_and_cannot_be_empty(tmp_path, capsys):
 
 def test_sections_of_other_verbs_are_left_out_while_at_defaults(tmp_path, capsys):
     cfg = load_config(None, ["model.name_or_path=m"])
-    assert list(cfg.to_dict(omit_default_sections=True)) == ["model", "lora", "data", "train"]
+    assert list(cfg.to_dict(omit_default_sections=True)) == ["model", "lora", "freeze", "data", "train"]
     # `domaintune config` shows all
-    assert list(cfg.to_dict()) == ["model", "lora", "data", "train", "selfinstruct", "judge"]
+    assert list(cfg.to_dict()) == ["model", "lora", "freeze", "data", "train", "selfinstruct", "judge"]
     cfg = load_config(None, ["selfinstruct.domain=家庭教育"])
     assert cfg.to_dict(omit_default_sections=True)["selfinstruct"]["domain"] == "家庭教育"  # set by the user: kept
     run_json = _write(tmp_path / "run.json", json.dumps(RUN))

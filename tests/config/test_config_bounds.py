@@ -88,7 +88,8 @@ def test_control_characters_in_keys_and_overrides_stay_on_one_line(tmp_path):
     with pytest.raises(UserError) as e:
         load_config(cfg)
     assert str(e.value) == (f"{cfg}: invalid config:\n  unknown key 'lora.r\\r'. Did you mean 'lora.r'? Valid keys "
-                            "here: enabled, r, alpha, dropout, target_modules")
+                            "here: enabled, r, alpha, dropout, target_modules, use_dora, use_rslora, init, "
+                            "modules_to_save, layers")
     assert "override 'lora.\\x07=4': unknown key 'lora.\\x07'." in _error("lora.\x07=4")
     with pytest.raises(UserError) as e:
         apply_overrides({"train": {"seed": 1}}, ["train.seed.x=\n"])

@@ -272,3 +272,14 @@ def test_summaries_of_a_growing_then_rewritten_log_equal_a_full_read(tmp_path):
     check(records + more)
     log_lines(run, records[:40])  # rewritten shorter: resumed from step 40
     check(records[:40])
+
+
+def test_the_method_is_named_as_run_info_names_it(tmp_path):
+    run = tmp_path / "m"
+    run.mkdir()
+    for text, method in (("lora: {enabled: true}\n", "lora"),
+                         ("lora: {enabled: true}\nmodel: {quantization: 4bit}\n", "qlora"),
+                         ("lora: {enabled: false}\n", "full"),
+                         ("lora: {enabled: false}\nfreeze: {enabled: true, last_layers: 2}\n", "freeze")):
+        (run / "config.yaml").write_text(text)
+        assert summary(run)["method"] == method, text

@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--identity-language", choices=["zh", "en", "both"], default=None,
                    help="language of the identity data (default: %(default)s = selfinstruct.language)")
     p.add_argument("--preferences", action="store_true", default=False,
-                   help="instead of Q&A pairs, make chosen/rejected pairs for train.stage dpo/orpo/kto in "
+                   help="instead of Q&A pairs, make chosen/rejected pairs for train.stage dpo/orpo/kto/simpo in "
                    "OUTPUT_DIR/preferences.jsonl: chosen = the file's answer (or the teacher's), rejected = --run's "
                    "own answer or the teacher's deliberately weak one; near-identical pairs are dropped; "
                    "resumable (default: %(default)s)")

@@ -26,11 +26,13 @@ from .loading import (
     read_yaml,
     validation_problems,
 )
+from .methods import FreezeConfig
 from .sections import Config, DataConfig, LoraConfig, ModelConfig, TrainConfig
 from .selfinstruct import Persona, SelfInstructConfig
 
 __all__ = [
-    "Config", "DataConfig", "JudgeConfig", "LoraConfig", "ModelConfig", "Persona", "SelfInstructConfig", "TrainConfig",
+    "Config", "DataConfig", "FreezeConfig", "JudgeConfig", "LoraConfig", "ModelConfig", "Persona",
+    "SelfInstructConfig", "TrainConfig",
     "apply_overrides", "build_config", "check_config", "config_from_flat", "explain", "format_validation_error",
     "load_config", "parse_override", "read_json_file", "read_yaml", "validation_problems",
 ]

@@ -14,16 +14,13 @@ from pydantic import Field, field_validator, model_validator
 from ..errors import UserError
 from .base import Section
 from .judge import JudgeConfig
+from .methods import FreezeConfig, LoraConfig, check_rope_scaling
 from .selfinstruct import SelfInstructConfig
 from .sources import SourceConfig, as_sources, validate_sources
 
 # transformers' set_seed also seeds numpy, whose seeds are 32-bit unsigned: -1 or 2**32 failed only after the
 # model had loaded.
 MAX_SEED = 2**32 - 1
-# A rank above the adapted matrices' smaller side adds nothing; the hidden size bounds it (checked against the
-# model's config.json before it loads: LoraConfig.check_rank). This cap needs no model: it is the largest hidden
-# size of released models, so a stray 10000000 is refused at once instead of allocating without bound.
-MAX_LORA_RANK = 16384
 
 
 # The longest name of one file or folder on common file systems (ext4, APFS, NTFS), in bytes.
@@ -72,6 +69,12 @@ class ModelConfig(Section):
     allow_pickle: bool = Field(
         False, description="Load .bin/.pt (pickle) weights when a model has no safetensors; pickles can run code, "
                            "so only for files you trust (--allow-pickle).")
+    rope_scaling: dict[str, Any] | None = Field(
+        None, description="Long context: RoPE scaling as transformers takes it, e.g. {rope_type: linear, factor: 2.0} "
+                          "(linear, dynamic or yarn; factor > 1). With it data.cutoff_len may pass the model's native "
+                          "length; the run records it, so predict, chat, serve, export and GGUF use the same scaling.")
+
+    _rope = field_validator("rope_scaling")(check_rope_scaling)
 
     @field_validator("name_or_path")
     @classmethod
@@ -87,33 +90,6 @@ class ModelConfig(Section):
                             "name_or_path: ...) or as model.name_or_path=... on the command line; a local model "
                             "folder or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
         return self.name_or_path
-
-
-class LoraConfig(Section):
-    enabled: bool = Field(True, description="Train a LoRA adapter (true) or fine-tune all weights (false).")
-    r: int = Field(8, gt=0, le=MAX_LORA_RANK, description="LoRA rank (at most the model's hidden size).")
-    alpha: float = Field(16, gt=0, description="LoRA scaling alpha (effective scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    target_modules: Union[list[str], Literal["all-linear"]] = Field(
-        "all-linear",
-        description="Module names to adapt (e.g. [query_key_value] for BLOOM, [q_proj, v_proj] for LLaMA/Qwen) "
-                    "or all-linear.",
-    )
-
-    def check_rank(self, model_config: dict, source: str = "the model") -> None:
-        """A UserError when `r` exceeds the hidden size in the model's config.json (`model_config`), read before
-        the model loads. Multimodal configs keep it under text_config."""
-        if not self.enabled:
-            return
-        text = model_config.get("text_config")
-        for conf in (model_config, text if isinstance(text, dict) else {}):
-            for key in ("hidden_size", "n_embd", "d_model"):
-                hidden = conf.get(key)
-                if isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0:
-                    if self.r > hidden:
-                        raise UserError(f"lora.r {self.r} is larger than the hidden size of {source} ({hidden}): "
-                                        f"a rank above it adds nothing; use at most {hidden} (8 to 64 is usual)")
-                    return
 
 
 class DataConfig(Section):
@@ -242,14 +218,23 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     output_dir: str = Field("runs/quickstart", description="Run directory: checkpoints, final weights, logs, reports.")
-    stage: Literal["sft", "dpo", "orpo", "kto"] = Field(
-        "sft", description="sft = supervised tuning on answers; dpo, orpo, kto = preference tuning (TRL) on "
-                           "chosen/rejected pairs (kto: also good/bad completions). A preference stage usually "
-                           "starts from an SFT run: model.name_or_path: runs/my-sft.",
+    stage: Literal["sft", "dpo", "orpo", "kto", "simpo"] = Field(
+        "sft", description="sft = supervised tuning on answers; dpo, orpo, kto, simpo = preference tuning (TRL) on "
+                           "chosen/rejected pairs (kto: also good/bad completions; simpo: TRL's CPO trainer with the "
+                           "SimPO loss, no reference model). A preference stage usually starts from an SFT run: "
+                           "model.name_or_path: runs/my-sft.",
     )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin (TRL's simpo_gamma).")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: the LoRA B matrices learn at this times learning_rate (PEFT's "
+                                "create_loraplus_optimizer; 16 is the paper's choice); None = off. LoRA only.")
+    neftune_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: uniform noise of this scale on the input embeddings while training, never in "
+                                "evaluation (transformers' neftune_noise_alpha; 5 is usual); None = off.")
     beta: float = Field(
         0.1, gt=0, description="Preference stages: dpo/kto beta (how far from the reference model the policy may "
-                               "move; smaller = further); orpo: the weight of the odds-ratio term (TRL's beta).",
+                               "move; smaller = further); orpo: the weight of the odds-ratio term (TRL's beta); "
+                               "simpo: the reward scale (the SimPO paper uses 2 to 2.5).",
     )
     batch_size: int = Field(
         8, gt=0, description="Global batch size = per_device_batch_size x gradient accumulation x processes."
@@ -371,6 +356,8 @@ OPTIONAL_SECTIONS = ("selfinstruct", "judge")  # sections that belong to other v
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings.")
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig,
+                                 description="Freeze tuning: full fine-tuning of some layers, the rest frozen.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
     selfinstruct: SelfInstructConfig = Field(
@@ -383,6 +370,14 @@ class Config(Section):
         if self.model.quantization != "none" and not self.lora.enabled:
             raise ValueError("model.quantization needs lora.enabled: true "
                              "(QLoRA trains an adapter on a quantized base)")
+        if self.freeze.enabled and self.lora.enabled:
+            raise ValueError("freeze.enabled trains some layers' own weights: set lora.enabled: false with it "
+                             "(freeze tuning is the third mode, beside LoRA and full fine-tuning)")
+        if self.train.loraplus_lr_ratio is not None and not self.lora.enabled:
+            raise ValueError("train.loraplus_lr_ratio is for LoRA adapters: set lora.enabled: true, or leave it out")
+        if self.lora.enabled and self.lora.init == "loftq" and self.model.quantization != "none":
+            raise ValueError("lora.init loftq quantizes the base itself while initialising the adapter: leave "
+                             "model.quantization at none with it")
         return self
 
     def to_dict(self, omit_default_sections: bool = False) -> dict:

@@ -1,4 +1,4 @@
-"""Preference data for the dpo, orpo and kto stages: rows, validation (file and line), encoding and masks.
+"""Preference data for the dpo, orpo, simpo and kto stages: rows, validation (file and line), encoding and masks.
 
 Row formats, detected per row (the prompt part is the SFT row without its answer):
 
@@ -11,7 +11,7 @@ Row formats, detected per row (the prompt part is the SFT row without its answer
 A row gives its prompt one way: a row with two of "prompt", "instruction" and "messages" is refused (which
 one was meant cannot be told).
 
-dpo and orpo need pairwise rows; kto takes unpaired rows and pairwise ones (a pair is a good and a bad
+dpo, orpo and simpo need pairwise rows; kto takes unpaired rows and pairwise ones (a pair is a good and a bad
 completion of its prompt, as TRL's KTO does with paired data).
 
 Encoding uses the run's template through `Template.encode`, exactly as SFT: the prompt is the conversation up
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from ..config import DataConfig
     from ..config.sources import SourceConfig
 
-PAIRWISE_STAGES = ("dpo", "orpo")
+PAIRWISE_STAGES = ("dpo", "orpo", "simpo")
 
 
 @dataclass

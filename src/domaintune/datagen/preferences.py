@@ -1,4 +1,4 @@
-"""`gen-data --preferences`: chosen/rejected pairs for a preference stage (train.stage dpo, orpo or kto).
+"""`gen-data --preferences`: chosen/rejected pairs for a preference stage (train.stage dpo, orpo, kto or simpo).
 
 Questions come from a file: by default the dataset gen-data made (`OUTPUT_DIR/train.jsonl`), or `--questions
 FILE` with rows `{"instruction", "input"?, "output"?}` (gen-data's and SFT's format) or `{"question"}` (a

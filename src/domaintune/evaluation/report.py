@@ -166,12 +166,13 @@ def _training_section(run: rundir.RunDir, info: dict, log: list[dict]) -> list[s
 
 
 def _preference_rows(train: dict, log: list[dict]) -> list[tuple[str, Any]]:
-    """A preference stage (train.stage dpo/orpo/kto): where it started, its reference model, and how the reward
+    """A preference stage (train.stage dpo/orpo/kto/simpo): where it started, its reference model, and how the reward
     margin and the preference accuracy moved from the first to the last logged step."""
     path = train.get("path")
     if not isinstance(path, dict) or path.get("stage") in (None, "sft"):
         return []
-    rows: list[tuple[str, Any]] = [("stage", f"{path['stage']} (beta {path.get('beta')})"),
+    gamma = f", gamma {path['simpo_gamma']}" if "simpo_gamma" in path else ""  # simpo's target margin
+    rows: list[tuple[str, Any]] = [("stage", f"{path['stage']} (beta {path.get('beta')}{gamma})"),
                                    ("started from", path.get("started_from")),
                                    ("reference model", path.get("reference"))]
     for label, key in (("reward margin", "rewards/margins"), ("preference accuracy", "rewards/accuracies")):

@@ -268,7 +268,9 @@ class Engine(EngineBase):
 
 
 def _context_len(model: Any, tokenizer: PreTrainedTokenizerBase) -> int:
-    n = getattr(model.config, "max_position_embeddings", None)
+    from ..training.rope import context_length
+
+    n = context_length(model.config)  # with a RoPE scaling (model.rope_scaling): native length x its factor
     tm = getattr(tokenizer, "model_max_length", None)
     for v in (n, tm):
         if isinstance(v, int) and 0 < v < 10**6:

@@ -9,17 +9,18 @@ conversion/*.py upstream: qwen.py, gemma.py, phi.py, glm.py, llama.py, bloom.py)
 `gguf` package's own HF-to-GGUF table (`gguf.get_tensor_name_map`).
 
 Anything llama.cpp would compute differently from transformers (a layer layout it cannot express, a rope
-variant, a router setting) is refused here, from the config alone, before any weights load: `check`.
+variant, a router setting) is refused here, from the config alone, before any weights load: `check`. RoPE (its
+settings, scaling keys and refusals) is gguf_rope.py's.
 """
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import UserError
 from ..families import FAMILIES, family_of
+from .gguf_rope import add_scaling, llama3_rope_factors, rope, rope_problem
 
 if TYPE_CHECKING:
     import torch
@@ -69,36 +70,15 @@ def check(conf: dict) -> str:
     if arch_cls and arch_cls not in RULES[arch].classes:
         raise UserError(f"--format gguf: {arch_cls} is not converted (for the {fam.name} family domaintune writes "
                         f"{', '.join(RULES[arch].classes)}: text models only); {WAY_OUT}")
-    _check_rope(arch, conf)
+    if (problem := rope_problem(arch, conf)) is not None:
+        raise _refuse(arch, *problem)
     {"gemma3": _check_gemma3, "qwen3moe": _check_qwen3moe, "qwen35": _check_qwen35}.get(arch, lambda c: None)(conf)
     return arch
 
 
-def _refuse(arch: str, what: str) -> UserError:
+def _refuse(arch: str, what: str, way_out: str | None = None) -> UserError:
     return UserError(f"--format gguf: {what}, so llama.cpp's {arch} would compute other answers than this model; "
-                     f"{WAY_OUT}")
-
-
-def rope(conf: dict) -> dict:
-    """The rope settings of a config, transformers 5 (`rope_parameters`, per layer type for Gemma 3: the full
-    attention layers' here) or 4 (`rope_theta`, `rope_scaling`)."""
-    params = dict(conf.get("rope_parameters") or conf.get("rope_scaling") or {})
-    params = dict(params.get("full_attention", params))
-    params.setdefault("rope_theta", conf.get("rope_theta", 10000.0))
-    params.setdefault("rope_type", params.get("type") or "default")
-    params.setdefault("partial_rotary_factor", conf.get("partial_rotary_factor", 1.0))
-    return params
-
-
-def _check_rope(arch: str, conf: dict) -> None:
-    kind = rope(conf)["rope_type"] if arch != "bloom" else "default"
-    # As the converter's TextModel.set_gguf_parameters: linear and yarn scaling have GGUF keys; llama3 (Llama 3.1+)
-    # is llama's rope_freqs tensor (LlamaModel.generate_extra_tensors). Phi-3's longrope factors are not tested.
-    ok: tuple[str, ...] = ("default", "linear", "yarn", "llama3") if arch == "llama" else ("default", "linear", "yarn")
-    if arch in ("phi3", "qwen35"):
-        ok = ("default",)
-    if kind not in ok:
-        raise _refuse(arch, f"rope scaling {kind!r} is not supported for {arch} (supported: {', '.join(ok)})")
+                     f"{way_out or WAY_OUT}")
 
 
 def _check_gemma3(conf: dict) -> None:
@@ -174,13 +154,7 @@ def add_hparams(gguf: Any, w: Any, arch: str, conf: dict, tok: Any) -> None:
     else:  # Glm4Model / Qwen3NextModel: int(head_dim * partial_rotary_factor); others rotate the whole head
         w.add_rope_dimension_count(int(head_dim * r["partial_rotary_factor"]))
     w.add_rope_freq_base(float(r["rope_theta"]))
-    if r["rope_type"] == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(r["factor"]))
-    elif r["rope_type"] == "yarn":
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(float(r["factor"]))
-        w.add_rope_scaling_orig_ctx_len(int(r["original_max_position_embeddings"]))
+    add_scaling(gguf, w, r)
     {"qwen3moe": _moe_hparams, "qwen35": _qwen35_hparams, "gemma3": _gemma3_hparams,
      "phi3": _phi3_hparams}.get(arch, lambda w, c: None)(w, conf)
 
@@ -369,25 +343,3 @@ def _bloom_qkv(t: torch.Tensor, n_head: int) -> torch.Tensor:
     rest = t.shape[1:]
     per_head = t.reshape(n_head, 3, t.shape[0] // n_head // 3, *rest)
     return torch.cat([per_head[:, i].reshape(-1, *rest) for i in range(3)], dim=0)
-
-
-def llama3_rope_factors(conf: dict) -> list[float]:
-    """Llama 3.1+'s frequency-dependent rope scaling as llama.cpp's `rope_freqs` tensor (its converter's
-    formula, from Meta's reference code)."""
-    r = rope(conf)
-    dim = conf.get("head_dim") or conf["hidden_size"] // conf["num_attention_heads"]
-    base, factor = float(r["rope_theta"]), float(r.get("factor", 8.0))
-    low, high = float(r.get("low_freq_factor", 1.0)), float(r.get("high_freq_factor", 4.0))
-    old_ctx = float(r.get("original_max_position_embeddings", 8192))
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    out = []
-    for i in range(0, dim, 2):
-        wavelen = 2 * math.pi * base ** (i / dim)
-        if wavelen < high_wavelen:
-            out.append(1.0)
-        elif wavelen > low_wavelen:
-            out.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return out

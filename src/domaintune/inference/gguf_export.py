@@ -168,10 +168,13 @@ def _finish_pair(folder: Path) -> Path | None:
 def _check_arch(src: RunSource) -> None:
     """Refuse an unsupported architecture before loading any weights (the run's or its base's config.json)."""
     from ..training.model import base_config_dict
+    from ..training.rope import with_scaling
 
     conf = base_config_dict(src.weights_source, src.base.revision if src.adapter and src.base else None)
     if conf:
-        gguf_arch.check(conf)
+        # An adapter's base loads with the run's RoPE scaling (model.rope_scaling); a full run's config.json has it.
+        scaling = src.base.rope_scaling if src.adapter and src.base else None
+        gguf_arch.check(with_scaling(conf, scaling))
 
 
 def _write(gguf: Any, path: Path, m: Any, arch: str, conf: dict, quant: str, name: str) -> list[str]:

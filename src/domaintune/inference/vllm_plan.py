@@ -13,6 +13,10 @@
   and a LoRA run on a family vLLM serves without LoRA support (the record's `vllm_lora`) is refused with the
   export as the way out. A model_type no family lists is left to vLLM (it serves many more architectures than
   domaintune lists).
+- RoPE scaling (model.rope_scaling, training/rope.py): vLLM would load a LoRA run's base unscaled, so such a run is
+  refused with the export (whose config.json carries the scaling, which vLLM reads) as the way out; a directory
+  whose config.json asks for dynamic NTK is refused (vLLM fixes one frequency table where transformers recomputes
+  it per sequence length).
 - `engine_args`, `sampling_kwargs`: vLLM's `AsyncEngineArgs` and `SamplingParams` keyword arguments.
 - `target_nll`, `loss_summary`: the teacher-forced loss from vLLM's prompt logprobs, reported as
   evaluation/loss.py reports it.
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from ..errors import UserError
 from ..families import UNKNOWN, family_of
 from ..rundir import ADAPTER_CONFIG, MODEL_CONFIG
+from ..training.rope import describe, scaling_of
 from .params import GenerationParams, RequestParams
 
 if TYPE_CHECKING:
@@ -59,8 +64,18 @@ def max_lora_rank(run_dir: str | Path) -> int:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: cannot read the adapter's rank r ({e}); is the run directory complete?") from None
     merge = f"merge it (`domaintune export {run_dir}`) and serve the exported folder, or use `--engine hf`"
+    # vLLM's own check (vllm/lora/peft_helper.py, PEFTHelper._validate_features) refuses both, but only when the
+    # first request arrives, after the engine has started: said here, before anything loads.
     if cfg.get("use_dora"):
-        raise UserError(f"{path}: a DoRA adapter, which vLLM cannot apply: {merge}")
+        raise UserError(f"{path}: a DoRA adapter (lora.use_dora), which vLLM cannot apply (it serves plain LoRA "
+                        f"only): {merge}")
+    if str(cfg.get("init_lora_weights")).lower().startswith(("pissa", "olora")):  # training/lora_methods.py
+        raise UserError(f"{path}: a checkpoint of a lora.init {cfg['init_lora_weights']} run, whose adapter applies "
+                        "to the base with its principal directions taken out, which vLLM does not do: serve the "
+                        f"finished run (its adapter is converted for the original base), or {merge}")
+    if cfg.get("modules_to_save"):
+        raise UserError(f"{path}: an adapter with fully trained modules (lora.modules_to_save "
+                        f"{cfg['modules_to_save']}), which vLLM cannot apply: {merge}")
     if r > LORA_RANKS[-1]:
         raise UserError(f"{path}: LoRA rank {r} is above vLLM's largest max_lora_rank ({LORA_RANKS[-1]}): {merge}")
     return next(b for b in LORA_RANKS if r <= b)
@@ -112,8 +127,14 @@ def plan_load(src: RunSource, base_only: bool = False, allow_pickle: bool = Fals
 
     if not (src.adapter or base_only) or src.base is None:
         check_family(str(src.path), src.path, lora=False)
+        check_rope(src.path)
         return VLLMPlan(str(src.path), str(src.path), None, None, None, src.trust_remote_code, None, allow_pickle)
     base, pickles = src.base, allow_pickle or src.base.allow_pickle
+    if base.rope_scaling:
+        raise UserError(f"'{src.path}' was trained with model.rope_scaling ({describe(base.rope_scaling)}), which vLLM "
+                        f"would not apply to the base model it loads: merge it (`domaintune export {src.path}`; the "
+                        "export's config.json carries the scaling, which vLLM reads) and serve the exported folder "
+                        "with --engine vllm, or use `--engine hf`")
     if base.quantization == "8bit":
         raise UserError(f"'{src.path}' is a QLoRA run on an 8-bit base, which vLLM cannot load (it quantizes to 4 "
                         f"bits only): merge it (`domaintune export {src.path}`) and serve the exported folder with "
@@ -125,6 +146,21 @@ def plan_load(src: RunSource, base_only: bool = False, allow_pickle: bool = Fals
     return VLLMPlan(name, str(src.path), lora, None if base_only else max_lora_rank(src.path),
                     "bitsandbytes" if base.quantization == "4bit" else None, src.trust_remote_code, base.revision,
                     pickles)
+
+
+def check_rope(path: Path) -> None:
+    """UserError for a model directory whose config.json asks for dynamic NTK RoPE scaling: vLLM computes one
+    frequency table for its longest context, transformers (`--engine hf`, predict) recomputes it per sequence
+    length, so their answers differ. Linear and yarn compute the same in both and pass."""
+    try:
+        conf = json.loads((path / MODEL_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    scaling = scaling_of(conf) if isinstance(conf, dict) else None
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "dynamic":
+        raise UserError(f"'{path}' uses dynamic NTK RoPE scaling ({describe(scaling)}), which vLLM computes as one "
+                        "frequency table for its longest context where transformers recomputes it for each sequence "
+                        "length, so vLLM would answer differently from `domaintune predict`: use `--engine hf`")
 
 
 def vllm_dtype(name: str) -> str:

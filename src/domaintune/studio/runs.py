@@ -318,11 +318,12 @@ def _max_steps(path: Path, train: dict) -> int | None:
 
 
 def _method(cfg: dict, lora: dict, model: dict) -> str | None:
-    """lora / qlora / full, as training/outputs.py names it in run_info.json."""
+    """lora / qlora / freeze / full, as training/outputs.py's run_method names it in run_info.json."""
     if not cfg:
         return None
     if lora.get("enabled", True) is False:
-        return "full"
+        freeze = _object(cfg.get("freeze")) or {}
+        return "freeze" if freeze.get("enabled") is True else "full"
     return "qlora" if model.get("quantization", "none") != "none" else "lora"
 
 

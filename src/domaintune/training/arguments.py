@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from .. import console
 from ..errors import UserError
+from .optimizers import check_loraplus
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -108,6 +109,7 @@ PROTECTED: dict[str, str] = {
     "fsdp": "train.distributed: fsdp", "fsdp_config": "train.distributed_config",
     "deepspeed": "train.distributed: deepspeed and train.distributed_config",
     "overwrite_output_dir": "--overwrite", "dataloader_pin_memory": "nothing: on for CUDA",
+    "neftune_noise_alpha": "train.neftune_alpha",
     # the preference stages' own (TRL) fields that come from the config
     "beta": "train.beta", "max_length": "data.cutoff_len", "max_completion_length": "data.cutoff_len",
 }
@@ -289,6 +291,7 @@ def engine_arguments(t: TrainConfig) -> dict:
     Also runs `check_train_settings` first: the run calls this before the model loads (TrainingRun.setup_output),
     so a misspelt schedule or optimizer, or a value torch would refuse, stops the run there."""
     check_train_settings(t)
+    check_loraplus(t)
     if t.distributed == "ddp":
         if t.distributed_config:
             raise UserError("train.distributed_config is for train.distributed fsdp or deepspeed; ddp takes none")
@@ -341,6 +344,9 @@ def _common_arguments(out: Path, kwargs: dict, t: TrainConfig, world_size: int, 
         report_to=[] if t.report_to == ["none"] else t.report_to,
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         use_liger_kernel=liger,
+        # NEFTune: the Trainer hooks uniform noise onto the input embeddings' output in training mode only (never
+        # in evaluation); its scale is alpha / sqrt(row length x hidden size), the row being a packed row when packed
+        neftune_noise_alpha=t.neftune_alpha,
         eval_strategy="steps" if has_eval else "no",
         # domaintune's choices: the first step logged, checkpoints by steps, token counts, explicit labels
         logging_first_step=True,

@@ -15,6 +15,9 @@
   step, so no checkpoint written later holds NaN weights; the caller turns it into a message naming the
   step and the last good checkpoint. (transformers' `logging_nan_inf_filter` would otherwise hide NaN
   losses from the log.)
+- **LoRA+.** With `trainer_class(loraplus_lr_ratio=...)` (train.loraplus_lr_ratio), `create_optimizer` builds
+  PEFT's LoRA+ optimizer (optimizers.py) instead of the Trainer's two groups; on resume the Trainer loads the
+  checkpoint's optimizer state into it as into its own.
 
 The hooks (`_save_rng_state`, `_load_rng_state`, `_save`, `_get_grad_norm`, `_get_train_sampler`, `_run_epoch`)
 are the Trainer's own, but private: checked against transformers 5.x. If a later version renames them, the
@@ -90,9 +93,10 @@ def load_rng_state(path: Path) -> None:
         torch.cuda.random.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
-def trainer_class(base: type[Trainer] | None = None) -> type[Trainer]:
+def trainer_class(base: type[Trainer] | None = None, loraplus_lr_ratio: float | None = None) -> type[Trainer]:
     """The Trainer subclass (built on first use, so transformers is imported only when training starts), on
-    transformers' Trainer or on `base`, a Trainer subclass such as TRL's DPOTrainer."""
+    transformers' Trainer or on `base`, a Trainer subclass such as TRL's DPOTrainer; `loraplus_lr_ratio`: LoRA+
+    (train.loraplus_lr_ratio), None for the Trainer's own optimizer."""
     import torch
     from transformers import Trainer
 
@@ -105,6 +109,14 @@ def trainer_class(base: type[Trainer] | None = None) -> type[Trainer]:
 
     class DomaintuneTrainer(parent):
         _length_order: Any = None  # the LengthGroupedOrder in use, if any
+
+        def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+            if loraplus_lr_ratio is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            from .optimizers import loraplus_optimizer
+
+            self.optimizer = loraplus_optimizer(self.model if model is None else model, self.args, loraplus_lr_ratio)
+            return self.optimizer
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             if self.args.train_sampling_strategy != "group_by_length":

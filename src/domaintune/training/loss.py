@@ -202,7 +202,9 @@ class LeanLoss:
         self.hidden: torch.Tensor | None = None
         self._handle = self.head.register_forward_pre_hook(self._grab)
 
-    def _grab(self, module: Any, args: tuple) -> tuple:
+    def _grab(self, module: Any, args: tuple) -> tuple | None:
+        if args[0].dim() == 2:  # the loss's own call with gathered positions [N, H] (a head that is not a plain
+            return None  # nn.Linear: LoRA on lm_head, lora.modules_to_save), also when checkpointing recomputes it
         self.hidden = args[0]
         return (args[0][..., :0, :], *args[1:])
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-    from ..config import LoraConfig, ModelConfig
+    from ..config import FreezeConfig, LoraConfig, ModelConfig
 
 
 def _looks_local(name: str) -> bool:
@@ -159,6 +159,10 @@ def load_base_model(model_cfg: ModelConfig, device: str | None = None,
                   use_safetensors=None if model_cfg.allow_pickle else True)
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if model_cfg.rope_scaling:  # long context: the run's RoPE scaling over the base's (rope.py)
+        from .rope import scaled_config
+
+        kwargs["config"] = scaled_config(src, model_cfg.rope_scaling, model_cfg.trust_remote_code, model_cfg.revision)
     if model_cfg.quantization != "none":
         kwargs["quantization_config"] = _quant_config(model_cfg.quantization, dtype, sharded)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
@@ -170,8 +174,9 @@ def load_base_model(model_cfg: ModelConfig, device: str | None = None,
 
 
 def prepare_for_training(model: PreTrainedModel, lora_cfg: LoraConfig, quantization: str = "none",
-                         gradient_checkpointing: bool = False) -> PreTrainedModel | PeftModel:
-    """Wrap with LoRA (or leave all weights trainable for full fine-tuning)."""
+                         gradient_checkpointing: bool = False,
+                         freeze: FreezeConfig | None = None) -> PreTrainedModel | PeftModel:
+    """Wrap with LoRA, or leave all weights trainable for full fine-tuning, or only some (`freeze`: freeze.py)."""
     if quantization != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -183,19 +188,14 @@ def prepare_for_training(model: PreTrainedModel, lora_cfg: LoraConfig, quantizat
     if gradient_checkpointing:
         model.config.use_cache = False
     if not lora_cfg.enabled:
-        return model
-    from peft import LoraConfig, get_peft_model
+        if freeze is not None and freeze.enabled:
+            from .freeze import freeze_except
 
-    targets = lora_cfg.target_modules
-    # peft annotates lora_alpha as int, but only divides by it (alpha / r): a fractional alpha scales as meant.
-    pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,  # type: ignore[arg-type]
-                      target_modules=targets if targets == "all-linear" else list(targets),
-                      bias="none", task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, pcfg)
-    except ValueError as e:
-        names = sorted({n.split(".")[-1] for n, m in model.named_modules() if m.__class__.__name__.endswith("Linear")})
-        raise UserError(f"lora.target_modules {targets}: {e}. Linear modules of this model: {names}") from None
+            freeze_except(model, freeze)
+        return model
+    from .lora_methods import build_peft_model  # DoRA, rsLoRA, the initialisations, modules_to_save, layers
+
+    return build_peft_model(model, lora_cfg)
 
 
 def load_adapter(base: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:

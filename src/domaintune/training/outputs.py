@@ -199,6 +199,13 @@ def tokens_per_second(tokens: int, tokens_at_start: int, runtime: float) -> floa
     return round((tokens - tokens_at_start) / runtime, 1) if runtime > 0 and tokens > tokens_at_start else None
 
 
+def run_method(cfg: Config) -> str:
+    """lora, qlora, freeze or full: how the run trained (run_info.json's `method`)."""
+    if cfg.lora.enabled:
+        return "qlora" if cfg.model.quantization != "none" else "lora"
+    return "freeze" if cfg.freeze.enabled else "full"
+
+
 def run_model_card(run: RunDir, base_model: str, license_: str | None, method: str, template: str, steps: int,
                    eval_loss: float | None) -> str:
     """README.md of a run directory: front matter a model hub reads (base_model only when it is a hub id: never
@@ -211,9 +218,11 @@ def run_model_card(run: RunDir, base_model: str, license_: str | None, method: s
     meta: dict[str, Any] = {"base_model": hub_id} if hub_id else {}
     if license_:
         meta["license"] = license_
-    meta.update({"library_name": "transformers" if method == "full" else "peft", "pipeline_tag": "text-generation",
+    meta.update({"library_name": "transformers" if method in ("full", "freeze") else "peft",
+                 "pipeline_tag": "text-generation",
                  "tags": ["domaintune", method, template]})
-    what = "A full fine-tune" if method == "full" else f"A {'QLoRA' if method == 'qlora' else 'LoRA'} adapter"
+    what = {"full": "A full fine-tune", "freeze": "A freeze-tuned model (its last layers trained, the rest frozen)",
+            "qlora": "A QLoRA adapter"}.get(method, "A LoRA adapter")
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---",
              f"# {run.path.resolve().name}", "",
              f"{what} of {from_what}, trained with domaintune for {steps} steps with the `{template}` prompt "
@@ -261,6 +270,7 @@ def write_run_files(cfg: Config, run: RunDir, tok: PreTrainedTokenizerBase, temp
     path's choices (loss, batching, per-device batch, gradient checkpointing), recorded in run_info.json."""
     from transformers import GenerationConfig
 
+    from .freeze import freeze_info
     from .model import model_license
 
     saved = saved_config(cfg)
@@ -283,7 +293,7 @@ def write_run_files(cfg: Config, run: RunDir, tok: PreTrainedTokenizerBase, temp
                                                       and r.get("step") == trainer.state.global_step), None))
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
     license_ = model_license(saved.model.required_name(), cfg.model.revision)
-    method = "full" if not cfg.lora.enabled else ("qlora" if cfg.model.quantization != "none" else "lora")
+    method = run_method(cfg)
     # PEFT's save_pretrained left its empty card ("[More Information Needed]", base_model: an absolute path of
     # this machine) here; the run's own card replaces it.
     write_atomic(run.file(MODEL_CARD), run_model_card(run, saved.model.required_name(), license_, method, template.name,
@@ -292,6 +302,7 @@ def write_run_files(cfg: Config, run: RunDir, tok: PreTrainedTokenizerBase, temp
         "base_model": saved.model.name_or_path,
         "license": license_,
         "method": method,
+        **({"freeze": freeze_info(base, cfg.freeze)} if method == "freeze" else {}),
         "template": template.name,
         "domaintune_version": __version__,
         "world_size": world_size,

@@ -1,5 +1,5 @@
-"""Preference stages (`train.stage: dpo | orpo | kto`) on TRL's trainers: the same run as SFT (run.py), with
-preference rows, a starting point and a reference model.
+"""Preference stages (`train.stage: dpo | orpo | kto | simpo`) on TRL's trainers: the same run as SFT (run.py),
+with preference rows, a starting point and a reference model (none for orpo and simpo).
 
 **Starting point.** `model.name_or_path` is a base model, or an SFT run directory:
 
@@ -18,8 +18,14 @@ preference rows, a starting point and a reference model.
 
 **Data.** data/preferences.py: validated before any model loads, encoded with the run's template; the tokens
 in the loss are the completion tokens and EOS (ORPO's NLL term included: TRL computes it over the prompt too,
-`completion_nll` replaces it). dpo and orpo take pairs; kto takes pairs or good/bad rows, at least two rows per
-micro-batch (its KL estimate pairs rows within one).
+`completion_nll` replaces it). dpo, orpo and simpo take pairs; kto takes pairs or good/bad rows, at least two rows
+per micro-batch (its KL estimate pairs rows within one).
+
+**SimPO** is TRL's CPO trainer with `loss_type="simpo"` and `cpo_alpha=0` (pure SimPO, no NLL term): the reward of
+a completion is beta times its *mean* token log-prob, and the loss pushes the chosen reward above the rejected one
+by `train.simpo_gamma`. No reference model, as ORPO: the SFT adapter continues and nothing is kept frozen.
+`train.trainer_args.cpo_alpha` adds CPO's NLL term on the chosen completion (CPO-SimPO); loss_type and simpo_gamma
+come from train.stage and train.simpo_gamma only.
 
 **Logs.** TRL's reward metrics (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies,
 logps/chosen, logps/rejected ...) go into log.jsonl with the loss, and `plot` draws margins and accuracy.
@@ -43,10 +49,11 @@ if TYPE_CHECKING:
     from ..data.preferences import PreferenceData
 
 REF_ADAPTER = "ref"  # the name TRL gives the frozen copy of a pretrained adapter
+NO_REFERENCE = ("orpo", "simpo")  # stages whose loss needs no reference model
 
 
 class PreferenceRun(TrainingRun):
-    """A dpo/orpo/kto run (see the module docstring)."""
+    """A dpo/orpo/kto/simpo run (see the module docstring)."""
 
     def __init__(self, cfg: Any, resume: bool = False, overwrite: bool = False) -> None:
         super().__init__(cfg, resume=resume, overwrite=overwrite)
@@ -109,6 +116,11 @@ class PreferenceRun(TrainingRun):
         from .arguments import check_trainer_args
 
         check_trainer_args(self.cfg.train.trainer_args, _trl_classes(self.stage)[1])
+        if self.stage == "simpo":  # CPOConfig fields that would silently turn the stage into another loss
+            owned = {"loss_type": "train.stage (simpo sets TRL's loss_type)", "simpo_gamma": "train.simpo_gamma"}
+            if bad := [k for k in owned if k in self.cfg.train.trainer_args]:
+                raise UserError("train.trainer_args: " + "; ".join(f"{k!r} is set by domaintune; use {owned[k]}"
+                                                                    for k in bad))
 
     def setup_output(self) -> None:
         super().setup_output()
@@ -116,9 +128,9 @@ class PreferenceRun(TrainingRun):
         # changed them stops here with one line, not minutes later with an IndexError.
         check_trl_internals(self.stage, _trl_classes(self.stage)[0])
         if self.sft:
-            self._say(f"starting point: SFT run {self.sft} ("
-                      + ("its adapter continues; the reference model is the SFT model" if self.sft_adapter else
-                         "a full model") + f"); template: its {TEMPLATE}")
+            ref = "no reference model" if self.stage in NO_REFERENCE else "the reference model is the SFT model"
+            start = f"its adapter continues; {ref}" if self.sft_adapter else "a full model"
+            self._say(f"starting point: SFT run {self.sft} ({start}); template: its {TEMPLATE}")
 
     def setup_data(self) -> None:
         from ..data.preferences import build_preference_data
@@ -161,6 +173,8 @@ class PreferenceRun(TrainingRun):
         t = self.cfg.train
         self.loss_kind, self.batching = f"{self.stage} (TRL)", "pad"
         base, config_class, extra = _trl_classes(self.stage)
+        if self.stage == "simpo":
+            extra = {**extra, "simpo_gamma": t.simpo_gamma}
         args, callbacks = self.arguments_and_callbacks(
             group_by_length=False, args_class=config_class,
             extra={"beta": t.beta, "label_names": [], **extra,
@@ -183,10 +197,14 @@ class PreferenceRun(TrainingRun):
             shutil.copyfile(self.sft / TEMPLATE, self.run.template_path)  # byte for byte the SFT run's
 
     def run_path_info(self) -> dict:
-        return {"stage": self.stage, "beta": self.cfg.train.beta, "started_from": self.requested_model,
+        info = {"stage": self.stage, "beta": self.cfg.train.beta, "started_from": self.requested_model,
                 "reference": ("none (ORPO has no reference model)" if self.stage == "orpo" else
+                              "none (SimPO has no reference model)" if self.stage == "simpo" else
                               "the SFT adapter (frozen copy)" if self.sft_adapter else
                               "the base with adapters off" if self.cfg.lora.enabled else "a frozen copy of the model")}
+        if self.stage == "simpo":
+            info["simpo_gamma"] = self.cfg.train.simpo_gamma
+        return info
 
 
 def _trl_classes(stage: str) -> tuple[type, type, dict]:
@@ -203,12 +221,17 @@ def _trl_classes(stage: str) -> tuple[type, type, dict]:
             # TRL's KL estimate pairs each row with its batch neighbour's completion, so the batches must come
             # in a fixed order; the rows were shuffled (seeded) when the dataset was built instead.
             return KTOTrainer, KTOConfig, {"max_length": None, "train_sampling_strategy": "sequential"}
+        # ORPO's and CPO's batches hold chosen_/rejected_input_ids, no input_ids: the Trainer cannot count tokens
+        # (it would warn at every step), so run_info.json records none for them.
+        no_count = {"max_length": None, "max_completion_length": None, "include_num_input_tokens_seen": "no"}
+        if stage == "simpo":
+            from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+            # pure SimPO: CPO's NLL term off (setup_trainer adds train.simpo_gamma)
+            return CPOTrainer, CPOConfig, {**no_count, "loss_type": "simpo", "cpo_alpha": 0.0}
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        # ORPO's batches hold chosen_/rejected_input_ids, no input_ids: the Trainer cannot count tokens (it would
-        # warn at every step), so run_info.json records none for ORPO.
-        return ORPOTrainer, ORPOConfig, {"max_length": None, "max_completion_length": None,
-                                         "include_num_input_tokens_seen": "no"}
+        return ORPOTrainer, ORPOConfig, no_count
     except ImportError as e:
         raise UserError(f"train.stage {stage} needs TRL: {INSTALL_HINT} ({e})") from None
 
@@ -216,9 +239,10 @@ def _trl_classes(stage: str) -> tuple[type, type, dict]:
 def preference_trainer_class(base: type, stage: str) -> type:
     """domaintune's Trainer behaviour (hf_trainer.py) on TRL's `base`, fed with the rows data/preferences.py
     encoded instead of TRL's own tokenization. The overridden methods are TRL's private ones: `_prepare_dataset`
-    (dpo, kto), `tokenize_row` and `concatenated_forward` (orpo). trl_contract.py lists them with their
-    signatures and output positions; pyproject.toml bounds TRL to the tested minor, and setup_trainer checks
-    them before the trainer is built, so a TRL that changed them stops with one clear line."""
+    (dpo, kto), `tokenize_row` (orpo, simpo) and `concatenated_forward` (orpo; simpo's passes through).
+    trl_contract.py lists them with their signatures and output positions; pyproject.toml bounds TRL to the tested
+    minor, and setup_trainer checks them before the trainer is built, so a TRL that changed them stops with one
+    clear line."""
     from .hf_trainer import trainer_class
     from .trl_contract import KTO_CALCULATE_KL, ORPO_CHOSEN_LOGITS, ORPO_NLL, check_orpo_output
 
@@ -242,7 +266,7 @@ def preference_trainer_class(base: type, stage: str) -> type:
                 dataset = dataset.map(add_kl, batched=True, batch_size=args.per_device_train_batch_size)
             return dataset
 
-        def tokenize_row(self, feature: dict, model: Any = None) -> dict:  # orpo
+        def tokenize_row(self, feature: dict, model: Any = None) -> dict:  # orpo, simpo (CPO)
             prompt = feature["prompt_ids"]
             out = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
             for side in ("chosen", "rejected"):
@@ -253,7 +277,8 @@ def preference_trainer_class(base: type, stage: str) -> type:
             return out
 
         def concatenated_forward(self, model: Any, batch: dict) -> tuple:
-            # ORPOTrainer defines it (trl_contract.py checks it; no other stage calls it); mypy sees only Trainer.
+            # ORPOTrainer and CPOTrainer define it (trl_contract.py checks ORPO's; CPO's output is used as TRL
+            # returns it: its labels are tokenize_row's, completion only); mypy sees only Trainer.
             out = super().concatenated_forward(model, batch)  # type: ignore[misc]
             if stage != "orpo":
                 return out

@@ -56,6 +56,7 @@ from .arguments import (
     world,
 )
 from .callbacks import NothingLeftToTrain, make_callbacks, refresh_plot
+from .lora_methods import check_lora_choices, save_final_adapter, save_initial_adapter
 from .outputs import (
     AlreadyComplete,
     check_resume_world,
@@ -83,7 +84,7 @@ T = TypeVar("T")
 
 class RunData(Protocol):
     """A stage's encoded data as the run uses it: data/encode.py's Datasets (sft), data/preferences.py's
-    PreferenceData (dpo, orpo, kto)."""
+    PreferenceData (dpo, orpo, kto, simpo)."""
 
     train: Any  # a sequence of samples (arrow.Samples, or a list), or with data.streaming a stream
     eval: Any
@@ -187,6 +188,7 @@ class TrainingRun:
         check_model_source(name, (MODEL_CONFIG, *TOKENIZER_FILES))
         if cfg.lora.enabled:  # a rank above the model's hidden size fails here, not in the allocation
             check_lora_rank(cfg.lora, name, cfg.model.revision)
+            check_lora_choices(cfg)
         if cfg.train.trainer_args:  # a wrong key fails here, not after the model has loaded
             self.check_trainer_args()
         engine_arguments(cfg.train)  # so does a missing deepspeed or a bad train.distributed_config
@@ -237,9 +239,11 @@ class TrainingRun:
         set_seed(cfg.train.seed)
         self.checkpointing = checkpointing
         self.model = self.wrap_model(checkpointing)
+        save_initial_adapter(self.model, self.out, cfg.lora, self.is_main)  # PiSSA/OLoRA: converted against it
         trainable, total = loader.count_parameters(self.model)
         autocast = " + bf16 autocast" if bf16 else " + fp16 autocast" if fp16 else ""
-        self._say(f"model: {cfg.model.name_or_path} ({'LoRA' if cfg.lora.enabled else 'full'}; "
+        method = "LoRA" if cfg.lora.enabled else "freeze" if cfg.freeze.enabled else "full"
+        self._say(f"model: {cfg.model.name_or_path} ({method}; "
                   f"{trainable:,} trainable of {total:,} parameters; {str(load_dtype).replace('torch.', '')}"
                   f"{autocast} on {self.device})")
 
@@ -256,7 +260,8 @@ class TrainingRun:
         """The model to train: the base with new LoRA weights, or the base itself for full fine-tuning."""
         from .model import prepare_for_training
 
-        return prepare_for_training(self.base, self.cfg.lora, self.cfg.model.quantization, checkpointing)
+        return prepare_for_training(self.base, self.cfg.lora, self.cfg.model.quantization, checkpointing,
+                                    freeze=self.cfg.freeze)
 
     def setup_trainer(self) -> None:
         from .hf_trainer import trainer_class
@@ -284,10 +289,11 @@ class TrainingRun:
         group = not streaming and (t.group_by_length if t.group_by_length is not None else self.batching == "pad")
         args, callbacks = self.arguments_and_callbacks(group_by_length=group, liger=self.loss_kind == "liger",
                                                        extra=count)
-        self._trainer = trainer_class()(model=self.model, args=args, data_collator=collator,
-                                       train_dataset=self.data.train.ds if streaming else self.data.train,
-                                       eval_dataset=self.data.eval if has_eval else None,
-                                       processing_class=self.tok, callbacks=callbacks, compute_loss_func=self.lean)
+        cls = trainer_class(loraplus_lr_ratio=t.loraplus_lr_ratio)  # LoRA+: hf_trainer.create_optimizer
+        self._trainer = cls(model=self.model, args=args, data_collator=collator,
+                            train_dataset=self.data.train.ds if streaming else self.data.train,
+                            eval_dataset=self.data.eval if has_eval else None,
+                            processing_class=self.tok, callbacks=callbacks, compute_loss_func=self.lean)
 
     def arguments_and_callbacks(self, **stage: Any) -> tuple[Any, list]:
         """The run's TrainingArguments (its resolved batch printed) and callbacks; `stage`: the stage's own
@@ -343,6 +349,7 @@ class TrainingRun:
         self.trainer.save_model(str(self.out))  # every rank calls it (needed for sharded setups); rank 0 writes
         if not self.trainer.is_world_process_zero():
             return
+        save_final_adapter(self.model, self.out, self.cfg.lora)  # PiSSA/OLoRA: for the original base
         share_safetensors(self.out)
         path = {"loss": self.loss_kind, "batching": self.batching, "per_device_batch_size": self.per_device,
                 "gradient_accumulation_steps": self.trainer.args.gradient_accumulation_steps,

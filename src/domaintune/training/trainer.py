@@ -1,5 +1,5 @@
 """`domaintune train`: `run_train` runs the configured stage, `train.stage` sft (run.py's `TrainingRun`) or
-dpo / orpo / kto (preference.py's `PreferenceRun`, a `TrainingRun` with preference rows and TRL's trainers).
+dpo / orpo / kto / simpo (preference.py's `PreferenceRun`, a `TrainingRun` with preference rows and TRL's trainers).
 """
 from __future__ import annotations
 

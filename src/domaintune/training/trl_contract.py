@@ -1,7 +1,7 @@
 """The TRL internals the preference stage (preference.py) relies on, written down and checked.
 
 TRL has no public hook for what the preference stage needs: feeding rows that data/preferences.py already
-tokenized with the run's template (DPO/KTO `_prepare_dataset`, ORPO `tokenize_row`), and taking ORPO's NLL term
+tokenized with the run's template (DPO/KTO `_prepare_dataset`, ORPO/CPO `tokenize_row`), and taking ORPO's NLL term
 over the completion only (it reads the chosen logits from position 2 of `concatenated_forward`'s output and
 replaces position 4). These are private, so pyproject.toml bounds TRL to the tested minor (`TESTED_TRL`), and
 `check_trl_internals` runs when a preference trainer is built: a TRL that renamed a method, changed its
@@ -47,6 +47,12 @@ INTERNALS: dict[str, tuple[Internal, ...]] = {
              Internal("trl.experimental.orpo.ORPOTrainer", "concatenated_forward", ("model", "batch"),
                       f"PreferenceTrainer.concatenated_forward (reads output[{ORPO_CHOSEN_LOGITS}] as the chosen "
                       f"logits, replaces output[{ORPO_NLL}] with the completion-only NLL)")),
+    # simpo: TRL's CPO trainer (loss_type simpo). Its concatenated_forward is overridden (for ORPO) and passed
+    # through unchanged: its labels, hence the tokens of the mean log-prob, are tokenize_row's (completion only).
+    "simpo": (Internal("trl.experimental.cpo.CPOTrainer", "tokenize_row", ("feature", "model"),
+                       "PreferenceTrainer.tokenize_row (rows come tokenized by data/preferences.py)"),
+              Internal("trl.experimental.cpo.CPOTrainer", "concatenated_forward", ("model", "batch"),
+                       "PreferenceTrainer.concatenated_forward (calls it unchanged for simpo)")),
 }
 # Every stage: transformers' Trainer._save, which PreferenceTrainer._save extends to drop the reference adapter.
 SAVE = Internal("transformers.Trainer", "_save", ("output_dir", "state_dict"),
