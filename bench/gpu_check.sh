@@ -8,7 +8,7 @@
 #   2. training throughput, the seed-style recipe and domaintune side by side, for the three GPU shapes
 #      (bench/train_throughput.py --device cuda --shape bloom-560m | qwen2.5-0.5b | bloom-3b)
 #   3. a short QLoRA (4-bit) run of `domaintune train` on a tiny model, then `domaintune predict` with it
-#      (bench/qlora_check.py)
+#      (bench/qlora_check.py), and the same with lora.init loftq (--init loftq)
 #   4. the prediction benchmark: greedy and beam-4 batched vs beam-4 one prompt at a time
 #      (bench/generation_batching.py --device cuda)
 #   5. the distributed engines at world size 1: FSDP (LoRA, QLoRA) and DeepSpeed ZeRO-2/3 (ZeRO-2/3 with CPU
@@ -129,6 +129,9 @@ if [ -z "$DRY" ] && ! "$PY" -c "import bitsandbytes" >/dev/null 2>&1; then
   FAILED+=("qlora (no bitsandbytes)")
 else
   step qlora 120 "$PY" bench/qlora_check.py --device "$DEV" "${SAVE[@]}"
+  # LoftQ (lora.init loftq) initialises the adapter against the 4-bit base: CUDA and bitsandbytes only, never run on
+  # a CPU (there it is refused, and that refusal is what the CPU tests check).
+  [ -z "$DRY" ] && step qlora-loftq 90 "$PY" bench/qlora_check.py --device cuda --init loftq
 fi
 
 # 4. Prediction: greedy and beam-4 batched against beam-4 one prompt at a time, identical outputs.

@@ -39,6 +39,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where to train (default: cuda)")
     ap.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results/")
+    ap.add_argument("--init", default="default", choices=["default", "loftq"],
+                    help="lora.init: default, or loftq (the adapter fitted to the 4-bit base; CUDA only) "
+                         "(default: default)")
     a = ap.parse_args()
     load_start = load_average()
     quant = "4bit" if a.device == "cuda" else "none"
@@ -48,7 +51,7 @@ def main() -> int:
         model = make_tiny_model(Path(tmp) / "model", "qwen2")
         run = Path(tmp) / "run"
         overrides = [f"model.name_or_path={model}", f"model.quantization={quant}", f"train.output_dir={run}",
-                     "train.num_epochs=2", "train.save_steps=1000", "train.eval_steps=1000"]
+                     "train.num_epochs=2", "train.save_steps=1000", "train.eval_steps=1000", f"lora.init={a.init}"]
         if a.device == "cpu":
             overrides.append("model.dtype=fp32")
         domaintune("train", "configs/quickstart.yaml", *overrides)
@@ -59,7 +62,7 @@ def main() -> int:
         preds = [line for line in (run / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if line]
         n_test = sum(1 for line in TEST.read_text(encoding="utf-8").splitlines() if line.strip())
         files = sorted(p.name for p in run.iterdir() if p.is_file())
-    facts = {"device": a.device, "quantization": quant, "method": info.get("method"),
+    facts = {"device": a.device, "quantization": quant, "init": a.init, "method": info.get("method"),
              "train_path": info.get("train", {}).get("path"), "first_loss": losses[0], "last_loss": losses[-1],
              "logged_losses": len(losses), "predictions": len(preds), "test_rows": n_test,
              "pickle_files": [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))],

@@ -411,3 +411,10 @@ def test_sections_of_other_verbs_are_left_out_while_at_defaults(tmp_path, capsys
     run_json = _write(tmp_path / "run.json", json.dumps(RUN))
     assert cli.main(["config", "--from-json", str(run_json)]) == 0
     assert "selfinstruct" not in yaml.safe_load(capsys.readouterr().out.split("\n", 1)[1])
+
+
+def test_loftq_is_a_qlora_initialisation_the_config_accepts():
+    """lora.init loftq goes with model.quantization 4bit (the adapter is fitted to the 4-bit base); the machine's
+    CUDA and bitsandbytes are checked later, before the model loads (training/lora_methods.py)."""
+    cfg = build_config({"model": {"name_or_path": "m", "quantization": "4bit"}, "lora": {"init": "loftq"}})
+    assert (cfg.lora.init, cfg.model.quantization) == ("loftq", "4bit")

@@ -40,7 +40,8 @@ class LoraConfig(Section):
         "default", description="Adapter initialisation (PEFT init_lora_weights): default (B = 0: starts as the base), "
                                "gaussian, pissa or olora (start from the weights' principal / QR directions and "
                                "subtract them from the base; the saved adapter is converted to apply to the original "
-                               "base), loftq (initialise against a 4-bit quantization of the base).")
+                               "base), loftq (QLoRA on a CUDA GPU, with model.quantization 4bit: the adapter is "
+                               "fitted so that the 4-bit base plus the adapter is closest to the original weights).")
     modules_to_save: list[str] | None = Field(
         None, description="Modules trained fully and saved beside the adapter (PEFT modules_to_save), e.g. "
                           "[embed_tokens, lm_head] after adding special tokens; None = none.")

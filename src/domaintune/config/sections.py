@@ -375,9 +375,6 @@ class Config(Section):
                              "(freeze tuning is the third mode, beside LoRA and full fine-tuning)")
         if self.train.loraplus_lr_ratio is not None and not self.lora.enabled:
             raise ValueError("train.loraplus_lr_ratio is for LoRA adapters: set lora.enabled: true, or leave it out")
-        if self.lora.enabled and self.lora.init == "loftq" and self.model.quantization != "none":
-            raise ValueError("lora.init loftq quantizes the base itself while initialising the adapter: leave "
-                             "model.quantization at none with it")
         return self
 
     def to_dict(self, omit_default_sections: bool = False) -> dict:
