@@ -173,6 +173,7 @@ def create_app(engine: EngineBase | None = None, api_key: str | None = None, max
 
     @app.get("/health")
     async def health():
+        """Liveness: 200 with the model id once it is loaded; 503 while loading or after a load error."""
         if app.state.load_error:
             return JSONResponse({"status": "error", "message": app.state.load_error}, status_code=503)
         if app.state.engine is None:
@@ -181,16 +182,19 @@ def create_app(engine: EngineBase | None = None, api_key: str | None = None, max
 
     @app.get("/status")
     async def status():
+        """Load: the model id, the batcher's counts of requests decoding and waiting, those admitted, max_queue."""
         eng = _engine(app)
         return {"model": eng.model_id, **eng.batch_status(), "admitted": app.state.admitted,
                 "max_queue": app.state.max_queue}
 
     @app.get("/v1/models")
     async def models():
+        """The served model, in OpenAI's model-list shape."""
         return P.model_list(_engine(app).model_id, app.state.created)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
+        """Chat completion (OpenAI shape) with the run's chat template; `stream: true` for server-sent events."""
         eng = _engine(app)
         refuse_unsupported(req, eng)
         prompt = encode_chat(eng, chat_messages(req), req.chat_template_kwargs)
@@ -199,6 +203,7 @@ def create_app(engine: EngineBase | None = None, api_key: str | None = None, max
 
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request):
+        """Raw-text completion (OpenAI shape) of exactly one prompt; `stream: true` for server-sent events."""
         eng = _engine(app)
         refuse_unsupported(req, eng)
         if req.echo or req.suffix or (req.best_of or 1) > 1:
