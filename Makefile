@@ -2,7 +2,7 @@
 #   make quickstart   builds .venv with the runtime only, a tiny offline model, LoRA-trains it on the sample data
 #                     (CPU, a few minutes)
 #   make test         adds the test extra to .venv (and compiles llama-cpp-python once), runs ruff and mypy (make lint),
-#                     then the test suite
+#                     builds the docs site (make docs), then the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Two stamps: the runtime (what `domaintune` needs) and the test extra on top. The quickstart waits only for the
@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-stamp
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv venv-test quickstart lint test clean
+.PHONY: venv venv-test quickstart lint docs test clean
 
 venv: $(RUNTIME_STAMP)
 venv-test: $(STAMP)
@@ -49,13 +49,18 @@ quickstart: $(RUNTIME_STAMP)
 
 # ruff, then mypy over src/domaintune (the package ships py.typed; settings in pyproject.toml's [tool.mypy]).
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench docs
 	$(VENV)/bin/mypy
+
+# The docs site (mkdocs.yml, docs/) into build/site. --strict: a broken link, a page missing from the nav or a nav
+# entry without its page fails the build. docs/hooks.py regenerates the reference pages from the code each time.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 # Two or more worker processes (pytest-xdist, one per core), each test file on one worker (its module fixtures built
 # once): most tests wait on a subprocess or run one torch thread, so a 2-core machine runs the suite in about 0.6 of
 # the serial time. `.venv/bin/python -m pytest tests/...` runs serially, as usual.
-test: lint
+test: lint docs
 	$(PY) -m pytest -q -n auto --dist loadfile
 
 clean:
