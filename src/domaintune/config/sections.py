@@ -269,7 +269,9 @@ class TrainConfig(Section):
                                   "0 to 4294967295.")
     report_to: list[str] = Field(
         default_factory=lambda: ["none"],
-        description="Trackers: none, tensorboard, wandb (needs the package installed).",
+        description="Trackers: none, tensorboard, wandb, mlflow, trackio, swanlab, comet_ml, or all (each needs its "
+                    "package: pip install 'domaintune[tensorboard]', 'domaintune[swanlab]', or wandb, mlflow, "
+                    "trackio; SWANLAB_MODE=local logs offline).",
     )
     gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
         "auto", description="Recompute activations to save memory; auto = on only when the longest micro-batch's "

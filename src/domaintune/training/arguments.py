@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from .. import console
 from ..errors import UserError
 from .optimizers import check_loraplus
+from .trackers import hf_report_to
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -40,7 +41,9 @@ DIRECT: dict[str, tuple[str, ...]] = {
 }
 
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-            "trackio": ("trackio",), "comet_ml": ("comet_ml",)}
+            "trackio": ("trackio",), "comet_ml": ("comet_ml",), "swanlab": ("swanlab",)}
+# The trackers with an extra of domaintune's own (pyproject.toml); the others install as their package.
+TRACKER_EXTRAS = ("tensorboard", "swanlab")
 
 
 def global_batch(args: TrainingArguments) -> int:
@@ -81,7 +84,7 @@ def check_trackers(report_to: list[str]) -> None:
         if mods is None:
             raise UserError(f"train.report_to: unknown tracker '{name}'; use none, {', '.join(TRACKERS)}")
         if not any(importlib.util.find_spec(m) for m in mods):
-            extra = "domaintune[tensorboard]" if name == "tensorboard" else mods[0]
+            extra = f"domaintune[{name}]" if name in TRACKER_EXTRAS else mods[0]
             raise UserError(f"train.report_to: {name} is not installed. Run `pip install '{extra}'`, "
                             "or set train.report_to: [none]")
 
@@ -341,7 +344,8 @@ def _common_arguments(out: Path, kwargs: dict, t: TrainConfig, world_size: int, 
         per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=grad_accumulation(t, world_size, quiet=not is_main, per_device=per_device),
         warmup_steps=t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio,  # a float < 1 is a ratio
-        report_to=[] if t.report_to == ["none"] else t.report_to,
+        # swanlab is logged by domaintune's own callback (trackers.py says why), never by transformers'
+        report_to=hf_report_to(t.report_to),
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         use_liger_kernel=liger,
         # NEFTune: the Trainer hooks uniform noise onto the input embeddings' output in training mode only (never

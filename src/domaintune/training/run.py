@@ -70,6 +70,7 @@ from .outputs import (
     write_run_files,
 )
 from .status import FAILED, FINISHED, STOPPED, RunStatus, StopRequest
+from .trackers import tracker_callbacks
 
 if TYPE_CHECKING:
     import torch
@@ -306,7 +307,8 @@ class TrainingRun:
         self._say(batch_line(args))
         callbacks = make_callbacks(self.run, checkpoint_step(self.ckpt), self.template,
                                    saved_config(self.cfg).to_yaml(omit_default_sections=True), t.distributed)
-        return args, [*callbacks, self.status.callback(), self.stop.callback()]
+        trackers = tracker_callbacks(t.report_to, self.out, saved_config(self.cfg).model_dump(mode="json"))
+        return args, [*callbacks, *trackers, self.status.callback(), self.stop.callback()]
 
     def train(self) -> tuple[dict, float, int]:
         """Train (resuming when asked); returns (final eval metrics, seconds, tokens already seen at the start)."""
