@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +23,7 @@ import yaml
 
 from domaintune import rundir
 from domaintune.inference.serve import ENV_KEY
-from domaintune.studio.app import studio_server
+from studio_runs import serving
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="studio jobs read /proc")
 
@@ -65,23 +64,6 @@ FAKE_SERVE = textwrap.dedent("""\
             self.answer(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
     HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """)
-
-
-@contextlib.contextmanager
-def serving(root: Path):
-    """The studio over `root` on a free port of 127.0.0.1, in a thread: yields (base URL, the app's Studio)."""
-    server, _ = studio_server(root, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "the studio did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}", server.config.app.state.studio
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def make_run(root: Path, name: str, state: str = "stopped", pid: int | None = None) -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import pytest
 
 from cdp import browser, require_chromium
 from domaintune.rundir import RunDir, latest_checkpoint
+from studio_runs import serving
 
 require_chromium()
 
@@ -34,19 +34,11 @@ SHOTS = os.environ.get("DOMAINTUNE_SCREENSHOTS")
 
 @pytest.fixture
 def studio(tmp_path, monkeypatch):
-    from domaintune.studio.app import studio_server
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the jobs' processes: the machine has few cores
     root = tmp_path / "project"
     root.mkdir()
-    server, url = studio_server(root, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield root, url.rstrip("/")
-    server.should_exit = True
-    thread.join(10)
+    with serving(root) as (url, _):
+        yield root, url
     for record in (root / ".studio" / "jobs").glob("*.json"):  # no job outlives the test
         pid = json.loads(record.read_text()).get("pid")
         if pid:

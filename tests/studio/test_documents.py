@@ -4,7 +4,6 @@ what was rejected and why, as the documents page reads them from the API."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
@@ -12,6 +11,7 @@ import pytest
 
 from domaintune.jsonl import read_jsonl
 from fake_llm_server import FakeLLM
+from studio_runs import serving
 
 KEY_ENV = "STUDIO_TEST_TEACHER_KEY"
 GUIDE = """# Sleep
@@ -48,19 +48,11 @@ selfinstruct:
 
 @pytest.fixture
 def studio(tmp_path, monkeypatch):
-    from domaintune.studio.app import studio_server
-
     monkeypatch.setenv(KEY_ENV, "sk-test")  # the job reads the teacher's key from the studio's environment
     root = tmp_path / "project"
     root.mkdir()
-    server, url = studio_server(root, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield root, url.rstrip("/")
-    server.should_exit = True
-    thread.join(10)
+    with serving(root) as (url, _):
+        yield root, url
 
 
 def test_documents_to_pairs_with_sources_and_the_rejected_with_reasons(studio):

@@ -287,11 +287,11 @@ class Datasets:
     train_examples: Sequence[Example]
 
 
-def render_masked(tokenizer: PreTrainedTokenizerBase, sample: dict, color: bool = False) -> str:
-    """Decode a sample, marking the trained spans: «...» (or green when `color`)."""
-    out: list[tuple[bool | None, str]] = []
+def masked_segments(tokenizer: PreTrainedTokenizerBase, sample: dict) -> list[tuple[bool, str]]:
+    """A sample's text as (trained, text) runs: consecutive tokens with the same mask decoded together."""
+    out: list[tuple[bool, str]] = []
     cur: list[int] = []
-    cur_train: bool | None = None
+    cur_train = False
     for tid, lab in zip(sample["input_ids"], sample["labels"], strict=True):
         train = lab != IGNORE_INDEX
         if cur and train != cur_train:
@@ -301,8 +301,13 @@ def render_masked(tokenizer: PreTrainedTokenizerBase, sample: dict, color: bool 
         cur_train = train
     if cur:
         out.append((cur_train, decode_text(tokenizer, cur)))
+    return out
+
+
+def render_masked(tokenizer: PreTrainedTokenizerBase, sample: dict, color: bool = False) -> str:
+    """Decode a sample, marking the trained spans: «...» (or green when `color`)."""
     open_, close = ("\x1b[32m", "\x1b[0m") if color else ("«", "»")
-    return "".join(f"{open_}{t}{close}" if train else t for train, t in out)
+    return "".join(f"{open_}{t}{close}" if train else t for train, t in masked_segments(tokenizer, sample))
 
 
 def decode_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], skip_special_tokens: bool = False) -> str:

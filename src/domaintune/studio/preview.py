@@ -33,7 +33,8 @@ def trained_spans(config_raw: dict, example: int = 0) -> dict:
     trains the row's last assistant turn, is shown), "note": why nothing is shown, or None}. Raises the UserError
     `domaintune data-check` would raise (bad config, data, tokenizer)."""
     from ..config import build_config
-    from ..training.data_check import example_samples, masked_segments, prepare_check, trained_count
+    from ..data.encode import masked_segments
+    from ..training.data_check import example_samples, prepare_check, trained_count
 
     cfg = build_config(config_raw, "the form")
     if cfg.train.stage != "sft":

@@ -2,14 +2,14 @@
 
 Its pieces serve the studio's preview too (studio/preview.py), so the page and the command show the same thing:
 `prepare_check` (validate, tokenizer, template, encoded data), `example_samples` (one row's samples) and
-`masked_segments` (a sample's decoded text in trained / untrained runs).
+`data.encode.masked_segments` (a sample's decoded text in trained / untrained runs).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..data.encode import IGNORE_INDEX
+from ..data.encode import IGNORE_INDEX, render_masked
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -60,33 +60,9 @@ def example_samples(cfg: Config, checked: CheckedData, example: int) -> tuple[Ex
     return row, encode_samples(row, checked.tok, checked.template, d.cutoff_len, d.train_on_inputs, d.system)
 
 
-def masked_segments(tok: PreTrainedTokenizerBase, sample: dict) -> list[tuple[bool, str]]:
-    """A sample's text as (trained, text) runs: consecutive tokens with the same mask decoded together."""
-    from ..data.encode import decode_text
-
-    out: list[tuple[bool, str]] = []
-    cur: list[int] = []
-    cur_train = False
-    for tid, lab in zip(sample["input_ids"], sample["labels"], strict=True):
-        train = lab != IGNORE_INDEX
-        if cur and train != cur_train:
-            out.append((cur_train, decode_text(tok, cur)))
-            cur = []
-        cur.append(tid)
-        cur_train = train
-    if cur:
-        out.append((cur_train, decode_text(tok, cur)))
-    return out
-
-
 def trained_count(sample: dict) -> int:
     """Tokens of `sample` in the loss."""
     return sum(1 for x in sample["labels"] if x != IGNORE_INDEX)
-
-
-def _marked(tok: PreTrainedTokenizerBase, sample: dict, color: bool) -> str:
-    open_, close = ("\x1b[32m", "\x1b[0m") if color else ("«", "»")
-    return "".join(f"{open_}{t}{close}" if train else t for train, t in masked_segments(tok, sample))
 
 
 def run_data_check(cfg: Config, example: int = 0, color: bool = False) -> dict:
@@ -105,7 +81,7 @@ def run_data_check(cfg: Config, example: int = 0, color: bool = False) -> dict:
         sample = samples[0][0]
         print(f"\nexample {example} (template {template.name}; {len(sample['input_ids'])} tokens, "
               f"{trained_count(sample)} trained; trained part {marked}):")
-        print(_marked(checked.tok, sample, color))
+        print(render_masked(checked.tok, sample, color=color))
         return report.to_dict()
     # A row the chat_template trains one assistant turn at a time (it rewrites earlier turns): every sample.
     print(f"\nexample {example} ({row.where}; template {template.name}; {len(samples)} sample(s), one per assistant "
@@ -115,7 +91,7 @@ def run_data_check(cfg: Config, example: int = 0, color: bool = False) -> dict:
             print(f"\nsample {k + 1} of {len(samples)} ({n} tokens): nothing to train within data.cutoff_len")
             continue
         print(f"\nsample {k + 1} of {len(samples)} ({len(one['input_ids'])} tokens, {trained_count(one)} trained):")
-        print(_marked(checked.tok, one, color))
+        print(render_masked(checked.tok, one, color=color))
     return report.to_dict()
 
 
