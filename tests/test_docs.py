@@ -220,19 +220,81 @@ def test_every_domaintune_command_in_the_docs_parses():
         assert args.verb is not None, argv
 
 
-def test_mkdocs_build_strict_succeeds(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The site as `make docs` builds it (mkdocs build --strict); the build itself is asserted to succeed."""
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("mkdocs-material is not installed: it is in the test extra (pip install -e '.[test]')")
         pytest.skip("mkdocs-material is not installed (pip install -e '.[test]')")
-    site = tmp_path / "site"
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120,
+    out = tmp_path_factory.mktemp("site")
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=180,
                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for page in ("index.html", "getting-started/index.html", "reference/cli/index.html",
-                 "reference/config/index.html", "reference/run-directory/index.html",
-                 "reference/serve-api/index.html"):
-        assert (site / page).is_file(), page
+    return out
+
+
+def test_mkdocs_build_strict_succeeds(site):
+    nav = yaml.safe_load((REPO / "mkdocs.yml").read_text(encoding="utf-8"))["nav"]
+
+    def pages(entry):
+        if isinstance(entry, str):
+            yield entry
+        elif isinstance(entry, dict):
+            for value in entry.values():
+                yield from pages(value)
+        else:
+            for item in entry:
+                yield from pages(item)
+
+    listed = list(pages(nav))
+    assert len(listed) >= 27
+    for page in listed:  # every page of the nav was built
+        html = "index.html" if page == "index.md" else page.removesuffix(".md") + "/index.html"
+        assert (site / html).is_file(), page
     assert "train.learning_rate" in (site / "reference/config/index.html").read_text(encoding="utf-8")
     assert not list(site.rglob("*.py"))  # the generator and the hook are not published
+    assert not [p for p in site.rglob("*.html") if "<p>&lt;!-- " in p.read_text(encoding="utf-8")]  # markers hidden
+
+
+def _readme_links() -> list[str]:
+    text = re.sub(r"```.*?```", "", (REPO / "README.md").read_text(encoding="utf-8"), flags=re.S)
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+# repository files the site publishes as pages of their own (docs/gen_reference.py)
+PUBLISHED = {"RELIABILITY.md": GEN.RELIABILITY, "bench/README.md": GEN.BENCHMARKS}
+
+
+def test_every_readme_link_resolves_in_the_built_site(site):
+    links = _readme_links()
+    assert len(links) >= 20
+    for link in links:
+        assert not link.startswith(("http:", "https:")), link  # the front door points into the docs
+        target, _, anchor = link.partition("#")
+        page = PUBLISHED.get(target) or target.removeprefix("docs/")
+        assert target in PUBLISHED or target.startswith("docs/"), f"README links outside the site: {link}"
+        if page.endswith(".md"):
+            built = site / ("index.html" if page == "index.md" else page.removesuffix(".md") + "/index.html")
+        else:
+            built = site / page  # an image
+        assert built.is_file(), f"README link {link}: {built.relative_to(site)} is not in the site"
+        if anchor:
+            assert f'id="{anchor}"' in built.read_text(encoding="utf-8"), f"README link {link}: no #{anchor} there"
+
+
+def test_the_generated_pages_hold_the_table_and_the_repository_files():
+    from domaintune.families import TABLE_NOTE, render_table
+
+    assert render_table() in PAGES[GEN.MODELS] and TABLE_NOTE in PAGES[GEN.MODELS]
+    assert PAGES[GEN.RELIABILITY] == (REPO / "RELIABILITY.md").read_text(encoding="utf-8")
+    assert PAGES[GEN.BENCHMARKS] == (REPO / "bench" / "README.md").read_text(encoding="utf-8")
+
+
+def test_five_or_more_tutorials_and_how_to_pages_run_in_ci():
+    """The pages tests/docs/ runs (their commands, from an empty folder, on tiny stand-ins)."""
+    from docs_harness import marked_pages
+
+    ran = [p for p in marked_pages(DOCS) if p.relative_to(DOCS).parts[0] in ("tutorials", "howto")]
+    assert len(ran) >= 5, ran

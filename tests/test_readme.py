@@ -1,7 +1,8 @@
 """Every command the README shows exists: each `domaintune ...` line (in code blocks, and the verbs named in
-tables and text) parses with the real CLI, every `make` target is in the Makefile, and `hf download` is the
-installed huggingface_hub's command. Regression (issue 9, defect 8): the README told users to run
-`huggingface-cli download`, which the installed huggingface_hub no longer has."""
+tables and text) parses with the real CLI, every `make` target is in the Makefile, and `hf download` (README or
+docs pages) is the installed huggingface_hub's command. Regression (issue 9, defect 8): the README told users to
+run `huggingface-cli download`, which the installed huggingface_hub no longer has. The README is a front door:
+under 12 KB (its links into the built docs site are checked by tests/test_docs.py)."""
 from __future__ import annotations
 
 import re
@@ -17,6 +18,8 @@ from domaintune import cli
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
+DOC_PAGES = {p.relative_to(REPO).as_posix(): p.read_text(encoding="utf-8")
+             for p in sorted((REPO / "docs").rglob("*.md"))}
 
 
 def _shell_blocks(text: str) -> list[str]:
@@ -48,9 +51,16 @@ DOMAINTUNE = [a for a in (_domaintune_argv(c) for c in COMMANDS) if a is not Non
 
 def test_the_extractor_finds_the_readmes_commands():
     assert len(DOMAINTUNE) >= 10
-    assert ["train", "configs/qwen2.5-0.5b-lora.yaml", "model.name_or_path=models/qwen2.5-0.5b-instruct",
-            "data.path=my_data.jsonl", "train.output_dir=runs/my-run"] in DOMAINTUNE  # a continued line, joined
+    assert ["train", "configs/qwen2.5-0.5b-lora.yaml", "data.path=runs/gen-data-docs/train.jsonl"] in DOMAINTUNE
     assert any(c[:2] == ["make", "test"] for c in COMMANDS)
+    continued = _commands("```bash\ndomaintune train a.yaml \\\n    data.path=x.jsonl  # a comment\n```\n")
+    assert continued == [["domaintune", "train", "a.yaml", "data.path=x.jsonl"]]
+
+
+def test_the_readme_is_a_front_door_under_12_kb():
+    assert len(README.encode("utf-8")) < 12 * 1024
+    for heading in ("## The two commands", "## Supported models", "## A taste of the loop"):
+        assert heading in README
 
 
 @pytest.mark.parametrize("argv", DOMAINTUNE, ids=[" ".join(a)[:60] for a in DOMAINTUNE])
@@ -76,7 +86,8 @@ def test_every_make_target_exists():
 
 
 def test_hugging_face_commands_exist_in_the_installed_cli():
-    hf_lines = [c for c in COMMANDS if c[0] in ("hf", "huggingface-cli")]
+    hf_lines = [c for text in (README, *DOC_PAGES.values()) for c in _commands(text)
+                if c[0] in ("hf", "huggingface-cli")]
     assert hf_lines and all(c[0] == "hf" for c in hf_lines)
     hf = shutil.which("hf") or str(Path(sys.executable).with_name("hf"))
     for c in hf_lines:
@@ -84,7 +95,7 @@ def test_hugging_face_commands_exist_in_the_installed_cli():
         assert r.returncode == 0, r.stderr
         for flag in (w.split("=")[0] for w in c[2:] if w.startswith("--")):
             assert flag in r.stdout, f"hf {c[1]} has no {flag}"
-    assert "huggingface-cli" not in README
+    assert "huggingface-cli" not in README and not any("huggingface-cli" in t for t in DOC_PAGES.values())
     for cfg in (REPO / "configs").glob("*.yaml"):
         assert "huggingface-cli" not in cfg.read_text(encoding="utf-8"), cfg.name
 
