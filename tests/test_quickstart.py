@@ -82,6 +82,8 @@ def test_a_built_wheel_carries_the_sample_data_and_configs_and_runs_the_quicksta
         shipped = zipfile.ZipFile(wheel).read(f"domaintune/sample_data/{f}")
         assert shipped == (REPO / "examples" / "data" / f).read_bytes()
     assert "domaintune/configs/quickstart.yaml" in names and "domaintune/inference/serve/static/index.html" in names
+    docs = {n.rsplit("/", 1)[1] for n in names if n.startswith("domaintune/sample_docs/")}
+    assert docs == {p.name for p in (REPO / "examples" / "docs").iterdir()}  # what configs/documents.yaml reads
     studio = {n.rsplit("/", 1)[1] for n in names if n.startswith("domaintune/studio/static/")}
     assert studio == {p.name for p in (Path(__file__).parents[1] / "src/domaintune/studio/static").iterdir()}
     site = tmp_path / "site"
@@ -108,3 +110,9 @@ def test_a_built_wheel_carries_the_sample_data_and_configs_and_runs_the_quicksta
     assert r.stdout.splitlines() == ["wrote: configs/judge.yaml", "wrote: examples/data/test.jsonl"]
     for rel in ("configs/judge.yaml", "examples/data/test.jsonl"):
         assert (fresh / rel).read_bytes() == (REPO / rel).read_bytes()
+    # the documents config names a folder: init writes the sample documents in it (they were missing)
+    r = subprocess.run([sys.executable, "-m", "domaintune", "init", "documents"], cwd=fresh, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for doc in (REPO / "examples" / "docs").iterdir():
+        assert (fresh / "examples" / "docs" / doc.name).read_bytes() == doc.read_bytes()

@@ -80,7 +80,7 @@ def run_export_gguf(run: str | Path, out: str | Path, quant: str = "f16", dtype:
 
     if quant not in QUANTS:
         raise UserError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)} (k-quants such as Q4_K_M: run "
-                        "llama.cpp's llama-quantize on the f16 export; see the README)")
+                        "llama.cpp's llama-quantize on the f16 export; see docs/howto/deploy.md)")
     gguf = _gguf()
     out = Path(out)
     run_name = Path(run).resolve().name
