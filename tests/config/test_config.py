@@ -418,3 +418,14 @@ def test_loftq_is_a_qlora_initialisation_the_config_accepts():
     CUDA and bitsandbytes are checked later, before the model loads (training/lora_methods.py)."""
     cfg = build_config({"model": {"name_or_path": "m", "quantization": "4bit"}, "lora": {"init": "loftq"}})
     assert (cfg.lora.init, cfg.model.quantization) == ("loftq", "4bit")
+
+
+@pytest.mark.parametrize("section", ["selfinstruct", "judge"])
+@pytest.mark.parametrize("url", ["", "  ", "api.openai.com/v1", "ftp://host/v1"])
+def test_an_endpoint_that_is_not_a_url_is_refused_when_the_config_loads(section, url):
+    """Regression (issue 27): `selfinstruct.base_url=$TEACHER_URL` with the variable unset was accepted, and
+    gen-data tried six times to reach '' before it said why."""
+    with pytest.raises(UserError, match=rf"'{section}.base_url': not an endpoint: give an http:// or https:// URL"):
+        load_config(None, [f"{section}.base_url={url}"])
+    cfg = load_config(None, [f"{section}.base_url=http://127.0.0.1:8000/v1"])
+    assert getattr(cfg, section).base_url == "http://127.0.0.1:8000/v1"

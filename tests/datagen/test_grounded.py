@@ -261,8 +261,14 @@ def test_preview_makes_n_pairs_writes_no_train_file_and_a_full_run_goes_on(docs,
             assert Path(r["source"]["file"]).name in printed
         assert "--- preview: 3 pairs" in printed
         run_gen_data(cfg)
-    rows = check_rows(out, 8)
-    assert [r["instruction"] for r in rows[:3]] == [r["question"] for r in first]  # the preview's pairs kept
+        rows = check_rows(out, 8)
+        assert [r["instruction"] for r in rows[:3]] == [r["question"] for r in first]  # the preview's pairs kept
+        # Regression (issue 27): a preview after the finished run deleted train.jsonl until a full rerun
+        finished = {p.name: p.read_bytes() for p in out.iterdir()}
+        calls = len(srv.log)
+        assert main(["gen-data", str(config), "--preview", "2"]) == 0
+        assert f"The run is finished: {out / 'train.jsonl'} has 8 rows." in capsys.readouterr().out
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == finished and len(srv.log) == calls
 
 
 def test_files_without_text_are_reported_not_skipped(docs, monkeypatch, capsys):

@@ -194,3 +194,31 @@ def test_cli_eval_prints_table(tmp_path, capsys):
     with pytest.raises(UserError, match="--compare A B"):
         args = parser.parse_args(["eval"])
         args.func(args)
+
+
+def test_new_predictions_drop_the_judge_results_of_the_old_ones(tmp_path, capsys):
+    """Regression (issue 27): `predict --overwrite` after `judge` kept metrics.json["judge"], a verdict on answers
+    that no longer existed, and printed it among the new scores. The entry records the sha256 of A and B; scoring a
+    changed A or B drops it (a base model's A too, whose scores go to base/), scoring the same files keeps it."""
+    import hashlib
+
+    run = tmp_path / "run"
+    run.mkdir()
+    b, a = run / "predictions.jsonl", run / "predictions.base.jsonl"
+    for path, text in ((b, "tuned"), (a, "base")):
+        path.write_text(json.dumps({"id": 0, "input": "q", "target": "t", "predict": text}) + "\n")
+    judge = {"model": "m", "a": str(a), "b": str(b), "a_sha256": hashlib.sha256(a.read_bytes()).hexdigest(),
+             "b_sha256": hashlib.sha256(b.read_bytes()).hexdigest(), "pairwise": {"win_rate": 0.5}}
+    (run / "metrics.json").write_text(json.dumps({"judge": judge}))
+    metrics.run_eval(b)
+    metrics.run_eval(a)
+    assert json.loads((run / "metrics.json").read_text())["judge"] == judge  # the same files: kept
+
+    a.write_text(json.dumps({"id": 0, "input": "q", "target": "t", "predict": "base, again"}) + "\n")
+    metrics.run_eval(a)
+    assert "judge" not in json.loads((run / "metrics.json").read_text())
+    assert "removed the judge results: they judged an earlier predictions.base.jsonl" in capsys.readouterr().err
+
+    (run / "metrics.json").write_text(json.dumps({"judge": {**judge, "a_sha256": None}}))
+    b.write_text(json.dumps({"id": 0, "input": "q", "target": "t", "predict": "tuned, again"}) + "\n")
+    assert "judge" not in metrics.run_eval(b)

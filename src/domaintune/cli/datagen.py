@@ -138,7 +138,7 @@ def _interrupted(cfg: SelfInstructConfig, section: str | None = None) -> int:
 
 
 def _print_preview(out: Path, n: int, manifest: dict) -> int:
-    from ..datagen.store import ANSWERS, read_working_file
+    from ..datagen.store import ANSWERS, TRAIN, read_working_file
 
     rows = read_working_file(out / ANSWERS)[:n]
     for i, r in enumerate(rows, 1):
@@ -156,7 +156,9 @@ def _print_preview(out: Path, n: int, manifest: dict) -> int:
     print(f"--- preview: {len(rows)} pairs in {out / ANSWERS}; spent {spent.get('calls')} calls, about "
           f"{spent.get('prompt_tokens', 0) + spent.get('completion_tokens', 0)} tokens; dropped: "
           f"{counts['questions_rejected'] or {}} (questions), {counts['answers_rejected'] or {}} (answers)."
-          + ("" if gave_up else " Run again without --preview to continue to selfinstruct.num_questions."))
+          + ("" if gave_up else f" The run is finished: {out / TRAIN} has {manifest.get('train_rows')} rows."
+             if manifest.get("status") in ("complete", "incomplete")
+             else " Run again without --preview to continue to selfinstruct.num_questions."))
     if gave_up:  # the preview stopped short: why, and what to change before a full run spends more
         console.warn(f"the preview made {len(rows)} of {n} pairs: {gave_up}")
     return 0 if len(rows) >= min(n, manifest.get("target", n)) else 1

@@ -43,6 +43,24 @@ SERVE_HELP = ("Serve a run (or an exported / any local model directory) with an 
               "field, never ignored.")
 
 
+EXPORT_HELP = """\
+Write a standalone model from a run: a LoRA or QLoRA adapter is merged into its base model (loaded unquantized
+on the CPU); a full fine-tuned run is saved again.
+
+--format safetensors (default): a Hugging Face model folder: safetensors weights (sharded above
+--max-shard-size), the tokenizer with chat_template set to the run's own template (so apply_chat_template gives
+the training prompt), generation_config.json, template.json and a model card (README.md).
+
+--format gguf: one GGUF file for llama.cpp and Ollama, and an Ollama Modelfile beside it (TEMPLATE and stop
+tokens from the run's template). --quant: f32, f16 (default), bf16, q8_0; for k-quants such as Q4_K_M run
+llama.cpp's llama-quantize on the f16 file. An architecture llama.cpp cannot load this way is refused, with the
+reason, before any weights load.
+
+The export is written beside OUT and moved into place when complete, so a failed or killed export leaves nothing
+that looks finished. Guide: docs/howto/deploy.md.
+"""
+
+
 def _add_engine_option(p: argparse.ArgumentParser) -> None:
     from ..inference.vllm_engine import ENGINES
 
@@ -219,13 +237,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _register_export(sub: argparse._SubParsersAction) -> None:
-    from ..inference import export, gguf_export
+    from ..inference import gguf_export
     from ..training.precision import DTYPES
 
     p = sub.add_parser("export", help="merge LoRA into the base model and save a standalone model directory "
                                       "(transformers) or a GGUF file + Ollama Modelfile (llama.cpp, Ollama)",
-                       description=export.__doc__.split("\n\n", 1)[1] + "\n--format gguf:\n"
-                       + gguf_export.__doc__.split("\n\n", 1)[1],
+                       description=EXPORT_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run directory (LoRA, QLoRA or full fine-tuning) (required)")
     p.add_argument("--out", required=True, help="output directory, new or empty; for --format gguf also a file "

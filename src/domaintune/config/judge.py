@@ -10,13 +10,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import Section
+from .base import EndpointURL, Section
 
 
 class JudgeConfig(Section):
     """LLM-as-a-judge: base (A) vs tuned (B) answers, judged by an endpoint's model."""
 
-    base_url: str = Field("https://api.openai.com/v1", description="OpenAI-compatible endpoint of the judge, "
+    base_url: EndpointURL = Field("https://api.openai.com/v1", description="OpenAI-compatible endpoint of the judge, "
                           "ending in /v1.")
     model: str = Field("gpt-4o", description="Judge model name sent to the endpoint; a strong model judges "
                        "better than a small one.")

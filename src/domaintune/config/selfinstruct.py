@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import Section
+from .base import EndpointURL, Section
 
 # Questions that need something a text model cannot see or produce (self-instruct's idea), kept narrow so
 # that domain topics such as "video games" or "body image" pass. ASCII keywords match whole words
@@ -95,7 +95,7 @@ class SelfInstructConfig(Section):
         "(the rest from the seeds).")
     seed: int = Field(42, description="Random seed for sampling the example questions.")
 
-    base_url: str = Field("https://api.openai.com/v1", description="OpenAI-compatible endpoint, ending in /v1.")
+    base_url: EndpointURL = Field("https://api.openai.com/v1", description="OpenAI-compatible endpoint, ending in /v1.")
     model: str = Field("gpt-4o-mini", description="Model name sent to the endpoint.")
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="Name of the environment variable holding the API key (unset = no key sent).")

@@ -131,6 +131,10 @@ class SelfInstructRun:
     def execute(self) -> Path:
         cfg = self.cfg
         self._load()
+        if self.preview and len(self.answers) >= self.target and self.store.has_train():
+            # A preview after a finished run has nothing to make: it shows pairs already made, and the finished
+            # run's train.jsonl and manifest stay as they are (removing them lost the dataset until a rerun).
+            return self.store.dir
         self.store.remove_derived()
         if self.client is None:
             self.client = ChatClient(cfg)

@@ -102,6 +102,9 @@ class OutputStore:
             if f is not None:
                 f.close()
 
+    def has_train(self) -> bool:
+        return self.train_path.is_file()
+
     def remove_derived(self) -> None:
         for p in (self.train_path, self.train_messages_path):
             p.unlink(missing_ok=True)

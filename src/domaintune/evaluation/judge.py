@@ -324,7 +324,8 @@ class JudgeRun:
 def metrics_entry(summary: dict) -> dict:
     """What metrics.json holds under "judge": the summary without per-row details."""
     entry = {"model": summary["judge"]["model"], "mode": summary["mode"], "rows": summary["rows"],
-             "a": summary["a"]["path"], "b": summary["b"]["path"]}
+             "a": summary["a"]["path"], "b": summary["b"]["path"],
+             "a_sha256": summary["a"].get("sha256"), "b_sha256": summary["b"].get("sha256")}
     for block in ("pairwise", "grade"):
         if block in summary:
             entry[block] = summary[block]

@@ -181,9 +181,33 @@ def run_eval(predictions: Path, out_dir: Path | None = None, extra: dict | None 
     metrics, kept = merge_metrics(out / rundir.METRICS, {**summary, **(extra or {})})
     if kept:
         console.note(f"{out / rundir.METRICS}: kept {', '.join(kept)} written there earlier (by predict or eval --run)")
+    metrics = _without_stale_judge(metrics, predictions, out / rundir.METRICS)
+    if predictions.parent != out:  # base/ scores: the judge entry that read predictions.base.jsonl is the run's
+        run_metrics, _ = merge_metrics(predictions.parent / rundir.METRICS, {})
+        if (fresh := _without_stale_judge(run_metrics, predictions, predictions.parent / rundir.METRICS)) \
+                is not run_metrics:
+            rundir.RunDir(predictions.parent).write_json(rundir.METRICS, fresh)
     rundir.RunDir(out).write_json(rundir.METRICS, metrics)
     lines = [json.dumps({"id": r["id"], **s}, ensure_ascii=False) for r, s in zip(rows, per_sample, strict=True)]
     write_atomic(out / rundir.METRICS_PER_SAMPLE, "\n".join(lines) + "\n")
+    return metrics
+
+
+def _without_stale_judge(metrics: dict, predictions: Path, where: Path) -> dict:
+    """`metrics` without its "judge" entry when that entry judged an earlier version of `predictions` (its sha256
+    differs): the scores of new predictions must not sit beside a verdict on old ones. Otherwise `metrics` itself."""
+    import hashlib
+
+    entry = metrics.get("judge")
+    if not isinstance(entry, dict):
+        return metrics
+    for side in ("a", "b"):
+        path, sha = entry.get(side), entry.get(f"{side}_sha256")
+        if isinstance(path, str) and isinstance(sha, str) and Path(path).resolve() == predictions.resolve() \
+                and hashlib.sha256(predictions.read_bytes()).hexdigest() != sha:
+            console.note(f"{where}: removed the judge results: they judged an earlier {predictions.name}; run "
+                         "`domaintune judge` again for these predictions")
+            return {k: v for k, v in metrics.items() if k != "judge"}
     return metrics
 
 

@@ -5,7 +5,7 @@ training. Before each answer the oldest turns are dropped, with a notice, until 
 tokens fit the context window. Ctrl-C stops the current answer (the partial answer stays in the
 history) without leaving the chat; Ctrl-D or /exit leaves.
 
-Sampling defaults suit conversation, not evaluation: the "chat" preset of params.py (temperature 0.7,
+Sampling defaults suit conversation, not evaluation: the chat preset (temperature 0.7,
 top_p 0.9, top_k 50, repetition_penalty 1.1: small models loop without it). `--temperature 0` decodes
 greedily, as `predict` does.
 """
