@@ -137,3 +137,20 @@ def test_train_stdout_is_the_run_directory_line(tiny_train_config, tmp_path, cap
     # stderr is not a terminal here (a log file, CI): no progress bar redrawn with carriage returns, whose line
     # would be unreadable there; the Trainer's log lines are the progress
     assert "\r" not in printed.err and "it/s]" not in printed.err
+
+
+def test_peft_s_offline_vocabulary_warning_is_not_shown_and_others_are(capsys):
+    """Regression (issue 27): training a hub id served from the cache offline printed peft's "Could not find a
+    config file in Qwen/Qwen3-0.6B - will assume that the vocabulary was not modified" twice per run. domaintune
+    never resizes the vocabulary, so the assumption holds; any other warning still reaches stderr."""
+    import warnings
+
+    from domaintune import cli, console
+
+    args = cli.build_parser().parse_args(["models"])
+    with cli._output(args, console.NORMAL):
+        warnings.warn("Could not find a config file in Qwen/Qwen3-0.6B - will assume that the vocabulary was not "
+                      "modified.", UserWarning, stacklevel=1)
+        warnings.warn("something else went wrong", UserWarning, stacklevel=1)
+    err = capsys.readouterr().err
+    assert "something else went wrong" in err and "vocabulary" not in err

@@ -64,6 +64,10 @@ STDOUT_IS_PROGRESS = {"train"}
 # FutureWarnings of transformers that the user cannot act on, hidden unless -v: transformers 5 warns on every
 # model load that peft still calls is_gradient_checkpointing (deprecated, removal planned for v6).
 KNOWN_FUTURE_WARNINGS = (r".*is_gradient_checkpointing.*",)
+# peft asks the hub for the base model's config.json at every adapter save to learn whether the vocabulary was
+# resized, and warns when it cannot (offline, or a hub id served from the cache). domaintune never resizes the
+# vocabulary, so peft's assumption is right and the warning, twice per run, only alarmed users.
+KNOWN_USER_WARNINGS = (r"Could not find a config file in .* - will assume that the vocabulary was not modified",)
 QUIET_HELP = "only results, warnings and errors: no notes and no progress bars (default: off)"
 VERBOSE_HELP = ("more on stderr: debug notes, other libraries' info logs, and transformers' own output (its info "
                 "logs, \"Loading weights\" bars and FutureWarnings, hidden otherwise) (default: off)")
@@ -116,6 +120,8 @@ def _output(args: argparse.Namespace, level: int) -> Iterator[None]:
             if level < console.VERBOSE:
                 for message in KNOWN_FUTURE_WARNINGS:
                     warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+            for message in KNOWN_USER_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=UserWarning)
             if args.verb in MODEL_VERBS or (args.verb in ("eval", "gen-data") and getattr(args, "run", None)):
                 stack.enter_context(_transformers_output(level))
             if args.verb in STDOUT_IS_PROGRESS:
