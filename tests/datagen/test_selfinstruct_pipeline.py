@@ -185,7 +185,7 @@ def test_endpoint_that_cannot_deliver_is_reported(inputs, monkeypatch):
     assert m["message"] == ("target not reached: the last 3 question calls kept no new question (duplicate 3); most "
                             "were dropped as duplicate (3 of 3): the teacher (selfinstruct.model='fake-model' at "
                             f"{srv.base_url}) repeats questions already kept: add seed questions (or documents), or "
-                            "raise selfinstruct.temperature=0.7; see rejected.jsonl")
+                            "raise selfinstruct.temperature (now 0.7); see rejected.jsonl")
     assert m["counts"]["questions_rejected"] == {"duplicate": 3}
     check_pairs(out, 2)
 

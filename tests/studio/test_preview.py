@@ -157,7 +157,7 @@ def test_rejected_rows_say_why_with_gen_data_hint(gen_raw, tmp_path):
     by_reason = {r["reason"]: r for r in got["rows"]}
     assert by_reason["too_short"]["question"] == "Hi?" and by_reason["too_short"]["stage"] == "question"
     assert by_reason["too_short"]["hint"] == \
-        "questions are shorter than selfinstruct.min_question_chars=5: lower it"
+        "questions are shorter than selfinstruct.min_question_chars (now 5): lower it"
     assert by_reason["unsupported"]["detail"]["judge"] == "not in the passage"
     assert by_reason["unsupported"]["question"].startswith("Q1:")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text(encoding="utf-8"))

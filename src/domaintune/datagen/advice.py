@@ -20,13 +20,13 @@ _ENDPOINT = "the endpoint's replies were not chat completions: check selfinstruc
 _CONTROL = (_TEACHER + " writes control characters (e.g. \\u0006): check the model and its chat template on the "
             "server")
 HINTS = {
-    F.TOO_SHORT: "questions are shorter than selfinstruct.min_question_chars={min_question_chars}: lower it",
-    F.TOO_LONG: "questions are longer than selfinstruct.max_question_chars={max_question_chars}: raise it",
+    F.TOO_SHORT: "questions are shorter than selfinstruct.min_question_chars (now {min_question_chars}): lower it",
+    F.TOO_LONG: "questions are longer than selfinstruct.max_question_chars (now {max_question_chars}): raise it",
     F.BLOCKLIST: "questions hit selfinstruct.blocklist: shorten the list",
     F.DUPLICATE: _TEACHER + " repeats questions already kept: add seed questions (or documents), or raise "
-                 "selfinstruct.temperature={temperature}",
+                 "selfinstruct.temperature (now {temperature})",
     F.NEAR_DUPLICATE: _TEACHER + " writes questions too close to those kept: add seed questions (or documents), "
-                      "raise selfinstruct.temperature={temperature} or selfinstruct.rouge_threshold={rouge_threshold}",
+                      "raise selfinstruct.temperature (now {temperature}) or selfinstruct.rouge_threshold (now {rouge_threshold})",
     "contaminated": "the questions overlap the files of selfinstruct.exclude: add seed questions or documents on "
                     "other topics",
     F.CONTROL_CHARS: _CONTROL,
@@ -35,8 +35,8 @@ HINTS = {
                         "documents)",
     F.MALFORMED_REPLY: _ENDPOINT,
     F.ANSWER_MALFORMED: _ENDPOINT,
-    F.ANSWER_TRUNCATED: "answers were cut at selfinstruct.max_tokens={max_tokens}: raise it",
-    F.ANSWER_TOO_SHORT: "answers are shorter than selfinstruct.min_answer_chars={min_answer_chars}: lower it, or ask "
+    F.ANSWER_TRUNCATED: "answers were cut at selfinstruct.max_tokens (now {max_tokens}): raise it",
+    F.ANSWER_TOO_SHORT: "answers are shorter than selfinstruct.min_answer_chars (now {min_answer_chars}): lower it, or ask "
                         "for fuller answers in the answer template",
     F.ANSWER_BLOCKLIST: "answers hit selfinstruct.answer_blocklist: shorten the list",
     F.ANSWER_CONTROL_CHARS: _CONTROL,
