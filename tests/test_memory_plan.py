@@ -77,6 +77,7 @@ SMALL = [("Qwen2Config", dict(hidden_size=256, intermediate_size=1024, num_atten
                               head_dim=64, vocab_size=512))]
 
 
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")  # what training/model.py calls
 @pytest.mark.parametrize("config,dims", SMALL, ids=[c for c, _ in SMALL])
 def test_layer_activation_bytes_equal_what_autograd_saves(mp, config, dims):
     shape = mp.Shape("small", "", config, dict(dims, num_hidden_layers=1))
