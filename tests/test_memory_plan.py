@@ -72,9 +72,7 @@ def _per_layer_token(mp, shape, method: str, dropout: float = 0.05, checkpointin
 SMALL = [("Qwen2Config", dict(hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2,
                               vocab_size=512, tie_word_embeddings=True)),
          ("Qwen3Config", dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2,
-                              head_dim=64, vocab_size=512)),
-         ("LlamaConfig", dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2,
-                              head_dim=64, vocab_size=512))]
+                              head_dim=64, vocab_size=512))]  # LLaMA's layer is Qwen2's without q/k/v biases
 
 
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")  # what training/model.py calls
