@@ -115,6 +115,7 @@ class Counts:
     kv_dim: int
     vocab: int
     qk_norm: bool = False  # Qwen3: an RMSNorm on each head's queries and keys
+    fused: bool = False  # Phi-3: q, k, v in one linear layer (qkv_proj), gate and up in another (gate_up_proj)
 
 
 def build_config(shape: Shape):  # noqa: ANN201 (a transformers config)
@@ -141,7 +142,8 @@ def count(shape: Shape) -> Counts:
                   lora_params_per_rank=sum(m.in_features + m.out_features for m in linears),
                   layers=d["num_hidden_layers"], hidden=d["hidden_size"], inter=d["intermediate_size"],
                   q_dim=d["num_attention_heads"] * head_dim, kv_dim=d["num_key_value_heads"] * head_dim,
-                  vocab=d["vocab_size"], qk_norm=shape.config == "Qwen3Config")
+                  vocab=d["vocab_size"], qk_norm=shape.config == "Qwen3Config",
+                  fused=shape.config == "Phi3Config")
 
 
 def layer_activation_bytes(c: Counts, method: str, rank: int = 8, dropout: float = 0.05, mask_bytes: int = 1) -> int:
@@ -154,14 +156,18 @@ def layer_activation_bytes(c: Counts, method: str, rank: int = 8, dropout: float
     input (8 h); each adapted linear keeps the bf16 input of its lora_A (2 bytes) and, with dropout, the dropout
     mask (`mask_bytes`: a bool on CUDA; a CPU keeps it as fp32, 4): q, k, v, gate and up read h, o reads q_dim,
     down reads I; lora_A's outputs (r each) too. Qwen3's per-head query/key norms keep their fp32 input (and,
-    when they train, a bf16 output): 4 (6) bytes per q_dim + kv_dim.
+    when they train, a bf16 output): 4 (6) bytes per q_dim + kv_dim. Phi-3's fused layers read h twice, not five
+    times: two autocast copies (4 h) instead of five, and two adapted inputs of width h instead of five.
     tests/test_memory_plan.py checks these counts against what autograd saves on a small model on CPU."""
     h, inter, q, kv = c.hidden, c.inter, c.q_dim, c.kv_dim
     shared = 4 * q + 4 * kv + 6 * inter
+    reads_h = 2 if c.fused else 5  # linear layers that read the normalised hidden state
     if method == "full":
-        return shared + 16 * h + 10 * h + 2 * inter + (6 * (q + kv) if c.qk_norm else 0)
+        # Phi-3's q, k, v are slices of one output, so o_proj keeps its own copy of the attention output
+        return (shared + 16 * h + 2 * reads_h * h + 2 * inter + (6 * (q + kv) if c.qk_norm else 0)
+                + (2 * q if c.fused else 0))
     per_input = 2 + (mask_bytes if dropout > 0 else 0)
-    return (shared + 8 * h + per_input * (5 * h + q + inter) + 2 * 7 * rank
+    return (shared + 8 * h + per_input * (reads_h * h + q + inter) + 2 * (reads_h + 2) * rank
             + (4 * (q + kv) if c.qk_norm else 0))
 
 

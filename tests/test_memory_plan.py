@@ -72,7 +72,10 @@ def _per_layer_token(mp, shape, method: str, dropout: float = 0.05, checkpointin
 SMALL = [("Qwen2Config", dict(hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2,
                               vocab_size=512, tie_word_embeddings=True)),
          ("Qwen3Config", dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2,
-                              head_dim=64, vocab_size=512))]  # LLaMA's layer is Qwen2's without q/k/v biases
+                              head_dim=64, vocab_size=512)),
+         ("Phi3Config", dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=4,
+                             vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2))]
+# (LLaMA's and Mistral's layers are Qwen2's without the q/k/v biases: the same count.)
 
 
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")  # what training/model.py calls
