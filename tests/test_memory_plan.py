@@ -105,3 +105,23 @@ def test_plan_adds_up_the_parts_and_orders_the_methods(mp):
     assert on["activations"] < off["activations"] / 5 and on["weights"] == off["weights"]
     table = mp.tables([1024], 8, 0.05)
     assert f"| Qwen/Qwen2.5-7B-Instruct | 7.62 | {full['total'] / mp.GIB:.1f} | {lora['total'] / mp.GIB:.1f} |" in table
+
+
+def test_trains_auto_checkpointing_estimate_is_the_full_count_of_each_shape(mp):
+    """train.gradient_checkpointing: auto decides with training/speed.py's activation_bytes. Regression (issue 27):
+    it used 34 x hidden bytes per token and layer, 2.2x below what autograd keeps for Qwen2.5-0.5B, so auto could
+    leave checkpointing off and run out of memory. It now covers the larger of full fine-tuning's and LoRA's counts
+    checked above (so auto errs towards on) and stays within 20% of it (Phi-3's fused layers keep less), for every
+    shape of the memory tables."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from domaintune.training.speed import activation_bytes
+
+    for shape in mp.SHAPES:
+        c = mp.count(shape)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(mp.build_config(shape))
+        want = c.layers * max(mp.layer_activation_bytes(c, "full"), mp.layer_activation_bytes(c, "lora"))
+        assert want <= activation_bytes(model, 1) <= 1.2 * want, shape.hub_id
+        assert activation_bytes(model, 1000) == 1000 * activation_bytes(model, 1)

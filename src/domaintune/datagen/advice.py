@@ -26,7 +26,8 @@ HINTS = {
     F.DUPLICATE: _TEACHER + " repeats questions already kept: add seed questions (or documents), or raise "
                  "selfinstruct.temperature (now {temperature})",
     F.NEAR_DUPLICATE: _TEACHER + " writes questions too close to those kept: add seed questions (or documents), "
-                      "raise selfinstruct.temperature (now {temperature}) or selfinstruct.rouge_threshold (now {rouge_threshold})",
+                      "raise selfinstruct.temperature (now {temperature}) or selfinstruct.rouge_threshold (now "
+                      "{rouge_threshold})",
     "contaminated": "the questions overlap the files of selfinstruct.exclude: add seed questions or documents on "
                     "other topics",
     F.CONTROL_CHARS: _CONTROL,
@@ -36,8 +37,8 @@ HINTS = {
     F.MALFORMED_REPLY: _ENDPOINT,
     F.ANSWER_MALFORMED: _ENDPOINT,
     F.ANSWER_TRUNCATED: "answers were cut at selfinstruct.max_tokens (now {max_tokens}): raise it",
-    F.ANSWER_TOO_SHORT: "answers are shorter than selfinstruct.min_answer_chars (now {min_answer_chars}): lower it, or ask "
-                        "for fuller answers in the answer template",
+    F.ANSWER_TOO_SHORT: "answers are shorter than selfinstruct.min_answer_chars (now {min_answer_chars}): lower it, "
+                        "or ask for fuller answers in the answer template",
     F.ANSWER_BLOCKLIST: "answers hit selfinstruct.answer_blocklist: shorten the list",
     F.ANSWER_CONTROL_CHARS: _CONTROL,
     JUDGE_UNSUPPORTED: "the judge (selfinstruct.judge, asked of " + _TEACHER + ") found the answers unsupported by "

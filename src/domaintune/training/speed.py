@@ -93,13 +93,28 @@ def _longest(samples: Sequence[dict], n: int) -> list[dict]:
 
 
 def activation_bytes(model: Any, tokens: int) -> int:
-    """A rough count of the activations a forward pass over `tokens` tokens keeps for the backward pass
-    (Korthikanti et al. 2022: about 34 x hidden bytes per token and layer in 16-bit, without attention scores,
-    which SDPA does not keep)."""
+    """The activations a forward pass over `tokens` tokens keeps for the backward pass, in bf16 autocast with SDPA
+    (which keeps no attention scores). Per token and decoder layer, the larger term by term of full fine-tuning's
+    count and LoRA's with dropout: q, k, v and the attention output (4 q + 4 kv bytes), the MLP's gate, SiLU, up and
+    down inputs (8 I; 9 I with LoRA's dropout mask on down's input), the norms' fp32 inputs and outputs and
+    autocast's bf16 copies of the hidden state (26 h), LoRA's kept input of o_proj (3 q), and per-head query and key
+    norms where the model has them (6 (q + kv), Qwen3). So it errs towards
+    turning checkpointing on. tests/test_memory_plan.py checks it against both counts, which equal what autograd
+    saves (bench/memory_plan.py). The rule used before, 34 x hidden bytes (Korthikanti et al. 2022, for a GPT MLP
+    of 4 x hidden), was 2.2x too low for Qwen2.5-0.5B's wider SwiGLU MLP."""
     cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    cfg = getattr(cfg, "text_config", None) or cfg  # multimodal wrappers (Gemma 3) nest the decoder's config
     hidden: int = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embed", None) or 0
     layers: int = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or 0
-    return 34 * hidden * layers * tokens
+    inter: int = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_hidden_size", None) or 4 * hidden
+    heads: int = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
+    head_dim: int = getattr(cfg, "head_dim", None) or hidden // heads
+    kv_heads: int = getattr(cfg, "num_key_value_heads", None) or heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    per_layer = 7 * q + 4 * kv + 9 * inter + 26 * hidden
+    if any(name.endswith(".q_norm") for name, _ in model.named_modules()):  # Qwen3: per-head query/key norms
+        per_layer += 6 * (q + kv)
+    return per_layer * layers * tokens
 
 
 def wants_checkpointing(setting: bool | str, model: Any, samples: Sequence[dict], per_device: int,
