@@ -82,7 +82,8 @@ def test_uncached_unreachable_hub_id_fails_fast(monkeypatch, tmp_path):
         loader.check_model_source("nonexistent-org/nonexistent-model")
     assert time.time() - t0 < 6
     msg = str(e.value)
-    assert "'nonexistent-org/nonexistent-model' is not a local directory, not in the Hugging Face cache" in msg
+    assert "'nonexistent-org/nonexistent-model': no folder 'nonexistent-org/nonexistent-model' exists under " in msg
+    assert "as a hub id it is not in the Hugging Face cache" in msg
     assert "127.0.0.1 cannot be reached" in msg
 
 

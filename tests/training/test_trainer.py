@@ -647,7 +647,7 @@ def run_cli(args, cwd, env=None, timeout=60):
 
 @pytest.mark.parametrize("name,says", [
     ("{tmp}/no-such-model", "does not exist. Point it at a downloaded model directory or a hub id"),
-    ("nonexistent-org/nonexistent-model", "is not a local directory, not in the Hugging Face cache, and 127.0.0.1 "
+    ("nonexistent-org/nonexistent-model", "as a hub id it is not in the Hugging Face cache and 127.0.0.1 "
                                           "cannot be reached"),
 ])
 def test_missing_model_fails_fast_without_traceback(data12, tmp_path, name, says):

@@ -59,10 +59,12 @@ def _check_hub_reachable(repo_id: str) -> None:
 
     if isinstance(try_to_load_from_cache(repo_id, MODEL_CONFIG), str):
         return
+    # a name like models/my-model is a hub id or a folder: say that no such folder exists either
+    folder = f"no folder '{repo_id}' exists under {Path.cwd()}, and "
     if constants.HF_HUB_OFFLINE:  # say so now, not after transformers has been imported only to fail
-        raise UserError(f"could not load model '{repo_id}': it is not in the Hugging Face cache and HF_HUB_OFFLINE is "
-                        f"set. Download it where you have network access (hf download {repo_id} --local-dir DIR) "
-                        "and set model.name_or_path to DIR")
+        raise UserError(f"could not load model '{repo_id}': {folder}as a hub id it is not in the Hugging Face cache "
+                        f"and HF_HUB_OFFLINE is set. Download it where you have network access (hf download "
+                        f"{repo_id} --local-dir DIR) and set model.name_or_path to DIR")
     import socket
     from urllib.parse import urlparse
 
@@ -70,7 +72,7 @@ def _check_hub_reachable(repo_id: str) -> None:
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
     except OSError as e:
-        raise UserError(f"model.name_or_path '{repo_id}' is not a local directory, not in the Hugging Face cache, and "
+        raise UserError(f"model.name_or_path '{repo_id}': {folder}as a hub id it is not in the Hugging Face cache and "
                         f"{url.hostname} cannot be reached ({e}). Download the model where you have network access "
                         "and set model.name_or_path to its directory.") from None
 
