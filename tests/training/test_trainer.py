@@ -646,18 +646,19 @@ def run_cli(args, cwd, env=None, timeout=60):
 
 
 @pytest.mark.parametrize("name,says", [
-    ("{tmp}/no-such-model", "does not exist. Point it at a downloaded model directory or a hub id"),
-    ("nonexistent-org/nonexistent-model", "as a hub id it is not in the Hugging Face cache and 127.0.0.1 "
-                                          "cannot be reached"),
+    ("{tmp}/no-such-model", "' does not exist. Point it at a downloaded model directory or a hub id"),
+    ("nonexistent-org/nonexistent-model", "': no folder 'nonexistent-org/nonexistent-model' exists under {tmp}, and "
+                                          "as a hub id it is not in the Hugging Face cache and 127.0.0.1 cannot be "
+                                          "reached"),
 ])
 def test_missing_model_fails_fast_without_traceback(data12, tmp_path, name, says):
-    name = name.format(tmp=tmp_path)
+    name, says = name.format(tmp=tmp_path), says.format(tmp=tmp_path)
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(make_cfg(name, data12, tmp_path / "out").to_yaml(), encoding="utf-8")
     r, seconds = run_cli(["train", str(cfg_path)], cwd=tmp_path)
     assert r.returncode == 2
     assert seconds < 10
-    assert r.stderr.startswith(f"error: model.name_or_path '{name}' {says}"), r.stderr
+    assert r.stderr.startswith(f"error: model.name_or_path '{name}{says}"), r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
 
