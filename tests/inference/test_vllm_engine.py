@@ -40,18 +40,30 @@ from domaintune.inference.vllm_plan import (
 
 # ---------------------------------------------------------------- the guard
 
-def test_missing_vllm_names_the_extra_and_the_default_engine(monkeypatch):
+def test_missing_vllm_names_the_extra_and_the_default_engine(monkeypatch, tiny_run):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now fails as if it were not installed
     with pytest.raises(UserError) as e:
         require_vllm()
     assert "--engine vllm` needs vLLM: pip install 'domaintune[vllm]'" in str(e.value)
     assert "CUDA GPU is required" in str(e.value) and "`--engine hf`" in str(e.value)
-    for call in (lambda: VLLMEngine.from_run("/no/such/run"), lambda: load_engine("vllm", "/no/such/run")):
-        with pytest.raises(UserError, match=r"pip install 'domaintune\[vllm\]'"):  # the guard speaks first
+    for call in (lambda: VLLMEngine.from_run(tiny_run), lambda: load_engine("vllm", tiny_run)):
+        with pytest.raises(UserError, match=r"pip install 'domaintune\[vllm\]'"):  # a run vLLM could serve
             call()
 
 
-def test_vllm_without_a_cuda_gpu_is_refused(monkeypatch):
+def test_what_vllm_cannot_serve_is_refused_before_asking_to_install_it(monkeypatch, tiny_run_copy):
+    """Regression (issue 27): without vLLM, a DoRA run got "pip install 'domaintune[vllm]'"; after that install it
+    would have been refused anyway. The plan's refusal, with `domaintune export` as the way out, comes first."""
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    adapter = tiny_run_copy / "adapter_config.json"
+    adapter.write_text(json.dumps({**json.loads(adapter.read_text(encoding="utf-8")), "use_dora": True}),
+                       encoding="utf-8")
+    with pytest.raises(UserError, match="DoRA adapter") as e:
+        VLLMEngine.from_run(tiny_run_copy)
+    assert "domaintune export" in str(e.value) and "pip install" not in str(e.value)
+
+
+def test_vllm_without_a_cuda_gpu_is_refused(monkeypatch, tiny_run):
     import torch
 
     fake = types.ModuleType("vllm")
@@ -61,7 +73,7 @@ def test_vllm_without_a_cuda_gpu_is_refused(monkeypatch):
         require_vllm()
     assert "vLLM needs a CUDA GPU; none is visible" in str(e.value) and "`--engine hf`" in str(e.value)
     with pytest.raises(UserError, match="none is visible"):
-        VLLMEngine.from_run("/no/such/run")
+        VLLMEngine.from_run(tiny_run)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert require_vllm() is fake
 
@@ -489,3 +501,18 @@ def test_the_server_passes_penalties_and_logit_bias_to_vllm(bridged):
         last = vengine.vocab_size
         r = httpx.post(f"{url}/v1/chat/completions", json={**body, "logit_bias": {str(last): 1}}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == f"logit_bias.{last}", r.text
+
+
+@pytest.mark.parametrize("rope, way_out", [
+    ("{rope_type: linear, factor: 2.0}", "merge it (`domaintune export "),
+    ("{rope_type: dynamic, factor: 2.0}", "use `--engine hf` (vLLM computes dynamic NTK scaling differently"),
+])
+def test_a_lora_run_with_rope_scaling_is_refused_with_the_way_out_that_works(tmp_path, tiny_train_config, rope,
+                                                                             way_out):
+    """A linear or yarn run is served by vLLM once merged; a dynamic one is not (the export's dynamic NTK is refused
+    too), so its message names only `--engine hf`."""
+    run = _run_dir(tmp_path, tiny_train_config, f"model.rope_scaling={rope}")
+    with pytest.raises(UserError, match="would not apply to the base model it loads") as e:
+        plan_load(inspect_run(run))
+    assert way_out in str(e.value)
+    assert ("domaintune export" in str(e.value)) == ("linear" in rope)

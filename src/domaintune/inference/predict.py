@@ -202,7 +202,7 @@ def run_predict(run_dir: str | Path, data: str | Path, out: str | Path | None = 
     if engine_kind == "vllm" and world_size > 1:
         raise UserError("--engine vllm runs in one process (vLLM spreads a model over GPUs itself): run predict "
                         "without torchrun, or use the default engine --engine hf for sharded predict")
-    check_engine(engine_kind)  # before anything is read: no vLLM or no GPU is said at once
+    check_engine(engine_kind, run_dir, base_only, allow_pickle)  # before anything loads: said at once
     if world_size > 1:
         sharded.init()
     run = RunDir(run_dir)

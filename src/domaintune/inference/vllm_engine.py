@@ -64,12 +64,18 @@ def require_vllm() -> Any:
     return vllm
 
 
-def check_engine(kind: str) -> None:
-    """UserError for an unknown engine name, and for "vllm" where vLLM or a CUDA GPU is missing: predict and serve
-    call it before reading or loading anything."""
+def check_engine(kind: str, path: str | Path | None = None, base_only: bool = False,
+                 allow_pickle: bool = False) -> None:
+    """UserError for an unknown engine name, and for "vllm" where the run at `path` is one vLLM cannot serve
+    (`plan_load`'s refusals, said first: no one should install vLLM only to learn that), or where vLLM or a CUDA
+    GPU is missing. predict and serve call it before loading anything."""
     if kind not in ENGINES:
         raise UserError(f"--engine {kind!r}: choose {' or '.join(ENGINES)}")
     if kind == "vllm":
+        if path is not None and Path(path).is_dir():
+            from .loading import inspect_run
+
+            plan_load(inspect_run(path, base_only, allow_pickle), base_only, allow_pickle)
         require_vllm()
 
 
@@ -182,12 +188,14 @@ class VLLMEngine(EngineBase):
         `vllm_kwargs`: other AsyncEngineArgs fields. The model id is the directory's name ("-base" with base_only)."""
         import dataclasses
 
-        vllm = require_vllm()
         from .loading import inspect_run
 
         check_batch_limits(max_batch_size, 0)
         src = inspect_run(path, base_only, allow_pickle)
-        plan = plan_load(src, base_only, allow_pickle)  # refuses what vLLM cannot serve before anything of it loads
+        # What vLLM cannot serve is refused first, before vLLM is even imported: a user told "install vLLM" should
+        # not learn only after installing it that this run needs `domaintune export` instead.
+        plan = plan_load(src, base_only, allow_pickle)
+        vllm = require_vllm()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.lora.request import LoRARequest
 

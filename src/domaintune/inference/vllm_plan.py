@@ -131,10 +131,13 @@ def plan_load(src: RunSource, base_only: bool = False, allow_pickle: bool = Fals
         return VLLMPlan(str(src.path), str(src.path), None, None, None, src.trust_remote_code, None, allow_pickle)
     base, pickles = src.base, allow_pickle or src.base.allow_pickle
     if base.rope_scaling:
+        kind = base.rope_scaling.get("rope_type", base.rope_scaling.get("type"))
+        way_out = ("use `--engine hf` (vLLM computes dynamic NTK scaling differently from transformers, so an export "
+                   "is refused too)" if kind == "dynamic" else
+                   f"merge it (`domaintune export {src.path}`; the export's config.json carries the scaling, which "
+                   "vLLM reads) and serve the exported folder with --engine vllm, or use `--engine hf`")
         raise UserError(f"'{src.path}' was trained with model.rope_scaling ({describe(base.rope_scaling)}), which vLLM "
-                        f"would not apply to the base model it loads: merge it (`domaintune export {src.path}`; the "
-                        "export's config.json carries the scaling, which vLLM reads) and serve the exported folder "
-                        "with --engine vllm, or use `--engine hf`")
+                        f"would not apply to the base model it loads: {way_out}")
     if base.quantization == "8bit":
         raise UserError(f"'{src.path}' is a QLoRA run on an 8-bit base, which vLLM cannot load (it quantizes to 4 "
                         f"bits only): merge it (`domaintune export {src.path}`) and serve the exported folder with "

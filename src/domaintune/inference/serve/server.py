@@ -94,7 +94,7 @@ def run_serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
 
     defaults = (defaults or PRESETS["serve"]).validate()
     check_batch_limits(max_batch_size, max_queue)
-    check_engine(engine_kind)  # before the server listens: no vLLM or no GPU is said at once
+    check_engine(engine_kind, run, base_only, allow_pickle)  # before the server listens: said at once
     if not Path(run).is_dir():
         raise UserError(f"'{run}' is not a directory: give a run directory or a model directory")
     api_key = resolve_api_key(api_key, os.environ)
