@@ -184,7 +184,7 @@ def prepare_for_training(model: PreTrainedModel, lora_cfg: LoraConfig, quantizat
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         if lora_cfg.enabled:
             model.enable_input_require_grads()
     if gradient_checkpointing:
@@ -198,6 +198,15 @@ def prepare_for_training(model: PreTrainedModel, lora_cfg: LoraConfig, quantizat
     from .lora_methods import build_peft_model  # DoRA, rsLoRA, the initialisations, modules_to_save, layers
 
     return build_peft_model(model, lora_cfg)
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Activation (gradient) checkpointing, non-reentrant. transformers 5 renamed gradient_checkpointing_enable to
+    activation_checkpointing_enable and warns on the old name; older releases have only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_adapter(base: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:

@@ -156,14 +156,14 @@ class PreferenceRun(TrainingRun):
         if not self.sft_adapter:
             return super().wrap_model(checkpointing)
         assert self.sft is not None, "_resolve_start sets sft_adapter with sft"
-        from .model import load_adapter
+        from .model import enable_checkpointing, load_adapter
 
         if self.cfg.model.quantization != "none":  # as prepare_for_training does for a QLoRA SFT run
             from peft import prepare_model_for_kbit_training
 
             self._base = prepare_model_for_kbit_training(self.base, use_gradient_checkpointing=checkpointing)
         elif checkpointing:
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.base)
             self.base.enable_input_require_grads()
         return load_adapter(self.base, self.sft, trainable=True)
 
