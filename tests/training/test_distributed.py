@@ -297,3 +297,67 @@ def test_fsdp_on_cpu_trains_like_ddp_and_its_run_directory_predicts(tmp_path, ti
     preds = run_predict(run, sample_data / "test.jsonl", out=tmp_path / "p.jsonl", limit=2, evaluate=False,
                         params=GenerationParams(max_new_tokens=4))
     assert len(preds.read_text(encoding="utf-8").splitlines()) == 2
+
+
+def _eval_run(tmp_path, model, data, name, nproc, **train):
+    """(config, eval_loss values of log.jsonl, run_info's "train") of a 1-step run with 5 validation rows and
+    `nproc` torchrun processes; the global batch is 4 rows at any process count."""
+    out = tmp_path / name
+    cfg = build_config({
+        "model": {"name_or_path": str(model)}, "lora": {"dropout": 0.0},
+        "data": {"path": str(data), "cutoff_len": 64, "val_size": 5},
+        "train": {"output_dir": str(out), "batch_size": 4, "per_device_batch_size": 2, "max_steps": 1,
+                  "eval_steps": 1, "logging_steps": 1, "save_steps": 1000, "report_to": ["none"], **train},
+    }, "test")
+    cfg_path = tmp_path / f"{name}.yaml"
+    cfg_path.write_text(cfg.to_yaml(), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           env["MASTER_PORT"], "-m", "domaintune", "train", str(cfg_path)]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    info = RunDir(out).run_info()
+    return cfg, [x["eval_loss"] for x in RunDir(out).read_log() if "eval_loss" in x], info["train"]
+
+
+def _reference_eval_loss(cfg, model, run):
+    """The token-weighted mean of transformers' own per-row losses (each row alone, no packing or padding) of the
+    run's validation rows, with the adapter the run saved (the weights its step-1 evaluation saw)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from domaintune.data.prepare import build_datasets
+    from domaintune.data.templates import get_template
+    from domaintune.training.model import load_tokenizer
+
+    tok = load_tokenizer(str(model))
+    rows = build_datasets(cfg.data, tok, get_template(cfg.data.template, tok), cfg.train.seed).eval
+    assert len(rows) == 5
+    net = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model)), str(run)).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            n = sum(label != -100 for label in row["labels"][1:])
+            loss = net(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
+            total, count = total + float(loss) * n, count + n
+    return total / count
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "bloom"])
+def test_eval_loss_is_the_token_mean_at_any_process_count(tmp_path, tiny_model_dir, arch):
+    """5 validation rows (odd: one process evaluates a row more), 2 rows per batch: with 2 processes the logged
+    and final eval_loss equal 1 process's and the mean over all validation target tokens of transformers' own
+    loss, on the packed (qwen2) and padded (bloom) paths (regression: 2 processes logged 7.916 for 7.642: the
+    Trainer scaled each process's loss for the gradient all-reduce and counted rows accelerate repeats)."""
+    model = tiny_model_dir(arch)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:25]) + "\n", encoding="utf-8")
+    cfg, two, info_two = _eval_run(tmp_path, model, data, "two", 2)
+    _, one, info_one = _eval_run(tmp_path, model, data, "one", 1)
+    assert info_two["path"]["batching"] == info_one["path"]["batching"] == ("pack" if arch == "qwen2" else "pad")
+    assert len(two) == len(one) == 1  # evaluated once, at step 1, logged once (rank 0)
+    assert two[0] == pytest.approx(one[0], rel=1e-5)
+    assert info_two["final_eval_loss"] == two[0] and info_one["final_eval_loss"] == one[0]
+    assert two[0] == pytest.approx(_reference_eval_loss(cfg, model, tmp_path / "two"), rel=1e-4)

@@ -15,13 +15,18 @@
   step, so no checkpoint written later holds NaN weights; the caller turns it into a message naming the
   step and the last good checkpoint. (transformers' `logging_nan_inf_filter` would otherwise hide NaN
   losses from the log.)
+- **The validation loss over all target tokens** (`trainer_class(token_mean_eval=True)`, the SFT stage):
+  `get_eval_dataloader` deals each validation row to exactly one process (evaluation.py's `EvalShard`, not
+  accelerate's sharding, which repeats rows) and `evaluation_loop` returns `eval_loss` = the sum of the token
+  losses of every process / their count (`token_mean_loss`), the same with 1 or N processes.
 - **LoRA+.** With `trainer_class(loraplus_lr_ratio=...)` (train.loraplus_lr_ratio), `create_optimizer` builds
   PEFT's LoRA+ optimizer (optimizers.py) instead of the Trainer's two groups; on resume the Trainer loads the
   checkpoint's optimizer state into it as into its own.
 
-The hooks (`_save_rng_state`, `_load_rng_state`, `_save`, `_get_grad_norm`, `_get_train_sampler`, `_run_epoch`)
-are the Trainer's own, but private: checked against transformers 5.x. If a later version renames them, the
-exact-resume, layout and no-pickle tests in tests/training/ fail (test_sampler.py checks the names directly).
+The hooks (`_save_rng_state`, `_load_rng_state`, `_save`, `_get_grad_norm`, `_get_train_sampler`, `_run_epoch`,
+and evaluation.py's `_wrap_model`, `_prepare_inputs`) are the Trainer's own, but private: checked against
+transformers 5.x. If a later version renames them, the exact-resume, layout, no-pickle and eval-loss tests in
+tests/training/ fail (test_sampler.py checks the first six names directly).
 """
 from __future__ import annotations
 
@@ -93,10 +98,12 @@ def load_rng_state(path: Path) -> None:
         torch.cuda.random.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
-def trainer_class(base: type[Trainer] | None = None, loraplus_lr_ratio: float | None = None) -> type[Trainer]:
+def trainer_class(base: type[Trainer] | None = None, loraplus_lr_ratio: float | None = None,
+                  token_mean_eval: bool = False) -> type[Trainer]:
     """The Trainer subclass (built on first use, so transformers is imported only when training starts), on
     transformers' Trainer or on `base`, a Trainer subclass such as TRL's DPOTrainer; `loraplus_lr_ratio`: LoRA+
-    (train.loraplus_lr_ratio), None for the Trainer's own optimizer."""
+    (train.loraplus_lr_ratio), None for the Trainer's own optimizer; `token_mean_eval`: the causal-LM validation
+    loss of evaluation.py (the SFT stage; the preference trainers keep their own evaluation)."""
     import torch
     from transformers import Trainer
 
@@ -151,6 +158,22 @@ def trainer_class(base: type[Trainer] | None = None, loraplus_lr_ratio: float | 
             if not self.args.fp16 and not torch.isfinite(torch.tensor(value)):
                 raise NonFiniteTraining(self.state.global_step + 1, "the gradient norm", value)
             return grad_norm
+
+        def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+            if not token_mean_eval:
+                return super().get_eval_dataloader(eval_dataset)
+            from .evaluation import eval_dataloader
+
+            return eval_dataloader(self, eval_dataset)
+
+        def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                            ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
+            if not token_mean_eval or description != "Evaluation" or self.compute_metrics is not None:
+                return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                               metric_key_prefix)
+            from .evaluation import evaluation_output
+
+            return evaluation_output(self, dataloader, metric_key_prefix)
 
         def _save_rng_state(self, output_dir: str) -> None:
             # Another rank can get here before rank 0 has created the checkpoint folder (as the Trainer notes).

@@ -290,7 +290,8 @@ class TrainingRun:
         group = not streaming and (t.group_by_length if t.group_by_length is not None else self.batching == "pad")
         args, callbacks = self.arguments_and_callbacks(group_by_length=group, liger=self.loss_kind == "liger",
                                                        extra=count)
-        cls = trainer_class(loraplus_lr_ratio=t.loraplus_lr_ratio)  # LoRA+: hf_trainer.create_optimizer
+        # LoRA+: hf_trainer.create_optimizer; the validation loss over all target tokens: evaluation.py
+        cls = trainer_class(loraplus_lr_ratio=t.loraplus_lr_ratio, token_mean_eval=True)
         self._trainer = cls(model=self.model, args=args, data_collator=collator,
                             train_dataset=self.data.train.ds if streaming else self.data.train,
                             eval_dataset=self.data.eval if has_eval else None,
