@@ -50,11 +50,12 @@ def test_the_order_ignores_torchs_global_generator_and_follows_set_epoch():
 
 
 def test_the_trainer_hooks_it_relies_on_exist():
-    """hf_trainer.py overrides these private Trainer methods; a transformers release that renames them would
-    silently bring back the layout-dependent, non-resumable order."""
+    """hf_trainer.py overrides these private Trainer methods (and evaluation.py calls _wrap_model and
+    _prepare_inputs); a transformers release that renames them would silently bring back the layout-dependent,
+    non-resumable order, or break the token-mean eval loss."""
     from transformers import Trainer
 
-    for name in ("_get_train_sampler", "_run_epoch"):
+    for name in ("_get_train_sampler", "_run_epoch", "_wrap_model", "_prepare_inputs"):
         assert callable(getattr(Trainer, name, None)), f"transformers.Trainer.{name} is gone: see hf_trainer.py"
     import inspect
 
