@@ -1,7 +1,8 @@
 """Files shipped inside the package, so the quickstart and the tiny models work from any folder and from a plain
-`pip install`: the sample data (examples/data in the source tree) and the example configs (configs/).
+`pip install`: the sample data (examples/data in the source tree), the sample documents that gen-data's documents
+config reads (examples/docs) and the example configs (configs/).
 
-In the source tree both are symbolic links (src/domaintune/sample_data, src/domaintune/configs) to the one copy
+In the source tree they are symbolic links (src/domaintune/sample_data, sample_docs, configs) to the one copy
 at the repository's top level; a built wheel holds real files.
 
 `domaintune init` (`write_examples`) writes them into a folder at the paths the configs use (configs/...,
@@ -41,8 +42,9 @@ def example_config(name: str) -> Path:
 
 
 # Where each bundled folder goes in the user's folder: the paths the shipped configs use.
-LAYOUT = {"configs": "configs", "sample_data": "examples/data"}
-_SHIPPED_GLOBS = {"configs": ("*.yaml", "distributed/*.json"), "sample_data": ("*.jsonl", "*.md")}
+LAYOUT = {"configs": "configs", "sample_data": "examples/data", "sample_docs": "examples/docs"}
+_SHIPPED_GLOBS = {"configs": ("*.yaml", "distributed/*.json"), "sample_data": ("*.jsonl", "*.md"),
+                  "sample_docs": ("*.md",)}
 
 
 def shipped_files() -> dict[str, Path]:
@@ -91,8 +93,12 @@ def _resolve(name: str) -> str:
 
 
 def _references(text: str, files: dict[str, Path]) -> list[str]:
-    """The shipped files a config names (its data, seeds, test set, the configs its comments tell to run first)."""
-    return [rel for rel in files if re.search(r"(?<![\w/.-])" + re.escape(rel) + r"(?![\w/.-])", text)]
+    """The shipped files a config names (its data, seeds, test set, the configs its comments tell to run first),
+    and every shipped file in a folder it names (`documents: [examples/docs]`)."""
+    def named(path: str) -> bool:
+        return re.search(r"(?<![\w/.-])" + re.escape(path) + r"/?(?![\w/.-])", text) is not None
+
+    return [rel for rel in files if named(rel) or (rel.startswith("examples/") and named(rel.rsplit("/", 1)[0]))]
 
 
 @dataclass(frozen=True)
