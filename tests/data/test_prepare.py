@@ -277,3 +277,22 @@ def test_a_stream_counts_what_it_drops(qwen_tok, tmp_path):
     next(it)  # into the second pass: the first is wholly counted
     assert r.samples > 64 and set(r.overlength_rows) == set(prepared.overlength_rows)
     assert r.dropped_overlength >= prepared.dropped_overlength > 0 and r.overlength == r.dropped_overlength
+
+
+def test_data_check_refuses_what_streaming_train_refuses(tmp_path):
+    """Regression (issue 27): data-check accepted a streamed source with `rows: 10` (and showed it at 17% of the
+    mix), no train.max_steps, and dedup, all of which `train` refuses; it now refuses them with train's message,
+    before anything loads."""
+    from domaintune.config import build_config
+    from domaintune.data.stream import check_streaming
+    from domaintune.training.data_check import run_data_check
+
+    for data, steps in (({"path": [{"path": str(SAMPLE), "rows": 10}]}, 5), ({"path": str(SAMPLE)}, -1),
+                        ({"path": str(SAMPLE), "dedup": "exact"}, 5)):
+        cfg = build_config({"model": {"name_or_path": str(tmp_path / "no-model")},
+                            "data": {**data, "streaming": True}, "train": {"max_steps": steps}})
+        with pytest.raises(UserError) as want:
+            check_streaming(cfg.data, cfg.train.max_steps)
+        with pytest.raises(UserError) as got:
+            run_data_check(cfg)
+        assert str(got.value) == str(want.value)

@@ -377,3 +377,25 @@ def test_model_card_license_comes_from_run_info(lora_run, tmp_path):
     card = model_card(RunDir(run), tmp_path / "out", "domain_zh", "merged", "float32")
     assert "license" not in yaml.safe_load(card.split("---\n")[1])
     assert "License: not stated by the base model's card" in card
+
+
+def test_data_system_reaches_the_export_of_a_tokenizer_template_run(tiny_train_config, tmp_path):
+    """Regression (issue 27): with data.template: tokenizer, the export dropped data.system: its chat_template, and
+    predict or serve on the exported folder, prompted without the system text every training row had. Now the
+    exported chat_template adds it where a conversation has none, and the exported folder's engine does too."""
+    from transformers import AutoTokenizer
+
+    run = run_train(tiny_train_config(tmp_path / "run", "qwen3", "data.template=tokenizer",
+                                      "data.system=你是育儿助手。", "train.max_steps=1"))
+    out = run_export(run, tmp_path / "merged", dtype="fp32")
+    msgs = [{"role": "user", "content": "你好"}]
+    trained = Engine.from_run(run).encode_messages(msgs)
+    assert "你是育儿助手。" in Engine.from_run(run).tokenizer.decode(trained)
+    assert _apply(AutoTokenizer.from_pretrained(out), msgs) == trained
+    assert Engine.from_run(out).encode_messages(msgs) == trained
+    own = [{"role": "system", "content": "简短回答。"}, *msgs]  # a conversation's own system message still wins
+    assert _apply(AutoTokenizer.from_pretrained(out), own) == Engine.from_run(run).encode_messages(own)
+    from domaintune.inference.modelfile import modelfile_text  # Ollama: its own template, with this SYSTEM
+
+    text = modelfile_text("m.gguf", Template.load(out / "template.json"), AutoTokenizer.from_pretrained(out))
+    assert 'SYSTEM "你是育儿助手。"' in text.splitlines()

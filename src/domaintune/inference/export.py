@@ -86,9 +86,10 @@ def load_merged(run: str | Path, dtype: str, template: str | None, allow_pickle:
                       allow_pickle=allow_pickle)
     how = "LoRA adapter merged into the base weights" if loaded.merged else "full fine-tuning"
     tpl = loaded.template
-    if src.config is not None and src.config.data.system and tpl.kind == "format":
+    if src.config is not None and src.config.data.system:
         # Training put data.system into every row without a system message: the export's default system
-        # prompt is that one, not the template's.
+        # prompt is that one, not the template's (for a tokenizer template, chat_template_for writes it into the
+        # exported chat_template).
         tpl = replace(tpl, default_system=src.config.data.system)
     return Merged(rd, loaded.model.to(torch_dtype), loaded.tokenizer, tpl, torch_dtype, how)
 

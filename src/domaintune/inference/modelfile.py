@@ -87,6 +87,8 @@ def modelfile_text(gguf_name: str, tpl: Template, tok: PreTrainedTokenizerBase) 
         lines.append("# TEMPLATE: this run used the model's own chat_template (template 'tokenizer'); the GGUF "
                      "carries it as tokenizer.chat_template, and Ollama applies its own template for the "
                      "families it recognises.")
+        if tpl.default_system:  # data.system: Ollama's template puts it where the conversation has none
+            lines.append(f"SYSTEM {_quoted(tpl.default_system)}")
     lines.append("")
     stops = list(dict.fromkeys([*tpl.stop, *([eos_text] if eos_text else [])]))
     lines += [f"PARAMETER stop {_quoted(s)}" for s in stops]

@@ -69,6 +69,10 @@ def run_data_check(cfg: Config, example: int = 0, color: bool = False) -> dict:
     """Validate + tokenize like training; print a summary and one masked example; return the report dict."""
     if cfg.train.stage != "sft":
         return _preference_check(cfg, example, color)
+    if cfg.data.streaming:  # what train would refuse, refused here too
+        from ..data.stream import check_streaming
+
+        check_streaming(cfg.data, cfg.train.max_steps)
     checked = prepare_check(cfg)
     template, report = checked.template, checked.ds.report
     print("\n".join(report.summary_lines()))
