@@ -88,6 +88,20 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_model_dir):
     assert {p.name for p in ckpt.glob("rng_state*")} == {"rng_state_0.safetensors", "rng_state_1.safetensors"}
 
 
+def _torchrun_train(tmp_path, cfg, name: str, nproc: int) -> subprocess.CompletedProcess:
+    """`domaintune train` on `cfg` (written to NAME.yaml) under `nproc` real torchrun processes (gloo); asserts
+    it succeeded."""
+    cfg_path = tmp_path / f"{name}.yaml"
+    cfg_path.write_text(cfg.to_yaml(), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           env["MASTER_PORT"], "-m", "domaintune", "train", str(cfg_path)]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return r
+
+
 def _train_layout(tmp_path, model, data, name, nproc, per_device, gas, cutoff_len=64, records=False, **train):
     """log.jsonl losses of a run with `nproc` real torchrun processes (gloo), `per_device` rows x `gas`
     accumulation steps each: the global batch is per_device x nproc x gas. `records`: the whole training
@@ -101,14 +115,7 @@ def _train_layout(tmp_path, model, data, name, nproc, per_device, gas, cutoff_le
                   "max_steps": 3, "logging_steps": 1, "save_steps": 1000, "learning_rate": 1e-2, "warmup_ratio": 0.0,
                   **train},
     }, "test")
-    cfg_path = tmp_path / f"{name}.yaml"
-    cfg_path.write_text(cfg.to_yaml(), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           env["MASTER_PORT"], "-m", "domaintune", "train", str(cfg_path)]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    r = _torchrun_train(tmp_path, cfg, name, nproc)
     assert f"batch: {per_device * nproc * gas} rows per optimizer step = {per_device} per device x {nproc} " \
            f"process(es) x {gas} accumulation step(s)" in r.stderr
     info = RunDir(out).run_info()["train"]["path"]
@@ -309,14 +316,7 @@ def _eval_run(tmp_path, model, data, name, nproc, **train):
         "train": {"output_dir": str(out), "batch_size": 4, "per_device_batch_size": 2, "max_steps": 1,
                   "eval_steps": 1, "logging_steps": 1, "save_steps": 1000, "report_to": ["none"], **train},
     }, "test")
-    cfg_path = tmp_path / f"{name}.yaml"
-    cfg_path.write_text(cfg.to_yaml(), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           env["MASTER_PORT"], "-m", "domaintune", "train", str(cfg_path)]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    _torchrun_train(tmp_path, cfg, name, nproc)
     info = RunDir(out).run_info()
     return cfg, [x["eval_loss"] for x in RunDir(out).read_log() if "eval_loss" in x], info["train"]
 
