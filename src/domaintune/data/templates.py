@@ -237,9 +237,7 @@ class Template:
         # drop. At the top level of a Jinja template, a `set` inside an `if` sets the template's variable.
         defaults = "".join(f"{{%- if {k} is not defined %}}{{%- set {k} = {json.dumps(v)} %}}{{%- endif %}}"
                            for k, v in self.chat_template_kwargs.items())
-        if self.kind == "tokenizer" and self.default_system:
-            # data.system, which training put into every conversation without a system message (a format
-            # template spells it in to_jinja)
+        if self.kind == "tokenizer" and self.default_system:  # data.system, as training added it (format: to_jinja)
             system = json.dumps({"role": "system", "content": self.default_system}, ensure_ascii=False)
             defaults += ("{%- if not messages or messages[0]['role'] != 'system' %}"
                          f"{{%- set messages = [{system}] + messages %}}{{%- endif %}}")

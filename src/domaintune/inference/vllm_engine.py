@@ -19,8 +19,7 @@ cancelled `generate()`. The template's stop ids (EOS included) are the only stop
 of the target tokens (such requests bypass vLLM's prefix cache), so `predict --engine vllm` reports loss and
 perplexity; they agree with `--engine hf` up to rounding in the model's dtype (bench/vllm_check.py measures it).
 Should vLLM refuse prompt logprobs, predict prints "loss not computed with --engine vllm" and scores the texts.
-
-Nothing here imports vllm or touches CUDA until `require_vllm()` (called by `VLLMEngine.from_run`).
+Nothing here imports vllm or touches CUDA until `require_vllm()` (called by `VLLMEngine.from_run`, `check_engine`).
 """
 from __future__ import annotations
 
@@ -66,15 +65,13 @@ def require_vllm() -> Any:
 
 def check_engine(kind: str, path: str | Path | None = None, base_only: bool = False,
                  allow_pickle: bool = False) -> None:
-    """UserError for an unknown engine name, and for "vllm" where the run at `path` is one vLLM cannot serve
-    (`plan_load`'s refusals, said first: no one should install vLLM only to learn that), or where vLLM or a CUDA
-    GPU is missing. predict and serve call it before loading anything."""
+    """UserError for an unknown engine, and for "vllm" where the run at `path` is one vLLM cannot serve (said first:
+    no one should install vLLM to learn that) or vLLM or a CUDA GPU is missing; predict and serve call it first."""
     if kind not in ENGINES:
         raise UserError(f"--engine {kind!r}: choose {' or '.join(ENGINES)}")
     if kind == "vllm":
         if path is not None and Path(path).is_dir():
             from .loading import inspect_run
-
             plan_load(inspect_run(path, base_only, allow_pickle), base_only, allow_pickle)
         require_vllm()
 
@@ -192,9 +189,7 @@ class VLLMEngine(EngineBase):
 
         check_batch_limits(max_batch_size, 0)
         src = inspect_run(path, base_only, allow_pickle)
-        # What vLLM cannot serve is refused first, before vLLM is even imported: a user told "install vLLM" should
-        # not learn only after installing it that this run needs `domaintune export` instead.
-        plan = plan_load(src, base_only, allow_pickle)
+        plan = plan_load(src, base_only, allow_pickle)  # before vLLM is imported: as check_engine, refusals first
         vllm = require_vllm()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.lora.request import LoRARequest
