@@ -132,6 +132,9 @@ def test_pid_reuse_guard(project):
     assert job_state({**me, "start_time": me["start_time"] + 1, "exit_code": 0}) == "finished"
     assert job_state({**me, "pid": None}) == "failed"
     assert job_state({**me, "pid": 0}) == "failed"
+    # Regression (issue 27, CI): job.py records the exit code, then exits; until it has, its pid still lives, and a
+    # page read "ended" with state "running" (and a stop still "stopping"). The recorded code wins.
+    assert job_state({**me, "exit_code": 130}) == "stopped" and job_state({**me, "exit_code": 0}) == "finished"
 
 
 def test_ids_and_kinds_are_checked(project):

@@ -47,13 +47,14 @@ proc_start_time = processes.start_time  # the start time of a live process (None
 
 
 def job_state(job: dict) -> str:
-    """running | finished | stopped | failed of a record: running while its process lives (the pid exists with
-    the recorded start time), else by the exit code job.py recorded: 0 finished, 130 stopped, other failed;
-    ended without a recorded code (job.py itself killed): failed."""
-    pid, start = job.get("pid"), job.get("start_time")
-    if isinstance(pid, int) and start is not None and proc_start_time(pid) == start:
-        return "running"
+    """running | finished | stopped | failed of a record: by the exit code job.py recorded once it has (0 finished,
+    130 stopped, other failed), else running while its process lives (the pid exists with the recorded start
+    time); ended without a recorded code (job.py itself killed): failed. The code comes first: job.py writes it
+    and then exits, and in between its pid still lives (a page saw "ended" and "running" together)."""
     code = job.get("exit_code")
+    pid, start = job.get("pid"), job.get("start_time")
+    if code is None and isinstance(pid, int) and start is not None and proc_start_time(pid) == start:
+        return "running"
     if code == 0:
         return "finished"
     if code == STOPPED_CODE:

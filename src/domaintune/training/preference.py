@@ -178,8 +178,9 @@ class PreferenceRun(TrainingRun):
         args, callbacks = self.arguments_and_callbacks(
             group_by_length=False, args_class=config_class,
             extra={"beta": t.beta, "label_names": [], **extra,
-                   # TRL's configs turn it on by default; here it is the run's choice
-                   "gradient_checkpointing": self.checkpointing})
+                   # TRL's configs turn it on by default; here it is the run's choice (under transformers 5's
+                   # name where it has it: the old one warns)
+                   _checkpointing_field(config_class): self.checkpointing})
         rows = list(self.data.train)
         if self.stage == "kto":  # sequential batches (see _trl_classes): the order is shuffled here, seeded
             random.Random(t.seed).shuffle(rows)
@@ -311,3 +312,10 @@ def completion_nll(chosen_logits: Any, chosen_labels: Any) -> Any:
     labels = torch.nn.functional.pad(chosen_labels, (0, n - chosen_labels.shape[1]), value=-100)[:, 1:]
     return torch.nn.functional.cross_entropy(chosen_logits.reshape(-1, chosen_logits.shape[-1]).float(),
                                              labels.reshape(-1).to(chosen_logits.device), ignore_index=-100)
+
+
+def _checkpointing_field(args_class: type) -> str:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
