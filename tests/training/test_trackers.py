@@ -75,3 +75,28 @@ def test_missing_swanlab_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "swanlab" else real(name, *a))
     with pytest.raises(UserError, match=r"swanlab is not installed. Run `pip install 'domaintune\[swanlab\]'`"):
         check_trackers(["swanlab"])
+
+
+def test_swanlab_without_a_login_is_refused_before_the_model_loads(tiny_train_config, tmp_path, monkeypatch):
+    """Regression (issue 27): with swanlab installed, not logged in and SWANLAB_MODE unset (cloud mode, swanlab's
+    default), training loaded the model, then stopped in swanlab.init's own RuntimeError, and left a run folder the
+    next `train` refused. Now the config check says what to do, and nothing is written. A key or local mode pass."""
+    pytest.importorskip("swanlab")
+    from domaintune.training.arguments import check_trackers
+    from domaintune.training.trainer import run_train
+
+    for var in ("SWANLAB_MODE", "SWANLAB_API_KEY", "SWANLAB_SAVE_DIR", "SWANLAB_CONFIG_DIR", "SWANLAB_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no ~/.swanlab
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"swanlab is in cloud mode without an API key: run `swanlab login`"):
+        check_trackers(["swanlab"])
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="SWANLAB_MODE=local"):
+        run_train(tiny_train_config(out, "qwen2", "train.report_to=[swanlab]"))
+    assert not out.exists()
+    monkeypatch.setenv("SWANLAB_MODE", "local")
+    check_trackers(["swanlab"])
+    monkeypatch.delenv("SWANLAB_MODE")
+    monkeypatch.setenv("SWANLAB_API_KEY", "a-key-swanlab-will-check-itself")
+    check_trackers(["swanlab"])

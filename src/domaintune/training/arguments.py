@@ -87,6 +87,10 @@ def check_trackers(report_to: list[str]) -> None:
             extra = f"domaintune[{name}]" if name in TRACKER_EXTRAS else mods[0]
             raise UserError(f"train.report_to: {name} is not installed. Run `pip install '{extra}'`, "
                             "or set train.report_to: [none]")
+        if name == "swanlab":
+            from .trackers import check_swanlab_login
+
+            check_swanlab_login()
 
 
 # TrainingArguments fields domaintune sets itself, and where the user sets them instead (None: not settable,

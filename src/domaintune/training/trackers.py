@@ -43,6 +43,28 @@ def hf_report_to(report_to: list[str]) -> list[str]:
     return [n for n in report_to if n not in OWN]
 
 
+def check_swanlab_login() -> None:
+    """UserError, before the model loads, when SwanLab would refuse to start: cloud mode (swanlab's default) with no
+    API key (`swanlab login`'s .netrc, SWANLAB_API_KEY) and no terminal to ask for one. Without this, swanlab.init
+    raised its own RuntimeError when training began, after the model had loaded, and left a run folder behind.
+    The settings are read the way swanlab.init reads them (its `create_settings`); a swanlab whose internals
+    differ is not pre-checked (swanlab.init still says what is wrong)."""
+    import sys
+
+    try:
+        from swanlab.sdk.internal.settings import create_settings
+
+        settings = create_settings()
+        mode, key, interactive = settings.mode, settings.api_key, settings.interactive
+    except Exception:  # noqa: BLE001 (another swanlab release: leave the check to swanlab.init)
+        return
+    if mode == "online" and not key and not (interactive and sys.stdin.isatty()):
+        from ..errors import UserError
+
+        raise UserError("train.report_to: swanlab is in cloud mode without an API key: run `swanlab login` (or set "
+                        "SWANLAB_API_KEY), or set SWANLAB_MODE=local to log to files in the run folder only")
+
+
 def tracker_callbacks(report_to: list[str], run_dir: Path, config: dict[str, Any]) -> list[TrainerCallback]:
     """domaintune's own tracker callbacks for train.report_to (SwanLab when named); `config` is the run's
     saved config, recorded with the SwanLab run; `run_dir` names the run and holds `swanlog/`."""
