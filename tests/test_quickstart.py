@@ -84,6 +84,7 @@ def test_a_built_wheel_carries_the_sample_data_and_configs_and_runs_the_quicksta
     assert "domaintune/configs/quickstart.yaml" in names and "domaintune/inference/serve/static/index.html" in names
     docs = {n.rsplit("/", 1)[1] for n in names if n.startswith("domaintune/sample_docs/")}
     assert docs == {p.name for p in (REPO / "examples" / "docs").iterdir()}  # what configs/documents.yaml reads
+    assert "domaintune/sample_slurm/train.sbatch" in names
     studio = {n.rsplit("/", 1)[1] for n in names if n.startswith("domaintune/studio/static/")}
     assert studio == {p.name for p in (Path(__file__).parents[1] / "src/domaintune/studio/static").iterdir()}
     site = tmp_path / "site"

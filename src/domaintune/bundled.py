@@ -1,9 +1,9 @@
 """Files shipped inside the package, so the quickstart and the tiny models work from any folder and from a plain
 `pip install`: the sample data (examples/data in the source tree), the sample documents that gen-data's documents
-config reads (examples/docs) and the example configs (configs/).
+config reads (examples/docs), the Slurm script (examples/slurm) and the example configs (configs/).
 
-In the source tree they are symbolic links (src/domaintune/sample_data, sample_docs, configs) to the one copy
-at the repository's top level; a built wheel holds real files.
+In the source tree they are symbolic links (src/domaintune/sample_data, sample_docs, sample_slurm, configs) to
+the one copy at the repository's top level; a built wheel holds real files.
 
 `domaintune init` (`write_examples`) writes them into a folder at the paths the configs use (configs/...,
 examples/data/...), so every command in a config's header comment runs as written after a `pip install`. It
@@ -42,9 +42,10 @@ def example_config(name: str) -> Path:
 
 
 # Where each bundled folder goes in the user's folder: the paths the shipped configs use.
-LAYOUT = {"configs": "configs", "sample_data": "examples/data", "sample_docs": "examples/docs"}
+LAYOUT = {"configs": "configs", "sample_data": "examples/data", "sample_docs": "examples/docs",
+          "sample_slurm": "examples/slurm"}
 _SHIPPED_GLOBS = {"configs": ("*.yaml", "distributed/*.json"), "sample_data": ("*.jsonl", "*.md"),
-                  "sample_docs": ("*.md",)}
+                  "sample_docs": ("*.md",), "sample_slurm": ("*.sbatch",)}
 
 
 def shipped_files() -> dict[str, Path]:

@@ -19,7 +19,8 @@ def test_init_without_names_writes_every_shipped_file_byte_for_byte(tmp_path, ca
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     want = sorted([p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*") if p.is_file()]
                   + [p.relative_to(REPO).as_posix() for p in (REPO / "examples" / "data").iterdir()]
-                  + [p.relative_to(REPO).as_posix() for p in (REPO / "examples" / "docs").iterdir()])
+                  + [p.relative_to(REPO).as_posix() for p in (REPO / "examples" / "docs").iterdir()]
+                  + [p.relative_to(REPO).as_posix() for p in (REPO / "examples" / "slurm").iterdir()])
     assert written == want
     for rel in written:
         assert (tmp_path / rel).read_bytes() == (REPO / rel).read_bytes()
