@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from .examples import MAX_ERRORS_SHOWN, Example
+from .formats import with_system
 from .mix import SourceCount
 
 if TYPE_CHECKING:
@@ -148,14 +149,6 @@ class DataReport:
 def _capped(rows: list[str]) -> list[str]:
     more = len(rows) - MAX_ERRORS_SHOWN
     return rows[:MAX_ERRORS_SHOWN] + ([f"... and {more} more"] if more > 0 else [])
-
-
-def with_system(messages: list[dict], system: str | None) -> list[dict]:
-    """`messages` with a leading system message `system` when they have none (the run's data.system:
-    training adds it to rows without their own, and inference must do the same)."""
-    if system and not (messages and messages[0]["role"] == "system"):
-        return [{"role": "system", "content": system}, *messages]
-    return messages
 
 
 def encode_samples(ex: Example, tokenizer: PreTrainedTokenizerBase, template: Template, cutoff_len: int,

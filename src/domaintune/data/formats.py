@@ -155,6 +155,14 @@ def _sharegpt_calls(value: Any, where: str, problems: list[str]) -> list[dict]:
     return parse_tool_calls([{"type": "function", "function": c} for c in calls], where, problems)
 
 
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
+    """`messages` with a leading system message `system` when they have none (the run's data.system:
+    training adds it to rows without their own, and inference must do the same)."""
+    if system and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
+
 def split_row(messages: list[dict], last_only: bool = False) -> tuple[list[dict], list[dict] | None, list[bool]]:
     """(messages as the chat_template gets them, the row's tools or None, per message: its answer trains).
 

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from .. import console
 from ..errors import UserError
 from .chat_template import chat_segments, check_kwargs, close_turn_token, renders_reasoning, renders_tools
-from .formats import split_row, uses_tools
+from .formats import split_row, uses_tools, with_system
 from .thinking import SWITCH, THINKING_MODES, apply_thinking, has_switch
 
 if TYPE_CHECKING:
@@ -190,6 +190,7 @@ class Template:
         if not tpl:
             raise UserError("template 'tokenizer' needs a tokenizer with a chat_template; "
                             "choose domain_zh, alpaca or chatml")
+        messages = with_system(messages, self.default_system)  # an export's data.system (format kind: segments)
         msgs, tools, trains = split_row(apply_thinking(messages, self.thinking, renders_reasoning(tokenizer, tpl)),
                                         self.train_on_turns == "last")
         if uses_tools(messages) and not renders_tools(tokenizer, tpl):

@@ -144,8 +144,6 @@ class Engine(EngineBase):
         self.run_config = run_config  # the run's config.yaml, None for a plain model directory
         if default_system is None and run_config is not None:
             default_system = run_config.data.system
-        if default_system is None and template.kind == "tokenizer" and template.default_system:
-            default_system = template.default_system  # an export of a run trained with data.system (export.py)
         self.default_system = default_system  # the run's data.system: training added it to rows without one
         self.tokenizer = tokenizer
         self.template = template
