@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,8 +192,6 @@ def _kill(pgid: int) -> None:
         except (ProcessLookupError, PermissionError):
             return
         if sig == signal.SIGTERM:
-            import time
-
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 try:

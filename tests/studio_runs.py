@@ -27,7 +27,14 @@ train:
 @contextlib.contextmanager
 def serving(root: Path, **kwargs):
     """The studio over `root` on a free port of 127.0.0.1, in a thread: yields (base URL, the app's Studio)."""
-    server, _ = studio_server(root, kwargs.pop("host", "127.0.0.1"), 0, **kwargs)
+    with serving_printed(root, **kwargs) as (url, _, studio):
+        yield url, studio
+
+
+@contextlib.contextmanager
+def serving_printed(root: Path, host: str = "127.0.0.1", **kwargs):
+    """`serving` bound to `host`: yields (http://127.0.0.1:PORT, the URL the studio would print, the app's Studio)."""
+    server, printed = studio_server(root, host, 0, **kwargs)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -35,7 +42,7 @@ def serving(root: Path, **kwargs):
         assert thread.is_alive() and time.time() < deadline, "the studio did not start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{server.config.port}", server.config.app.state.studio
+        yield f"http://127.0.0.1:{server.config.port}", printed, server.config.app.state.studio
     finally:
         server.should_exit = True
         thread.join(10)

@@ -3,11 +3,8 @@ paths, symlinks), the token on a non-loopback host (every route 401 without it; 
 Host and Origin checks, and the upload size limit (413, nothing left behind)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -15,28 +12,10 @@ import pytest
 
 from domaintune import rundir
 from domaintune.errors import UserError
-from domaintune.studio.app import studio_server
 from domaintune.studio.security import COOKIE, is_loopback, studio_token
+from studio_runs import serving_printed as serving
 
 TOKEN = "s3cret-token"
-
-
-@contextlib.contextmanager
-def serving(root: Path, host: str = "127.0.0.1", **kwargs):
-    """The studio over `root` on a free port (bound to `host`), in a thread: yields (http://127.0.0.1:PORT, the
-    URL it would print, the app's Studio)."""
-    server, printed = studio_server(root, host, 0, **kwargs)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "the studio did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}", printed, server.config.app.state.studio
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture

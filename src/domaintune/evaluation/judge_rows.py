@@ -14,7 +14,6 @@ The question shown to the judge is, in this order of preference:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..rundir import PREDICTIONS_META_SUFFIX
-from .metrics import read_predictions
+from .metrics import file_sha256, read_predictions
 
 
 @dataclass(frozen=True)
@@ -32,10 +31,6 @@ class Row:
     reference: str
     a: str  # A's answer
     b: str  # B's answer
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def questions_of_test_file(path: Path) -> dict[int, tuple[str, str]]:

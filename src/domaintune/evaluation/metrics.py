@@ -24,6 +24,7 @@ Heavy libraries are imported inside the functions so the CLI's ``--help`` stays 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -193,18 +194,21 @@ def run_eval(predictions: Path, out_dir: Path | None = None, extra: dict | None 
     return metrics
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (judge fingerprints its predictions files with it)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _without_stale_judge(metrics: dict, predictions: Path, where: Path) -> dict:
     """`metrics` without its "judge" entry when that entry judged an earlier version of `predictions` (its sha256
     differs): the scores of new predictions must not sit beside a verdict on old ones. Otherwise `metrics` itself."""
-    import hashlib
-
     entry = metrics.get("judge")
     if not isinstance(entry, dict):
         return metrics
     for side in ("a", "b"):
         path, sha = entry.get(side), entry.get(f"{side}_sha256")
         if isinstance(path, str) and isinstance(sha, str) and Path(path).resolve() == predictions.resolve() \
-                and hashlib.sha256(predictions.read_bytes()).hexdigest() != sha:
+                and file_sha256(predictions) != sha:
             console.note(f"{where}: removed the judge results: they judged an earlier {predictions.name}; run "
                          "`domaintune judge` again for these predictions")
             return {k: v for k, v in metrics.items() if k != "judge"}
