@@ -25,7 +25,15 @@ from domaintune.families import ARCHS, TINY, family_of
 from domaintune.inference.engine import Engine, StreamState
 from domaintune.inference.loading import inspect_run
 from domaintune.inference.params import PRESETS, GenerationParams, RequestParams
-from domaintune.inference.vllm_engine import ENGINES, LoopThread, VLLMEngine, _Cutter, load_engine, require_vllm
+from domaintune.inference.vllm_engine import (
+    ENGINES,
+    LoopThread,
+    VLLMEngine,
+    _Cutter,
+    check_engine,
+    load_engine,
+    require_vllm,
+)
 from domaintune.inference.vllm_plan import (
     VLLMPlan,
     engine_args,
@@ -61,6 +69,9 @@ def test_what_vllm_cannot_serve_is_refused_before_asking_to_install_it(monkeypat
     with pytest.raises(UserError, match="DoRA adapter") as e:
         VLLMEngine.from_run(tiny_run_copy)
     assert "domaintune export" in str(e.value) and "pip install" not in str(e.value)
+    for base_only, said in ((False, "DoRA adapter"), (True, r"pip install 'domaintune\[vllm\]'")):
+        with pytest.raises(UserError, match=said):  # predict's and serve's first check; the base alone is servable
+            check_engine("vllm", tiny_run_copy, base_only)
 
 
 def test_vllm_without_a_cuda_gpu_is_refused(monkeypatch, tiny_run):
